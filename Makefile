@@ -1,0 +1,30 @@
+# koala: `make demo` runs the main job on the embedded default, `make test` runs the tests.
+# Both create .venv/ on first use; nothing is installed outside it (assets are cached under $KOALA_CACHE).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.koala-installed
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# torch first, from this machine's CPU build: letting another package pull torch in downloads a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+demo: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/koala demo
+
+bench: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python bench/decode.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,166 @@
+"""One pydantic model for the whole pipeline, loaded from a YAML profile in configs/ plus `a.b=value` overrides.
+
+Unknown keys and wrong types are errors that name the field (`extra="forbid"` everywhere).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from koala.errors import KoalaError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PROFILES = ("smoke", "default", "gpu")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TargetConfig(_Strict):
+    spec: str = Field("smollm2-135m-instruct", description="target: koala name, HF id, model directory or .gguf")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="weights and compute dtype")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+    trust_remote_code: bool = Field(False, description="run model code shipped with a checkpoint (off unless asked)")
+
+
+class PromptsConfig(_Strict):
+    source: str = Field("sharegpt", description="sharegpt, mtbench, humaneval, hf:NAME, a file or a directory of logs")
+    limit: int | None = Field(None, ge=1, description="use at most this many prompts (after de-duplication)")
+    sharegpt_turns: int = Field(1, ge=1, description="ShareGPT: keep the chat up to this human turn")
+    min_prompt_tokens: int = Field(4, ge=1, description="drop prompts shorter than this (templated, in tokens)")
+    max_prompt_tokens: int = Field(512, ge=1, description="drop prompts longer than this (templated, in tokens)")
+    prompt_col: str = Field("prompt", description="file sources: column with the user prompt")
+    category_col: str | None = Field("category", description="file sources: column with the category, if any")
+    messages_col: str | None = Field(None, description="file sources: column with a whole chat instead of a prompt")
+
+
+class SamplingConfig(_Strict):
+    out_dir: str = Field("runs/data", description="directory of the Parquet shards and manifest.json")
+    shard_size: int = Field(64, ge=1, description="prompts per shard (the unit of work and of retry)")
+    samples_per_prompt: int = Field(1, ge=1, description="responses sampled per prompt")
+    temperature: float = Field(0.7, ge=0, description="sampling temperature (0 = greedy)")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")
+    max_new_tokens: int = Field(256, ge=1, description="longest response, in tokens")
+    batch_size: int = Field(8, ge=1, description="prompts generated together (left-padded)")
+    seed: int = Field(0, description="base seed; each sample's seed derives from it and the sample's id")
+    topk_logprobs: int = Field(0, ge=0, description="store the teacher's top-k log-probs per position (0 = off)")
+
+
+class DrafterConfig(_Strict):
+    kind: Literal["draft_model", "truncate", "ngram", "medusa", "eagle"] = Field(
+        "draft_model", description="independent draft model, target-truncation or n-gram baseline, or draft heads")
+    layers: int = Field(2, ge=1, description="decoder layers (draft_model, truncate) or K (heads)")
+    hidden_size: int | None = Field(None, ge=8, description="None: the target's (needed to share its embeddings)")
+    intermediate_size: int | None = Field(None, ge=8, description="None: the target's")
+    num_heads: int | None = Field(None, ge=1, description="attention heads; None: the target's")
+    num_kv_heads: int | None = Field(None, ge=1, description="key/value heads; None: the target's")
+    init: Literal["random", "target"] = Field("target", description="random, or copy the target's embeddings/layers")
+    copy_layers: list[int] | None = Field(None, description="target layers to copy (init=target); None: spread evenly")
+    embeddings: Literal["frozen", "trainable"] = Field("frozen", description="shared embeddings/head: frozen or trained")
+    n_heads: int = Field(4, ge=1, description="Medusa: number of heads (tokens proposed per round)")
+
+
+class TrainingConfig(_Strict):
+    out_dir: str = Field("runs/drafter", description="checkpoints and the final drafter")
+    loss: Literal["fkl", "rkl", "tvd", "tvdpp", "jsd"] = Field("tvdpp", description="distillation loss")
+    steps: int = Field(200, ge=1, description="optimizer steps of distillation")
+    pretrain_steps: int = Field(0, ge=0, description="next-token pretraining steps before distillation (0 = skip)")
+    pretrain_corpus: str = Field("sharegpt", description="pretraining text: sharegpt, hf:NAME or a .jsonl/.parquet file")
+    lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(20, ge=0, description="linear warm-up before cosine decay")
+    batch_size: int = Field(8, ge=1, description="sequences per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    max_seq_len: int = Field(512, ge=8, description="truncate training sequences to this many tokens")
+    grad_clip: float = Field(1.0, gt=0, description="clip the global gradient norm")
+    checkpoint_every: int = Field(50, ge=1, description="write a resumable checkpoint every N steps")
+    eval_every: int = Field(50, ge=1, description="held-out expected acceptance every N steps")
+    heldout_fraction: float = Field(0.05, ge=0, lt=1, description="share of samples held out")
+    seed: int = Field(0, description="seed of init, data order and dropout")
+    adversarial: bool = Field(False, description="add the KOALA adversarial loss from a discriminator")
+    adv_lambda: float = Field(0.1, ge=0, description="weight of the adversarial term")
+    adv_warmup_steps: int = Field(20, ge=0, description="steps before the adversarial term is switched on")
+
+
+class EvalConfig(_Strict):
+    bench: str = Field("mtbench", description="mtbench, humaneval or a JSONL of {prompt, category}")
+    limit: int | None = Field(8, ge=1, description="evaluate at most this many prompts")
+    gamma: int = Field(4, ge=1, description="draft length: tokens proposed per target forward")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy (exact match); > 0 = speculative sampling")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass, applied identically to target and drafter")
+    max_new_tokens: int = Field(128, ge=1, description="new tokens per prompt")
+    warmup: int = Field(1, ge=0, description="untimed warm-up generations before measuring")
+    hf_baselines: bool = Field(False, description="also time Hugging Face generate, plain and with assistant_model")
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI or sqlite in run_dir")
+    experiment: str = Field("koala", description="MLflow experiment name")
+
+
+class KoalaConfig(_Strict):
+    run_dir: str = Field("runs", description="root of everything a run writes")
+    target: TargetConfig = TargetConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    drafter: DrafterConfig = DrafterConfig()
+    training: TrainingConfig = TrainingConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+
+def _format_error(e: ValidationError, origin: str) -> str:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    value = err.get("input")
+    return f"{origin}: field {loc}: {err['msg']} (got {value!r}); fix the value (each field is described in koala/config.py)"
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 3, 0.5, true, [1, 2] keep their types)."""
+    if "=" not in override:
+        raise KoalaError(f"override {override!r} is not KEY=VALUE: write it like training.steps=100")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    d = data
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise KoalaError(f"override {override!r}: {p} is not a section")
+    d[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(profile: str | None = None, path: str | Path | None = None, overrides: list[str] = ()) -> KoalaConfig:
+    """A validated config from a profile name (configs/NAME.yaml) or a YAML path, then overrides.
+
+    Raises:
+        KoalaError: unknown profile, unreadable YAML, unknown key or wrong type (naming the field).
+    """
+    if path is None and profile is not None:
+        path = CONFIG_DIR / f"{profile}.yaml"
+        if not path.exists():
+            raise KoalaError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)} or pass --config PATH")
+    data: dict = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise KoalaError(f"config file {path} does not exist: check the path") from None
+        except yaml.YAMLError as e:
+            raise KoalaError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}): fix its syntax") from e
+        if not isinstance(data, dict):
+            raise KoalaError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        return KoalaConfig.model_validate(data)
+    except ValidationError as e:
+        raise KoalaError(_format_error(e, origin)) from None

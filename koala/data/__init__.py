@@ -1,0 +1,1 @@
+"""Prompt sources and distillation shards."""

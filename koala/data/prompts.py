@@ -1,0 +1,248 @@
+"""Prompt sources: ShareGPT, MT-bench, HumanEval, JSONL/Parquet/CSV files, Hugging Face datasets.
+
+Every source yields `PromptRecord`s with a content-hash id, so the same prompt has the same id whichever file it
+came from; `dedupe` and `filter_by_length` work on any source.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from koala import assets
+from koala.errors import KoalaError
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+         "system": "system", "bing": "assistant", "bard": "assistant"}
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    id: str
+    source: str
+    category: str
+    messages: tuple[dict, ...]  # the chat up to and including the last user message
+    followups: tuple[str, ...] = ()  # later user turns, asked after the model answers (MT-bench turn 2)
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "source": self.source, "category": self.category, "messages": list(self.messages),
+                "followups": list(self.followups)}
+
+
+def prompt_id(messages: Iterable[dict]) -> str:
+    """Content hash of a chat: 16 hex characters of sha256 over roles and texts."""
+    blob = json.dumps([[m["role"], m["content"]] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def make_record(source: str, category: str, messages: list[dict], followups=()) -> PromptRecord:
+    return PromptRecord(prompt_id(messages), source, category, tuple(messages), tuple(followups))
+
+
+@dataclass
+class ShareGPTStats:
+    recovered: int = 0  # complete conversations read
+    truncated: bool = False  # the file ended inside a record
+    skipped: int = 0  # complete but unusable (no human turn first, empty text)
+    extra: dict = field(default_factory=dict)
+
+
+def read_json_array_prefix(text: str) -> tuple[list, bool]:
+    """Every complete element of a JSON array that may be cut off; returns (elements, was_truncated)."""
+    dec = json.JSONDecoder()
+    i = text.find("[")
+    if i < 0:
+        raise KoalaError("ShareGPT file does not start with a JSON array: re-fetch it with `koala assets fetch sharegpt`")
+    i += 1
+    items, n = [], len(text)
+    while True:
+        while i < n and text[i] in " \t\r\n,":
+            i += 1
+        if i >= n:
+            return items, True
+        if text[i] == "]":
+            return items, False
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return items, True
+        items.append(obj)
+
+
+def sharegpt(path: str | Path | None = None, turns: int = 1, stats: ShareGPTStats | None = None) -> Iterator[PromptRecord]:
+    """ShareGPT conversations: the first human turn (turns=1) or the chat up to the `turns`-th human turn."""
+    file = Path(path) if path else assets.path("sharegpt")
+    text = _read_text(file)
+    convs, truncated = read_json_array_prefix(text)
+    stats = stats if stats is not None else ShareGPTStats()
+    stats.recovered, stats.truncated = len(convs), truncated
+    for conv in convs:
+        msgs = [{"role": ROLES.get(t.get("from", ""), "user"), "content": t.get("value", "")}
+                for t in conv.get("conversations", [])]
+        human_idx = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        if not human_idx or not msgs[human_idx[0]]["content"].strip():
+            stats.skipped += 1
+            continue
+        cut = human_idx[min(turns, len(human_idx)) - 1]
+        yield make_record("sharegpt", "sharegpt", msgs[:cut + 1])
+
+
+def mtbench(path: str | Path | None = None, both_turns: bool = False) -> Iterator[PromptRecord]:
+    """MT-bench's 80 questions: the first turn, with the second as a follow-up on request."""
+    file = Path(path) if path else assets.path("mtbench")
+    for line in _read_text(file).splitlines():
+        if line.strip():
+            q = json.loads(line)
+            follow = tuple(q["turns"][1:]) if both_turns else ()
+            yield make_record("mtbench", q["category"], [{"role": "user", "content": q["turns"][0]}], follow)
+
+
+def humaneval(path: str | Path | None = None) -> Iterator[PromptRecord]:
+    """HumanEval's 164 problems, each asking the model to complete a function."""
+    file = Path(path) if path else assets.path("humaneval")
+    with gzip.open(file, "rt") as f:
+        for line in f:
+            if line.strip():
+                p = json.loads(line)
+                content = f"Complete the following Python function.\n\n```python\n{p['prompt']}```"
+                yield make_record("humaneval", "coding", [{"role": "user", "content": content}])
+
+
+def from_file(path: str | Path, prompt_col: str = "prompt", category_col: str | None = "category",
+              messages_col: str | None = None) -> Iterator[PromptRecord]:
+    """Prompts from a JSONL, Parquet or CSV file, with a column mapping.
+
+    A row gives either a chat (`messages_col`, a list of {role, content} or its JSON) or a single user prompt
+    (`prompt_col`); `category_col` is optional.
+    """
+    file = Path(path)
+    rows = _read_rows(file)
+    if not rows:
+        raise KoalaError(f"prompt file {file} has no rows: give a file with at least one prompt")
+    cols = set().union(*(r.keys() for r in rows[:100]))
+    need = messages_col or prompt_col
+    if need not in cols:
+        raise KoalaError(f"prompt file {file} has no column {need!r} (columns: {', '.join(sorted(cols))}): "
+                         "map the prompt column with --prompt-col")
+    for r in rows:
+        if messages_col:
+            msgs = r[messages_col]
+            msgs = json.loads(msgs) if isinstance(msgs, str) else list(msgs)
+            msgs = [{"role": ROLES.get(m["role"], m["role"]), "content": m["content"]} for m in msgs]
+        else:
+            if not str(r.get(prompt_col) or "").strip():
+                continue
+            msgs = [{"role": "user", "content": str(r[prompt_col])}]
+        cat = str(r.get(category_col) or "general") if category_col else "general"
+        yield make_record(file.stem, cat, msgs)
+
+
+def from_hf(name: str, split: str = "train", prompt_col: str = "prompt", category_col: str | None = None):
+    """A Hugging Face dataset by name (needs the hub or a local copy)."""
+    try:
+        import datasets
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:  # noqa: BLE001 - the hub raises many types; all mean "not reachable here"
+        raise KoalaError(f"could not load dataset {name!r} ({type(e).__name__}): check the name, or export it "
+                         "to JSONL/Parquet and pass the file path") from e
+    if prompt_col not in ds.column_names:
+        raise KoalaError(f"dataset {name} has no column {prompt_col!r} (columns: {', '.join(ds.column_names)})")
+    for r in ds:
+        cat = str(r.get(category_col) or "general") if category_col else "general"
+        yield make_record(name, cat, [{"role": "user", "content": str(r[prompt_col])}])
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KoalaError(f"prompt file {file} does not exist: check the path") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise KoalaError(f"prompt file {file} is unreadable ({type(e).__name__}): give a UTF-8 text file") from e
+
+
+def _read_rows(file: Path) -> list[dict]:
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+            return pq.read_table(file).to_pylist()
+        if suffix == ".csv":
+            import csv
+            with open(file, newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+        if suffix in (".jsonl", ".json"):
+            text = _read_text(file)
+            if suffix == ".json" and text.lstrip().startswith("["):
+                return json.loads(text)
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except KoalaError:
+        raise
+    except FileNotFoundError:
+        raise KoalaError(f"prompt file {file} does not exist: check the path") from None
+    except Exception as e:  # noqa: BLE001 - pyarrow, csv and json each raise their own types for a broken file
+        raise KoalaError(f"prompt file {file} is unreadable ({type(e).__name__}: {str(e)[:120]}): "
+                         "fix or re-export it") from e
+    raise KoalaError(f"prompt file {file} has an unknown format: use .jsonl, .json, .parquet or .csv")
+
+
+def dedupe(records: Iterable[PromptRecord]) -> Iterator[PromptRecord]:
+    seen: set[str] = set()
+    for r in records:
+        if r.id not in seen:
+            seen.add(r.id)
+            yield r
+
+
+def filter_by_length(records: Iterable[PromptRecord], tokenizer, min_tokens: int = 1, max_tokens: int | None = None,
+                     counts: dict | None = None) -> Iterator[PromptRecord]:
+    """Keep prompts whose templated length lies in [min_tokens, max_tokens]; count the rest in `counts`."""
+    from koala.targets import encode_chat
+
+    for r in records:
+        n = len(encode_chat(tokenizer, list(r.messages)))
+        if n < min_tokens or (max_tokens is not None and n > max_tokens):
+            if counts is not None:
+                counts["too_long" if max_tokens is not None and n > max_tokens else "too_short"] = (
+                    counts.get("too_long" if max_tokens is not None and n > max_tokens else "too_short", 0) + 1)
+            continue
+        yield r
+
+
+def load(source: str, limit: int | None = None, sharegpt_turns: int = 1, both_turns: bool = False,
+         prompt_col: str = "prompt", category_col: str | None = "category", messages_col: str | None = None,
+         stats: ShareGPTStats | None = None) -> list[PromptRecord]:
+    """Prompts from a named source (sharegpt, mtbench, humaneval, hf:NAME) or a file path, de-duplicated.
+
+    Raises:
+        KoalaError: unknown source, unreadable file, missing column, or no prompts at all.
+    """
+    if source == "sharegpt":
+        it = sharegpt(turns=sharegpt_turns, stats=stats)
+    elif source == "mtbench":
+        it = mtbench(both_turns=both_turns)
+    elif source == "humaneval":
+        it = humaneval()
+    elif source.startswith("hf:"):
+        it = from_hf(source[3:], prompt_col=prompt_col, category_col=category_col)
+    elif Path(source).suffix or Path(source).exists():
+        p = Path(source)
+        if p.is_dir():
+            files = sorted(f for ext in ("*.jsonl", "*.parquet", "*.csv") for f in p.glob(ext))
+            it = (r for f in files for r in from_file(f, prompt_col, category_col, messages_col))
+        else:
+            it = from_file(p, prompt_col, category_col, messages_col)
+    else:
+        raise KoalaError(f"unknown prompt source {source!r}: use sharegpt, mtbench, humaneval, hf:NAME or a file path")
+    out = []
+    for r in dedupe(it):
+        out.append(r)
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise KoalaError(f"prompt source {source!r} gave no prompts: check the file and the column mapping")
+    return out

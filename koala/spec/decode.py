@@ -1,0 +1,185 @@
+"""Autoregressive and speculative decoding over static caches (after gpt-fast's `generate.py`).
+
+Speculative sampling follows Leviathan et al. 2023 (arXiv 2211.17192) and Chen et al. 2023 (arXiv 2302.01318):
+draft gamma tokens from q, verify them in one target forward that yields p at every draft position, accept draft i
+with probability min(1, p(x_i) / q(x_i)), on the first rejection resample from max(p - q, 0) renormalised, and when
+every draft is accepted take a bonus token from p. The output is distributed exactly as the target's; with
+temperature 0 both distributions are one-hot and the rule becomes exact-match acceptance.
+
+Invariant between rounds: `seq[:n]` is final and the target's cache holds positions 0..n-2, so the next verify
+forward feeds seq[n-1] followed by the drafts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from koala.errors import KoalaError
+from koala.spec.drafters import Drafter
+from koala.spec.model import Transformer
+from koala.spec.sampling import SamplingParams, logits_to_probs, sample
+
+# Called after each round with (new tokens, how many of them were accepted drafts); the last one is the target's.
+StreamFn = Callable[[list[int], int], None]
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # new tokens only, cut at max_new_tokens and after the first EOS
+    target_forwards: int  # prefill included
+    wall_s: float
+    accept_counts: list[int] = field(default_factory=list)  # accept_counts[k]: rounds that accepted k drafts
+    finish_reason: str = "length"
+
+    @property
+    def tau(self) -> float:
+        """Tokens per target forward, the bonus token included: 1.0 for plain decoding."""
+        return len(self.tokens) / max(self.target_forwards, 1)
+
+
+def accept_drafts(
+    draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rejection rule on whole tensors, with no host sync.
+
+    Args:
+        draft_tokens: (gamma,) proposed tokens.
+        draft_probs: (gamma, V) q, the distributions they were drawn from.
+        target_probs: (gamma + 1, V) p at each draft position plus the bonus position.
+
+    Returns:
+        (n_accepted, next_token): 0-dim tensors; next_token is the correction drawn from max(p - q, 0) at the first
+        rejection, or the bonus token from p when all gamma drafts were accepted.
+    """
+    gamma = draft_tokens.shape[0]
+    idx = draft_tokens[:, None]
+    p = target_probs[:gamma].gather(-1, idx).squeeze(-1)  # (gamma,) p(x_i)
+    q = draft_probs.gather(-1, idx).squeeze(-1)  # (gamma,) q(x_i)
+    accepted = torch.rand_like(p) < p / q  # u < 1 always accepts when p >= q; q(x_i) > 0 since x_i ~ q
+    n_accepted = accepted.long().cumprod(0).sum()  # length of the all-accepted prefix
+    q_pad = torch.cat([draft_probs, torch.zeros_like(draft_probs[:1])])  # row gamma: bonus, residual = p
+    residual = (target_probs[n_accepted] - q_pad[n_accepted]).clamp_min(0)
+    mass = residual.sum()
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target_probs[n_accepted])
+    return n_accepted, sample(residual)
+
+
+def _check_lengths(target: Transformer, prompt_len: int, max_new_tokens: int, max_context: int, gamma: int) -> int:
+    if prompt_len == 0:
+        raise KoalaError("empty prompt: give at least one token")
+    if max_new_tokens < 1:
+        raise KoalaError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prompt_len >= max_context:
+        raise KoalaError(
+            f"prompt has {prompt_len} tokens but the target's context is {max_context}: shorten the prompt"
+        )
+    if prompt_len + max_new_tokens > max_context:
+        raise KoalaError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the target's context "
+            f"({max_context}): lower max_new_tokens to at most {max_context - prompt_len}"
+        )
+    need = prompt_len + max_new_tokens + gamma + 1
+    return -(-need // 256) * 256  # round up, so caches are reused across prompts of similar length
+
+
+def check_drafter(target: Transformer, drafter: Drafter | None, gamma: int) -> None:
+    if drafter is None:
+        return
+    if gamma < 1:
+        raise KoalaError(f"gamma must be >= 1, got {gamma}")
+    vocab = target.args.vocab_size
+    if drafter.vocab_size is not None and drafter.vocab_size != vocab:
+        raise KoalaError(
+            f"drafter {drafter.name} has a vocabulary of {drafter.vocab_size} tokens, the target's has {vocab}: "
+            "train the drafter with the target's tokenizer"
+        )
+
+
+@torch.no_grad()
+def generate(
+    target: Transformer,
+    prompt: list[int],
+    max_new_tokens: int,
+    drafter: Drafter | None = None,
+    gamma: int = 4,
+    params: SamplingParams = SamplingParams(),
+    eos_ids: set[int] | frozenset[int] = frozenset(),
+    max_context: int | None = None,
+    stream: StreamFn | None = None,
+) -> GenerationResult:
+    """Decode after `prompt`, autoregressively (drafter None) or speculatively with `drafter` proposing gamma tokens.
+
+    Args:
+        target: the engine model of the target.
+        prompt: token ids, chat template already applied.
+        max_new_tokens: stop after this many new tokens.
+        drafter: a Drafter, or None for plain decoding of the target in the same engine.
+        gamma: tokens drafted per round.
+        params: temperature and top-p, applied identically to target and drafter.
+        eos_ids: stop after emitting any of these.
+        max_context: the target's context length (default: no limit beyond the cache).
+        stream: called after each round with the new tokens.
+
+    Raises:
+        KoalaError: empty prompt, prompt or generation longer than the context, gamma < 1, vocabulary mismatch.
+    """
+    check_drafter(target, drafter, gamma)
+    g = gamma if drafter is not None else 0
+    max_len = _check_lengths(target, len(prompt), max_new_tokens, max_context or 1 << 30, g)
+    dev = target.device
+    target.setup_caches(max_len)
+    if drafter is not None:
+        drafter.reset(max_len)
+    seq = torch.zeros(max_len, dtype=torch.long, device=dev)
+    T = len(prompt)
+    seq[:T] = torch.tensor(prompt, device=dev)
+    start = time.perf_counter()
+
+    # Prefill: the whole prompt in one forward, then the first new token from the target.
+    out = target(seq[None, :T], torch.arange(T, device=dev), return_hidden=drafter is not None and drafter.needs_hidden)
+    logits, hidden = out if isinstance(out, tuple) else (out, None)
+    seq[T] = sample(logits_to_probs(logits[0, -1], params))
+    n, forwards = T + 1, 1
+    if hidden is not None:
+        drafter.commit(n, hidden[0], 0)
+    accept_counts = [0] * (g + 1)
+    emitted = [int(seq[T])]
+    if stream:
+        stream(emitted[:], 0)
+
+    while len(emitted) < max_new_tokens and not (eos_ids and emitted[-1] in eos_ids):
+        if drafter is None:
+            logits = target(seq[None, n - 1:n], torch.tensor([n - 1], device=dev))
+            seq[n] = sample(logits_to_probs(logits[0, -1], params))
+            new, k = [int(seq[n])], 0
+        else:
+            drafts, q = drafter.propose(seq, n, gamma, params)
+            seq[n:n + gamma] = drafts
+            out = target(seq[None, n - 1:n + gamma], torch.arange(n - 1, n + gamma, device=dev),
+                         return_hidden=drafter.needs_hidden)
+            logits, hidden = out if isinstance(out, tuple) else (out, None)
+            k, nxt = accept_drafts(drafts, q, logits_to_probs(logits[0], params))
+            k = int(k)  # the one host sync of a round: the next round's shapes depend on it
+            seq[n + k] = nxt
+            accept_counts[k] += 1
+            drafter.commit(n + k + 1, None if hidden is None else hidden[0, :k + 1], n - 1)
+            new = seq[n:n + k + 1].tolist()
+        if eos_ids and any(t in eos_ids for t in new):
+            new = new[:next(i for i, t in enumerate(new) if t in eos_ids) + 1]
+        new = new[:max_new_tokens - len(emitted)]
+        emitted += new
+        if stream:
+            stream(new, k)
+        n, forwards = n + k + 1, forwards + 1
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    tokens = emitted[:max_new_tokens]
+    reason = "eos" if eos_ids and tokens[-1] in eos_ids else "length"
+    return GenerationResult(tokens, forwards, wall, accept_counts, reason)
+

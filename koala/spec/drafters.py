@@ -1,0 +1,136 @@
+"""The drafter interface, and the drafters that need no training: any causal LM, `truncate:N`, prompt lookup.
+
+A drafter proposes `gamma` tokens after the current sequence together with the distribution it drew each from;
+the engine verifies them. It keeps its own state (a KV cache, or nothing) and learns after each round how much of
+the sequence is still valid (`commit`), so rejected drafts are simply written over in the next round.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from koala.spec.model import Transformer
+from koala.spec.sampling import SamplingParams, logits_to_probs, sample
+
+
+class Drafter(Protocol):
+    name: str
+    vocab_size: int | None  # None: proposes only tokens it has seen (prompt lookup), any vocabulary fits
+    needs_hidden: bool  # True: commit() receives the target's last hidden states (draft heads)
+
+    def reset(self, max_seq_len: int) -> None: ...
+
+    def propose(
+        self, seq: torch.Tensor, n: int, gamma: int, params: SamplingParams
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft after seq[:n]: tokens (gamma,) and the distributions they were drawn from (gamma, V)."""
+        ...
+
+    def commit(self, n_valid: int, hidden: torch.Tensor | None = None, start: int = 0) -> None:
+        """seq[:n_valid] is final; `hidden` (T, C) holds the target's states for positions start..start+T-1."""
+        ...
+
+
+class ModelDrafter:
+    """An independent causal LM sharing the target's vocabulary, run in koala's static-cache engine."""
+
+    needs_hidden = False
+
+    def __init__(self, model: Transformer, name: str = "model"):
+        self.model, self.name = model, name
+        self.vocab_size = model.args.vocab_size
+        self.n_cached = 0  # seq[:n_cached] is in this drafter's KV cache
+
+    def reset(self, max_seq_len: int) -> None:
+        self.model.setup_caches(max_seq_len)
+        self.n_cached = 0
+
+    @torch.no_grad()
+    def propose(self, seq, n, gamma, params):
+        dev = seq.device
+        # Feed what the cache lacks: the prompt at first, then 1 token (a correction) or 2 (last draft + bonus).
+        pos = torch.arange(self.n_cached, n, device=dev)
+        logits = self.model(seq[self.n_cached:n][None], pos)[0, -1]
+        tokens, probs = [], []
+        for i in range(gamma):
+            q = logits_to_probs(logits, params)
+            t = sample(q)
+            tokens.append(t)
+            probs.append(q)
+            if i < gamma - 1:
+                logits = self.model(t.view(1, 1), torch.tensor([n + i], device=dev))[0, -1]
+        self.n_cached = n + gamma - 1
+        return torch.stack(tokens), torch.stack(probs)
+
+    def commit(self, n_valid, hidden=None, start=0):
+        # Cached drafts d1..dk at positions n..n+k-1 were accepted; the token at n_valid - 1 is new to the drafter.
+        self.n_cached = min(self.n_cached, n_valid - 1)
+
+
+class PromptLookupDrafter:
+    """Prompt lookup decoding (Saxena 2023): copy what followed the latest earlier match of the last n-gram."""
+
+    needs_hidden = False
+    vocab_size = None
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 1, vocab_size: int | None = None):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.name = f"ngram:{max_ngram}"
+        self.target_vocab = vocab_size
+
+    def reset(self, max_seq_len: int) -> None:
+        pass
+
+    def propose(self, seq, n, gamma, params):
+        ids = seq[:n].tolist()  # host-side search: this baseline has no device work to keep on the device
+        draft: list[int] = []
+        for size in range(min(self.max_ngram, n - 1), self.min_ngram - 1, -1):
+            tail = ids[n - size:]
+            for start in range(n - size - 1, -1, -1):
+                if ids[start:start + size] == tail:
+                    draft = ids[start + size:start + size + gamma]
+                    break
+            if draft:
+                break
+        draft = (draft + [ids[-1]] * gamma)[:gamma]  # pad: a wrong guess only costs its verification slot
+        tokens = torch.tensor(draft, device=seq.device)
+        # q is one-hot: the rejection rule then accepts token x with probability p(x), which keeps sampling exact.
+        return tokens, F.one_hot(tokens, self.target_vocab).float()
+
+    def commit(self, n_valid, hidden=None, start=0):
+        pass
+
+
+def load_drafter(spec: str, target: Transformer, dtype: str = "float32", device: str = "cpu") -> Drafter:
+    """A drafter from its spec.
+
+    Args:
+        spec: `truncate:N` (the target's first N layers), `ngram[:N]` (prompt lookup), `heads:PATH` (draft heads),
+            or any causal LM: a koala drafter directory, a model directory, a Hugging Face id or a .gguf file.
+        target: the engine model of the target (truncate and heads share its weights).
+
+    Raises:
+        KoalaError: a malformed spec or a drafter that cannot be loaded.
+    """
+    from koala.errors import KoalaError
+
+    if spec.startswith("truncate:"):
+        try:
+            n = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise KoalaError(f"drafter {spec!r}: write truncate:N with N a number of layers, e.g. truncate:2") from None
+        return ModelDrafter(target.truncated(n), name=spec)
+    if spec == "ngram" or spec.startswith("ngram:"):
+        n = int(spec.split(":", 1)[1]) if ":" in spec else 3
+        return PromptLookupDrafter(max_ngram=n, vocab_size=target.args.vocab_size)
+    if spec.startswith("heads:"):
+        from koala.drafters.heads import load_heads_drafter
+
+        return load_heads_drafter(spec.split(":", 1)[1], target)
+    from koala.targets import load_target
+
+    model = load_target(spec, dtype=dtype, device=device).model
+    return ModelDrafter(Transformer(model), name=spec)

@@ -1,0 +1,176 @@
+"""A lean decoder-only transformer with a static KV cache written by position (after gpt-fast's `model.py`).
+
+It runs the weights of a Hugging Face Llama-family model (Llama, SmolLM, Mistral without sliding window, Qwen2) as
+shared tensors, not copies, so the engine, training and Hugging Face `generate` all see one set of parameters.
+Writing the cache by position means a rejected draft costs nothing to undo: the next step writes over it, and the
+causal mask built from `input_pos` hides whatever lies beyond the current position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from koala.errors import KoalaError
+
+SUPPORTED = {"llama", "mistral", "qwen2", "smollm3"}
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    norm_eps: float
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # k, v: (B, H_kv, T, D) written at slots input_pos (T,)
+        self.k[:, :, input_pos] = k
+        self.v[:, :, input_pos] = v
+        return self.k, self.v
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm, computed in float32 as Hugging Face does."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); cos, sin: (B, 1, T, D) -- the "rotate half" layout of Hugging Face checkpoints
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Transformer(nn.Module):
+    """Forward over a Hugging Face causal LM's modules with koala's own static caches.
+
+    The HF model keeps owning the parameters; this module only references them, so a drafter built on
+    the first N layers (`truncated(n)`) shares weights and memory with the target but has its own caches.
+    """
+
+    def __init__(self, hf_model: nn.Module, n_layers: int | None = None):
+        super().__init__()
+        cfg = hf_model.config
+        if cfg.model_type not in SUPPORTED:
+            raise KoalaError(
+                f"model type {cfg.model_type!r} is not supported by koala's engine (supported: "
+                f"{', '.join(sorted(SUPPORTED))}): use a Llama-family target"
+            )
+        inner = hf_model.model
+        total = len(inner.layers)
+        n = total if n_layers is None else n_layers
+        if not 1 <= n <= total:
+            raise KoalaError(f"truncate:N needs 1 <= N <= {total} (the target's layers), got {n}")
+        self.hf_model = [hf_model]  # a list, so the HF model is not registered twice as a submodule
+        self.embed = inner.embed_tokens
+        self.layers = inner.layers[:n]
+        self.norm = inner.norm
+        self.lm_head = hf_model.lm_head
+        rot = inner.rotary_emb
+        self.register_buffer("inv_freq", rot.inv_freq.detach().float().clone(), persistent=False)
+        self.attention_scaling = float(getattr(rot, "attention_scaling", 1.0))
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.args = ModelArgs(
+            vocab_size=cfg.vocab_size, dim=cfg.hidden_size, n_layers=n, n_heads=cfg.num_attention_heads,
+            n_kv_heads=cfg.num_key_value_heads, head_dim=head_dim, norm_eps=cfg.rms_norm_eps,
+        )
+        self.caches = nn.ModuleList()
+        self.max_seq_len = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def truncated(self, n_layers: int) -> "Transformer":
+        """The first n_layers with the same embeddings, final norm and head: the `truncate:N` baseline drafter."""
+        return Transformer(self.hf_model[0], n_layers)
+
+    def setup_caches(self, max_seq_len: int, batch: int = 1) -> None:
+        """Allocate static caches for `max_seq_len` slots (size it max_len + gamma + 1 for speculation)."""
+        a = self.args
+        if self.max_seq_len >= max_seq_len and self.caches and self.caches[0].k.shape[0] == batch:
+            return
+        self.caches = nn.ModuleList(
+            KVCache(batch, a.n_kv_heads, max_seq_len, a.head_dim, self.dtype, self.device) for _ in range(a.n_layers)
+        )
+        self.max_seq_len = max_seq_len
+        self.register_buffer(
+            "causal", torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=self.device).tril(),
+            persistent=False,
+        )
+
+    def _rope(self, pos: torch.Tensor):
+        # pos: (B, T) positions -> cos, sin: (B, 1, T, D)
+        freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(self.dtype)[:, None]
+        sin = (emb.sin() * self.attention_scaling).to(self.dtype)[:, None]
+        return cos, sin
+
+    def _attention(self, layer, i, x, cos, sin, input_pos, mask, kv_len):
+        a, attn = self.args, layer.self_attn
+        B, T, _ = x.shape
+        q = attn.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = self.caches[i].update(input_pos, k, v)  # (B, H_kv, S, D): every slot, masked below
+        if kv_len is not None:
+            k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
+        return attn.o_proj(y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        input_pos: torch.Tensor,
+        pad: torch.Tensor | None = None,
+        return_hidden: bool = False,
+        kv_len: int | None = None,
+    ):
+        """Logits for tokens `idx` (B, T) written at cache slots `input_pos` (T,).
+
+        `pad` (B,) counts left-padding slots per row (batched sampling): those slots are masked out and each row's
+        rotary positions start at 0 after its padding. With `return_hidden`, also returns the last layer's output
+        before the final norm, (B, T, C), which the draft heads read. `kv_len` (a host int > every input_pos)
+        limits attention to the first kv_len slots: faster on a CPU, but a shape change, so leave it None where
+        steps are captured as CUDA graphs.
+        """
+        assert self.caches, "call setup_caches() first"
+        B, T = idx.shape
+        pos = input_pos[None, :].expand(B, T)
+        S = self.max_seq_len if kv_len is None else kv_len
+        mask = self.causal[input_pos, :S][None, None]  # (1, 1, T, S)
+        if pad is not None:
+            pos = pos - pad[:, None]
+            keys = torch.arange(S, device=idx.device)[None, :] >= pad[:, None]  # (B, S)
+            mask = mask & keys[:, None, None, :]
+        cos, sin = self._rope(pos)
+        x = self.embed(idx)
+        eps = self.args.norm_eps
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_layernorm.weight, eps)
+            x = x + self._attention(layer, i, h, cos, sin, input_pos, mask, kv_len)
+            x = x + layer.mlp(rms_norm(x, layer.post_attention_layernorm.weight, eps))
+        logits = self.lm_head(rms_norm(x, self.norm.weight, eps)).float()
+        return (logits, x) if return_hidden else logits

@@ -1,0 +1,51 @@
+"""Token distributions and draws, identical for the target and every drafter (gpt-fast's `logits_to_probs`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from koala.errors import KoalaError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 means greedy: the distribution is one-hot on the argmax
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise KoalaError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise KoalaError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(..., V) logits -> (..., V) float32 probabilities after temperature and top-p.
+
+    Greedy decoding is the limit temperature -> 0: a one-hot distribution. Feeding one-hot distributions to the
+    rejection rule turns it into exact-match acceptance, so one code path serves both.
+    """
+    logits = logits.float()
+    if params.greedy:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > params.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row of (..., V) without a host sync: argmax(p / E) with E ~ Exp(1) is a draw from p."""
+    e = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / e).argmax(-1)

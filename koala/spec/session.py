@@ -1,0 +1,71 @@
+"""A loaded target ready to decode: what `koala generate` and the evaluation use."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from koala.spec.decode import GenerationResult, generate
+from koala.spec.drafters import Drafter, load_drafter
+from koala.spec.model import Transformer
+from koala.spec.sampling import SamplingParams
+from koala.targets import Target, encode_chat, load_target
+
+GREEN, YELLOW, RESET = "\033[32m", "\033[33m", "\033[0m"
+
+
+class TextStream:
+    """Detokenise incrementally (decode the whole answer, print what is new) so multi-byte characters come out whole."""
+
+    def __init__(self, tokenizer, color: bool, out=sys.stdout):
+        self.tok, self.color, self.out = tokenizer, color, out
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def __call__(self, new: list[int], n_accepted: int) -> None:
+        pieces = [(new[:n_accepted], GREEN), (new[n_accepted:], YELLOW if self.color and n_accepted < len(new) else "")]
+        for ids, colour in pieces:
+            if not ids:
+                continue
+            self.ids += ids
+            text = self.tok.decode(self.ids, skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue  # half a character: wait for the rest
+            delta, self.printed = text[len(self.printed):], text
+            self.out.write(f"{colour}{delta}{RESET}" if self.color and colour else delta)
+        self.out.flush()
+
+
+@dataclass
+class Session:
+    target: Target
+    engine: Transformer
+
+    @classmethod
+    def open(cls, spec: str, dtype: str = "float32", device: str = "cpu") -> "Session":
+        t = load_target(spec, dtype=dtype, device=device)
+        return cls(t, Transformer(t.model))
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        ids = {self.target.tokenizer.eos_token_id}
+        gen = getattr(self.target.model, "generation_config", None)
+        extra = getattr(gen, "eos_token_id", None)
+        ids |= set(extra) if isinstance(extra, (list, tuple)) else {extra}
+        return frozenset(i for i in ids if i is not None)
+
+    def drafter(self, spec: str) -> Drafter:
+        info = self.target.info
+        return load_drafter(spec, self.engine, dtype=info.dtype, device=info.device)
+
+    def run(self, prompt_ids: list[int], max_new_tokens: int, drafter: Drafter | None = None, gamma: int = 4,
+            temperature: float = 0.0, top_p: float = 1.0, stream=None) -> GenerationResult:
+        return generate(self.engine, prompt_ids, max_new_tokens, drafter=drafter, gamma=gamma,
+                        params=SamplingParams(temperature, top_p), eos_ids=self.eos_ids,
+                        max_context=self.target.info.max_context, stream=stream)
+
+    def chat(self, prompt: str, max_new_tokens: int = 256, drafter: Drafter | None = None, gamma: int = 4,
+             temperature: float = 0.0, top_p: float = 1.0, stream: bool = False) -> GenerationResult:
+        ids = encode_chat(self.target.tokenizer, [{"role": "user", "content": prompt}])
+        fn = TextStream(self.target.tokenizer, color=drafter is not None and sys.stdout.isatty()) if stream else None
+        return self.run(ids, max_new_tokens, drafter, gamma, temperature, top_p, stream=fn)

@@ -1,0 +1,210 @@
+"""Load a target chat LLM (the default GGUF, a Hugging Face id, a local directory or a .gguf path) with its facts.
+
+The chat template is applied here and nowhere else (`encode_chat`), so sampling, evaluation and training all see the
+target's prompts exactly as the target would.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from koala import assets
+from koala.errors import KoalaError
+from koala.io import sha256_file
+
+DEFAULT_TARGET = "smollm2-135m-instruct"
+KNOWN_TARGETS = {DEFAULT_TARGET: DEFAULT_TARGET}  # koala name -> asset name of its GGUF
+WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.gguf")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    name: str
+    source: str  # the resolved path or hub id
+    params: int
+    vocab_size: int
+    num_layers: int
+    max_context: int
+    dtype: str
+    device: str
+    content_hash: str  # sha256 of the weights file(s): two targets with the same hash are the same model
+    tokenizer_hash: str  # sha256 of the vocabulary and chat template
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Target:
+    model: torch.nn.Module
+    tokenizer: object
+    info: TargetInfo
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise KoalaError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _resolve(spec: str) -> tuple[str, Path | str, str | None]:
+    """Turn a target spec into (name, directory-or-hub-id, gguf filename or None)."""
+    if spec in KNOWN_TARGETS:
+        gguf = assets.path(KNOWN_TARGETS[spec])
+        return spec, gguf.parent, gguf.name
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise KoalaError(f"target GGUF {p} does not exist: check the path or use the default {DEFAULT_TARGET!r}")
+        return p.stem, p.parent, p.name
+    if p.is_dir():
+        if not any(next(p.glob(g), None) for g in WEIGHT_GLOBS):
+            raise KoalaError(
+                f"target directory {p} holds no weights (*.safetensors, *.bin or *.gguf): point --target at a "
+                "directory written by save_pretrained"
+            )
+        return p.name, p, None
+    if spec.count("/") == 1 and not p.exists():
+        return spec, spec, None  # a Hugging Face hub id
+    raise KoalaError(
+        f"unknown target {spec!r}: use {', '.join(KNOWN_TARGETS)}, a Hugging Face id (org/name), "
+        "a local model directory or a .gguf file"
+    )
+
+
+def _content_hash(source: Path | str, gguf: str | None) -> str:
+    if gguf is not None:
+        file = Path(source) / gguf
+        sidecar = file.with_name(file.name + ".sha256")  # written by koala.assets after verification
+        return sidecar.read_text().strip() if sidecar.exists() else sha256_file(file)
+    d = Path(source)
+    if not d.is_dir():
+        return hashlib.sha256(str(source).encode()).hexdigest()  # hub id: the revision is what names the weights
+    h = hashlib.sha256()
+    for g in WEIGHT_GLOBS:
+        for f in sorted(d.glob(g)):
+            h.update(f.name.encode())
+            h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 of the vocabulary, special tokens and chat template: equal hashes mean the same token ids."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    blob = json.dumps([vocab, tokenizer.all_special_tokens, getattr(tokenizer, "chat_template", None)])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _converted_dir(content_hash: str) -> Path:
+    return assets.cache_dir() / "converted" / content_hash[:16]
+
+
+def _load_hf(source, gguf, dtype, trust_remote_code):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if gguf is not None:
+        # Dequantising a GGUF takes ~30 s on a small CPU; the result is cached once as safetensors.
+        conv = _converted_dir(_content_hash(source, gguf))
+        if (conv / "config.json").exists():
+            source, gguf = conv, None
+    kw = dict(gguf_file=gguf) if gguf else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(source), dtype=dtype, trust_remote_code=trust_remote_code, **kw
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KoalaError(f"could not load target {source}{'/' + gguf if gguf else ''} ({first[:200]}): "
+                         "check the path, or re-fetch the default with `koala assets fetch --force`") from e
+    if gguf is not None:
+        _save_converted(model, tok, _converted_dir(_content_hash(source, gguf)))
+    return model, tok
+
+
+def _save_converted(model, tok, conv: Path) -> None:
+    """Write the dequantised model once, atomically (a directory renamed into place)."""
+    import shutil
+    import tempfile
+
+    conv.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".conv-", dir=conv.parent))
+    try:
+        # save_pretrained refuses a GGUF-quantised model; the weights are plain tensors once dequantised.
+        from safetensors.torch import save_model
+
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # drops the tied lm_head copy
+        tok.save_pretrained(tmp)
+        tmp.rename(conv)
+    except OSError:
+        pass  # another process won the race, or the disk is full: the GGUF path still works
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_target(
+    spec: str = DEFAULT_TARGET,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> Target:
+    """Load a target model and tokenizer.
+
+    Args:
+        spec: `smollm2-135m-instruct` (the embedded default), a Hugging Face id, a model directory or a .gguf path.
+        dtype: float32, bfloat16 or float16.
+        device: cpu, cuda or cuda:N.
+        trust_remote_code: run model code shipped with the checkpoint; off unless the user asks.
+
+    Returns:
+        A Target with the model in eval mode, its tokenizer and a TargetInfo.
+
+    Raises:
+        KoalaError: unknown name, missing or corrupt file, directory without weights.
+    """
+    torch_dtype = parse_dtype(dtype)
+    name, source, gguf = _resolve(spec)
+    model, tok = _load_hf(source, gguf, torch_dtype, trust_remote_code)
+    model = model.to(device).eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    cfg = model.config
+    info = TargetInfo(
+        name=name,
+        source=str(Path(source) / gguf) if gguf else str(source),
+        params=sum(p.numel() for p in model.parameters()),
+        vocab_size=int(cfg.vocab_size),
+        num_layers=int(cfg.num_hidden_layers),
+        max_context=int(getattr(cfg, "max_position_embeddings", 2048)),
+        dtype=str(torch_dtype).removeprefix("torch."),
+        device=str(device),
+        content_hash=_content_hash(source, gguf),
+        tokenizer_hash=tokenizer_hash(tok),
+    )
+    return Target(model, tok, info)
+
+
+def encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a chat as the target sees it: the one place koala applies the chat template."""
+    if not messages:
+        raise KoalaError("empty prompt: a chat needs at least one message")
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # transformers 5 may return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant: " if add_generation_prompt else "")
+    return tokenizer(text)["input_ids"]

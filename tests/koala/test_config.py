@@ -1,0 +1,41 @@
+import pytest
+
+from koala.config import PROFILES, load_config
+from koala.errors import KoalaError
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_profiles_validate(profile):
+    cfg = load_config(profile)
+    assert cfg.target.spec == "smollm2-135m-instruct"
+
+
+def test_overrides_keep_types():
+    cfg = load_config("smoke", overrides=["training.steps=7", "eval.temperature=0.7", "drafter.copy_layers=[0, 29]"])
+    assert cfg.training.steps == 7 and cfg.eval.temperature == 0.7 and cfg.drafter.copy_layers == [0, 29]
+
+
+def test_unknown_key_names_the_field(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("training:\n  stepz: 3\n")
+    with pytest.raises(KoalaError, match=r"field training\.stepz: Extra inputs are not permitted"):
+        load_config(path=p)
+
+
+def test_wrong_type_names_the_field():
+    with pytest.raises(KoalaError, match=r"field eval\.gamma: .*integer.*'many'"):
+        load_config("smoke", overrides=["eval.gamma=many"])
+
+
+def test_bad_literal_names_the_field():
+    with pytest.raises(KoalaError, match=r"field training\.loss"):
+        load_config("smoke", overrides=["training.loss=mse"])
+
+
+def test_unknown_profile_and_bad_yaml(tmp_path):
+    with pytest.raises(KoalaError, match="unknown profile 'nope'"):
+        load_config("nope")
+    p = tmp_path / "bad.yaml"
+    p.write_text("training: [unclosed\n")
+    with pytest.raises(KoalaError, match="not valid YAML"):
+        load_config(path=p)
