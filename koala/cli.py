@@ -106,6 +106,51 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
     typer.echo(line)
 
 
+@app.command("eval")
+def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads:PATH, or a causal LM (dir, id, .gguf)"),
+             target: str = typer.Option("smollm2-135m-instruct", help="target: name, HF id, directory or .gguf"),
+             bench: str = typer.Option("mtbench", help="mtbench, humaneval or a JSONL of {prompt, category}"),
+             limit: Optional[int] = typer.Option(8, help="evaluate at most this many prompts"),
+             gamma: int = typer.Option(4, help="tokens drafted per target forward"),
+             temperature: float = typer.Option(0.0, help="0 = greedy; > 0 = speculative sampling"),
+             top_p: float = typer.Option(1.0, help="nucleus mass, identical for target and drafter"),
+             max_new_tokens: int = typer.Option(128, help="new tokens per prompt"),
+             dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+             device: str = typer.Option("cpu", help="cpu or cuda"),
+             hf: bool = typer.Option(False, "--hf/--no-hf", help="also time HF generate, plain and assisted"),
+             out: str = typer.Option("report.json", help="report path; .md and PNG plots go beside it")):
+    """Measure a drafter: tau, acceptance by position, speed-up vs autoregressive, and losslessness."""
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from koala.config import EvalConfig
+    from koala.evaluate import evaluate, summary_line
+    from koala.spec.session import Session
+
+    try:
+        cfg = EvalConfig(bench=bench, limit=limit, gamma=gamma, temperature=temperature, top_p=top_p,
+                         max_new_tokens=max_new_tokens, hf_baselines=hf)
+        s = Session.open(target, dtype=dtype, device=device)
+        out_path = Path(out)
+        out_dir = out_path.parent if out_path.suffix == ".json" else out_path
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[info]}"), TimeRemainingColumn()) as bar:
+            task = bar.add_task("eval", total=None, info="")
+
+            def progress(i, n, row):
+                bar.update(task, total=n, completed=i, info=f"tau {row['tau']:.2f}, {row['tokens_per_s']:.1f} tok/s")
+
+            report = evaluate(s, drafter, cfg, out_dir=out_dir, progress=progress)
+        if out_path.suffix == ".json" and out_path.name != "report.json":
+            (out_dir / "report.json").rename(out_path)
+    except KoalaError as e:
+        fail(e)
+    typer.echo(summary_line(report))
+    typer.echo(f"report: {out_path if out_path.suffix == '.json' else out_dir / 'report.json'} (+ report.md, "
+               "acceptance_by_position.png, speedup_by_category.png)")
+
+
 @app.command()
 def demo():
     """Fetch the assets and answer the first MT-bench question with the default target, streaming."""

@@ -34,6 +34,8 @@ class GenerationResult:
     wall_s: float
     accept_counts: list[int] = field(default_factory=list)  # accept_counts[k]: rounds that accepted k drafts
     finish_reason: str = "length"
+    draft_s: float = 0.0  # time in drafter.propose (measured when profile=True)
+    verify_s: float = 0.0  # time in the target's verify forwards (measured when profile=True)
 
     @property
     def tau(self) -> float:
@@ -110,6 +112,7 @@ def generate(
     eos_ids: set[int] | frozenset[int] = frozenset(),
     max_context: int | None = None,
     stream: StreamFn | None = None,
+    profile: bool = False,
 ) -> GenerationResult:
     """Decode after `prompt`, autoregressively (drafter None) or speculatively with `drafter` proposing gamma tokens.
 
@@ -123,6 +126,8 @@ def generate(
         eos_ids: stop after emitting any of these.
         max_context: the target's context length (default: no limit beyond the cache).
         stream: called after each round with the new tokens.
+        profile: time the drafter and the verify forwards separately (adds a device sync on CUDA: keep it off
+            for the runs whose wall time is reported).
 
     Raises:
         KoalaError: empty prompt, prompt or generation longer than the context, gamma < 1, vocabulary mismatch.
@@ -140,30 +145,38 @@ def generate(
     start = time.perf_counter()
 
     # Prefill: the whole prompt in one forward, then the first new token from the target.
-    out = target(seq[None, :T], torch.arange(T, device=dev), return_hidden=drafter is not None and drafter.needs_hidden)
+    out = target(seq[None, :T], torch.arange(T, device=dev), return_hidden=drafter is not None and drafter.needs_hidden,
+                 kv_len=None if dev.type == "cuda" else T)
     logits, hidden = out if isinstance(out, tuple) else (out, None)
-    seq[T] = sample(logits_to_probs(logits[0, -1], params))
+    seq[T] = sample(logits_to_probs(logits[0, -1], params), greedy=params.greedy)
     n, forwards = T + 1, 1
     if hidden is not None:
         drafter.commit(n, hidden[0], 0)
     accept_counts = [0] * (g + 1)
+    draft_s = verify_s = 0.0
+    # On a CPU attend only to the slots in use; on CUDA keep shapes static (graph capture).
+    kv = (lambda m: None) if dev.type == "cuda" else (lambda m: m)
     emitted = [int(seq[T])]
     if stream:
         stream(emitted[:], 0)
 
     while len(emitted) < max_new_tokens and not (eos_ids and emitted[-1] in eos_ids):
         if drafter is None:
-            logits = target(seq[None, n - 1:n], torch.tensor([n - 1], device=dev))
-            seq[n] = sample(logits_to_probs(logits[0, -1], params))
+            logits = target(seq[None, n - 1:n], torch.tensor([n - 1], device=dev), kv_len=kv(n))
+            seq[n] = sample(logits_to_probs(logits[0, -1], params), greedy=params.greedy)
             new, k = [int(seq[n])], 0
         else:
+            t0 = _clock(dev, profile)
             drafts, q = drafter.propose(seq, n, gamma, params)
             seq[n:n + gamma] = drafts
+            t1 = _clock(dev, profile)
             out = target(seq[None, n - 1:n + gamma], torch.arange(n - 1, n + gamma, device=dev),
-                         return_hidden=drafter.needs_hidden)
+                         return_hidden=drafter.needs_hidden, kv_len=kv(n + gamma))
             logits, hidden = out if isinstance(out, tuple) else (out, None)
             k, nxt = accept_drafts(drafts, q, logits_to_probs(logits[0], params))
             k = int(k)  # the one host sync of a round: the next round's shapes depend on it
+            if profile:
+                draft_s, verify_s = draft_s + t1 - t0, verify_s + _clock(dev, profile) - t1
             seq[n + k] = nxt
             accept_counts[k] += 1
             drafter.commit(n + k + 1, None if hidden is None else hidden[0, :k + 1], n - 1)
@@ -181,5 +194,13 @@ def generate(
     wall = time.perf_counter() - start
     tokens = emitted[:max_new_tokens]
     reason = "eos" if eos_ids and tokens[-1] in eos_ids else "length"
-    return GenerationResult(tokens, forwards, wall, accept_counts, reason)
+    return GenerationResult(tokens, forwards, wall, accept_counts, reason, draft_s, verify_s)
+
+
+def _clock(dev: torch.device, profile: bool) -> float:
+    if not profile:
+        return 0.0
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 

@@ -52,16 +52,17 @@ class ModelDrafter:
     def propose(self, seq, n, gamma, params):
         dev = seq.device
         # Feed what the cache lacks: the prompt at first, then 1 token (a correction) or 2 (last draft + bonus).
+        kv = None if dev.type == "cuda" else n + gamma  # CPU: attend only to the slots in use
         pos = torch.arange(self.n_cached, n, device=dev)
-        logits = self.model(seq[self.n_cached:n][None], pos)[0, -1]
+        logits = self.model(seq[self.n_cached:n][None], pos, kv_len=kv)[0, -1]
         tokens, probs = [], []
         for i in range(gamma):
             q = logits_to_probs(logits, params)
-            t = sample(q)
+            t = sample(q, greedy=params.greedy)
             tokens.append(t)
             probs.append(q)
             if i < gamma - 1:
-                logits = self.model(t.view(1, 1), torch.tensor([n + i], device=dev))[0, -1]
+                logits = self.model(t.view(1, 1), torch.tensor([n + i], device=dev), kv_len=kv)[0, -1]
         self.n_cached = n + gamma - 1
         return torch.stack(tokens), torch.stack(probs)
 

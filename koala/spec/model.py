@@ -39,16 +39,14 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # k, v: (B, H_kv, T, D) written at slots input_pos (T,)
-        self.k[:, :, input_pos] = k
-        self.v[:, :, input_pos] = v
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama's RMSNorm, computed in float32 as Hugging Face does."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    """Llama's RMSNorm, computed in float32 as Hugging Face does (one fused op)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -165,6 +163,11 @@ class Transformer(nn.Module):
             pos = pos - pad[:, None]
             keys = torch.arange(S, device=idx.device)[None, :] >= pad[:, None]  # (B, S)
             mask = mask & keys[:, None, None, :]
+        if T == 1 and pad is None and kv_len is not None:
+            mask = None  # one query at the last slot in use sees every slot: no mask needed
+        elif mask is not None:
+            # an additive float mask, built once per forward rather than converted in every layer
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=idx.device).masked_fill_(~mask, float("-inf"))
         cos, sin = self._rope(pos)
         x = self.embed(idx)
         eps = self.args.norm_eps

@@ -45,7 +45,9 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None, greedy: bool = False) -> torch.Tensor:
     """Draw one token per row of (..., V) without a host sync: argmax(p / E) with E ~ Exp(1) is a draw from p."""
+    if greedy:
+        return probs.argmax(-1)  # one-hot rows: the draw is the argmax, no random numbers needed
     e = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / e).argmax(-1)

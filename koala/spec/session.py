@@ -59,10 +59,10 @@ class Session:
         return load_drafter(spec, self.engine, dtype=info.dtype, device=info.device)
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, drafter: Drafter | None = None, gamma: int = 4,
-            temperature: float = 0.0, top_p: float = 1.0, stream=None) -> GenerationResult:
+            temperature: float = 0.0, top_p: float = 1.0, stream=None, profile: bool = False) -> GenerationResult:
         return generate(self.engine, prompt_ids, max_new_tokens, drafter=drafter, gamma=gamma,
                         params=SamplingParams(temperature, top_p), eos_ids=self.eos_ids,
-                        max_context=self.target.info.max_context, stream=stream)
+                        max_context=self.target.info.max_context, stream=stream, profile=profile)
 
     def chat(self, prompt: str, max_new_tokens: int = 256, drafter: Drafter | None = None, gamma: int = 4,
              temperature: float = 0.0, top_p: float = 1.0, stream: bool = False) -> GenerationResult:

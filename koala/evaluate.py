@@ -1,0 +1,278 @@
+"""Measure a drafter: τ, acceptance by draft position, Spec-Bench speed-up, and losslessness, per prompt and category.
+
+Speed-up follows Spec-Bench: the mean over prompts of new tokens / wall time with speculation, divided by the same
+for autoregressive decoding of the target in the same engine (same cache, dtype and device). Warm-up generations are
+run first and excluded. With greedy decoding every prompt's output is compared token for token with the target's own.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Callable
+
+import torch
+
+from koala.config import EvalConfig
+from koala.data import prompts as P
+from koala.errors import KoalaError
+from koala.spec.drafters import Drafter, ModelDrafter, PromptLookupDrafter
+from koala.spec.session import Session
+from koala.targets import encode_chat
+
+ProgressFn = Callable[[int, int, dict], None]
+
+
+def load_bench(bench: str, limit: int | None) -> list[P.PromptRecord]:
+    """mtbench, humaneval, or a JSONL/Parquet/CSV of {prompt, category}; a limit takes categories in turn."""
+    if bench in ("mtbench", "humaneval"):
+        return interleave_categories(P.load(bench), limit)
+    return P.load(bench, limit=limit, prompt_col="prompt", category_col="category")
+
+
+def interleave_categories(records: list[P.PromptRecord], limit: int | None) -> list[P.PromptRecord]:
+    """Round-robin over categories, so `--limit 8` on MT-bench gives one question of each of its 8 categories."""
+    by: dict[str, list] = defaultdict(list)
+    for r in records:
+        by[r.category].append(r)
+    out = [r for group in itertools.zip_longest(*by.values()) for r in group if r is not None]
+    return out[:limit] if limit else out
+
+
+def acceptance_by_position(accept_counts: list[int]) -> list[float]:
+    """P(draft i accepted | drafts 1..i-1 accepted) from counts of rounds that accepted k drafts."""
+    gamma = len(accept_counts) - 1
+    rates = []
+    for i in range(1, gamma + 1):
+        reached = sum(accept_counts[i - 1:])  # rounds that got to draft i
+        rates.append(sum(accept_counts[i:]) / reached if reached else 0.0)
+    return rates
+
+
+def _hf_generate(session: Session, ids: list[int], cfg: EvalConfig, assistant=None, lookup: int = 0) -> tuple[int, float]:
+    model = session.target.model
+    x = torch.tensor([ids], device=model.device)
+    kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0, pad_token_id=session.target.tokenizer.pad_token_id,
+              eos_token_id=sorted(session.eos_ids))
+    if cfg.temperature > 0:
+        kw.update(temperature=cfg.temperature, top_p=cfg.top_p)
+    if assistant is not None:
+        kw.update(assistant_model=assistant, num_assistant_tokens=cfg.gamma,
+                  num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+    if lookup:
+        kw.update(prompt_lookup_num_tokens=cfg.gamma)
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(x, attention_mask=torch.ones_like(x), **kw)
+    return out.shape[1] - x.shape[1], time.perf_counter() - t
+
+
+def hf_assistant(drafter: Drafter):
+    """A Hugging Face model equivalent to the drafter, for `generate(assistant_model=...)`, or None."""
+    if not isinstance(drafter, ModelDrafter):
+        return None
+    import copy
+
+    full = drafter.model.hf_model[0]
+    n = drafter.model.args.n_layers
+    if n == full.config.num_hidden_layers:
+        return full
+    # truncate:N: a shallow HF copy whose layer list is the first N layers (weights shared, not copied)
+    small = copy.copy(full)
+    small.model = copy.copy(full.model)
+    small.model.layers = torch.nn.ModuleList(full.model.layers[:n])
+    small.config = copy.deepcopy(full.config)
+    small.config.num_hidden_layers = n
+    small.model.config = small.config
+    return small
+
+
+def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str | Path | None = None,
+             progress: ProgressFn | None = None) -> dict:
+    """Run the benchmark with and without the drafter and write report.json, report.md and plots into out_dir.
+
+    Returns:
+        The report dict (see README: target, drafter, tau, speedup, tokens_per_s, lossless, ...).
+    """
+    drafter = session.drafter(drafter_spec)
+    records = load_bench(cfg.bench, cfg.limit)
+    tok = session.target.tokenizer
+    prompts = [(r, encode_chat(tok, list(r.messages))) for r in records]
+    if not prompts:
+        raise KoalaError(f"benchmark {cfg.bench!r} has no prompts")
+
+    def run(ids, d, profile=False):
+        return session.run(ids, cfg.max_new_tokens, drafter=d, gamma=cfg.gamma, temperature=cfg.temperature,
+                           top_p=cfg.top_p, profile=profile)
+
+    # Warm-up (excluded): also the profiled run that measures the drafter's step cost c.
+    for _ in range(cfg.warmup):
+        run(prompts[0][1], None)
+        run(prompts[0][1], drafter)
+    ar0, sp = run(prompts[0][1], None), run(prompts[0][1], drafter, profile=True)
+    rounds = max(sum(sp.accept_counts), 1)
+    target_step_s = ar0.wall_s / max(ar0.target_forwards, 1)
+    drafter_step_s = sp.draft_s / (rounds * cfg.gamma)
+    c = drafter_step_s / target_step_s
+
+    rows, accept_total = [], [0] * (cfg.gamma + 1)
+    hf_rows = []
+    assistant = hf_assistant(drafter) if cfg.hf_baselines else None
+    for i, (rec, ids) in enumerate(prompts):
+        torch.manual_seed(i)
+        ar = run(ids, None)
+        torch.manual_seed(i)
+        sp = run(ids, drafter)
+        accept_total = [a + b for a, b in zip(accept_total, sp.accept_counts)]
+        row = {
+            "id": rec.id, "category": rec.category, "prompt_tokens": len(ids),
+            "new_tokens": len(sp.tokens), "wall_s": sp.wall_s, "target_forwards": sp.target_forwards,
+            "tau": sp.tau, "tokens_per_s": len(sp.tokens) / sp.wall_s,
+            "ar_new_tokens": len(ar.tokens), "ar_wall_s": ar.wall_s, "ar_tokens_per_s": len(ar.tokens) / ar.wall_s,
+            "identical": sp.tokens == ar.tokens if cfg.temperature == 0 else None,
+            "accept_counts": sp.accept_counts,
+        }
+        if cfg.hf_baselines:
+            n, w = _hf_generate(session, ids, cfg)
+            hf = {"hf_generate": n / w}
+            if assistant is not None or isinstance(drafter, PromptLookupDrafter):
+                n, w = _hf_generate(session, ids, cfg, assistant, lookup=isinstance(drafter, PromptLookupDrafter))
+                hf["hf_assisted"] = n / w
+            hf_rows.append(hf)
+            row.update(hf)
+        rows.append(row)
+        if progress:
+            progress(i + 1, len(prompts), row)
+
+    report = _summarise(session, drafter, cfg, rows, accept_total, hf_rows, c, target_step_s, drafter_step_s)
+    if out_dir is not None:
+        write_report(report, Path(out_dir))
+    return report
+
+
+def _summarise(session, drafter, cfg, rows, accept_total, hf_rows, c, target_step_s, drafter_step_s) -> dict:
+    info = session.target.info
+    spec_tps = mean(r["tokens_per_s"] for r in rows)
+    ar_tps = mean(r["ar_tokens_per_s"] for r in rows)
+    tau = sum(r["new_tokens"] for r in rows) / sum(r["target_forwards"] for r in rows)
+    identical = [r["identical"] for r in rows if r["identical"] is not None]
+    per_cat = {}
+    by = defaultdict(list)
+    for r in rows:
+        by[r["category"]].append(r)
+    for cat, rs in sorted(by.items()):
+        per_cat[cat] = {
+            "prompts": len(rs),
+            "tau": sum(r["new_tokens"] for r in rs) / sum(r["target_forwards"] for r in rs),
+            "speedup": mean(r["tokens_per_s"] for r in rs) / mean(r["ar_tokens_per_s"] for r in rs),
+            "tokens_per_s": mean(r["tokens_per_s"] for r in rs),
+        }
+    return {
+        "target": info.name, "target_hash": info.content_hash, "drafter": drafter.name,
+        "device": info.device if info.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, "
+                  f"{torch.get_num_threads()} threads)",
+        "dtype": info.dtype, "gamma": cfg.gamma, "temperature": cfg.temperature, "top_p": cfg.top_p,
+        "bench": cfg.bench, "prompts": len(rows), "max_new_tokens": cfg.max_new_tokens,
+        "tau": tau, "speedup": spec_tps / ar_tps,
+        "memory_bound_speedup": tau / (cfg.gamma * c + 1), "drafter_cost_ratio": c,
+        "target_step_ms": target_step_s * 1e3, "drafter_step_ms": drafter_step_s * 1e3,
+        "tokens_per_s": {
+            "speculative": spec_tps, "autoregressive": ar_tps,
+            "hf_generate": mean(h["hf_generate"] for h in hf_rows) if hf_rows else None,
+            "hf_assisted": mean(h["hf_assisted"] for h in hf_rows if "hf_assisted" in h)
+            if any("hf_assisted" in h for h in hf_rows) else None,
+        },
+        "lossless": {"identical": sum(identical), "total": len(identical), "checked": cfg.temperature == 0},
+        "acceptance_by_position": acceptance_by_position(accept_total),
+        "accept_counts": accept_total,
+        "per_category": per_cat,
+        "per_prompt": rows,
+    }
+
+
+def write_report(report: dict, out: Path) -> None:
+    """report.json, report.md and two PNG plots; each file written whole or not at all."""
+    from koala.io import atomic_path, write_json_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "report.json", report)
+    with atomic_path(out / "report.md") as tmp:
+        tmp.write_text(markdown(report))
+    plot(report, out)
+
+
+def markdown(r: dict) -> str:
+    tps = r["tokens_per_s"]
+    lines = [
+        f"# koala eval: {r['drafter']} on {r['target']}",
+        "",
+        f"{r['bench']}, {r['prompts']} prompts, gamma {r['gamma']}, temperature {r['temperature']}, "
+        f"{r['dtype']} on {r['device']}",
+        "",
+        "| metric | value |", "|---|---|",
+        f"| τ (tokens per target forward) | {r['tau']:.2f} |",
+        f"| speed-up (Spec-Bench) | {r['speedup']:.2f}x |",
+        f"| memory-bound speed-up τ/(γc+1) | {r['memory_bound_speedup']:.2f}x (c = {r['drafter_cost_ratio']:.3f}) |",
+        f"| tokens/s speculative | {tps['speculative']:.1f} |",
+        f"| tokens/s autoregressive | {tps['autoregressive']:.1f} |",
+    ]
+    if tps.get("hf_generate"):
+        lines.append(f"| tokens/s HF generate | {tps['hf_generate']:.1f} |")
+    if tps.get("hf_assisted"):
+        lines.append(f"| tokens/s HF assisted generate | {tps['hf_assisted']:.1f} |")
+    ll = r["lossless"]
+    lines.append(f"| lossless (identical to target) | {ll['identical']}/{ll['total']} |" if ll["checked"]
+                 else "| lossless | sampling: exact by construction, not checked token by token |")
+    lines += ["", "| draft position | " + " | ".join(str(i + 1) for i in range(r["gamma"])) + " |",
+              "|---|" + "---|" * r["gamma"],
+              "| acceptance | " + " | ".join(f"{a:.2f}" for a in r["acceptance_by_position"]) + " |",
+              "", "| category | prompts | τ | speed-up |", "|---|---|---|---|"]
+    for cat, c in r["per_category"].items():
+        lines.append(f"| {cat} | {c['prompts']} | {c['tau']:.2f} | {c['speedup']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from koala.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    pos = list(range(1, r["gamma"] + 1))
+    ax.bar(pos, r["acceptance_by_position"], color="#4c8c4a")
+    ax.set(xlabel="draft position", ylabel="acceptance rate", ylim=(0, 1), xticks=pos,
+           title=f"{r['drafter']}: τ = {r['tau']:.2f}")
+    fig.tight_layout()
+    with atomic_path(out / "acceptance_by_position.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+    cats = list(r["per_category"])
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(cats, [r["per_category"][c]["speedup"] for c in cats], color="#3a6ea5")
+    ax.axhline(1.0, color="grey", lw=1, ls="--")
+    ax.set(ylabel="speed-up vs autoregressive", title=f"{r['drafter']}: {r['speedup']:.2f}x overall")
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    with atomic_path(out / "speedup_by_category.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def summary_line(r: dict) -> str:
+    ll = r["lossless"]
+    loss = f"lossless {ll['identical']}/{ll['total']}" if ll["checked"] else "sampling (exact by construction)"
+    return (f"{r['drafter']}: tau {r['tau']:.2f}, speed-up {r['speedup']:.2f}x "
+            f"({r['tokens_per_s']['speculative']:.1f} vs {r['tokens_per_s']['autoregressive']:.1f} tokens/s), {loss}")
+
+
+def dumps(r: dict) -> str:
+    return json.dumps({k: v for k, v in r.items() if k != "per_prompt"}, indent=2)

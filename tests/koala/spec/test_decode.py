@@ -1,0 +1,195 @@
+"""The engine's correctness: exact acceptance cases, greedy equality, distribution preservation, bad input."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from koala.errors import KoalaError
+from koala.spec.decode import accept_drafts, generate
+from koala.spec.drafters import ModelDrafter, PromptLookupDrafter
+from koala.spec.model import Transformer
+from koala.spec.sampling import SamplingParams, logits_to_probs
+
+V = 64
+
+
+class ScriptedDrafter:
+    """Proposes the reference continuation, wrong where `wrong(round, i)` says: always/never/sometimes accepted."""
+
+    needs_hidden = False
+
+    def __init__(self, reference: list[int], prompt_len: int, wrong):
+        self.ref, self.T, self.wrong, self.round = reference, prompt_len, wrong, 0
+        self.name, self.vocab_size = "scripted", V
+
+    def reset(self, max_seq_len):
+        self.round = 0
+
+    def propose(self, seq, n, gamma, params):
+        out = []
+        for i in range(gamma):
+            j = n - self.T + i
+            tok = self.ref[j] if j < len(self.ref) else 0
+            out.append((tok + 1) % V if self.wrong(self.round, i) else tok)
+        self.round += 1
+        t = torch.tensor(out)
+        return t, F.one_hot(t, V).float()
+
+    def commit(self, n_valid, hidden=None, start=0):
+        pass
+
+
+# --- the rejection rule with fixed distributions: exact outcomes ----------------------------------------------
+
+def test_accept_all_when_draft_equals_target():
+    p = torch.softmax(torch.randn(4, V), -1)
+    d = p[:3].argmax(-1)
+    k, _ = accept_drafts(d, p[:3], p)  # p == q: p/q = 1, always accepted
+    assert int(k) == 3
+
+
+def test_never_accept_when_target_gives_zero_mass():
+    q = F.one_hot(torch.tensor([5, 6, 7]), V).float()
+    p = F.one_hot(torch.tensor([9, 9, 9, 9]), V).float()
+    k, nxt = accept_drafts(torch.tensor([5, 6, 7]), q, p)
+    assert int(k) == 0 and int(nxt) == 9  # the correction comes from max(p - q, 0) = p
+
+
+def test_sometimes_accept_stops_at_first_mismatch():
+    p = F.one_hot(torch.tensor([5, 6, 1, 2]), V).float()
+    q = F.one_hot(torch.tensor([5, 6, 7]), V).float()
+    k, nxt = accept_drafts(torch.tensor([5, 6, 7]), q, p)
+    assert int(k) == 2 and int(nxt) == 1
+
+
+def test_bonus_token_when_all_accepted():
+    p = F.one_hot(torch.tensor([5, 6, 7, 42]), V).float()
+    k, nxt = accept_drafts(torch.tensor([5, 6, 7]), p[:3], p)
+    assert int(k) == 3 and int(nxt) == 42
+
+
+def test_residual_excludes_the_rejected_token():
+    # q puts all mass on token 3, p splits it between 3 and 4; after rejecting 3 the correction must be 4.
+    p = torch.zeros(2, V)
+    p[:, 3], p[:, 4] = 0.5, 0.5
+    q = F.one_hot(torch.tensor([3]), V).float()
+    torch.manual_seed(0)
+    outcomes = [tuple(int(x) for x in accept_drafts(torch.tensor([3]), q, p)) for _ in range(400)]
+    assert {o for o in outcomes if o[0] == 0} == {(0, 4)}
+    assert 0.4 < sum(o[0] for o in outcomes) / 400 < 0.6
+
+
+def test_top_p_and_greedy_probs():
+    logits = torch.tensor([3.0, 2.0, 1.0, -5.0])
+    assert logits_to_probs(logits, SamplingParams(0.0)).tolist() == [1, 0, 0, 0]
+    p = logits_to_probs(logits, SamplingParams(1.0, top_p=0.8))
+    assert p[3] == 0 and p[2] == 0 and torch.isclose(p.sum(), torch.tensor(1.0))
+
+
+# --- greedy equality on tiny models --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def target():
+    from tests.conftest import tiny_llama
+    return Transformer(tiny_llama(layers=3, vocab=V, seed=0))
+
+
+PROMPT = [3, 17, 29, 4, 11, 8]
+
+
+@pytest.mark.parametrize("gamma", range(1, 9))
+@pytest.mark.parametrize("mode", ["always", "never", "half"])
+def test_greedy_output_equals_target(target, gamma, mode):
+    ref = generate(target, PROMPT, 40).tokens
+    wrong = {"always": lambda r, i: False, "never": lambda r, i: True, "half": lambda r, i: (r + i) % 2 == 1}[mode]
+    res = generate(target, PROMPT, 40, drafter=ScriptedDrafter(ref, len(PROMPT), wrong), gamma=gamma)
+    assert res.tokens == ref
+    if mode == "always":  # every round but possibly the last (which drafts past the reference) accepts all
+        assert res.accept_counts[gamma] >= sum(res.accept_counts) - 1
+    if mode == "never":
+        assert res.tau == 1.0
+
+
+@pytest.mark.parametrize("gamma", [1, 3, 8])
+def test_greedy_with_real_drafters(target, gamma):
+    from tests.conftest import tiny_llama
+    ref = generate(target, PROMPT, 48, eos_ids={1}).tokens
+    for d in (ModelDrafter(target.truncated(1)), ModelDrafter(Transformer(tiny_llama(layers=1, vocab=V, seed=7))),
+              PromptLookupDrafter(vocab_size=V)):
+        assert generate(target, PROMPT, 48, drafter=d, gamma=gamma, eos_ids={1}).tokens == ref
+
+
+def test_stops_at_eos_and_max_new_tokens(target):
+    ref = generate(target, PROMPT, 30).tokens
+    eos = ref[5]
+    first = ref.index(eos)
+    for d in (None, ModelDrafter(target.truncated(2))):
+        res = generate(target, PROMPT, 30, drafter=d, gamma=4, eos_ids={eos})
+        assert res.tokens == ref[:first + 1] and res.finish_reason == "eos"
+        assert len(generate(target, PROMPT, 7, drafter=d, gamma=4).tokens) == 7
+
+
+# --- sampling preserves the target's distribution --------------------------------------------------------------
+
+def _exact_joint(target, prompt, params, vocab, steps):
+    """The target's exact distribution over its first `steps` tokens, by enumeration."""
+    probs = {}
+    for seq in itertools.product(range(vocab), repeat=steps):
+        target.setup_caches(64)
+        ids = torch.tensor([prompt + list(seq)])
+        with torch.no_grad():
+            p = logits_to_probs(target(ids, torch.arange(ids.shape[1]))[0], params)
+        T = len(prompt)
+        probs[seq] = float(torch.prod(torch.stack([p[T - 1 + j, seq[j]] for j in range(steps)])))
+    return probs
+
+
+@pytest.mark.parametrize("drafter_kind", ["close", "far"])
+def test_speculative_sampling_matches_target_distribution(drafter_kind):
+    from scipy.stats import chisquare
+
+    from tests.conftest import tiny_llama
+    vocab, steps, runs = 6, 3, 3000
+    tgt = Transformer(tiny_llama(layers=2, vocab=vocab, hidden=16, seed=1, init_std=0.5))
+    if drafter_kind == "close":
+        drafter = ModelDrafter(tgt.truncated(1))
+    else:
+        drafter = ModelDrafter(Transformer(tiny_llama(layers=1, vocab=vocab, hidden=16, seed=99, init_std=1.0)))
+    params = SamplingParams(temperature=1.0)
+    prompt = [2, 4, 1]
+    exact = _exact_joint(tgt, prompt, params, vocab, steps)
+    torch.manual_seed(1234)
+    counts = dict.fromkeys(exact, 0)
+    for _ in range(runs):
+        counts[tuple(generate(tgt, prompt, steps, drafter=drafter, gamma=3, params=params).tokens)] += 1
+    # merge cells with small expected counts so the chi-square approximation holds
+    big = [s for s in exact if exact[s] * runs >= 5]
+    small = [s for s in exact if exact[s] * runs < 5]
+    obs = [counts[s] for s in big] + [sum(counts[s] for s in small)]
+    exp = [exact[s] * runs for s in big] + [sum(exact[s] for s in small) * runs]
+    assert abs(sum(exp) - runs) < 1e-3 * runs
+    exp = [e * runs / sum(exp) for e in exp]
+    assert chisquare(obs, exp).pvalue > 1e-3
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+def test_vocabulary_mismatch_fails_before_decoding(target):
+    from tests.conftest import tiny_llama
+    other = ModelDrafter(Transformer(tiny_llama(vocab=V + 1)))
+    with pytest.raises(KoalaError, match=f"vocabulary of {V + 1} tokens, the target's has {V}"):
+        generate(target, PROMPT, 5, drafter=other)
+
+
+def test_bad_lengths_and_gamma(target):
+    d = ModelDrafter(target.truncated(1))
+    with pytest.raises(KoalaError, match="gamma must be >= 1"):
+        generate(target, PROMPT, 5, drafter=d, gamma=0)
+    with pytest.raises(KoalaError, match="empty prompt"):
+        generate(target, [], 5)
+    with pytest.raises(KoalaError, match="context is 16"):
+        generate(target, list(range(20)), 5, max_context=16)
+    with pytest.raises(KoalaError, match="lower max_new_tokens to at most 10"):
+        generate(target, PROMPT, 50, max_context=16)

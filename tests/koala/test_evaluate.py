@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from koala.config import EvalConfig
+from koala.data import prompts as P
+from koala.evaluate import acceptance_by_position, evaluate, interleave_categories
+from koala.spec.drafters import load_drafter
+from koala.targets import encode_chat
+
+
+def test_acceptance_by_position():
+    # 10 rounds: 2 accepted 0, 3 accepted 1, 5 accepted 2 (all) -> pos1: 8/10, pos2: 5/8
+    assert acceptance_by_position([2, 3, 5]) == [0.8, 0.625]
+
+
+def test_interleave_takes_each_category_first():
+    recs = [P.make_record("m", c, [{"role": "user", "content": f"{c}{i}"}]) for c in "abc" for i in range(3)]
+    assert [r.category for r in interleave_categories(recs, 4)] == ["a", "b", "c", "a"]
+
+
+@pytest.mark.slow
+def test_real_target_greedy_speculative_equals_autoregressive(default_session):
+    s = default_session
+    prompts = interleave_categories(P.load("mtbench"), 3)
+    for d in ("truncate:2", "ngram"):
+        drafter = s.drafter(d)
+        for r in prompts:
+            ids = encode_chat(s.target.tokenizer, list(r.messages))
+            ar = s.run(ids, 24)
+            sp = s.run(ids, 24, drafter=drafter, gamma=4)
+            assert sp.tokens == ar.tokens, (d, r.id)
+
+
+@pytest.mark.slow
+def test_eval_writes_report_and_plots(default_session, tmp_path):
+    cfg = EvalConfig(limit=2, max_new_tokens=16, gamma=3, warmup=1)
+    report = evaluate(default_session, "ngram", cfg, out_dir=tmp_path)
+    for f in ("report.json", "report.md", "acceptance_by_position.png", "speedup_by_category.png"):
+        assert (tmp_path / f).stat().st_size > 0
+    saved = json.loads((tmp_path / "report.json").read_text())
+    for key in ("target", "drafter", "device", "dtype", "gamma", "temperature", "tau", "speedup", "tokens_per_s",
+                "lossless", "acceptance_by_position", "per_category"):
+        assert key in saved
+    assert saved["lossless"] == {"identical": 2, "total": 2, "checked": True}
+    assert len(saved["acceptance_by_position"]) == 3 and saved["tau"] >= 1.0
+    assert set(saved["per_category"]) == {"writing", "roleplay"}
+    sampled = evaluate(default_session, "truncate:2", EvalConfig(limit=1, max_new_tokens=8, temperature=0.7, warmup=0))
+    assert sampled["lossless"]["checked"] is False and sampled["tau"] >= 1.0
+
+
+def test_drafter_spec_errors(default_session):
+    from koala.errors import KoalaError
+    with pytest.raises(KoalaError, match="truncate:N"):
+        load_drafter("truncate:x", default_session.engine)
+    with pytest.raises(KoalaError, match="1 <= N <= 30"):
+        load_drafter("truncate:99", default_session.engine)
