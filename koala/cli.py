@@ -152,6 +152,27 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
 
 
 @app.command()
+def sample(config: Optional[str] = typer.Option(None, help="YAML config (default: the smoke profile)"),
+           profile: str = typer.Option("smoke", help="profile in configs/ when --config is not given"),
+           out: Optional[str] = typer.Option(None, help="dataset directory (default: sampling.out_dir)"),
+           n_prompts: Optional[int] = typer.Option(None, help="use at most this many prompts"),
+           max_new_tokens: Optional[int] = typer.Option(None, help="longest response in tokens"),
+           set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
+    """Sample the target into Parquet distillation shards (a Prefect flow; resumable and incremental)."""
+    from koala.config import load_config
+
+    try:
+        load_config(None if config else profile, config, set_ or [])  # fail fast on a bad config, before Prefect
+        from flows.build_dataset import build_distillation_dataset
+
+        out_dir = build_distillation_dataset(profile=profile, config_path=config, out_dir=out, n_prompts=n_prompts,
+                                             max_new_tokens=max_new_tokens, overrides=set_ or [])
+    except KoalaError as e:
+        fail(e)
+    typer.echo(f"dataset: {out_dir} (read it with koala.data.shards.load or pyarrow.parquet.read_table)")
+
+
+@app.command()
 def demo():
     """Fetch the assets and answer the first MT-bench question with the default target, streaming."""
     from koala import assets

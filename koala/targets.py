@@ -36,6 +36,7 @@ class TargetInfo:
     device: str
     content_hash: str  # sha256 of the weights file(s): two targets with the same hash are the same model
     tokenizer_hash: str  # sha256 of the vocabulary and chat template
+    chat_template_hash: str  # sha256 of the chat template alone
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -193,6 +194,7 @@ def load_target(
         device=str(device),
         content_hash=_content_hash(source, gguf),
         tokenizer_hash=tokenizer_hash(tok),
+        chat_template_hash=hashlib.sha256(str(getattr(tok, "chat_template", "") or "").encode()).hexdigest(),
     )
     return Target(model, tok, info)
 

@@ -213,14 +213,10 @@ def filter_by_length(records: Iterable[PromptRecord], tokenizer, min_tokens: int
         yield r
 
 
-def load(source: str, limit: int | None = None, sharegpt_turns: int = 1, both_turns: bool = False,
-         prompt_col: str = "prompt", category_col: str | None = "category", messages_col: str | None = None,
-         stats: ShareGPTStats | None = None) -> list[PromptRecord]:
-    """Prompts from a named source (sharegpt, mtbench, humaneval, hf:NAME) or a file path, de-duplicated.
-
-    Raises:
-        KoalaError: unknown source, unreadable file, missing column, or no prompts at all.
-    """
+def iter_source(source: str, sharegpt_turns: int = 1, both_turns: bool = False, prompt_col: str = "prompt",
+                category_col: str | None = "category", messages_col: str | None = None,
+                stats: ShareGPTStats | None = None) -> Iterator[PromptRecord]:
+    """Records from a named source (sharegpt, mtbench, humaneval, hf:NAME), a file, or a directory of prompt logs."""
     if source == "sharegpt":
         it = sharegpt(turns=sharegpt_turns, stats=stats)
     elif source == "mtbench":
@@ -238,6 +234,18 @@ def load(source: str, limit: int | None = None, sharegpt_turns: int = 1, both_tu
             it = from_file(p, prompt_col, category_col, messages_col)
     else:
         raise KoalaError(f"unknown prompt source {source!r}: use sharegpt, mtbench, humaneval, hf:NAME or a file path")
+    return it
+
+
+def load(source: str, limit: int | None = None, sharegpt_turns: int = 1, both_turns: bool = False,
+         prompt_col: str = "prompt", category_col: str | None = "category", messages_col: str | None = None,
+         stats: ShareGPTStats | None = None) -> list[PromptRecord]:
+    """Prompts from a named source (sharegpt, mtbench, humaneval, hf:NAME) or a file path, de-duplicated.
+
+    Raises:
+        KoalaError: unknown source, unreadable file, missing column, or no prompts at all.
+    """
+    it = iter_source(source, sharegpt_turns, both_turns, prompt_col, category_col, messages_col, stats)
     out = []
     for r in dedupe(it):
         out.append(r)

@@ -161,8 +161,11 @@ class Transformer(nn.Module):
         mask = self.causal[input_pos, :S][None, None]  # (1, 1, T, S)
         if pad is not None:
             pos = pos - pad[:, None]
-            keys = torch.arange(S, device=idx.device)[None, :] >= pad[:, None]  # (B, S)
-            mask = mask & keys[:, None, None, :]
+            slots = torch.arange(S, device=idx.device)
+            keys = slots[None, :] >= pad[:, None]  # (B, S)
+            # A padding query sees only itself: a row with no visible key would give NaN, and NaN in the cache
+            # poisons later rows even under a zero attention weight.
+            mask = (mask & keys[:, None, None, :]) | (slots[None, :] == input_pos[:, None])[None, None]
         if T == 1 and pad is None and kv_len is not None:
             mask = None  # one query at the last slot in use sees every slot: no mask needed
         elif mask is not None:

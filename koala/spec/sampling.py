@@ -14,12 +14,15 @@ from koala.errors import KoalaError
 class SamplingParams:
     temperature: float = 0.0  # 0 means greedy: the distribution is one-hot on the argmax
     top_p: float = 1.0
+    top_k: int = 0  # 0 = off
 
     def __post_init__(self):
         if self.temperature < 0:
             raise KoalaError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise KoalaError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise KoalaError(f"top_k must be >= 0, got {self.top_k}")
 
     @property
     def greedy(self) -> bool:
@@ -27,7 +30,7 @@ class SamplingParams:
 
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """(..., V) logits -> (..., V) float32 probabilities after temperature and top-p.
+    """(..., V) logits -> (..., V) float32 probabilities after top-k, temperature and top-p.
 
     Greedy decoding is the limit temperature -> 0: a one-hot distribution. Feeding one-hot distributions to the
     rejection rule turns it into exact-match acceptance, so one code path serves both.
@@ -35,6 +38,9 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     logits = logits.float()
     if params.greedy:
         return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)

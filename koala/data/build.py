@@ -1,0 +1,149 @@
+"""Build a distillation set: plan shards over the prompts, sample each shard, record it; resumable and incremental.
+
+`plan` is cheap and idempotent: it keeps the shards already planned in the manifest (same prompts, same files),
+appends shards for prompts not yet in the dataset (incremental mode over a growing directory of prompt logs), and
+lists which shards still need sampling. `sample_shard` does the expensive part for one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from koala.config import KoalaConfig
+from koala.data import prompts as P
+from koala.data import shards as S
+from koala.errors import KoalaError
+from koala.sampling import generate_batch
+from koala.spec.sampling import SamplingParams
+from koala.targets import Target, encode_chat
+
+
+@dataclass
+class Plan:
+    out_dir: Path
+    shards: list[S.ShardSpec]  # every shard of the dataset, old and new
+    todo: list[S.ShardSpec]  # shards not yet present and valid
+    records: dict[str, P.PromptRecord]  # prompt id -> record, for the shards in todo
+    skipped: dict = field(default_factory=dict)  # prompts left out, by reason
+    recovered: int | None = None  # ShareGPT: complete conversations read
+
+
+def target_facts(target: Target) -> dict:
+    i = target.info
+    return {"name": i.name, "content_hash": i.content_hash, "tokenizer_hash": i.tokenizer_hash,
+            "chat_template_hash": i.chat_template_hash, "vocab_size": i.vocab_size}
+
+
+def select_prompts(cfg: KoalaConfig, target: Target, skipped: dict, stats: P.ShareGPTStats) -> list[P.PromptRecord]:
+    """The configured prompt source, de-duplicated, length-filtered (prompts that cannot fit are counted)."""
+    pc, sc = cfg.prompts, cfg.sampling
+    room = target.info.max_context - sc.max_new_tokens  # a prompt longer than this cannot fit in the context
+    it = P.iter_source(pc.source, pc.sharegpt_turns, False, pc.prompt_col, pc.category_col, pc.messages_col, stats)
+    kept = []
+    for r in P.dedupe(it):
+        n = len(encode_chat(target.tokenizer, list(r.messages)))
+        reason = ("longer_than_context" if n > room else "too_long" if n > pc.max_prompt_tokens
+                  else "too_short" if n < pc.min_prompt_tokens else None)
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        kept.append(r)
+        if pc.limit and len(kept) >= pc.limit:
+            break
+    return kept
+
+
+def plan(cfg: KoalaConfig, target: Target, out_dir: str | Path | None = None) -> Plan:
+    """Plan (or extend) the dataset in out_dir; writes the plan into the manifest.
+
+    Raises:
+        KoalaError: no prompts after filters, or out_dir holds another target's or settings' data.
+    """
+    out = Path(out_dir or cfg.sampling.out_dir)
+    facts, sampling = target_facts(target), cfg.sampling.model_dump()
+    h = S.settings_hash(sampling)
+    S.check_compatible(S.read_manifest(out) or {}, facts, h, out)
+    skipped: dict = {}
+    stats = P.ShareGPTStats()
+    records = select_prompts(cfg, target, skipped, stats)
+    if not records:
+        raise KoalaError(f"no prompts left from {cfg.prompts.source!r} after filters ({skipped or 'none read'}): "
+                         "relax prompts.max_prompt_tokens / min_prompt_tokens or use another source")
+    by_id = {r.id: r for r in records}
+    with S.locked_manifest(out) as m:
+        S.check_compatible(m, facts, h, out)
+        planned = [S.ShardSpec(s["index"], tuple(s["prompt_ids"])) for s in m.get("plan", [])]
+        have = {pid for s in planned for pid in s.prompt_ids}
+        new = [r.id for r in records if r.id not in have]
+        size = cfg.sampling.shard_size
+        start = len(planned)
+        planned += [S.ShardSpec(start + i, tuple(new[j:j + size])) for i, j in enumerate(range(0, len(new), size))]
+        m.update({"koala_version": S.__version__, "target": facts, "sampling": sampling, "settings_hash": h,
+                  "plan": [{"file": s.file, "index": s.index, "prompt_ids": list(s.prompt_ids)} for s in planned],
+                  "skipped": skipped})
+        done = dict(m.get("done", {}))
+    todo = [s for s in planned if s.file not in done or not S.shard_valid(out, done[s.file])]
+    missing = [pid for s in todo for pid in s.prompt_ids if pid not in by_id]
+    if missing:
+        extra = P.dedupe(P.iter_source(cfg.prompts.source, cfg.prompts.sharegpt_turns))
+        by_id.update({r.id: r for r in extra if r.id in set(missing)})
+    lost = [pid for s in todo for pid in s.prompt_ids if pid not in by_id]
+    if lost:
+        raise KoalaError(f"{out}: {len(lost)} planned prompts are no longer in {cfg.prompts.source!r} (first "
+                         f"{lost[0]}): restore the prompt logs or start a new --out directory")
+    return Plan(out, planned, todo, {pid: by_id[pid] for s in todo for pid in s.prompt_ids}, skipped,
+                stats.recovered if cfg.prompts.source == "sharegpt" else None)
+
+
+def sample_shard(cfg: KoalaConfig, target: Target, engine, spec: S.ShardSpec, records: dict[str, P.PromptRecord],
+                 out_dir: str | Path, eos_ids: frozenset[int], progress: bool = True) -> dict:
+    """Sample every prompt of one shard and write it; returns its manifest entry (with samples/s, tokens/s)."""
+    sc = cfg.sampling
+    h = S.settings_hash(sc.model_dump())
+    params = SamplingParams(sc.temperature, sc.top_p, sc.top_k)
+    tok = target.tokenizer
+    jobs = []  # (record, sample index, seed, prompt ids)
+    for pid in spec.prompt_ids:
+        r = records[pid]
+        ids = encode_chat(tok, list(r.messages))
+        for k in range(sc.samples_per_prompt):
+            jobs.append((r, k, S.sample_seed(sc.seed, pid, k), ids))
+    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i][3]))  # similar lengths together: less padding
+    rows: dict[int, dict] = {}
+    t0, new_tokens = time.perf_counter(), 0
+    bar = tqdm(total=len(jobs), desc=spec.file, unit="sample", disable=not progress, leave=False)
+    for batch in (order[i:i + sc.batch_size] for i in range(0, len(order), sc.batch_size)):
+        samples = generate_batch(engine, [jobs[i][3] for i in batch], [jobs[i][2] for i in batch], params,
+                                 sc.max_new_tokens, eos_ids, topk=sc.topk_logprobs, pad_id=tok.pad_token_id or 0)
+        for i, s in zip(batch, samples):
+            r, k, seed, ids = jobs[i]
+            rows[i] = {
+                "sample_id": S.sample_id(r.id, k, seed, h), "prompt_id": r.id, "source": r.source,
+                "category": r.category, "messages": json.dumps(list(r.messages), ensure_ascii=False),
+                "response_text": tok.decode(s.response_ids, skip_special_tokens=True),
+                "input_ids": ids + s.response_ids, "prompt_len": len(ids), "response_len": len(s.response_ids),
+                "finish_reason": s.finish_reason, "temperature": sc.temperature, "top_p": sc.top_p, "seed": seed,
+            }
+            if sc.topk_logprobs:
+                rows[i].update(topk_ids=s.topk_ids, topk_logprobs=s.topk_logprobs)
+            new_tokens += len(s.response_ids)
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    meta = S.shard_metadata(target_facts(target), sc.model_dump())
+    entry = S.write_shard(Path(out_dir), spec, [rows[i] for i in range(len(jobs))], meta, topk=sc.topk_logprobs > 0)
+    wall = time.perf_counter() - t0
+    return {**entry, "wall_s": wall, "new_tokens": new_tokens, "tokens_per_s": new_tokens / wall}
+
+
+def build(cfg: KoalaConfig, session, out_dir: str | Path | None = None, progress: bool = True) -> Plan:
+    """Plan and sample every missing shard in this process, without Prefect (GPU hosts, scripts, tests)."""
+    p = plan(cfg, session.target, out_dir)
+    for spec in p.todo:
+        sample_shard(cfg, session.target, session.engine, spec, p.records, p.out_dir, session.eos_ids, progress)
+    return p

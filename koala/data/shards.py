@@ -1,0 +1,193 @@
+"""Distillation shards: Parquet files of target samples, planned up front, written atomically, checksummed.
+
+Layout of a dataset directory:
+    manifest.json          the plan (each shard's prompt ids), what is done (rows, sha256), target and settings
+    shard-00000.parquet    one row per sample (SCHEMA), zstd-compressed, metadata as below
+
+A shard is written under a temporary name and renamed when complete; the manifest is updated under a file lock
+and replaced atomically, so a run killed at any point leaves only complete shards that the manifest vouches for.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from koala import __version__
+from koala.errors import KoalaError
+from koala.io import atomic_path, sha256_file, write_json_atomic
+
+MANIFEST = "manifest.json"
+
+SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("prompt_id", pa.string()),
+    ("source", pa.string()),
+    ("category", pa.string()),
+    ("messages", pa.string()),  # JSON list of {role, content}
+    ("response_text", pa.string()),
+    ("input_ids", pa.list_(pa.int32())),  # prompt then response, as the target saw them
+    ("prompt_len", pa.int32()),
+    ("response_len", pa.int32()),
+    ("finish_reason", pa.string()),
+    ("temperature", pa.float32()),
+    ("top_p", pa.float32()),
+    ("seed", pa.int64()),
+])
+TOPK_FIELDS = [
+    ("topk_ids", pa.list_(pa.list_(pa.int32()))),  # (response_len, k)
+    ("topk_logprobs", pa.list_(pa.list_(pa.float16()))),  # (response_len, k), temperature-1 teacher
+]
+
+
+def schema(topk: bool) -> pa.Schema:
+    return pa.schema(list(SCHEMA) + [pa.field(n, t) for n, t in TOPK_FIELDS]) if topk else SCHEMA
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One unit of work: which prompts go into which file. Its key names it for caching and validation."""
+
+    index: int
+    prompt_ids: tuple[str, ...]
+
+    @property
+    def file(self) -> str:
+        return f"shard-{self.index:05d}.parquet"
+
+    def key(self, settings_hash: str) -> str:
+        blob = json.dumps([self.index, list(self.prompt_ids), settings_hash])
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def sample_id(prompt_id: str, sample_index: int, seed: int, settings_hash: str) -> str:
+    """Stable id of a sample: the same prompt, index, seed and settings always give the same id."""
+    return hashlib.sha256(f"{prompt_id}|{sample_index}|{seed}|{settings_hash}".encode()).hexdigest()[:20]
+
+
+def sample_seed(base_seed: int, prompt_id: str, sample_index: int) -> int:
+    return int(hashlib.sha256(f"{base_seed}|{prompt_id}|{sample_index}".encode()).hexdigest()[:8], 16)
+
+
+def settings_hash(sampling: dict) -> str:
+    """Hash of the settings that change what a sample is (not batch size or shard size)."""
+    keep = {k: sampling[k] for k in ("samples_per_prompt", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
+                                     "topk_logprobs")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- manifest ---------------------------------------------------------------------------------------------------
+
+@contextmanager
+def locked_manifest(out_dir: Path) -> Iterator[dict]:
+    """Read-modify-write the manifest under an exclusive lock (workers may share the directory)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".manifest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        m = read_manifest(out_dir) or {}
+        yield m
+        write_json_atomic(out_dir / MANIFEST, m)
+
+
+def read_manifest(out_dir: Path) -> dict | None:
+    f = Path(out_dir) / MANIFEST
+    if not f.exists():
+        return None
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise KoalaError(f"{f} is corrupt ({e.msg}): restore it or start a new --out directory") from e
+
+
+def check_compatible(m: dict, target: dict, sampling_hash: str, out_dir: Path) -> None:
+    """Refuse to mix another target's, tokenizer's or settings' samples into one dataset."""
+    if not m:
+        return
+    t = m.get("target", {})
+    if t.get("content_hash") != target["content_hash"] or t.get("tokenizer_hash") != target["tokenizer_hash"]:
+        raise KoalaError(
+            f"{out_dir} holds data made with target {t.get('name')} ({str(t.get('content_hash'))[:12]}...), not "
+            f"{target['name']} ({target['content_hash'][:12]}...): choose another --out directory"
+        )
+    if m.get("settings_hash") != sampling_hash:
+        raise KoalaError(f"{out_dir} was sampled with other settings (temperature, top-p, max_new_tokens, seed ...): "
+                         "use the same sampling settings or another --out directory")
+
+
+def shard_valid(out_dir: Path, entry: dict) -> bool:
+    """A shard counts as done when the manifest records it and the file's sha256 matches."""
+    f = Path(out_dir) / entry["file"]
+    return bool(entry.get("sha256")) and f.exists() and sha256_file(f) == entry["sha256"]
+
+
+# --- writing and reading -----------------------------------------------------------------------------------------
+
+def write_shard(out_dir: Path, spec: ShardSpec, rows: list[dict], metadata: dict, topk: bool) -> dict:
+    """Write one shard atomically and record it in the manifest; returns its manifest entry.
+
+    Raises:
+        KoalaError: the disk is full or unwritable (the partial file is removed, the manifest untouched).
+    """
+    table = pa.Table.from_pylist(rows, schema=schema(topk)).replace_schema_metadata(
+        {k: json.dumps(v) for k, v in metadata.items()})
+    final = out_dir / spec.file
+    try:
+        with atomic_path(final) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+            digest = sha256_file(tmp)
+    except OSError as e:
+        raise KoalaError(f"could not write {final} ({e.strerror or e}): free disk space under {out_dir} and run "
+                         "again; finished shards are kept") from e
+    entry = {"file": spec.file, "index": spec.index, "rows": table.num_rows, "sha256": digest}
+    with locked_manifest(out_dir) as m:
+        m.setdefault("done", {})[spec.file] = entry
+    return entry
+
+
+def load(path: str | Path, as_dataset: bool = False):
+    """The dataset's rows as a pyarrow Table (or a `datasets.Dataset`), after checking every shard's checksum.
+
+    Raises:
+        KoalaError: no manifest, a shard missing or corrupt, or no rows.
+    """
+    out_dir = Path(path)
+    m = read_manifest(out_dir)
+    if not m:
+        raise KoalaError(f"{out_dir} has no {MANIFEST}: build it with `koala sample --out {out_dir}`")
+    planned = [s["file"] for s in m.get("plan", [])]
+    done = m.get("done", {})
+    bad = [f for f in planned if f not in done or not shard_valid(out_dir, done[f])]
+    if bad:
+        raise KoalaError(f"{out_dir}: {len(bad)} of {len(planned)} shards are missing or corrupt (first: {bad[0]}): "
+                         f"run `koala sample` again with the same config to finish them")
+    tables = [pq.read_table(out_dir / f) for f in planned]
+    if not tables or sum(t.num_rows for t in tables) == 0:
+        raise KoalaError(f"{out_dir} holds no samples: build it with `koala sample`")
+    table = pa.concat_tables(tables, promote_options="default")
+    if as_dataset:
+        import datasets
+        return datasets.Dataset(table)
+    return table
+
+
+def metadata(path: str | Path) -> dict:
+    """The schema metadata of the first shard (koala version, target, tokenizer, sampling)."""
+    m = read_manifest(Path(path)) or {}
+    first = next(iter(m.get("done", {}).values()), None)
+    if first is None:
+        return {}
+    raw = pq.read_schema(Path(path) / first["file"]).metadata or {}
+    return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+
+def shard_metadata(target: dict, sampling: dict) -> dict:
+    return {"koala_version": __version__, "target": target, "tokenizer_hash": target["tokenizer_hash"],
+            "chat_template_hash": target["chat_template_hash"], "sampling": sampling}

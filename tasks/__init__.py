@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over `koala/` with retries, cache keys and tags."""

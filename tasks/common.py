@@ -1,0 +1,28 @@
+"""What every task shares: the config, and the target loaded once per worker process."""
+
+from __future__ import annotations
+
+import threading
+
+from koala.config import KoalaConfig, TargetConfig, load_config
+from koala.spec.model import Transformer
+from koala.spec.session import Session
+
+_SESSIONS: dict[tuple, Session] = {}
+_LOCK = threading.Lock()
+
+
+def session_for(tc: TargetConfig) -> Session:
+    """The target and its engine, loaded on first use in this process and reused by every later task."""
+    key = (tc.spec, tc.dtype, tc.device, tc.trust_remote_code)
+    with _LOCK:
+        if key not in _SESSIONS:
+            from koala.targets import load_target
+
+            t = load_target(tc.spec, dtype=tc.dtype, device=tc.device, trust_remote_code=tc.trust_remote_code)
+            _SESSIONS[key] = Session(t, Transformer(t.model))
+        return _SESSIONS[key]
+
+
+def resolve_config(profile: str | None, config_path: str | None, overrides: list[str] | None) -> KoalaConfig:
+    return load_config(profile if config_path is None else None, config_path, overrides or [])

@@ -1,0 +1,57 @@
+"""Prefect tasks of the distillation-set build."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from koala.config import KoalaConfig
+from koala.data import build, shards
+from koala.data.prompts import PromptRecord
+from tasks.common import session_for
+
+
+@task(name="plan-shards", retries=1, retry_delay_seconds=5)
+def plan_shards(cfg: KoalaConfig, out_dir: str) -> dict:
+    """Plan (or extend) the shards; returns the plan as plain data (paths and ids, never tensors)."""
+    s = session_for(cfg.target)
+    p = build.plan(cfg, s.target, out_dir)
+    log = get_run_logger()
+    log.info("%d shards planned, %d to sample", len(p.shards), len(p.todo))
+    if p.recovered is not None:
+        log.info("ShareGPT: recovered %d complete conversations", p.recovered)
+    if p.skipped:
+        log.warning("prompts skipped: %s", p.skipped)
+    return {"out_dir": str(p.out_dir), "shards": [{"index": s.index, "prompt_ids": list(s.prompt_ids)} for s in p.shards],
+            "records": {pid: r.to_dict() for pid, r in p.records.items()}, "skipped": p.skipped,
+            "recovered": p.recovered, "todo": [s.index for s in p.todo]}
+
+
+def shard_cache_key(context, parameters) -> str:
+    """The shard's spec, the sampling settings and the target: the same inputs give the same shard.
+
+    A shard whose file was since damaged is run with refresh_cache=True by the flow (the plan knows which).
+    """
+    cfg, out_dir, spec = parameters["cfg"], parameters["out_dir"], parameters["spec"]
+    blob = json.dumps([str(Path(out_dir).resolve()), spec, cfg.target.model_dump(), cfg.sampling.model_dump()],
+                      sort_keys=True)
+    return "sample-shard-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@task(name="sample-shard", tags=["gpu"], retries=2, retry_delay_seconds=[5, 30], cache_key_fn=shard_cache_key,
+      persist_result=True)
+def sample_shard(cfg: KoalaConfig, out_dir: str, spec: dict, records: dict) -> dict:
+    """Sample one shard (skipped when the manifest already vouches for it); returns its manifest entry."""
+    spec_ = shards.ShardSpec(spec["index"], tuple(spec["prompt_ids"]))
+    done = (shards.read_manifest(Path(out_dir)) or {}).get("done", {}).get(spec_.file)
+    if done and shards.shard_valid(Path(out_dir), done):
+        return {**done, "skipped": True}
+    s = session_for(cfg.target)
+    recs = {pid: PromptRecord(r["id"], r["source"], r["category"], tuple(r["messages"])) for pid, r in records.items()
+            if pid in set(spec_.prompt_ids)}
+    entry = build.sample_shard(cfg, s.target, s.engine, spec_, recs, out_dir, s.eos_ids)
+    get_run_logger().info("%s: %d rows, %.1f tokens/s", entry["file"], entry["rows"], entry["tokens_per_s"])
+    return entry

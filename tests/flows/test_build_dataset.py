@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+from koala.data import shards
+from tests.koala.data.test_shards import tiny_target_dir, write_prompts  # noqa: F401 - fixture reuse
+
+
+@pytest.mark.slow
+def test_flow_builds_and_reuses_shards(tmp_path, tiny_target_dir):  # noqa: F811
+    from prefect import get_client
+
+    from flows.build_dataset import build_distillation_dataset
+
+    write_prompts(tmp_path / "p.jsonl", 5)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({
+        "target": {"spec": str(tiny_target_dir)},
+        "prompts": {"source": str(tmp_path / "p.jsonl")},
+        "sampling": {"out_dir": str(tmp_path / "ds"), "shard_size": 2, "max_new_tokens": 8, "batch_size": 2},
+    }))
+    out = build_distillation_dataset(config_path=str(cfg))
+    assert out == str(tmp_path / "ds")
+    assert shards.load(out).num_rows == 5
+    mtimes = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "ds").glob("shard-*.parquet")}
+    assert len(mtimes) == 3
+
+    # Second run: every shard is cached or skipped, none rewritten.
+    build_distillation_dataset(config_path=str(cfg))
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "ds").glob("shard-*.parquet")} == mtimes
+
+    import anyio
+
+    async def task_states():
+        async with get_client() as c:
+            runs = await c.read_task_runs()
+            return [(r.name, r.state.name) for r in runs if r.name.startswith("sample-shard")]
+
+    states = anyio.run(task_states)
+    assert len(states) == 6 and sum(s == "Cached" for _, s in states) == 3
+
+    # A shard damaged by hand is regenerated despite the cache; the others stay cached.
+    f = tmp_path / "ds" / "shard-00001.parquet"
+    f.write_bytes(b"garbage")
+    build_distillation_dataset(config_path=str(cfg))
+    assert shards.load(out).num_rows == 5
+    states = anyio.run(task_states)
+    assert len(states) == 9 and sum(s == "Cached" for _, s in states) == 5
