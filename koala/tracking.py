@@ -1,0 +1,150 @@
+"""MLflow tracking: the only module of koala that imports mlflow.
+
+A `Tracker` wraps one MLflow run (optionally nested under a parent): params, per-step metrics, artifacts, and the
+drafter logged as a pyfunc model whose artifacts are the drafter's safetensors directory, so
+`mlflow.pyfunc.load_model(uri)` loads it back in one call and `drafter_path(uri)` gives the directory to serve.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import mlflow.pyfunc
+
+from koala.errors import KoalaError
+
+
+def resolve_uri(uri: str | None, run_dir: str | Path) -> str:
+    """The tracking URI: the config's, else $MLFLOW_TRACKING_URI, else a SQLite store in the run directory."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    db = Path(run_dir).resolve() / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any expensive stage, when an HTTP tracking server does not answer.
+
+    Raises:
+        KoalaError: naming the URI and what to do.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status < 500:
+                return
+    except urllib.error.HTTPError as e:
+        if e.code < 500:
+            return
+        reason = f"HTTP {e.code}"
+    except (urllib.error.URLError, OSError) as e:
+        reason = str(getattr(e, "reason", e))
+    raise KoalaError(f"MLflow tracking server {uri} is unreachable ({reason}): start it (`mlflow server --host "
+                     "127.0.0.1 --port 5000`) or set tracking.uri / MLFLOW_TRACKING_URI to a reachable store")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """One MLflow run; create it with `Tracker.start(...)` as a context manager."""
+
+    def __init__(self, run):
+        self.run = run
+        self.run_id = run.info.run_id
+
+    @classmethod
+    @contextmanager
+    def start(cls, uri: str, experiment: str, run_name: str, nested: bool = False, parent_run_id: str | None = None,
+              tags: dict | None = None) -> Iterator["Tracker"]:
+        check_reachable(uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=run_name, nested=nested or parent_run_id is not None,
+                              parent_run_id=parent_run_id, tags=tags or {}) as run:
+            yield cls(run)
+
+    def log_params(self, params: dict) -> None:
+        flat = {k: ("" if v is None else str(v)[:6000]) for k, v in flatten(params).items()}
+        items = list(flat.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i:i + 100]), run_id=self.run_id)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        clean = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and v is not None}
+        if clean:
+            mlflow.log_metrics(clean, step=step, run_id=self.run_id)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            mlflow.log_artifacts(str(p), artifact_path=artifact_path, run_id=self.run_id)
+        elif p.exists():
+            mlflow.log_artifact(str(p), artifact_path=artifact_path, run_id=self.run_id)
+
+    def set_tags(self, tags: dict) -> None:
+        for k, v in tags.items():
+            mlflow.set_tag(k, str(v))
+
+    def log_drafter(self, drafter_dir: str | Path, registered_name: str | None = None) -> dict:
+        """Log the drafter as a pyfunc model (artifacts: its safetensors directory); register it if named.
+
+        Returns:
+            {"model_uri": ..., "version": ... or None}
+        """
+        info = mlflow.pyfunc.log_model(
+            name="drafter", python_model=DrafterModel(), artifacts={"drafter": str(drafter_dir)},
+            registered_model_name=registered_name, pip_requirements=["torch", "transformers", "safetensors"],
+        )
+        version = getattr(info, "registered_model_version", None)
+        return {"model_uri": info.model_uri, "version": None if version is None else str(version)}
+
+
+def drafter_path(model_uri: str, dst: str | Path | None = None) -> Path:
+    """Download a logged drafter's directory (model URI, `models:/NAME@champion`, or `runs:/...`)."""
+    local = mlflow.pyfunc.load_model(model_uri)
+    return Path(local.unwrap_python_model().path)
+
+
+class DrafterModel(mlflow.pyfunc.PythonModel):
+    """Loads the drafter (a Hugging Face causal LM, safetensors) and proposes a greedy continuation per prompt."""
+
+    def load_context(self, context):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.path = context.artifacts["drafter"]
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModelForCausalLM.from_pretrained(self.path).eval()
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        prompts = list(model_input["prompt"] if hasattr(model_input, "__getitem__") and not isinstance(model_input, list)
+                       else model_input)
+        out = []
+        for p in prompts:
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": str(p)}], add_generation_prompt=True,
+                                                     return_tensors="pt")
+            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+            with torch.no_grad():
+                gen = self.model.generate(ids, max_new_tokens=(params or {}).get("max_new_tokens", 16), do_sample=False)
+            out.append(self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+        return out

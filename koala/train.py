@@ -1,0 +1,307 @@
+"""One training loop for drafter pretraining (next-token loss) and distillation (a loss between p and q).
+
+AdamW, linear warm-up then cosine decay, gradient clipping and accumulation, bf16 autocast on CUDA, resumable
+checkpoints (weights, optimizer, scheduler, RNG states and data position, written atomically), DDP under torchrun.
+Metrics leave through `on_log(step, metrics)`; nothing here imports MLflow or Prefect.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from koala.config import TrainingConfig
+from koala.errors import KoalaError
+from koala.losses import LOSSES, Teacher, cross_entropy, expected_acceptance, greedy_agreement
+
+LogFn = Callable[[int, dict], None]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T) right-padded
+    attention_mask: torch.Tensor  # (B, T)
+    positions: torch.Tensor  # (B, T) bool: positions whose next token is trained on
+    targets: torch.Tensor  # (N,) the next tokens at those positions, row-major
+    topk_ids: torch.Tensor | None = None  # (N, k) the teacher's stored top-k at those positions
+    topk_logprobs: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.targets.shape[0])
+
+
+class SequenceData:
+    """Token sequences with the span trained on (the response, or everything when pretraining)."""
+
+    def __init__(self, rows: list[dict], max_seq_len: int, pad_id: int):
+        if not rows:
+            raise KoalaError("the training set is empty: build a distillation set with `koala sample` first")
+        self.rows, self.max_len, self.pad = rows, max_seq_len, pad_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, idx: list[int], device) -> Batch:
+        rows = [self.rows[i] for i in idx]
+        T = min(self.max_len, max(len(r["input_ids"]) for r in rows))
+        ids = torch.full((len(rows), T), self.pad, dtype=torch.long)
+        att = torch.zeros(len(rows), T, dtype=torch.long)
+        pos = torch.zeros(len(rows), T, dtype=torch.bool)
+        targets, tk_i, tk_v = [], [], []
+        for b, r in enumerate(rows):
+            seq = r["input_ids"][:T]
+            ids[b, :len(seq)] = torch.tensor(seq)
+            att[b, :len(seq)] = 1
+            start = max(r.get("prompt_len", 1) - 1, 0)  # position P-1 predicts the first response token
+            stop = len(seq) - 1
+            if stop > start:
+                pos[b, start:stop] = True
+                targets.append(torch.tensor(seq[start + 1:stop + 1]))
+                if r.get("topk_ids") is not None:
+                    tk_i.append(torch.tensor(r["topk_ids"][:stop - start]))
+                    tk_v.append(torch.tensor(r["topk_logprobs"][:stop - start], dtype=torch.float32))
+        cat = lambda xs: torch.cat(xs).to(device) if xs else None  # noqa: E731
+        return Batch(ids.to(device), att.to(device), pos.to(device), cat(targets) if targets else
+                     torch.zeros(0, dtype=torch.long, device=device), cat(tk_i), cat(tk_v))
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------------
+
+def save_checkpoint(out_dir: Path, step: int, model, opt, sched, data_pos: dict, keep: int = 2) -> Path:
+    """Write checkpoints/step-N atomically (a directory renamed into place) and keep the last `keep`."""
+    root = out_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {k: v.detach().contiguous().clone() for k, v in unwrap(model).state_dict().items()}
+    save_file(state, tmp / "model.safetensors")
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    torch.save({"scheduler": sched.state_dict(), "step": step, "data": data_pos, "rng": torch.get_rng_state()},
+               tmp / "trainer.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    done = [d for d in sorted((out_dir / "checkpoints").glob("step-*")) if (d / "trainer.pt").exists()]
+    return done[-1] if done else None
+
+
+def load_checkpoint(ckpt: Path, model, opt, sched) -> tuple[int, dict]:
+    unwrap(model).load_state_dict(load_file(ckpt / "model.safetensors", device=str(next(model.parameters()).device)),
+                                  strict=False)
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    t = torch.load(ckpt / "trainer.pt", weights_only=True)
+    sched.load_state_dict(t["scheduler"])
+    torch.set_rng_state(t["rng"])
+    return t["step"], t["data"]
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+# --- the loop ----------------------------------------------------------------------------------------------------
+
+def schedule(cfg: TrainingConfig, steps: int):
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(steps - cfg.warmup_steps, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return f
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> None:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+class DataOrder:
+    """A seeded permutation per epoch and a position in it: all a resume needs to continue the same data order."""
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, pos: int = 0):
+        self.n, self.seed, self.epoch, self.pos = n, seed, epoch, pos
+        self._perm = self._make()
+
+    def _make(self) -> list[int]:
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._make()
+            out.append(self._perm[self.pos])
+            self.pos += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+
+class StudentAtPositions(torch.nn.Module):
+    """A causal LM that returns logits only where the loss needs them: the head is most of a drafter's cost."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, positions):
+        h = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, C)
+        return self.lm.lm_head(h[positions])  # (N, V)
+
+
+@torch.no_grad()
+def teacher_at(batch: Batch, target_model, vocab: int) -> Teacher:
+    """The target's distribution at the trained positions: from the stored top-k, or a forward of the target."""
+    if batch.topk_ids is not None:
+        return Teacher.from_topk(batch.topk_ids, batch.topk_logprobs, vocab)
+    if target_model is None:
+        raise KoalaError("the dataset has no stored top-k log-probs and no target was given: sample with "
+                         "sampling.topk_logprobs > 0 or train with the target loaded")
+    logits = target_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return Teacher.from_logits(logits[batch.positions])
+
+
+def step_loss(student, batch: Batch, mode: str, loss_name: str, target_model, vocab: int):
+    logits = student(batch.input_ids, batch.attention_mask, batch.positions)
+    if mode == "pretrain":
+        return cross_entropy(logits, batch.targets), None, logits
+    teacher = teacher_at(batch, target_model, vocab)
+    return LOSSES[loss_name](logits, teacher), teacher, logits
+
+
+@torch.no_grad()
+def heldout_metrics(student, data: SequenceData | None, target_model, vocab: int, device, limit: int = 64) -> dict:
+    """Mean expected acceptance sum min(p, q) and greedy agreement on held-out samples."""
+    if data is None or len(data) == 0:
+        return {}
+    acc, agree, n = 0.0, 0.0, 0
+    for i in range(0, min(len(data), limit), 8):
+        b = data.batch(list(range(i, min(i + 8, len(data), limit))), device)
+        if b.n == 0:
+            continue
+        logits = student(b.input_ids, b.attention_mask, b.positions)
+        t = teacher_at(b, target_model, vocab)
+        acc += float(expected_acceptance(logits, t)) * b.n
+        agree += float(greedy_agreement(logits, t)) * b.n
+        n += b.n
+    return {"heldout_expected_acceptance": acc / n, "heldout_greedy_agreement": agree / n} if n else {}
+
+
+def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, mode: str = "distill",
+          steps: int | None = None, loss: str | None = None, target_model=None, heldout: SequenceData | None = None,
+          resume: bool = False, on_log: LogFn | None = None, progress: bool = True) -> dict:
+    """Train `model` (a Hugging Face causal LM) in place; returns the last logged metrics.
+
+    Args:
+        model: the drafter; parameters with requires_grad=False stay frozen.
+        data: training sequences; each step takes batch_size * grad_accum of them (split across DDP ranks).
+        cfg: the training section of the config.
+        out_dir: checkpoints go under out_dir/checkpoints.
+        mode: "distill" (a loss between the target's and the drafter's distributions) or "pretrain" (next token).
+        steps: optimizer steps (default: cfg.steps, or cfg.pretrain_steps when pretraining).
+        loss: fkl, rkl, tvd, tvdpp or jsd (default: cfg.loss).
+        target_model: the target, for teacher distributions when the data has no stored top-k.
+        heldout: sequences for the held-out expected acceptance.
+        resume: continue from the last checkpoint in out_dir.
+        on_log: called with (step, metrics) every step.
+
+    Raises:
+        KoalaError: the loss became NaN or infinite (the last good checkpoint is kept).
+    """
+    out = Path(out_dir)
+    steps = steps or (cfg.pretrain_steps if mode == "pretrain" else cfg.steps)
+    loss_name = loss or cfg.loss
+    rank, world_size = world()
+    device = next(model.parameters()).device
+    vocab = model.config.vocab_size
+    torch.manual_seed(cfg.seed)
+    student = StudentAtPositions(model)
+    if world_size > 1:
+        student = torch.nn.parallel.DistributedDataParallel(student)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg, steps))
+    order, start = DataOrder(len(data), cfg.seed), 0
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        start, pos = load_checkpoint(ckpt, model, opt, sched)
+        order = DataOrder(len(data), cfg.seed, pos["epoch"], pos["pos"])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    metrics: dict = {}
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=mode, disable=not progress or rank != 0)
+    for step in bar:
+        t0 = time.perf_counter()
+        micro = [order.take(cfg.batch_size) for _ in range(cfg.grad_accum)]  # the global batch of this step
+        batches = [data.batch(m[rank::world_size], device) for m in micro]
+        n_global = sum(len_positions(data, m) for m in micro)
+        total, tokens = 0.0, 0
+        for b in batches:
+            with autocast:
+                value, _, _ = step_loss(student, b, mode, loss_name, target_model, vocab)
+            # each micro-batch's mean, weighted by its share of the global batch's positions (DDP averages ranks)
+            scaled = value * (b.n * world_size / max(n_global, 1))
+            if not torch.isfinite(value):
+                last = latest_checkpoint(out)
+                raise KoalaError(f"{mode} loss became {value.item()} at step {step + 1}: lower training.lr or check "
+                                 f"the data; the last good checkpoint is kept ({last or 'none yet'})")
+            scaled.backward()
+            total, tokens = total + value.item() * b.n, tokens + b.n
+        if world_size > 1:  # log the global batch's loss, not this rank's share
+            t = torch.tensor([total, tokens], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            total, tokens = float(t[0]), int(t[1])
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        metrics = {"loss": total / max(tokens, 1), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                   "tokens_per_s": tokens / (time.perf_counter() - t0)}
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+            metrics.update(heldout_metrics(student, heldout, target_model, vocab, device))
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps) and rank == 0:
+            save_checkpoint(out, step + 1, model, opt, sched, order.state())
+        if on_log and rank == 0:
+            on_log(step + 1, metrics)
+        if world_size > 1:
+            dist.barrier()
+    return metrics
+
+
+def len_positions(data: SequenceData, idx: list[int]) -> int:
+    """Trained positions in these rows (the same count the batch will have), without building the batch."""
+    n = 0
+    for i in idx:
+        r = data.rows[i]
+        seq_len = min(len(r["input_ids"]), data.max_len)
+        n += max(seq_len - 1 - max(r.get("prompt_len", 1) - 1, 0), 0)
+    return n

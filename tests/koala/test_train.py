@@ -1,0 +1,184 @@
+"""The training loop: learning, bitwise resume, DDP equivalence, NaN handling, drafter building and reuse."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from koala import losses
+from koala.config import DrafterConfig, TrainingConfig
+from koala.drafters.draft_model import build_drafter, default_copy_layers, save_drafter
+from koala.errors import KoalaError
+from koala.train import SequenceData, latest_checkpoint, train
+from tests.conftest import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
+V = 64
+
+
+def synthetic_rows(n=24, seed=0, topk=None):
+    """Sequences whose 'response' follows a fixed rule, with a teacher that knows it."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        prompt = torch.randint(2, V, (6,), generator=g).tolist()
+        resp = [(prompt[-1] + 3 * j) % V for j in range(1, 9)]
+        row = {"prompt_id": f"p{i}", "input_ids": prompt + resp, "prompt_len": len(prompt)}
+        if topk:
+            # a teacher putting 0.9 on the rule's next token at every response position
+            ids, lps = [], []
+            for j in range(len(resp)):
+                nxt = resp[j]
+                others = [t for t in range(V) if t != nxt][:topk - 1]
+                ids.append([nxt] + others)
+                lps.append([torch.log(torch.tensor(0.9)).item()] + [torch.log(torch.tensor(0.1 / (topk - 1))).item()] * (topk - 1))
+            row.update(topk_ids=ids, topk_logprobs=lps)
+        rows.append(row)
+    return rows
+
+
+def cfg(**kw):
+    base = dict(steps=6, lr=3e-3, warmup_steps=2, batch_size=4, max_seq_len=32, checkpoint_every=3, eval_every=3,
+                seed=0)
+    return TrainingConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("loss", ["fkl", "tvd", "tvdpp"])
+def test_distillation_learns_the_teacher(tmp_path, loss):
+    model = tiny_llama(layers=1, vocab=V, init_std=0.02)
+    data = SequenceData(synthetic_rows(topk=4), 32, 0)
+    held = SequenceData(synthetic_rows(n=8, seed=1, topk=4), 32, 0)
+    m0 = train(model, data, cfg(steps=1, eval_every=1), tmp_path / "a", loss=loss, heldout=held, progress=False)
+    m = train(model, data, cfg(steps=200, eval_every=200, lr=2e-2), tmp_path / "b", loss=loss, heldout=held,
+              progress=False)
+    # TVD (and TVD++, whose normalisation rescales the same gradient) learns slowly where the drafter puts little mass
+    gain = {"fkl": 0.2, "tvdpp": 0.08, "tvd": 0.05}[loss]
+    assert m["heldout_expected_acceptance"] > m0["heldout_expected_acceptance"] + gain
+
+
+def test_pretraining_loss_decreases(tmp_path):
+    model = tiny_llama(layers=1, vocab=V)
+    logged = []
+    rows = [{**r, "prompt_len": 1} for r in synthetic_rows()]
+    train(model, SequenceData(rows, 32, 0), cfg(lr=1e-2), tmp_path, mode="pretrain", steps=30,
+          on_log=lambda s, m: logged.append(m["loss"]), progress=False)
+    assert logged[-1] < 0.7 * logged[0]
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    data = SequenceData(synthetic_rows(topk=4), 32, 0)
+    straight = tiny_llama(layers=1, vocab=V, seed=3)
+    train(straight, data, cfg(), tmp_path / "straight", loss="fkl", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_3(step, m):
+        if step == 3:
+            raise Killed
+
+    first = tiny_llama(layers=1, vocab=V, seed=3)
+    with pytest.raises(Killed):
+        train(first, data, cfg(), tmp_path / "resumed", loss="fkl", on_log=kill_after_3, progress=False)
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-0000003"
+    fresh = tiny_llama(layers=1, vocab=V, seed=99)  # different init: everything must come from the checkpoint
+    train(fresh, data, cfg(), tmp_path / "resumed", loss="fkl", resume=True, progress=False)
+    a = load_file(latest_checkpoint(tmp_path / "straight") / "model.safetensors")
+    b = load_file(latest_checkpoint(tmp_path / "resumed") / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = losses.LOSSES["fkl"]
+
+    def poisoned(s, t):
+        calls["n"] += 1
+        return real(s, t) * (float("nan") if calls["n"] == 5 else 1.0)
+
+    monkeypatch.setitem(losses.LOSSES, "fkl", poisoned)
+    model = tiny_llama(layers=1, vocab=V)
+    with pytest.raises(KoalaError, match="loss became nan at step 5.*step-0000003"):
+        train(model, SequenceData(synthetic_rows(topk=4), 32, 0), cfg(), tmp_path, loss="fkl", progress=False)
+    assert latest_checkpoint(tmp_path).name == "step-0000003"
+
+
+def test_empty_dataset_is_an_error():
+    with pytest.raises(KoalaError, match="training set is empty"):
+        SequenceData([], 32, 0)
+
+
+DDP_SCRIPT = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from koala.train import SequenceData, init_distributed, train
+from koala.config import TrainingConfig
+from tests.conftest import tiny_llama
+from tests.koala.test_train import synthetic_rows
+init_distributed()
+torch.set_num_threads(1)
+model = tiny_llama(layers=1, vocab=64, seed=5)
+log = []
+cfg = TrainingConfig(steps=5, lr=3e-3, warmup_steps=1, batch_size=8, max_seq_len=32, checkpoint_every=100,
+                     eval_every=100)
+train(model, SequenceData(synthetic_rows(topk=4), 32, 0), cfg, sys.argv[2], loss="fkl",
+      on_log=lambda s, m: log.append(m["loss"]), progress=False)
+if log:
+    print("LOSSES" + json.dumps(log))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def losses_of(cmd):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        line = next(x for x in out.stdout.splitlines() if x.startswith("LOSSES"))
+        return json.loads(line[6:])
+
+    one = losses_of([sys.executable, str(script), str(ROOT), str(tmp_path / "one")])
+    two = losses_of([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                     str(script), str(ROOT), str(tmp_path / "two")])
+    assert len(one) == len(two) == 5
+    assert all(abs(a - b) < 1e-4 * max(1, abs(a)) for a, b in zip(one, two)), (one, two)
+
+
+def test_default_copy_layers():
+    assert default_copy_layers(30, 2) == [0, 29]
+    assert default_copy_layers(30, 1) == [29]
+    assert default_copy_layers(30, 4) == [0, 10, 19, 29]
+
+
+def test_hidden_size_that_cannot_share_embeddings(default_target):
+    with pytest.raises(KoalaError, match="hidden size 128 cannot share the target's embeddings \\(576\\)"):
+        build_drafter(default_target, DrafterConfig(layers=2, hidden_size=128, num_heads=4, num_kv_heads=2))
+
+
+@pytest.mark.slow
+def test_saved_drafter_reloads_and_is_a_lossless_assistant(default_session, tmp_path):
+    s = default_session
+    d = build_drafter(s.target, DrafterConfig(layers=2))
+    assert d.model.embed_tokens.weight.requires_grad is False
+    path = save_drafter(d, s.target.tokenizer, tmp_path / "drafter", {"target": s.target.info.name})
+    assert (path / "model.safetensors").exists() and (path / "koala.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    from koala.targets import encode_chat
+    reloaded = AutoModelForCausalLM.from_pretrained(path)
+    ids = torch.tensor([encode_chat(s.target.tokenizer, [{"role": "user", "content": "Name three colours."}])])
+    kw = dict(max_new_tokens=20, do_sample=False, attention_mask=torch.ones_like(ids))
+    plain = s.target.model.generate(ids, **kw)
+    assisted = s.target.model.generate(ids, assistant_model=reloaded, **kw)
+    assert torch.equal(plain, assisted)
+    engine_drafter = s.drafter(str(path))
+    ar = s.run(ids[0].tolist(), 20)
+    assert s.run(ids[0].tolist(), 20, drafter=engine_drafter, gamma=3).tokens == ar.tokens
