@@ -172,6 +172,165 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
     typer.echo(f"dataset: {out_dir} (read it with koala.data.shards.load or pyarrow.parquet.read_table)")
 
 
+def _train_cmd(stage: str, config, profile, data, loss, steps, out, resume, init, track, set_):
+    """Shared body of `koala pretrain` and `koala distill`: config, target, MLflow run, loop, curves."""
+    from contextlib import ExitStack
+    from pathlib import Path
+
+    from koala.config import load_config
+    from koala.distill import distill, pretrain
+    from koala.plots import training_curves
+    from koala.targets import load_target
+    from koala.train import init_distributed, world
+
+    history: list = []
+    try:
+        cfg = load_config(None if config else profile, config, set_ or [])
+        init_distributed()
+        lead = world()[0] == 0
+        target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device, cfg.target.trust_remote_code)
+        out_dir = Path(out or Path(cfg.training.out_dir) / stage)
+        with ExitStack() as stack:
+            tracker = None
+            if track and lead:
+                from koala.tracking import Tracker, resolve_uri
+
+                tracker = stack.enter_context(
+                    Tracker.start(resolve_uri(cfg.tracking.uri, cfg.run_dir), cfg.tracking.experiment, stage))
+                tracker.log_params({"training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump()})
+
+            def on_log(step, metrics):
+                history.append((step, metrics))
+                if tracker:
+                    tracker.log_metrics(metrics, step=step)
+
+            if stage == "pretrain":
+                path = pretrain(cfg, target, out_dir, steps=steps, resume=resume, on_log=on_log)
+            else:
+                path = distill(cfg, target, data or cfg.sampling.out_dir, out_dir, loss=loss, steps=steps,
+                               resume=resume, init_from=init, on_log=on_log)
+            if history and lead:
+                png = training_curves(history, out_dir / f"{stage}_curves.png", stage)
+                if tracker:
+                    tracker.log_artifact(png)
+                    tracker.log_artifact(path / "koala.json")
+    except KoalaError as e:
+        fail(e)
+    last = history[-1][1] if history else {}
+    typer.echo(f"drafter: {path}")
+    typer.echo("  " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
+
+
+@app.command()
+def pretrain(config: Optional[str] = typer.Option(None, help="YAML config (default: the profile)"),
+             profile: str = typer.Option("smoke", help="profile in configs/ when --config is not given"),
+             steps: Optional[int] = typer.Option(None, help="optimizer steps (default: training.pretrain_steps)"),
+             out: Optional[str] = typer.Option(None, help="output directory (default: training.out_dir/pretrain)"),
+             resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),
+             track: bool = typer.Option(True, help="log the run to MLflow"),
+             set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
+    """Pretrain a drafter with the next-token loss on text (ShareGPT conversations by default)."""
+    _train_cmd("pretrain", config, profile, None, None, steps, out, resume, None, track, set_)
+
+
+@app.command()
+def distill(config: Optional[str] = typer.Option(None, help="YAML config (default: the profile)"),
+            profile: str = typer.Option("smoke", help="profile in configs/ when --config is not given"),
+            data: Optional[str] = typer.Option(None, help="distillation set (default: sampling.out_dir)"),
+            loss: Optional[str] = typer.Option(None, help="fkl, rkl, tvd, tvdpp or jsd (default: training.loss)"),
+            steps: Optional[int] = typer.Option(None, help="optimizer steps (default: training.steps)"),
+            out: Optional[str] = typer.Option(None, help="output directory (default: training.out_dir/distill)"),
+            resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),
+            init: Optional[str] = typer.Option(None, help="start from this drafter (e.g. a pretrained one)"),
+            track: bool = typer.Option(True, help="log the run to MLflow"),
+            set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
+    """Distil a drafter on the target's samples with a KD loss; runs under torchrun for DDP."""
+    if loss is not None and loss not in ("fkl", "rkl", "tvd", "tvdpp", "jsd"):
+        fail(KoalaError(f"--loss must be one of fkl, rkl, tvd, tvdpp, jsd; got {loss!r}"))
+    _train_cmd("distill", config, profile, data, loss, steps, out, resume, init, track, set_)
+
+
+@app.command()
+def run(profile: str = typer.Option("smoke", help="smoke (a CPU in minutes), default or gpu"),
+        config: Optional[str] = typer.Option(None, help="YAML config instead of a profile"),
+        prompt_source: Optional[str] = typer.Option(None, help="sharegpt, mtbench, a file or a prompt-log directory"),
+        n_prompts: Optional[int] = typer.Option(None, help="use at most this many prompts"),
+        loss: Optional[str] = typer.Option(None, help="fkl, rkl, tvd, tvdpp or jsd"),
+        steps: Optional[int] = typer.Option(None, help="distillation steps"),
+        set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
+    """Run the whole pipeline locally (Prefect's local server, MLflow's local store) and print a summary."""
+    from koala.config import load_config
+    from koala.tracking import resolve_uri, check_reachable
+
+    try:
+        cfg = load_config(None if config else profile, config, set_ or [])  # a bad profile fails here, not in Prefect
+        check_reachable(resolve_uri(cfg.tracking.uri, cfg.run_dir))
+        if loss is not None and loss not in ("fkl", "rkl", "tvd", "tvdpp", "jsd"):
+            raise KoalaError(f"--loss must be one of fkl, rkl, tvd, tvdpp, jsd; got {loss!r}")
+        from flows.pipeline import koala_pipeline
+
+        s = koala_pipeline(profile=profile if config is None else "smoke", config_path=config,
+                           prompt_source=prompt_source, n_prompts=n_prompts, loss=loss, steps=steps,
+                           overrides=set_ or [])
+    except KoalaError as e:
+        fail(e)
+    _print_summary(s)
+
+
+def _print_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="koala pipeline", show_header=False)
+    tps = s["tokens_per_s"]
+    rows = [("data", s["data"]), ("drafter", s["drafter"]), ("tau", f"{s['tau']:.2f} tokens per target forward"),
+            ("speed-up", f"{s['speedup']:.2f}x ({tps['speculative']:.1f} vs {tps['autoregressive']:.1f} tokens/s)"),
+            ("lossless", s["lossless"]), ("registered", f"{s['model']} version {s['version']}"),
+            ("promoted", f"{'yes' if s['promoted'] else 'no'}: {s['reason']}")]
+    for k, v in rows:
+        t.add_row(k, str(v))
+    Console().print(t)
+    uri = s["mlflow_uri"]
+    typer.echo(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   "
+               f"(experiment {s['experiment']}, run {s['mlflow_run_id']})")
+    typer.echo("Prefect UI: prefect server start --host 127.0.0.1   (then open http://127.0.0.1:4200)")
+
+
+@app.command()
+def promote(model: str = typer.Option(..., help="registered model name, e.g. koala-drafter-smollm2-135m-instruct"),
+            version: str = typer.Option(..., help="the version to make champion"),
+            reason: str = typer.Option("manual override", help="recorded on the version"),
+            tracking_uri: Optional[str] = typer.Option(None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or "
+                                                                  "the smoke profile's store)"),
+            profile: str = typer.Option("smoke", help="profile whose run_dir holds the local store")):
+    """Manually give a registered drafter version the alias `champion`, recorded as a manual override."""
+    import getpass
+    import time as _time
+
+    from koala.config import load_config
+    from koala.tracking import check_reachable, resolve_uri
+
+    try:
+        cfg = load_config(profile)
+        uri = resolve_uri(tracking_uri or cfg.tracking.uri, cfg.run_dir)
+        check_reachable(uri)
+        from mlflow import MlflowClient
+
+        c = MlflowClient(uri)
+        try:
+            c.get_model_version(model, version)
+        except Exception as e:  # noqa: BLE001 - MLflow's not-found errors
+            raise KoalaError(f"model {model} has no version {version} in {uri}: check `mlflow ui` for the versions") \
+                from e
+        c.set_registered_model_alias(model, "champion", version)
+        for k, v in {"promoted": "true", "promotion": "manual", "promotion_reason": reason,
+                     "promoted_by": getpass.getuser(), "decided_at": _time.strftime("%Y-%m-%dT%H:%M:%S%z")}.items():
+            c.set_model_version_tag(model, version, k, v)
+    except KoalaError as e:
+        fail(e)
+    typer.echo(f"{model} version {version} is now champion (manual override: {reason})")
+
+
 @app.command()
 def demo():
     """Fetch the assets and answer the first MT-bench question with the default target, streaming."""

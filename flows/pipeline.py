@@ -1,0 +1,96 @@
+"""The whole pipeline as one flow: data, drafter, evaluation, registry, promotion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.build_dataset import build_distillation_dataset
+from koala.tracking import Tracker, check_reachable, resolve_uri
+from tasks.common import resolve_config
+from tasks.evaluation import evaluate_drafter, promote_drafter, register_drafter
+from tasks.training import distill_drafter, pretrain_drafter
+
+Profile = Literal["smoke", "default", "gpu"]
+Loss = Literal["fkl", "rkl", "tvd", "tvdpp", "jsd"]
+
+
+@flow(name="koala-pipeline", log_prints=True)
+def koala_pipeline(
+    profile: Profile = "smoke",
+    config_path: str | None = None,
+    prompt_source: str | None = None,
+    n_prompts: int | None = None,
+    loss: Loss | None = None,
+    steps: int | None = None,
+    overrides: list[str] | None = None,
+) -> dict:
+    """Build (or extend) the distillation set, train a drafter, evaluate it, register it, promote it if it wins.
+
+    Args:
+        profile: configs/NAME.yaml: smoke (a CPU in minutes), default or gpu.
+        config_path: a YAML config file instead of a profile.
+        prompt_source: sharegpt, mtbench, a file, or a directory of prompt logs (incremental runs).
+        n_prompts: use at most this many prompts.
+        loss: distillation loss (default: the profile's).
+        steps: distillation steps (default: the profile's).
+        overrides: more `section.field=value` settings.
+    """
+    extra = list(overrides or [])
+    extra += [f"prompts.source={prompt_source}"] if prompt_source else []
+    extra += [f"prompts.limit={n_prompts}"] if n_prompts else []
+    extra += [f"training.loss={loss}"] if loss else []
+    extra += [f"training.steps={steps}"] if steps else []
+    cfg = resolve_config(profile, config_path, extra)
+    uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
+    check_reachable(uri)  # before any expensive stage
+    run_dir = Path(cfg.run_dir)
+    log = get_run_logger()
+
+    with Tracker.start(uri, cfg.tracking.experiment, f"pipeline-{flow_run.get_name() or 'local'}",
+                       tags={"prefect.flow_run_id": str(flow_run.get_id())}) as parent:
+        parent.log_params(cfg.model_dump())
+        pid = parent.run_id
+
+        # Step 1: build or extend the distillation set.
+        data_dir = build_distillation_dataset(config_path=None, profile=profile, overrides=_as_overrides(cfg))
+
+        # Step 2: pretrain the drafter on text (when the profile asks for it).
+        out = run_dir / "drafter"
+        init = pretrain_drafter(cfg, str(out / "pretrain"), pid) if cfg.training.pretrain_steps > 0 else None
+
+        # Step 3: distil it on the target's own responses.
+        trained = distill_drafter(cfg, data_dir, str(out / "distill"), init_from=init, parent_run_id=pid)
+
+        # Step 4: measure it: tau, speed-up, losslessness.
+        report = evaluate_drafter(cfg, trained["drafter"], str(run_dir / "eval" / "candidate"), pid)
+
+        # Step 5: register it in MLflow.
+        registered = register_drafter(cfg, trained["drafter"], report, pid)
+
+        # Step 6: promote it to `champion` if it is lossless and beats the champion, re-measured here.
+        decision = promote_drafter(cfg, registered, report, str(run_dir / "eval"), pid)
+        parent.set_tags({"promoted": decision["promoted"], "promotion_reason": decision["reason"]})
+        parent.log_metrics({"tau": report["tau"], "speedup": report["speedup"]})
+
+    summary = {
+        "data": data_dir, "drafter": trained["drafter"], "tau": report["tau"], "speedup": report["speedup"],
+        "lossless": f"{report['lossless']['identical']}/{report['lossless']['total']}",
+        "tokens_per_s": report["tokens_per_s"], "model": registered["name"], "version": registered["version"],
+        "promoted": decision["promoted"], "reason": decision["reason"], "mlflow_uri": uri,
+        "mlflow_run_id": pid, "experiment": cfg.tracking.experiment,
+    }
+    log.info("pipeline summary: %s", summary)
+    return summary
+
+
+def _as_overrides(cfg) -> list[str]:
+    """The resolved config as overrides, so the sub-flow sees exactly what this flow resolved."""
+    import json
+
+    from koala.tracking import flatten
+
+    return [f"{k}={json.dumps(v)}" for k, v in flatten(cfg.model_dump()).items()]

@@ -1,0 +1,120 @@
+"""Prefect tasks: evaluate a drafter, register it in MLflow, promote it to `champion` by the rule."""
+
+from __future__ import annotations
+
+import fcntl
+import time
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from koala.config import KoalaConfig
+from koala.evaluate import evaluate, summary_line
+from koala.registry import decide
+from koala.tracking import Tracker, flatten, resolve_uri
+from tasks.common import session_for
+
+EVAL_KEYS = ("bench", "gamma", "temperature", "top_p", "max_new_tokens", "limit")
+
+
+def model_name(cfg: KoalaConfig) -> str:
+    """The registered model's name: koala-drafter-<target>."""
+    from koala.targets import _resolve  # noqa: PLC2701 - the name rule lives with the target specs
+
+    name = _resolve(cfg.target.spec)[0] if cfg.target.spec.count("/") != 1 else cfg.target.spec.replace("/", "-")
+    return f"koala-drafter-{name}".replace(" ", "-")
+
+
+def _metrics(report: dict) -> dict:
+    m = {"tau": report["tau"], "speedup": report["speedup"], "memory_bound_speedup": report["memory_bound_speedup"],
+         "lossless_identical": report["lossless"]["identical"], "lossless_total": report["lossless"]["total"],
+         "tokens_per_s": {k: v for k, v in report["tokens_per_s"].items() if v is not None}}
+    for cat, c in report["per_category"].items():
+        m[f"category.{cat}.tau"], m[f"category.{cat}.speedup"] = c["tau"], c["speedup"]
+    for i, a in enumerate(report["acceptance_by_position"]):
+        m[f"acceptance.pos{i + 1}"] = a
+    return m
+
+
+@task(name="evaluate-drafter", tags=["gpu"], retries=1, retry_delay_seconds=10)
+def evaluate_drafter(cfg: KoalaConfig, drafter: str, out_dir: str, parent_run_id: str | None = None,
+                     run_name: str = "evaluate") -> dict:
+    """Measure a drafter on the benchmark; logs metrics, report and plots; returns the report without per-prompt rows."""
+    s = session_for(cfg.target)
+    report = evaluate(s, drafter, cfg.eval, out_dir=out_dir)
+    uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
+    with Tracker.start(uri, cfg.tracking.experiment, run_name, parent_run_id=parent_run_id) as tr:
+        tr.log_params({"eval": cfg.eval.model_dump(), "drafter": drafter})
+        tr.log_metrics(_metrics(report))
+        tr.log_artifact(out_dir, "evaluation")
+        report["run_id"] = tr.run_id
+    get_run_logger().info(summary_line(report))
+    return {k: v for k, v in report.items() if k != "per_prompt"}
+
+
+@task(name="register-drafter", retries=2, retry_delay_seconds=[2, 10])
+def register_drafter(cfg: KoalaConfig, drafter_dir: str, report: dict, parent_run_id: str | None = None) -> dict:
+    """Log the drafter as an MLflow model, register a new version and tag it with its evaluation."""
+    from mlflow import MlflowClient
+
+    name = model_name(cfg)
+    uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
+    with Tracker.start(uri, cfg.tracking.experiment, "register", parent_run_id=parent_run_id) as tr:
+        logged = tr.log_drafter(drafter_dir, registered_name=name)
+    client = MlflowClient(uri)
+    tags = {"tau": f"{report['tau']:.4f}", "speedup": f"{report['speedup']:.4f}",
+            "lossless": f"{report['lossless']['identical']}/{report['lossless']['total']}",
+            "device": report["device"], "dtype": report["dtype"], "drafter_dir": drafter_dir,
+            **{f"eval.{k}": str(v) for k, v in cfg.eval.model_dump().items() if k in EVAL_KEYS}}
+    for k, v in tags.items():
+        client.set_model_version_tag(name, logged["version"], k, v)
+    get_run_logger().info("registered %s version %s", name, logged["version"])
+    return {"name": name, "version": logged["version"], "model_uri": logged["model_uri"]}
+
+
+def _champion(client, name: str):
+    try:
+        return client.get_model_version_by_alias(name, "champion")
+    except Exception:  # noqa: BLE001 - MLflow raises RestException/MlflowException for "no such alias"
+        return None
+
+
+@task(name="promote-drafter", retries=0)
+def promote_drafter(cfg: KoalaConfig, registered: dict, report: dict, out_dir: str,
+                    parent_run_id: str | None = None) -> dict:
+    """Give the candidate the alias `champion` if the rule says so; tag the version with the decision either way.
+
+    Promotions are serialised by a lock file in the run directory, and the current champion is read and
+    re-measured inside it, so two runs promoting at once leave one champion: the better one.
+    """
+    from mlflow import MlflowClient
+
+    from koala.tracking import drafter_path
+
+    uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
+    client = MlflowClient(uri)
+    name, version = registered["name"], registered["version"]
+    lock_path = Path(cfg.run_dir) / "promotion.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        champ = _champion(client, name)
+        champ_report = None
+        if champ is not None and str(champ.version) != str(version):
+            path = champ.tags.get("drafter_dir")
+            if not path or not Path(path).exists():
+                path = str(drafter_path(f"models:/{name}@champion"))
+            champ_report = evaluate_drafter.fn(cfg, path, str(Path(out_dir) / f"champion-v{champ.version}"),
+                                               parent_run_id, run_name=f"re-measure-champion-v{champ.version}")
+        d = decide(report, champ_report, None if champ is None else champ.version)
+        if d.promote:
+            client.set_registered_model_alias(name, "champion", version)
+        client.set_model_version_tag(name, version, "promoted", str(d.promote).lower())
+        client.set_model_version_tag(name, version, "promotion_reason", d.reason)
+        client.set_model_version_tag(name, version, "decided_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    get_run_logger().info("%s v%s: %s (%s)", name, version, "promoted" if d.promote else "not promoted", d.reason)
+    return {"promoted": d.promote, "reason": d.reason, "champion_speedup": None if champ_report is None else
+            champ_report["speedup"], "previous_champion": None if champ is None else champ.version}
+
+
+__all__ = ["evaluate_drafter", "register_drafter", "promote_drafter", "model_name", "flatten"]

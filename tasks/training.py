@@ -1,0 +1,77 @@
+"""Prefect tasks of drafter training: retries resume from the last checkpoint instead of starting over."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from koala.config import KoalaConfig
+from koala.data import shards
+from koala.distill import distill, pretrain
+from koala.plots import training_curves
+from koala.tracking import Tracker, resolve_uri
+from tasks.common import session_for
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def distill_cache_key(context, p) -> str:
+    """Same config, data (by manifest) and starting point: the same drafter."""
+    cfg: KoalaConfig = p["cfg"]
+    manifest = shards.read_manifest(Path(p["data_dir"])) or {}
+    return "distill-" + _key(cfg.target.model_dump(), cfg.drafter.model_dump(), cfg.training.model_dump(),
+                             manifest.get("done"), str(Path(p["out_dir"]).resolve()), p.get("init_from"), p.get("loss"))
+
+
+def pretrain_cache_key(context, p) -> str:
+    cfg: KoalaConfig = p["cfg"]
+    return "pretrain-" + _key(cfg.target.model_dump(), cfg.drafter.model_dump(), cfg.training.model_dump(),
+                              str(Path(p["out_dir"]).resolve()))
+
+
+def _logged(tracker: Tracker, history: list):
+    def on_log(step: int, metrics: dict) -> None:
+        history.append((step, metrics))
+        tracker.log_metrics(metrics, step=step)
+    return on_log
+
+
+@task(name="pretrain-drafter", tags=["gpu"], retries=2, retry_delay_seconds=[10, 60],
+      cache_key_fn=pretrain_cache_key, persist_result=True)
+def pretrain_drafter(cfg: KoalaConfig, out_dir: str, parent_run_id: str | None = None) -> str:
+    """Pretrain the drafter on text; returns the drafter directory."""
+    s = session_for(cfg.target)
+    history: list = []
+    uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
+    with Tracker.start(uri, cfg.tracking.experiment, "pretrain", parent_run_id=parent_run_id) as tr:
+        tr.log_params({"training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump()})
+        path = pretrain(cfg, s.target, out_dir, resume=True, on_log=_logged(tr, history), progress=False)
+        tr.log_artifact(training_curves(history, Path(out_dir) / "pretrain_curves.png", "pretraining loss"))
+    get_run_logger().info("pretrained drafter: %s", path)
+    return str(path)
+
+
+@task(name="distill-drafter", tags=["gpu"], retries=2, retry_delay_seconds=[10, 60],
+      cache_key_fn=distill_cache_key, persist_result=True)
+def distill_drafter(cfg: KoalaConfig, data_dir: str, out_dir: str, init_from: str | None = None,
+                    loss: str | None = None, parent_run_id: str | None = None) -> dict:
+    """Distil the drafter on the target's samples; returns {drafter, run_id, metrics}."""
+    s = session_for(cfg.target)
+    history: list = []
+    uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
+    with Tracker.start(uri, cfg.tracking.experiment, f"distill-{loss or cfg.training.loss}",
+                       parent_run_id=parent_run_id) as tr:
+        tr.log_params({"training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump(),
+                       "data_dir": data_dir, "init_from": init_from})
+        path = distill(cfg, s.target, data_dir, out_dir, loss=loss, resume=True, init_from=init_from,
+                       on_log=_logged(tr, history), progress=False)
+        tr.log_artifact(training_curves(history, Path(out_dir) / "distill_curves.png", f"{loss or cfg.training.loss}"))
+        tr.log_artifact(path / "koala.json")
+        run_id = tr.run_id
+    get_run_logger().info("distilled drafter: %s", path)
+    return {"drafter": str(path), "run_id": run_id, "metrics": history[-1][1] if history else {}}

@@ -1,0 +1,118 @@
+"""The pipeline flow under prefect_test_harness, with a real MLflow store, and the promotion rule end to end."""
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from koala.config import load_config
+from koala.registry import decide
+from tests.koala.data.test_shards import tiny_target_dir, write_prompts  # noqa: F401 - fixture reuse
+
+
+def tiny_config(tmp: Path, target_dir: Path, **extra) -> Path:
+    write_prompts(tmp / "p.jsonl", 6)
+    (tmp / "bench.jsonl").write_text("\n".join(json.dumps({"prompt": f"Say hello {i}.", "category": c})
+                                               for i, c in enumerate(["chat", "math"])) + "\n")
+    cfg = {
+        "run_dir": str(tmp / "run"),
+        "target": {"spec": str(target_dir)},
+        "prompts": {"source": str(tmp / "p.jsonl"), "max_prompt_tokens": 200},
+        "sampling": {"out_dir": str(tmp / "run" / "data"), "shard_size": 4, "max_new_tokens": 8, "batch_size": 4,
+                     "topk_logprobs": 8, "temperature": 0.0},
+        "drafter": {"layers": 1},
+        "training": {"steps": 3, "batch_size": 2, "max_seq_len": 64, "checkpoint_every": 3, "eval_every": 3,
+                     "warmup_steps": 1},
+        "eval": {"bench": str(tmp / "bench.jsonl"), "limit": 2, "max_new_tokens": 8, "gamma": 2, "warmup": 0},
+        "tracking": {"experiment": "koala-test"},
+    }
+    for k, v in extra.items():
+        section, field = k.split("__")
+        cfg[section][field] = v
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_decide_rule():
+    ok = {"lossless": {"identical": 4, "total": 4, "checked": True}, "speedup": 1.3}
+    assert decide(ok, None).promote
+    assert not decide({**ok, "speedup": 0.9}, None).promote
+    assert not decide({**ok, "lossless": {"identical": 3, "total": 4, "checked": True}}, None).promote
+    assert decide(ok, {"speedup": 1.2}, "3").promote
+    d = decide(ok, {"speedup": 1.5}, "3")
+    assert not d.promote and "does not beat champion v3's 1.500x" in d.reason
+
+
+@pytest.mark.slow
+def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # noqa: F811
+    from mlflow import MlflowClient
+
+    from flows.pipeline import koala_pipeline
+    from koala.tracking import resolve_uri
+    from tasks.evaluation import promote_drafter
+
+    cfg_path = tiny_config(tmp_path, tiny_target_dir)
+    s = koala_pipeline(config_path=str(cfg_path))
+    cfg = load_config(path=cfg_path)
+    uri = resolve_uri(None, cfg.run_dir)
+    client = MlflowClient(uri)
+    v = client.get_model_version(s["model"], s["version"])
+    assert v.tags["promoted"] == str(s["promoted"]).lower() and v.tags["promotion_reason"] == s["reason"]
+    assert s["lossless"] == "2/2"
+    assert s["promoted"] == (s["speedup"] > 1.0)
+    runs = client.search_runs([client.get_experiment_by_name("koala-test").experiment_id])
+    names = {r.info.run_name for r in runs}
+    assert {"distill-tvdpp", "evaluate", "register"} <= names
+    assert any(r.data.tags.get("mlflow.parentRunId") == s["mlflow_run_id"] for r in runs)
+
+    # Make v1 the champion by hand, then a worse candidate is registered but not promoted, with the reason tagged.
+    from tasks.evaluation import register_drafter
+
+    client.set_registered_model_alias(s["model"], "champion", s["version"])
+    worse = {"lossless": {"identical": 2, "total": 2, "checked": True}, "speedup": 0.01, "tau": 1.0,
+             "device": "cpu", "dtype": "float32"}
+    r2 = register_drafter(cfg, s["drafter"], worse)
+    assert r2["version"] != s["version"]
+    d = promote_drafter(cfg, r2, worse, str(tmp_path / "eval2"))
+    assert not d["promoted"] and "does not beat champion v" in d["reason"]
+    v2 = client.get_model_version(s["model"], r2["version"])
+    assert v2.tags["promoted"] == "false" and "re-measured" in v2.tags["promotion_reason"]
+    assert str(client.get_model_version_by_alias(s["model"], "champion").version) == s["version"]
+
+    # Two promotions at once: one champion, the better one, and a decision recorded for both.
+    a = register_drafter(cfg, s["drafter"], worse)
+    b = register_drafter(cfg, s["drafter"], worse)
+    better = {**worse, "speedup": 50.0}
+    results = {}
+    threads = [threading.Thread(target=lambda k, r, rep: results.__setitem__(k, promote_drafter(
+        cfg, r, rep, str(tmp_path / f"eval-{k}"))), args=(k, r, rep)) for k, r, rep in
+        (("a", a, worse), ("b", b, better))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert results["b"]["promoted"] and not results["a"]["promoted"]
+    assert str(client.get_model_version_by_alias(s["model"], "champion").version) == b["version"]
+    for r in (a, b):
+        assert "promotion_reason" in client.get_model_version(s["model"], r["version"]).tags
+
+
+def test_unknown_loss_or_kind_in_a_profile_fails_early(tmp_path):
+    from koala.errors import KoalaError
+
+    p = tmp_path / "bad.yaml"
+    p.write_text("drafter:\n  kind: transformer-xl\n")
+    with pytest.raises(KoalaError, match="field drafter.kind"):
+        load_config(path=p)
+    p.write_text("training:\n  loss: mse\n")
+    with pytest.raises(KoalaError, match="field training.loss"):
+        load_config(path=p)
+
+
+def test_unreachable_tracking_server_fails_before_any_stage(tmp_path):
+    from koala.errors import KoalaError
+    from koala.tracking import check_reachable
+
+    with pytest.raises(KoalaError, match=r"MLflow tracking server http://127\.0\.0\.1:9 is unreachable"):
+        check_reachable("http://127.0.0.1:9", timeout=2)
