@@ -12,7 +12,7 @@ from flows.build_dataset import build_distillation_dataset
 from koala.tracking import Tracker, check_reachable, resolve_uri
 from tasks.common import resolve_config
 from tasks.evaluation import evaluate_drafter, promote_drafter, register_drafter
-from tasks.training import distill_drafter, pretrain_drafter
+from tasks.training import distill_drafter, pretrain_drafter, train_heads_task
 
 Profile = Literal["smoke", "default", "gpu"]
 Loss = Literal["fkl", "rkl", "tvd", "tvdpp", "jsd"]
@@ -62,14 +62,18 @@ def koala_pipeline(
         out = run_dir / "drafter"
         init = pretrain_drafter(cfg, str(out / "pretrain"), pid) if cfg.training.pretrain_steps > 0 else None
 
-        # Step 3: distil it on the target's own responses.
-        trained = distill_drafter(cfg, data_dir, str(out / "distill"), init_from=init, parent_run_id=pid)
+        # Step 3: distil it on the target's own responses (or train KOALA draft heads on the target's features).
+        if cfg.drafter.kind in ("medusa", "eagle"):
+            trained = train_heads_task(cfg, data_dir, str(out / "heads"), pid)
+        else:
+            trained = distill_drafter(cfg, data_dir, str(out / "distill"), init_from=init, parent_run_id=pid)
+            trained["dir"] = trained["drafter"]
 
         # Step 4: measure it: tau, speed-up, losslessness.
         report = evaluate_drafter(cfg, trained["drafter"], str(run_dir / "eval" / "candidate"), pid)
 
         # Step 5: register it in MLflow.
-        registered = register_drafter(cfg, trained["drafter"], report, pid)
+        registered = register_drafter(cfg, trained["dir"], report, pid)
 
         # Step 6: promote it to `champion` if it is lossless and beats the champion, re-measured here.
         decision = promote_drafter(cfg, registered, report, str(run_dir / "eval"), pid)

@@ -251,6 +251,41 @@ def distill(config: Optional[str] = typer.Option(None, help="YAML config (defaul
 
 
 @app.command()
+def heads(kind: str = typer.Option(..., help="medusa or eagle"),
+          layers: int = typer.Option(1, help="K: residual blocks per Medusa head, or EAGLE decoder layers"),
+          adversarial: bool = typer.Option(False, "--adversarial/--no-adversarial", help="add KOALA's adversarial loss"),
+          data: Optional[str] = typer.Option(None, help="distillation set (default: sampling.out_dir)"),
+          out: str = typer.Option(..., help="output directory; the heads land in OUT/heads"),
+          steps: Optional[int] = typer.Option(None, help="optimizer steps (default: training.steps)"),
+          config: Optional[str] = typer.Option(None, help="YAML config (default: the profile)"),
+          profile: str = typer.Option("smoke", help="profile in configs/ when --config is not given"),
+          set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
+    """Train KOALA draft heads (K-layer Medusa or EAGLE, optionally adversarial); evaluate with --drafter heads:OUT/heads."""
+    from pathlib import Path
+
+    from koala.config import load_config
+    from koala.heads_train import train_heads
+    from koala.plots import training_curves
+    from koala.targets import load_target
+
+    history: list = []
+    try:
+        if kind not in ("medusa", "eagle"):
+            raise KoalaError(f"--kind must be medusa or eagle, got {kind!r}")
+        cfg = load_config(None if config else profile, config, set_ or [])
+        target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device, cfg.target.trust_remote_code)
+        path = train_heads(cfg, target, data or cfg.sampling.out_dir, out, kind=kind, layers=layers,
+                           adversarial=adversarial, steps=steps, on_log=lambda s, m: history.append((s, m)))
+        if history:
+            training_curves(history, Path(out) / "heads_curves.png", f"{kind} K={layers}")
+    except KoalaError as e:
+        fail(e)
+    last = history[-1][1] if history else {}
+    typer.echo(f"heads: {path}  (evaluate: koala eval --drafter heads:{path})")
+    typer.echo("  " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
+
+
+@app.command()
 def run(profile: str = typer.Option("smoke", help="smoke (a CPU in minutes), default or gpu"),
         config: Optional[str] = typer.Option(None, help="YAML config instead of a profile"),
         prompt_source: Optional[str] = typer.Option(None, help="sharegpt, mtbench, a file or a prompt-log directory"),

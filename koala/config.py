@@ -83,6 +83,7 @@ class TrainingConfig(_Strict):
     eval_every: int = Field(50, ge=1, description="held-out expected acceptance every N steps")
     heldout_fraction: float = Field(0.05, ge=0, lt=1, description="share of samples held out")
     seed: int = Field(0, description="seed of init, data order and dropout")
+    cache_features: bool = Field(True, description="draft heads: compute the target's features once, keep them")
     adversarial: bool = Field(False, description="add the KOALA adversarial loss from a discriminator")
     adv_lambda: float = Field(0.1, ge=0, description="weight of the adversarial term")
     adv_warmup_steps: int = Field(20, ge=0, description="steps before the adversarial term is switched on")

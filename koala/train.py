@@ -36,6 +36,7 @@ class Batch:
     targets: torch.Tensor  # (N,) the next tokens at those positions, row-major
     topk_ids: torch.Tensor | None = None  # (N, k) the teacher's stored top-k at those positions
     topk_logprobs: torch.Tensor | None = None
+    rows: list[int] | None = None  # indices of the rows in the SequenceData (feature caches look them up)
 
     @property
     def n(self) -> int:
@@ -74,7 +75,7 @@ class SequenceData:
                     tk_v.append(torch.tensor(r["topk_logprobs"][:stop - start], dtype=torch.float32))
         cat = lambda xs: torch.cat(xs).to(device) if xs else None  # noqa: E731
         return Batch(ids.to(device), att.to(device), pos.to(device), cat(targets) if targets else
-                     torch.zeros(0, dtype=torch.long, device=device), cat(tk_i), cat(tk_v))
+                     torch.zeros(0, dtype=torch.long, device=device), cat(tk_i), cat(tk_v), list(idx))
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
@@ -190,35 +191,54 @@ def teacher_at(batch: Batch, target_model, vocab: int) -> Teacher:
     return Teacher.from_logits(logits[batch.positions])
 
 
-def step_loss(student, batch: Batch, mode: str, loss_name: str, target_model, vocab: int):
-    logits = student(batch.input_ids, batch.attention_mask, batch.positions)
-    if mode == "pretrain":
-        return cross_entropy(logits, batch.targets), None, logits
-    teacher = teacher_at(batch, target_model, vocab)
-    return LOSSES[loss_name](logits, teacher), teacher, logits
+class DraftModelObjective:
+    """Distillation (a loss between p and q) or pretraining (next token) of an independent drafter."""
+
+    def __init__(self, lm, mode: str, loss_name: str, target_model=None, adversary=None):
+        self.module = StudentAtPositions(lm)  # replaced by its DDP wrapper under torchrun
+        self.mode, self.loss_name, self.target, self.adversary = mode, loss_name, target_model, adversary
+        self.vocab = lm.config.vocab_size
+
+    def loss(self, b: Batch, step: int) -> tuple[torch.Tensor, dict]:
+        logits = self.module(b.input_ids, b.attention_mask, b.positions)
+        if self.mode == "pretrain":
+            return cross_entropy(logits, b.targets), {}
+        teacher = teacher_at(b, self.target, self.vocab)
+        value = LOSSES[self.loss_name](logits, teacher)
+        if self.adversary is None:
+            return value, {}
+        real, fake = self.adversary.profiles(teacher.logp, torch.log_softmax(logits.float(), -1))
+        adv, extra = self.adversary.step(real, fake, step)
+        return value + adv, extra
+
+    @torch.no_grad()
+    def metrics(self, b: Batch) -> dict:
+        logits = self.module(b.input_ids, b.attention_mask, b.positions)
+        t = teacher_at(b, self.target, self.vocab)
+        return {"heldout_expected_acceptance": float(expected_acceptance(logits, t)),
+                "heldout_greedy_agreement": float(greedy_agreement(logits, t))}
 
 
 @torch.no_grad()
-def heldout_metrics(student, data: SequenceData | None, target_model, vocab: int, device, limit: int = 64) -> dict:
-    """Mean expected acceptance sum min(p, q) and greedy agreement on held-out samples."""
+def heldout_metrics(objective, data: SequenceData | None, device, limit: int = 64) -> dict:
+    """Position-weighted means of the objective's held-out metrics (expected acceptance, greedy agreement)."""
     if data is None or len(data) == 0:
         return {}
-    acc, agree, n = 0.0, 0.0, 0
+    sums: dict[str, float] = {}
+    n = 0
     for i in range(0, min(len(data), limit), 8):
         b = data.batch(list(range(i, min(i + 8, len(data), limit))), device)
         if b.n == 0:
             continue
-        logits = student(b.input_ids, b.attention_mask, b.positions)
-        t = teacher_at(b, target_model, vocab)
-        acc += float(expected_acceptance(logits, t)) * b.n
-        agree += float(greedy_agreement(logits, t)) * b.n
+        for k, v in objective.metrics(b).items():
+            sums[k] = sums.get(k, 0.0) + v * b.n
         n += b.n
-    return {"heldout_expected_acceptance": acc / n, "heldout_greedy_agreement": agree / n} if n else {}
+    return {k: v / n for k, v in sums.items()} if n else {}
 
 
 def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, mode: str = "distill",
           steps: int | None = None, loss: str | None = None, target_model=None, heldout: SequenceData | None = None,
-          resume: bool = False, on_log: LogFn | None = None, progress: bool = True) -> dict:
+          resume: bool = False, on_log: LogFn | None = None, progress: bool = True, objective=None) -> dict:
     """Train `model` (a Hugging Face causal LM) in place; returns the last logged metrics.
 
     Args:
@@ -233,6 +253,7 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
         heldout: sequences for the held-out expected acceptance.
         resume: continue from the last checkpoint in out_dir.
         on_log: called with (step, metrics) every step.
+        objective: what a step minimises (default: a DraftModelObjective for `mode`); draft heads bring their own.
 
     Raises:
         KoalaError: the loss became NaN or infinite (the last good checkpoint is kept).
@@ -242,11 +263,16 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
     loss_name = loss or cfg.loss
     rank, world_size = world()
     device = next(model.parameters()).device
-    vocab = model.config.vocab_size
     torch.manual_seed(cfg.seed)
-    student = StudentAtPositions(model)
+    if objective is None:
+        adversary = None
+        if cfg.adversarial and mode == "distill":
+            from koala.adversarial import Adversary
+
+            adversary = Adversary(cfg, device)
+        objective = DraftModelObjective(model, mode, loss_name, target_model, adversary)
     if world_size > 1:
-        student = torch.nn.parallel.DistributedDataParallel(student)
+        objective.module = torch.nn.parallel.DistributedDataParallel(objective.module)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg, steps))
@@ -266,7 +292,7 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
         total, tokens = 0.0, 0
         for b in batches:
             with autocast:
-                value, _, _ = step_loss(student, b, mode, loss_name, target_model, vocab)
+                value, extra = objective.loss(b, step)
             # each micro-batch's mean, weighted by its share of the global batch's positions (DDP averages ranks)
             scaled = value * (b.n * world_size / max(n_global, 1))
             if not torch.isfinite(value):
@@ -284,9 +310,9 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
         sched.step()
         opt.zero_grad(set_to_none=True)
         metrics = {"loss": total / max(tokens, 1), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                   "tokens_per_s": tokens / (time.perf_counter() - t0)}
+                   "tokens_per_s": tokens / (time.perf_counter() - t0), **extra}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
-            metrics.update(heldout_metrics(student, heldout, target_model, vocab, device))
+            metrics.update(heldout_metrics(objective, heldout, device))
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps) and rank == 0:
             save_checkpoint(out, step + 1, model, opt, sched, order.state())

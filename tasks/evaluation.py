@@ -104,6 +104,8 @@ def promote_drafter(cfg: KoalaConfig, registered: dict, report: dict, out_dir: s
             path = champ.tags.get("drafter_dir")
             if not path or not Path(path).exists():
                 path = str(drafter_path(f"models:/{name}@champion"))
+            if (Path(path) / "heads.json").exists():
+                path = f"heads:{path}"
             champ_report = evaluate_drafter.fn(cfg, path, str(Path(out_dir) / f"champion-v{champ.version}"),
                                                parent_run_id, run_name=f"re-measure-champion-v{champ.version}")
         d = decide(report, champ_report, None if champ is None else champ.version)

@@ -140,28 +140,30 @@ class Transformer(nn.Module):
 
     def forward(
         self,
-        idx: torch.Tensor,
+        idx: torch.Tensor | None,
         input_pos: torch.Tensor,
         pad: torch.Tensor | None = None,
         return_hidden: bool = False,
         kv_len: int | None = None,
+        embeds: torch.Tensor | None = None,
     ):
         """Logits for tokens `idx` (B, T) written at cache slots `input_pos` (T,).
 
         `pad` (B,) counts left-padding slots per row (batched sampling): those slots are masked out and each row's
-        rotary positions start at 0 after its padding. With `return_hidden`, also returns the last layer's output
-        before the final norm, (B, T, C), which the draft heads read. `kv_len` (a host int > every input_pos)
+        rotary positions start at 0 after its padding. With `return_hidden`, also returns the features the LM head
+        reads (after the final norm), (B, T, C), which the draft heads read. `kv_len` (a host int > every input_pos)
         limits attention to the first kv_len slots: faster on a CPU, but a shape change, so leave it None where
         steps are captured as CUDA graphs.
         """
         assert self.caches, "call setup_caches() first"
-        B, T = idx.shape
+        x = self.embed(idx) if embeds is None else embeds  # embeds (B, T, C): EAGLE feeds its fused features
+        B, T = x.shape[:2]
         pos = input_pos[None, :].expand(B, T)
         S = self.max_seq_len if kv_len is None else kv_len
         mask = self.causal[input_pos, :S][None, None]  # (1, 1, T, S)
         if pad is not None:
             pos = pos - pad[:, None]
-            slots = torch.arange(S, device=idx.device)
+            slots = torch.arange(S, device=x.device)
             keys = slots[None, :] >= pad[:, None]  # (B, S)
             # A padding query sees only itself: a row with no visible key would give NaN, and NaN in the cache
             # poisons later rows even under a zero attention weight.
@@ -170,13 +172,13 @@ class Transformer(nn.Module):
             mask = None  # one query at the last slot in use sees every slot: no mask needed
         elif mask is not None:
             # an additive float mask, built once per forward rather than converted in every layer
-            mask = torch.zeros(mask.shape, dtype=self.dtype, device=idx.device).masked_fill_(~mask, float("-inf"))
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         cos, sin = self._rope(pos)
-        x = self.embed(idx)
         eps = self.args.norm_eps
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_layernorm.weight, eps)
             x = x + self._attention(layer, i, h, cos, sin, input_pos, mask, kv_len)
             x = x + layer.mlp(rms_norm(x, layer.post_attention_layernorm.weight, eps))
-        logits = self.lm_head(rms_norm(x, self.norm.weight, eps)).float()
-        return (logits, x) if return_hidden else logits
+        h = rms_norm(x, self.norm.weight, eps)  # (B, T, C) the features the LM head reads
+        logits = self.lm_head(h).float()
+        return (logits, h) if return_hidden else logits

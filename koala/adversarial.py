@@ -1,0 +1,83 @@
+"""KOALA's adversarial term (Zhang, Zhao, Chen 2024): a discriminator tells the target's outputs from the drafter's.
+
+The discriminator is an MLP over *top-k log-probability profiles*: at each position, the log-probabilities that a
+distribution gives to the target's k most likely tokens, in the target's order. The target's own profile is "real",
+the drafter's (independent drafter, Medusa head or EAGLE head alike) is "fake", so one module serves every drafter
+kind and works from stored top-k teachers without the target in memory. Updates alternate: a discriminator step on
+detached profiles, then the drafter adds lambda times the non-saturating generator loss -log D(fake).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from koala.config import TrainingConfig
+from koala.errors import KoalaError
+
+PROFILE_K = 16  # tokens per profile
+COLLAPSE_STEPS = 50  # consecutive steps at ~0% or ~100% accuracy that count as a collapse
+
+
+class Discriminator(nn.Module):
+    """MLP: a (N, k) profile -> (N,) logit that it came from the target."""
+
+    def __init__(self, k: int = PROFILE_K, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(k, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, profile: torch.Tensor) -> torch.Tensor:
+        return self.net(profile.float()).squeeze(-1)
+
+
+class Adversary:
+    """The discriminator, its optimizer, the lambda warm-up and the collapse guard."""
+
+    def __init__(self, cfg: TrainingConfig, device, k: int = PROFILE_K):
+        self.cfg, self.k = cfg, k
+        self.disc = Discriminator(k).to(device)
+        self.opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+        self.extreme_steps = 0
+
+    def profiles(self, target_logp: torch.Tensor, drafter_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, V) log-probs of both -> (N, k) profiles at the target's top-k tokens (real, fake)."""
+        idx = target_logp.topk(self.k, dim=-1).indices
+        return target_logp.gather(-1, idx).clamp_min(-30), drafter_logp.gather(-1, idx).clamp_min(-30)
+
+    def lam(self, step: int) -> float:
+        return 0.0 if step < self.cfg.adv_warmup_steps else self.cfg.adv_lambda
+
+    def step(self, real: torch.Tensor, fake: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        """One discriminator update, then the drafter's adversarial loss (already weighted by lambda).
+
+        Raises:
+            KoalaError: the discriminator has been always right or always wrong for COLLAPSE_STEPS steps.
+        """
+        d_real, d_fake = self.disc(real.detach()), self.disc(fake.detach())
+        d_loss = F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real)) + \
+            F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+        self.opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            acc = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).item()
+        self._guard(acc, step)
+        for p in self.disc.parameters():
+            p.requires_grad_(False)
+        g = self.disc(fake)
+        g_loss = F.binary_cross_entropy_with_logits(g, torch.ones_like(g))  # non-saturating: -log D(fake)
+        for p in self.disc.parameters():
+            p.requires_grad_(True)
+        lam = self.lam(step)
+        return lam * g_loss, {"disc_loss": d_loss.item(), "disc_accuracy": acc, "adv_loss": g_loss.item(),
+                              "adv_lambda": lam}
+
+    def _guard(self, acc: float, step: int) -> None:
+        self.extreme_steps = self.extreme_steps + 1 if (acc >= 0.995 or acc <= 0.005) else 0
+        if self.extreme_steps >= COLLAPSE_STEPS and step >= self.cfg.adv_warmup_steps:
+            raise KoalaError(
+                f"the discriminator collapsed at step {step + 1} (accuracy {acc:.3f} for {self.extreme_steps} steps): "
+                "lower training.adv_lambda or the learning rate, or train without --adversarial"
+            )

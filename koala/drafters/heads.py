@@ -1,0 +1,207 @@
+"""KOALA draft heads (Zhang, Zhao, Chen 2024): K-layer Medusa and EAGLE heads on the target's features.
+
+* Medusa (Cai et al. 2024): n non-autoregressive heads on the target's feature f_t (what its LM head reads); head i
+  is K residual blocks x + SiLU(W x) followed by the target's frozen LM head and predicts token t+1+i.
+* EAGLE (Li et al. 2024): one autoregressive feature-level head: fc([f_t ; emb(x_{t+1})]) -> K decoder layers of the
+  target's architecture -> the predicted feature f_{t+1}, read by the target's LM head; drafting feeds it its own
+  predicted features gamma times.
+K = 1 is the original head; KOALA makes it K deep. The target stays frozen; only the heads are trained and saved
+(`heads.safetensors` + `heads.json`), and `--drafter heads:PATH` loads them onto the target in the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from koala.errors import KoalaError
+from koala.spec.model import Transformer
+from koala.spec.sampling import logits_to_probs, sample
+
+HEADS_JSON, HEADS_WEIGHTS = "heads.json", "heads.safetensors"
+
+
+class ResBlock(nn.Module):
+    """x + SiLU(W x), W zero-initialised so a new head starts as the identity (Medusa's choice)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        return x + nn.functional.silu(self.linear(x))
+
+
+class MedusaHeads(nn.Module):
+    """n heads of K ResBlocks: (..., C) features -> (n, ..., C) per-head features for the target's LM head."""
+
+    def __init__(self, hidden: int, n_heads: int, layers: int):
+        super().__init__()
+        self.heads = nn.ModuleList(nn.Sequential(*[ResBlock(hidden) for _ in range(layers)]) for _ in range(n_heads))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.stack([h(f) for h in self.heads])
+
+
+class EagleHead(nn.Module):
+    """fc([f_t ; emb(x_{t+1})]) then K decoder layers (the target's architecture) -> predicted f_{t+1}."""
+
+    def __init__(self, target_config, layers: int):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaModel
+
+        d = copy.deepcopy(target_config.to_dict())
+        d.pop("quantization_config", None)
+        d.update(model_type="llama", num_hidden_layers=layers, vocab_size=1, pad_token_id=None, bos_token_id=None,
+                 eos_token_id=None)  # inputs come as embeddings: a one-row token table
+        self.config = LlamaConfig.from_dict(d)
+        C = self.config.hidden_size
+        self.fc = nn.Linear(2 * C, C)
+        self.decoder = LlamaModel(self.config)
+
+    def fuse(self, feats: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([feats, next_embeds], dim=-1))
+
+    def forward(self, feats: torch.Tensor, next_embeds: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """Teacher-forced training pass: (B, T, C) features and next-token embeddings -> (B, T, C) predictions."""
+        x = self.fuse(feats, next_embeds)
+        return self.decoder(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state
+
+
+def build_heads(kind: str, target_model, layers: int, n_heads: int = 4) -> nn.Module:
+    C = target_model.config.hidden_size
+    if kind == "medusa":
+        module = MedusaHeads(C, n_heads, layers)
+    elif kind == "eagle":
+        module = EagleHead(target_model.config, layers)
+    else:
+        raise KoalaError(f"head kind must be medusa or eagle, got {kind!r}")
+    return module.to(device=target_model.device, dtype=target_model.dtype)
+
+
+def save_heads(module: nn.Module, out_dir: str | Path, info: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, out / HEADS_WEIGHTS)
+    (out / HEADS_JSON).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+    return out
+
+
+def load_heads(path: str | Path, target_model) -> tuple[nn.Module, dict]:
+    """Heads saved by `save_heads`, on the target's device and dtype.
+
+    Raises:
+        KoalaError: missing files, or heads trained for another target.
+    """
+    p = Path(path)
+    if not (p / HEADS_JSON).exists() or not (p / HEADS_WEIGHTS).exists():
+        raise KoalaError(f"{p} holds no draft heads ({HEADS_JSON} + {HEADS_WEIGHTS}): train them with `koala heads`")
+    info = json.loads((p / HEADS_JSON).read_text())
+    if info.get("hidden_size") != target_model.config.hidden_size or info.get("vocab_size") != \
+            target_model.config.vocab_size:
+        raise KoalaError(f"heads in {p} were trained for target {info.get('target', {}).get('name')} (hidden "
+                         f"{info.get('hidden_size')}, vocabulary {info.get('vocab_size')}): train heads for this target")
+    module = build_heads(info["kind"], target_model, info["layers"], info.get("n_heads", 4))
+    module.load_state_dict(load_file(p / HEADS_WEIGHTS, device=str(target_model.device)))
+    return module.eval(), info
+
+
+class _EagleLM(nn.Module):
+    """Presents an EAGLE head to the engine as a causal LM: its decoder, the target's LM head."""
+
+    def __init__(self, head: EagleHead, target_model):
+        super().__init__()
+        self.config = copy.copy(head.config)
+        self.config.vocab_size = target_model.config.vocab_size
+        self.model = head.decoder
+        self.lm_head = target_model.lm_head
+
+
+class MedusaDrafter:
+    """Proposes one chain: the top-1 (or a draw) of each head on the target's latest known feature."""
+
+    needs_hidden = True
+
+    def __init__(self, heads: MedusaHeads, target: Transformer, name: str):
+        self.heads, self.target, self.name = heads, target, name
+        self.vocab_size = target.args.vocab_size
+        self.feat: torch.Tensor | None = None
+
+    def reset(self, max_seq_len: int) -> None:
+        self.feat = torch.zeros(max_seq_len, self.target.args.dim, dtype=self.target.dtype, device=self.target.device)
+
+    @torch.no_grad()
+    def propose(self, seq, n, gamma, params):
+        if gamma > len(self.heads.heads):
+            raise KoalaError(f"gamma {gamma} exceeds the {len(self.heads.heads)} Medusa heads: use --gamma "
+                             f"<= {len(self.heads.heads)}")
+        # f_{n-2} is the newest target feature; head i on it predicts token n-1+i, i = 1..gamma
+        hs = self.heads(self.feat[n - 2])[:gamma]  # (gamma, C)
+        q = logits_to_probs(self.target.lm_head(hs).float(), params)
+        return sample(q, greedy=params.greedy), q
+
+    def commit(self, n_valid, hidden=None, start=0):
+        if hidden is not None:
+            self.feat[start:start + hidden.shape[0]] = hidden
+
+
+class EagleDrafter:
+    """Runs the EAGLE head autoregressively on features: true ones where known, its own predictions after."""
+
+    needs_hidden = True
+
+    def __init__(self, head: EagleHead, target: Transformer, name: str):
+        self.head, self.target, self.name = head, target, name
+        self.engine = Transformer(_EagleLM(head, target.hf_model[0]))
+        self.vocab_size = target.args.vocab_size
+        self.n_cached = 0  # EAGLE slots 0..n_cached-1 hold inputs built from true target features
+        self.feat: torch.Tensor | None = None
+
+    def reset(self, max_seq_len: int) -> None:
+        self.engine.setup_caches(max_seq_len)
+        self.feat = torch.zeros(max_seq_len, self.target.args.dim, dtype=self.target.dtype, device=self.target.device)
+        self.n_cached = 0
+
+    @torch.no_grad()
+    def propose(self, seq, n, gamma, params):
+        dev = seq.device
+        kv = None if dev.type == "cuda" else n + gamma
+        emb = self.target.embed
+        js = torch.arange(self.n_cached, n - 1, device=dev)  # slot j reads (f_j, x_{j+1}) and predicts f_{j+1}
+        x = self.head.fuse(self.feat[js], emb(seq[js + 1]))[None]
+        logits, h = self.engine(None, js, embeds=x, return_hidden=True, kv_len=kv)
+        logits, f = logits[0, -1], h[0, -1]
+        tokens, probs = [], []
+        for i in range(gamma):
+            q = logits_to_probs(logits, params)
+            t = sample(q, greedy=params.greedy)
+            tokens.append(t)
+            probs.append(q)
+            if i < gamma - 1:
+                x = self.head.fuse(f[None, None], emb(t.view(1, 1)))
+                logits, h = self.engine(None, torch.tensor([n - 1 + i], device=dev), embeds=x, return_hidden=True,
+                                        kv_len=kv)
+                logits, f = logits[0, -1], h[0, -1]
+        self.n_cached = n + gamma - 2
+        return torch.stack(tokens), torch.stack(probs)
+
+    def commit(self, n_valid, hidden=None, start=0):
+        if hidden is not None:
+            self.feat[start:start + hidden.shape[0]] = hidden
+        self.n_cached = min(self.n_cached, start)  # slots from `start` on were fed predicted features
+
+
+def load_heads_drafter(path: str, target: Transformer):
+    """`heads:PATH` for the engine: Medusa or EAGLE heads on the given target."""
+    module, info = load_heads(path, target.hf_model[0])
+    name = f"heads:{info['kind']}-K{info['layers']}{'-adv' if info.get('adversarial') else ''}"
+    if info["kind"] == "medusa":
+        return MedusaDrafter(module, target, name)
+    return EagleDrafter(module, target, name)
