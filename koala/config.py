@@ -64,6 +64,8 @@ class DrafterConfig(_Strict):
     copy_layers: list[int] | None = Field(None, description="target layers to copy (init=target); None: spread evenly")
     embeddings: Literal["frozen", "trainable"] = Field("frozen", description="shared embeddings/head: frozen or trained")
     n_heads: int = Field(4, ge=1, description="Medusa: number of heads (tokens proposed per round)")
+    draft_vocab: int | None = Field(None, ge=16, description="draft over the K most frequent response tokens only "
+                                    "(a cheaper drafter head; None: the full vocabulary)")
 
 
 class TrainingConfig(_Strict):

@@ -62,6 +62,24 @@ def _drafter_for(cfg: KoalaConfig, target: Target, init_from: str | Path | None)
     return build_drafter(target, cfg.drafter, seed=cfg.training.seed)
 
 
+def response_token_counts(rows: list[dict], vocab: int) -> "torch.Tensor":
+    """How often each token appears in the responses: what a draft vocabulary keeps."""
+    import torch
+
+    counts = torch.zeros(vocab, dtype=torch.long)
+    for r in rows:
+        ids = torch.tensor(r["input_ids"][r["prompt_len"]:], dtype=torch.long)
+        counts += torch.bincount(ids, minlength=vocab)[:vocab]
+    return counts
+
+
+def write_draft_vocab(cfg: KoalaConfig, rows: list[dict], vocab: int, directory: Path) -> None:
+    if cfg.drafter.draft_vocab:
+        from koala.spec.drafters import save_draft_vocab
+
+        save_draft_vocab(directory, response_token_counts(rows, vocab), cfg.drafter.draft_vocab)
+
+
 def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str | Path, loss: str | None = None,
             steps: int | None = None, resume: bool = False, init_from: str | Path | None = None,
             on_log: LogFn | None = None, online_teacher: bool = False, progress: bool = True) -> Path:
@@ -90,7 +108,9 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
             "data_manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
             "data_dir": str(data_dir), "training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump(),
             "metrics": metrics, "train_rows": len(train_rows), "heldout_rows": len(held)}
-    return save_drafter(model, target.tokenizer, out / FINAL, info)
+    path = save_drafter(model, target.tokenizer, out / FINAL, info)
+    write_draft_vocab(cfg, train_rows, target.info.vocab_size, path)
+    return path
 
 
 def pretraining_rows(cfg: KoalaConfig, target: Target, limit: int = 2000) -> list[dict]:

@@ -142,4 +142,8 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
             "target": {"name": target.info.name, "content_hash": target.info.content_hash},
             "data_manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
             "training": tcfg.model_dump(), "metrics": metrics}
-    return save_heads(heads.eval(), out / "heads", info)
+    path = save_heads(heads.eval(), out / "heads", info)
+    from koala.distill import write_draft_vocab
+
+    write_draft_vocab(cfg, train_rows, target.info.vocab_size, path)
+    return path

@@ -20,6 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from koala.errors import KoalaError
+from koala.spec.drafters import DraftVocab
 from koala.spec.model import Transformer
 from koala.spec.sampling import logits_to_probs, sample
 
@@ -129,8 +130,8 @@ class MedusaDrafter:
 
     needs_hidden = True
 
-    def __init__(self, heads: MedusaHeads, target: Transformer, name: str):
-        self.heads, self.target, self.name = heads, target, name
+    def __init__(self, heads: MedusaHeads, target: Transformer, name: str, draft_vocab: DraftVocab | None = None):
+        self.heads, self.target, self.name, self.draft_vocab = heads, target, name, draft_vocab
         self.vocab_size = target.args.vocab_size
         self.feat: torch.Tensor | None = None
 
@@ -144,6 +145,8 @@ class MedusaDrafter:
                              f"<= {len(self.heads.heads)}")
         # f_{n-2} is the newest target feature; head i on it predicts token n-1+i, i = 1..gamma
         hs = self.heads(self.feat[n - 2])[:gamma]  # (gamma, C)
+        if self.draft_vocab is not None:
+            return self.draft_vocab.draw(hs, params)
         q = logits_to_probs(self.target.lm_head(hs).float(), params)
         return sample(q, greedy=params.greedy), q
 
@@ -157,8 +160,8 @@ class EagleDrafter:
 
     needs_hidden = True
 
-    def __init__(self, head: EagleHead, target: Transformer, name: str):
-        self.head, self.target, self.name = head, target, name
+    def __init__(self, head: EagleHead, target: Transformer, name: str, draft_vocab: DraftVocab | None = None):
+        self.head, self.target, self.name, self.draft_vocab = head, target, name, draft_vocab
         self.engine = Transformer(_EagleLM(head, target.hf_model[0]))
         self.vocab_size = target.args.vocab_size
         self.n_cached = 0  # EAGLE slots 0..n_cached-1 hold inputs built from true target features
@@ -175,20 +178,24 @@ class EagleDrafter:
         kv = None if dev.type == "cuda" else n + gamma
         emb = self.target.embed
         js = torch.arange(self.n_cached, n - 1, device=dev)  # slot j reads (f_j, x_{j+1}) and predicts f_{j+1}
+        dv = self.draft_vocab
         x = self.head.fuse(self.feat[js], emb(seq[js + 1]))[None]
-        logits, h = self.engine(None, js, embeds=x, return_hidden=True, kv_len=kv)
-        logits, f = logits[0, -1], h[0, -1]
+        logits, h = self.engine(None, js, embeds=x, return_hidden=True, kv_len=kv, head=dv is None)
+        f = h[0, -1]
         tokens, probs = [], []
         for i in range(gamma):
-            q = logits_to_probs(logits, params)
-            t = sample(q, greedy=params.greedy)
+            if dv is None:
+                q = logits_to_probs(logits[0, -1], params)
+                t = sample(q, greedy=params.greedy)
+            else:
+                t, q = dv.draw(f, params)
             tokens.append(t)
             probs.append(q)
             if i < gamma - 1:
                 x = self.head.fuse(f[None, None], emb(t.view(1, 1)))
                 logits, h = self.engine(None, torch.tensor([n - 1 + i], device=dev), embeds=x, return_hidden=True,
-                                        kv_len=kv)
-                logits, f = logits[0, -1], h[0, -1]
+                                        kv_len=kv, head=dv is None)
+                f = h[0, -1]
         self.n_cached = n + gamma - 2
         return torch.stack(tokens), torch.stack(probs)
 
@@ -200,8 +207,10 @@ class EagleDrafter:
 
 def load_heads_drafter(path: str, target: Transformer):
     """`heads:PATH` for the engine: Medusa or EAGLE heads on the given target."""
-    module, info = load_heads(path, target.hf_model[0])
+    hf = target.hf_model[0]
+    module, info = load_heads(path, hf)
     name = f"heads:{info['kind']}-K{info['layers']}{'-adv' if info.get('adversarial') else ''}"
+    dv = DraftVocab.load(path, hf.lm_head, target.args.vocab_size)
     if info["kind"] == "medusa":
-        return MedusaDrafter(module, target, name)
-    return EagleDrafter(module, target, name)
+        return MedusaDrafter(module, target, name, dv)
+    return EagleDrafter(module, target, name, dv)

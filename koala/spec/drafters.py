@@ -34,13 +34,57 @@ class Drafter(Protocol):
         ...
 
 
+DRAFT_VOCAB = "draft_vocab.safetensors"
+
+
+class DraftVocab:
+    """Draft over the K most frequent tokens only (FR-Spec, Zhao et al. 2025): the drafter's head costs K/V as much.
+
+    The draft distribution q is zero outside the subset, which the rejection rule handles exactly (greedy: a token
+    outside the subset is simply never proposed), so the output stays the target's.
+    """
+
+    def __init__(self, ids: torch.Tensor, lm_head: torch.nn.Linear, vocab_size: int):
+        self.ids = ids.to(lm_head.weight.device).long()  # (K,)
+        self.weight = lm_head.weight.detach()[self.ids]  # (K, C): a copy, K/V of the full head
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def load(cls, directory, lm_head, vocab_size) -> "DraftVocab | None":
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        f = Path(directory) / DRAFT_VOCAB
+        return cls(load_file(f)["ids"], lm_head, vocab_size) if f.exists() else None
+
+    def draw(self, h: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (..., C) -> (token ids (...), q over the full vocabulary (..., V))."""
+        q_k = logits_to_probs((h @ self.weight.T).float(), params)  # (..., K)
+        t = self.ids[sample(q_k, greedy=params.greedy)]
+        q = torch.zeros(*q_k.shape[:-1], self.vocab_size, device=q_k.device).scatter_(
+            -1, self.ids.expand(*q_k.shape[:-1], -1), q_k)
+        return t, q
+
+
+def save_draft_vocab(directory, token_counts: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k most frequent tokens of the training data (counts (V,)) as the drafter's vocabulary."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    ids = token_counts.topk(min(k, int((token_counts > 0).sum()) or k)).indices.sort().values
+    save_file({"ids": ids.contiguous()}, str(Path(directory) / DRAFT_VOCAB))
+    return ids
+
+
 class ModelDrafter:
     """An independent causal LM sharing the target's vocabulary, run in koala's static-cache engine."""
 
     needs_hidden = False
 
-    def __init__(self, model: Transformer, name: str = "model"):
-        self.model, self.name = model, name
+    def __init__(self, model: Transformer, name: str = "model", draft_vocab: DraftVocab | None = None):
+        self.model, self.name, self.draft_vocab = model, name, draft_vocab
         self.vocab_size = model.args.vocab_size
         self.n_cached = 0  # seq[:n_cached] is in this drafter's KV cache
 
@@ -53,16 +97,21 @@ class ModelDrafter:
         dev = seq.device
         # Feed what the cache lacks: the prompt at first, then 1 token (a correction) or 2 (last draft + bonus).
         kv = None if dev.type == "cuda" else n + gamma  # CPU: attend only to the slots in use
+        dv = self.draft_vocab
         pos = torch.arange(self.n_cached, n, device=dev)
-        logits = self.model(seq[self.n_cached:n][None], pos, kv_len=kv)[0, -1]
+        out = self.model(seq[self.n_cached:n][None], pos, kv_len=kv, return_hidden=dv is not None, head=dv is None)
         tokens, probs = [], []
         for i in range(gamma):
-            q = logits_to_probs(logits, params)
-            t = sample(q, greedy=params.greedy)
+            if dv is None:
+                q = logits_to_probs(out[0, -1], params)
+                t = sample(q, greedy=params.greedy)
+            else:
+                t, q = dv.draw(out[1][0, -1], params)
             tokens.append(t)
             probs.append(q)
             if i < gamma - 1:
-                logits = self.model(t.view(1, 1), torch.tensor([n + i], device=dev), kv_len=kv)[0, -1]
+                out = self.model(t.view(1, 1), torch.tensor([n + i], device=dev), kv_len=kv,
+                                 return_hidden=dv is not None, head=dv is None)
         self.n_cached = n + gamma - 1
         return torch.stack(tokens), torch.stack(probs)
 
@@ -133,5 +182,9 @@ def load_drafter(spec: str, target: Transformer, dtype: str = "float32", device:
         return load_heads_drafter(spec.split(":", 1)[1], target)
     from koala.targets import load_target
 
-    model = load_target(spec, dtype=dtype, device=device).model
-    return ModelDrafter(Transformer(model), name=spec)
+    t = load_target(spec, dtype=dtype, device=device)
+    engine = Transformer(t.model)
+    from pathlib import Path
+
+    dv = DraftVocab.load(spec, t.model.lm_head, engine.args.vocab_size) if Path(spec).is_dir() else None
+    return ModelDrafter(engine, name=spec, draft_vocab=dv)

@@ -146,6 +146,7 @@ class Transformer(nn.Module):
         return_hidden: bool = False,
         kv_len: int | None = None,
         embeds: torch.Tensor | None = None,
+        head: bool = True,
     ):
         """Logits for tokens `idx` (B, T) written at cache slots `input_pos` (T,).
 
@@ -180,5 +181,7 @@ class Transformer(nn.Module):
             x = x + self._attention(layer, i, h, cos, sin, input_pos, mask, kv_len)
             x = x + layer.mlp(rms_norm(x, layer.post_attention_layernorm.weight, eps))
         h = rms_norm(x, self.norm.weight, eps)  # (B, T, C) the features the LM head reads
+        if not head:
+            return None, h  # a drafter with its own (subset) head reads the features
         logits = self.lm_head(h).float()
         return (logits, h) if return_hidden else logits

@@ -193,3 +193,21 @@ def test_bad_lengths_and_gamma(target):
         generate(target, list(range(20)), 5, max_context=16)
     with pytest.raises(KoalaError, match="lower max_new_tokens to at most 10"):
         generate(target, PROMPT, 50, max_context=16)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_draft_vocabulary_subset_stays_lossless(target, temperature):
+    from koala.spec.drafters import DraftVocab
+
+    ids = torch.arange(0, V, 2)  # half the vocabulary
+    dv = DraftVocab(ids, target.truncated(1).lm_head, V)
+    d = ModelDrafter(target.truncated(1), draft_vocab=dv)
+    params = SamplingParams(temperature)
+    torch.manual_seed(0)
+    d.reset(64)
+    toks, q = d.propose(torch.tensor(PROMPT + [0] * 20), len(PROMPT), 3, params)
+    assert q.shape == (3, V) and torch.allclose(q.sum(-1), torch.ones(3)) and (q[:, 1::2] == 0).all()
+    assert all(int(t) % 2 == 0 for t in toks)
+    if temperature == 0:
+        ref = generate(target, PROMPT, 30).tokens
+        assert generate(target, PROMPT, 30, drafter=d, gamma=3).tokens == ref
