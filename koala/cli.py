@@ -216,9 +216,14 @@ def _train_cmd(stage: str, config, profile, data, loss, steps, out, resume, init
                     tracker.log_artifact(path / "koala.json")
     except KoalaError as e:
         fail(e)
-    last = history[-1][1] if history else {}
-    typer.echo(f"drafter: {path}")
-    typer.echo("  " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
+    _print_result(f"drafter: {path}", history)
+
+
+def _print_result(line: str, history: list) -> None:
+    """What a training command ends with: where the result is and the last logged metrics."""
+    typer.echo(line)
+    if history:
+        typer.echo("  " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1][1].items()))
 
 
 @app.command()
@@ -280,9 +285,7 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
             training_curves(history, Path(out) / "heads_curves.png", f"{kind} K={layers}")
     except KoalaError as e:
         fail(e)
-    last = history[-1][1] if history else {}
-    typer.echo(f"heads: {path}  (evaluate: koala eval --drafter heads:{path})")
-    typer.echo("  " + ", ".join(f"{k} {v:.4g}" for k, v in last.items()))
+    _print_result(f"heads: {path}  (evaluate: koala eval --drafter heads:{path})", history)
 
 
 @app.command()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from koala import __version__
 from koala.config import KoalaConfig
@@ -26,16 +28,46 @@ from koala.train import Batch, LogFn, SequenceData, train
 
 
 class FeatureSource:
-    """The target's features f (what its LM head reads) for a batch: computed once per row and kept, or online."""
+    """The target's features f (what its LM head reads) for a batch: computed once per row and kept, or online.
 
-    def __init__(self, target_model, data: SequenceData, cache: bool, name: str = "train"):
+    With `cache_dir`, the cache is also written to disk (one safetensors file per data split, keyed by the target, the
+    rows and the sequence length), so later trainings on the same data (an ablation) skip the target's forward passes.
+    """
+
+    def __init__(self, target_model, data: SequenceData, cache: bool, name: str = "train",
+                 cache_dir: str | Path | None = None, target_hash: str = ""):
         self.target, self.data, self.cache = target_model, data, cache
         self.store: dict[int, torch.Tensor] = {}
-        if cache:
-            C = target_model.config.hidden_size
-            tokens = sum(min(len(r["input_ids"]), data.max_len) for r in data.rows)
-            print(f"caching the target's features for {len(data)} {name} sequences: {tokens} tokens x {C} x 2 bytes "
-                  f"= {tokens * C * 2 / 1e6:.1f} MB in memory")
+        if not cache:
+            return
+        C = target_model.config.hidden_size
+        tokens = sum(min(len(r["input_ids"]), data.max_len) for r in data.rows)
+        print(f"caching the target's features for {len(data)} {name} sequences: {tokens} tokens x {C} x 2 bytes "
+              f"= {tokens * C * 2 / 1e6:.1f} MB")
+        if cache_dir is None:
+            return
+        key = hashlib.sha256(json.dumps([target_hash, data.max_len, [r.get("prompt_id") for r in data.rows],
+                                         [len(r["input_ids"]) for r in data.rows]]).encode()).hexdigest()[:16]
+        file = Path(cache_dir) / f"features-{name}-{key}.safetensors"
+        if file.exists():
+            loaded = load_file(file)
+            self.store = {int(k): v for k, v in loaded.items()}
+            return
+        self._compute_all()
+        from koala.io import atomic_path
+
+        try:
+            with atomic_path(file) as tmp:
+                save_file({str(k): v.contiguous() for k, v in self.store.items()}, str(tmp))
+        except OSError:
+            pass  # a read-only data directory: keep the features in memory only
+
+    @torch.no_grad()
+    def _compute_all(self) -> None:
+        dev = self.target.device
+        for i in tqdm(range(len(self.data)), desc="target features", unit="seq", leave=False):
+            ids = torch.tensor([self.data.rows[i]["input_ids"][:self.data.max_len]], device=dev)
+            self.store[i] = self.target.model(input_ids=ids).last_hidden_state[0].half().cpu()
 
     @torch.no_grad()
     def __call__(self, b: Batch) -> torch.Tensor:
@@ -45,12 +77,12 @@ class FeatureSource:
         missing = [i for i in b.rows if i not in self.store]
         for i in missing:
             ids = torch.tensor([self.data.rows[i]["input_ids"][:self.data.max_len]], device=b.input_ids.device)
-            self.store[i] = self.target.model(input_ids=ids).last_hidden_state[0].half()
+            self.store[i] = self.target.model(input_ids=ids).last_hidden_state[0].half().cpu()
         out = torch.zeros(*b.input_ids.shape, self.target.config.hidden_size, dtype=self.target.dtype,
                           device=b.input_ids.device)
         for row, i in enumerate(b.rows):
             f = self.store[i]
-            out[row, :f.shape[0]] = f.to(out.dtype)
+            out[row, :f.shape[0]] = f.to(out.device, out.dtype)
         return out
 
 
@@ -131,8 +163,9 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
         from koala.adversarial import Adversary
 
         adversary = Adversary(tcfg, target.model.device)
-    feats = FeatureSource(target.model, data, tcfg.cache_features)
-    held_feats = FeatureSource(target.model, heldout, tcfg.cache_features, "held-out") if heldout else None
+    h = target.info.content_hash
+    feats = FeatureSource(target.model, data, tcfg.cache_features, "train", data_dir, h)
+    held_feats = FeatureSource(target.model, heldout, tcfg.cache_features, "heldout", data_dir, h) if heldout else None
     objective = HeadsObjective(kind, heads, target.model, feats, held_feats, adversary)
     metrics = train(heads, data, tcfg, out, mode=f"heads-{kind}", steps=steps or tcfg.steps, heldout=heldout,
                     on_log=on_log, progress=progress, objective=objective)
