@@ -111,7 +111,8 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
              target: str = typer.Option("smollm2-135m-instruct", help="target: name, HF id, directory or .gguf"),
              bench: str = typer.Option("mtbench", help="mtbench, humaneval or a JSONL of {prompt, category}"),
              limit: Optional[int] = typer.Option(8, help="evaluate at most this many prompts"),
-             gamma: int = typer.Option(4, help="tokens drafted per target forward"),
+             gamma: int = typer.Option(4, help="tokens drafted per target forward (at most)"),
+             threshold: Optional[float] = typer.Option(None, help="stop drafting below this draft probability"),
              temperature: float = typer.Option(0.0, help="0 = greedy; > 0 = speculative sampling"),
              top_p: float = typer.Option(1.0, help="nucleus mass, identical for target and drafter"),
              max_new_tokens: int = typer.Option(128, help="new tokens per prompt"),
@@ -130,7 +131,7 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
 
     try:
         cfg = EvalConfig(bench=bench, limit=limit, gamma=gamma, temperature=temperature, top_p=top_p,
-                         max_new_tokens=max_new_tokens, hf_baselines=hf)
+                         max_new_tokens=max_new_tokens, hf_baselines=hf, threshold=threshold)
         s = Session.open(target, dtype=dtype, device=device)
         out_path = Path(out)
         out_dir = out_path.parent if out_path.suffix == ".json" else out_path

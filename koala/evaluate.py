@@ -44,13 +44,12 @@ def interleave_categories(records: list[P.PromptRecord], limit: int | None) -> l
     return out[:limit] if limit else out
 
 
-def acceptance_by_position(accept_counts: list[int]) -> list[float]:
-    """P(draft i accepted | drafts 1..i-1 accepted) from counts of rounds that accepted k drafts."""
-    gamma = len(accept_counts) - 1
+def acceptance_by_position(rounds: list[tuple[int, int]], gamma: int) -> list[float]:
+    """P(draft i accepted | draft i proposed and drafts 1..i-1 accepted), from (drafted, accepted) per round."""
     rates = []
     for i in range(1, gamma + 1):
-        reached = sum(accept_counts[i - 1:])  # rounds that got to draft i
-        rates.append(sum(accept_counts[i:]) / reached if reached else 0.0)
+        reached = sum(1 for m, k in rounds if m >= i and k >= i - 1)
+        rates.append(sum(1 for _, k in rounds if k >= i) / reached if reached else 0.0)
     return rates
 
 
@@ -108,19 +107,19 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
 
     def run(ids, d, profile=False):
         return session.run(ids, cfg.max_new_tokens, drafter=d, gamma=cfg.gamma, temperature=cfg.temperature,
-                           top_p=cfg.top_p, profile=profile)
+                           top_p=cfg.top_p, profile=profile, threshold=cfg.threshold if d is not None else None)
 
     # Warm-up (excluded): also the profiled run that measures the drafter's step cost c.
     for _ in range(cfg.warmup):
         run(prompts[0][1], None)
         run(prompts[0][1], drafter)
     ar0, sp = run(prompts[0][1], None), run(prompts[0][1], drafter, profile=True)
-    rounds = max(sum(sp.accept_counts), 1)
+    drafted = max(sum(m for m, _ in sp.rounds), 1)
     target_step_s = ar0.wall_s / max(ar0.target_forwards, 1)
-    drafter_step_s = sp.draft_s / (rounds * cfg.gamma)
+    drafter_step_s = sp.draft_s / drafted
     c = drafter_step_s / target_step_s
 
-    rows, accept_total = [], [0] * (cfg.gamma + 1)
+    rows, accept_total, all_rounds = [], [0] * (cfg.gamma + 1), []
     hf_rows = []
     assistant = hf_assistant(drafter) if cfg.hf_baselines else None
     for i, (rec, ids) in enumerate(prompts):
@@ -129,6 +128,7 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
         torch.manual_seed(i)
         sp = run(ids, drafter)
         accept_total = [a + b for a, b in zip(accept_total, sp.accept_counts)]
+        all_rounds += sp.rounds
         row = {
             "id": rec.id, "category": rec.category, "prompt_tokens": len(ids),
             "new_tokens": len(sp.tokens), "wall_s": sp.wall_s, "target_forwards": sp.target_forwards,
@@ -149,13 +149,14 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
         if progress:
             progress(i + 1, len(prompts), row)
 
-    report = _summarise(session, drafter, cfg, rows, accept_total, hf_rows, c, target_step_s, drafter_step_s)
+    report = _summarise(session, drafter, cfg, rows, accept_total, all_rounds, hf_rows, c, target_step_s,
+                        drafter_step_s)
     if out_dir is not None:
         write_report(report, Path(out_dir))
     return report
 
 
-def _summarise(session, drafter, cfg, rows, accept_total, hf_rows, c, target_step_s, drafter_step_s) -> dict:
+def _summarise(session, drafter, cfg, rows, accept_total, rounds, hf_rows, c, target_step_s, drafter_step_s) -> dict:
     info = session.target.info
     spec_tps = mean(r["tokens_per_s"] for r in rows)
     ar_tps = mean(r["ar_tokens_per_s"] for r in rows)
@@ -188,7 +189,8 @@ def _summarise(session, drafter, cfg, rows, accept_total, hf_rows, c, target_ste
             if any("hf_assisted" in h for h in hf_rows) else None,
         },
         "lossless": {"identical": sum(identical), "total": len(identical), "checked": cfg.temperature == 0},
-        "acceptance_by_position": acceptance_by_position(accept_total),
+        "acceptance_by_position": acceptance_by_position(rounds, cfg.gamma),
+        "threshold": cfg.threshold, "mean_draft_length": sum(m for m, _ in rounds) / max(len(rounds), 1),
         "accept_counts": accept_total,
         "per_category": per_cat,
         "per_prompt": rows,

@@ -20,7 +20,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from koala.errors import KoalaError
-from koala.spec.drafters import DraftVocab
+from koala.spec.drafters import DraftVocab, _stack, confident
 from koala.spec.model import Transformer
 from koala.spec.sampling import logits_to_probs, sample
 
@@ -139,15 +139,20 @@ class MedusaDrafter:
         self.feat = torch.zeros(max_seq_len, self.target.args.dim, dtype=self.target.dtype, device=self.target.device)
 
     @torch.no_grad()
-    def propose(self, seq, n, gamma, params):
+    def propose(self, seq, n, gamma, params, stop_below=None):
         if gamma > len(self.heads.heads):
             raise KoalaError(f"gamma {gamma} exceeds the {len(self.heads.heads)} Medusa heads: use --gamma "
                              f"<= {len(self.heads.heads)}")
         # f_{n-2} is the newest target feature; head i on it predicts token n-1+i, i = 1..gamma
         hs = self.heads(self.feat[n - 2])[:gamma]  # (gamma, C)
-        if self.draft_vocab is not None:
-            return self.draft_vocab.draw(hs, params)
-        q = logits_to_probs(self.target.lm_head(hs).float(), params)
+        dv = self.draft_vocab
+        logits = self.target.lm_head(hs).float() if dv is None else dv.logits(hs)
+        if stop_below is not None:  # keep the chain up to the first head that is not confident
+            m = int(torch.as_tensor(confident(logits, stop_below)).long().cumprod(0).sum())
+            logits = logits[:m]
+        if dv is not None:
+            return dv.pick(logits, params)
+        q = logits_to_probs(logits, params)
         return sample(q, greedy=params.greedy), q
 
     def commit(self, n_valid, hidden=None, start=0):
@@ -173,7 +178,7 @@ class EagleDrafter:
         self.n_cached = 0
 
     @torch.no_grad()
-    def propose(self, seq, n, gamma, params):
+    def propose(self, seq, n, gamma, params, stop_below=None):
         dev = seq.device
         kv = None if dev.type == "cuda" else n + gamma
         emb = self.target.embed
@@ -182,13 +187,16 @@ class EagleDrafter:
         x = self.head.fuse(self.feat[js], emb(seq[js + 1]))[None]
         logits, h = self.engine(None, js, embeds=x, return_hidden=True, kv_len=kv, head=dv is None)
         f = h[0, -1]
-        tokens, probs = [], []
+        tokens, probs, fed = [], [], 0
         for i in range(gamma):
+            step_logits = logits[0, -1] if dv is None else dv.logits(f)
+            if not bool(confident(step_logits, stop_below)):
+                break
             if dv is None:
-                q = logits_to_probs(logits[0, -1], params)
+                q = logits_to_probs(step_logits, params)
                 t = sample(q, greedy=params.greedy)
             else:
-                t, q = dv.draw(f, params)
+                t, q = dv.pick(step_logits, params)
             tokens.append(t)
             probs.append(q)
             if i < gamma - 1:
@@ -196,8 +204,9 @@ class EagleDrafter:
                 logits, h = self.engine(None, torch.tensor([n - 1 + i], device=dev), embeds=x, return_hidden=True,
                                         kv_len=kv, head=dv is None)
                 f = h[0, -1]
-        self.n_cached = n + gamma - 2
-        return torch.stack(tokens), torch.stack(probs)
+                fed += 1
+        self.n_cached = n - 1 + fed  # slots past n-2 hold predicted features: commit() drops them
+        return _stack(tokens, probs, self.vocab_size, dev)
 
     def commit(self, n_valid, hidden=None, start=0):
         if hidden is not None:

@@ -34,6 +34,7 @@ class GenerationResult:
     wall_s: float
     accept_counts: list[int] = field(default_factory=list)  # accept_counts[k]: rounds that accepted k drafts
     finish_reason: str = "length"
+    rounds: list[tuple[int, int]] = field(default_factory=list)  # (drafted m, accepted k) per speculative round
     draft_s: float = 0.0  # time in drafter.propose (measured when profile=True)
     verify_s: float = 0.0  # time in the target's verify forwards (measured when profile=True)
 
@@ -63,7 +64,7 @@ def accept_drafts(
     q = draft_probs.gather(-1, idx).squeeze(-1)  # (gamma,) q(x_i)
     accepted = torch.rand_like(p) < p / q  # u < 1 always accepts when p >= q; q(x_i) > 0 since x_i ~ q
     n_accepted = accepted.long().cumprod(0).sum()  # length of the all-accepted prefix
-    q_pad = torch.cat([draft_probs, torch.zeros_like(draft_probs[:1])])  # row gamma: bonus, residual = p
+    q_pad = torch.cat([draft_probs, draft_probs.new_zeros(1, target_probs.shape[-1])])  # row gamma: bonus, residual = p
     residual = (target_probs[n_accepted] - q_pad[n_accepted]).clamp_min(0)
     mass = residual.sum()
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target_probs[n_accepted])
@@ -113,6 +114,7 @@ def generate(
     max_context: int | None = None,
     stream: StreamFn | None = None,
     profile: bool = False,
+    threshold: float | None = None,
 ) -> GenerationResult:
     """Decode after `prompt`, autoregressively (drafter None) or speculatively with `drafter` proposing gamma tokens.
 
@@ -126,6 +128,9 @@ def generate(
         eos_ids: stop after emitting any of these.
         max_context: the target's context length (default: no limit beyond the cache).
         stream: called after each round with the new tokens.
+        threshold: draft only while the drafter's probability of its token is at least this (an adaptive draft
+            length: a round with no confident draft is a plain target step). The choice depends on the drafter
+            alone, so the output distribution is unchanged.
         profile: time the drafter and the verify forwards separately (adds a device sync on CUDA: keep it off
             for the runs whose wall time is reported).
 
@@ -154,6 +159,7 @@ def generate(
         drafter.commit(n, hidden[0], 0)
     accept_counts = [0] * (g + 1)
     draft_s = verify_s = 0.0
+    rounds: list[tuple[int, int]] = []
     # On a CPU attend only to the slots in use; on CUDA keep shapes static (graph capture).
     kv = (lambda m: None) if dev.type == "cuda" else (lambda m: m)
     emitted = [int(seq[T])]
@@ -167,11 +173,12 @@ def generate(
             new, k = [int(seq[n])], 0
         else:
             t0 = _clock(dev, profile)
-            drafts, q = drafter.propose(seq, n, gamma, params)
-            seq[n:n + gamma] = drafts
+            drafts, q = drafter.propose(seq, n, gamma, params, stop_below=threshold)
+            m = drafts.shape[0]  # gamma, or fewer when drafting stopped at an unconfident token
+            seq[n:n + m] = drafts
             t1 = _clock(dev, profile)
-            out = target(seq[None, n - 1:n + gamma], torch.arange(n - 1, n + gamma, device=dev),
-                         return_hidden=drafter.needs_hidden, kv_len=kv(n + gamma))
+            out = target(seq[None, n - 1:n + m], torch.arange(n - 1, n + m, device=dev),
+                         return_hidden=drafter.needs_hidden, kv_len=kv(n + m))
             logits, hidden = out if isinstance(out, tuple) else (out, None)
             k, nxt = accept_drafts(drafts, q, logits_to_probs(logits[0], params))
             k = int(k)  # the one host sync of a round: the next round's shapes depend on it
@@ -179,6 +186,7 @@ def generate(
                 draft_s, verify_s = draft_s + t1 - t0, verify_s + _clock(dev, profile) - t1
             seq[n + k] = nxt
             accept_counts[k] += 1
+            rounds.append((m, k))
             drafter.commit(n + k + 1, None if hidden is None else hidden[0, :k + 1], n - 1)
             new = seq[n:n + k + 1].tolist()
         if eos_ids and any(t in eos_ids for t in new):
@@ -194,7 +202,7 @@ def generate(
     wall = time.perf_counter() - start
     tokens = emitted[:max_new_tokens]
     reason = "eos" if eos_ids and tokens[-1] in eos_ids else "length"
-    return GenerationResult(tokens, forwards, wall, accept_counts, reason, draft_s, verify_s)
+    return GenerationResult(tokens, forwards, wall, accept_counts, reason, rounds, draft_s, verify_s)
 
 
 def _clock(dev: torch.device, profile: bool) -> float:

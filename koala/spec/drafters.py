@@ -24,9 +24,12 @@ class Drafter(Protocol):
     def reset(self, max_seq_len: int) -> None: ...
 
     def propose(
-        self, seq: torch.Tensor, n: int, gamma: int, params: SamplingParams
+        self, seq: torch.Tensor, n: int, gamma: int, params: SamplingParams, stop_below: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draft after seq[:n]: tokens (gamma,) and the distributions they were drawn from (gamma, V)."""
+        """Draft after seq[:n]: tokens (m,) and the distributions they were drawn from (m, V), m <= gamma.
+
+        With `stop_below`, drafting may stop before a token whose draft probability is below it (m < gamma).
+        """
         ...
 
     def commit(self, n_valid: int, hidden: torch.Tensor | None = None, start: int = 0) -> None:
@@ -58,13 +61,35 @@ class DraftVocab:
         f = Path(directory) / DRAFT_VOCAB
         return cls(load_file(f)["ids"], lm_head, vocab_size) if f.exists() else None
 
-    def draw(self, h: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (..., C) -> (token ids (...), q over the full vocabulary (..., V))."""
-        q_k = logits_to_probs((h @ self.weight.T).float(), params)  # (..., K)
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Features (..., C) -> logits over the subset (..., K)."""
+        return (h @ self.weight.T).float()
+
+    def pick(self, logits_k: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Subset logits (..., K) -> (token ids (...), q over the full vocabulary (..., V))."""
+        q_k = logits_to_probs(logits_k, params)  # (..., K)
         t = self.ids[sample(q_k, greedy=params.greedy)]
         q = torch.zeros(*q_k.shape[:-1], self.vocab_size, device=q_k.device).scatter_(
             -1, self.ids.expand(*q_k.shape[:-1], -1), q_k)
         return t, q
+
+
+def confident(logits: torch.Tensor, stop_below: float | None) -> torch.Tensor | bool:
+    """Whether to draft from these logits: the drafter's top probability (temperature 1) reaches `stop_below`.
+
+    Decided from the distribution before drawing, never from the drawn token, so the draft stays a draw from q
+    and the rejection rule stays exact.
+    """
+    if stop_below is None:
+        return True
+    return torch.softmax(logits.float(), -1).amax(-1) >= stop_below
+
+
+def _stack(tokens: list, probs: list, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m,) tokens and (m, V) distributions; m may be 0."""
+    if not tokens:
+        return torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, vocab, device=device)
+    return torch.stack(tokens), torch.stack(probs)
 
 
 def save_draft_vocab(directory, token_counts: torch.Tensor, k: int) -> torch.Tensor:
@@ -93,27 +118,31 @@ class ModelDrafter:
         self.n_cached = 0
 
     @torch.no_grad()
-    def propose(self, seq, n, gamma, params):
+    def propose(self, seq, n, gamma, params, stop_below=None):
         dev = seq.device
-        # Feed what the cache lacks: the prompt at first, then 1 token (a correction) or 2 (last draft + bonus).
         kv = None if dev.type == "cuda" else n + gamma  # CPU: attend only to the slots in use
         dv = self.draft_vocab
+        # Feed what the cache lacks: the prompt at first, then 1 token (a correction) or 2 (last draft + bonus).
         pos = torch.arange(self.n_cached, n, device=dev)
         out = self.model(seq[self.n_cached:n][None], pos, kv_len=kv, return_hidden=dv is not None, head=dv is None)
-        tokens, probs = [], []
+        tokens, probs, fed = [], [], 0
         for i in range(gamma):
+            logits = out[0, -1] if dv is None else dv.logits(out[1][0, -1])
+            if not bool(confident(logits, stop_below)):
+                break  # not confident: verifying a draft here would likely waste its slot
             if dv is None:
-                q = logits_to_probs(out[0, -1], params)
+                q = logits_to_probs(logits, params)
                 t = sample(q, greedy=params.greedy)
             else:
-                t, q = dv.draw(out[1][0, -1], params)
+                t, q = dv.pick(logits, params)
             tokens.append(t)
             probs.append(q)
             if i < gamma - 1:
                 out = self.model(t.view(1, 1), torch.tensor([n + i], device=dev), kv_len=kv,
                                  return_hidden=dv is not None, head=dv is None)
-        self.n_cached = n + gamma - 1
-        return torch.stack(tokens), torch.stack(probs)
+                fed += 1
+        self.n_cached = n + fed
+        return _stack(tokens, probs, self.vocab_size, dev)
 
     def commit(self, n_valid, hidden=None, start=0):
         # Cached drafts d1..dk at positions n..n+k-1 were accepted; the token at n_valid - 1 is new to the drafter.
@@ -134,7 +163,7 @@ class PromptLookupDrafter:
     def reset(self, max_seq_len: int) -> None:
         pass
 
-    def propose(self, seq, n, gamma, params):
+    def propose(self, seq, n, gamma, params, stop_below=None):
         ids = seq[:n].tolist()  # host-side search: this baseline has no device work to keep on the device
         draft: list[int] = []
         for size in range(min(self.max_ngram, n - 1), self.min_ngram - 1, -1):

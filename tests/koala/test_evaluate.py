@@ -10,8 +10,11 @@ from koala.targets import encode_chat
 
 
 def test_acceptance_by_position():
-    # 10 rounds: 2 accepted 0, 3 accepted 1, 5 accepted 2 (all) -> pos1: 8/10, pos2: 5/8
-    assert acceptance_by_position([2, 3, 5]) == [0.8, 0.625]
+    # 10 full rounds of 2 drafts: 2 accepted 0, 3 accepted 1, 5 accepted both -> pos1: 8/10, pos2: 5/8
+    rounds = [(2, 0)] * 2 + [(2, 1)] * 3 + [(2, 2)] * 5
+    assert acceptance_by_position(rounds, 2) == [0.8, 0.625]
+    # a round that drafted only one token does not count as reaching position 2
+    assert acceptance_by_position(rounds + [(1, 1)], 2) == [9 / 11, 5 / 8]
 
 
 def test_interleave_takes_each_category_first():

@@ -27,7 +27,7 @@ class ScriptedDrafter:
     def reset(self, max_seq_len):
         self.round = 0
 
-    def propose(self, seq, n, gamma, params):
+    def propose(self, seq, n, gamma, params, stop_below=None):
         out = []
         for i in range(gamma):
             j = n - self.T + i
@@ -112,13 +112,16 @@ def test_greedy_output_equals_target(target, gamma, mode):
         assert res.tau == 1.0
 
 
+@pytest.mark.parametrize("threshold", [None, 0.3, 0.9])
 @pytest.mark.parametrize("gamma", [1, 3, 8])
-def test_greedy_with_real_drafters(target, gamma):
+def test_greedy_with_real_drafters(target, gamma, threshold):
     from tests.conftest import tiny_llama
     ref = generate(target, PROMPT, 48, eos_ids={1}).tokens
     for d in (ModelDrafter(target.truncated(1)), ModelDrafter(Transformer(tiny_llama(layers=1, vocab=V, seed=7))),
               PromptLookupDrafter(vocab_size=V)):
-        assert generate(target, PROMPT, 48, drafter=d, gamma=gamma, eos_ids={1}).tokens == ref
+        res = generate(target, PROMPT, 48, drafter=d, gamma=gamma, eos_ids={1}, threshold=threshold)
+        assert res.tokens == ref
+        assert all(0 <= k <= m <= gamma for m, k in res.rounds)
 
 
 def test_stops_at_eos_and_max_new_tokens(target):
@@ -146,8 +149,8 @@ def _exact_joint(target, prompt, params, vocab, steps):
     return probs
 
 
-@pytest.mark.parametrize("drafter_kind", ["close", "far"])
-def test_speculative_sampling_matches_target_distribution(drafter_kind):
+@pytest.mark.parametrize("drafter_kind,threshold", [("close", None), ("far", None), ("close", 0.4)])
+def test_speculative_sampling_matches_target_distribution(drafter_kind, threshold):
     from scipy.stats import chisquare
 
     from tests.conftest import tiny_llama
@@ -163,7 +166,8 @@ def test_speculative_sampling_matches_target_distribution(drafter_kind):
     torch.manual_seed(1234)
     counts = dict.fromkeys(exact, 0)
     for _ in range(runs):
-        counts[tuple(generate(tgt, prompt, steps, drafter=drafter, gamma=3, params=params).tokens)] += 1
+        counts[tuple(generate(tgt, prompt, steps, drafter=drafter, gamma=3, params=params,
+                              threshold=threshold).tokens)] += 1
     # merge cells with small expected counts so the chi-square approximation holds
     big = [s for s in exact if exact[s] * runs >= 5]
     small = [s for s in exact if exact[s] * runs < 5]
