@@ -134,13 +134,12 @@ class DrafterModel(mlflow.pyfunc.PythonModel):
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModelForCausalLM.from_pretrained(self.path).eval()
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[str], params: dict | None = None) -> list[str]:
+        """A greedy continuation of each prompt by the drafter alone (a smoke check that it loaded)."""
         import torch
 
-        prompts = list(model_input["prompt"] if hasattr(model_input, "__getitem__") and not isinstance(model_input, list)
-                       else model_input)
         out = []
-        for p in prompts:
+        for p in model_input:
             ids = self.tokenizer.apply_chat_template([{"role": "user", "content": str(p)}], add_generation_prompt=True,
                                                      return_tensors="pt")
             ids = ids["input_ids"] if hasattr(ids, "keys") else ids
