@@ -17,8 +17,8 @@ GREEN, YELLOW, RESET = "\033[32m", "\033[33m", "\033[0m"
 class TextStream:
     """Detokenise incrementally (decode the whole answer, print what is new) so multi-byte characters come out whole."""
 
-    def __init__(self, tokenizer, color: bool, out=sys.stdout):
-        self.tok, self.color, self.out = tokenizer, color, out
+    def __init__(self, tokenizer, color: bool, out=None):
+        self.tok, self.color, self.out = tokenizer, color, out or sys.stdout  # looked up now: it may be redirected
         self.ids: list[int] = []
         self.printed = ""
 
