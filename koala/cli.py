@@ -370,24 +370,6 @@ def promote(model: str = typer.Option(..., help="registered model name, e.g. koa
     typer.echo(f"{model} version {version} is now champion (manual override: {reason})")
 
 
-@app.command()
-def demo():
-    """Fetch the assets and answer the first MT-bench question with the default target, streaming."""
-    from koala import assets
-    from koala.data import prompts as P
-
-    try:
-        t = time.perf_counter()
-        assets.fetch_all()
-        typer.echo(f"assets ready in {assets.cache_dir()} ({time.perf_counter() - t:.1f} s)")
-        q = next(P.mtbench())
-        typer.secho(f"MT-bench {q.category}: {q.messages[0]['content']}\n", bold=True)
-    except KoalaError as e:
-        fail(e)
-    generate(q.messages[0]["content"], max_new_tokens=128, target="smollm2-135m-instruct", drafter=None, gamma=4,
-             temperature=0.0, top_p=1.0, dtype="float32", device="cpu")
-
-
 def main():
     app()
 

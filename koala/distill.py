@@ -17,7 +17,7 @@ from koala.data import shards
 from koala.drafters.draft_model import build_drafter, save_drafter
 from koala.errors import KoalaError
 from koala.targets import Target, encode_chat
-from koala.train import LogFn, SequenceData, latest_checkpoint, train
+from koala.train import LogFn, SequenceData, train
 
 FINAL = "drafter"
 
@@ -150,5 +150,3 @@ def pretrain(cfg: KoalaConfig, target: Target, out_dir: str | Path, steps: int |
             "drafter": cfg.drafter.model_dump(), "metrics": metrics}
     return save_drafter(model, target.tokenizer, out / FINAL, info)
 
-
-__all__ = ["distill", "pretrain", "latest_checkpoint"]

@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from koala.config import KoalaConfig
 from koala.evaluate import evaluate, summary_line
 from koala.registry import decide
-from koala.tracking import Tracker, flatten, resolve_uri
+from koala.tracking import Tracker, resolve_uri
 from tasks.common import session_for
 
 EVAL_KEYS = ("bench", "gamma", "temperature", "top_p", "max_new_tokens", "limit")
@@ -118,5 +118,3 @@ def promote_drafter(cfg: KoalaConfig, registered: dict, report: dict, out_dir: s
     return {"promoted": d.promote, "reason": d.reason, "champion_speedup": None if champ_report is None else
             champ_report["speedup"], "previous_champion": None if champ is None else champ.version}
 
-
-__all__ = ["evaluate_drafter", "register_drafter", "promote_drafter", "model_name", "flatten"]

@@ -71,7 +71,7 @@ def accept_drafts(
     return n_accepted, sample(residual)
 
 
-def _check_lengths(target: Transformer, prompt_len: int, max_new_tokens: int, max_context: int, gamma: int) -> int:
+def _check_lengths(prompt_len: int, max_new_tokens: int, max_context: int, gamma: int) -> int:
     if prompt_len == 0:
         raise KoalaError("empty prompt: give at least one token")
     if max_new_tokens < 1:
@@ -139,7 +139,7 @@ def generate(
     """
     check_drafter(target, drafter, gamma)
     g = gamma if drafter is not None else 0
-    max_len = _check_lengths(target, len(prompt), max_new_tokens, max_context or 1 << 30, g)
+    max_len = _check_lengths(len(prompt), max_new_tokens, max_context or 1 << 30, g)
     dev = target.device
     target.setup_caches(max_len)
     if drafter is not None:
