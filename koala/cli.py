@@ -82,7 +82,7 @@ def prompts(source: str = typer.Option("sharegpt", help="sharegpt, mtbench, huma
 @app.command()
 def generate(prompt: str = typer.Argument(..., help="the user message"),
              target: str = typer.Option("smollm2-135m-instruct", help="target: name, HF id, directory or .gguf"),
-             drafter: Optional[str] = typer.Option(None, help="speculate with: truncate:N, ngram, heads:PATH or a model"),
+             drafter: Optional[str] = typer.Option(None, help="speculate with: truncate:N, ngram, heads:PATH, a model; lookup+SPEC tries prompt lookup first"),
              gamma: int = typer.Option(4, help="tokens drafted per round"),
              max_new_tokens: int = typer.Option(256, help="longest answer in tokens"),
              temperature: float = typer.Option(0.0, help="0 = greedy"),
@@ -107,12 +107,13 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
 
 
 @app.command("eval")
-def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads:PATH, or a causal LM (dir, id, .gguf)"),
+def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads:PATH, or a causal LM (dir, id, .gguf); lookup+SPEC: prompt lookup first"),
              target: str = typer.Option("smollm2-135m-instruct", help="target: name, HF id, directory or .gguf"),
              bench: str = typer.Option("mtbench", help="mtbench, humaneval or a JSONL of {prompt, category}"),
              limit: Optional[int] = typer.Option(8, help="evaluate at most this many prompts"),
              gamma: int = typer.Option(4, help="tokens drafted per target forward (at most)"),
              threshold: Optional[float] = typer.Option(None, help="stop drafting below this draft probability"),
+             lookup: bool = typer.Option(False, help="prompt lookup first, the drafter where the context has no match"),
              temperature: float = typer.Option(0.0, help="0 = greedy; > 0 = speculative sampling"),
              top_p: float = typer.Option(1.0, help="nucleus mass, identical for target and drafter"),
              max_new_tokens: int = typer.Option(128, help="new tokens per prompt"),
@@ -131,7 +132,8 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
 
     try:
         cfg = EvalConfig(bench=bench, limit=limit, gamma=gamma, temperature=temperature, top_p=top_p,
-                         max_new_tokens=max_new_tokens, hf_baselines=hf, threshold=threshold)
+                         max_new_tokens=max_new_tokens, hf_baselines=hf, threshold=threshold,
+                         lookup=lookup)
         s = Session.open(target, dtype=dtype, device=device)
         out_path = Path(out)
         out_dir = out_path.parent if out_path.suffix == ".json" else out_path

@@ -97,6 +97,8 @@ class EvalConfig(_Strict):
     gamma: int = Field(4, ge=1, description="draft length: tokens proposed per target forward (at most)")
     threshold: float | None = Field(None, ge=0, le=1, description="stop drafting at a token the drafter gives less "
                                     "probability than this (adaptive draft length); None: always gamma")
+    lookup: bool = Field(False, description="prompt lookup first: copy the continuation of an earlier match of the "
+                         "last n-gram, and ask the drafter only where the context has none")
     temperature: float = Field(0.0, ge=0, description="0 = greedy (exact match); > 0 = speculative sampling")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass, applied identically to target and drafter")
     max_new_tokens: int = Field(128, ge=1, description="new tokens per prompt")

@@ -21,7 +21,7 @@ import torch
 from koala.config import EvalConfig
 from koala.data import prompts as P
 from koala.errors import KoalaError
-from koala.spec.drafters import Drafter, ModelDrafter, PromptLookupDrafter
+from koala.spec.drafters import Drafter, LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
 from koala.spec.session import Session
 from koala.targets import encode_chat
 
@@ -73,6 +73,8 @@ def _hf_generate(session: Session, ids: list[int], cfg: EvalConfig, assistant=No
 
 def hf_assistant(drafter: Drafter):
     """A Hugging Face model equivalent to the drafter, for `generate(assistant_model=...)`, or None."""
+    if isinstance(drafter, LookupFirstDrafter):
+        drafter = drafter.drafter  # HF has no lookup-then-model mode: compare with the drafter alone
     if not isinstance(drafter, ModelDrafter):
         return None
     import copy
@@ -99,6 +101,8 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
         The report dict (see README: target, drafter, tau, speedup, tokens_per_s, lossless, ...).
     """
     drafter = session.drafter(drafter_spec)
+    if cfg.lookup and not isinstance(drafter, (PromptLookupDrafter, LookupFirstDrafter)):
+        drafter = LookupFirstDrafter(drafter)
     records = load_bench(cfg.bench, cfg.limit)
     tok = session.target.tokenizer
     prompts = [(r, encode_chat(tok, list(r.messages))) for r in records]

@@ -14,7 +14,7 @@ from koala.registry import decide
 from koala.tracking import Tracker, resolve_uri
 from tasks.common import session_for
 
-EVAL_KEYS = ("bench", "gamma", "temperature", "top_p", "max_new_tokens", "limit")
+EVAL_KEYS = ("bench", "gamma", "threshold", "lookup", "temperature", "top_p", "max_new_tokens", "limit")
 
 
 def model_name(cfg: KoalaConfig) -> str:

@@ -150,7 +150,11 @@ class ModelDrafter:
 
 
 class PromptLookupDrafter:
-    """Prompt lookup decoding (Saxena 2023): copy what followed the latest earlier match of the last n-gram."""
+    """Prompt lookup decoding (Saxena 2023): copy what followed the latest earlier match of the last n-gram.
+
+    With no match it proposes nothing, and the round is a plain target step: a guessed draft would only cost its
+    verification slot (on a CPU each extra verified token costs a few percent of a step).
+    """
 
     needs_hidden = False
     vocab_size = None
@@ -174,8 +178,7 @@ class PromptLookupDrafter:
                     break
             if draft:
                 break
-        draft = (draft + [ids[-1]] * gamma)[:gamma]  # pad: a wrong guess only costs its verification slot
-        tokens = torch.tensor(draft, device=seq.device)
+        tokens = torch.tensor(draft, dtype=torch.long, device=seq.device)
         # q is one-hot: the rejection rule then accepts token x with probability p(x), which keeps sampling exact.
         return tokens, F.one_hot(tokens, self.target_vocab).float()
 
@@ -183,12 +186,43 @@ class PromptLookupDrafter:
         pass
 
 
+class LookupFirstDrafter:
+    """Prompt lookup where the context repeats itself, the trained drafter everywhere else (`lookup+SPEC`).
+
+    A lookup draft costs nothing to make, so it goes first; the drafter proposes only when the last n-gram has no
+    earlier match. Which of the two drafts depends on the context alone, so each round's draft is still a draw
+    from the q it reports and the output stays the target's. The drafter sees every commit, so its cache and
+    features stay current and it catches up on the tokens it skipped the next time it is asked.
+    """
+
+    def __init__(self, drafter: Drafter, max_ngram: int = 3):
+        self.drafter = drafter
+        self.lookup = PromptLookupDrafter(max_ngram=max_ngram, vocab_size=drafter.vocab_size)
+        self.name = f"lookup+{drafter.name}"
+        self.vocab_size = drafter.vocab_size
+        self.needs_hidden = drafter.needs_hidden
+
+    def reset(self, max_seq_len: int) -> None:
+        self.drafter.reset(max_seq_len)
+
+    def propose(self, seq, n, gamma, params, stop_below=None):
+        if self.vocab_size is not None:  # one-hot lookup drafts over the target's vocabulary
+            tokens, q = self.lookup.propose(seq, n, gamma, params)
+            if tokens.numel():
+                return tokens, q
+        return self.drafter.propose(seq, n, gamma, params, stop_below)
+
+    def commit(self, n_valid, hidden=None, start=0):
+        self.drafter.commit(n_valid, hidden, start)
+
+
 def load_drafter(spec: str, target: Transformer, dtype: str = "float32", device: str = "cpu") -> Drafter:
     """A drafter from its spec.
 
     Args:
         spec: `truncate:N` (the target's first N layers), `ngram[:N]` (prompt lookup), `heads:PATH` (draft heads),
-            or any causal LM: a koala drafter directory, a model directory, a Hugging Face id or a .gguf file.
+            or any causal LM: a koala drafter directory, a model directory, a Hugging Face id or a .gguf file;
+            `lookup+SPEC` puts prompt lookup in front of any of these.
         target: the engine model of the target (truncate and heads share its weights).
 
     Raises:
@@ -196,6 +230,8 @@ def load_drafter(spec: str, target: Transformer, dtype: str = "float32", device:
     """
     from koala.errors import KoalaError
 
+    if spec.startswith("lookup+"):
+        return LookupFirstDrafter(load_drafter(spec[len("lookup+"):], target, dtype, device))
     if spec.startswith("truncate:"):
         try:
             n = int(spec.split(":", 1)[1])

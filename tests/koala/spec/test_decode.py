@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from koala.errors import KoalaError
 from koala.spec.decode import accept_drafts, generate
-from koala.spec.drafters import ModelDrafter, PromptLookupDrafter
+from koala.spec.drafters import LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
 from koala.spec.model import Transformer
 from koala.spec.sampling import SamplingParams, logits_to_probs
 
@@ -118,7 +118,7 @@ def test_greedy_with_real_drafters(target, gamma, threshold):
     from tests.conftest import tiny_llama
     ref = generate(target, PROMPT, 48, eos_ids={1}).tokens
     for d in (ModelDrafter(target.truncated(1)), ModelDrafter(Transformer(tiny_llama(layers=1, vocab=V, seed=7))),
-              PromptLookupDrafter(vocab_size=V)):
+              PromptLookupDrafter(vocab_size=V), LookupFirstDrafter(ModelDrafter(target.truncated(1)))):
         res = generate(target, PROMPT, 48, drafter=d, gamma=gamma, eos_ids={1}, threshold=threshold)
         assert res.tokens == ref
         assert all(0 <= k <= m <= gamma for m, k in res.rounds)
@@ -132,6 +132,33 @@ def test_stops_at_eos_and_max_new_tokens(target):
         res = generate(target, PROMPT, 30, drafter=d, gamma=4, eos_ids={eos})
         assert res.tokens == ref[:first + 1] and res.finish_reason == "eos"
         assert len(generate(target, PROMPT, 7, drafter=d, gamma=4).tokens) == 7
+
+
+class CountingDrafter(ModelDrafter):
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.calls = 0
+
+    def propose(self, *a, **k):
+        self.calls += 1
+        return super().propose(*a, **k)
+
+
+def test_prompt_lookup_drafts_only_on_a_match_and_the_drafter_fills_in(target):
+    params = SamplingParams()
+    lookup = PromptLookupDrafter(vocab_size=V)
+    seq = torch.tensor([5, 6, 7, 9, 5, 6, 0, 0, 0])
+    toks, q = lookup.propose(seq, 6, 3, params)  # ...5 6 matches the start: copy 7 9 5
+    assert toks.tolist() == [7, 9, 5] and q.argmax(-1).tolist() == [7, 9, 5]
+    toks, q = lookup.propose(torch.tensor([1, 2, 3, 4, 0]), 4, 3, params)  # no earlier match: no draft
+    assert toks.numel() == 0 and q.shape == (0, V)
+
+    inner = CountingDrafter(target.truncated(1))
+    hybrid = LookupFirstDrafter(inner)
+    ref = generate(target, PROMPT, 40).tokens
+    res = generate(target, PROMPT, 40, drafter=hybrid, gamma=2)
+    assert res.tokens == ref
+    assert hybrid.name == "lookup+model" and 0 < inner.calls < len(res.rounds)  # lookup took some rounds
 
 
 # --- sampling preserves the target's distribution --------------------------------------------------------------
@@ -149,7 +176,8 @@ def _exact_joint(target, prompt, params, vocab, steps):
     return probs
 
 
-@pytest.mark.parametrize("drafter_kind,threshold", [("close", None), ("far", None), ("close", 0.4)])
+@pytest.mark.parametrize("drafter_kind,threshold", [("close", None), ("far", None), ("close", 0.4),
+                                                     ("lookup", None), ("lookup", 0.4)])
 def test_speculative_sampling_matches_target_distribution(drafter_kind, threshold):
     from scipy.stats import chisquare
 
@@ -158,6 +186,8 @@ def test_speculative_sampling_matches_target_distribution(drafter_kind, threshol
     tgt = Transformer(tiny_llama(layers=2, vocab=vocab, hidden=16, seed=1, init_std=0.5))
     if drafter_kind == "close":
         drafter = ModelDrafter(tgt.truncated(1))
+    elif drafter_kind == "lookup":  # one-hot lookup drafts in some rounds, the model's q in the others
+        drafter = LookupFirstDrafter(ModelDrafter(tgt.truncated(1)), max_ngram=2)
     else:
         drafter = ModelDrafter(Transformer(tiny_llama(layers=1, vocab=vocab, hidden=16, seed=99, init_std=1.0)))
     params = SamplingParams(temperature=1.0)
