@@ -73,11 +73,21 @@ def response_token_counts(rows: list[dict], vocab: int) -> "torch.Tensor":
     return counts
 
 
+def draft_vocab_for(cfg: KoalaConfig, rows: list[dict], vocab: int) -> "torch.Tensor | None":
+    """The drafter's vocabulary (drafter.draft_vocab most frequent response tokens), or None for the full one."""
+    if not cfg.drafter.draft_vocab:
+        return None
+    from koala.spec.drafters import draft_vocab_ids
+
+    return draft_vocab_ids(response_token_counts(rows, vocab), cfg.drafter.draft_vocab)
+
+
 def write_draft_vocab(cfg: KoalaConfig, rows: list[dict], vocab: int, directory: Path) -> None:
-    if cfg.drafter.draft_vocab:
+    ids = draft_vocab_for(cfg, rows, vocab)
+    if ids is not None:
         from koala.spec.drafters import save_draft_vocab
 
-        save_draft_vocab(directory, response_token_counts(rows, vocab), cfg.drafter.draft_vocab)
+        save_draft_vocab(directory, ids)
 
 
 def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str | Path, loss: str | None = None,
@@ -100,8 +110,11 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
     heldout = SequenceData(held, cfg.training.max_seq_len, pad) if held else None
     model = _drafter_for(cfg, target, init_from)
     loss = loss or cfg.training.loss
+    # Train the head over the draft vocabulary it will draft from: K/V of the cost, and no capacity spent on
+    # tokens it can never propose.
+    vocab_ids = draft_vocab_for(cfg, train_rows, target.info.vocab_size)
     metrics = train(model, data, cfg.training, out, "distill", steps=steps, loss=loss, target_model=target.model,
-                    heldout=heldout, resume=resume, on_log=on_log, progress=progress)
+                    heldout=heldout, resume=resume, on_log=on_log, progress=progress, vocab_ids=vocab_ids)
     info = {"koala_version": __version__, "kind": "draft_model", "stage": "distill", "loss": loss,
             "target": {"name": target.info.name, "content_hash": target.info.content_hash,
                        "tokenizer_hash": target.info.tokenizer_hash},
@@ -109,7 +122,10 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
             "data_dir": str(data_dir), "training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump(),
             "metrics": metrics, "train_rows": len(train_rows), "heldout_rows": len(held)}
     path = save_drafter(model, target.tokenizer, out / FINAL, info)
-    write_draft_vocab(cfg, train_rows, target.info.vocab_size, path)
+    if vocab_ids is not None:
+        from koala.spec.drafters import save_draft_vocab
+
+        save_draft_vocab(path, vocab_ids)
     return path
 
 

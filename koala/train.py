@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from koala.config import TrainingConfig
 from koala.errors import KoalaError
-from koala.losses import LOSSES, Teacher, cross_entropy, expected_acceptance, greedy_agreement
+from koala.losses import LOG_EPS, LOSSES, Teacher, cross_entropy, expected_acceptance, greedy_agreement
 
 LogFn = Callable[[int, dict], None]
 
@@ -168,42 +168,67 @@ class DataOrder:
 
 
 class StudentAtPositions(torch.nn.Module):
-    """A causal LM that returns logits only where the loss needs them: the head is most of a drafter's cost."""
+    """A causal LM that returns logits only where the loss needs them: the head is most of a drafter's cost.
 
-    def __init__(self, lm):
+    With `vocab_ids` (K,), the logits cover only those tokens (the draft vocabulary), K/V of the head's cost.
+    """
+
+    def __init__(self, lm, vocab_ids: torch.Tensor | None = None):
         super().__init__()
         self.lm = lm
+        self.vocab_ids = vocab_ids
 
     def forward(self, input_ids, attention_mask, positions):
         h = self.lm.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, C)
-        return self.lm.lm_head(h[positions])  # (N, V)
+        if self.vocab_ids is None:
+            return self.lm.lm_head(h[positions])  # (N, V)
+        return torch.nn.functional.linear(h[positions], self.lm.lm_head.weight[self.vocab_ids])  # (N, K)
 
 
 @torch.no_grad()
-def teacher_at(batch: Batch, target_model, vocab: int) -> Teacher:
-    """The target's distribution at the trained positions: from the stored top-k, or a forward of the target."""
+def teacher_at(batch: Batch, target_model, vocab: int, vocab_ids: torch.Tensor | None = None
+               ) -> tuple[Teacher, torch.Tensor | None]:
+    """The target's distribution at the trained positions: from the stored top-k, or a forward of the target.
+
+    With `vocab_ids` (K,), the distribution is restricted to those tokens and renormalised, and the second value
+    marks the positions where the teacher puts any (stored) mass on them; the others teach nothing and are dropped.
+    """
     if batch.topk_ids is not None:
-        return Teacher.from_topk(batch.topk_ids, batch.topk_logprobs, vocab)
+        if vocab_ids is None:
+            return Teacher.from_topk(batch.topk_ids, batch.topk_logprobs, vocab), None
+        index = torch.full((vocab,), -1, dtype=torch.long, device=vocab_ids.device)
+        index[vocab_ids] = torch.arange(len(vocab_ids), device=vocab_ids.device)
+        sub = index[batch.topk_ids.long()]  # (N, k): position in the draft vocabulary, -1 outside it
+        keep = (sub >= 0).any(-1)
+        sub, lp = sub[keep], batch.topk_logprobs[keep].float().masked_fill(sub[keep] < 0, float("-inf"))
+        K = len(vocab_ids)
+        dense = torch.full((sub.shape[0], K + 1), LOG_EPS, device=sub.device)  # column K collects the outsiders
+        dense.scatter_(-1, torch.where(sub >= 0, sub, K), torch.log_softmax(lp, -1).clamp_min(LOG_EPS))
+        return Teacher(torch.log_softmax(dense[:, :K], -1)), keep
     if target_model is None:
         raise KoalaError("the dataset has no stored top-k log-probs and no target was given: sample with "
                          "sampling.topk_logprobs > 0 or train with the target loaded")
-    logits = target_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return Teacher.from_logits(logits[batch.positions])
+    logits = target_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.positions]
+    return Teacher.from_logits(logits if vocab_ids is None else logits[:, vocab_ids]), None
 
 
 class DraftModelObjective:
     """Distillation (a loss between p and q) or pretraining (next token) of an independent drafter."""
 
-    def __init__(self, lm, mode: str, loss_name: str, target_model=None, adversary=None):
-        self.module = StudentAtPositions(lm)  # replaced by its DDP wrapper under torchrun
+    def __init__(self, lm, mode: str, loss_name: str, target_model=None, adversary=None,
+                 vocab_ids: torch.Tensor | None = None):
+        ids = None if vocab_ids is None or mode == "pretrain" else vocab_ids.to(lm.device)
+        self.module = StudentAtPositions(lm, ids)  # replaced by its DDP wrapper under torchrun
         self.mode, self.loss_name, self.target, self.adversary = mode, loss_name, target_model, adversary
-        self.vocab = lm.config.vocab_size
+        self.vocab, self.vocab_ids = lm.config.vocab_size, ids
 
     def loss(self, b: Batch, step: int) -> tuple[torch.Tensor, dict]:
         logits = self.module(b.input_ids, b.attention_mask, b.positions)
         if self.mode == "pretrain":
             return cross_entropy(logits, b.targets), {}
-        teacher = teacher_at(b, self.target, self.vocab)
+        teacher, keep = teacher_at(b, self.target, self.vocab, self.vocab_ids)
+        if keep is not None:
+            logits = logits[keep]
         value = LOSSES[self.loss_name](logits, teacher)
         if self.adversary is None:
             return value, {}
@@ -213,8 +238,12 @@ class DraftModelObjective:
 
     @torch.no_grad()
     def metrics(self, b: Batch) -> dict:
+        """Over the full vocabulary, as the engine drafts: q is zero outside the draft vocabulary."""
         logits = self.module(b.input_ids, b.attention_mask, b.positions)
-        t = teacher_at(b, self.target, self.vocab)
+        if self.vocab_ids is not None:
+            full = logits.new_full((logits.shape[0], self.vocab), -1e4)
+            logits = full.index_copy_(-1, self.vocab_ids, logits)
+        t, _ = teacher_at(b, self.target, self.vocab)
         return {"heldout_expected_acceptance": float(expected_acceptance(logits, t)),
                 "heldout_greedy_agreement": float(greedy_agreement(logits, t))}
 
@@ -238,7 +267,8 @@ def heldout_metrics(objective, data: SequenceData | None, device, limit: int = 6
 
 def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, mode: str = "distill",
           steps: int | None = None, loss: str | None = None, target_model=None, heldout: SequenceData | None = None,
-          resume: bool = False, on_log: LogFn | None = None, progress: bool = True, objective=None) -> dict:
+          resume: bool = False, on_log: LogFn | None = None, progress: bool = True, objective=None,
+          vocab_ids: torch.Tensor | None = None) -> dict:
     """Train `model` (a Hugging Face causal LM) in place; returns the last logged metrics.
 
     Args:
@@ -254,6 +284,7 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
         resume: continue from the last checkpoint in out_dir.
         on_log: called with (step, metrics) every step.
         objective: what a step minimises (default: a DraftModelObjective for `mode`); draft heads bring their own.
+        vocab_ids: distil over these tokens only (the draft vocabulary, sorted ids), renormalising the teacher.
 
     Raises:
         KoalaError: the loss became NaN or infinite (the last good checkpoint is kept).
@@ -270,7 +301,7 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
             from koala.adversarial import Adversary
 
             adversary = Adversary(cfg, device)
-        objective = DraftModelObjective(model, mode, loss_name, target_model, adversary)
+        objective = DraftModelObjective(model, mode, loss_name, target_model, adversary, vocab_ids)
     if world_size > 1:
         objective.module = torch.nn.parallel.DistributedDataParallel(objective.module)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -92,15 +92,17 @@ def _stack(tokens: list, probs: list, vocab: int, device) -> tuple[torch.Tensor,
     return torch.stack(tokens), torch.stack(probs)
 
 
-def save_draft_vocab(directory, token_counts: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the k most frequent tokens of the training data (counts (V,)) as the drafter's vocabulary."""
+def draft_vocab_ids(token_counts: torch.Tensor, k: int) -> torch.Tensor:
+    """The k most frequent tokens (counts (V,)), sorted: the drafter's vocabulary."""
+    return token_counts.topk(min(k, int((token_counts > 0).sum()) or k)).indices.sort().values
+
+
+def save_draft_vocab(directory, ids: torch.Tensor) -> None:
     from pathlib import Path
 
     from safetensors.torch import save_file
 
-    ids = token_counts.topk(min(k, int((token_counts > 0).sum()) or k)).indices.sort().values
     save_file({"ids": ids.contiguous()}, str(Path(directory) / DRAFT_VOCAB))
-    return ids
 
 
 class ModelDrafter:
@@ -195,9 +197,9 @@ class LookupFirstDrafter:
     features stay current and it catches up on the tokens it skipped the next time it is asked.
     """
 
-    def __init__(self, drafter: Drafter, max_ngram: int = 3):
+    def __init__(self, drafter: Drafter, max_ngram: int = 3, min_ngram: int = 1):
         self.drafter = drafter
-        self.lookup = PromptLookupDrafter(max_ngram=max_ngram, vocab_size=drafter.vocab_size)
+        self.lookup = PromptLookupDrafter(max_ngram, min_ngram, vocab_size=drafter.vocab_size)
         self.name = f"lookup+{drafter.name}"
         self.vocab_size = drafter.vocab_size
         self.needs_hidden = drafter.needs_hidden
