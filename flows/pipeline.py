@@ -60,13 +60,18 @@ def koala_pipeline(
 
         # Step 2: pretrain the drafter on text (when the profile asks for it).
         out = run_dir / "drafter"
-        init = pretrain_drafter(cfg, str(out / "pretrain"), pid) if cfg.training.pretrain_steps > 0 else None
+        # A training task whose output has since gone (deleted, or another clone at the same path) runs again
+        # rather than returning the cached path.
+        init = (pretrain_drafter.with_options(refresh_cache=_gone(out / "pretrain" / "drafter"))(
+            cfg, str(out / "pretrain"), pid) if cfg.training.pretrain_steps > 0 else None)
 
         # Step 3: distil it on the target's own responses (or train KOALA draft heads on the target's features).
         if cfg.drafter.kind in ("medusa", "eagle"):
-            trained = train_heads_task(cfg, data_dir, str(out / "heads"), pid)
+            trained = train_heads_task.with_options(refresh_cache=_gone(out / "heads" / "heads"))(
+                cfg, data_dir, str(out / "heads"), pid)
         else:
-            trained = distill_drafter(cfg, data_dir, str(out / "distill"), init_from=init, parent_run_id=pid)
+            trained = distill_drafter.with_options(refresh_cache=_gone(out / "distill" / "drafter"))(
+                cfg, data_dir, str(out / "distill"), init_from=init, parent_run_id=pid)
             trained["dir"] = trained["drafter"]
 
         # Step 4: measure it: tau, speed-up, losslessness.
@@ -89,6 +94,10 @@ def koala_pipeline(
     }
     log.info("pipeline summary: %s", summary)
     return summary
+
+
+def _gone(output: Path) -> bool:
+    return not any(output.glob("*.safetensors"))
 
 
 def _as_overrides(cfg) -> list[str]:

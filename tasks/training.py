@@ -8,6 +8,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from koala import __version__
 from koala.config import KoalaConfig
 from koala.data import shards
 from koala.distill import distill, pretrain
@@ -17,7 +18,8 @@ from tasks.common import session_for
 
 
 def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    """A cache key from the stage's inputs and koala's version (new training code: a new drafter)."""
+    return hashlib.sha256(json.dumps([__version__, *parts], sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
 def distill_cache_key(context, p) -> str:

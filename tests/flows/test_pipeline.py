@@ -97,6 +97,13 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
     for r in (a, b):
         assert "promotion_reason" in client.get_model_version(s["model"], r["version"]).tags
 
+    # A cached stage whose output has since been deleted runs again instead of handing on a path that is gone.
+    import shutil
+
+    shutil.rmtree(s["drafter"])
+    s3 = koala_pipeline(config_path=str(cfg_path))
+    assert s3["drafter"] == s["drafter"] and (Path(s3["drafter"]) / "koala.json").exists()
+
 
 def test_unknown_loss_or_kind_in_a_profile_fails_early(tmp_path):
     from koala.errors import KoalaError
