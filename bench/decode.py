@@ -1,6 +1,9 @@
 """Decoding speed of the default target in koala's engine vs Hugging Face generate; prints JSON.
 
     python bench/decode.py [--target smollm2-135m-instruct] [--device cpu|cuda] [--dtype float32] [--prompts 2]
+        [--drafter truncate:2 | lookup+DIR] [--gamma 4] [--threshold P]
+
+Also prints the target's forward cost by width (1..5 tokens): what verifying gamma drafts costs on this device.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ def main():
     ap.add_argument("--target", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--drafter", default="truncate:2")
+    ap.add_argument("--drafter", default="truncate:2")  # lookup+PATH measures what the smoke profile runs
     ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--threshold", type=float, default=None, help="draft only while the drafter is this confident")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=2)
     a = ap.parse_args()
@@ -48,12 +52,12 @@ def main():
     drafter = s.drafter(a.drafter)
     rates = {"engine_autoregressive": [], "engine_speculative": [], "hf_generate": []}
     taus = []
-    s.run(prompts[0], 16), s.run(prompts[0], 16, drafter=drafter, gamma=a.gamma)  # warm-up
+    s.run(prompts[0], 16), s.run(prompts[0], 16, drafter=drafter, gamma=a.gamma, threshold=a.threshold)  # warm-up
     _hf_generate(s, prompts[0], EvalConfig(max_new_tokens=8))
     for ids in prompts:
         r = s.run(ids, a.max_new_tokens)
         rates["engine_autoregressive"].append(len(r.tokens) / r.wall_s)
-        r = s.run(ids, a.max_new_tokens, drafter=drafter, gamma=a.gamma)
+        r = s.run(ids, a.max_new_tokens, drafter=drafter, gamma=a.gamma, threshold=a.threshold)
         rates["engine_speculative"].append(len(r.tokens) / r.wall_s)
         taus.append(r.tau)
         n, w = _hf_generate(s, ids, cfg)
@@ -68,18 +72,34 @@ def main():
     many = torch.zeros(1, a.gamma + 1, dtype=torch.long, device=dev)
     pos1 = torch.tensor([L], device=dev)
     posg = torch.arange(L, L + a.gamma + 1, device=dev)
-    dm = drafter.model
-    dm.setup_caches(L + 256)
+    inner = getattr(drafter, "drafter", drafter)  # the model behind lookup+
     with torch.no_grad():
         costs = {
             "target_step_ms": step_ms(lambda: eng(one, pos1, kv_len=kv), 20, dev),
             f"target_verify_{a.gamma + 1}_ms": step_ms(lambda: eng(many, posg, kv_len=kv), 20, dev),
-            "drafter_step_ms": step_ms(lambda: dm(one, pos1, kv_len=kv), 20, dev),
         }
+        if hasattr(inner, "model"):  # an independent drafter: one step, through its draft vocabulary if it has one
+            dm, dv = inner.model, inner.draft_vocab
+            dm.setup_caches(L + 256)
+            step = (lambda: dm(one, pos1, kv_len=kv)) if dv is None else \
+                (lambda: dv.logits(dm(one, pos1, kv_len=kv, head=False)[1]))
+            costs["drafter_step_ms"] = step_ms(step, 20, dev)
+        # Verify cost by width (1 = a plain step), interleaved so drift hits every width alike; medians.
+        widths = {w: [] for w in range(1, 6)}
+        for _ in range(40):
+            for w, times in widths.items():
+                ids, pos = torch.zeros(1, w, dtype=torch.long, device=dev), torch.arange(L, L + w, device=dev)
+                t0 = time.perf_counter()
+                eng(ids, pos, kv_len=None if kv is None else L + w)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3)
+        costs.update({f"target_forward_{w}_tokens_ms": sorted(t)[len(t) // 2] for w, t in widths.items()})
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     print(json.dumps({
         "target": s.target.info.name, "device": str(dev), "dtype": a.dtype, "threads": torch.get_num_threads(),
         "max_new_tokens": a.max_new_tokens, "prompts": len(prompts), "drafter": a.drafter, "gamma": a.gamma,
+        "threshold": a.threshold,
         "tokens_per_s": {k: round(mean(v), 2) for k, v in rates.items()},
         "tau": round(mean(taus), 3),
         **{k: round(v, 3) for k, v in costs.items()},
