@@ -82,8 +82,8 @@ def draft_vocab_for(cfg: KoalaConfig, rows: list[dict], vocab: int) -> "torch.Te
     return draft_vocab_ids(response_token_counts(rows, vocab), cfg.drafter.draft_vocab)
 
 
-def write_draft_vocab(cfg: KoalaConfig, rows: list[dict], vocab: int, directory: Path) -> None:
-    ids = draft_vocab_for(cfg, rows, vocab)
+def write_draft_vocab(directory: Path, ids: "torch.Tensor | None") -> None:
+    """Save the draft vocabulary beside the drafter (nothing when it drafts over the full vocabulary)."""
     if ids is not None:
         from koala.spec.drafters import save_draft_vocab
 
@@ -122,10 +122,7 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
             "data_dir": str(data_dir), "training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump(),
             "metrics": metrics, "train_rows": len(train_rows), "heldout_rows": len(held)}
     path = save_drafter(model, target.tokenizer, out / FINAL, info)
-    if vocab_ids is not None:
-        from koala.spec.drafters import save_draft_vocab
-
-        save_draft_vocab(path, vocab_ids)
+    write_draft_vocab(path, vocab_ids)
     return path
 
 

@@ -176,7 +176,7 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
             "data_manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
             "training": tcfg.model_dump(), "metrics": metrics}
     path = save_heads(heads.eval(), out / "heads", info)
-    from koala.distill import write_draft_vocab
+    from koala.distill import draft_vocab_for, write_draft_vocab
 
-    write_draft_vocab(cfg, train_rows, target.info.vocab_size, path)
+    write_draft_vocab(path, draft_vocab_for(cfg, train_rows, target.info.vocab_size))
     return path

@@ -32,6 +32,25 @@ class Teacher:
         dense = torch.full((ids.shape[0], vocab), LOG_EPS, device=ids.device)
         return cls(dense.scatter(-1, ids.long(), lp))
 
+    @classmethod
+    def from_topk_over(cls, ids: torch.Tensor, logprobs: torch.Tensor, vocab_ids: torch.Tensor,
+                       vocab: int) -> tuple["Teacher", torch.Tensor]:
+        """The stored top-k restricted to the tokens `vocab_ids` (K,) and renormalised there: (log p (M, K), keep (N,)).
+
+        `keep` marks the positions whose top-k holds any of those tokens; the others have nothing to teach a drafter
+        over that vocabulary and are left out (M = keep.sum()).
+        """
+        index = torch.full((vocab,), -1, dtype=torch.long, device=ids.device)
+        index[vocab_ids] = torch.arange(len(vocab_ids), device=ids.device)
+        sub = index[ids.long()]  # (N, k): place in the subset, -1 outside it
+        keep = (sub >= 0).any(-1)
+        sub = sub[keep]
+        lp = torch.log_softmax(logprobs[keep].float().masked_fill(sub < 0, float("-inf")), -1)
+        K = len(vocab_ids)
+        dense = torch.full((sub.shape[0], K + 1), LOG_EPS, device=ids.device)  # column K collects the outsiders
+        dense.scatter_(-1, torch.where(sub >= 0, sub, K), lp.clamp_min(LOG_EPS))
+        return cls(torch.log_softmax(dense[:, :K], -1)), keep
+
     @property
     def p(self) -> torch.Tensor:
         return self.logp.exp()

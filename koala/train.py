@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from koala.config import TrainingConfig
 from koala.errors import KoalaError
-from koala.losses import LOG_EPS, LOSSES, Teacher, cross_entropy, expected_acceptance, greedy_agreement
+from koala.losses import LOSSES, Teacher, cross_entropy, expected_acceptance, greedy_agreement
 
 LogFn = Callable[[int, dict], None]
 
@@ -196,15 +196,7 @@ def teacher_at(batch: Batch, target_model, vocab: int, vocab_ids: torch.Tensor |
     if batch.topk_ids is not None:
         if vocab_ids is None:
             return Teacher.from_topk(batch.topk_ids, batch.topk_logprobs, vocab), None
-        index = torch.full((vocab,), -1, dtype=torch.long, device=vocab_ids.device)
-        index[vocab_ids] = torch.arange(len(vocab_ids), device=vocab_ids.device)
-        sub = index[batch.topk_ids.long()]  # (N, k): position in the draft vocabulary, -1 outside it
-        keep = (sub >= 0).any(-1)
-        sub, lp = sub[keep], batch.topk_logprobs[keep].float().masked_fill(sub[keep] < 0, float("-inf"))
-        K = len(vocab_ids)
-        dense = torch.full((sub.shape[0], K + 1), LOG_EPS, device=sub.device)  # column K collects the outsiders
-        dense.scatter_(-1, torch.where(sub >= 0, sub, K), torch.log_softmax(lp, -1).clamp_min(LOG_EPS))
-        return Teacher(torch.log_softmax(dense[:, :K], -1)), keep
+        return Teacher.from_topk_over(batch.topk_ids, batch.topk_logprobs, vocab_ids, vocab)
     if target_model is None:
         raise KoalaError("the dataset has no stored top-k log-probs and no target was given: sample with "
                          "sampling.topk_logprobs > 0 or train with the target loaded")

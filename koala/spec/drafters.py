@@ -197,9 +197,9 @@ class LookupFirstDrafter:
     features stay current and it catches up on the tokens it skipped the next time it is asked.
     """
 
-    def __init__(self, drafter: Drafter, max_ngram: int = 3, min_ngram: int = 1):
+    def __init__(self, drafter: Drafter, max_ngram: int = 3):
         self.drafter = drafter
-        self.lookup = PromptLookupDrafter(max_ngram, min_ngram, vocab_size=drafter.vocab_size)
+        self.lookup = PromptLookupDrafter(max_ngram, vocab_size=drafter.vocab_size)
         self.name = f"lookup+{drafter.name}"
         self.vocab_size = drafter.vocab_size
         self.needs_hidden = drafter.needs_hidden
