@@ -22,6 +22,18 @@ def fail(e: Exception) -> None:
     raise typer.Exit(1)
 
 
+def validated(model, origin: str, **values):
+    """A config section from command-line values; a bad value is a one-line KoalaError naming the option."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]).replace("_", "-")
+        raise KoalaError(f"{origin}: --{field} {err.get('input')!r}: {err['msg']}") from None
+
+
 @assets_app.command("fetch")
 def assets_fetch(names: Optional[list[str]] = typer.Argument(None, help="assets to fetch (default: all)"),
                  force: bool = typer.Option(False, help="download again even if cached")):
@@ -83,26 +95,38 @@ def prompts(source: str = typer.Option("sharegpt", help="sharegpt, mtbench, huma
 def generate(prompt: str = typer.Argument(..., help="the user message"),
              target: str = typer.Option("smollm2-135m-instruct", help="target: name, HF id, directory or .gguf"),
              drafter: Optional[str] = typer.Option(None, help="speculate with: truncate:N, ngram, heads:PATH, a model; lookup+SPEC tries prompt lookup first"),
-             gamma: int = typer.Option(4, help="tokens drafted per round"),
+             gamma: str = typer.Option("auto", help="tokens drafted per round, or auto: from this machine's measured "
+                                       "cost by width and the drafter's stored acceptance"),
              max_new_tokens: int = typer.Option(256, help="longest answer in tokens"),
              temperature: float = typer.Option(0.0, help="0 = greedy"),
              top_p: float = typer.Option(1.0, help="nucleus mass"),
              dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
-             device: str = typer.Option("cpu", help="cpu or cuda")):
+             device: str = typer.Option("cpu", help="cpu or cuda"),
+             compile: bool = typer.Option(False, "--compile/--no-compile", help="compiled decode steps: faster per "
+                                          "token, after a one-off compilation (cached on disk)")):
     """Answer one prompt with the target, streaming tokens; with --drafter, accepted drafts show in green."""
+    from koala.spec.calibrate import auto_gamma, parse_gamma
+    from koala.spec.compile import compile_seconds
     from koala.spec.session import Session
 
     try:
-        s = Session.open(target, dtype=dtype, device=device)
+        g = parse_gamma(gamma)
+        s = Session.open(target, dtype=dtype, device=device, compile=compile)
+        typer.echo(f"[{s.describe()}]", err=True)
         d = s.drafter(drafter) if drafter else None
-        result = s.chat(prompt, max_new_tokens=max_new_tokens, drafter=d, gamma=gamma, temperature=temperature,
+        if d is not None and g is None:
+            g, why = auto_gamma(s, d)
+            typer.echo(f"[gamma auto: {g} ({why})]", err=True)
+        result = s.chat(prompt, max_new_tokens=max_new_tokens, drafter=d, gamma=g or 1, temperature=temperature,
                         top_p=top_p, stream=True)
     except KoalaError as e:
         fail(e)
     tps = len(result.tokens) / result.wall_s
     line = f"\n\n{len(result.tokens)} tokens in {result.wall_s:.2f} s: {tps:.1f} tokens/s"
     if d is not None:
-        line += f", tau {result.tau:.2f} tokens per target forward (gamma {gamma})"
+        line += f", tau {result.tau:.2f} tokens per target forward (gamma {g})"
+    if compile:
+        line += f"; compiling took {compile_seconds():.1f} s before that"
     typer.echo(line)
 
 
@@ -111,7 +135,8 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
              target: str = typer.Option("smollm2-135m-instruct", help="target: name, HF id, directory or .gguf"),
              bench: str = typer.Option("mtbench", help="mtbench, humaneval or a JSONL of {prompt, category}"),
              limit: Optional[int] = typer.Option(8, help="evaluate at most this many prompts"),
-             gamma: int = typer.Option(4, help="tokens drafted per target forward (at most)"),
+             gamma: str = typer.Option("auto", help="tokens drafted per target forward (at most), or auto: chosen "
+                                       "from the measured cost by width and acceptance by position"),
              threshold: Optional[float] = typer.Option(None, help="stop drafting below this draft probability"),
              lookup: bool = typer.Option(False, help="prompt lookup first, the drafter where the context has no match"),
              temperature: float = typer.Option(0.0, help="0 = greedy; > 0 = speculative sampling"),
@@ -120,6 +145,8 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
              dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
              device: str = typer.Option("cpu", help="cpu or cuda"),
              hf: bool = typer.Option(False, "--hf/--no-hf", help="also time HF generate, plain and assisted"),
+             compile: bool = typer.Option(True, "--compile/--no-compile", help="compiled decode steps for both "
+                                          "the speculative and the autoregressive runs (compile time reported apart)"),
              out: str = typer.Option("report.json", help="report path; .md and PNG plots go beside it")):
     """Measure a drafter: tau, acceptance by position, speed-up vs autoregressive, and losslessness."""
     from pathlib import Path
@@ -131,10 +158,11 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
     from koala.spec.session import Session
 
     try:
-        cfg = EvalConfig(bench=bench, limit=limit, gamma=gamma, temperature=temperature, top_p=top_p,
-                         max_new_tokens=max_new_tokens, hf_baselines=hf, threshold=threshold,
-                         lookup=lookup)
-        s = Session.open(target, dtype=dtype, device=device)
+        cfg = validated(EvalConfig, "koala eval", bench=bench, limit=limit, gamma=gamma, temperature=temperature,
+                        top_p=top_p, max_new_tokens=max_new_tokens, hf_baselines=hf, threshold=threshold,
+                        lookup=lookup, compile=compile)
+        s = Session.open(target, dtype=dtype, device=device, compile=compile)
+        typer.echo(f"[{s.describe()}]", err=True)
         out_path = Path(out)
         out_dir = out_path.parent if out_path.suffix == ".json" else out_path
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from koala.errors import KoalaError
 
@@ -92,9 +92,14 @@ class TrainingConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    """How a drafter is measured; `koala eval` and the pipeline's evaluation share these defaults."""
+
     bench: str = Field("mtbench", description="mtbench, humaneval or a JSONL of {prompt, category}")
     limit: int | None = Field(8, ge=1, description="evaluate at most this many prompts")
-    gamma: int = Field(4, ge=1, description="draft length: tokens proposed per target forward (at most)")
+    gamma: int | Literal["auto"] = Field("auto", description="draft length: tokens proposed per target forward (at "
+                                         "most); auto: chosen from the measured cost by width and acceptance")
+    compile: bool = Field(True, description="compiled decode steps (inductor on a CPU, CUDA graphs on a GPU): "
+                          "compiled once per width and cached on disk under $KOALA_CACHE/inductor")
     threshold: float | None = Field(None, ge=0, le=1, description="stop drafting at a token the drafter gives less "
                                     "probability than this (adaptive draft length); None: always gamma")
     lookup: bool = Field(False, description="prompt lookup first: copy the continuation of an earlier match of the "
@@ -104,6 +109,17 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(128, ge=1, description="new tokens per prompt")
     warmup: int = Field(1, ge=0, description="untimed warm-up generations before measuring")
     hf_baselines: bool = Field(False, description="also time Hugging Face generate, plain and with assistant_model")
+
+
+    @field_validator("gamma", mode="before")
+    @classmethod
+    def _gamma(cls, v):
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        ok = v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+        if not ok:
+            raise ValueError("gamma must be a positive integer or auto")
+        return v
 
 
 class TrackingConfig(_Strict):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import platform
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,9 +20,12 @@ import torch
 from koala.config import EvalConfig
 from koala.data import prompts as P
 from koala.errors import KoalaError
+from koala.spec.calibrate import GAMMA_MAX
+from koala.spec.compile import compile_seconds
 from koala.spec.drafters import Drafter, LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
 from koala.spec.session import Session
 from koala.targets import encode_chat
+from koala.threads import cpu_model
 
 ProgressFn = Callable[[int, int, dict], None]
 
@@ -53,7 +55,8 @@ def acceptance_by_position(rounds: list[tuple[int, int]], gamma: int) -> list[fl
     return rates
 
 
-def _hf_generate(session: Session, ids: list[int], cfg: EvalConfig, assistant=None, lookup: int = 0) -> tuple[int, float]:
+def _hf_generate(session: Session, ids: list[int], cfg: EvalConfig, assistant=None, lookup: int = 0,
+                 gamma: int = 4) -> tuple[int, float]:
     model = session.target.model
     x = torch.tensor([ids], device=model.device)
     kw = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0, pad_token_id=session.target.tokenizer.pad_token_id,
@@ -61,10 +64,10 @@ def _hf_generate(session: Session, ids: list[int], cfg: EvalConfig, assistant=No
     if cfg.temperature > 0:
         kw.update(temperature=cfg.temperature, top_p=cfg.top_p)
     if assistant is not None:
-        kw.update(assistant_model=assistant, num_assistant_tokens=cfg.gamma,
+        kw.update(assistant_model=assistant, num_assistant_tokens=gamma,
                   num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
     if lookup:
-        kw.update(prompt_lookup_num_tokens=cfg.gamma)
+        kw.update(prompt_lookup_num_tokens=gamma)
     t = time.perf_counter()
     with torch.no_grad():
         out = model.generate(x, attention_mask=torch.ones_like(x), **kw)
@@ -108,22 +111,43 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
     prompts = [(r, encode_chat(tok, list(r.messages))) for r in records]
     if not prompts:
         raise KoalaError(f"benchmark {cfg.bench!r} has no prompts")
+    # One cache size for the whole run: a compiled engine then compiles each step width once.
+    session.reserve(max(len(ids) for _, ids in prompts) + cfg.max_new_tokens + GAMMA_MAX + 1)
+    compile_s0 = compile_seconds()
+    t_setup = time.perf_counter()
+    gamma = cfg.gamma if cfg.gamma != "auto" else GAMMA_MAX
 
-    def run(ids, d, profile=False):
-        return session.run(ids, cfg.max_new_tokens, drafter=d, gamma=cfg.gamma, temperature=cfg.temperature,
+    def run(ids, d, profile=False, g=None):
+        return session.run(ids, cfg.max_new_tokens, drafter=d, gamma=g or gamma, temperature=cfg.temperature,
                            top_p=cfg.top_p, profile=profile, threshold=cfg.threshold if d is not None else None)
 
-    # Warm-up (excluded): also the profiled run that measures the drafter's step cost c.
+    # Warm-up (excluded; compiles the steps in a compiled session): also the profiled run that measures the
+    # drafter's step cost and, for gamma auto, its acceptance by position at the longest draft considered.
     for _ in range(cfg.warmup):
         run(prompts[0][1], None)
         run(prompts[0][1], drafter)
-    ar0, sp = run(prompts[0][1], None), run(prompts[0][1], drafter, profile=True)
-    drafted = max(sum(m for m, _ in sp.rounds), 1)
+    calib = prompts[:max(1, min(2, len(prompts)))]
+    ar0 = run(prompts[0][1], None)
+    probes = [run(ids, drafter, profile=True) for _, ids in calib]
+    probe_rounds = [r for p in probes for r in p.rounds]
+    drafted = max(sum(m for m, _ in probe_rounds), 1)
     target_step_s = ar0.wall_s / max(ar0.target_forwards, 1)
-    drafter_step_s = sp.draft_s / drafted
-    c = drafter_step_s / target_step_s
+    drafter_step_s = sum(p.draft_s for p in probes) / drafted
+    choice = None
+    if cfg.gamma == "auto":
+        from koala.spec.calibrate import choose_gamma, cost_curve
 
-    rows, accept_total, all_rounds = [], [0] * (cfg.gamma + 1), []
+        curve = cost_curve(session)
+        probe_acc = acceptance_by_position(probe_rounds, GAMMA_MAX)
+        gamma, rates = choose_gamma(curve["ms"], drafter_step_s * 1e3, probe_acc)
+        choice = {"auto": True, "chosen": gamma, "cost_by_width_ms": curve["ms"], "curve_cached": curve["cached"],
+                  "probe_acceptance_by_position": probe_acc, "drafter_step_ms": drafter_step_s * 1e3,
+                  "expected_tokens_per_s": rates, "expected_speedup": rates[gamma] / rates[0]}
+        run(prompts[0][1], drafter)  # warm the chosen width
+    c = drafter_step_s / target_step_s
+    setup_s = time.perf_counter() - t_setup
+
+    rows, accept_total, all_rounds = [], [0] * (gamma + 1), []
     hf_rows = []
     assistant = hf_assistant(drafter) if cfg.hf_baselines else None
     for i, (rec, ids) in enumerate(prompts):
@@ -145,7 +169,8 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
             n, w = _hf_generate(session, ids, cfg)
             hf = {"hf_generate": n / w}
             if assistant is not None or isinstance(drafter, PromptLookupDrafter):
-                n, w = _hf_generate(session, ids, cfg, assistant, lookup=isinstance(drafter, PromptLookupDrafter))
+                n, w = _hf_generate(session, ids, cfg, assistant, lookup=isinstance(drafter, PromptLookupDrafter),
+                                    gamma=gamma)
                 hf["hf_assisted"] = n / w
             hf_rows.append(hf)
             row.update(hf)
@@ -153,14 +178,21 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
         if progress:
             progress(i + 1, len(prompts), row)
 
-    report = _summarise(session, drafter, cfg, rows, accept_total, all_rounds, hf_rows, c, target_step_s,
+    report = _summarise(session, drafter, cfg, gamma, rows, accept_total, all_rounds, hf_rows, c, target_step_s,
                         drafter_step_s)
+    report["gamma_choice"] = choice or {"auto": False, "chosen": gamma}
+    report["mode"] = session.mode
+    report["compile_s"] = compile_seconds() - compile_s0
+    report["setup_s"] = setup_s  # warm-up, compilation and calibration: never part of a speed-up
+    if choice:
+        choice["measured_speedup"] = report["speedup"]
     if out_dir is not None:
         write_report(report, Path(out_dir))
     return report
 
 
-def _summarise(session, drafter, cfg, rows, accept_total, rounds, hf_rows, c, target_step_s, drafter_step_s) -> dict:
+def _summarise(session, drafter, cfg, gamma, rows, accept_total, rounds, hf_rows, c, target_step_s,
+               drafter_step_s) -> dict:
     info = session.target.info
     spec_tps = mean(r["tokens_per_s"] for r in rows)
     ar_tps = mean(r["ar_tokens_per_s"] for r in rows)
@@ -179,12 +211,11 @@ def _summarise(session, drafter, cfg, rows, accept_total, rounds, hf_rows, c, ta
         }
     return {
         "target": info.name, "target_hash": info.content_hash, "drafter": drafter.name,
-        "device": info.device if info.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, "
-                  f"{torch.get_num_threads()} threads)",
-        "dtype": info.dtype, "gamma": cfg.gamma, "temperature": cfg.temperature, "top_p": cfg.top_p,
+        "device": info.device if info.device != "cpu" else f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)",
+        "dtype": info.dtype, "gamma": gamma, "temperature": cfg.temperature, "top_p": cfg.top_p,
         "bench": cfg.bench, "prompts": len(rows), "max_new_tokens": cfg.max_new_tokens,
         "tau": tau, "speedup": spec_tps / ar_tps,
-        "memory_bound_speedup": tau / (cfg.gamma * c + 1), "drafter_cost_ratio": c,
+        "memory_bound_speedup": tau / (gamma * c + 1), "drafter_cost_ratio": c,
         "target_step_ms": target_step_s * 1e3, "drafter_step_ms": drafter_step_s * 1e3,
         "tokens_per_s": {
             "speculative": spec_tps, "autoregressive": ar_tps,
@@ -193,7 +224,7 @@ def _summarise(session, drafter, cfg, rows, accept_total, rounds, hf_rows, c, ta
             if any("hf_assisted" in h for h in hf_rows) else None,
         },
         "lossless": {"identical": sum(identical), "total": len(identical), "checked": cfg.temperature == 0},
-        "acceptance_by_position": acceptance_by_position(rounds, cfg.gamma),
+        "acceptance_by_position": acceptance_by_position(rounds, gamma),
         "threshold": cfg.threshold, "mean_draft_length": sum(m for m, _ in rounds) / max(len(rounds), 1),
         "accept_counts": accept_total,
         "per_category": per_cat,
@@ -217,8 +248,10 @@ def markdown(r: dict) -> str:
     lines = [
         f"# koala eval: {r['drafter']} on {r['target']}",
         "",
-        f"{r['bench']}, {r['prompts']} prompts, gamma {r['gamma']}, temperature {r['temperature']}, "
-        f"{r['dtype']} on {r['device']}",
+        f"{r['bench']}, {r['prompts']} prompts, gamma {r['gamma']}"
+        f"{' (auto)' if r.get('gamma_choice', {}).get('auto') else ''}, temperature {r['temperature']}, "
+        f"{r['dtype']} on {r['device']}, {r.get('mode', 'eager')} engine (compile {r.get('compile_s', 0):.0f} s, "
+        f"not part of any timing)",
         "",
         "| metric | value |", "|---|---|",
         f"| τ (tokens per target forward) | {r['tau']:.2f} |",
@@ -240,6 +273,14 @@ def markdown(r: dict) -> str:
               "", "| category | prompts | τ | speed-up |", "|---|---|---|---|"]
     for cat, c in r["per_category"].items():
         lines.append(f"| {cat} | {c['prompts']} | {c['tau']:.2f} | {c['speedup']:.2f}x |")
+    ch = r.get("gamma_choice") or {}
+    if ch.get("auto"):
+        widths = sorted(ch["cost_by_width_ms"], key=int)
+        lines += ["", f"gamma auto chose {ch['chosen']}: expected {ch['expected_speedup']:.2f}x, measured "
+                      f"{r['speedup']:.2f}x", "",
+                  "| forward width (tokens) | " + " | ".join(str(w) for w in widths) + " |",
+                  "|---|" + "---|" * len(widths),
+                  "| target forward (ms) | " + " | ".join(f"{ch['cost_by_width_ms'][w]:.1f}" for w in widths) + " |"]
     return "\n".join(lines) + "\n"
 
 
@@ -261,6 +302,20 @@ def plot(r: dict, out: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
+    ch = r.get("gamma_choice") or {}
+    if ch.get("auto"):
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
+        widths = sorted(ch["cost_by_width_ms"], key=int)
+        a1.plot([int(w) for w in widths], [ch["cost_by_width_ms"][w] for w in widths], "o-", color="#3a6ea5")
+        a1.set(xlabel="tokens in one target forward", ylabel="ms", ylim=(0, None), title="target forward cost")
+        rates = {int(g): v for g, v in ch["expected_tokens_per_s"].items()}
+        a2.bar(list(rates), list(rates.values()), color=["grey"] + ["#4c8c4a"] * (len(rates) - 1))
+        a2.set(xlabel="gamma (0 = no drafting)", ylabel="expected tokens/s", title=f"gamma auto: {ch['chosen']}")
+        fig.tight_layout()
+        with atomic_path(out / "gamma_choice.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        plt.close(fig)
+
     cats = list(r["per_category"])
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.bar(cats, [r["per_category"][c]["speedup"] for c in cats], color="#3a6ea5")
@@ -277,7 +332,8 @@ def summary_line(r: dict) -> str:
     ll = r["lossless"]
     loss = f"lossless {ll['identical']}/{ll['total']}" if ll["checked"] else "sampling (exact by construction)"
     return (f"{r['drafter']}: tau {r['tau']:.2f}, speed-up {r['speedup']:.2f}x "
-            f"({r['tokens_per_s']['speculative']:.1f} vs {r['tokens_per_s']['autoregressive']:.1f} tokens/s), {loss}")
+            f"({r['tokens_per_s']['speculative']:.1f} vs {r['tokens_per_s']['autoregressive']:.1f} tokens/s, "
+            f"{r.get('mode', 'eager')}, gamma {r['gamma']}), {loss}")
 
 
 def dumps(r: dict) -> str:

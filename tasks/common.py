@@ -12,16 +12,22 @@ _SESSIONS: dict[tuple, Session] = {}
 _LOCK = threading.Lock()
 
 
-def session_for(tc: TargetConfig) -> Session:
-    """The target and its engine, loaded on first use in this process and reused by every later task."""
+def session_for(tc: TargetConfig, compile: bool = False) -> Session:
+    """The target and its engine (eager, or compiled), loaded on first use in this process and reused by every later
+    task: the target's weights are loaded once, and a compiled engine compiles once per process."""
     key = (tc.spec, tc.dtype, tc.device, tc.trust_remote_code)
     with _LOCK:
-        if key not in _SESSIONS:
-            from koala.targets import load_target
+        if (key, compile) not in _SESSIONS:
+            if (key, not compile) in _SESSIONS:
+                t = _SESSIONS[(key, not compile)].target
+            else:
+                from koala.targets import load_target
+                from koala.threads import configure_threads
 
-            t = load_target(tc.spec, dtype=tc.dtype, device=tc.device, trust_remote_code=tc.trust_remote_code)
-            _SESSIONS[key] = Session(t, Transformer(t.model))
-        return _SESSIONS[key]
+                configure_threads()
+                t = load_target(tc.spec, dtype=tc.dtype, device=tc.device, trust_remote_code=tc.trust_remote_code)
+            _SESSIONS[(key, compile)] = Session(t, Transformer(t.model).compile() if compile else Transformer(t.model))
+        return _SESSIONS[(key, compile)]
 
 
 def resolve_config(profile: str | None, config_path: str | None, overrides: list[str] | None) -> KoalaConfig:

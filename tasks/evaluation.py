@@ -14,7 +14,7 @@ from koala.registry import decide
 from koala.tracking import Tracker, resolve_uri
 from tasks.common import session_for
 
-EVAL_KEYS = ("bench", "gamma", "threshold", "lookup", "temperature", "top_p", "max_new_tokens", "limit")
+EVAL_KEYS = ("bench", "gamma", "threshold", "lookup", "temperature", "top_p", "max_new_tokens", "limit", "compile")
 
 
 def model_name(cfg: KoalaConfig) -> str:
@@ -33,6 +33,10 @@ def _metrics(report: dict) -> dict:
         m[f"category.{cat}.tau"], m[f"category.{cat}.speedup"] = c["tau"], c["speedup"]
     for i, a in enumerate(report["acceptance_by_position"]):
         m[f"acceptance.pos{i + 1}"] = a
+    m["gamma"] = report["gamma"]
+    m["compile_s"], m["setup_s"] = report.get("compile_s", 0.0), report.get("setup_s", 0.0)
+    if report.get("gamma_choice", {}).get("auto"):
+        m["expected_speedup"] = report["gamma_choice"]["expected_speedup"]
     return m
 
 
@@ -40,7 +44,8 @@ def _metrics(report: dict) -> dict:
 def evaluate_drafter(cfg: KoalaConfig, drafter: str, out_dir: str, parent_run_id: str | None = None,
                      run_name: str = "evaluate") -> dict:
     """Measure a drafter on the benchmark; logs metrics, report and plots; returns the report without per-prompt rows."""
-    s = session_for(cfg.target)
+    s = session_for(cfg.target, compile=cfg.eval.compile)
+    get_run_logger().info("evaluating %s: %s", drafter, s.describe())
     report = evaluate(s, drafter, cfg.eval, out_dir=out_dir)
     uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
     with Tracker.start(uri, cfg.tracking.experiment, run_name, parent_run_id=parent_run_id) as tr:
@@ -62,7 +67,8 @@ def register_drafter(cfg: KoalaConfig, drafter_dir: str, report: dict, parent_ru
     with Tracker.start(uri, cfg.tracking.experiment, "register", parent_run_id=parent_run_id) as tr:
         logged = tr.log_drafter(drafter_dir, registered_name=name)
     client = MlflowClient(uri)
-    tags = {"tau": f"{report['tau']:.4f}", "speedup": f"{report['speedup']:.4f}",
+    tags = {"tau": f"{report['tau']:.4f}", "speedup": f"{report['speedup']:.4f}", "gamma_chosen": str(report["gamma"]),
+            "mode": report.get("mode", "eager"),
             "lossless": f"{report['lossless']['identical']}/{report['lossless']['total']}",
             "device": report["device"], "dtype": report["dtype"], "drafter_dir": drafter_dir,
             **{f"eval.{k}": str(v) for k, v in cfg.eval.model_dump().items() if k in EVAL_KEYS}}

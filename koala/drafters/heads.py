@@ -180,12 +180,12 @@ class EagleDrafter:
     @torch.no_grad()
     def propose(self, seq, n, gamma, params, stop_below=None):
         dev = seq.device
-        kv = None if dev.type == "cuda" else n + gamma
         emb = self.target.embed
         js = torch.arange(self.n_cached, n - 1, device=dev)  # slot j reads (f_j, x_{j+1}) and predicts f_{j+1}
         dv = self.draft_vocab
         x = self.head.fuse(self.feat[js], emb(seq[js + 1]))[None]
-        logits, h = self.engine(None, js, embeds=x, return_hidden=True, kv_len=kv, head=dv is None)
+        logits, h = self.engine.step(None, js, n - 1, embeds=x, return_hidden=True, head=dv is None,
+                                     eager=js.numel() != 1)
         f = h[0, -1]
         tokens, probs, fed = [], [], 0
         for i in range(gamma):
@@ -201,8 +201,8 @@ class EagleDrafter:
             probs.append(q)
             if i < gamma - 1:
                 x = self.head.fuse(f[None, None], emb(t.view(1, 1)))
-                logits, h = self.engine(None, torch.tensor([n - 1 + i], device=dev), embeds=x, return_hidden=True,
-                                        kv_len=kv, head=dv is None)
+                logits, h = self.engine.step(None, torch.tensor([n - 1 + i], device=dev), n + i, embeds=x,
+                                             return_hidden=True, head=dv is None)
                 f = h[0, -1]
                 fed += 1
         self.n_cached = n - 1 + fed  # slots past n-2 hold predicted features: commit() drops them

@@ -102,6 +102,33 @@ def check_drafter(target: Transformer, drafter: Drafter | None, gamma: int) -> N
         )
 
 
+def prefill(target: Transformer, seq: torch.Tensor, T: int, params: SamplingParams, hidden: bool):
+    """The whole prompt seq[:T] in one forward; returns the first new token and, for heads, the features."""
+    out = target.step(seq[None, :T], torch.arange(T, device=seq.device), T, return_hidden=hidden, eager=True)
+    logits, h = out if hidden else (out, None)
+    return sample(logits_to_probs(logits[0, -1], params), greedy=params.greedy), h
+
+
+def decode_one_token(target: Transformer, seq: torch.Tensor, n: int, params: SamplingParams) -> torch.Tensor:
+    """A plain step: feed seq[n-1], return the token for position n."""
+    logits = target.step(seq[None, n - 1:n], torch.tensor([n - 1], device=seq.device), n)
+    return sample(logits_to_probs(logits[0, -1], params), greedy=params.greedy)
+
+
+def verify(target: Transformer, seq: torch.Tensor, n: int, m: int, drafts: torch.Tensor, q: torch.Tensor,
+           params: SamplingParams, hidden: bool):
+    """One target forward over seq[n-1] and the m drafts in seq[n:n+m], then the rejection rule.
+
+    Returns (n_accepted, next token, the target's features at the m + 1 positions or None). A compiled target runs
+    every width from 2 up as one graph (koala.spec.compile), so a short draft costs no recompilation.
+    """
+    out = target.step(seq[None, n - 1:n + m], torch.arange(n - 1, n + m, device=seq.device), n + m,
+                      return_hidden=hidden)
+    logits, h = out if hidden else (out, None)
+    k, nxt = accept_drafts(drafts, q, logits_to_probs(logits[0], params))
+    return k, nxt, None if h is None else h[0]
+
+
 @torch.no_grad()
 def generate(
     target: Transformer,
@@ -119,7 +146,7 @@ def generate(
     """Decode after `prompt`, autoregressively (drafter None) or speculatively with `drafter` proposing gamma tokens.
 
     Args:
-        target: the engine model of the target.
+        target: the engine model of the target (eager, or compiled with `Transformer.compile`).
         prompt: token ids, chat template already applied.
         max_new_tokens: stop after this many new tokens.
         drafter: a Drafter, or None for plain decoding of the target in the same engine.
@@ -147,29 +174,23 @@ def generate(
     seq = torch.zeros(max_len, dtype=torch.long, device=dev)
     T = len(prompt)
     seq[:T] = torch.tensor(prompt, device=dev)
+    hidden = drafter is not None and drafter.needs_hidden
     start = time.perf_counter()
 
-    # Prefill: the whole prompt in one forward, then the first new token from the target.
-    out = target(seq[None, :T], torch.arange(T, device=dev), return_hidden=drafter is not None and drafter.needs_hidden,
-                 kv_len=None if dev.type == "cuda" else T)
-    logits, hidden = out if isinstance(out, tuple) else (out, None)
-    seq[T] = sample(logits_to_probs(logits[0, -1], params), greedy=params.greedy)
+    seq[T], h = prefill(target, seq, T, params, hidden)
     n, forwards = T + 1, 1
-    if hidden is not None:
-        drafter.commit(n, hidden[0], 0)
+    if h is not None:
+        drafter.commit(n, h[0], 0)
     accept_counts = [0] * (g + 1)
     draft_s = verify_s = 0.0
     rounds: list[tuple[int, int]] = []
-    # On a CPU attend only to the slots in use; on CUDA keep shapes static (graph capture).
-    kv = (lambda m: None) if dev.type == "cuda" else (lambda m: m)
     emitted = [int(seq[T])]
     if stream:
         stream(emitted[:], 0)
 
     while len(emitted) < max_new_tokens and not (eos_ids and emitted[-1] in eos_ids):
         if drafter is None:
-            logits = target(seq[None, n - 1:n], torch.tensor([n - 1], device=dev), kv_len=kv(n))
-            seq[n] = sample(logits_to_probs(logits[0, -1], params), greedy=params.greedy)
+            seq[n] = decode_one_token(target, seq, n, params)
             new, k = [int(seq[n])], 0
         else:
             t0 = _clock(dev, profile)
@@ -177,17 +198,14 @@ def generate(
             m = drafts.shape[0]  # gamma, or fewer when drafting stopped at an unconfident token
             seq[n:n + m] = drafts
             t1 = _clock(dev, profile)
-            out = target(seq[None, n - 1:n + m], torch.arange(n - 1, n + m, device=dev),
-                         return_hidden=drafter.needs_hidden, kv_len=kv(n + m))
-            logits, hidden = out if isinstance(out, tuple) else (out, None)
-            k, nxt = accept_drafts(drafts, q, logits_to_probs(logits[0], params))
+            k, nxt, h = verify(target, seq, n, m, drafts, q, params, hidden)
             k = int(k)  # the one host sync of a round: the next round's shapes depend on it
             if profile:
                 draft_s, verify_s = draft_s + t1 - t0, verify_s + _clock(dev, profile) - t1
             seq[n + k] = nxt
             accept_counts[k] += 1
             rounds.append((m, k))
-            drafter.commit(n + k + 1, None if hidden is None else hidden[0, :k + 1], n - 1)
+            drafter.commit(n + k + 1, None if h is None else h[:k + 1], n - 1)
             new = seq[n:n + k + 1].tolist()
         if eos_ids and any(t in eos_ids for t in new):
             new = new[:next(i for i, t in enumerate(new) if t in eos_ids) + 1]

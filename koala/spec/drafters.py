@@ -122,11 +122,12 @@ class ModelDrafter:
     @torch.no_grad()
     def propose(self, seq, n, gamma, params, stop_below=None):
         dev = seq.device
-        kv = None if dev.type == "cuda" else n + gamma  # CPU: attend only to the slots in use
         dv = self.draft_vocab
-        # Feed what the cache lacks: the prompt at first, then 1 token (a correction) or 2 (last draft + bonus).
+        # Feed what the cache lacks: the prompt at first, then 1 token (a correction) or 2 (last draft + bonus);
+        # a feed of varying width runs eager, the one-token draft steps compiled when the model is.
         pos = torch.arange(self.n_cached, n, device=dev)
-        out = self.model(seq[self.n_cached:n][None], pos, kv_len=kv, return_hidden=dv is not None, head=dv is None)
+        out = self.model.step(seq[self.n_cached:n][None], pos, n, return_hidden=dv is not None, head=dv is None,
+                              eager=n - self.n_cached != 1)
         tokens, probs, fed = [], [], 0
         for i in range(gamma):
             logits = out[0, -1] if dv is None else dv.logits(out[1][0, -1])
@@ -140,8 +141,8 @@ class ModelDrafter:
             tokens.append(t)
             probs.append(q)
             if i < gamma - 1:
-                out = self.model(t.view(1, 1), torch.tensor([n + i], device=dev), kv_len=kv,
-                                 return_hidden=dv is not None, head=dv is None)
+                out = self.model.step(t.view(1, 1), torch.tensor([n + i], device=dev), n + i + 1,
+                                      return_hidden=dv is not None, head=dv is None)
                 fed += 1
         self.n_cached = n + fed
         return _stack(tokens, probs, self.vocab_size, dev)
@@ -216,6 +217,14 @@ class LookupFirstDrafter:
 
     def commit(self, n_valid, hidden=None, start=0):
         self.drafter.commit(n_valid, hidden, start)
+
+
+def drafter_models(drafter) -> list[Transformer]:
+    """The engine models a drafter runs (none for prompt lookup; the inner drafter's behind lookup+)."""
+    inner = getattr(drafter, "drafter", None)
+    if inner is not None:
+        return drafter_models(inner)
+    return [m for m in (getattr(drafter, "model", None), getattr(drafter, "engine", None)) if isinstance(m, Transformer)]
 
 
 def load_drafter(spec: str, target: Transformer, dtype: str = "float32", device: str = "cpu") -> Drafter:

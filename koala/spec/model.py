@@ -90,6 +90,7 @@ class Transformer(nn.Module):
         )
         self.caches = nn.ModuleList()
         self.max_seq_len = 0
+        self.compiled = None  # set by compile(): the forward compiled once per step width
 
     @property
     def device(self) -> torch.device:
@@ -104,8 +105,14 @@ class Transformer(nn.Module):
         return Transformer(self.hf_model[0], n_layers)
 
     def setup_caches(self, max_seq_len: int, batch: int = 1) -> None:
-        """Allocate static caches for `max_seq_len` slots (size it max_len + gamma + 1 for speculation)."""
+        """Allocate static caches for `max_seq_len` slots (size it max_len + gamma + 1 for speculation).
+
+        Caches only grow. A compiled model rounds the size up to a power of two (at least 512), so that a run over
+        prompts of many lengths compiles each step once, not once per length.
+        """
         a = self.args
+        if self.compiled is not None:
+            max_seq_len = max(512, 1 << (max_seq_len - 1).bit_length())
         if self.max_seq_len >= max_seq_len and self.caches and self.caches[0].k.shape[0] == batch:
             return
         self.caches = nn.ModuleList(
@@ -116,6 +123,31 @@ class Transformer(nn.Module):
             "causal", torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=self.device).tril(),
             persistent=False,
         )
+
+    def compile(self, mode: str | None = None) -> "Transformer":
+        """Compile the decode steps (see `koala.spec.compile`): later `step` calls of a few tokens run compiled."""
+        from koala.spec.compile import compile_forward
+
+        self.compiled = compile_forward(self.forward, self.device, mode)
+        self.max_seq_len, self.caches = 0, nn.ModuleList()  # re-allocated at the compiled size on next use
+        return self
+
+    def step(self, idx: torch.Tensor | None, input_pos: torch.Tensor, end: int, *, embeds: torch.Tensor | None = None,
+             return_hidden: bool = False, head: bool = True, eager: bool = False):
+        """The engine's one entry to a forward of tokens at cache slots `input_pos`, all below slot `end` (a host int).
+
+        Eager on a CPU it attends to slots [0, end) only (fewer bytes read); eager on CUDA, and compiled anywhere, it
+        attends to the whole static cache (fixed shapes: one graph per width, no recompilation as the sequence
+        grows). A compiled model runs steps of at most `MAX_STEP_WIDTH` tokens compiled unless `eager` (a prefill,
+        or a feed whose width varies from call to call: each new width would be a new compilation).
+        """
+        from koala.spec.compile import MAX_STEP_WIDTH
+
+        T = (idx if embeds is None else embeds).shape[1]
+        if self.compiled is not None and not eager and T <= MAX_STEP_WIDTH:
+            return self.compiled(idx, input_pos, return_hidden=return_hidden, embeds=embeds, head=head)
+        kv_len = None if self.device.type == "cuda" else end
+        return self.forward(idx, input_pos, return_hidden=return_hidden, kv_len=kv_len, embeds=embeds, head=head)
 
     def _rope(self, pos: torch.Tensor):
         # pos: (B, T) positions -> cos, sin: (B, 1, T, D)
@@ -156,7 +188,8 @@ class Transformer(nn.Module):
         limits attention to the first kv_len slots: faster on a CPU, but a shape change, so leave it None where
         steps are captured as CUDA graphs.
         """
-        assert self.caches, "call setup_caches() first"
+        if self.max_seq_len == 0:  # an int, not the ModuleList's truth value: dynamo traces this without a break
+            raise KoalaError("call setup_caches() before the first forward")
         x = self.embed(idx) if embeds is None else embeds  # embeds (B, T, C): EAGLE feeds its fused features
         B, T = x.shape[:2]
         pos = input_pos[None, :].expand(B, T)
@@ -169,11 +202,10 @@ class Transformer(nn.Module):
             # A padding query sees only itself: a row with no visible key would give NaN, and NaN in the cache
             # poisons later rows even under a zero attention weight.
             mask = (mask & keys[:, None, None, :]) | (slots[None, :] == input_pos[:, None])[None, None]
-        if T == 1 and pad is None and kv_len is not None:
-            mask = None  # one query at the last slot in use sees every slot: no mask needed
-        elif mask is not None:
-            # an additive float mask, built once per forward rather than converted in every layer
-            mask = torch.zeros(mask.shape, dtype=self.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        # Always masked: slots past a query's position hold rejected drafts or an earlier prompt's leftovers, even
+        # for a single query (a drafter's step sits below the last slot it will write this round). An additive mask,
+        # built once per forward rather than converted in every layer.
+        mask = torch.zeros(mask.shape, dtype=self.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         cos, sin = self._rope(pos)
         eps = self.args.norm_eps
         for i, layer in enumerate(self.layers):

@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 
 from koala.spec.decode import GenerationResult, generate
-from koala.spec.drafters import Drafter, load_drafter
+from koala.spec.drafters import Drafter, drafter_models, load_drafter
 from koala.spec.model import Transformer
 from koala.spec.sampling import SamplingParams
 from koala.targets import Target, encode_chat, load_target
@@ -42,9 +42,41 @@ class Session:
     engine: Transformer
 
     @classmethod
-    def open(cls, spec: str, dtype: str = "float32", device: str = "cpu") -> "Session":
+    def open(cls, spec: str, dtype: str = "float32", device: str = "cpu", compile: bool = False) -> "Session":
+        """Load a target; with `compile`, its decode steps (and every drafter's) run compiled (koala.spec.compile)."""
+        from koala.threads import configure_threads
+
+        configure_threads()
         t = load_target(spec, dtype=dtype, device=device)
-        return cls(t, Transformer(t.model))
+        s = cls(t, Transformer(t.model))
+        if compile:
+            s.compile()
+        return s
+
+    @property
+    def compiled(self) -> bool:
+        return self.engine.compiled is not None
+
+    @property
+    def mode(self) -> str:
+        return "compile" if self.compiled else "eager"
+
+    def describe(self) -> str:
+        """Mode, threads and device in one line: what every command prints before it measures anything."""
+        import torch
+
+        from koala.threads import cpu_model
+
+        info = self.target.info
+        where = f"CPU {cpu_model()}" if info.device == "cpu" else torch.cuda.get_device_name()
+        return f"{self.mode} engine, {info.dtype}, {where}, {torch.get_num_threads()} threads"
+
+    def compile(self) -> None:
+        self.engine.compile()
+
+    def reserve(self, max_len: int) -> None:
+        """Size the caches for the longest generation to come, so a compiled run never re-sizes them midway."""
+        self.engine.setup_caches(max_len)
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -56,7 +88,11 @@ class Session:
 
     def drafter(self, spec: str) -> Drafter:
         info = self.target.info
-        return load_drafter(spec, self.engine, dtype=info.dtype, device=info.device)
+        d = load_drafter(spec, self.engine, dtype=info.dtype, device=info.device)
+        if self.compiled:
+            for model in drafter_models(d):
+                model.compile()
+        return d
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, drafter: Drafter | None = None, gamma: int = 4,
             temperature: float = 0.0, top_p: float = 1.0, stream=None, profile: bool = False,

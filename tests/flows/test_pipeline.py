@@ -25,7 +25,8 @@ def tiny_config(tmp: Path, target_dir: Path, **extra) -> Path:
         "drafter": {"layers": 1},
         "training": {"steps": 3, "batch_size": 2, "max_seq_len": 64, "checkpoint_every": 3, "eval_every": 3,
                      "warmup_steps": 1},
-        "eval": {"bench": str(tmp / "bench.jsonl"), "limit": 2, "max_new_tokens": 8, "gamma": 2, "warmup": 0},
+        "eval": {"bench": str(tmp / "bench.jsonl"), "limit": 2, "max_new_tokens": 8, "gamma": 2, "warmup": 0,
+                 "compile": False},  # orchestration under test here; the compiled engine has tests of its own
         "tracking": {"experiment": "koala-test"},
     }
     for k, v in extra.items():

@@ -1,0 +1,169 @@
+"""The draft length from measurement: the target's forward cost by width, and the drafter's acceptance by position.
+
+`gamma: auto` chooses the gamma that maximises expected tokens per second,
+
+    E[tokens per round](g) = 1 + sum_{i<=g} prod_{j<=i} a_j        (a_j: acceptance at draft position j, given j-1)
+    time per round(g)      = g * drafter step + target forward of g + 1 tokens
+
+so a machine whose wide forwards are cheap (a compiled step, a GPU) drafts long, and one where every extra verified
+token costs a step drafts short or not at all. The cost curve is measured once per target, device, dtype, threads,
+mode and CPU model and cached under $KOALA_CACHE/calibration; no constant here is tuned to one machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+
+import torch
+
+from koala.errors import KoalaError
+
+GAMMA_MAX = 5  # the longest draft `auto` considers: forwards of up to 6 tokens are measured
+
+
+def parse_gamma(value: str | int) -> int | None:
+    """`auto` -> None (choose by measurement); a positive integer -> itself."""
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        g = int(value)
+        if g < 1:
+            raise KoalaError(f"gamma must be >= 1 or auto, got {g}")
+        return g
+    if str(value).strip().lower() == "auto":
+        return None
+    raise KoalaError(f"gamma {value!r} is neither a number nor auto: write --gamma 3 or --gamma auto")
+
+
+def _key(session, max_width: int) -> dict:
+    from koala.threads import cpu_model
+
+    info = session.target.info
+    return {"target": info.content_hash, "device": info.device, "dtype": info.dtype, "mode": session.mode,
+            "threads": torch.get_num_threads(), "cpu": cpu_model() if info.device == "cpu" else
+            torch.cuda.get_device_name(), "torch": torch.__version__, "max_width": max_width}
+
+
+def _measure(engine, max_width: int, position: int, reps: int) -> dict[int, float]:
+    """Median ms of a forward of 1..max_width tokens at `position`, widths interleaved so drift hits all alike."""
+    dev = engine.device
+    engine.setup_caches(position + max_width + 1)
+    steps = {w: (torch.zeros(1, w, dtype=torch.long, device=dev), torch.arange(position, position + w, device=dev))
+             for w in range(1, max_width + 1)}
+    times: dict[int, list[float]] = {w: [] for w in steps}
+    with torch.no_grad():
+        for w, (ids, pos) in steps.items():  # compile (when compiled) and warm every width first
+            engine.step(ids, pos, position + w)
+            engine.step(ids, pos, position + w)
+        for _ in range(reps):
+            for w, (ids, pos) in steps.items():
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                engine.step(ids, pos, position + w)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times[w].append((time.perf_counter() - t) * 1e3)
+    return {w: sorted(ts)[len(ts) // 2] for w, ts in times.items()}
+
+
+def cost_curve(session, max_width: int = GAMMA_MAX + 1, position: int = 256, reps: int = 15,
+               refresh: bool = False) -> dict:
+    """{"ms": {width: ms}, ...} for this target/device/dtype/threads/mode/CPU, from the cache or measured now."""
+    from koala.assets import cache_dir as cache_root
+    from koala.io import write_json_atomic
+
+    key = _key(session, max_width)
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_root() / "calibration" / f"{digest}.json"
+    if path.exists() and not refresh:
+        try:
+            data = json.loads(path.read_text())
+            return {**data, "ms": {int(w): v for w, v in data["ms"].items()}, "cached": True}
+        except (ValueError, KeyError):
+            pass  # a damaged cache entry: measure again
+    ms = _measure(session.engine, max_width, position, reps)
+    data = {**key, "position": position, "ms": ms}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, data)
+    return {**data, "cached": False}
+
+
+def expected_tokens(acceptance: list[float], gamma: int) -> float:
+    """Tokens per round with `gamma` drafts: the accepted prefix plus the target's own token."""
+    total, run = 1.0, 1.0
+    for a in acceptance[:gamma]:
+        run *= a
+        total += run
+    return total
+
+
+def choose_gamma(curve_ms: dict[int, float], drafter_step_ms: float, acceptance: list[float],
+                 gamma_max: int | None = None) -> tuple[int, dict[int, float]]:
+    """The gamma (1..gamma_max) with the most expected tokens per second, and that rate for every candidate.
+
+    Positions past the measured acceptance reuse the last one measured; 0 rounds are plain steps (gamma 0 in the
+    table, for reference: a drafter that cannot beat it is reported, not silently used).
+    """
+    gmax = min(gamma_max or GAMMA_MAX, max(curve_ms) - 1)
+    acc = list(acceptance) or [0.0]
+    acc = acc + [acc[-1]] * (gmax - len(acc))
+    rate = {0: 1e3 / curve_ms[1]}
+    for g in range(1, gmax + 1):
+        rate[g] = 1e3 * expected_tokens(acc, g) / (g * drafter_step_ms + curve_ms[g + 1])
+    best = max(range(1, gmax + 1), key=lambda g: rate[g])
+    return best, rate
+
+
+def stored_acceptance(drafter) -> tuple[list[float] | None, str]:
+    """A drafter's acceptance by position as stored with it (koala.json / heads.json held-out metrics), if any."""
+    import json
+    from pathlib import Path
+
+    inner = getattr(drafter, "drafter", drafter)
+    path = Path(str(getattr(inner, "name", "")).split(":", 1)[-1])
+    for f in ("koala.json", "heads.json"):
+        try:
+            metrics = json.loads((path / f).read_text()).get("metrics") or {}
+        except (OSError, ValueError):
+            continue
+        a = metrics.get("heldout_greedy_agreement", metrics.get("heldout_expected_acceptance"))
+        if a is not None:
+            return [float(a)] * GAMMA_MAX, f"held-out agreement {float(a):.2f} from {path / f}"
+    return None, "no stored acceptance"
+
+
+def auto_gamma(session, drafter, prior: float = 0.5) -> tuple[int, str]:
+    """gamma for one generation (`koala generate --gamma auto`): the cost curve and the drafter's stored acceptance.
+
+    The evaluation measures acceptance on its first prompts instead (koala.evaluate); here, with nothing measured
+    yet, a drafter without stored metrics gets `prior` at every position, said in the returned reason.
+    """
+    curve = cost_curve(session)
+    acc, why = stored_acceptance(drafter)
+    if acc is None:
+        acc, why = [prior] * GAMMA_MAX, f"no stored acceptance: prior {prior}"
+    g, rates = choose_gamma(curve["ms"], drafter_step_ms(session, drafter), acc)
+    return g, f"{why}; expected {rates[g] / rates[0]:.2f}x over plain steps"
+
+
+def drafter_step_ms(session, drafter, gamma: int = 3, reps: int = 5) -> float:
+    """Measured ms per drafted token (the drafter's own cost; prompt lookup costs next to nothing)."""
+    from koala.spec.sampling import SamplingParams
+
+    inner = getattr(drafter, "drafter", drafter)
+    dev = session.engine.device
+    seq = torch.arange(64, device=dev) % max(session.engine.args.vocab_size - 1, 1) + 1
+    params, ts = SamplingParams(), []
+    with torch.no_grad():
+        for i in range(reps + 1):
+            inner.reset(128)
+            inner.propose(seq, 32, 1, params)  # catch up on the prefix (not timed)
+            t = time.perf_counter()
+            toks, _ = inner.propose(seq, 33, gamma, params)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                ts.append((time.perf_counter() - t) * 1e3 / max(int(toks.shape[0]), 1))
+    inner.reset(128)
+    return sorted(ts)[len(ts) // 2]

@@ -1,0 +1,75 @@
+"""Compiled decode steps (gpt-fast's pattern): inductor with frozen weights on a CPU, CUDA graphs on CUDA.
+
+A step of a few tokens is one graph per width with static shapes: the whole static KV cache is attended to under a
+mask built from the input positions, so nothing depends on how long the sequence is. On a CPU inductor's
+max-autotune picks, per GEMM shape, between MKL and its own small-M micro-kernels, which read the weights once for
+all rows: verifying gamma + 1 tokens then costs little more than one (bench/decode.py prints the curve). Compiled
+artifacts are cached on disk under $KOALA_CACHE/inductor, so a second run, or another process, loads them instead
+of compiling again; `compile_seconds()` reports the time spent compiling apart from decoding.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import torch
+
+MAX_STEP_WIDTH = 8  # steps of at most this many tokens run compiled; a longer prefill runs eager
+MODES = ("eager", "compile")
+_compile_s = 0.0
+
+
+def compile_seconds() -> float:
+    """Seconds spent so far in this process compiling (the first call of each new step shape)."""
+    return _compile_s
+
+
+def configure_inductor(device: torch.device) -> None:
+    """Inductor's on-disk caches under $KOALA_CACHE/inductor; frozen weights (a CPU prerequisite of the fast GEMMs)."""
+    from koala.assets import cache_dir as cache_root
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    import torch._dynamo.config as dc
+    import torch._inductor.config as ic
+
+    dc.cache_size_limit = max(dc.cache_size_limit, 64)  # one graph per (width, outputs): allow them all
+    if device.type == "cpu":
+        ic.freezing = True  # weights become constants: inductor pre-packs them for its GEMM micro-kernels
+        ic.max_autotune_report_choices_stats = False  # autotuning prints a table per GEMM shape otherwise
+        ic.autotune_num_choices_displayed = 0
+
+
+class CompiledStep:
+    """A model's forward compiled as two graphs: one token (plain decoding, draft steps) and 2..MAX_STEP_WIDTH tokens.
+
+    The second graph has a symbolic width, so every verify width (and the calibration of the cost by width) shares
+    one compilation; everything else (the cache, the weights) is static. Each first call is timed as compile time.
+    """
+
+    def __init__(self, fn: Callable, device: torch.device, mode: str | None = None):
+        configure_inductor(device)
+        self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "max-autotune-no-cudagraphs")
+        self.fn = torch.compile(fn, mode=self.mode, fullgraph=True)
+        self.seen: set = set()
+
+    def __call__(self, idx, input_pos, *, return_hidden=False, embeds=None, head=True):
+        global _compile_s
+        x = idx if embeds is None else embeds
+        width = x.shape[1]
+        if width > 1:  # one graph for every width from 2 up: mark the width symbolic before dynamo sees it
+            torch._dynamo.mark_dynamic(x, 1, min=2, max=MAX_STEP_WIDTH)
+            torch._dynamo.mark_dynamic(input_pos, 0, min=2, max=MAX_STEP_WIDTH)
+        key = (x.shape[0], min(width, 2), tuple(x.shape[2:]), return_hidden, embeds is None, head)
+        if key in self.seen:
+            return self.fn(idx, input_pos, return_hidden=return_hidden, embeds=embeds, head=head)
+        t = time.perf_counter()
+        out = self.fn(idx, input_pos, return_hidden=return_hidden, embeds=embeds, head=head)
+        _compile_s += time.perf_counter() - t
+        self.seen.add(key)
+        return out
+
+
+def compile_forward(fn: Callable, device: torch.device, mode: str | None = None) -> CompiledStep:
+    return CompiledStep(fn, device, mode)

@@ -1,0 +1,112 @@
+"""The drafter attends only to its own past; the compiled engine (fullgraph, static shapes) decodes as eager does."""
+
+import pytest
+import torch
+
+from koala.spec.decode import generate
+from koala.spec.drafters import LookupFirstDrafter, ModelDrafter
+from koala.spec.model import Transformer
+from koala.spec.sampling import SamplingParams
+from tests.conftest import tiny_llama
+
+V = 64
+PROMPT = [3, 17, 29, 4, 11, 8]
+
+
+def _target(seed=0):
+    return Transformer(tiny_llama(layers=3, vocab=V, seed=seed))
+
+
+# --- the mask: a drafter never reads slots past its position -------------------------------------------------------
+
+@pytest.mark.parametrize("gamma", [1, 3, 6])
+def test_target_as_its_own_drafter_accepts_every_greedy_draft(gamma):
+    target = _target()
+    ref = generate(target, PROMPT, 40).tokens
+    # a first, different prompt leaves its keys and values in the drafter's cache: they must stay invisible
+    d = ModelDrafter(target.truncated(target.args.n_layers))
+    generate(target, [9, 9, 2, 7, 5, 1, 33, 12, 40, 41, 42], 30, drafter=d, gamma=gamma)
+    res = generate(target, PROMPT, 40, drafter=d, gamma=gamma)
+    assert res.tokens == ref
+    assert all(k == m for m, k in res.rounds[:-1]), res.rounds  # every draft accepted (the last may pass the end)
+
+
+def test_q_after_a_rejected_round_equals_a_clean_forward():
+    target = _target()
+    params = SamplingParams(temperature=1.0)
+    seq = torch.tensor(PROMPT + [0] * 30)
+    n = len(PROMPT)
+    d = ModelDrafter(target.truncated(2))
+    d.reset(64)
+    toks, _ = d.propose(seq, n, 4, params)  # writes drafts at slots n..n+2 of the drafter's cache
+    seq[n:n + 4] = toks
+    seq[n + 1] = (int(toks[1]) + 1) % V  # the target took draft 1, then corrected draft 2
+    d.commit(n + 2)
+    torch.manual_seed(0)
+    _, q = d.propose(seq, n + 2, 3, params)  # slots n+2, n+3 still hold the rejected round's keys
+    clean = ModelDrafter(target.truncated(2))
+    clean.reset(64)
+    torch.manual_seed(0)
+    _, q_clean = clean.propose(seq, n + 2, 3, params)
+    assert torch.allclose(q, q_clean, atol=1e-6), (q - q_clean).abs().max()
+
+
+def test_real_target_as_its_own_drafter_accepts_every_greedy_draft(default_session):
+    s = default_session
+    from koala.targets import encode_chat
+
+    ids = encode_chat(s.target.tokenizer, [{"role": "user", "content": "Name three colours."}])
+    d = s.drafter(f"truncate:{s.engine.args.n_layers}")
+    res = s.run(ids, 24, drafter=d, gamma=3)
+    assert res.tokens == s.run(ids, 24).tokens
+    assert all(k == m for m, k in res.rounds[:-1]), res.rounds
+
+
+# --- the compiled engine -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def compiled_pair():
+    """An eager and a compiled engine over the same tiny weights (float32), and a compiled one-layer drafter.
+
+    Inductor's default mode here (the same graphs, fullgraph, without autotuning) keeps these tests quick; the
+    production mode has its own test below.
+    """
+    hf = tiny_llama(layers=3, vocab=V, seed=0)
+    comp = Transformer(hf).compile(mode="default")
+    return Transformer(hf), comp, ModelDrafter(Transformer(hf, 1).compile(mode="default"))
+
+
+def test_compiled_step_is_one_graph_and_matches_eager():
+    hf = tiny_llama(layers=3, vocab=V, seed=0)
+    eager, comp = Transformer(hf), Transformer(hf).compile()  # the production mode; fullgraph: a break would raise
+    for m in (eager, comp):
+        m.setup_caches(40)
+    with torch.no_grad():
+        for m in (eager, comp):
+            m.step(torch.tensor([PROMPT]), torch.arange(len(PROMPT)), len(PROMPT), eager=True)
+        for w in (1, 4):
+            ids, pos = torch.randint(0, V, (1, w)), torch.arange(6, 6 + w)
+            a, b = eager.step(ids, pos, 6 + w), comp.step(ids, pos, 6 + w)
+            assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert comp.max_seq_len == 512  # compiled caches come in powers of two
+
+
+def test_compiled_generation_equals_eager_and_survives_a_cache_resize(compiled_pair):
+    eager, comp, d = compiled_pair
+    for prompt, new in ((PROMPT, 30), (list(range(2, 40)) * 14, 20)):  # the second needs a bigger cache
+        ref = generate(eager, prompt, new).tokens
+        assert generate(comp, prompt, new).tokens == ref
+        for drafter in (d, LookupFirstDrafter(d)):
+            res = generate(comp, prompt, new, drafter=drafter, gamma=3, threshold=0.2)
+            assert res.tokens == ref
+    assert comp.max_seq_len == 1024
+
+
+def test_compiled_sampling_is_seeded_like_eager(compiled_pair):
+    _, comp, d = compiled_pair
+    params = SamplingParams(temperature=1.0)
+    torch.manual_seed(3)
+    a = generate(comp, PROMPT, 12, drafter=d, gamma=2, params=params).tokens
+    torch.manual_seed(3)
+    b = generate(comp, PROMPT, 12, drafter=d, gamma=2, params=params).tokens
+    assert a == b and len(a) == 12
