@@ -172,7 +172,8 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
             def progress(i, n, row):
                 bar.update(task, total=n, completed=i, info=f"tau {row['tau']:.2f}, {row['tokens_per_s']:.1f} tok/s")
 
-            report = evaluate(s, drafter, cfg, out_dir=out_dir, progress=progress)
+            report = evaluate(s, drafter, cfg, out_dir=out_dir, progress=progress,
+                              stage=lambda text: bar.update(task, description=text))
         if out_path.suffix == ".json" and out_path.name != "report.json":
             (out_dir / "report.json").rename(out_path)
     except KoalaError as e:

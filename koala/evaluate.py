@@ -74,6 +74,29 @@ def _hf_generate(session: Session, ids: list[int], cfg: EvalConfig, assistant=No
     return out.shape[1] - x.shape[1], time.perf_counter() - t
 
 
+NEAR_TIE = 1e-2  # a compiled engine's widths round differently (~1e-3): a flip between logits this close is not a bug
+
+
+def first_difference(session: Session, prompt: list[int], ar: list[int], sp: list[int]) -> dict | None:
+    """Where two greedy outputs first differ, and the target's logit margin there between the two tokens.
+
+    Compiled kernels for different widths round differently, so at a near-tie (margin <= NEAR_TIE) the speculative
+    and the plain run may pick different argmaxes; a larger margin means a real bug. The margin comes from an eager
+    float forward over the shared prefix.
+    """
+    i = next((j for j, (a, b) in enumerate(zip(ar, sp)) if a != b), None)
+    if i is None:
+        return None if len(ar) == len(sp) else {"index": min(len(ar), len(sp)), "margin": None,
+                                                 "reason": "lengths differ"}
+    eng = session.engine
+    ids = torch.tensor([prompt + ar[:i]], device=eng.device)
+    eng.setup_caches(ids.shape[1] + 1)
+    with torch.no_grad():
+        logits = eng.forward(ids, torch.arange(ids.shape[1], device=eng.device), kv_len=ids.shape[1])[0, -1]
+    margin = float((logits[ar[i]] - logits[sp[i]]).abs())
+    return {"index": i, "ar_token": ar[i], "spec_token": sp[i], "margin": margin, "near_tie": margin <= NEAR_TIE}
+
+
 def hf_assistant(drafter: Drafter):
     """A Hugging Face model equivalent to the drafter, for `generate(assistant_model=...)`, or None."""
     if isinstance(drafter, LookupFirstDrafter):
@@ -97,7 +120,7 @@ def hf_assistant(drafter: Drafter):
 
 
 def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str | Path | None = None,
-             progress: ProgressFn | None = None) -> dict:
+             progress: ProgressFn | None = None, stage: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark with and without the drafter and write report.json, report.md and plots into out_dir.
 
     Returns:
@@ -121,6 +144,8 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
         return session.run(ids, cfg.max_new_tokens, drafter=d, gamma=g or gamma, temperature=cfg.temperature,
                            top_p=cfg.top_p, profile=profile, threshold=cfg.threshold if d is not None else None)
 
+    stage = stage or (lambda _: None)
+    stage("warm-up" + (" and compilation (once per process)" if session.compiled else ""))
     # Warm-up (excluded; compiles the steps in a compiled session): also the profiled run that measures the
     # drafter's step cost and, for gamma auto, its acceptance by position at the longest draft considered.
     for _ in range(cfg.warmup):
@@ -137,6 +162,7 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
     if cfg.gamma == "auto":
         from koala.spec.calibrate import choose_gamma, cost_curve
 
+        stage("gamma auto: the target's cost by width")
         curve = cost_curve(session)
         probe_acc = acceptance_by_position(probe_rounds, GAMMA_MAX)
         gamma, rates = choose_gamma(curve["ms"], drafter_step_s * 1e3, probe_acc)
@@ -146,6 +172,7 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
         run(prompts[0][1], drafter)  # warm the chosen width
     c = drafter_step_s / target_step_s
     setup_s = time.perf_counter() - t_setup
+    stage(f"eval (gamma {gamma})")
 
     rows, accept_total, all_rounds = [], [0] * (gamma + 1), []
     hf_rows = []
@@ -163,6 +190,7 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
             "tau": sp.tau, "tokens_per_s": len(sp.tokens) / sp.wall_s,
             "ar_new_tokens": len(ar.tokens), "ar_wall_s": ar.wall_s, "ar_tokens_per_s": len(ar.tokens) / ar.wall_s,
             "identical": sp.tokens == ar.tokens if cfg.temperature == 0 else None,
+            "first_difference": first_difference(session, ids, ar.tokens, sp.tokens) if cfg.temperature == 0 else None,
             "accept_counts": sp.accept_counts,
         }
         if cfg.hf_baselines:
@@ -223,7 +251,11 @@ def _summarise(session, drafter, cfg, gamma, rows, accept_total, rounds, hf_rows
             "hf_assisted": mean(h["hf_assisted"] for h in hf_rows if "hf_assisted" in h)
             if any("hf_assisted" in h for h in hf_rows) else None,
         },
-        "lossless": {"identical": sum(identical), "total": len(identical), "checked": cfg.temperature == 0},
+        "lossless": {"identical": sum(identical), "total": len(identical), "checked": cfg.temperature == 0,
+                     "near_ties": [{"id": r["id"], **r["first_difference"]} for r in rows
+                                   if r["first_difference"] and r["first_difference"].get("near_tie")],
+                     "differences": [{"id": r["id"], **r["first_difference"]} for r in rows
+                                     if r["first_difference"] and not r["first_difference"].get("near_tie")]},
         "acceptance_by_position": acceptance_by_position(rounds, gamma),
         "threshold": cfg.threshold, "mean_draft_length": sum(m for m, _ in rounds) / max(len(rounds), 1),
         "accept_counts": accept_total,
@@ -267,6 +299,9 @@ def markdown(r: dict) -> str:
     ll = r["lossless"]
     lines.append(f"| lossless (identical to target) | {ll['identical']}/{ll['total']} |" if ll["checked"]
                  else "| lossless | sampling: exact by construction, not checked token by token |")
+    for d in ll.get("near_ties", []) + ll.get("differences", []):
+        lines.append(f"| differs: {d['id']} | at token {d['index']}, logit margin {d['margin']} "
+                     f"({'near-tie of compiled rounding' if d.get('near_tie') else 'a bug'}) |")
     lines += ["", "| draft position | " + " | ".join(str(i + 1) for i in range(r["gamma"])) + " |",
               "|---|" + "---|" * r["gamma"],
               "| acceptance | " + " | ".join(f"{a:.2f}" for a in r["acceptance_by_position"]) + " |",
@@ -331,6 +366,8 @@ def plot(r: dict, out: Path) -> None:
 def summary_line(r: dict) -> str:
     ll = r["lossless"]
     loss = f"lossless {ll['identical']}/{ll['total']}" if ll["checked"] else "sampling (exact by construction)"
+    if ll.get("near_ties"):
+        loss += f" (+{len(ll['near_ties'])} differing only at a near-tie <= {NEAR_TIE} of compiled rounding)"
     return (f"{r['drafter']}: tau {r['tau']:.2f}, speed-up {r['speedup']:.2f}x "
             f"({r['tokens_per_s']['speculative']:.1f} vs {r['tokens_per_s']['autoregressive']:.1f} tokens/s, "
             f"{r.get('mode', 'eager')}, gamma {r['gamma']}), {loss}")

@@ -1,6 +1,8 @@
 """The promotion rule, as plain logic: which candidate deserves the alias `champion`.
 
-A candidate is promoted only if its evaluation was lossless on every prompt and its speed-up beats the current
+A candidate is promoted only if its evaluation was lossless on every prompt (identical to the target's own output
+in the same engine mode; a compiled engine may differ only at a near-tie of its rounding, reported with the logit
+margin, see koala.evaluate.first_difference) and its speed-up beats the current
 champion's, with the champion re-measured in the same run on the same machine and settings; the first candidate on
 an empty registry must beat the target alone (speed-up > 1).
 """
@@ -21,7 +23,8 @@ def decide(candidate: dict, champion: dict | None, champion_version: str | None 
     ll = candidate["lossless"]
     if not ll.get("checked"):
         return Decision(False, "not evaluated greedily: losslessness was not checked token by token")
-    if ll["identical"] != ll["total"]:
+    ties = len(ll.get("near_ties", []))
+    if ll["identical"] + ties != ll["total"]:
         return Decision(False, f"not lossless: {ll['identical']}/{ll['total']} prompts identical to the target")
     s = candidate["speedup"]
     if champion is None:

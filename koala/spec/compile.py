@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -35,6 +36,7 @@ def configure_inductor(device: torch.device) -> None:
     import torch._inductor.config as ic
 
     dc.cache_size_limit = max(dc.cache_size_limit, 64)  # one graph per (width, outputs): allow them all
+    warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # inductor's own, at autotuning
     if device.type == "cpu":
         ic.freezing = True  # weights become constants: inductor pre-packs them for its GEMM micro-kernels
         ic.max_autotune_report_choices_stats = False  # autotuning prints a table per GEMM shape otherwise
@@ -52,23 +54,34 @@ class CompiledStep:
         configure_inductor(device)
         self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "max-autotune-no-cudagraphs")
         self.fn = torch.compile(fn, mode=self.mode, fullgraph=True)
-        self.seen: set = set()
 
     def __call__(self, idx, input_pos, *, return_hidden=False, embeds=None, head=True):
         global _compile_s
+        # Canonical strides: a slice of the sequence buffer has its row stride, a fresh tensor another, and dynamo
+        # guards on strides, so without this each new buffer length would compile the step again.
+        idx = None if idx is None else _canonical(idx)
+        embeds = None if embeds is None else _canonical(embeds)
+        input_pos = _canonical(input_pos)
         x = idx if embeds is None else embeds
-        width = x.shape[1]
-        if width > 1:  # one graph for every width from 2 up: mark the width symbolic before dynamo sees it
+        if x.shape[1] > 1:  # one graph for every width from 2 up: mark the width symbolic before dynamo sees it
             torch._dynamo.mark_dynamic(x, 1, min=2, max=MAX_STEP_WIDTH)
             torch._dynamo.mark_dynamic(input_pos, 0, min=2, max=MAX_STEP_WIDTH)
-        key = (x.shape[0], min(width, 2), tuple(x.shape[2:]), return_hidden, embeds is None, head)
-        if key in self.seen:
-            return self.fn(idx, input_pos, return_hidden=return_hidden, embeds=embeds, head=head)
+        graphs = _graphs()
         t = time.perf_counter()
         out = self.fn(idx, input_pos, return_hidden=return_hidden, embeds=embeds, head=head)
-        _compile_s += time.perf_counter() - t
-        self.seen.add(key)
+        if _graphs() != graphs:  # this call compiled (a first call, or a recompilation): not decode time
+            _compile_s += time.perf_counter() - t
         return out
+
+
+def _canonical(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(t.shape)  # a view with contiguous strides (no copy for a slice of a 1-D buffer)
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def compile_forward(fn: Callable, device: torch.device, mode: str | None = None) -> CompiledStep:

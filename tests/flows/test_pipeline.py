@@ -45,6 +45,11 @@ def test_decide_rule():
     assert decide(ok, {"speedup": 1.2}, "3").promote
     d = decide(ok, {"speedup": 1.5}, "3")
     assert not d.promote and "does not beat champion v3's 1.500x" in d.reason
+    tie = {"lossless": {"identical": 3, "total": 4, "checked": True, "near_ties": [{"margin": 4e-4}]}, "speedup": 1.3}
+    assert decide(tie, None).promote  # a compiled engine's rounding flip at a near-tie is reported, not a failure
+    bug = {"lossless": {"identical": 3, "total": 4, "checked": True, "near_ties": [], "differences": [{"margin": 2.0}]},
+           "speedup": 1.3}
+    assert not decide(bug, None).promote
 
 
 @pytest.mark.slow

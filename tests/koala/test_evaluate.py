@@ -58,3 +58,15 @@ def test_drafter_spec_errors(default_session):
         load_drafter("truncate:x", default_session.engine)
     with pytest.raises(KoalaError, match="1 <= N <= 30"):
         load_drafter("truncate:99", default_session.engine)
+
+
+def test_first_difference_reports_the_target_margin(default_session):
+    from koala.evaluate import first_difference
+
+    s = default_session
+    ids = encode_chat(s.target.tokenizer, [{"role": "user", "content": "Count to five."}])
+    ar = s.run(ids, 6).tokens
+    assert first_difference(s, ids, ar, list(ar)) is None
+    other = ar[:3] + [(ar[3] + 1) % s.engine.args.vocab_size] + ar[4:]
+    d = first_difference(s, ids, ar, other)
+    assert d["index"] == 3 and d["ar_token"] == ar[3] and d["margin"] > 1e-2 and not d["near_tie"]

@@ -110,3 +110,19 @@ def test_compiled_sampling_is_seeded_like_eager(compiled_pair):
     torch.manual_seed(3)
     b = generate(comp, PROMPT, 12, drafter=d, gamma=2, params=params).tokens
     assert a == b and len(a) == 12
+
+
+def test_no_recompilation_across_buffers_and_widths(compiled_pair):
+    from torch._dynamo.utils import counters
+
+    _, comp, _ = compiled_pair
+    comp.setup_caches(40)
+    with torch.no_grad():
+        for w in (1, 2, 5):  # compile each graph once
+            comp.step(torch.zeros(1, w, dtype=torch.long), torch.arange(6, 6 + w), 6 + w)
+        before = counters["stats"]["unique_graphs"]
+        for buf_len in (100, 300):  # slices of sequence buffers of other lengths: other strides, same graphs
+            seq = torch.zeros(buf_len, dtype=torch.long)
+            for w in (1, 3, 4, 2):
+                comp.step(seq[None, 6:6 + w], torch.arange(6, 6 + w), 6 + w)
+    assert counters["stats"]["unique_graphs"] == before

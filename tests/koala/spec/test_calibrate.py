@@ -1,0 +1,64 @@
+"""gamma auto: expected tokens per round, the choice from a cost curve, the cached calibration; threads."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from koala.errors import KoalaError
+from koala.spec.calibrate import choose_gamma, cost_curve, expected_tokens, parse_gamma
+from koala.spec.model import Transformer
+from koala.threads import configure_threads, default_threads
+from tests.conftest import tiny_llama
+
+
+def test_expected_tokens():
+    assert expected_tokens([1.0, 1.0, 1.0], 3) == 4.0
+    assert expected_tokens([0.5, 0.5], 2) == 1.75
+    assert expected_tokens([0.0, 1.0], 2) == 1.0  # nothing after a certain rejection counts
+
+
+def test_choice_follows_the_cost_curve_and_the_acceptance():
+    flat = {w: 30.0 + w for w in range(1, 7)}  # verifying is nearly free: draft long
+    steep = {w: 30.0 * w for w in range(1, 7)}  # every verified token costs a step: draft short
+    good, poor = [0.9] * 5, [0.2] * 5
+    assert choose_gamma(flat, 1.0, good)[0] == 5
+    assert choose_gamma(steep, 1.0, good)[0] == 1
+    g, rates = choose_gamma(flat, 1.0, poor)
+    assert g in (1, 2) and rates[0] > 0 and set(rates) == set(range(6))
+    assert choose_gamma(flat, 1.0, [0.9])[0] == 5  # positions past those measured reuse the last one
+
+
+def test_parse_gamma():
+    assert parse_gamma("auto") is None and parse_gamma("3") == 3 and parse_gamma(2) == 2
+    with pytest.raises(KoalaError, match="neither a number nor auto"):
+        parse_gamma("many")
+    with pytest.raises(KoalaError, match=">= 1"):
+        parse_gamma(0)
+
+
+def test_cost_curve_is_measured_once_per_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("KOALA_CACHE", str(tmp_path))
+    info = SimpleNamespace(content_hash="abc", device="cpu", dtype="float32")
+    s = SimpleNamespace(target=SimpleNamespace(info=info), engine=Transformer(tiny_llama()), mode="eager")
+    first = cost_curve(s, max_width=3, reps=2)
+    assert not first["cached"] and set(first["ms"]) == {1, 2, 3} and all(v > 0 for v in first["ms"].values())
+    again = cost_curve(s, max_width=3, reps=2)
+    assert again["cached"] and again["ms"] == first["ms"]
+    s.mode = "compile"  # another mode (or threads, dtype, CPU, target) is another curve
+    assert not cost_curve(s, max_width=3, reps=2)["cached"]
+
+
+def test_threads_are_set_knowingly(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("KOALA_THREADS", "1")
+        assert configure_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.delenv("KOALA_THREADS")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")  # many processes on this host: one thread each
+        assert default_threads() == 1
+        monkeypatch.setenv("KOALA_THREADS", "two")
+        with pytest.raises(KoalaError, match="KOALA_THREADS='two' is not a number"):
+            configure_threads()
+    finally:
+        torch.set_num_threads(before)
