@@ -64,6 +64,24 @@ def mode_run(s: Session, prompts, a) -> dict:
     }
 
 
+def memory_floor(model) -> dict:
+    """The weight bytes one decode step must read, this machine's read bandwidth, and the step time that implies.
+
+    A one-token step of a float32 target reads every weight once, so no engine's step can be faster than
+    bytes / bandwidth: the floor against which the compiled step is judged.
+    """
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    x = torch.ones(weight_bytes // 4, dtype=torch.float32)
+    ts = []
+    for _ in range(7):
+        t = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t)
+    gbs = weight_bytes / sorted(ts)[3] / 1e9
+    return {"weight_mb": round(weight_bytes / 1e6, 1), "read_bandwidth_gb_s": round(gbs, 2),
+            "step_floor_ms": round(weight_bytes / (gbs * 1e9) * 1e3, 2)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", default="smollm2-135m-instruct")
@@ -83,6 +101,7 @@ def main():
     out = {"target": t.info.name, "device": a.device, "cpu": cpu_model(), "threads": threads, "dtype": a.dtype,
            "torch": torch.__version__, "max_new_tokens": a.max_new_tokens, "prompts": len(prompts),
            "drafter": a.drafter, "threshold": a.threshold}
+    out["memory"] = memory_floor(t.model) if a.device == "cpu" else None
     base = Session(t, Transformer(t.model))
     _hf_generate(base, prompts[0], EvalConfig(max_new_tokens=8))  # warm-up
     hf = []

@@ -88,6 +88,9 @@ def koala_pipeline(
     summary = {
         "data": data_dir, "drafter": trained["drafter"], "tau": report["tau"], "speedup": report["speedup"],
         "lossless": f"{report['lossless']['identical']}/{report['lossless']['total']}",
+        "engine": f"{report.get('mode', 'eager')}, gamma {report['gamma']}"
+                  f"{' (auto)' if report.get('gamma_choice', {}).get('auto') else ''}, "
+                  f"compile {report.get('compile_s', 0):.0f} s (not timed), {report['device']}",
         "tokens_per_s": report["tokens_per_s"], "model": registered["name"], "version": registered["version"],
         "promoted": decision["promoted"], "reason": decision["reason"], "mlflow_uri": uri,
         "mlflow_run_id": pid, "experiment": cfg.tracking.experiment,

@@ -355,7 +355,8 @@ def _print_summary(s: dict) -> None:
     tps = s["tokens_per_s"]
     rows = [("data", s["data"]), ("drafter", s["drafter"]), ("tau", f"{s['tau']:.2f} tokens per target forward"),
             ("speed-up", f"{s['speedup']:.2f}x ({tps['speculative']:.1f} vs {tps['autoregressive']:.1f} tokens/s)"),
-            ("lossless", s["lossless"]), ("registered", f"{s['model']} version {s['version']}"),
+            ("lossless", s["lossless"]), ("engine", s.get("engine", "")),
+            ("registered", f"{s['model']} version {s['version']}"),
             ("promoted", f"{'yes' if s['promoted'] else 'no'}: {s['reason']}")]
     for k, v in rows:
         t.add_row(k, str(v))

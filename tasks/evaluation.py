@@ -45,8 +45,20 @@ def evaluate_drafter(cfg: KoalaConfig, drafter: str, out_dir: str, parent_run_id
                      run_name: str = "evaluate") -> dict:
     """Measure a drafter on the benchmark; logs metrics, report and plots; returns the report without per-prompt rows."""
     s = session_for(cfg.target, compile=cfg.eval.compile)
-    get_run_logger().info("evaluating %s: %s", drafter, s.describe())
-    report = evaluate(s, drafter, cfg.eval, out_dir=out_dir)
+    log = get_run_logger()
+    log.info("evaluating %s: %s", drafter, s.describe())
+    t0 = time.perf_counter()
+
+    def progress(i, n, row):
+        eta = (time.perf_counter() - t0) / i * (n - i)
+        log.info("prompt %d/%d: tau %.2f, %.1f tokens/s (about %.0f s left)", i, n, row["tau"], row["tokens_per_s"], eta)
+
+    def stage(text):
+        nonlocal t0
+        t0 = time.perf_counter()
+        log.info("%s", text)
+
+    report = evaluate(s, drafter, cfg.eval, out_dir=out_dir, progress=progress, stage=stage)
     uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
     with Tracker.start(uri, cfg.tracking.experiment, run_name, parent_run_id=parent_run_id) as tr:
         tr.log_params({"eval": cfg.eval.model_dump(), "drafter": drafter})
