@@ -79,7 +79,7 @@ def register_drafter(cfg: KoalaConfig, drafter_dir: str, report: dict, parent_ru
     with Tracker.start(uri, cfg.tracking.experiment, "register", parent_run_id=parent_run_id) as tr:
         logged = tr.log_drafter(drafter_dir, registered_name=name)
     client = MlflowClient(uri)
-    tags = {"tau": f"{report['tau']:.4f}", "speedup": f"{report['speedup']:.4f}", "gamma_chosen": str(report["gamma"]),
+    tags = {"tau": f"{report['tau']:.4f}", "speedup": f"{report['speedup']:.4f}", "gamma_chosen": str(report.get("gamma")),
             "mode": report.get("mode", "eager"),
             "lossless": f"{report['lossless']['identical']}/{report['lossless']['total']}",
             "device": report["device"], "dtype": report["dtype"], "drafter_dir": drafter_dir,

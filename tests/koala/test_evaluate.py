@@ -45,7 +45,8 @@ def test_eval_writes_report_and_plots(default_session, tmp_path):
     for key in ("target", "drafter", "device", "dtype", "gamma", "temperature", "tau", "speedup", "tokens_per_s",
                 "lossless", "acceptance_by_position", "per_category"):
         assert key in saved
-    assert saved["lossless"] == {"identical": 2, "total": 2, "checked": True}
+    assert saved["lossless"] == {"identical": 2, "total": 2, "checked": True, "near_ties": [], "differences": []}
+    assert saved["gamma"] == 3 and saved["gamma_choice"] == {"auto": False, "chosen": 3} and saved["mode"] == "eager"
     assert len(saved["acceptance_by_position"]) == 3 and saved["tau"] >= 1.0
     assert set(saved["per_category"]) == {"writing", "roleplay"}
     sampled = evaluate(default_session, "truncate:2", EvalConfig(limit=1, max_new_tokens=8, temperature=0.7, warmup=0))
@@ -70,3 +71,15 @@ def test_first_difference_reports_the_target_margin(default_session):
     other = ar[:3] + [(ar[3] + 1) % s.engine.args.vocab_size] + ar[4:]
     d = first_difference(s, ids, ar, other)
     assert d["index"] == 3 and d["ar_token"] == ar[3] and d["margin"] > 1e-2 and not d["near_tie"]
+
+
+@pytest.mark.slow
+def test_eval_gamma_auto_records_the_choice(default_session, tmp_path):
+    report = evaluate(default_session, "ngram", EvalConfig(limit=1, max_new_tokens=24, gamma="auto", warmup=0),
+                      out_dir=tmp_path)
+    ch = report["gamma_choice"]
+    assert ch["auto"] and 1 <= ch["chosen"] <= 5 and report["gamma"] == ch["chosen"]
+    assert set(ch["cost_by_width_ms"]) == set(range(1, 7)) and len(ch["probe_acceptance_by_position"]) == 5
+    assert ch["expected_tokens_per_s"][ch["chosen"]] == max(v for g, v in ch["expected_tokens_per_s"].items() if g)
+    assert "measured_speedup" in ch and (tmp_path / "gamma_choice.png").stat().st_size > 0
+    assert report["lossless"]["identical"] == 1
