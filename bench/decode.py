@@ -33,9 +33,10 @@ def mode_run(s: Session, prompts, a) -> dict:
     drafter = s.drafter(a.drafter)
     curve = cost_curve(s, refresh=True)["ms"]  # compiles (when compiled) and measures every width 1..6
     g = parse_gamma(a.gamma)
+    s.run(prompts[0], 16)  # warm-up (compiles, when compiled): never inside a timed or profiled run
+    s.run(prompts[0], 16, drafter=drafter, gamma=g or GAMMA_MAX, threshold=a.threshold)
     probe = s.run(prompts[0], a.max_new_tokens, drafter=drafter, gamma=g or GAMMA_MAX, threshold=a.threshold,
-                  profile=True)  # warm-up and, for auto, the acceptance by position at the longest draft
-    s.run(prompts[0], 16)
+                  profile=True)  # for auto: the acceptance by position at the longest draft, the drafter's cost
     choice = None
     if g is None:
         acc = acceptance_by_position(probe.rounds, GAMMA_MAX)

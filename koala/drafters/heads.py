@@ -133,6 +133,7 @@ class MedusaDrafter:
     def __init__(self, heads: MedusaHeads, target: Transformer, name: str, draft_vocab: DraftVocab | None = None):
         self.heads, self.target, self.name, self.draft_vocab = heads, target, name, draft_vocab
         self.vocab_size = target.args.vocab_size
+        self.max_gamma = len(heads.heads)  # one token per head
         self.feat: torch.Tensor | None = None
 
     def reset(self, max_seq_len: int) -> None:
@@ -220,6 +221,6 @@ def load_heads_drafter(path: str, target: Transformer):
     module, info = load_heads(path, hf)
     name = f"heads:{info['kind']}-K{info['layers']}{'-adv' if info.get('adversarial') else ''}"
     dv = DraftVocab.load(path, hf.lm_head, target.args.vocab_size)
-    if info["kind"] == "medusa":
-        return MedusaDrafter(module, target, name, dv)
-    return EagleDrafter(module, target, name, dv)
+    d = MedusaDrafter(module, target, name, dv) if info["kind"] == "medusa" else EagleDrafter(module, target, name, dv)
+    d.source = path  # where its stored metrics live (koala.spec.calibrate.stored_acceptance)
+    return d

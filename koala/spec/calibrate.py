@@ -79,13 +79,16 @@ def cost_curve(session, max_width: int = GAMMA_MAX + 1, position: int = 256, rep
     if path.exists() and not refresh:
         try:
             data = json.loads(path.read_text())
-            return {**data, "ms": {int(w): v for w, v in data["ms"].items()}, "cached": True}
-        except (ValueError, KeyError):
-            pass  # a damaged cache entry: measure again
+            return {**data, "ms": {int(w): float(v) for w, v in data["ms"].items()}, "cached": True}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # an unreadable or damaged cache entry: measure again
     ms = _measure(session.engine, max_width, position, reps)
     data = {**key, "position": position, "ms": ms}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, data)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, data)
+    except OSError:
+        pass  # a read-only cache costs a re-measurement next time, nothing else
     return {**data, "cached": False}
 
 
@@ -121,7 +124,7 @@ def stored_acceptance(drafter) -> tuple[list[float] | None, str]:
     from pathlib import Path
 
     inner = getattr(drafter, "drafter", drafter)
-    path = Path(str(getattr(inner, "name", "")).split(":", 1)[-1])
+    path = Path(str(getattr(inner, "source", "")))
     for f in ("koala.json", "heads.json"):
         try:
             metrics = json.loads((path / f).read_text()).get("metrics") or {}
@@ -143,7 +146,8 @@ def auto_gamma(session, drafter, prior: float = 0.5) -> tuple[int, str]:
     acc, why = stored_acceptance(drafter)
     if acc is None:
         acc, why = [prior] * GAMMA_MAX, f"no stored acceptance: prior {prior}"
-    g, rates = choose_gamma(curve["ms"], drafter_step_ms(session, drafter), acc)
+    g, rates = choose_gamma(curve["ms"], drafter_step_ms(session, drafter), acc,
+                            gamma_max=getattr(drafter, "max_gamma", None))
     return g, f"{why}; expected {rates[g] / rates[0]:.2f}x over plain steps"
 
 

@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from koala.errors import KoalaError
+
 MAX_STEP_WIDTH = 8  # steps of at most this many tokens run compiled; a longer prefill runs eager
 MODES = ("eager", "compile")
 _compile_s = 0.0
@@ -68,10 +70,32 @@ class CompiledStep:
             torch._dynamo.mark_dynamic(input_pos, 0, min=2, max=MAX_STEP_WIDTH)
         graphs = _graphs()
         t = time.perf_counter()
-        out = self.fn(idx, input_pos, return_hidden=return_hidden, embeds=embeds, head=head)
+        try:
+            out = self.fn(idx, input_pos, return_hidden=return_hidden, embeds=embeds, head=head)
+        except _COMPILE_ERRORS as e:  # no C++ toolchain, a backend failure: one line, and the way around it
+            inner = getattr(e, "inner_exception", None) or e
+            first = (str(inner).strip().splitlines() or [""])[0][:200]
+            raise KoalaError(f"the compiled engine could not be built ({type(inner).__name__}: {first}): run with "
+                             "--no-compile (eval.compile: false)") from e
         if _graphs() != graphs:  # this call compiled (a first call, or a recompilation): not decode time
             _compile_s += time.perf_counter() - t
         return out
+
+
+def _compile_errors() -> tuple[type, ...]:
+    import torch._dynamo.exc as de
+
+    errors: list[type] = [de.BackendCompilerFailed]
+    try:
+        from torch._inductor.exc import InductorError
+
+        errors.append(InductorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+_COMPILE_ERRORS = _compile_errors()
 
 
 def _canonical(t: torch.Tensor) -> torch.Tensor:

@@ -204,6 +204,7 @@ class LookupFirstDrafter:
         self.name = f"lookup+{drafter.name}"
         self.vocab_size = drafter.vocab_size
         self.needs_hidden = drafter.needs_hidden
+        self.max_gamma = getattr(drafter, "max_gamma", None)
 
     def reset(self, max_seq_len: int) -> None:
         self.drafter.reset(max_seq_len)
@@ -263,4 +264,6 @@ def load_drafter(spec: str, target: Transformer, dtype: str = "float32", device:
     from pathlib import Path
 
     dv = DraftVocab.load(spec, t.model.lm_head, engine.args.vocab_size) if Path(spec).is_dir() else None
-    return ModelDrafter(engine, name=spec, draft_vocab=dv)
+    d = ModelDrafter(engine, name=spec, draft_vocab=dv)
+    d.source = spec  # where its stored metrics live (koala.spec.calibrate.stored_acceptance)
+    return d

@@ -126,3 +126,20 @@ def test_no_recompilation_across_buffers_and_widths(compiled_pair):
             for w in (1, 3, 4, 2):
                 comp.step(seq[None, 6:6 + w], torch.arange(6, 6 + w), 6 + w)
     assert counters["stats"]["unique_graphs"] == before
+
+
+def test_a_compiler_failure_is_one_line(monkeypatch):
+    import torch._dynamo.exc as de
+
+    from koala.errors import KoalaError
+
+    comp = Transformer(tiny_llama(layers=1, vocab=V)).compile(mode="default")
+    comp.setup_caches(16)
+
+    def broken(*a, **k):
+        raise de.BackendCompilerFailed(lambda: None, RuntimeError("g++: command not found\nmore"), None)
+
+    monkeypatch.setattr(comp.compiled, "fn", broken)
+    with pytest.raises(KoalaError, match=r"could not be built \(RuntimeError: g\+\+: command not found\): run with "
+                                          r"--no-compile"):
+        comp.step(torch.zeros(1, 1, dtype=torch.long), torch.tensor([3]), 4)
