@@ -17,8 +17,8 @@ import time
 import torch
 
 from koala.config import EvalConfig
-from koala.evaluate import _hf_generate, acceptance_by_position, load_bench
-from koala.spec.calibrate import GAMMA_MAX, choose_gamma, cost_curve, drafter_step_ms, parse_gamma
+from koala.evaluate import _hf_generate, load_bench
+from koala.spec.calibrate import GAMMA_MAX, choose_from_probes, cost_curve, drafter_step_ms, parse_gamma
 from koala.spec.compile import compile_seconds
 from koala.spec.model import Transformer
 from koala.spec.session import Session
@@ -39,11 +39,12 @@ def mode_run(s: Session, prompts, a) -> dict:
                   profile=True)  # for auto: the acceptance by position at the longest draft, the drafter's cost
     choice = None
     if g is None:
-        acc = acceptance_by_position(probe.rounds, GAMMA_MAX)
-        d_ms = probe.draft_s * 1e3 / max(sum(m for m, _ in probe.rounds), 1)
-        g, rates = choose_gamma(curve, d_ms, acc)
-        choice = {"probe_acceptance_by_position": [round(x, 3) for x in acc], "drafter_ms_per_draft": round(d_ms, 3),
-                  "expected_speedup": round(rates[g] / rates[0], 3)}
+        d_s = probe.draft_s / max(sum(m for m, _ in probe.rounds), 1)
+        c = choose_from_probes({"ms": curve}, probe.rounds, d_s, GAMMA_MAX)
+        g = c["chosen"]
+        choice = {"probe_acceptance_by_position": [round(x, 3) for x in c["probe_acceptance_by_position"]],
+                  "drafter_ms_per_draft": round(c["drafter_step_ms"], 3),
+                  "expected_speedup": round(c["expected_speedup"], 3)}
     s.run(prompts[0], 16, drafter=drafter, gamma=g, threshold=a.threshold)
     setup = time.perf_counter() - t0
     ar, sp, taus = [], [], []

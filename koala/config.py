@@ -114,12 +114,15 @@ class EvalConfig(_Strict):
     @field_validator("gamma", mode="before")
     @classmethod
     def _gamma(cls, v):
-        if isinstance(v, str) and v.strip().isdigit():
-            v = int(v)
-        ok = v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1)
-        if not ok:
+        from koala.spec.calibrate import parse_gamma  # the one parser, shared with `koala generate --gamma`
+
+        if isinstance(v, bool) or not isinstance(v, (int, str)):
             raise ValueError("gamma must be a positive integer or auto")
-        return v
+        try:
+            g = parse_gamma(v)
+        except KoalaError:
+            raise ValueError("gamma must be a positive integer or auto") from None
+        return "auto" if g is None else g
 
 
 class TrackingConfig(_Strict):

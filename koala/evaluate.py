@@ -20,7 +20,7 @@ import torch
 from koala.config import EvalConfig
 from koala.data import prompts as P
 from koala.errors import KoalaError
-from koala.spec.calibrate import GAMMA_MAX
+from koala.spec.calibrate import GAMMA_MAX, acceptance_by_position, choose_from_probes, cost_curve
 from koala.spec.compile import compile_seconds
 from koala.spec.drafters import Drafter, LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
 from koala.spec.session import Session
@@ -44,15 +44,6 @@ def interleave_categories(records: list[P.PromptRecord], limit: int | None) -> l
         by[r.category].append(r)
     out = [r for group in itertools.zip_longest(*by.values()) for r in group if r is not None]
     return out[:limit] if limit else out
-
-
-def acceptance_by_position(rounds: list[tuple[int, int]], gamma: int) -> list[float]:
-    """P(draft i accepted | draft i proposed and drafts 1..i-1 accepted), from (drafted, accepted) per round."""
-    rates = []
-    for i in range(1, gamma + 1):
-        reached = sum(1 for m, k in rounds if m >= i and k >= i - 1)
-        rates.append(sum(1 for _, k in rounds if k >= i) / reached if reached else 0.0)
-    return rates
 
 
 def _hf_generate(session: Session, ids: list[int], cfg: EvalConfig, assistant=None, lookup: int = 0,
@@ -125,104 +116,120 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
              progress: ProgressFn | None = None, stage: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark with and without the drafter and write report.json, report.md and plots into out_dir.
 
+    Steps: load the drafter and prompts and size every cache once; warm up (compiling, when compiled) and choose
+    gamma; measure each prompt with and without the drafter; summarise. `stage` hears each step's name.
+
     Returns:
         The report dict (see README: target, drafter, tau, speedup, tokens_per_s, lossless, ...).
     """
-    drafter = session.drafter(drafter_spec)
-    if cfg.lookup and not isinstance(drafter, (PromptLookupDrafter, LookupFirstDrafter)):
-        drafter = LookupFirstDrafter(drafter)
-    records = load_bench(cfg.bench, cfg.limit)
-    tok = session.target.tokenizer
-    prompts = [(r, encode_chat(tok, list(r.messages))) for r in records]
-    if not prompts:
-        raise KoalaError(f"benchmark {cfg.bench!r} has no prompts")
-    gmax = min(GAMMA_MAX, getattr(drafter, "max_gamma", None) or GAMMA_MAX)  # Medusa: at most one per head
-    gamma = cfg.gamma if cfg.gamma != "auto" else gmax
-    # One cache size for the whole run, target and drafter: a compiled engine then compiles each graph once, never
-    # inside a timed run.
-    longest = max(len(ids) for _, ids in prompts) + cfg.max_new_tokens + max(gamma, gmax) + 1
-    session.reserve(longest)
-    drafter.reset(longest)
-    compile_s0 = compile_seconds()
-    t_setup = time.perf_counter()
-
-    def run(ids, d, profile=False, g=None):
-        return session.run(ids, cfg.max_new_tokens, drafter=d, gamma=g or gamma, temperature=cfg.temperature,
-                           top_p=cfg.top_p, profile=profile, threshold=cfg.threshold if d is not None else None)
-
     stage = stage or (lambda _: None)
-    stage("warm-up" + (" and compilation (once per process)" if session.compiled else ""))
-    # Warm-up (excluded; compiles the steps in a compiled session): also the profiled run that measures the
-    # drafter's step cost and, for gamma auto, its acceptance by position at the longest draft considered.
-    for _ in range(max(cfg.warmup, 1 if session.compiled else 0)):  # compiled: at least one, to compile
-        run(prompts[0][1], None)
-        run(prompts[0][1], drafter)
-    calib = prompts[:max(1, min(2, len(prompts)))]
-    ar0 = run(prompts[0][1], None)
-    probes = [run(ids, drafter, profile=True) for _, ids in calib]
-    probe_rounds = [r for p in probes for r in p.rounds]
-    drafted = max(sum(m for m, _ in probe_rounds), 1)
-    target_step_s = ar0.wall_s / max(ar0.target_forwards, 1)
-    drafter_step_s = sum(p.draft_s for p in probes) / drafted
-    choice = None
-    if cfg.gamma == "auto":
-        from koala.spec.calibrate import choose_gamma, cost_curve
-
-        stage("gamma auto: the target's cost by width")
-        curve = cost_curve(session)
-        probe_acc = acceptance_by_position(probe_rounds, gmax)
-        gamma, rates = choose_gamma(curve["ms"], drafter_step_s * 1e3, probe_acc, gamma_max=gmax)
-        choice = {"auto": True, "chosen": gamma, "cost_by_width_ms": curve["ms"], "curve_cached": curve["cached"],
-                  "probe_acceptance_by_position": probe_acc, "drafter_step_ms": drafter_step_s * 1e3,
-                  "expected_tokens_per_s": rates, "expected_speedup": rates[gamma] / rates[0]}
-        run(prompts[0][1], drafter)  # warm the chosen width
-    c = drafter_step_s / target_step_s
-    setup_s = time.perf_counter() - t_setup
+    drafter, prompts, gmax = _prepare(session, drafter_spec, cfg)
+    compile_s0 = compile_seconds()
+    cal = _warm_up_and_choose_gamma(session, drafter, prompts, cfg, gmax, stage)
+    gamma = cal["gamma"]
     stage(f"eval (gamma {gamma})")
-
-    rows, accept_total, all_rounds = [], [0] * (gamma + 1), []
-    hf_rows = []
+    rows, accept_total, all_rounds, hf_rows = [], [0] * (gamma + 1), [], []
     assistant = hf_assistant(drafter) if cfg.hf_baselines else None
     for i, (rec, ids) in enumerate(prompts):
-        torch.manual_seed(i)
-        ar = run(ids, None)
-        torch.manual_seed(i)
-        sp = run(ids, drafter)
+        row, sp = _measure_prompt(session, drafter, cfg, gamma, i, rec, ids, assistant)
         accept_total = [a + b for a, b in zip(accept_total, sp.accept_counts)]
         all_rounds += sp.rounds
-        row = {
-            "id": rec.id, "category": rec.category, "prompt_tokens": len(ids),
-            "new_tokens": len(sp.tokens), "wall_s": sp.wall_s, "target_forwards": sp.target_forwards,
-            "tau": sp.tau, "tokens_per_s": len(sp.tokens) / sp.wall_s,
-            "ar_new_tokens": len(ar.tokens), "ar_wall_s": ar.wall_s, "ar_tokens_per_s": len(ar.tokens) / ar.wall_s,
-            "identical": sp.tokens == ar.tokens if cfg.temperature == 0 else None,
-            "first_difference": first_difference(session, ids, ar.tokens, sp.tokens) if cfg.temperature == 0 else None,
-            "accept_counts": sp.accept_counts,
-        }
         if cfg.hf_baselines:
-            n, w = _hf_generate(session, ids, cfg)
-            hf = {"hf_generate": n / w}
-            if assistant is not None or isinstance(drafter, PromptLookupDrafter):
-                n, w = _hf_generate(session, ids, cfg, assistant, lookup=isinstance(drafter, PromptLookupDrafter),
-                                    gamma=gamma)
-                hf["hf_assisted"] = n / w
-            hf_rows.append(hf)
-            row.update(hf)
+            hf_rows.append({k: row[k] for k in ("hf_generate", "hf_assisted") if k in row})
         rows.append(row)
         if progress:
             progress(i + 1, len(prompts), row)
 
-    report = _summarise(session, drafter, cfg, gamma, rows, accept_total, all_rounds, hf_rows, c, target_step_s,
-                        drafter_step_s)
-    report["gamma_choice"] = choice or {"auto": False, "chosen": gamma}
-    report["mode"] = session.mode
-    report["compile_s"] = compile_seconds() - compile_s0
-    report["setup_s"] = setup_s  # warm-up, compilation and calibration: never part of a speed-up
+    report = _summarise(session, drafter, cfg, gamma, rows, accept_total, all_rounds, hf_rows, cal["c"],
+                        cal["target_step_s"], cal["drafter_step_s"])
+    choice = cal["choice"]
+    report.update(gamma_choice=choice or {"auto": False, "chosen": gamma}, mode=session.mode,
+                  compile_s=compile_seconds() - compile_s0,
+                  setup_s=cal["setup_s"])  # warm-up, compilation and calibration: never part of a speed-up
     if choice:
         choice["measured_speedup"] = report["speedup"]
     if out_dir is not None:
         write_report(report, Path(out_dir))
     return report
+
+
+def _prepare(session: Session, drafter_spec: str, cfg: EvalConfig):
+    """The drafter (lookup in front if asked), the templated prompts, gamma's ceiling; caches sized once for all.
+
+    One cache size for the whole run, target and drafter: a compiled engine then compiles each graph once, never
+    inside a timed run.
+    """
+    drafter = session.drafter(drafter_spec)
+    if cfg.lookup and not isinstance(drafter, (PromptLookupDrafter, LookupFirstDrafter)):
+        drafter = LookupFirstDrafter(drafter)
+    tok = session.target.tokenizer
+    prompts = [(r, encode_chat(tok, list(r.messages))) for r in load_bench(cfg.bench, cfg.limit)]
+    if not prompts:
+        raise KoalaError(f"benchmark {cfg.bench!r} has no prompts")
+    gmax = min(GAMMA_MAX, getattr(drafter, "max_gamma", None) or GAMMA_MAX)  # Medusa: at most one per head
+    longest = max(len(ids) for _, ids in prompts) + cfg.max_new_tokens + max(gmax, _fixed(cfg) or 0) + 1
+    session.reserve(longest)
+    drafter.reset(longest)
+    return drafter, prompts, gmax
+
+
+def _fixed(cfg: EvalConfig) -> int | None:
+    return None if cfg.gamma == "auto" else cfg.gamma
+
+
+def _run(session: Session, cfg: EvalConfig, ids, drafter, gamma: int, profile: bool = False):
+    return session.run(ids, cfg.max_new_tokens, drafter=drafter, gamma=gamma, temperature=cfg.temperature,
+                       top_p=cfg.top_p, profile=profile, threshold=cfg.threshold if drafter is not None else None)
+
+
+def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: int, stage) -> dict:
+    """Untimed warm-up (compiling, when compiled) and the profiled probes: the drafter's step cost, the cost ratio c
+    and, for gamma auto, the acceptance by position at the longest draft and the gamma chosen from it."""
+    t0 = time.perf_counter()
+    gamma = _fixed(cfg) or gmax
+    stage("warm-up" + (" and compilation (once per process)" if session.compiled else ""))
+    for _ in range(max(cfg.warmup, 1 if session.compiled else 0)):  # compiled: at least one, to compile
+        _run(session, cfg, prompts[0][1], None, gamma)
+        _run(session, cfg, prompts[0][1], drafter, gamma)
+    ar0 = _run(session, cfg, prompts[0][1], None, gamma)
+    probes = [_run(session, cfg, ids, drafter, gamma, profile=True) for _, ids in prompts[:2]]
+    rounds = [r for p in probes for r in p.rounds]
+    target_step_s = ar0.wall_s / max(ar0.target_forwards, 1)
+    drafter_step_s = sum(p.draft_s for p in probes) / max(sum(m for m, _ in rounds), 1)
+    choice = None
+    if cfg.gamma == "auto":
+        stage("gamma auto: the target's cost by width")
+        choice = choose_from_probes(cost_curve(session), rounds, drafter_step_s, gmax)
+        gamma = choice["chosen"]
+        _run(session, cfg, prompts[0][1], drafter, gamma)  # warm the chosen width
+    return {"gamma": gamma, "choice": choice, "target_step_s": target_step_s, "drafter_step_s": drafter_step_s,
+            "c": drafter_step_s / target_step_s, "setup_s": time.perf_counter() - t0}
+
+
+def _measure_prompt(session, drafter, cfg: EvalConfig, gamma: int, i: int, rec, ids, assistant):
+    """One prompt, autoregressive then speculative (same seed), optionally HF generate: its report row."""
+    torch.manual_seed(i)
+    ar = _run(session, cfg, ids, None, gamma)
+    torch.manual_seed(i)
+    sp = _run(session, cfg, ids, drafter, gamma)
+    greedy = cfg.temperature == 0
+    row = {
+        "id": rec.id, "category": rec.category, "prompt_tokens": len(ids),
+        "new_tokens": len(sp.tokens), "wall_s": sp.wall_s, "target_forwards": sp.target_forwards,
+        "tau": sp.tau, "tokens_per_s": len(sp.tokens) / sp.wall_s,
+        "ar_new_tokens": len(ar.tokens), "ar_wall_s": ar.wall_s, "ar_tokens_per_s": len(ar.tokens) / ar.wall_s,
+        "identical": sp.tokens == ar.tokens if greedy else None,
+        "first_difference": first_difference(session, ids, ar.tokens, sp.tokens) if greedy else None,
+        "accept_counts": sp.accept_counts,
+    }
+    if cfg.hf_baselines:
+        n, w = _hf_generate(session, ids, cfg)
+        row["hf_generate"] = n / w
+        if assistant is not None or isinstance(drafter, PromptLookupDrafter):
+            n, w = _hf_generate(session, ids, cfg, assistant, lookup=isinstance(drafter, PromptLookupDrafter),
+                                gamma=gamma)
+            row["hf_assisted"] = n / w
+    return row, sp
 
 
 def _summarise(session, drafter, cfg, gamma, rows, accept_total, rounds, hf_rows, c, target_step_s,

@@ -101,6 +101,24 @@ def expected_tokens(acceptance: list[float], gamma: int) -> float:
     return total
 
 
+def acceptance_by_position(rounds: list[tuple[int, int]], gamma: int) -> list[float]:
+    """P(draft i accepted | draft i proposed and drafts 1..i-1 accepted), from (drafted, accepted) per round."""
+    rates = []
+    for i in range(1, gamma + 1):
+        reached = sum(1 for m, k in rounds if m >= i and k >= i - 1)
+        rates.append(sum(1 for _, k in rounds if k >= i) / reached if reached else 0.0)
+    return rates
+
+
+def choose_from_probes(curve: dict, rounds: list[tuple[int, int]], drafter_step_s: float, gamma_max: int) -> dict:
+    """gamma auto from profiled probe runs at the longest draft: the choice and everything it was made from."""
+    acc = acceptance_by_position(rounds, gamma_max)
+    gamma, rates = choose_gamma(curve["ms"], drafter_step_s * 1e3, acc, gamma_max=gamma_max)
+    return {"auto": True, "chosen": gamma, "cost_by_width_ms": curve["ms"], "curve_cached": curve.get("cached"),
+            "probe_acceptance_by_position": acc, "drafter_step_ms": drafter_step_s * 1e3,
+            "expected_tokens_per_s": rates, "expected_speedup": rates[gamma] / rates[0]}
+
+
 def choose_gamma(curve_ms: dict[int, float], drafter_step_ms: float, acceptance: list[float],
                  gamma_max: int | None = None) -> tuple[int, dict[int, float]]:
     """The gamma (1..gamma_max) with the most expected tokens per second, and that rate for every candidate.

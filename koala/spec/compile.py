@@ -20,7 +20,6 @@ import torch
 from koala.errors import KoalaError
 
 MAX_STEP_WIDTH = 8  # steps of at most this many tokens run compiled; a longer prefill runs eager
-MODES = ("eager", "compile")
 _compile_s = 0.0
 
 
@@ -106,7 +105,3 @@ def _graphs() -> int:
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"]
-
-
-def compile_forward(fn: Callable, device: torch.device, mode: str | None = None) -> CompiledStep:
-    return CompiledStep(fn, device, mode)

@@ -129,6 +129,26 @@ def verify(target: Transformer, seq: torch.Tensor, n: int, m: int, drafts: torch
     return k, nxt, None if h is None else h[0]
 
 
+def speculative_round(target: Transformer, drafter: Drafter, seq: torch.Tensor, n: int, gamma: int,
+                      params: SamplingParams, threshold: float | None, hidden: bool, profile: bool):
+    """Draft after seq[:n], verify in one target forward, write the accepted drafts and the next token into seq.
+
+    Returns (drafted m, accepted k, draft seconds, verify seconds); the times are 0 unless `profile`.
+    """
+    dev = seq.device
+    t0 = _clock(dev, profile)
+    drafts, q = drafter.propose(seq, n, gamma, params, stop_below=threshold)
+    m = drafts.shape[0]  # gamma, or fewer when drafting stopped at an unconfident token
+    seq[n:n + m] = drafts
+    t1 = _clock(dev, profile)
+    k, nxt, h = verify(target, seq, n, m, drafts, q, params, hidden)
+    k = int(k)  # the one host sync of a round: the next round's shapes depend on it
+    t2 = _clock(dev, profile)
+    seq[n + k] = nxt
+    drafter.commit(n + k + 1, None if h is None else h[:k + 1], n - 1)
+    return m, k, t1 - t0, t2 - t1
+
+
 @torch.no_grad()
 def generate(
     target: Transformer,
@@ -145,45 +165,24 @@ def generate(
 ) -> GenerationResult:
     """Decode after `prompt`, autoregressively (drafter None) or speculatively with `drafter` proposing gamma tokens.
 
-    Args:
-        target: the engine model of the target (eager, or compiled with `Transformer.compile`).
-        prompt: token ids, chat template already applied.
-        max_new_tokens: stop after this many new tokens.
-        drafter: a Drafter, or None for plain decoding of the target in the same engine.
-        gamma: tokens drafted per round.
-        params: temperature and top-p, applied identically to target and drafter.
-        eos_ids: stop after emitting any of these.
-        max_context: the target's context length (default: no limit beyond the cache).
-        stream: called after each round with the new tokens.
-        threshold: draft only while the drafter's probability of its token is at least this (an adaptive draft
-            length: a round with no confident draft is a plain target step). The choice depends on the drafter
-            alone, so the output distribution is unchanged.
-        profile: time the drafter and the verify forwards separately (adds a device sync on CUDA: keep it off
-            for the runs whose wall time is reported).
+    `target` is the engine model (eager, or compiled with `Transformer.compile`); `prompt` token ids with the chat
+    template applied; `params` (temperature, top-p) apply identically to target and drafter; generation stops after
+    `max_new_tokens` or any of `eos_ids`; `max_context` is the target's context; `stream` gets each round's new
+    tokens. `threshold`: draft only while the drafter's probability of its token is at least this (an adaptive
+    draft length decided by the drafter alone, so the output distribution is unchanged). `profile` times drafter
+    and verify forwards apart (a device sync on CUDA: keep it off for runs whose wall time is reported).
 
     Raises:
         KoalaError: empty prompt, prompt or generation longer than the context, gamma < 1, vocabulary mismatch.
     """
-    check_drafter(target, drafter, gamma)
-    g = gamma if drafter is not None else 0
-    max_len = _check_lengths(len(prompt), max_new_tokens, max_context or 1 << 30, g)
-    dev = target.device
-    target.setup_caches(max_len)
-    if drafter is not None:
-        drafter.reset(max_len)
-    seq = torch.zeros(max_len, dtype=torch.long, device=dev)
-    T = len(prompt)
-    seq[:T] = torch.tensor(prompt, device=dev)
-    hidden = drafter is not None and drafter.needs_hidden
+    seq = _start(target, drafter, prompt, max_new_tokens, max_context, gamma)
+    T, hidden = len(prompt), drafter is not None and drafter.needs_hidden
     start = time.perf_counter()
-
     seq[T], h = prefill(target, seq, T, params, hidden)
-    n, forwards = T + 1, 1
+    n, forwards, draft_s, verify_s = T + 1, 1, 0.0, 0.0
     if h is not None:
         drafter.commit(n, h[0], 0)
-    accept_counts = [0] * (g + 1)
-    draft_s = verify_s = 0.0
-    rounds: list[tuple[int, int]] = []
+    accept_counts, rounds = [0] * ((gamma if drafter is not None else 0) + 1), []
     emitted = [int(seq[T])]
     if stream:
         stream(emitted[:], 0)
@@ -193,34 +192,43 @@ def generate(
             seq[n] = decode_one_token(target, seq, n, params)
             new, k = [int(seq[n])], 0
         else:
-            t0 = _clock(dev, profile)
-            drafts, q = drafter.propose(seq, n, gamma, params, stop_below=threshold)
-            m = drafts.shape[0]  # gamma, or fewer when drafting stopped at an unconfident token
-            seq[n:n + m] = drafts
-            t1 = _clock(dev, profile)
-            k, nxt, h = verify(target, seq, n, m, drafts, q, params, hidden)
-            k = int(k)  # the one host sync of a round: the next round's shapes depend on it
-            if profile:
-                draft_s, verify_s = draft_s + t1 - t0, verify_s + _clock(dev, profile) - t1
-            seq[n + k] = nxt
+            m, k, t_draft, t_verify = speculative_round(target, drafter, seq, n, gamma, params, threshold, hidden,
+                                                        profile)
+            draft_s, verify_s = draft_s + t_draft, verify_s + t_verify
             accept_counts[k] += 1
             rounds.append((m, k))
-            drafter.commit(n + k + 1, None if h is None else h[:k + 1], n - 1)
             new = seq[n:n + k + 1].tolist()
-        if eos_ids and any(t in eos_ids for t in new):
-            new = new[:next(i for i, t in enumerate(new) if t in eos_ids) + 1]
-        new = new[:max_new_tokens - len(emitted)]
+        new = _until_eos(new, eos_ids)[:max_new_tokens - len(emitted)]
         emitted += new
         if stream:
             stream(new, k)
         n, forwards = n + k + 1, forwards + 1
 
-    if dev.type == "cuda":
+    if target.device.type == "cuda":
         torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    tokens = emitted[:max_new_tokens]
+    wall, tokens = time.perf_counter() - start, emitted[:max_new_tokens]
     reason = "eos" if eos_ids and tokens[-1] in eos_ids else "length"
     return GenerationResult(tokens, forwards, wall, accept_counts, reason, rounds, draft_s, verify_s)
+
+
+def _start(target: Transformer, drafter: Drafter | None, prompt: list[int], max_new_tokens: int,
+           max_context: int | None, gamma: int) -> torch.Tensor:
+    """Check the request, size the caches, and return the sequence buffer with the prompt written in."""
+    check_drafter(target, drafter, gamma)
+    max_len = _check_lengths(len(prompt), max_new_tokens, max_context or 1 << 30, gamma if drafter else 0)
+    target.setup_caches(max_len)
+    if drafter is not None:
+        drafter.reset(max_len)
+    seq = torch.zeros(max_len, dtype=torch.long, device=target.device)
+    seq[:len(prompt)] = torch.tensor(prompt, device=target.device)
+    return seq
+
+
+def _until_eos(new: list[int], eos_ids) -> list[int]:
+    """`new` cut after its first EOS token, if any."""
+    if eos_ids and any(t in eos_ids for t in new):
+        return new[:next(i for i, t in enumerate(new) if t in eos_ids) + 1]
+    return new
 
 
 def _clock(dev: torch.device, profile: bool) -> float:

@@ -126,9 +126,9 @@ class Transformer(nn.Module):
 
     def compile(self, mode: str | None = None) -> "Transformer":
         """Compile the decode steps (see `koala.spec.compile`): later `step` calls of a few tokens run compiled."""
-        from koala.spec.compile import compile_forward
+        from koala.spec.compile import CompiledStep
 
-        self.compiled = compile_forward(self.forward, self.device, mode)
+        self.compiled = CompiledStep(self.forward, self.device, mode)
         self.max_seq_len, self.caches = 0, nn.ModuleList()  # re-allocated at the compiled size on next use
         return self
 

@@ -102,7 +102,7 @@ def test_compiled_generation_equals_eager_and_survives_a_cache_resize(compiled_p
     assert comp.max_seq_len == 1024
 
 
-def test_compiled_sampling_is_seeded_like_eager(compiled_pair):
+def test_compiled_sampling_is_reproducible_under_a_seed(compiled_pair):
     _, comp, d = compiled_pair
     params = SamplingParams(temperature=1.0)
     torch.manual_seed(3)
