@@ -1,6 +1,10 @@
-"""Throughput of batched sampling from the default target (new tokens/s by batch size); prints JSON.
+"""Training tokens per second from the default target, two ways; prints JSON.
 
-    python bench/sampling.py [--batch-sizes 1,4,16] [--device cpu|cuda] [--max-new-tokens 64]
+* sampling: the target generates answers (new tokens/s by batch size);
+* teacher forcing: the target is run once over ShareGPT's own answers (answer tokens/s by batch size, top-k and
+  features kept as `koala sample --source teacher_forced` does).
+
+    python bench/sampling.py [--batch-sizes 1,4,16] [--device cpu|cuda] [--max-new-tokens 64] [--forced 48]
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import time
 import torch
 
 from koala.data import prompts as P
+from koala.data.teacher import force_batch, tokenize
 from koala.sampling import generate_batch
+from koala.threads import configure_threads, cpu_model
 from koala.spec.sampling import SamplingParams
 from koala.spec.session import Session
 from koala.targets import encode_chat
@@ -26,7 +32,11 @@ def main():
     ap.add_argument("--batch-sizes", default="1,4,16")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--forced", type=int, default=48, help="conversations teacher-forced per batch size")
+    ap.add_argument("--forced-batch-sizes", default="1,8")
+    ap.add_argument("--max-seq-len", type=int, default=512)
     a = ap.parse_args()
+    configure_threads()
 
     s = Session.open(a.target, dtype=a.dtype, device=a.device)
     sizes = [int(x) for x in a.batch_sizes.split(",")]
@@ -48,10 +58,40 @@ def main():
         results[str(bs)] = {"new_tokens": new, "wall_s": round(wall, 3), "tokens_per_s": round(new / wall, 1),
                             "prompt_tokens": sum(len(p) for p in batch)}
     best = max(results, key=lambda k: results[k]["tokens_per_s"])
-    print(json.dumps({"target": s.target.info.name, "device": str(s.engine.device), "dtype": a.dtype,
-                      "threads": torch.get_num_threads(), "max_new_tokens": a.max_new_tokens,
+    forced = teacher_forcing(s, a)
+    fbest = max(forced, key=lambda k: forced[k]["answer_tokens_per_s"])
+    print(json.dumps({"target": s.target.info.name, "device": str(s.engine.device), "cpu": cpu_model(),
+                      "dtype": a.dtype, "threads": torch.get_num_threads(), "max_new_tokens": a.max_new_tokens,
                       "temperature": a.temperature, "by_batch_size": results, "best_batch_size": int(best),
-                      "best_tokens_per_s": results[best]["tokens_per_s"]}, indent=2))
+                      "best_tokens_per_s": results[best]["tokens_per_s"],
+                      "teacher_forced": {"max_seq_len": a.max_seq_len, "by_batch_size": forced,
+                                         "best_batch_size": int(fbest),
+                                         "best_answer_tokens_per_s": forced[fbest]["answer_tokens_per_s"]},
+                      "teacher_forced_over_sampling": round(forced[fbest]["answer_tokens_per_s"]
+                                                            / results[best]["tokens_per_s"], 2)}, indent=2))
+
+
+def teacher_forcing(s, a) -> dict:
+    """Answer tokens/s of `koala.data.teacher.force_batch` over ShareGPT conversations that have answers."""
+    tok = s.target.tokenizer
+    seqs = []
+    for r in P.sharegpt():
+        if r.response and len(seqs) < a.forced:
+            seq = tokenize(tok, r, a.max_seq_len)
+            if seq is not None:
+                seqs.append(seq)
+    seqs.sort(key=lambda x: len(x[0]))  # as the shards batch them: similar lengths together
+    force_batch(s.target.model, seqs[:2], 32, True)  # warm-up
+    out = {}
+    for bs in (int(x) for x in a.forced_batch_sizes.split(",")):
+        t = time.perf_counter()
+        for i in range(0, len(seqs), bs):
+            force_batch(s.target.model, seqs[i:i + bs], 32, True, tok.pad_token_id or 0)
+        wall = time.perf_counter() - t
+        answer = sum(len(ids) - p for ids, p in seqs)
+        out[str(bs)] = {"conversations": len(seqs), "answer_tokens": answer, "all_tokens": sum(len(x) for x, _ in seqs),
+                        "wall_s": round(wall, 3), "answer_tokens_per_s": round(answer / wall, 1)}
+    return out
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -21,6 +22,7 @@ def build_distillation_dataset(
     n_prompts: int | None = None,
     max_new_tokens: int | None = None,
     overrides: list[str] | None = None,
+    source: Literal["generated", "teacher_forced"] = "generated",
 ) -> str:
     """Sample the target on the configured prompts into shards under out_dir; returns out_dir.
 
@@ -31,15 +33,19 @@ def build_distillation_dataset(
         n_prompts: use at most this many prompts.
         max_new_tokens: longest response.
         overrides: more `section.field=value` settings.
+        source: generated (sample the target) or teacher_forced (run it over the logs' own answers:
+            the teacher_forced section of the config).
     """
     extra = list(overrides or [])
     extra += [f"prompts.limit={n_prompts}"] if n_prompts else []
     extra += [f"sampling.max_new_tokens={max_new_tokens}"] if max_new_tokens else []
     cfg = resolve_config(profile, config_path, extra)
-    out = out_dir or cfg.sampling.out_dir
+    if source not in shards.SOURCES:
+        raise ValueError(f"source must be one of {', '.join(shards.SOURCES)}, got {source!r}")
+    out = out_dir or (cfg.sampling.out_dir if source == "generated" else cfg.teacher_forced.out_dir)
 
     # Step 1: plan the shards (keeps the shards already there, adds shards for new prompts).
-    plan = plan_shards(cfg, out)
+    plan = plan_shards(cfg, out, source)
     if plan["skipped"]:
         print(f"skipped prompts: {plan['skipped']}")
     if plan["recovered"] is not None:
@@ -48,7 +54,8 @@ def build_distillation_dataset(
     # Step 2: sample every shard; finished ones are cached or skipped.
     todo = set(plan["todo"])
     futures = [sample_shard.with_options(refresh_cache=spec["index"] in todo).submit(
-                   cfg, out, spec, {pid: plan["records"][pid] for pid in spec["prompt_ids"] if pid in plan["records"]})
+                   cfg, out, spec, {pid: plan["records"][pid] for pid in spec["prompt_ids"] if pid in plan["records"]},
+                   source)
                for spec in plan["shards"]]
     t0, samples, tokens = time.perf_counter(), 0, 0
     with tqdm(total=len(futures), desc="shards", unit="shard") as bar:
@@ -61,6 +68,6 @@ def build_distillation_dataset(
             bar.update(1)
 
     # Step 3: check the whole dataset against its manifest.
-    table = shards.load(out)
+    table = shards.load(out, columns=["sample_id"])
     print(f"{out}: {table.num_rows} samples in {len(plan['shards'])} shards")
     return out

@@ -55,8 +55,11 @@ def koala_pipeline(
         parent.log_params(cfg.model_dump())
         pid = parent.run_id
 
-        # Step 1: build or extend the distillation set.
+        # Step 1: build or extend the distillation set: the target's own answers (the alignment data) and, when
+        # the profile asks, the target teacher-forced over logged answers (many more tokens per CPU-hour).
         data_dir = build_distillation_dataset(config_path=None, profile=profile, overrides=_as_overrides(cfg))
+        forced_dir = (build_distillation_dataset(config_path=None, profile=profile, overrides=_as_overrides(cfg),
+                                                 source="teacher_forced") if cfg.teacher_forced.limit else None)
 
         # Step 2: pretrain the drafter on text (when the profile asks for it).
         out = run_dir / "drafter"
@@ -65,17 +68,12 @@ def koala_pipeline(
         init = (pretrain_drafter.with_options(refresh_cache=_gone(out / "pretrain" / "drafter"))(
             cfg, str(out / "pretrain"), pid) if cfg.training.pretrain_steps > 0 else None)
 
-        # Step 3: distil it on the target's own responses (or train KOALA draft heads on the target's features).
-        if cfg.drafter.kind in ("medusa", "eagle"):
-            trained = train_heads_task.with_options(refresh_cache=_gone(out / "heads" / "heads"))(
-                cfg, data_dir, str(out / "heads"), pid)
-        else:
-            trained = distill_drafter.with_options(refresh_cache=_gone(out / "distill" / "drafter"))(
-                cfg, data_dir, str(out / "distill"), init_from=init, parent_run_id=pid)
-            trained["dir"] = trained["drafter"]
+        # Step 3: train on teacher-forced data, then fine-tune on the target's own answers (or one stage).
+        trained, stages = _train(cfg, data_dir, forced_dir, out, init, pid)
 
-        # Step 4: measure it: tau, speed-up, losslessness.
+        # Step 4: measure it: tau, speed-up, losslessness (and on more benchmarks, and without prompt lookup).
         report = evaluate_drafter(cfg, trained["drafter"], str(run_dir / "eval" / "candidate"), pid)
+        extra = _more_evaluations(cfg, trained["drafter"], run_dir / "eval", pid)
 
         # Step 5: register it in MLflow.
         registered = register_drafter(cfg, trained["dir"], report, pid)
@@ -91,12 +89,58 @@ def koala_pipeline(
         "engine": f"{report.get('mode', 'eager')}, gamma {report['gamma']}"
                   f"{' (auto)' if report.get('gamma_choice', {}).get('auto') else ''}, "
                   f"compile {report.get('compile_s', 0):.0f} s (not timed), {report['device']}",
+        "stages": stages, "more": extra,
         "tokens_per_s": report["tokens_per_s"], "model": registered["name"], "version": registered["version"],
         "promoted": decision["promoted"], "reason": decision["reason"], "mlflow_uri": uri,
         "mlflow_run_id": pid, "experiment": cfg.tracking.experiment,
     }
     log.info("pipeline summary: %s", summary)
     return summary
+
+
+def _train(cfg, data_dir: str, forced_dir: str | None, out: Path, init: str | None, pid: str) -> tuple[dict, list]:
+    """The drafter's training stages: on teacher-forced data (when there is some), then on the sampled data for
+    training.finetune_steps; returns the final {drafter, dir, ...} and each stage's held-out metrics."""
+    heads = cfg.drafter.kind in ("medusa", "eagle")
+    plan = [(forced_dir, cfg)] if forced_dir else []
+    if not forced_dir or cfg.training.finetune_steps:
+        ft = cfg if not forced_dir else cfg.model_copy(
+            update={"training": cfg.training.model_copy(update={"steps": cfg.training.finetune_steps})})
+        plan.append((data_dir, ft))
+    trained, stages, prev = None, [], None
+    for i, (data, c) in enumerate(plan):
+        last = i == len(plan) - 1
+        name = ("heads" if heads else "distill") + ("" if last else "-" + (
+            "teacher_forced" if data == forced_dir else "generated"))
+        if heads:
+            trained = train_heads_task.with_options(refresh_cache=_gone(out / name / "heads"))(
+                c, data, str(out / name), pid, init_from=prev, heldout_dir=data_dir)
+        else:
+            trained = distill_drafter.with_options(refresh_cache=_gone(out / name / "drafter"))(
+                c, data, str(out / name), init_from=prev or init, parent_run_id=pid)
+            trained["dir"] = trained["drafter"]
+        prev = trained["dir"]
+        stages.append({"data": data, "steps": c.training.steps, "drafter": trained["drafter"],
+                       **{k: v for k, v in trained.get("metrics", {}).items() if k.startswith("heldout")}})
+    return trained, stages
+
+
+def _more_evaluations(cfg, drafter: str, out: Path, pid: str) -> dict:
+    """eval.alone (the drafter without prompt lookup) and eval.also (more benchmarks): their tau and speed-up."""
+    runs = {}
+    if cfg.eval.alone and cfg.eval.lookup:
+        runs["alone"] = cfg.eval.model_copy(update={"lookup": False})
+    for spec in cfg.eval.also:
+        bench, _, limit = spec.partition(":")
+        runs[Path(bench).stem + (f"-{limit}" if limit else "")] = cfg.eval.model_copy(update={"bench": bench, "limit": int(limit) if limit
+                                                                   else None})
+    results = {}
+    for name, ev in runs.items():
+        r = evaluate_drafter(cfg.model_copy(update={"eval": ev}), drafter, str(out / f"candidate-{name}"), pid,
+                             run_name=f"evaluate-{name}")
+        results[name] = {"bench": ev.bench, "prompts": r["prompts"], "lookup": ev.lookup, "tau": r["tau"],
+                         "speedup": r["speedup"], "lossless": f"{r['lossless']['identical']}/{r['lossless']['total']}"}
+    return results
 
 
 def _gone(output: Path) -> bool:

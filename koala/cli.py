@@ -194,16 +194,26 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
            out: Optional[str] = typer.Option(None, help="dataset directory (default: sampling.out_dir)"),
            n_prompts: Optional[int] = typer.Option(None, help="use at most this many prompts"),
            max_new_tokens: Optional[int] = typer.Option(None, help="longest response in tokens"),
+           source: str = typer.Option("generated", help="generated: sample the target; teacher_forced: run it over "
+                                      "the logs' own answers (settings: the teacher_forced section)"),
            set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
     """Sample the target into Parquet distillation shards (a Prefect flow; resumable and incremental)."""
     from koala.config import load_config
+    from koala.data.shards import SOURCES
 
     try:
-        load_config(None if config else profile, config, set_ or [])  # fail fast on a bad config, before Prefect
+        if source not in SOURCES:
+            raise KoalaError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
+        if source == "teacher_forced" and n_prompts:  # how many conversations to teacher-force
+            set_, n_prompts = [*(set_ or []), f"teacher_forced.limit={n_prompts}"], None
+        cfg = load_config(None if config else profile, config, set_ or [])  # fail fast on a bad config
+        if source == "teacher_forced" and cfg.teacher_forced.limit == 0:
+            raise KoalaError("teacher_forced.limit is 0 in this profile: say how many conversations with "
+                             "--n-prompts N (or --set teacher_forced.limit=N)")
         from flows.build_dataset import build_distillation_dataset
 
         out_dir = build_distillation_dataset(profile=profile, config_path=config, out_dir=out, n_prompts=n_prompts,
-                                             max_new_tokens=max_new_tokens, overrides=set_ or [])
+                                             max_new_tokens=max_new_tokens, overrides=set_ or [], source=source)
     except KoalaError as e:
         fail(e)
     typer.echo(f"dataset: {out_dir} (read it with koala.data.shards.load or pyarrow.parquet.read_table)")
@@ -299,6 +309,10 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
           data: Optional[str] = typer.Option(None, help="distillation set (default: sampling.out_dir)"),
           out: str = typer.Option(..., help="output directory; the heads land in OUT/heads"),
           steps: Optional[int] = typer.Option(None, help="optimizer steps (default: training.steps)"),
+          init: Optional[str] = typer.Option(None, help="continue from these heads (a second stage on other data)"),
+          heldout_data: Optional[str] = typer.Option(None, help="measure held-out acceptance on this set's held-out "
+                                                     "prompts (default: --data's)"),
+          resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),
           config: Optional[str] = typer.Option(None, help="YAML config (default: the profile)"),
           profile: str = typer.Option("smoke", help="profile in configs/ when --config is not given"),
           set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
@@ -317,7 +331,8 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
         cfg = load_config(None if config else profile, config, set_ or [])
         target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device, cfg.target.trust_remote_code)
         path = train_heads(cfg, target, data or cfg.sampling.out_dir, out, kind=kind, layers=layers,
-                           adversarial=adversarial, steps=steps, on_log=lambda s, m: history.append((s, m)))
+                           adversarial=adversarial, steps=steps, on_log=lambda s, m: history.append((s, m)),
+                           init_from=init, heldout_dir=heldout_data, resume=resume)
         if history:
             training_curves(history, Path(out) / "heads_curves.png", f"{kind} K={layers}")
     except KoalaError as e:
@@ -360,9 +375,16 @@ def _print_summary(s: dict) -> None:
     tps = s["tokens_per_s"]
     rows = [("data", s["data"]), ("drafter", s["drafter"]), ("tau", f"{s['tau']:.2f} tokens per target forward"),
             ("speed-up", f"{s['speedup']:.2f}x ({tps['speculative']:.1f} vs {tps['autoregressive']:.1f} tokens/s)"),
-            ("lossless", s["lossless"]), ("engine", s.get("engine", "")),
-            ("registered", f"{s['model']} version {s['version']}"),
-            ("promoted", f"{'yes' if s['promoted'] else 'no'}: {s['reason']}")]
+            ("lossless", s["lossless"]), ("engine", s.get("engine", ""))]
+    for i, st in enumerate(s.get("stages", []), 1):  # what each training stage added, on the same held-out prompts
+        acc = ", ".join(f"{st[k]:.2f}" for k in sorted(st) if k.startswith("heldout_greedy_agreement_pos")) or (
+            f"{st['heldout_greedy_agreement']:.2f}" if "heldout_greedy_agreement" in st else "n/a")
+        rows.append((f"stage {i}", f"{st['steps']} steps on {st['data']}: held-out agreement by draft {acc}"))
+    for name, m in s.get("more", {}).items():
+        rows.append((name, f"{m['bench']} x{m['prompts']}{'' if m['lookup'] else ' (no prompt lookup)'}: tau "
+                           f"{m['tau']:.2f}, speed-up {m['speedup']:.2f}x, lossless {m['lossless']}"))
+    rows += [("registered", f"{s['model']} version {s['version']}"),
+             ("promoted", f"{'yes' if s['promoted'] else 'no'}: {s['reason']}")]
     for k, v in rows:
         t.add_row(k, str(v))
     Console().print(t)

@@ -37,6 +37,7 @@ class PromptsConfig(_Strict):
     prompt_col: str = Field("prompt", description="file sources: column with the user prompt")
     category_col: str | None = Field("category", description="file sources: column with the category, if any")
     messages_col: str | None = Field(None, description="file sources: column with a whole chat instead of a prompt")
+    response_col: str = Field("response", description="file sources: column with the logged answer (teacher forcing)")
 
 
 class SamplingConfig(_Strict):
@@ -50,6 +51,20 @@ class SamplingConfig(_Strict):
     batch_size: int = Field(8, ge=1, description="prompts generated together (left-padded)")
     seed: int = Field(0, description="base seed; each sample's seed derives from it and the sample's id")
     topk_logprobs: int = Field(0, ge=0, description="store the teacher's top-k log-probs per position (0 = off)")
+
+
+class TeacherForcedConfig(_Strict):
+    """The target run once over conversations that already have answers: its top-k (and features) at every answer
+    position. No generation, so many times the tokens per CPU-hour of sampling; the alignment data stays sampled."""
+
+    limit: int = Field(0, ge=0, description="conversations to teacher-force (from prompts.source); 0 = off")
+    out_dir: str = Field("runs/teacher", description="directory of the teacher-forced shards and manifest.json")
+    shard_size: int = Field(256, ge=1, description="conversations per shard (the unit of work and of retry)")
+    batch_size: int = Field(8, ge=1, description="conversations per target forward (right-padded)")
+    max_seq_len: int = Field(768, ge=8, description="prompt + logged answer, truncated to this many tokens")
+    topk_logprobs: int = Field(32, ge=1, description="the target's top-k log-probs stored at each answer position")
+    features: bool = Field(False, description="also store the target's features (what its LM head reads): heads "
+                           "train on them without running the target again")
 
 
 class DrafterConfig(_Strict):
@@ -71,7 +86,10 @@ class DrafterConfig(_Strict):
 class TrainingConfig(_Strict):
     out_dir: str = Field("runs/drafter", description="checkpoints and the final drafter")
     loss: Literal["fkl", "rkl", "tvd", "tvdpp", "jsd"] = Field("tvdpp", description="distillation loss")
-    steps: int = Field(200, ge=1, description="optimizer steps of distillation")
+    steps: int = Field(200, ge=1, description="optimizer steps of distillation (on teacher-forced data when "
+                       "teacher_forced.limit > 0, else on the sampled data)")
+    finetune_steps: int = Field(0, ge=0, description="then this many steps on the target's sampled answers "
+                                "(Direct Alignment's stage 2); 0 = one stage")
     pretrain_steps: int = Field(0, ge=0, description="next-token pretraining steps before distillation (0 = skip)")
     pretrain_corpus: str = Field("sharegpt", description="pretraining text: sharegpt, hf:NAME or a .jsonl/.parquet file")
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
@@ -86,6 +104,10 @@ class TrainingConfig(_Strict):
     heldout_fraction: float = Field(0.05, ge=0, lt=1, description="share of samples held out")
     seed: int = Field(0, description="seed of init, data order and dropout")
     cache_features: bool = Field(True, description="draft heads: compute the target's features once, keep them")
+    unroll: int = Field(1, ge=1, le=8, description="EAGLE: train drafts 1..unroll, draft i+1 from the head's own "
+                        "predicted features of draft i (EAGLE-3's training-time test); 1 = teacher-forced only")
+    feature_noise: float = Field(0.0, ge=0, description="EAGLE: uniform noise on the input features, as a fraction "
+                                 "of their RMS (EAGLE's robustness to its own feature errors)")
     adversarial: bool = Field(False, description="add the KOALA adversarial loss from a discriminator")
     adv_lambda: float = Field(0.1, ge=0, description="weight of the adversarial term")
     adv_warmup_steps: int = Field(20, ge=0, description="steps before the adversarial term is switched on")
@@ -109,7 +131,19 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(128, ge=1, description="new tokens per prompt")
     warmup: int = Field(1, ge=0, description="untimed warm-up generations before measuring")
     hf_baselines: bool = Field(False, description="also time Hugging Face generate, plain and with assistant_model")
+    alone: bool = Field(False, description="pipeline: also measure the drafter without prompt lookup (beside lookup+)")
+    also: list[str] = Field([], description="pipeline: more benchmarks to measure the drafter on, as BENCH or "
+                            "BENCH:LIMIT (e.g. humaneval:40)")
 
+
+    @field_validator("also")
+    @classmethod
+    def _also(cls, v: list[str]) -> list[str]:
+        for spec in v:
+            bench, sep, limit = spec.partition(":")
+            if not bench or (sep and not (limit.isdigit() and int(limit) > 0)):
+                raise ValueError(f"{spec!r} is not BENCH or BENCH:LIMIT (e.g. humaneval:40)")
+        return v
 
     @field_validator("gamma", mode="before")
     @classmethod
@@ -135,6 +169,7 @@ class KoalaConfig(_Strict):
     target: TargetConfig = TargetConfig()
     prompts: PromptsConfig = PromptsConfig()
     sampling: SamplingConfig = SamplingConfig()
+    teacher_forced: TeacherForcedConfig = TeacherForcedConfig()
     drafter: DrafterConfig = DrafterConfig()
     training: TrainingConfig = TrainingConfig()
     eval: EvalConfig = EvalConfig()

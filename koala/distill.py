@@ -33,9 +33,14 @@ def split_heldout(rows: list[dict], fraction: float) -> tuple[list[dict], list[d
     return [r for r in rows if r["prompt_id"] not in ids], held
 
 
-def load_distillation_rows(data_dir: str | Path, target: Target) -> tuple[list[dict], dict]:
-    """The shards' rows after checking they were made by this target and tokenizer."""
-    table = shards.load(data_dir)
+def load_distillation_rows(data_dir: str | Path, target: Target, features: bool = False) -> tuple[list[dict], dict]:
+    """The shards' rows after checking they were made by this target and tokenizer.
+
+    With `features` (draft heads), the target's stored features where the shards have them, instead of its top-k
+    (heads read the teacher off the features).
+    """
+    cols = ["prompt_id", "input_ids", "prompt_len"] + (["features"] if features else ["topk_ids", "topk_logprobs"])
+    table = shards.load(data_dir, columns=cols)
     meta = shards.read_manifest(Path(data_dir)) or {}
     t = meta.get("target", {})
     if t.get("tokenizer_hash") != target.info.tokenizer_hash or t.get("content_hash") != target.info.content_hash:
@@ -43,8 +48,7 @@ def load_distillation_rows(data_dir: str | Path, target: Target) -> tuple[list[d
             f"{data_dir} was sampled from target {t.get('name')} ({str(t.get('content_hash'))[:12]}...), not from "
             f"{target.info.name} ({target.info.content_hash[:12]}...): sample the data with this target"
         )
-    cols = [c for c in ("prompt_id", "input_ids", "prompt_len", "topk_ids", "topk_logprobs") if c in table.column_names]
-    return table.select(cols).to_pylist(), meta
+    return table.to_pylist(), meta
 
 
 def _drafter_for(cfg: KoalaConfig, target: Target, init_from: str | Path | None):

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from koala import __version__
 from koala.config import KoalaConfig
 from koala.distill import load_distillation_rows, split_heldout
-from koala.drafters.heads import build_heads, save_heads
+from koala.drafters.heads import build_heads, load_heads, save_heads
 from koala.errors import KoalaError
 from koala.losses import expected_acceptance, greedy_agreement, Teacher
 from koala.targets import Target
@@ -38,9 +38,17 @@ class FeatureSource:
                  cache_dir: str | Path | None = None, target_hash: str = ""):
         self.target, self.data, self.cache = target_model, data, cache
         self.store: dict[int, torch.Tensor] = {}
+        C = target_model.config.hidden_size
+        if data.rows and all(r.get("features") is not None for r in data.rows):  # teacher-forced shards carry them
+            from koala.data.teacher import features_of
+
+            self.cache = True
+            self.store = {i: features_of(r, C)[:data.max_len] for i, r in enumerate(data.rows)}
+            for r in data.rows:
+                r.pop("features")
+            return
         if not cache:
             return
-        C = target_model.config.hidden_size
         tokens = sum(min(len(r["input_ids"]), data.max_len) for r in data.rows)
         print(f"caching the target's features for {len(data)} {name} sequences: {tokens} tokens x {C} x 2 bytes "
               f"= {tokens * C * 2 / 1e6:.1f} MB")
@@ -87,16 +95,30 @@ class FeatureSource:
 
 
 class HeadsObjective:
-    """One training step's loss for Medusa or EAGLE heads (and the held-out acceptance of head 1 / EAGLE)."""
+    """One training step's loss for Medusa or EAGLE heads, and their held-out acceptance by draft position.
+
+    EAGLE trains drafts 1..`unroll` (training-time test: draft i+1 reads the head's own prediction from draft i),
+    each with smooth-L1 on the predicted feature plus 0.1 x cross-entropy against the target's next-token
+    distribution, averaged over drafts; `noise` perturbs the true input features (a fraction of their RMS). With
+    `vocab_ids` (the draft vocabulary), logits cover those tokens only, as the engine drafts, and the teacher is
+    renormalised over them.
+    """
 
     def __init__(self, kind: str, heads, target_model, features: FeatureSource, heldout_features=None,
-                 adversary=None):
+                 adversary=None, unroll: int = 1, noise: float = 0.0, vocab_ids: torch.Tensor | None = None):
         self.kind, self.module, self.target = kind, heads, target_model
         self.features, self.heldout_features, self.adversary = features, heldout_features, adversary
         self.lm_head = target_model.lm_head
+        self.unroll, self.noise = (unroll if kind == "eagle" else 1), noise
+        self.vocab_ids = None if vocab_ids is None else vocab_ids.to(target_model.device)
 
-    def _predictions(self, b: Batch, f: torch.Tensor):
-        """(list of (student logits (N, V), teacher logits (N, V), weight), student feats, target feats)."""
+    def _logits(self, h: torch.Tensor, subset: bool = True) -> torch.Tensor:
+        if self.vocab_ids is None or not subset:
+            return self.lm_head(h).float()
+        return F.linear(h, self.lm_head.weight[self.vocab_ids]).float()
+
+    def _predictions(self, b: Batch, f: torch.Tensor, train: bool = False):
+        """(list of (student hidden (N, C), teacher feature (N, C), weight) per draft position, EAGLE feature pairs)."""
         pos = b.positions  # (B, T): position t predicts token t+1
         if self.kind == "medusa":
             hs = self.module(f)  # (n, B, T, C): head i on f_t predicts token t+1+i
@@ -106,58 +128,99 @@ class HeadsObjective:
                 valid = pos.clone()
                 valid[:, -shift:] = False
                 valid[:, :-shift] &= pos[:, shift:]  # the target's distribution at t+i must be a trained position
-                teacher = self.lm_head(f[:, shift:][valid[:, :-shift]]).float()
-                out.append((self.lm_head(hs[i][valid]).float(), teacher, 0.8 ** i))
-            return out, hs[0][pos], f[pos]
-        # EAGLE: slot t reads (f_t, emb(x_{t+1})) and predicts f_{t+1}
+                out.append((hs[i][valid], f[:, shift:][valid[:, :-shift]], 0.8 ** i))
+            return out, []
+        # EAGLE: slot t reads (f_t, emb(x_{t+1})) and predicts f_{t+1}; draft p's slot t reads draft p-1's f_t
         emb = self.target.model.embed_tokens(b.input_ids[:, 1:])
-        pred = self.module(f[:, :-1], emb, attention_mask=b.attention_mask[:, 1:])  # (B, T-1, C)
-        valid = pos[:, 1:]  # f_{t+1} at a trained position
-        f_next = f[:, 1:][valid]
-        return [(self.lm_head(pred[valid]).float(), self.lm_head(f_next).float(), 0.1)], pred[valid], f_next
+        f_in = f[:, :-1]
+        if train and self.noise:
+            rms = f_in.float().pow(2).mean().sqrt()
+            f_in = f_in + (torch.rand_like(f_in) * 2 - 1) * (self.noise * rms).to(f_in.dtype)
+        slot = torch.arange(f_in.shape[1], device=f.device)
+        out, pairs = [], []
+        for p, pred in enumerate(self.module.unrolled(f_in, emb, self.unroll), 1):
+            valid = pos[:, 1:] & (slot >= p - 1)[None]  # f_{t+1} at a trained position, with draft p's context
+            out.append((pred[valid], f[:, 1:][valid], 0.1 / self.unroll))
+            pairs.append((pred[valid], f[:, 1:][valid]))
+        return out, pairs
 
     def loss(self, b: Batch, step: int):
         f = self.features(b)
-        preds, fake_feats, real_feats = self._predictions(b, f)
-        value = sum(w * -(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean() for s, t, w in preds)
-        if self.kind == "eagle":
-            value = value + F.smooth_l1_loss(fake_feats.float(), real_feats.float())
+        preds, pairs = self._predictions(b, f, train=True)
+        logits = [(self._logits(s), self._logits(t), w) for s, t, w in preds]
+        value = sum(w * -(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean() for s, t, w in logits)
+        for fake, real in pairs:
+            value = value + F.smooth_l1_loss(fake.float(), real.float()) / len(pairs)
         if self.adversary is None:
             return value, {}
-        s, t, _ = preds[0]
+        s, t, _ = logits[0]
         real, fake = self.adversary.profiles(torch.log_softmax(t, -1), torch.log_softmax(s, -1))
         adv, extra = self.adversary.step(real, fake, step)
         return value + adv, extra
 
     @torch.no_grad()
     def metrics(self, b: Batch) -> dict:
-        preds, _, _ = self._predictions(b, (self.heldout_features or self.features)(b))
-        s, t, _ = preds[0]
-        teacher = Teacher.from_logits(t)
-        return {"heldout_expected_acceptance": float(expected_acceptance(s, teacher)),
-                "heldout_greedy_agreement": float(greedy_agreement(s, teacher))}
+        """Over the full vocabulary, as the engine drafts (q is zero outside the draft vocabulary); `_pos{p}` is the
+        acceptance of draft p given drafts 1..p-1 were accepted (EAGLE with unroll > 1)."""
+        preds, _ = self._predictions(b, (self.heldout_features or self.features)(b))
+        out = {}
+        for p, (s, t, _) in enumerate(preds[:self.unroll], 1):
+            logits = self._logits(s)
+            if self.vocab_ids is not None:
+                logits = logits.new_full((logits.shape[0], self.lm_head.weight.shape[0]), -1e4).index_copy_(
+                    -1, self.vocab_ids, logits)
+            teacher = Teacher.from_logits(self._logits(t, subset=False))
+            m = {"heldout_expected_acceptance": float(expected_acceptance(logits, teacher)),
+                 "heldout_greedy_agreement": float(greedy_agreement(logits, teacher))}
+            out.update(m if p == 1 else {})
+            if self.unroll > 1:
+                out.update({f"{k}_pos{p}": v for k, v in m.items()})
+        return out
 
 
 def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str | Path, kind: str | None = None,
                 layers: int | None = None, adversarial: bool | None = None, steps: int | None = None,
-                on_log: LogFn | None = None, progress: bool = True) -> Path:
-    """Train Medusa or EAGLE heads on the distillation set; returns out_dir/heads (load with `heads:PATH`)."""
+                on_log: LogFn | None = None, progress: bool = True, init_from: str | Path | None = None,
+                heldout_dir: str | Path | None = None, resume: bool = False) -> Path:
+    """Train Medusa or EAGLE heads on a distillation set; returns out_dir/heads (load with `heads:PATH`).
+
+    Args:
+        data_dir: shards to train on: teacher-forced (features may be stored) or sampled.
+        init_from: heads to continue from (a second stage), keeping their draft vocabulary.
+        heldout_dir: measure held-out acceptance on this set's held-out prompts instead (so stages trained on
+            different data are measured on the same prompts).
+        resume: continue from the last checkpoint in out_dir.
+    """
     kind = kind or cfg.drafter.kind
     if kind not in ("medusa", "eagle"):
         raise KoalaError(f"head kind must be medusa or eagle, got {kind!r}")
-    layers = layers or cfg.drafter.layers
     tcfg = cfg.training.model_copy(update={"adversarial": cfg.training.adversarial if adversarial is None
                                            else adversarial})
     out = Path(out_dir)
-    rows, manifest = load_distillation_rows(data_dir, target)
+    rows, manifest = load_distillation_rows(data_dir, target, features=True)
     train_rows, held = split_heldout(rows, tcfg.heldout_fraction)
+    if heldout_dir is not None and Path(heldout_dir) != Path(data_dir):
+        other, _ = load_distillation_rows(heldout_dir, target, features=True)
+        held = split_heldout(other, tcfg.heldout_fraction)[1]
+        ids = {r["prompt_id"] for r in held}
+        train_rows = [r for r in train_rows if r["prompt_id"] not in ids]
     pad = target.tokenizer.pad_token_id or 0
     data = SequenceData(train_rows, tcfg.max_seq_len, pad)
     heldout = SequenceData(held, tcfg.max_seq_len, pad) if held else None
     for p in target.model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(tcfg.seed)
-    heads = build_heads(kind, target.model, layers, cfg.drafter.n_heads)
+    from koala.distill import draft_vocab_for, write_draft_vocab
+
+    if init_from is not None:
+        heads, prior = load_heads(init_from, target.model)
+        kind, layers = prior["kind"], prior["layers"]
+        heads.train()
+        vocab_ids = load_draft_vocab_ids(init_from)
+    else:
+        layers = layers or cfg.drafter.layers
+        heads = build_heads(kind, target.model, layers, cfg.drafter.n_heads)
+        vocab_ids = draft_vocab_for(cfg, train_rows, target.info.vocab_size)
     adversary = None
     if tcfg.adversarial:
         from koala.adversarial import Adversary
@@ -165,18 +228,28 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
         adversary = Adversary(tcfg, target.model.device)
     h = target.info.content_hash
     feats = FeatureSource(target.model, data, tcfg.cache_features, "train", data_dir, h)
-    held_feats = FeatureSource(target.model, heldout, tcfg.cache_features, "heldout", data_dir, h) if heldout else None
-    objective = HeadsObjective(kind, heads, target.model, feats, held_feats, adversary)
+    held_feats = (FeatureSource(target.model, heldout, tcfg.cache_features, "heldout", heldout_dir or data_dir, h)
+                  if heldout else None)
+    objective = HeadsObjective(kind, heads, target.model, feats, held_feats, adversary, tcfg.unroll,
+                               tcfg.feature_noise, vocab_ids)
     metrics = train(heads, data, tcfg, out, mode=f"heads-{kind}", steps=steps or tcfg.steps, heldout=heldout,
-                    on_log=on_log, progress=progress, objective=objective)
+                    on_log=on_log, progress=progress, objective=objective, resume=resume)
     info = {"koala_version": __version__, "kind": kind, "layers": layers, "n_heads": cfg.drafter.n_heads,
             "adversarial": tcfg.adversarial, "hidden_size": target.model.config.hidden_size,
             "vocab_size": target.model.config.vocab_size,
             "target": {"name": target.info.name, "content_hash": target.info.content_hash},
             "data_manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
+            "data_dir": str(data_dir), "data_source": manifest.get("source", "generated"),
+            "init_from": str(init_from) if init_from else None, "train_rows": len(train_rows),
+            "train_tokens": sum(max(len(r["input_ids"]) - r.get("prompt_len", 1), 0) for r in train_rows),
             "training": tcfg.model_dump(), "metrics": metrics}
     path = save_heads(heads.eval(), out / "heads", info)
-    from koala.distill import draft_vocab_for, write_draft_vocab
-
-    write_draft_vocab(path, draft_vocab_for(cfg, train_rows, target.info.vocab_size))
+    write_draft_vocab(path, vocab_ids)
     return path
+
+
+def load_draft_vocab_ids(directory: str | Path) -> torch.Tensor | None:
+    from koala.spec.drafters import DRAFT_VOCAB
+
+    f = Path(directory) / DRAFT_VOCAB
+    return load_file(f)["ids"].long() if f.exists() else None

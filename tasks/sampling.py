@@ -15,10 +15,10 @@ from tasks.common import session_for
 
 
 @task(name="plan-shards", retries=1, retry_delay_seconds=5)
-def plan_shards(cfg: KoalaConfig, out_dir: str) -> dict:
+def plan_shards(cfg: KoalaConfig, out_dir: str, source: str = "generated") -> dict:
     """Plan (or extend) the shards; returns the plan as plain data (paths and ids, never tensors)."""
     s = session_for(cfg.target)
-    p = build.plan(cfg, s.target, out_dir)
+    p = build.plan(cfg, s.target, out_dir, source)
     log = get_run_logger()
     log.info("%d shards planned, %d to sample", len(p.shards), len(p.todo))
     if p.recovered is not None:
@@ -36,22 +36,29 @@ def shard_cache_key(context, parameters) -> str:
     A shard whose file was since damaged is run with refresh_cache=True by the flow (the plan knows which).
     """
     cfg, out_dir, spec = parameters["cfg"], parameters["out_dir"], parameters["spec"]
-    blob = json.dumps([str(Path(out_dir).resolve()), spec, cfg.target.model_dump(), cfg.sampling.model_dump()],
+    source = parameters.get("source", "generated")
+    settings = cfg.sampling if source == "generated" else cfg.teacher_forced
+    blob = json.dumps([str(Path(out_dir).resolve()), spec, cfg.target.model_dump(), settings.model_dump(), source],
                       sort_keys=True)
     return "sample-shard-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
 @task(name="sample-shard", tags=["gpu"], retries=2, retry_delay_seconds=[5, 30], cache_key_fn=shard_cache_key,
       persist_result=True)
-def sample_shard(cfg: KoalaConfig, out_dir: str, spec: dict, records: dict) -> dict:
-    """Sample one shard (skipped when the manifest already vouches for it); returns its manifest entry."""
+def sample_shard(cfg: KoalaConfig, out_dir: str, spec: dict, records: dict, source: str = "generated") -> dict:
+    """Sample (or teacher-force) one shard, skipped when the manifest already vouches for it; returns its entry."""
     spec_ = shards.ShardSpec(spec["index"], tuple(spec["prompt_ids"]))
     done = (shards.read_manifest(Path(out_dir)) or {}).get("done", {}).get(spec_.file)
     if done and shards.shard_valid(Path(out_dir), done):
         return {**done, "skipped": True}
     s = session_for(cfg.target)
-    recs = {pid: PromptRecord(r["id"], r["source"], r["category"], tuple(r["messages"])) for pid, r in records.items()
-            if pid in set(spec_.prompt_ids)}
-    entry = build.sample_shard(cfg, s.target, s.engine, spec_, recs, out_dir, s.eos_ids)
+    recs = {pid: PromptRecord(r["id"], r["source"], r["category"], tuple(r["messages"]), (), r.get("response"))
+            for pid, r in records.items() if pid in set(spec_.prompt_ids)}
+    if source == "teacher_forced":
+        from koala.data.teacher import teacher_force_shard
+
+        entry = teacher_force_shard(cfg, s.target, spec_, recs, out_dir, progress=False)
+    else:
+        entry = build.sample_shard(cfg, s.target, s.engine, spec_, recs, out_dir, s.eos_ids)
     get_run_logger().info("%s: %d rows, %.1f tokens/s", entry["file"], entry["rows"], entry["tokens_per_s"])
     return entry

@@ -83,23 +83,30 @@ def heads_cache_key(context, p) -> str:
     cfg: KoalaConfig = p["cfg"]
     manifest = shards.read_manifest(Path(p["data_dir"])) or {}
     return "heads-" + _key(cfg.target.model_dump(), cfg.drafter.model_dump(), cfg.training.model_dump(),
-                           manifest.get("done"), str(Path(p["out_dir"]).resolve()))
+                           manifest.get("done"), str(Path(p["out_dir"]).resolve()), p.get("init_from"),
+                           p.get("heldout_dir"))
 
 
 @task(name="train-heads", tags=["gpu"], retries=1, retry_delay_seconds=[10], cache_key_fn=heads_cache_key,
       persist_result=True)
-def train_heads_task(cfg: KoalaConfig, data_dir: str, out_dir: str, parent_run_id: str | None = None) -> dict:
-    """Train KOALA draft heads (Medusa or EAGLE, K layers, adversarial when configured); returns {drafter, run_id}."""
+def train_heads_task(cfg: KoalaConfig, data_dir: str, out_dir: str, parent_run_id: str | None = None,
+                     init_from: str | None = None, heldout_dir: str | None = None) -> dict:
+    """Train KOALA draft heads (Medusa or EAGLE, K layers, adversarial when configured); returns {drafter, run_id}.
+
+    A retry resumes from the last checkpoint; `init_from` continues earlier heads (a second stage on other data).
+    """
     from koala.heads_train import train_heads
 
     s = session_for(cfg.target)
     history: list = []
     uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
     name = f"heads-{cfg.drafter.kind}-K{cfg.drafter.layers}{'-adv' if cfg.training.adversarial else ''}"
+    name += f"-{(shards.read_manifest(Path(data_dir)) or {}).get('source', 'generated')}"
     with Tracker.start(uri, cfg.tracking.experiment, name, parent_run_id=parent_run_id) as tr:
         tr.log_params({"training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump(),
-                       "data_dir": data_dir})
-        path = train_heads(cfg, s.target, data_dir, out_dir, on_log=_logged(tr, history), progress=False)
+                       "data_dir": data_dir, "init_from": init_from})
+        path = train_heads(cfg, s.target, data_dir, out_dir, on_log=_logged(tr, history), progress=False,
+                           init_from=init_from, heldout_dir=heldout_dir, resume=True)
         tr.log_artifact(training_curves(history, Path(out_dir) / "heads_curves.png", name))
         tr.log_artifact(path / "heads.json")
         run_id = tr.run_id

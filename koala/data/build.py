@@ -39,13 +39,27 @@ def target_facts(target: Target) -> dict:
             "chat_template_hash": i.chat_template_hash, "vocab_size": i.vocab_size}
 
 
-def select_prompts(cfg: KoalaConfig, target: Target, skipped: dict, stats: P.ShareGPTStats) -> list[P.PromptRecord]:
-    """The configured prompt source, de-duplicated, length-filtered (prompts that cannot fit are counted)."""
+def _settings(cfg: KoalaConfig, source: str) -> dict:
+    return (cfg.sampling if source == "generated" else cfg.teacher_forced).model_dump()
+
+
+def select_prompts(cfg: KoalaConfig, target: Target, skipped: dict, stats: P.ShareGPTStats,
+                   source: str = "generated") -> list[P.PromptRecord]:
+    """The configured prompt source, de-duplicated, length-filtered (prompts that cannot fit are counted).
+
+    Teacher forcing keeps only conversations that carry an answer, and reads up to teacher_forced.limit of them.
+    """
     pc, sc = cfg.prompts, cfg.sampling
-    room = target.info.max_context - sc.max_new_tokens  # a prompt longer than this cannot fit in the context
-    it = P.iter_source(pc.source, pc.sharegpt_turns, False, pc.prompt_col, pc.category_col, pc.messages_col, stats)
+    forced = source == "teacher_forced"
+    room = target.info.max_context - (0 if forced else sc.max_new_tokens)  # longer prompts cannot fit
+    limit = cfg.teacher_forced.limit if forced else pc.limit
+    it = P.iter_source(pc.source, pc.sharegpt_turns, False, pc.prompt_col, pc.category_col, pc.messages_col, stats,
+                       pc.response_col)
     kept = []
     for r in P.dedupe(it):
+        if forced and r.response is None:
+            skipped["no_answer"] = skipped.get("no_answer", 0) + 1
+            continue
         n = len(encode_chat(target.tokenizer, list(r.messages)))
         reason = ("longer_than_context" if n > room else "too_long" if n > pc.max_prompt_tokens
                   else "too_short" if n < pc.min_prompt_tokens else None)
@@ -53,24 +67,29 @@ def select_prompts(cfg: KoalaConfig, target: Target, skipped: dict, stats: P.Sha
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
         kept.append(r)
-        if pc.limit and len(kept) >= pc.limit:
+        if limit and len(kept) >= limit:
             break
     return kept
 
 
-def plan(cfg: KoalaConfig, target: Target, out_dir: str | Path | None = None) -> Plan:
+def plan(cfg: KoalaConfig, target: Target, out_dir: str | Path | None = None, source: str = "generated") -> Plan:
     """Plan (or extend) the dataset in out_dir; writes the plan into the manifest.
+
+    Args:
+        source: "generated" (sample the target: cfg.sampling) or "teacher_forced" (run it over logged answers:
+            cfg.teacher_forced).
 
     Raises:
         KoalaError: no prompts after filters, or out_dir holds another target's or settings' data.
     """
-    out = Path(out_dir or cfg.sampling.out_dir)
-    facts, sampling = target_facts(target), cfg.sampling.model_dump()
-    h = S.settings_hash(sampling)
+    settings = _settings(cfg, source)
+    out = Path(out_dir or settings["out_dir"])
+    facts = target_facts(target)
+    h = S.settings_hash(settings, source)
     S.check_compatible(S.read_manifest(out) or {}, facts, h, out)
     skipped: dict = {}
     stats = P.ShareGPTStats()
-    records = select_prompts(cfg, target, skipped, stats)
+    records = select_prompts(cfg, target, skipped, stats, source)
     if not records:
         raise KoalaError(f"no prompts left from {cfg.prompts.source!r} after filters ({skipped or 'none read'}): "
                          "relax prompts.max_prompt_tokens / min_prompt_tokens or use another source")
@@ -80,17 +99,20 @@ def plan(cfg: KoalaConfig, target: Target, out_dir: str | Path | None = None) ->
         planned = [S.ShardSpec(s["index"], tuple(s["prompt_ids"])) for s in m.get("plan", [])]
         have = {pid for s in planned for pid in s.prompt_ids}
         new = [r.id for r in records if r.id not in have]
-        size = cfg.sampling.shard_size
+        size = settings["shard_size"]
         start = len(planned)
         planned += [S.ShardSpec(start + i, tuple(new[j:j + size])) for i, j in enumerate(range(0, len(new), size))]
-        m.update({"koala_version": S.__version__, "target": facts, "sampling": sampling, "settings_hash": h,
+        m.update({"koala_version": S.__version__, "target": facts, "source": source, "sampling": settings,
+                  "settings_hash": h,
                   "plan": [{"file": s.file, "index": s.index, "prompt_ids": list(s.prompt_ids)} for s in planned],
                   "skipped": skipped})
         done = dict(m.get("done", {}))
     todo = [s for s in planned if s.file not in done or not S.shard_valid(out, done[s.file])]
     missing = [pid for s in todo for pid in s.prompt_ids if pid not in by_id]
     if missing:
-        extra = P.dedupe(P.iter_source(cfg.prompts.source, cfg.prompts.sharegpt_turns))
+        pc = cfg.prompts
+        extra = P.dedupe(P.iter_source(pc.source, pc.sharegpt_turns, False, pc.prompt_col, pc.category_col,
+                                       pc.messages_col, None, pc.response_col))
         by_id.update({r.id: r for r in extra if r.id in set(missing)})
     lost = [pid for s in todo for pid in s.prompt_ids if pid not in by_id]
     if lost:
@@ -123,7 +145,8 @@ def sample_shard(cfg: KoalaConfig, target: Target, engine, spec: S.ShardSpec, re
         for i, s in zip(batch, samples):
             r, k, seed, ids = jobs[i]
             rows[i] = {
-                "sample_id": S.sample_id(r.id, k, seed, h), "prompt_id": r.id, "source": r.source,
+                "sample_id": S.sample_id(r.id, k, seed, h), "prompt_id": r.id, "source": "generated",
+                "prompt_source": r.source,
                 "category": r.category, "messages": json.dumps(list(r.messages), ensure_ascii=False),
                 "response_text": tok.decode(s.response_ids, skip_special_tokens=True),
                 "input_ids": ids + s.response_ids, "prompt_len": len(ids), "response_len": len(s.response_ids),
@@ -141,9 +164,15 @@ def sample_shard(cfg: KoalaConfig, target: Target, engine, spec: S.ShardSpec, re
     return {**entry, "wall_s": wall, "new_tokens": new_tokens, "tokens_per_s": new_tokens / wall}
 
 
-def build(cfg: KoalaConfig, session, out_dir: str | Path | None = None, progress: bool = True) -> Plan:
-    """Plan and sample every missing shard in this process, without Prefect (GPU hosts, scripts, tests)."""
-    p = plan(cfg, session.target, out_dir)
+def build(cfg: KoalaConfig, session, out_dir: str | Path | None = None, progress: bool = True,
+          source: str = "generated") -> Plan:
+    """Plan and sample (or teacher-force) every missing shard in this process, without Prefect (GPU hosts, tests)."""
+    from koala.data.teacher import teacher_force_shard
+
+    p = plan(cfg, session.target, out_dir, source)
     for spec in p.todo:
-        sample_shard(cfg, session.target, session.engine, spec, p.records, p.out_dir, session.eos_ids, progress)
+        if source == "teacher_forced":
+            teacher_force_shard(cfg, session.target, spec, p.records, p.out_dir, progress)
+        else:
+            sample_shard(cfg, session.target, session.engine, spec, p.records, p.out_dir, session.eos_ids, progress)
     return p

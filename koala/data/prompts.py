@@ -27,10 +27,11 @@ class PromptRecord:
     category: str
     messages: tuple[dict, ...]  # the chat up to and including the last user message
     followups: tuple[str, ...] = ()  # later user turns, asked after the model answers (MT-bench turn 2)
+    response: str | None = None  # the log's own answer to the last user message, if it has one (teacher forcing)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "source": self.source, "category": self.category, "messages": list(self.messages),
-                "followups": list(self.followups)}
+                "followups": list(self.followups), "response": self.response}
 
 
 def prompt_id(messages: Iterable[dict]) -> str:
@@ -39,8 +40,10 @@ def prompt_id(messages: Iterable[dict]) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
-def make_record(source: str, category: str, messages: list[dict], followups=()) -> PromptRecord:
-    return PromptRecord(prompt_id(messages), source, category, tuple(messages), tuple(followups))
+def make_record(source: str, category: str, messages: list[dict], followups=(), response: str | None = None
+                ) -> PromptRecord:
+    return PromptRecord(prompt_id(messages), source, category, tuple(messages), tuple(followups),
+                        response if response and response.strip() else None)
 
 
 @dataclass
@@ -88,7 +91,8 @@ def sharegpt(path: str | Path | None = None, turns: int = 1, stats: ShareGPTStat
             stats.skipped += 1
             continue
         cut = human_idx[min(turns, len(human_idx)) - 1]
-        yield make_record("sharegpt", "sharegpt", msgs[:cut + 1])
+        answer = msgs[cut + 1]["content"] if cut + 1 < len(msgs) and msgs[cut + 1]["role"] == "assistant" else None
+        yield make_record("sharegpt", "sharegpt", msgs[:cut + 1], response=answer)
 
 
 def mtbench(path: str | Path | None = None, both_turns: bool = False) -> Iterator[PromptRecord]:
@@ -113,11 +117,12 @@ def humaneval(path: str | Path | None = None) -> Iterator[PromptRecord]:
 
 
 def from_file(path: str | Path, prompt_col: str = "prompt", category_col: str | None = "category",
-              messages_col: str | None = None) -> Iterator[PromptRecord]:
+              messages_col: str | None = None, response_col: str = "response") -> Iterator[PromptRecord]:
     """Prompts from a JSONL, Parquet or CSV file, with a column mapping.
 
     A row gives either a chat (`messages_col`, a list of {role, content} or its JSON) or a single user prompt
-    (`prompt_col`); `category_col` is optional.
+    (`prompt_col`); `category_col` is optional. A logged answer (for teacher forcing) comes from `response_col`, or
+    is the chat's last message when that is the assistant's.
     """
     file = Path(path)
     rows = _read_rows(file)
@@ -137,8 +142,11 @@ def from_file(path: str | Path, prompt_col: str = "prompt", category_col: str | 
             if not str(r.get(prompt_col) or "").strip():
                 continue
             msgs = [{"role": "user", "content": str(r[prompt_col])}]
+        answer = r.get(response_col)
+        if messages_col and len(msgs) > 1 and msgs[-1]["role"] == "assistant":
+            answer, msgs = msgs[-1]["content"], msgs[:-1]
         cat = str(r.get(category_col) or "general") if category_col else "general"
-        yield make_record(file.stem, cat, msgs)
+        yield make_record(file.stem, cat, msgs, response=str(answer) if answer is not None else None)
 
 
 def from_hf(name: str, split: str = "train", prompt_col: str = "prompt", category_col: str | None = None):
@@ -215,7 +223,7 @@ def filter_by_length(records: Iterable[PromptRecord], tokenizer, min_tokens: int
 
 def iter_source(source: str, sharegpt_turns: int = 1, both_turns: bool = False, prompt_col: str = "prompt",
                 category_col: str | None = "category", messages_col: str | None = None,
-                stats: ShareGPTStats | None = None) -> Iterator[PromptRecord]:
+                stats: ShareGPTStats | None = None, response_col: str = "response") -> Iterator[PromptRecord]:
     """Records from a named source (sharegpt, mtbench, humaneval, hf:NAME), a file, or a directory of prompt logs."""
     if source == "sharegpt":
         it = sharegpt(turns=sharegpt_turns, stats=stats)
@@ -229,9 +237,9 @@ def iter_source(source: str, sharegpt_turns: int = 1, both_turns: bool = False, 
         p = Path(source)
         if p.is_dir():
             files = sorted(f for ext in ("*.jsonl", "*.parquet", "*.csv") for f in p.glob(ext))
-            it = (r for f in files for r in from_file(f, prompt_col, category_col, messages_col))
+            it = (r for f in files for r in from_file(f, prompt_col, category_col, messages_col, response_col))
         else:
-            it = from_file(p, prompt_col, category_col, messages_col)
+            it = from_file(p, prompt_col, category_col, messages_col, response_col)
     else:
         raise KoalaError(f"unknown prompt source {source!r}: use sharegpt, mtbench, humaneval, hf:NAME or a file path")
     return it

@@ -27,10 +27,13 @@ from koala.io import atomic_path, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
 
+SOURCES = ("generated", "teacher_forced")  # the target's own answers, or the target run over a log's answers
+
 SCHEMA = pa.schema([
     ("sample_id", pa.string()),
     ("prompt_id", pa.string()),
-    ("source", pa.string()),
+    ("source", pa.string()),  # one of SOURCES
+    ("prompt_source", pa.string()),  # where the prompt came from: sharegpt, a file's name ...
     ("category", pa.string()),
     ("messages", pa.string()),  # JSON list of {role, content}
     ("response_text", pa.string()),
@@ -46,10 +49,12 @@ TOPK_FIELDS = [
     ("topk_ids", pa.list_(pa.list_(pa.int32()))),  # (response_len, k)
     ("topk_logprobs", pa.list_(pa.list_(pa.float16()))),  # (response_len, k), temperature-1 teacher
 ]
+FEATURES_FIELD = ("features", pa.binary())  # float16 (len(input_ids), hidden) row-major: what the LM head reads
 
 
-def schema(topk: bool) -> pa.Schema:
-    return pa.schema(list(SCHEMA) + [pa.field(n, t) for n, t in TOPK_FIELDS]) if topk else SCHEMA
+def schema(topk: bool, features: bool = False) -> pa.Schema:
+    fields = list(SCHEMA) + ([pa.field(n, t) for n, t in TOPK_FIELDS] if topk else [])
+    return pa.schema(fields + ([pa.field(*FEATURES_FIELD)] if features else []))
 
 
 @dataclass(frozen=True)
@@ -77,10 +82,16 @@ def sample_seed(base_seed: int, prompt_id: str, sample_index: int) -> int:
     return int(hashlib.sha256(f"{base_seed}|{prompt_id}|{sample_index}".encode()).hexdigest()[:8], 16)
 
 
-def settings_hash(sampling: dict) -> str:
+SETTINGS = {"generated": ("samples_per_prompt", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
+                           "topk_logprobs"),
+            "teacher_forced": ("max_seq_len", "topk_logprobs", "features")}
+
+
+def settings_hash(settings: dict, source: str = "generated") -> str:
     """Hash of the settings that change what a sample is (not batch size or shard size)."""
-    keep = {k: sampling[k] for k in ("samples_per_prompt", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
-                                     "topk_logprobs")}
+    keep = {k: settings[k] for k in SETTINGS[source]}
+    if source != "generated":
+        keep["source"] = source
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -130,13 +141,14 @@ def shard_valid(out_dir: Path, entry: dict) -> bool:
 
 # --- writing and reading -----------------------------------------------------------------------------------------
 
-def write_shard(out_dir: Path, spec: ShardSpec, rows: list[dict], metadata: dict, topk: bool) -> dict:
+def write_shard(out_dir: Path, spec: ShardSpec, rows: list[dict], metadata: dict, topk: bool,
+                features: bool = False) -> dict:
     """Write one shard atomically and record it in the manifest; returns its manifest entry.
 
     Raises:
         KoalaError: the disk is full or unwritable (the partial file is removed, the manifest untouched).
     """
-    table = pa.Table.from_pylist(rows, schema=schema(topk)).replace_schema_metadata(
+    table = pa.Table.from_pylist(rows, schema=schema(topk, features)).replace_schema_metadata(
         {k: json.dumps(v) for k, v in metadata.items()})
     final = out_dir / spec.file
     try:
@@ -152,8 +164,27 @@ def write_shard(out_dir: Path, spec: ShardSpec, rows: list[dict], metadata: dict
     return entry
 
 
-def load(path: str | Path, as_dataset: bool = False):
+def _current(t: pa.Table) -> pa.Table:
+    """A shard written before `source` meant generated | teacher_forced (it then named the prompt's origin)."""
+    if "prompt_source" in t.column_names or "source" not in t.column_names:
+        return t
+    i = t.column_names.index("source")
+    t = t.rename_columns([*t.column_names[:i], "prompt_source", *t.column_names[i + 1:]])
+    return t.add_column(i, "source", pa.array(["generated"] * t.num_rows, pa.string()))
+
+
+def _read(file: Path, columns: list[str] | None) -> pa.Table:
+    if columns is None:
+        return _current(pq.read_table(file))
+    have = set(pq.read_schema(file).names)
+    t = _current(pq.read_table(file, columns=[c for c in {*columns, "source", "prompt_source"} if c in have]))
+    return t.select([c for c in columns if c in t.column_names])
+
+
+def load(path: str | Path, as_dataset: bool = False, columns: list[str] | None = None):
     """The dataset's rows as a pyarrow Table (or a `datasets.Dataset`), after checking every shard's checksum.
+
+    `columns` reads only those (features are large: leave them out unless a trainer needs them).
 
     Raises:
         KoalaError: no manifest, a shard missing or corrupt, or no rows.
@@ -168,7 +199,7 @@ def load(path: str | Path, as_dataset: bool = False):
     if bad:
         raise KoalaError(f"{out_dir}: {len(bad)} of {len(planned)} shards are missing or corrupt (first: {bad[0]}): "
                          f"run `koala sample` again with the same config to finish them")
-    tables = [pq.read_table(out_dir / f) for f in planned]
+    tables = [_read(out_dir / f, columns) for f in planned]
     if not tables or sum(t.num_rows for t in tables) == 0:
         raise KoalaError(f"{out_dir} holds no samples: build it with `koala sample`")
     table = pa.concat_tables(tables, promote_options="default")

@@ -75,6 +75,66 @@ class EagleHead(nn.Module):
         x = self.fuse(feats, next_embeds)
         return self.decoder(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state
 
+    def unrolled(self, feats: torch.Tensor, next_embeds: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """Training-time test (EAGLE-3): the predictions of drafts 1..steps at every slot, each (B, T, C).
+
+        Slot j of draft 1 reads (f_j, emb x_{j+1}) and predicts f_{j+1}, as `forward`. Slot j of draft p > 1 reads
+        (draft p-1's prediction at slot j-1, emb x_{j+1}) and attends to what drafting's p-th step sees: draft 1's
+        slots up to j-p+1 (true features) and draft q's slot j-p+q for q = 2..p (the head's own predictions).
+        Draft p's slots j < p-1 have no such context and must be left out of the loss. Rows are right-padded:
+        padding is never attended by a slot before it.
+        """
+        dec = self.decoder
+        T = feats.shape[1]
+        pos = torch.arange(T, device=feats.device)
+        cos, sin = dec.rotary_emb(feats, pos[None])
+        past: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in dec.layers]  # per layer: (K, V) per draft
+        outs, prev = [], feats
+        for p in range(1, steps + 1):
+            x = self.fuse(prev if p == 1 else _shift(prev, 1), next_embeds)
+            for layer, kv in zip(dec.layers, past):
+                x = x + _unrolled_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, kv, pos)
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+            prev = dec.norm(x)
+            outs.append(prev)
+        return outs
+
+
+def _shift(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x[:, j - k] at slot j (zeros for j < k), along dim 2 for (B, H, T, D) or dim 1 for (B, T, C)."""
+    if k == 0:
+        return x
+    d = 2 if x.dim() == 4 else 1
+    pad = torch.zeros_like(x.narrow(d, 0, k))
+    return torch.cat([pad, x.narrow(d, 0, x.shape[d] - k)], dim=d)
+
+
+def _unrolled_attention(attn, h: torch.Tensor, cos, sin, past: list, pos: torch.Tensor) -> torch.Tensor:
+    """One attention of draft p = len(past) + 1 under the training-time-test mask; appends its own (K, V) to past."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    B, T, _ = h.shape
+    shape = (B, T, -1, attn.head_dim)
+    q = attn.q_proj(h).view(shape).transpose(1, 2)
+    k = attn.k_proj(h).view(shape).transpose(1, 2)
+    v = attn.v_proj(h).view(shape).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    g = attn.num_key_value_groups
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    past.append((k, v))
+    p = len(past)
+    k1, v1 = past[0]
+    s1 = (q @ k1.transpose(-1, -2)) * attn.scaling  # (B, H, T, T): draft 1's slots i <= j - p + 1
+    s1 = s1.masked_fill(pos[None, :] > pos[:, None] - (p - 1), float("-inf"))
+    diag_k = [_shift(past[j - 1][0], p - j) for j in range(2, p + 1)]  # draft j's slot at i - p + j
+    diag_v = [_shift(past[j - 1][1], p - j) for j in range(2, p + 1)]
+    sd = [(q * kk).sum(-1, keepdim=True) * attn.scaling for kk in diag_k]  # (B, H, T, 1) each
+    a = torch.softmax(torch.cat([s1, *sd], dim=-1).float(), dim=-1).to(q.dtype)
+    out = a[..., :T] @ v1
+    for i, vv in enumerate(diag_v):
+        out = out + a[..., T + i:T + i + 1] * vv
+    return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
 
 def build_heads(kind: str, target_model, layers: int, n_heads: int = 4) -> nn.Module:
     C = target_model.config.hidden_size

@@ -149,8 +149,14 @@ def stored_acceptance(drafter) -> tuple[list[float] | None, str]:
         except (OSError, ValueError):
             continue
         a = metrics.get("heldout_greedy_agreement", metrics.get("heldout_expected_acceptance"))
-        if a is not None:
-            return [float(a)] * GAMMA_MAX, f"held-out agreement {float(a):.2f} from {path / f}"
+        if a is None:
+            continue
+        by_pos = [float(a)]  # heads trained as they draft store the acceptance of each later draft too
+        while f"heldout_greedy_agreement_pos{len(by_pos) + 1}" in metrics:
+            by_pos.append(float(metrics[f"heldout_greedy_agreement_pos{len(by_pos) + 1}"]))
+        by_pos += [by_pos[-1]] * (GAMMA_MAX - len(by_pos))
+        return by_pos[:GAMMA_MAX], (f"held-out agreement {', '.join(f'{x:.2f}' for x in by_pos[:3])}... by position "
+                                    f"from {path / f}")
     return None, "no stored acceptance"
 
 

@@ -31,7 +31,7 @@ def tiny_config(tmp: Path, target_dir: Path, **extra) -> Path:
     }
     for k, v in extra.items():
         section, field = k.split("__")
-        cfg[section][field] = v
+        cfg.setdefault(section, {})[field] = v
     path = tmp / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -109,6 +109,37 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
     shutil.rmtree(s["drafter"])
     s3 = koala_pipeline(config_path=str(cfg_path))
     assert s3["drafter"] == s["drafter"] and (Path(s3["drafter"]) / "koala.json").exists()
+
+
+@pytest.mark.slow
+def test_two_stage_recipe_teacher_forced_then_sampled(tmp_path, tiny_target_dir):  # noqa: F811
+    """The default profile's recipe, tiny: teacher-forced shards with features, an EAGLE head trained as it drafts,
+    fine-tuned on the sampled answers; a second evaluation without prompt lookup and one on another benchmark."""
+    from flows.pipeline import koala_pipeline
+    from koala.data import shards
+    from tests.koala.data.test_teacher import write_chats
+
+    write_chats(tmp_path / "chats.jsonl", 6)
+    cfg_path = tiny_config(
+        tmp_path, tiny_target_dir,
+        prompts__source=str(tmp_path / "chats.jsonl"),
+        teacher_forced__limit=6, teacher_forced__out_dir=str(tmp_path / "run" / "teacher"),
+        teacher_forced__shard_size=3, teacher_forced__features=True, teacher_forced__topk_logprobs=4,
+        drafter__kind="eagle", training__finetune_steps=2, training__unroll=2, training__feature_noise=0.1,
+        eval__alone=True, eval__lookup=True, eval__also=[str(tmp_path / "bench.jsonl") + ":1"])
+    s = koala_pipeline(config_path=str(cfg_path))
+    assert [st["steps"] for st in s["stages"]] == [3, 2]
+    assert s["stages"][0]["data"].endswith("teacher") and s["stages"][1]["data"].endswith("data")
+    assert "heldout_greedy_agreement_pos2" in s["stages"][0]
+    assert s["drafter"].startswith("heads:") and s["lossless"] == "2/2"
+    assert set(s["more"]) == {"alone", "bench-1"}
+    assert s["more"]["alone"]["lookup"] is False and s["more"]["alone"]["lossless"] == "2/2"
+    rows = shards.load(tmp_path / "run" / "teacher", columns=["source"]).to_pylist()
+    assert len(rows) == 6 and {r["source"] for r in rows} == {"teacher_forced"}
+    import json
+
+    info = json.loads((Path(s["drafter"].removeprefix("heads:")) / "heads.json").read_text())
+    assert info["init_from"] and info["data_source"] == "generated"
 
 
 def test_unknown_loss_or_kind_in_a_profile_fails_early(tmp_path):

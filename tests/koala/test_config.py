@@ -41,3 +41,16 @@ def test_unknown_profile_and_bad_yaml(tmp_path):
     p.write_text("training: [unclosed\n")
     with pytest.raises(KoalaError, match="not valid YAML"):
         load_config(path=p)
+
+
+def test_more_evaluations_and_teacher_forcing_validate():
+    from koala.config import load_config
+
+    cfg = load_config("default")
+    assert cfg.teacher_forced.limit > 0 and cfg.training.finetune_steps > 0 and cfg.eval.also == ["humaneval:40"]
+    with pytest.raises(KoalaError, match="field eval.also.*BENCH:LIMIT"):
+        load_config("smoke", overrides=["eval.also=[humaneval:forty]"])
+    with pytest.raises(KoalaError, match="field training.unroll"):
+        load_config("smoke", overrides=["training.unroll=0"])
+    with pytest.raises(KoalaError, match="field teacher_forced.limit"):
+        load_config("smoke", overrides=["teacher_forced.limit=-1"])

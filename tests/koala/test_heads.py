@@ -107,3 +107,85 @@ def test_head_drafters_are_lossless_in_the_engine(tmp_path, target, kind, gamma)
     # behind prompt lookup the heads skip rounds, then catch up on the features they missed
     from koala.spec.drafters import LookupFirstDrafter
     assert generate(engine, prompt, 40, drafter=LookupFirstDrafter(drafter), gamma=gamma).tokens == ref
+
+
+def test_unrolled_drafts_see_what_drafting_sees(target):
+    """Draft 1 of the training-time test is the plain forward; draft p at slot j equals a causal forward over the
+    slots drafting's p-th step has: true inputs up to j-p+1, then the head's own predictions."""
+    torch.manual_seed(0)
+    head = EagleHead(target.config, 2).eval()
+    f, e = torch.randn(2, 10, 32), torch.randn(2, 10, 32)
+    with torch.no_grad():
+        d1, d2, d3 = head.unrolled(f, e, 3)
+        assert torch.allclose(d1, head(f, e), atol=1e-5)
+        j = 6
+        x = torch.cat([head.fuse(f[:, :j], e[:, :j]), head.fuse(d1[:, j - 1:j], e[:, j:j + 1])], 1)
+        assert torch.allclose(head.decoder(inputs_embeds=x).last_hidden_state[:, -1], d2[:, j], atol=1e-5)
+        x = torch.cat([head.fuse(f[:, :j - 1], e[:, :j - 1]), head.fuse(d1[:, j - 2:j - 1], e[:, j - 1:j]),
+                       head.fuse(d2[:, j - 1:j], e[:, j:j + 1])], 1)
+        assert torch.allclose(head.decoder(inputs_embeds=x).last_hidden_state[:, -1], d3[:, j], atol=1e-5)
+
+
+def _greedy_rows(engine, n: int, seed: int, length: int = 24) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        prompt = torch.randint(2, V, (4,), generator=g).tolist()
+        rows.append({"prompt_id": f"{seed}-{i}", "prompt_len": 4,
+                     "input_ids": prompt + generate(engine, prompt, length).tokens})
+    return rows
+
+
+def _acceptance_by_position(engine, drafter, rows, gamma: int) -> list[float]:
+    reached, accepted = [0] * gamma, [0] * gamma
+    for r in rows:
+        prompt = r["input_ids"][:4]
+        res = generate(engine, prompt, 24, drafter=drafter, gamma=gamma)
+        assert res.tokens == r["input_ids"][4:]  # lossless
+        for m, k in res.rounds:
+            for i in range(min(m, k + 1)):  # draft i+1 was judged when drafts 1..i were accepted
+                reached[i] += 1
+                accepted[i] += i < k
+    return [a / max(n, 1) for a, n in zip(accepted, reached)]
+
+
+def _rule_following_target() -> torch.nn.Module:
+    """A tiny Llama trained in a second to continue x -> (5x + 3) mod V: a target whose greedy output can be learnt."""
+    target = tiny_llama(layers=2, vocab=V, hidden=32, seed=0, init_std=0.02).train()
+    opt = torch.optim.Adam(target.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        x = [torch.randint(2, V, (32,), generator=g)]
+        for _ in range(24):
+            x.append((x[-1] * 5 + 3) % V)
+        x = torch.stack(x, 1)
+        loss = torch.nn.functional.cross_entropy(target(input_ids=x[:, :-1]).logits.reshape(-1, V), x[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target.eval()
+
+
+def test_a_head_trained_on_its_own_features_reproduces_the_target(tmp_path):
+    """EAGLE trained as it drafts (drafts 1-3 unrolled, noisy input features) drafts the target's greedy output in
+    the engine: every draft position accepted, gamma + 1 tokens per target forward, output unchanged."""
+    from koala.train import train
+
+    target = _rule_following_target()
+    engine = Transformer(target)
+    data = SequenceData(_greedy_rows(engine, 48, seed=1), 64, 0)
+    held = _greedy_rows(engine, 8, seed=2)
+    torch.manual_seed(0)
+    head = build_heads("eagle", target, layers=1)
+    cfg = TrainingConfig(steps=120, batch_size=8, lr=3e-3, warmup_steps=10, unroll=3, feature_noise=0.1,
+                         checkpoint_every=1000, eval_every=1000)
+    obj = HeadsObjective("eagle", head, target, FeatureSource(target, data, cache=True), unroll=3, noise=0.1)
+    train(head, data, cfg, tmp_path / "run", mode="heads-eagle", objective=obj, progress=False)
+    save_heads(head.eval(), tmp_path / "h", {"kind": "eagle", "layers": 1, "hidden_size": 32, "vocab_size": V})
+    drafter = load_heads_drafter(str(tmp_path / "h"), engine)
+    by_pos = _acceptance_by_position(engine, drafter, held, gamma=3)  # asserts the output is the target's
+    assert min(by_pos) >= 0.95, by_pos
+    res = generate(engine, held[0]["input_ids"][:4], 24, drafter=drafter, gamma=3)
+    assert res.target_forwards == 1 + 24 // 4  # the prefill, then every round accepts all 3 drafts plus the bonus

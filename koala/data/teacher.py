@@ -1,0 +1,117 @@
+"""Teacher-forced shards: the target run once over conversations that already have answers (ShareGPT's own assistant
+turns, any log with responses), storing its top-k log-probabilities, and optionally its features, at every answer
+position.
+
+A forward over given text generates nothing, so it yields many times the tokens per CPU-hour of sampling
+(`bench/sampling.py` measures both). Rows share the sampled shards' schema with `source = "teacher_forced"`; shards
+are planned, written and resumed exactly like sampled ones (`koala.data.build.plan(..., source="teacher_forced")`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from koala.config import KoalaConfig
+from koala.data import prompts as P
+from koala.data import shards as S
+from koala.targets import Target, encode_chat
+
+
+@dataclass
+class Forced:
+    """One conversation as the target reads it: prompt then the logged answer, and what the target made of it."""
+
+    input_ids: list[int]
+    prompt_len: int
+    topk_ids: np.ndarray  # (response_len, k) int32: the target's top-k for each answer token
+    topk_logprobs: np.ndarray  # (response_len, k) float16, temperature 1
+    features: np.ndarray | None  # (len(input_ids), C) float16, or None
+
+
+def tokenize(tokenizer, record: P.PromptRecord, max_seq_len: int) -> tuple[list[int], int] | None:
+    """(prompt + answer ids, prompt length), the answer closed by the template's end of turn; None when the
+    template does not render the prompt as a prefix of the whole chat, or no answer token fits."""
+    prompt = encode_chat(tokenizer, list(record.messages))
+    full = encode_chat(tokenizer, [*record.messages, {"role": "assistant", "content": record.response}],
+                       add_generation_prompt=False)
+    if full[:len(prompt)] != prompt or len(prompt) >= min(len(full), max_seq_len):
+        return None
+    return full[:max_seq_len], len(prompt)
+
+
+@torch.no_grad()
+def force_batch(model, seqs: list[tuple[list[int], int]], topk: int, features: bool, pad_id: int = 0
+                ) -> list[Forced]:
+    """One right-padded forward of the Hugging Face target over several conversations."""
+    dev = model.device
+    T = max(len(ids) for ids, _ in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=dev)
+    att = torch.zeros(len(seqs), T, dtype=torch.long, device=dev)
+    for b, (s, _) in enumerate(seqs):
+        ids[b, :len(s)], att[b, :len(s)] = torch.tensor(s, device=dev), 1
+    h = model.model(input_ids=ids, attention_mask=att).last_hidden_state  # (B, T, C)
+    out = []
+    for b, (s, p) in enumerate(seqs):
+        # position t predicts token t+1: the answer's tokens p..len-1 are predicted at p-1..len-2
+        lp = torch.log_softmax(model.lm_head(h[b, p - 1:len(s) - 1]).float(), -1).topk(topk, dim=-1)
+        out.append(Forced(s, p, lp.indices.int().cpu().numpy(), lp.values.half().cpu().numpy(),
+                          h[b, :len(s)].half().cpu().numpy() if features else None))
+    return out
+
+
+def teacher_force_shard(cfg: KoalaConfig, target: Target, spec: S.ShardSpec, records: dict[str, P.PromptRecord],
+                        out_dir: str | Path, progress: bool = True) -> dict:
+    """Teacher-force every conversation of one shard and write it; returns its manifest entry with tokens/s."""
+    from koala.data.build import target_facts
+
+    tc = cfg.teacher_forced
+    h = S.settings_hash(tc.model_dump(), "teacher_forced")
+    tok = target.tokenizer
+    jobs = []  # (record, ids, prompt_len); conversations the template cannot split are left out
+    for pid in spec.prompt_ids:
+        seq = tokenize(tok, records[pid], tc.max_seq_len)
+        if seq is not None:
+            jobs.append((records[pid], *seq))
+    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i][1]))  # similar lengths together: less padding
+    rows: dict[int, dict] = {}
+    t0, tokens = time.perf_counter(), 0
+    bar = tqdm(total=len(jobs), desc=spec.file, unit="conv", disable=not progress, leave=False)
+    for batch in (order[i:i + tc.batch_size] for i in range(0, len(order), tc.batch_size)):
+        forced = force_batch(target.model, [(jobs[i][1], jobs[i][2]) for i in batch], tc.topk_logprobs, tc.features,
+                             tok.pad_token_id or 0)
+        for i, f in zip(batch, forced):
+            r = jobs[i][0]
+            n = len(f.input_ids) - f.prompt_len
+            rows[i] = {
+                "sample_id": S.sample_id(r.id, 0, 0, h), "prompt_id": r.id, "source": "teacher_forced",
+                "prompt_source": r.source, "category": r.category,
+                "messages": json.dumps(list(r.messages), ensure_ascii=False),
+                "response_text": tok.decode(f.input_ids[f.prompt_len:], skip_special_tokens=True),
+                "input_ids": f.input_ids, "prompt_len": f.prompt_len, "response_len": n,
+                "finish_reason": "log" if n < tc.max_seq_len - f.prompt_len else "length",
+                "temperature": None, "top_p": None, "seed": None,
+                "topk_ids": f.topk_ids.tolist(), "topk_logprobs": f.topk_logprobs.astype(np.float32).tolist(),
+            }
+            if tc.features:
+                rows[i]["features"] = f.features.tobytes()
+            tokens += n
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    meta = S.shard_metadata(target_facts(target), tc.model_dump())
+    entry = S.write_shard(Path(out_dir), spec, [rows[i] for i in range(len(jobs))], meta, topk=True,
+                          features=tc.features)
+    wall = time.perf_counter() - t0
+    return {**entry, "wall_s": wall, "new_tokens": tokens, "tokens_per_s": tokens / wall}
+
+
+def features_of(row: dict, hidden: int) -> torch.Tensor:
+    """A row's stored features as a (len(input_ids), hidden) float16 tensor."""
+    return torch.from_numpy(np.frombuffer(row["features"], dtype=np.float16).reshape(-1, hidden).copy())
