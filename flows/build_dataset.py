@@ -30,14 +30,14 @@ def build_distillation_dataset(
         profile: configs/NAME.yaml (smoke, default, gpu), unless config_path is given.
         config_path: a YAML config file.
         out_dir: where the shards go (default: sampling.out_dir of the config).
-        n_prompts: use at most this many prompts.
+        n_prompts: use at most this many prompts (teacher_forced: conversations).
         max_new_tokens: longest response.
         overrides: more `section.field=value` settings.
         source: generated (sample the target) or teacher_forced (run it over the logs' own answers:
             the teacher_forced section of the config).
     """
     extra = list(overrides or [])
-    extra += [f"prompts.limit={n_prompts}"] if n_prompts else []
+    extra += [f"{'prompts' if source == 'generated' else 'teacher_forced'}.limit={n_prompts}"] if n_prompts else []
     extra += [f"sampling.max_new_tokens={max_new_tokens}"] if max_new_tokens else []
     cfg = resolve_config(profile, config_path, extra)
     if source not in shards.SOURCES:

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.build_dataset import build_distillation_dataset
+from koala.config import parse_bench
 from koala.tracking import Tracker, check_reachable, resolve_uri
 from tasks.common import resolve_config
 from tasks.evaluation import evaluate_drafter, promote_drafter, register_drafter
@@ -131,9 +132,10 @@ def _more_evaluations(cfg, drafter: str, out: Path, pid: str) -> dict:
     if cfg.eval.alone and cfg.eval.lookup:
         runs["alone"] = cfg.eval.model_copy(update={"lookup": False})
     for spec in cfg.eval.also:
-        bench, _, limit = spec.partition(":")
-        runs[Path(bench).stem + (f"-{limit}" if limit else "")] = cfg.eval.model_copy(update={"bench": bench, "limit": int(limit) if limit
-                                                                   else None})
+        bench, limit = parse_bench(spec)
+        name = Path(bench.removeprefix("hf:")).stem + (f"-{limit}" if limit else "")
+        runs[name if name not in runs else f"{name}-{len(runs)}"] = cfg.eval.model_copy(
+            update={"bench": bench, "limit": limit})
     results = {}
     for name, ev in runs.items():
         r = evaluate_drafter(cfg.model_copy(update={"eval": ev}), drafter, str(out / f"candidate-{name}"), pid,

@@ -205,7 +205,7 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
         if source not in SOURCES:
             raise KoalaError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
         if source == "teacher_forced" and n_prompts:  # how many conversations to teacher-force
-            set_, n_prompts = [*(set_ or []), f"teacher_forced.limit={n_prompts}"], None
+            set_ = [*(set_ or []), f"teacher_forced.limit={n_prompts}"]
         cfg = load_config(None if config else profile, config, set_ or [])  # fail fast on a bad config
         if source == "teacher_forced" and cfg.teacher_forced.limit == 0:
             raise KoalaError("teacher_forced.limit is 0 in this profile: say how many conversations with "

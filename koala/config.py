@@ -140,8 +140,9 @@ class EvalConfig(_Strict):
     @classmethod
     def _also(cls, v: list[str]) -> list[str]:
         for spec in v:
-            bench, sep, limit = spec.partition(":")
-            if not bench or (sep and not (limit.isdigit() and int(limit) > 0)):
+            bench, limit = parse_bench(spec)
+            named = bench in ("mtbench", "humaneval") or bench.startswith("hf:") or "/" in bench or "." in bench
+            if not named or limit == 0:
                 raise ValueError(f"{spec!r} is not BENCH or BENCH:LIMIT (e.g. humaneval:40)")
         return v
 
@@ -157,6 +158,12 @@ class EvalConfig(_Strict):
         except KoalaError:
             raise ValueError("gamma must be a positive integer or auto") from None
         return "auto" if g is None else g
+
+
+def parse_bench(spec: str) -> tuple[str, int | None]:
+    """`humaneval:40` -> ("humaneval", 40); `hf:org/name` or a path keep their own colons."""
+    bench, sep, limit = spec.rpartition(":")
+    return (bench, int(limit)) if sep and limit.isdigit() else (spec, None)
 
 
 class TrackingConfig(_Strict):

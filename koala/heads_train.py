@@ -24,7 +24,8 @@ from koala.drafters.heads import build_heads, load_heads, save_heads
 from koala.errors import KoalaError
 from koala.losses import expected_acceptance, greedy_agreement, Teacher
 from koala.targets import Target
-from koala.train import Batch, LogFn, SequenceData, train
+from koala.data import shards
+from koala.train import Batch, LogFn, SequenceData, fingerprint, train, weights_digest
 
 
 class FeatureSource:
@@ -43,7 +44,7 @@ class FeatureSource:
             from koala.data.teacher import features_of
 
             self.cache = True
-            self.store = {i: features_of(r, C)[:data.max_len] for i, r in enumerate(data.rows)}
+            self.store = {i: features_of(r, C, data.max_len) for i, r in enumerate(data.rows)}
             for r in data.rows:
                 r.pop("features")
             return
@@ -213,6 +214,7 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
     from koala.distill import draft_vocab_for, write_draft_vocab
 
     if init_from is not None:
+        init_from = str(init_from).removeprefix("heads:")  # as `koala heads` prints it
         heads, prior = load_heads(init_from, target.model)
         kind, layers = prior["kind"], prior["layers"]
         heads.train()
@@ -232,9 +234,14 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
                   if heldout else None)
     objective = HeadsObjective(kind, heads, target.model, feats, held_feats, adversary, tcfg.unroll,
                                tcfg.feature_noise, vocab_ids)
-    metrics = train(heads, data, tcfg, out, mode=f"heads-{kind}", steps=steps or tcfg.steps, heldout=heldout,
-                    on_log=on_log, progress=progress, objective=objective, resume=resume)
-    info = {"koala_version": __version__, "kind": kind, "layers": layers, "n_heads": cfg.drafter.n_heads,
+    steps = steps or tcfg.steps
+    held_manifest = (shards.read_manifest(Path(heldout_dir)) or {}).get("done") if heldout_dir else None
+    fp = fingerprint(kind, layers, steps, tcfg.model_dump(), cfg.drafter.model_dump(), manifest.get("done"),
+                     held_manifest, weights_digest(init_from))
+    metrics = train(heads, data, tcfg, out, mode=f"heads-{kind}", steps=steps, heldout=heldout,
+                    on_log=on_log, progress=progress, objective=objective, resume=resume, fingerprint=fp)
+    n_heads = len(heads.heads) if kind == "medusa" else cfg.drafter.n_heads
+    info = {"koala_version": __version__, "kind": kind, "layers": layers, "n_heads": n_heads,
             "adversarial": tcfg.adversarial, "hidden_size": target.model.config.hidden_size,
             "vocab_size": target.model.config.vocab_size,
             "target": {"name": target.info.name, "content_hash": target.info.content_hash},

@@ -105,6 +105,30 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
+FINGERPRINT = "fingerprint.txt"
+
+
+def claim_checkpoints(out_dir: Path, fingerprint: str | None) -> bool:
+    """Whether out_dir's checkpoints belong to this training (same fingerprint); other runs' are set aside.
+
+    A fingerprint names what a training is (its config, data and starting weights): resuming a checkpoint of another
+    training would hand back the wrong drafter. Checkpoints without a fingerprint (older koala) are resumed as before.
+    """
+    root = out_dir / "checkpoints"
+    f = root / FINGERPRINT
+    if fingerprint is None:
+        return True
+    if root.exists() and f.exists() and f.read_text().strip() != fingerprint:
+        stale = out_dir / f"checkpoints.stale-{f.read_text().strip()[:12]}"
+        shutil.rmtree(stale, ignore_errors=True)
+        root.rename(stale)
+        print(f"{root} held another training's checkpoints (config, data or starting weights differ): moved to "
+              f"{stale.name}, starting over")
+    root.mkdir(parents=True, exist_ok=True)
+    f.write_text(fingerprint + "\n")
+    return True
+
+
 def load_checkpoint(ckpt: Path, model, opt, sched) -> tuple[int, dict]:
     unwrap(model).load_state_dict(load_file(ckpt / "model.safetensors", device=str(next(model.parameters()).device)),
                                   strict=False)
@@ -260,7 +284,7 @@ def heldout_metrics(objective, data: SequenceData | None, device, limit: int = 6
 def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, mode: str = "distill",
           steps: int | None = None, loss: str | None = None, target_model=None, heldout: SequenceData | None = None,
           resume: bool = False, on_log: LogFn | None = None, progress: bool = True, objective=None,
-          vocab_ids: torch.Tensor | None = None) -> dict:
+          vocab_ids: torch.Tensor | None = None, fingerprint: str | None = None) -> dict:
     """Train `model` (a Hugging Face causal LM) in place; returns the last logged metrics.
 
     Args:
@@ -277,6 +301,7 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
         on_log: called with (step, metrics) every step.
         objective: what a step minimises (default: a DraftModelObjective for `mode`); draft heads bring their own.
         vocab_ids: distil over these tokens only (the draft vocabulary, sorted ids), renormalising the teacher.
+        fingerprint: what this training is (config, data, starting weights); checkpoints of another are not resumed.
 
     Raises:
         KoalaError: the loss became NaN or infinite (the last good checkpoint is kept).
@@ -300,6 +325,8 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg, steps))
     order, start = DataOrder(len(data), cfg.seed), 0
+    if rank == 0:
+        claim_checkpoints(out, fingerprint)
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
         start, pos = load_checkpoint(ckpt, model, opt, sched)
@@ -343,7 +370,33 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
             on_log(step + 1, metrics)
         if world_size > 1:
             dist.barrier()
+    if start >= steps:  # resumed a finished training: its held-out metrics again, not nothing
+        metrics = heldout_metrics(objective, heldout, device)
     return metrics
+
+
+def fingerprint(*parts) -> str:
+    """A short digest of what a training is: pass its config sections, data manifest and starting weights' digest."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def weights_digest(directory: str | Path | None) -> str | None:
+    """sha256 over the safetensors files of a drafter or heads directory (None: no directory)."""
+    if directory is None:
+        return None
+    import hashlib
+
+    from koala.io import sha256_file
+
+    d = Path(str(directory).removeprefix("heads:"))
+    h = hashlib.sha256()
+    for f in sorted(d.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
 
 
 def len_positions(data: SequenceData, idx: list[int]) -> int:

@@ -14,6 +14,7 @@ from koala.data import shards
 from koala.distill import distill, pretrain
 from koala.plots import training_curves
 from koala.tracking import Tracker, resolve_uri
+from koala.train import weights_digest
 from tasks.common import session_for
 
 
@@ -27,7 +28,8 @@ def distill_cache_key(context, p) -> str:
     cfg: KoalaConfig = p["cfg"]
     manifest = shards.read_manifest(Path(p["data_dir"])) or {}
     return "distill-" + _key(cfg.target.model_dump(), cfg.drafter.model_dump(), cfg.training.model_dump(),
-                             manifest.get("done"), str(Path(p["out_dir"]).resolve()), p.get("init_from"), p.get("loss"))
+                             manifest.get("done"), str(Path(p["out_dir"]).resolve()), p.get("init_from"), p.get("loss"),
+                             weights_digest(p.get("init_from")))
 
 
 def pretrain_cache_key(context, p) -> str:
@@ -82,9 +84,10 @@ def distill_drafter(cfg: KoalaConfig, data_dir: str, out_dir: str, init_from: st
 def heads_cache_key(context, p) -> str:
     cfg: KoalaConfig = p["cfg"]
     manifest = shards.read_manifest(Path(p["data_dir"])) or {}
+    held = (shards.read_manifest(Path(p["heldout_dir"])) or {}).get("done") if p.get("heldout_dir") else None
     return "heads-" + _key(cfg.target.model_dump(), cfg.drafter.model_dump(), cfg.training.model_dump(),
                            manifest.get("done"), str(Path(p["out_dir"]).resolve()), p.get("init_from"),
-                           p.get("heldout_dir"))
+                           weights_digest(p.get("init_from")), held)
 
 
 @task(name="train-heads", tags=["gpu"], retries=1, retry_delay_seconds=[10], cache_key_fn=heads_cache_key,

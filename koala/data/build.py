@@ -20,6 +20,7 @@ from koala.data import shards as S
 from koala.errors import KoalaError
 from koala.sampling import generate_batch
 from koala.spec.sampling import SamplingParams
+from koala.data.teacher import tokenize
 from koala.targets import Target, encode_chat
 
 
@@ -63,6 +64,10 @@ def select_prompts(cfg: KoalaConfig, target: Target, skipped: dict, stats: P.Sha
         n = len(encode_chat(target.tokenizer, list(r.messages)))
         reason = ("longer_than_context" if n > room else "too_long" if n > pc.max_prompt_tokens
                   else "too_short" if n < pc.min_prompt_tokens else None)
+        if forced and reason is None and tokenize(target.tokenizer, r, cfg.teacher_forced.max_seq_len) is None:
+            # the prompt leaves no room for an answer token, or the chat template does not render the prompt as
+            # the start of the whole conversation (then the answer's positions cannot be found)
+            reason = "no_room_for_answer" if n >= cfg.teacher_forced.max_seq_len else "template_not_a_prefix"
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
@@ -83,6 +88,9 @@ def plan(cfg: KoalaConfig, target: Target, out_dir: str | Path | None = None, so
         KoalaError: no prompts after filters, or out_dir holds another target's or settings' data.
     """
     settings = _settings(cfg, source)
+    if source == "teacher_forced" and not cfg.teacher_forced.limit:
+        raise KoalaError("teacher_forced.limit is 0 (off): set how many conversations to teacher-force, e.g. "
+                         "--set teacher_forced.limit=1000")
     out = Path(out_dir or settings["out_dir"])
     facts = target_facts(target)
     h = S.settings_hash(settings, source)
@@ -167,7 +175,7 @@ def sample_shard(cfg: KoalaConfig, target: Target, engine, spec: S.ShardSpec, re
 def build(cfg: KoalaConfig, session, out_dir: str | Path | None = None, progress: bool = True,
           source: str = "generated") -> Plan:
     """Plan and sample (or teacher-force) every missing shard in this process, without Prefect (GPU hosts, tests)."""
-    from koala.data.teacher import teacher_force_shard
+    from koala.data.teacher import teacher_force_shard  # noqa: PLC0415 - teacher imports this module
 
     p = plan(cfg, session.target, out_dir, source)
     for spec in p.todo:

@@ -43,6 +43,9 @@ def tokenize(tokenizer, record: P.PromptRecord, max_seq_len: int) -> tuple[list[
                        add_generation_prompt=False)
     if full[:len(prompt)] != prompt or len(prompt) >= min(len(full), max_seq_len):
         return None
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in full[len(prompt):]:  # the template's text after the end of turn is not an answer
+        full = full[:len(full) - full[::-1].index(eos)]
     return full[:max_seq_len], len(prompt)
 
 
@@ -112,6 +115,6 @@ def teacher_force_shard(cfg: KoalaConfig, target: Target, spec: S.ShardSpec, rec
     return {**entry, "wall_s": wall, "new_tokens": tokens, "tokens_per_s": tokens / wall}
 
 
-def features_of(row: dict, hidden: int) -> torch.Tensor:
-    """A row's stored features as a (len(input_ids), hidden) float16 tensor."""
-    return torch.from_numpy(np.frombuffer(row["features"], dtype=np.float16).reshape(-1, hidden).copy())
+def features_of(row: dict, hidden: int, max_len: int | None = None) -> torch.Tensor:
+    """A row's stored features as a (len(input_ids), hidden) float16 tensor, the first `max_len` positions only."""
+    return torch.from_numpy(np.frombuffer(row["features"], dtype=np.float16).reshape(-1, hidden)[:max_len].copy())

@@ -50,6 +50,10 @@ def test_more_evaluations_and_teacher_forcing_validate():
     assert cfg.teacher_forced.limit > 0 and cfg.training.finetune_steps > 0 and cfg.eval.also == ["humaneval:40"]
     with pytest.raises(KoalaError, match="field eval.also.*BENCH:LIMIT"):
         load_config("smoke", overrides=["eval.also=[humaneval:forty]"])
+    from koala.config import parse_bench
+
+    assert parse_bench("hf:org/name:20") == ("hf:org/name", 20) and parse_bench("mtbench") == ("mtbench", None)
+    assert load_config("smoke", overrides=["eval.also=[hf:org/name, humaneval:40]"]).eval.also[0] == "hf:org/name"
     with pytest.raises(KoalaError, match="field training.unroll"):
         load_config("smoke", overrides=["training.unroll=0"])
     with pytest.raises(KoalaError, match="field teacher_forced.limit"):

@@ -115,6 +115,29 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_checkpoints_of_another_training_are_not_resumed(tmp_path):
+    """Same out_dir, another fingerprint (config, data or starting weights): start over, never hand back the other
+    training's weights; the same fingerprint, finished, resumes to its held-out metrics instead of nothing."""
+    data = SequenceData(synthetic_rows(topk=4), 32, 0)
+    held = SequenceData(synthetic_rows(n=8, seed=1, topk=4), 32, 0)
+    first = tiny_llama(layers=1, vocab=V, seed=3)
+    train(first, data, cfg(), tmp_path / "out", loss="fkl", progress=False, fingerprint="stage-a")
+    other = tiny_llama(layers=1, vocab=V, seed=5)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    logged = []
+    train(other, data, cfg(steps=3), tmp_path / "out", loss="fkl", resume=True, progress=False, fingerprint="stage-b",
+          on_log=lambda step, m: logged.append(step))
+    assert logged == [1, 2, 3]  # trained from its own start, not resumed at step 6 of stage a
+    assert any(not torch.equal(before[k], v) for k, v in other.state_dict().items())
+    assert list((tmp_path / "out").glob("checkpoints.stale-*"))
+    again = tiny_llama(layers=1, vocab=V, seed=7)
+    m = train(again, data, cfg(steps=3), tmp_path / "out", loss="fkl", resume=True, progress=False,
+              fingerprint="stage-b", heldout=held)
+    assert "heldout_expected_acceptance" in m  # finished already: metrics recomputed, weights from its checkpoint
+    a, b = load_file(latest_checkpoint(tmp_path / "out") / "model.safetensors"), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = losses.LOSSES["fkl"]
