@@ -10,10 +10,7 @@ import torch
 
 from koala.config import KoalaConfig
 from koala.data import build, shards, teacher
-from koala.spec.model import Transformer
-from koala.spec.session import Session
-from koala.targets import load_target
-from tests.koala.data.test_shards import tiny_target_dir  # noqa: F401 - fixture reuse
+from tests.koala.data.test_shards import session, tiny_target_dir  # noqa: F401 - fixture reuse
 
 
 def write_chats(path: Path, n: int, with_answer: bool = True, start: int = 0):
@@ -30,12 +27,6 @@ def make_cfg(target_dir, prompts, out, **forced) -> KoalaConfig:
     return KoalaConfig.model_validate({"target": {"spec": str(target_dir)},
                                        "prompts": {"source": str(prompts), "max_prompt_tokens": 200},
                                        "teacher_forced": tf})
-
-
-@pytest.fixture
-def session(tiny_target_dir):
-    t = load_target(str(tiny_target_dir))
-    return Session(t, Transformer(t.model))
 
 
 def test_schema_topk_and_features_equal_a_direct_forward(tmp_path, session, tiny_target_dir):
