@@ -16,8 +16,9 @@ from koala.data import prompts as P
 from koala.data import shards
 from koala.drafters.draft_model import build_drafter, save_drafter
 from koala.errors import KoalaError
+from koala.spec.drafters import load_draft_vocab
 from koala.targets import Target, encode_chat
-from koala.train import LogFn, SequenceData, fingerprint, train, weights_digest
+from koala.train import LogFn, SequenceData, train, training_fingerprint, weights_digest
 
 FINAL = "drafter"
 
@@ -117,11 +118,11 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
     # Train the head over the draft vocabulary it will draft from: K/V of the cost, and no capacity spent on
     # tokens it can never propose.
     # A second stage keeps the first stage's draft vocabulary (it was trained over it).
-    vocab_ids = (_init_vocab(init_from) if init_from is not None else None) if cfg.drafter.draft_vocab else None
+    vocab_ids = load_draft_vocab(init_from) if init_from is not None and cfg.drafter.draft_vocab else None
     if vocab_ids is None:
         vocab_ids = draft_vocab_for(cfg, train_rows, target.info.vocab_size)
-    fp = fingerprint("distill", loss, steps or cfg.training.steps, cfg.training.model_dump(), cfg.drafter.model_dump(),
-                     manifest.get("done"), weights_digest(init_from))
+    fp = training_fingerprint("distill", loss, steps or cfg.training.steps, cfg.training.model_dump(),
+                              cfg.drafter.model_dump(), manifest.get("done"), weights_digest(init_from))
     metrics = train(model, data, cfg.training, out, "distill", steps=steps, loss=loss, target_model=target.model,
                     heldout=heldout, resume=resume, on_log=on_log, progress=progress, vocab_ids=vocab_ids,
                     fingerprint=fp)
@@ -134,12 +135,6 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
     path = save_drafter(model, target.tokenizer, out / FINAL, info)
     write_draft_vocab(path, vocab_ids)
     return path
-
-
-def _init_vocab(init_from) -> "torch.Tensor | None":
-    from koala.heads_train import load_draft_vocab_ids
-
-    return load_draft_vocab_ids(init_from)
 
 
 def pretraining_rows(cfg: KoalaConfig, target: Target, limit: int = 2000) -> list[dict]:

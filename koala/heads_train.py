@@ -23,9 +23,10 @@ from koala.distill import load_distillation_rows, split_heldout
 from koala.drafters.heads import build_heads, load_heads, save_heads
 from koala.errors import KoalaError
 from koala.losses import expected_acceptance, greedy_agreement, Teacher
+from koala.spec.drafters import load_draft_vocab
 from koala.targets import Target
 from koala.data import shards
-from koala.train import Batch, LogFn, SequenceData, fingerprint, train, weights_digest
+from koala.train import Batch, LogFn, SequenceData, train, training_fingerprint, weights_digest
 
 
 class FeatureSource:
@@ -119,7 +120,7 @@ class HeadsObjective:
         return F.linear(h, self.lm_head.weight[self.vocab_ids]).float()
 
     def _predictions(self, b: Batch, f: torch.Tensor, train: bool = False):
-        """(list of (student hidden (N, C), teacher feature (N, C), weight) per draft position, EAGLE feature pairs)."""
+        """Per draft position: (student feature (N, C), the target's feature it predicts (N, C), loss weight)."""
         pos = b.positions  # (B, T): position t predicts token t+1
         if self.kind == "medusa":
             hs = self.module(f)  # (n, B, T, C): head i on f_t predicts token t+1+i
@@ -130,7 +131,7 @@ class HeadsObjective:
                 valid[:, -shift:] = False
                 valid[:, :-shift] &= pos[:, shift:]  # the target's distribution at t+i must be a trained position
                 out.append((hs[i][valid], f[:, shift:][valid[:, :-shift]], 0.8 ** i))
-            return out, []
+            return out
         # EAGLE: slot t reads (f_t, emb(x_{t+1})) and predicts f_{t+1}; draft p's slot t reads draft p-1's f_t
         emb = self.target.model.embed_tokens(b.input_ids[:, 1:])
         f_in = f[:, :-1]
@@ -138,20 +139,19 @@ class HeadsObjective:
             rms = f_in.float().pow(2).mean().sqrt()
             f_in = f_in + (torch.rand_like(f_in) * 2 - 1) * (self.noise * rms).to(f_in.dtype)
         slot = torch.arange(f_in.shape[1], device=f.device)
-        out, pairs = [], []
+        out = []
         for p, pred in enumerate(self.module.unrolled(f_in, emb, self.unroll), 1):
             valid = pos[:, 1:] & (slot >= p - 1)[None]  # f_{t+1} at a trained position, with draft p's context
             out.append((pred[valid], f[:, 1:][valid], 0.1 / self.unroll))
-            pairs.append((pred[valid], f[:, 1:][valid]))
-        return out, pairs
+        return out
 
     def loss(self, b: Batch, step: int):
         f = self.features(b)
-        preds, pairs = self._predictions(b, f, train=True)
+        preds = self._predictions(b, f, train=True)
         logits = [(self._logits(s), self._logits(t), w) for s, t, w in preds]
         value = sum(w * -(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean() for s, t, w in logits)
-        for fake, real in pairs:
-            value = value + F.smooth_l1_loss(fake.float(), real.float()) / len(pairs)
+        if self.kind == "eagle":  # EAGLE also regresses the feature itself
+            value = value + sum(F.smooth_l1_loss(s.float(), t.float()) for s, t, _ in preds) / len(preds)
         if self.adversary is None:
             return value, {}
         s, t, _ = logits[0]
@@ -163,7 +163,7 @@ class HeadsObjective:
     def metrics(self, b: Batch) -> dict:
         """Over the full vocabulary, as the engine drafts (q is zero outside the draft vocabulary); `_pos{p}` is the
         acceptance of draft p given drafts 1..p-1 were accepted (EAGLE with unroll > 1)."""
-        preds, _ = self._predictions(b, (self.heldout_features or self.features)(b))
+        preds = self._predictions(b, (self.heldout_features or self.features)(b))
         out = {}
         for p, (s, t, _) in enumerate(preds[:self.unroll], 1):
             logits = self._logits(s)
@@ -173,7 +173,8 @@ class HeadsObjective:
             teacher = Teacher.from_logits(self._logits(t, subset=False))
             m = {"heldout_expected_acceptance": float(expected_acceptance(logits, teacher)),
                  "heldout_greedy_agreement": float(greedy_agreement(logits, teacher))}
-            out.update(m if p == 1 else {})
+            if p == 1:
+                out.update(m)
             if self.unroll > 1:
                 out.update({f"{k}_pos{p}": v for k, v in m.items()})
         return out
@@ -198,31 +199,15 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
     tcfg = cfg.training.model_copy(update={"adversarial": cfg.training.adversarial if adversarial is None
                                            else adversarial})
     out = Path(out_dir)
-    rows, manifest = load_distillation_rows(data_dir, target, features=True)
-    train_rows, held = split_heldout(rows, tcfg.heldout_fraction)
-    if heldout_dir is not None and Path(heldout_dir) != Path(data_dir):
-        other, _ = load_distillation_rows(heldout_dir, target, features=True)
-        held = split_heldout(other, tcfg.heldout_fraction)[1]
-        ids = {r["prompt_id"] for r in held}
-        train_rows = [r for r in train_rows if r["prompt_id"] not in ids]
+    train_rows, held, manifest = _split_rows(target, data_dir, heldout_dir, tcfg.heldout_fraction)
     pad = target.tokenizer.pad_token_id or 0
     data = SequenceData(train_rows, tcfg.max_seq_len, pad)
     heldout = SequenceData(held, tcfg.max_seq_len, pad) if held else None
     for p in target.model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(tcfg.seed)
-    from koala.distill import draft_vocab_for, write_draft_vocab
-
-    if init_from is not None:
-        init_from = str(init_from).removeprefix("heads:")  # as `koala heads` prints it
-        heads, prior = load_heads(init_from, target.model)
-        kind, layers = prior["kind"], prior["layers"]
-        heads.train()
-        vocab_ids = load_draft_vocab_ids(init_from)
-    else:
-        layers = layers or cfg.drafter.layers
-        heads = build_heads(kind, target.model, layers, cfg.drafter.n_heads)
-        vocab_ids = draft_vocab_for(cfg, train_rows, target.info.vocab_size)
+    init_from = str(init_from).removeprefix("heads:") if init_from is not None else None  # as `koala heads` prints
+    heads, kind, layers, vocab_ids = _start_heads(cfg, target, kind, layers, init_from, train_rows)
     adversary = None
     if tcfg.adversarial:
         from koala.adversarial import Adversary
@@ -236,8 +221,8 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
                                tcfg.feature_noise, vocab_ids)
     steps = steps or tcfg.steps
     held_manifest = (shards.read_manifest(Path(heldout_dir)) or {}).get("done") if heldout_dir else None
-    fp = fingerprint(kind, layers, steps, tcfg.model_dump(), cfg.drafter.model_dump(), manifest.get("done"),
-                     held_manifest, weights_digest(init_from))
+    fp = training_fingerprint(kind, layers, steps, tcfg.model_dump(), cfg.drafter.model_dump(), manifest.get("done"),
+                              held_manifest, weights_digest(init_from))
     metrics = train(heads, data, tcfg, out, mode=f"heads-{kind}", steps=steps, heldout=heldout,
                     on_log=on_log, progress=progress, objective=objective, resume=resume, fingerprint=fp)
     n_heads = len(heads.heads) if kind == "medusa" else cfg.drafter.n_heads
@@ -251,12 +236,32 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
             "train_tokens": sum(max(len(r["input_ids"]) - r.get("prompt_len", 1), 0) for r in train_rows),
             "training": tcfg.model_dump(), "metrics": metrics}
     path = save_heads(heads.eval(), out / "heads", info)
+    from koala.distill import write_draft_vocab
+
     write_draft_vocab(path, vocab_ids)
     return path
 
 
-def load_draft_vocab_ids(directory: str | Path) -> torch.Tensor | None:
-    from koala.spec.drafters import DRAFT_VOCAB
+def _split_rows(target: Target, data_dir, heldout_dir, fraction: float) -> tuple[list, list, dict]:
+    """(training rows, held-out rows, data manifest); with `heldout_dir`, the held-out prompts come from that set
+    (and are kept out of training), so stages trained on different data are measured on the same prompts."""
+    rows, manifest = load_distillation_rows(data_dir, target, features=True)
+    train_rows, held = split_heldout(rows, fraction)
+    if heldout_dir is not None and Path(heldout_dir) != Path(data_dir):
+        held = split_heldout(load_distillation_rows(heldout_dir, target, features=True)[0], fraction)[1]
+        ids = {r["prompt_id"] for r in held}
+        train_rows = [r for r in train_rows if r["prompt_id"] not in ids]
+    return train_rows, held, manifest
 
-    f = Path(directory) / DRAFT_VOCAB
-    return load_file(f)["ids"].long() if f.exists() else None
+
+def _start_heads(cfg: KoalaConfig, target: Target, kind: str, layers: int | None, init_from: str | None,
+                 train_rows: list[dict]):
+    """(heads, kind, layers, draft vocabulary): continued from `init_from` (its kind, depth and vocabulary), or new."""
+    if init_from is not None:
+        heads, prior = load_heads(init_from, target.model)
+        return heads.train(), prior["kind"], prior["layers"], load_draft_vocab(init_from)
+    from koala.distill import draft_vocab_for
+
+    layers = layers or cfg.drafter.layers
+    return (build_heads(kind, target.model, layers, cfg.drafter.n_heads), kind, layers,
+            draft_vocab_for(cfg, train_rows, target.info.vocab_size))

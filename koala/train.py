@@ -312,53 +312,21 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
     rank, world_size = world()
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
-    if objective is None:
-        adversary = None
-        if cfg.adversarial and mode == "distill":
-            from koala.adversarial import Adversary
-
-            adversary = Adversary(cfg, device)
-        objective = DraftModelObjective(model, mode, loss_name, target_model, adversary, vocab_ids)
+    objective = objective or _draft_model_objective(model, cfg, mode, loss_name, target_model, vocab_ids, device)
     if world_size > 1:
         objective.module = torch.nn.parallel.DistributedDataParallel(objective.module)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg, steps))
-    order, start = DataOrder(len(data), cfg.seed), 0
-    if rank == 0:
-        claim_checkpoints(out, fingerprint)
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is not None:
-        start, pos = load_checkpoint(ckpt, model, opt, sched)
-        order = DataOrder(len(data), cfg.seed, pos["epoch"], pos["pos"])
+    start, order = _starting_point(out, resume, fingerprint, model, opt, sched, len(data), cfg.seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     metrics: dict = {}
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=mode, disable=not progress or rank != 0)
     for step in bar:
         t0 = time.perf_counter()
         micro = [order.take(cfg.batch_size) for _ in range(cfg.grad_accum)]  # the global batch of this step
-        batches = [data.batch(m[rank::world_size], device) for m in micro]
-        n_global = sum(len_positions(data, m) for m in micro)
-        total, tokens = 0.0, 0
-        for b in batches:
-            with autocast:
-                value, extra = objective.loss(b, step)
-            # each micro-batch's mean, weighted by its share of the global batch's positions (DDP averages ranks)
-            scaled = value * (b.n * world_size / max(n_global, 1))
-            if not torch.isfinite(value):
-                last = latest_checkpoint(out)
-                raise KoalaError(f"{mode} loss became {value.item()} at step {step + 1}: lower training.lr or check "
-                                 f"the data; the last good checkpoint is kept ({last or 'none yet'})")
-            scaled.backward()
-            total, tokens = total + value.item() * b.n, tokens + b.n
-        if world_size > 1:  # log the global batch's loss, not this rank's share
-            t = torch.tensor([total, tokens], dtype=torch.float64, device=device)
-            dist.all_reduce(t)
-            total, tokens = float(t[0]), int(t[1])
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        total, tokens, extra = _backward(objective, data, micro, step, autocast, out, mode, device)
+        grad_norm = _optimizer_step(opt, sched, params, cfg.grad_clip)
         metrics = {"loss": total / max(tokens, 1), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                    "tokens_per_s": tokens / (time.perf_counter() - t0), **extra}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
@@ -375,7 +343,61 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
     return metrics
 
 
-def fingerprint(*parts) -> str:
+def _optimizer_step(opt, sched, params, clip: float) -> torch.Tensor:
+    """Clip the global gradient norm, step the optimizer and the schedule; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def _starting_point(out: Path, resume: bool, fingerprint: str | None, model, opt, sched, n: int, seed: int
+                    ) -> tuple[int, DataOrder]:
+    """(first step, data order): step 0, or where this training's last checkpoint left off (never another's)."""
+    if world()[0] == 0:
+        claim_checkpoints(out, fingerprint)
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is None:
+        return 0, DataOrder(n, seed)
+    start, pos = load_checkpoint(ckpt, model, opt, sched)
+    return start, DataOrder(n, seed, pos["epoch"], pos["pos"])
+
+
+def _draft_model_objective(model, cfg: TrainingConfig, mode: str, loss_name: str, target_model, vocab_ids, device):
+    adversary = None
+    if cfg.adversarial and mode == "distill":
+        from koala.adversarial import Adversary
+
+        adversary = Adversary(cfg, device)
+    return DraftModelObjective(model, mode, loss_name, target_model, adversary, vocab_ids)
+
+
+def _backward(objective, data: SequenceData, micro: list[list[int]], step: int, autocast, out: Path, mode: str,
+              device) -> tuple[float, int, dict]:
+    """Losses and gradients of one global batch (micro-batches, this rank's share); returns (loss sum, positions,
+    the objective's extra metrics), summed over DDP ranks."""
+    rank, world_size = world()
+    n_global = sum(len_positions(data, m) for m in micro)
+    total, tokens, extra = 0.0, 0, {}
+    for b in (data.batch(m[rank::world_size], device) for m in micro):
+        with autocast:
+            value, extra = objective.loss(b, step)
+        if not torch.isfinite(value):
+            last = latest_checkpoint(out)
+            raise KoalaError(f"{mode} loss became {value.item()} at step {step + 1}: lower training.lr or check "
+                             f"the data; the last good checkpoint is kept ({last or 'none yet'})")
+        # each micro-batch's mean, weighted by its share of the global batch's positions (DDP averages ranks)
+        (value * (b.n * world_size / max(n_global, 1))).backward()
+        total, tokens = total + value.item() * b.n, tokens + b.n
+    if world_size > 1:  # log the global batch's loss, not this rank's share
+        t = torch.tensor([total, tokens], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, tokens = float(t[0]), int(t[1])
+    return total, tokens, extra
+
+
+def training_fingerprint(*parts) -> str:
     """A short digest of what a training is: pass its config sections, data manifest and starting weights' digest."""
     import hashlib
     import json

@@ -19,8 +19,8 @@ from koala.data import prompts as P
 from koala.data import shards as S
 from koala.errors import KoalaError
 from koala.sampling import generate_batch
+from koala.data.teacher import teacher_force_shard, tokenize
 from koala.spec.sampling import SamplingParams
-from koala.data.teacher import tokenize
 from koala.targets import Target, encode_chat
 
 
@@ -175,8 +175,6 @@ def sample_shard(cfg: KoalaConfig, target: Target, engine, spec: S.ShardSpec, re
 def build(cfg: KoalaConfig, session, out_dir: str | Path | None = None, progress: bool = True,
           source: str = "generated") -> Plan:
     """Plan and sample (or teacher-force) every missing shard in this process, without Prefect (GPU hosts, tests)."""
-    from koala.data.teacher import teacher_force_shard  # noqa: PLC0415 - teacher imports this module
-
     p = plan(cfg, session.target, out_dir, source)
     for spec in p.todo:
         if source == "teacher_forced":

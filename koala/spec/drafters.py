@@ -54,12 +54,8 @@ class DraftVocab:
 
     @classmethod
     def load(cls, directory, lm_head, vocab_size) -> "DraftVocab | None":
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        f = Path(directory) / DRAFT_VOCAB
-        return cls(load_file(f)["ids"], lm_head, vocab_size) if f.exists() else None
+        ids = load_draft_vocab(directory)
+        return None if ids is None else cls(ids, lm_head, vocab_size)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Features (..., C) -> logits over the subset (..., K)."""
@@ -103,6 +99,16 @@ def save_draft_vocab(directory, ids: torch.Tensor) -> None:
     from safetensors.torch import save_file
 
     save_file({"ids": ids.contiguous()}, str(Path(directory) / DRAFT_VOCAB))
+
+
+def load_draft_vocab(directory) -> torch.Tensor | None:
+    """The draft vocabulary saved beside a drafter (sorted token ids), or None: it drafts over the full vocabulary."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    f = Path(str(directory).removeprefix("heads:")) / DRAFT_VOCAB
+    return load_file(f)["ids"].long() if f.exists() else None
 
 
 class ModelDrafter:
