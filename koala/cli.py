@@ -22,6 +22,37 @@ def fail(e: Exception) -> None:
     raise typer.Exit(1)
 
 
+class _OneLineKoalaErrors:
+    """A logging filter: a KoalaError inside a flow or task is logged as its one line, not a traceback (the CLI
+    prints it once more as `error: ...`)."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, KoalaError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def in_prefect(call):
+    """Run a flow call under a Prefect API koala controls (flows.server): SIGINT or SIGTERM stops it within seconds,
+    keeps what is finished, leaves no server behind, and exits 130 or 143."""
+    import logging
+
+    from flows.server import prefect_api
+    from koala.interrupt import exit_code, handle_signals
+
+    handle_signals()
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_OneLineKoalaErrors())
+    try:
+        with prefect_api():
+            return call()
+    except KeyboardInterrupt:
+        typer.secho("interrupted: finished shards and checkpoints are kept; run the same command again to continue",
+                    fg="yellow", err=True)
+        raise typer.Exit(exit_code()) from None
+
+
 def validated(model, origin: str, **values):
     """A config section from command-line values; a bad value is a one-line KoalaError naming the option."""
     from pydantic import ValidationError
@@ -212,8 +243,9 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
                              "--n-prompts N (or --set teacher_forced.limit=N)")
         from flows.build_dataset import build_distillation_dataset
 
-        out_dir = build_distillation_dataset(profile=profile, config_path=config, out_dir=out, n_prompts=n_prompts,
-                                             max_new_tokens=max_new_tokens, overrides=set_ or [], source=source)
+        out_dir = in_prefect(lambda: build_distillation_dataset(
+            profile=profile, config_path=config, out_dir=out, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
+            overrides=set_ or [], source=source))
     except KoalaError as e:
         fail(e)
     typer.echo(f"dataset: {out_dir} (read it with koala.data.shards.load or pyarrow.parquet.read_table)")
@@ -359,9 +391,9 @@ def run(profile: str = typer.Option("smoke", help="smoke (a CPU in minutes), def
             raise KoalaError(f"--loss must be one of fkl, rkl, tvd, tvdpp, jsd; got {loss!r}")
         from flows.pipeline import koala_pipeline
 
-        s = koala_pipeline(profile=profile if config is None else "smoke", config_path=config,
-                           prompt_source=prompt_source, n_prompts=n_prompts, loss=loss, steps=steps,
-                           overrides=set_ or [])
+        s = in_prefect(lambda: koala_pipeline(profile=profile if config is None else "smoke", config_path=config,
+                                              prompt_source=prompt_source, n_prompts=n_prompts, loss=loss,
+                                              steps=steps, overrides=set_ or []))
     except KoalaError as e:
         fail(e)
     _print_summary(s)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from koala.interrupt import check
 from koala.spec.model import Transformer
 from koala.spec.sampling import SamplingParams, logits_to_probs
 
@@ -55,6 +56,7 @@ def generate_batch(
     length = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
     eos = torch.tensor(sorted(eos_ids), device=dev)
     for t in range(max_new_tokens):
+        check()  # SIGINT/SIGTERM: stop between decode steps
         if topk:
             lp = torch.log_softmax(logits.float(), -1).topk(topk, dim=-1)  # the teacher at temperature 1
             top_v[:, t], top_i[:, t] = lp.values.half(), lp.indices.int()

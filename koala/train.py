@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from koala.config import TrainingConfig
 from koala.errors import KoalaError
+from koala.interrupt import check, fault
 from koala.losses import LOSSES, Teacher, cross_entropy, expected_acceptance, greedy_agreement
 
 LogFn = Callable[[int, dict], None]
@@ -323,6 +324,7 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
     metrics: dict = {}
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=mode, disable=not progress or rank != 0)
     for step in bar:
+        check()  # SIGINT/SIGTERM: stop between optimizer steps (the last checkpoint is kept)
         t0 = time.perf_counter()
         micro = [order.take(cfg.batch_size) for _ in range(cfg.grad_accum)]  # the global batch of this step
         total, tokens, extra = _backward(objective, data, micro, step, autocast, out, mode, device)
@@ -334,6 +336,7 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps) and rank == 0:
             save_checkpoint(out, step + 1, model, opt, sched, order.state())
+            fault("train.checkpoint")
         if on_log and rank == 0:
             on_log(step + 1, metrics)
         if world_size > 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from koala.config import KoalaConfig, TargetConfig, load_config
+from koala.errors import KoalaError
 from koala.spec.model import Transformer
 from koala.spec.session import Session
 
@@ -28,6 +29,18 @@ def session_for(tc: TargetConfig, compile: bool = False) -> Session:
                 t = load_target(tc.spec, dtype=tc.dtype, device=tc.device, trust_remote_code=tc.trust_remote_code)
             _SESSIONS[(key, compile)] = Session(t, Transformer(t.model).compile() if compile else Transformer(t.model))
         return _SESSIONS[(key, compile)]
+
+
+def retry_unless_koala_error(task, task_run, state) -> bool:
+    """Prefect's retry condition: a KoalaError (bad input, a refused resume, an interrupt) fails the same way on
+    every try, so it is not retried; anything else (a worker lost, a transient I/O error) is."""
+    try:
+        state.result()
+    except KoalaError:
+        return False
+    except Exception:  # noqa: BLE001 - every other failure may pass on a retry
+        return True
+    return True
 
 
 def resolve_config(profile: str | None, config_path: str | None, overrides: list[str] | None) -> KoalaConfig:

@@ -12,7 +12,7 @@ from koala.config import KoalaConfig
 from koala.evaluate import evaluate, summary_line
 from koala.registry import decide
 from koala.tracking import Tracker, resolve_uri
-from tasks.common import session_for
+from tasks.common import retry_unless_koala_error, session_for
 
 EVAL_KEYS = ("bench", "gamma", "threshold", "lookup", "temperature", "top_p", "max_new_tokens", "limit", "compile")
 
@@ -40,7 +40,8 @@ def _metrics(report: dict) -> dict:
     return m
 
 
-@task(name="evaluate-drafter", tags=["gpu"], retries=1, retry_delay_seconds=10)
+@task(name="evaluate-drafter", tags=["gpu"], retries=1, retry_delay_seconds=10,
+      retry_condition_fn=retry_unless_koala_error)
 def evaluate_drafter(cfg: KoalaConfig, drafter: str, out_dir: str, parent_run_id: str | None = None,
                      run_name: str = "evaluate") -> dict:
     """Measure a drafter on the benchmark; logs metrics, report and plots; returns the report without per-prompt rows."""
@@ -69,7 +70,8 @@ def evaluate_drafter(cfg: KoalaConfig, drafter: str, out_dir: str, parent_run_id
     return {k: v for k, v in report.items() if k != "per_prompt"}
 
 
-@task(name="register-drafter", retries=2, retry_delay_seconds=[2, 10])
+@task(name="register-drafter", retries=2, retry_delay_seconds=[2, 10],
+      retry_condition_fn=retry_unless_koala_error)
 def register_drafter(cfg: KoalaConfig, drafter_dir: str, report: dict, parent_run_id: str | None = None) -> dict:
     """Log the drafter as an MLflow model, register a new version and tag it with its evaluation."""
     from mlflow import MlflowClient

@@ -11,10 +11,10 @@ from prefect import get_run_logger, task
 from koala.config import KoalaConfig
 from koala.data import build, shards
 from koala.data.prompts import PromptRecord
-from tasks.common import session_for
+from tasks.common import retry_unless_koala_error, session_for
 
 
-@task(name="plan-shards", retries=1, retry_delay_seconds=5)
+@task(name="plan-shards", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_koala_error)
 def plan_shards(cfg: KoalaConfig, out_dir: str, source: str = "generated") -> dict:
     """Plan (or extend) the shards; returns the plan as plain data (paths and ids, never tensors)."""
     s = session_for(cfg.target)
@@ -43,7 +43,8 @@ def shard_cache_key(context, parameters) -> str:
     return "sample-shard-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-@task(name="sample-shard", tags=["gpu"], retries=2, retry_delay_seconds=[5, 30], cache_key_fn=shard_cache_key,
+@task(name="sample-shard", tags=["gpu"], retries=2, retry_delay_seconds=[5, 30],
+      retry_condition_fn=retry_unless_koala_error, cache_key_fn=shard_cache_key,
       persist_result=True)
 def sample_shard(cfg: KoalaConfig, out_dir: str, spec: dict, records: dict, source: str = "generated") -> dict:
     """Sample (or teacher-force) one shard, skipped when the manifest already vouches for it; returns its entry."""

@@ -15,7 +15,7 @@ from koala.distill import distill, pretrain
 from koala.plots import training_curves
 from koala.tracking import Tracker, resolve_uri
 from koala.train import weights_digest
-from tasks.common import session_for
+from tasks.common import retry_unless_koala_error, session_for
 
 
 def _key(*parts) -> str:
@@ -46,7 +46,7 @@ def _logged(tracker: Tracker, history: list):
 
 
 @task(name="pretrain-drafter", tags=["gpu"], retries=2, retry_delay_seconds=[10, 60],
-      cache_key_fn=pretrain_cache_key, persist_result=True)
+      retry_condition_fn=retry_unless_koala_error, cache_key_fn=pretrain_cache_key, persist_result=True)
 def pretrain_drafter(cfg: KoalaConfig, out_dir: str, parent_run_id: str | None = None) -> str:
     """Pretrain the drafter on text; returns the drafter directory."""
     s = session_for(cfg.target)
@@ -61,7 +61,7 @@ def pretrain_drafter(cfg: KoalaConfig, out_dir: str, parent_run_id: str | None =
 
 
 @task(name="distill-drafter", tags=["gpu"], retries=2, retry_delay_seconds=[10, 60],
-      cache_key_fn=distill_cache_key, persist_result=True)
+      retry_condition_fn=retry_unless_koala_error, cache_key_fn=distill_cache_key, persist_result=True)
 def distill_drafter(cfg: KoalaConfig, data_dir: str, out_dir: str, init_from: str | None = None,
                     loss: str | None = None, parent_run_id: str | None = None) -> dict:
     """Distil the drafter on the target's samples; returns {drafter, run_id, metrics}."""
@@ -90,7 +90,8 @@ def heads_cache_key(context, p) -> str:
                            weights_digest(p.get("init_from")), held)
 
 
-@task(name="train-heads", tags=["gpu"], retries=1, retry_delay_seconds=[10], cache_key_fn=heads_cache_key,
+@task(name="train-heads", tags=["gpu"], retries=1, retry_delay_seconds=[10],
+      retry_condition_fn=retry_unless_koala_error, cache_key_fn=heads_cache_key,
       persist_result=True)
 def train_heads_task(cfg: KoalaConfig, data_dir: str, out_dir: str, parent_run_id: str | None = None,
                      init_from: str | None = None, heldout_dir: str | None = None) -> dict:

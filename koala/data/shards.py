@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from koala import __version__
 from koala.errors import KoalaError
+from koala.interrupt import fault
 from koala.io import atomic_path, sha256_file, write_json_atomic
 
 MANIFEST = "manifest.json"
@@ -105,6 +106,7 @@ def locked_manifest(out_dir: Path) -> Iterator[dict]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         m = read_manifest(out_dir) or {}
         yield m
+        fault("manifest.update")  # the lock held, the manifest not yet replaced
         write_json_atomic(out_dir / MANIFEST, m)
 
 
@@ -155,9 +157,11 @@ def write_shard(out_dir: Path, spec: ShardSpec, rows: list[dict], metadata: dict
         with atomic_path(final) as tmp:
             pq.write_table(table, tmp, compression="zstd")
             digest = sha256_file(tmp)
+            fault("shard.write")  # the fault campaign's kill points: written, not yet renamed
     except OSError as e:
         raise KoalaError(f"could not write {final} ({e.strerror or e}): free disk space under {out_dir} and run "
                          "again; finished shards are kept") from e
+    fault("shard.rename")  # renamed, not yet in the manifest
     entry = {"file": spec.file, "index": spec.index, "rows": table.num_rows, "sha256": digest}
     with locked_manifest(out_dir) as m:
         m.setdefault("done", {})[spec.file] = entry

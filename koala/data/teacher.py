@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from koala.config import KoalaConfig
 from koala.data import prompts as P
 from koala.data import shards as S
+from koala.interrupt import check
 from koala.targets import Target, encode_chat
 
 
@@ -87,6 +88,7 @@ def teacher_force_shard(cfg: KoalaConfig, target: Target, spec: S.ShardSpec, rec
     t0, tokens = time.perf_counter(), 0
     bar = tqdm(total=len(jobs), desc=spec.file, unit="conv", disable=not progress, leave=False)
     for batch in (order[i:i + tc.batch_size] for i in range(0, len(order), tc.batch_size)):
+        check()  # SIGINT/SIGTERM: stop between batches
         forced = force_batch(target.model, [(jobs[i][1], jobs[i][2]) for i in batch], tc.topk_logprobs, tc.features,
                              tok.pad_token_id or 0)
         for i, f in zip(batch, forced):
