@@ -57,10 +57,14 @@ def build_distillation_dataset(
                    cfg, out, spec, {pid: plan["records"][pid] for pid in spec["prompt_ids"] if pid in plan["records"]},
                    source)
                for spec in plan["shards"]]
+    if len(todo) < len(futures):
+        print(f"{len(futures) - len(todo)} of {len(futures)} shards already done: kept")
     t0, samples, tokens = time.perf_counter(), 0, 0
-    with tqdm(total=len(futures), desc="shards", unit="shard") as bar:
-        for f in futures:
+    with tqdm(total=len(todo), desc="shards", unit="shard") as bar:  # the shards sampled now, not the kept ones
+        for spec, f in zip(plan["shards"], futures):
             entry = f.result()
+            if spec["index"] not in todo:
+                continue
             if not entry.get("skipped") and "new_tokens" in entry:
                 samples, tokens = samples + entry["rows"], tokens + entry["new_tokens"]
                 dt = time.perf_counter() - t0

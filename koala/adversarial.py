@@ -41,6 +41,15 @@ class Adversary:
         self.opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
         self.extreme_steps = 0
 
+    def state_dict(self) -> dict:
+        """Everything a resume needs to continue bitwise: weights, optimizer, collapse counter."""
+        return {"disc": self.disc.state_dict(), "opt": self.opt.state_dict(), "extreme_steps": self.extreme_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.disc.load_state_dict(state["disc"])
+        self.opt.load_state_dict(state["opt"])
+        self.extreme_steps = int(state["extreme_steps"])
+
     def profiles(self, target_logp: torch.Tensor, drafter_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, V) log-probs of both -> (N, k) profiles at the target's top-k tokens (real, fake)."""
         idx = target_logp.topk(self.k, dim=-1).indices

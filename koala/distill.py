@@ -87,16 +87,8 @@ def draft_vocab_for(cfg: KoalaConfig, rows: list[dict], vocab: int) -> "torch.Te
     return draft_vocab_ids(response_token_counts(rows, vocab), cfg.drafter.draft_vocab)
 
 
-def write_draft_vocab(directory: Path, ids: "torch.Tensor | None") -> None:
-    """Save the draft vocabulary beside the drafter (nothing when it drafts over the full vocabulary)."""
-    if ids is not None:
-        from koala.spec.drafters import save_draft_vocab
-
-        save_draft_vocab(directory, ids)
-
-
 def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str | Path, loss: str | None = None,
-            steps: int | None = None, resume: bool = False, init_from: str | Path | None = None,
+            steps: int | None = None, resume: bool | str = False, init_from: str | Path | None = None,
             on_log: LogFn | None = None, online_teacher: bool = False, progress: bool = True) -> Path:
     """Distil a drafter on the target's samples; returns the saved drafter directory (out_dir/drafter).
 
@@ -121,8 +113,9 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
     vocab_ids = load_draft_vocab(init_from) if init_from is not None and cfg.drafter.draft_vocab else None
     if vocab_ids is None:
         vocab_ids = draft_vocab_for(cfg, train_rows, target.info.vocab_size)
-    fp = training_fingerprint("distill", loss, steps or cfg.training.steps, cfg.training.model_dump(),
-                              cfg.drafter.model_dump(), manifest.get("done"), weights_digest(init_from))
+    fp = training_fingerprint("distill", target.info.content_hash, loss, steps or cfg.training.steps,
+                              cfg.training.model_dump(), cfg.drafter.model_dump(), manifest.get("done"),
+                              weights_digest(init_from), online_teacher)
     metrics = train(model, data, cfg.training, out, "distill", steps=steps, loss=loss, target_model=target.model,
                     heldout=heldout, resume=resume, on_log=on_log, progress=progress, vocab_ids=vocab_ids,
                     fingerprint=fp)
@@ -132,9 +125,7 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
             "data_manifest_sha256": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
             "data_dir": str(data_dir), "training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump(),
             "metrics": metrics, "train_rows": len(train_rows), "heldout_rows": len(held)}
-    path = save_drafter(model, target.tokenizer, out / FINAL, info)
-    write_draft_vocab(path, vocab_ids)
-    return path
+    return save_drafter(model, target.tokenizer, out / FINAL, info, vocab_ids)
 
 
 def pretraining_rows(cfg: KoalaConfig, target: Target, limit: int = 2000) -> list[dict]:
@@ -154,7 +145,7 @@ def pretraining_rows(cfg: KoalaConfig, target: Target, limit: int = 2000) -> lis
     return rows
 
 
-def pretrain(cfg: KoalaConfig, target: Target, out_dir: str | Path, steps: int | None = None, resume: bool = False,
+def pretrain(cfg: KoalaConfig, target: Target, out_dir: str | Path, steps: int | None = None, resume: bool | str = False,
              on_log: LogFn | None = None, progress: bool = True) -> Path:
     """Pretrain a drafter with the next-token loss on text; returns out_dir/drafter."""
     out = Path(out_dir)
@@ -165,8 +156,10 @@ def pretrain(cfg: KoalaConfig, target: Target, out_dir: str | Path, steps: int |
     steps = steps or cfg.training.pretrain_steps
     if steps < 1:
         raise KoalaError("training.pretrain_steps is 0: set it (or --steps) to pretrain")
+    fp = training_fingerprint("pretrain", target.info.content_hash, steps, cfg.training.model_dump(),
+                              cfg.drafter.model_dump())
     metrics = train(model, SequenceData(train_rows, cfg.training.max_seq_len, pad), cfg.training, out, "pretrain",
-                    steps=steps, resume=resume, on_log=on_log, progress=progress)
+                    steps=steps, resume=resume, on_log=on_log, progress=progress, fingerprint=fp)
     info = {"koala_version": __version__, "kind": "draft_model", "stage": "pretrain",
             "target": {"name": target.info.name, "content_hash": target.info.content_hash,
                        "tokenizer_hash": target.info.tokenizer_hash},

@@ -183,7 +183,7 @@ class HeadsObjective:
 def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str | Path, kind: str | None = None,
                 layers: int | None = None, adversarial: bool | None = None, steps: int | None = None,
                 on_log: LogFn | None = None, progress: bool = True, init_from: str | Path | None = None,
-                heldout_dir: str | Path | None = None, resume: bool = False) -> Path:
+                heldout_dir: str | Path | None = None, resume: bool | str = False) -> Path:
     """Train Medusa or EAGLE heads on a distillation set; returns out_dir/heads (load with `heads:PATH`).
 
     Args:
@@ -221,8 +221,8 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
                                tcfg.feature_noise, vocab_ids)
     steps = steps or tcfg.steps
     held_manifest = (shards.read_manifest(Path(heldout_dir)) or {}).get("done") if heldout_dir else None
-    fp = training_fingerprint(kind, layers, steps, tcfg.model_dump(), cfg.drafter.model_dump(), manifest.get("done"),
-                              held_manifest, weights_digest(init_from))
+    fp = training_fingerprint(kind, target.info.content_hash, layers, steps, tcfg.model_dump(),
+                              cfg.drafter.model_dump(), manifest.get("done"), held_manifest, weights_digest(init_from))
     metrics = train(heads, data, tcfg, out, mode=f"heads-{kind}", steps=steps, heldout=heldout,
                     on_log=on_log, progress=progress, objective=objective, resume=resume, fingerprint=fp)
     n_heads = len(heads.heads) if kind == "medusa" else cfg.drafter.n_heads
@@ -235,11 +235,7 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
             "init_from": str(init_from) if init_from else None, "train_rows": len(train_rows),
             "train_tokens": sum(max(len(r["input_ids"]) - r.get("prompt_len", 1), 0) for r in train_rows),
             "training": tcfg.model_dump(), "metrics": metrics}
-    path = save_heads(heads.eval(), out / "heads", info)
-    from koala.distill import write_draft_vocab
-
-    write_draft_vocab(path, vocab_ids)
-    return path
+    return save_heads(heads.eval(), out / "heads", info, vocab_ids)
 
 
 def _split_rows(target: Target, data_dir, heldout_dir, fraction: float) -> tuple[list, list, dict]:

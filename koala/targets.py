@@ -57,29 +57,46 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _resolve(spec: str) -> tuple[str, Path | str, str | None]:
-    """Turn a target spec into (name, directory-or-hub-id, gguf filename or None)."""
+FIX = {"target": "check the path, or re-fetch the default with `koala assets fetch --force`",
+       "drafter": "point --drafter at a drafter directory (koala distill writes OUT/drafter), or use truncate:N, "
+                  "ngram[:N] or heads:PATH"}
+
+
+def _resolve(spec: str, role: str = "target") -> tuple[str, Path | str, str | None]:
+    """Turn a target (or drafter model) spec into (name, directory-or-hub-id, gguf filename or None)."""
     if spec in KNOWN_TARGETS:
         gguf = assets.path(KNOWN_TARGETS[spec])
         return spec, gguf.parent, gguf.name
     p = Path(spec).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
-            raise KoalaError(f"target GGUF {p} does not exist: check the path or use the default {DEFAULT_TARGET!r}")
+            raise KoalaError(f"{role} GGUF {p} does not exist: {FIX[role]}")
+        _verify_sidecar(p)
         return p.stem, p.parent, p.name
     if p.is_dir():
         if not any(next(p.glob(g), None) for g in WEIGHT_GLOBS):
-            raise KoalaError(
-                f"target directory {p} holds no weights (*.safetensors, *.bin or *.gguf): point --target at a "
-                "directory written by save_pretrained"
-            )
+            raise KoalaError(f"{role} directory {p} holds no weights (*.safetensors, *.bin or *.gguf): "
+                             + (FIX[role] if role != "target" else "point --target at a directory written by "
+                                "save_pretrained"))
         return p.name, p, None
     if spec.count("/") == 1 and not p.exists():
         return spec, spec, None  # a Hugging Face hub id
+    if role != "target":
+        raise KoalaError(f"unknown {role} {spec!r}: use truncate:N, ngram[:N], heads:PATH, lookup+SPEC, a drafter "
+                         "directory, a .gguf file or a Hugging Face id (org/name)")
     raise KoalaError(
         f"unknown target {spec!r}: use {', '.join(KNOWN_TARGETS)}, a Hugging Face id (org/name), "
         "a local model directory or a .gguf file"
     )
+
+
+def _verify_sidecar(file: Path) -> None:
+    """A .gguf given beside its .sha256 (as koala.assets writes it) must still match it: a truncated copy is refused
+    rather than loaded (or hashed by its sidecar as if whole)."""
+    sidecar = file.with_name(file.name + ".sha256")
+    if sidecar.exists() and sha256_file(file) != sidecar.read_text().strip():
+        raise KoalaError(f"{file} does not match {sidecar.name} (truncated or changed): copy it again, or "
+                         "`koala assets fetch --force` for the default")
 
 
 def _content_hash(source: Path | str, gguf: str | None) -> str:
@@ -109,7 +126,7 @@ def _converted_dir(content_hash: str) -> Path:
     return assets.cache_dir() / "converted" / content_hash[:16]
 
 
-def _load_hf(source, gguf, dtype, trust_remote_code):
+def _load_hf(source, gguf, dtype, trust_remote_code, role: str = "target"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if gguf is not None:
@@ -123,10 +140,10 @@ def _load_hf(source, gguf, dtype, trust_remote_code):
         model = AutoModelForCausalLM.from_pretrained(
             str(source), dtype=dtype, trust_remote_code=trust_remote_code, **kw
         )
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' own error for a damaged file ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KoalaError(f"could not load target {source}{'/' + gguf if gguf else ''} ({first[:200]}): "
-                         "check the path, or re-fetch the default with `koala assets fetch --force`") from e
+        raise KoalaError(f"could not load {role} {source}{'/' + gguf if gguf else ''} ({first[:200]}): "
+                         f"{FIX[role]}") from e
     if gguf is not None:
         _save_converted(model, tok, _converted_dir(_content_hash(source, gguf)))
     return model, tok
@@ -156,11 +173,25 @@ def _save_converted(model, tok, conv: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_device(device: str) -> None:
+    """cpu, cuda or cuda:N, and CUDA only where there is a CUDA GPU."""
+    kind, _, index = str(device).partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise KoalaError(f"--device {device!r}: use cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise KoalaError(f"--device {device}: this machine has no CUDA GPU (torch.cuda.is_available() is False): "
+                         "use --device cpu")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise KoalaError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s): use cuda:0"
+                         f"..cuda:{torch.cuda.device_count() - 1}")
+
+
 def load_target(
     spec: str = DEFAULT_TARGET,
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    role: str = "target",
 ) -> Target:
     """Load a target model and tokenizer.
 
@@ -169,6 +200,7 @@ def load_target(
         dtype: float32, bfloat16 or float16.
         device: cpu, cuda or cuda:N.
         trust_remote_code: run model code shipped with the checkpoint; off unless the user asks.
+        role: "target", or "drafter" when a drafter model is loaded (error messages then give a drafter's fixes).
 
     Returns:
         A Target with the model in eval mode, its tokenizer and a TargetInfo.
@@ -177,8 +209,9 @@ def load_target(
         KoalaError: unknown name, missing or corrupt file, directory without weights.
     """
     torch_dtype = parse_dtype(dtype)
-    name, source, gguf = _resolve(spec)
-    model, tok = _load_hf(source, gguf, torch_dtype, trust_remote_code)
+    check_device(device)
+    name, source, gguf = _resolve(spec, role)
+    model, tok = _load_hf(source, gguf, torch_dtype, trust_remote_code, role)
     model = model.to(device).eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

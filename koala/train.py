@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from koala.config import TrainingConfig
 from koala.errors import KoalaError
 from koala.interrupt import check, fault
+from koala.io import write_text_atomic
 from koala.losses import LOSSES, Teacher, cross_entropy, expected_acceptance, greedy_agreement
 
 LogFn = Callable[[int, dict], None]
@@ -81,8 +82,13 @@ class SequenceData:
 
 # --- checkpoints ---------------------------------------------------------------------------------------------------
 
-def save_checkpoint(out_dir: Path, step: int, model, opt, sched, data_pos: dict, keep: int = 2) -> Path:
-    """Write checkpoints/step-N atomically (a directory renamed into place) and keep the last `keep`."""
+def save_checkpoint(out_dir: Path, step: int, model, opt, sched, data_pos: dict, keep: int = 2,
+                    adversary=None) -> Path:
+    """Write checkpoints/step-N atomically (a directory renamed into place) and keep the last `keep`.
+
+    With an adversary (KOALA's discriminator), its weights, optimizer and collapse counter go in too: a resumed
+    adversarial training continues bitwise as if never stopped.
+    """
     root = out_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
@@ -92,6 +98,8 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, sched, data_pos: dict,
     state = {k: v.detach().contiguous().clone() for k, v in unwrap(model).state_dict().items()}
     save_file(state, tmp / "model.safetensors")
     torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    if adversary is not None:
+        torch.save(adversary.state_dict(), tmp / "adversary.pt")
     torch.save({"scheduler": sched.state_dict(), "step": step, "data": data_pos, "rng": torch.get_rng_state()},
                tmp / "trainer.pt")
     shutil.rmtree(final, ignore_errors=True)
@@ -109,32 +117,62 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 FINGERPRINT = "fingerprint.txt"
 
 
-def claim_checkpoints(out_dir: Path, fingerprint: str | None) -> bool:
-    """Whether out_dir's checkpoints belong to this training (same fingerprint); other runs' are set aside.
+def claim_checkpoints(out_dir: Path, fingerprint: str | None, resume: bool | str = "auto") -> None:
+    """Make out_dir's checkpoints this training's, as `resume` says.
 
-    A fingerprint names what a training is (its config, data and starting weights): resuming a checkpoint of another
-    training would hand back the wrong drafter. Checkpoints without a fingerprint (older koala) are resumed as before.
+    A fingerprint names what a training is (target, config, data, starting weights): resuming another training's
+    checkpoint would hand back the wrong drafter under this one's name.
+
+    resume:
+        True: continue this training (`--resume`). Refused, with out_dir untouched, when there is no checkpoint or
+            when they belong to another training (or carry no fingerprint).
+        "auto": continue this training's checkpoints if there are some (a retried task); set others' aside.
+        False: start over; any checkpoints there are set aside (checkpoints.stale-*), never mixed with the new ones.
+
+    Raises:
+        KoalaError: resume=True and nothing of this training's to continue.
     """
     root = out_dir / "checkpoints"
     f = root / FINGERPRINT
-    if fingerprint is None:
-        return True
-    if root.exists() and f.exists() and f.read_text().strip() != fingerprint:
-        stale = out_dir / f"checkpoints.stale-{f.read_text().strip()[:12]}"
+    stored = f.read_text().strip() if f.exists() else None
+    have = latest_checkpoint(out_dir) is not None
+    ours = have and (fingerprint is None or stored == fingerprint)
+    if resume is True and not have:
+        raise KoalaError(f"--resume: {out_dir} holds no checkpoint to continue: drop --resume to start a new training "
+                         "there")
+    if resume is True and not ours:
+        raise KoalaError(f"--resume: the checkpoints in {out_dir} belong to another training (target, data, config or "
+                         "starting weights differ): drop --resume to start over there (they are set aside), or "
+                         "choose another --out")
+    if have and (resume is False or not ours):
+        stale = out_dir / f"checkpoints.stale-{(stored or 'unknown')[:12]}"
         shutil.rmtree(stale, ignore_errors=True)
         root.rename(stale)
-        print(f"{root} held another training's checkpoints (config, data or starting weights differ): moved to "
-              f"{stale.name}, starting over")
-    root.mkdir(parents=True, exist_ok=True)
-    f.write_text(fingerprint + "\n")
-    return True
+        why = "an earlier run of this training" if ours else "another training's (target, config, data or starting " \
+              "weights differ)"
+        print(f"{root} held {why} checkpoints: moved to {stale.name}, starting over")
+    if fingerprint is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(f, fingerprint + "\n")
 
 
-def load_checkpoint(ckpt: Path, model, opt, sched) -> tuple[int, dict]:
-    unwrap(model).load_state_dict(load_file(ckpt / "model.safetensors", device=str(next(model.parameters()).device)),
-                                  strict=False)
-    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    t = torch.load(ckpt / "trainer.pt", weights_only=True)
+def load_checkpoint(ckpt: Path, model, opt, sched, adversary=None) -> tuple[int, dict]:
+    """Restore a checkpoint exactly (every weight must fit: strict); returns (step, data position).
+
+    Raises:
+        KoalaError: the checkpoint is damaged or was written for another architecture.
+    """
+    try:
+        unwrap(model).load_state_dict(load_file(ckpt / "model.safetensors",
+                                                device=str(next(model.parameters()).device)), strict=True)
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        if adversary is not None:
+            adversary.load_state_dict(torch.load(ckpt / "adversary.pt", weights_only=True))
+        t = torch.load(ckpt / "trainer.pt", weights_only=True)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise KoalaError(f"checkpoint {ckpt} does not fit this training ({first}): drop --resume to start over, or "
+                         "choose another --out") from None
     sched.load_state_dict(t["scheduler"])
     torch.set_rng_state(t["rng"])
     return t["step"], t["data"]
@@ -284,7 +322,7 @@ def heldout_metrics(objective, data: SequenceData | None, device, limit: int = 6
 
 def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, mode: str = "distill",
           steps: int | None = None, loss: str | None = None, target_model=None, heldout: SequenceData | None = None,
-          resume: bool = False, on_log: LogFn | None = None, progress: bool = True, objective=None,
+          resume: bool | str = False, on_log: LogFn | None = None, progress: bool = True, objective=None,
           vocab_ids: torch.Tensor | None = None, fingerprint: str | None = None) -> dict:
     """Train `model` (a Hugging Face causal LM) in place; returns the last logged metrics.
 
@@ -298,7 +336,8 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
         loss: fkl, rkl, tvd, tvdpp or jsd (default: cfg.loss).
         target_model: the target, for teacher distributions when the data has no stored top-k.
         heldout: sequences for the held-out expected acceptance.
-        resume: continue from the last checkpoint in out_dir.
+        resume: True: continue this training's last checkpoint in out_dir (refused if there is none, or if it is
+            another training's); "auto": continue it if there is one; False: start over (see claim_checkpoints).
         on_log: called with (step, metrics) every step.
         objective: what a step minimises (default: a DraftModelObjective for `mode`); draft heads bring their own.
         vocab_ids: distil over these tokens only (the draft vocabulary, sorted ids), renormalising the teacher.
@@ -319,7 +358,8 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg, steps))
-    start, order = _starting_point(out, resume, fingerprint, model, opt, sched, len(data), cfg.seed)
+    adversary = getattr(objective, "adversary", None)
+    start, order = _starting_point(out, resume, fingerprint, model, opt, sched, len(data), cfg.seed, adversary)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     metrics: dict = {}
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=mode, disable=not progress or rank != 0)
@@ -335,7 +375,7 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
             metrics.update(heldout_metrics(objective, heldout, device))
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps) and rank == 0:
-            save_checkpoint(out, step + 1, model, opt, sched, order.state())
+            save_checkpoint(out, step + 1, model, opt, sched, order.state(), adversary=adversary)
             fault("train.checkpoint")
         if on_log and rank == 0:
             on_log(step + 1, metrics)
@@ -355,15 +395,17 @@ def _optimizer_step(opt, sched, params, clip: float) -> torch.Tensor:
     return norm
 
 
-def _starting_point(out: Path, resume: bool, fingerprint: str | None, model, opt, sched, n: int, seed: int
-                    ) -> tuple[int, DataOrder]:
+def _starting_point(out: Path, resume: bool | str, fingerprint: str | None, model, opt, sched, n: int, seed: int,
+                    adversary=None) -> tuple[int, DataOrder]:
     """(first step, data order): step 0, or where this training's last checkpoint left off (never another's)."""
     if world()[0] == 0:
-        claim_checkpoints(out, fingerprint)
+        claim_checkpoints(out, fingerprint, resume)
+    if world()[1] > 1:
+        dist.barrier()  # rank 0 has set foreign checkpoints aside
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is None:
         return 0, DataOrder(n, seed)
-    start, pos = load_checkpoint(ckpt, model, opt, sched)
+    start, pos = load_checkpoint(ckpt, model, opt, sched, adversary)
     return start, DataOrder(n, seed, pos["epoch"], pos["pos"])
 
 

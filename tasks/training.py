@@ -54,7 +54,7 @@ def pretrain_drafter(cfg: KoalaConfig, out_dir: str, parent_run_id: str | None =
     uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
     with Tracker.start(uri, cfg.tracking.experiment, "pretrain", parent_run_id=parent_run_id) as tr:
         tr.log_params({"training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump()})
-        path = pretrain(cfg, s.target, out_dir, resume=True, on_log=_logged(tr, history), progress=False)
+        path = pretrain(cfg, s.target, out_dir, resume="auto", on_log=_logged(tr, history), progress=False)
         tr.log_artifact(training_curves(history, Path(out_dir) / "pretrain_curves.png", "pretraining loss"))
     get_run_logger().info("pretrained drafter: %s", path)
     return str(path)
@@ -72,7 +72,7 @@ def distill_drafter(cfg: KoalaConfig, data_dir: str, out_dir: str, init_from: st
                        parent_run_id=parent_run_id) as tr:
         tr.log_params({"training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump(),
                        "data_dir": data_dir, "init_from": init_from})
-        path = distill(cfg, s.target, data_dir, out_dir, loss=loss, resume=True, init_from=init_from,
+        path = distill(cfg, s.target, data_dir, out_dir, loss=loss, resume="auto", init_from=init_from,
                        on_log=_logged(tr, history), progress=False)
         tr.log_artifact(training_curves(history, Path(out_dir) / "distill_curves.png", f"{loss or cfg.training.loss}"))
         tr.log_artifact(path / "koala.json")
@@ -110,7 +110,7 @@ def train_heads_task(cfg: KoalaConfig, data_dir: str, out_dir: str, parent_run_i
         tr.log_params({"training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump(),
                        "data_dir": data_dir, "init_from": init_from})
         path = train_heads(cfg, s.target, data_dir, out_dir, on_log=_logged(tr, history), progress=False,
-                           init_from=init_from, heldout_dir=heldout_dir, resume=True)
+                           init_from=init_from, heldout_dir=heldout_dir, resume="auto")
         tr.log_artifact(training_curves(history, Path(out_dir) / "heads_curves.png", name))
         tr.log_artifact(path / "heads.json")
         run_id = tr.run_id

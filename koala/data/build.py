@@ -105,10 +105,13 @@ def plan(cfg: KoalaConfig, target: Target, out_dir: str | Path | None = None, so
     with S.locked_manifest(out) as m:
         S.check_compatible(m, facts, h, out)
         planned = [S.ShardSpec(s["index"], tuple(s["prompt_ids"])) for s in m.get("plan", [])]
+        S.check_plan(m, out)
         have = {pid for s in planned for pid in s.prompt_ids}
         new = [r.id for r in records if r.id not in have]
         size = settings["shard_size"]
-        start = len(planned)
+        # new shards never reuse a number: not a planned one, not one recorded as done, not a file on disk
+        start = 1 + max([s.index for s in planned] + [e.get("index", -1) for e in m.get("done", {}).values()]
+                        + [int(f.stem.removeprefix("shard-")) for f in out.glob("shard-[0-9]*.parquet")], default=-1)
         planned += [S.ShardSpec(start + i, tuple(new[j:j + size])) for i, j in enumerate(range(0, len(new), size))]
         m.update({"koala_version": S.__version__, "target": facts, "source": source, "sampling": settings,
                   "settings_hash": h,

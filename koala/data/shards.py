@@ -135,6 +135,29 @@ def check_compatible(m: dict, target: dict, sampling_hash: str, out_dir: Path) -
                          "use the same sampling settings or another --out directory")
 
 
+def check_plan(m: dict, out_dir: Path) -> None:
+    """Refuse a manifest whose plan cannot have been written by koala: a prompt planned twice, a shard planned twice,
+    or a finished shard the plan does not list (its samples would be sampled again: duplicates).
+
+    Raises:
+        KoalaError: naming the first inconsistency and the fix.
+    """
+    seen: dict[str, str] = {}
+    files = set()
+    fix = f"the manifest was edited or damaged: restore {Path(out_dir) / MANIFEST} or start a new --out directory"
+    for s in m.get("plan", []):
+        if s["file"] in files:
+            raise KoalaError(f"{out_dir}: {MANIFEST} plans {s['file']} twice; {fix}")
+        files.add(s["file"])
+        for pid in s["prompt_ids"]:
+            if pid in seen:
+                raise KoalaError(f"{out_dir}: {MANIFEST} plans prompt {pid} in {seen[pid]} and {s['file']}; {fix}")
+            seen[pid] = s["file"]
+    orphans = sorted(set(m.get("done", {})) - files)
+    if orphans:
+        raise KoalaError(f"{out_dir}: {MANIFEST} records {orphans[0]} as done but its plan has no such shard; {fix}")
+
+
 def shard_valid(out_dir: Path, entry: dict) -> bool:
     """A shard counts as done when the manifest records it and the file's sha256 matches."""
     f = Path(out_dir) / entry["file"]
@@ -197,12 +220,14 @@ def load(path: str | Path, as_dataset: bool = False, columns: list[str] | None =
     m = read_manifest(out_dir)
     if not m:
         raise KoalaError(f"{out_dir} has no {MANIFEST}: build it with `koala sample --out {out_dir}`")
+    check_plan(m, out_dir)
     planned = [s["file"] for s in m.get("plan", [])]
     done = m.get("done", {})
     bad = [f for f in planned if f not in done or not shard_valid(out_dir, done[f])]
     if bad:
         raise KoalaError(f"{out_dir}: {len(bad)} of {len(planned)} shards are missing or corrupt (first: {bad[0]}): "
                          f"run `koala sample` again with the same config to finish them")
+    _check_rows(out_dir, m)
     tables = [_read(out_dir / f, columns) for f in planned]
     if not tables or sum(t.num_rows for t in tables) == 0:
         raise KoalaError(f"{out_dir} holds no samples: build it with `koala sample`")
@@ -211,6 +236,25 @@ def load(path: str | Path, as_dataset: bool = False, columns: list[str] | None =
         import datasets
         return datasets.Dataset(table)
     return table
+
+
+def _check_rows(out_dir: Path, m: dict) -> None:
+    """Every shard holds the rows its manifest entry counts, of the prompts its plan lists, and no sample twice."""
+    owner: dict[str, str] = {}
+    fix = "rebuild it: delete the directory (or the shard and its manifest entry) and run `koala sample` again"
+    for s in m.get("plan", []):
+        t = pq.read_table(Path(out_dir) / s["file"], columns=["sample_id", "prompt_id"])
+        if t.num_rows != m["done"][s["file"]].get("rows", t.num_rows):
+            raise KoalaError(f"{out_dir}/{s['file']} holds {t.num_rows} rows, its manifest entry says "
+                             f"{m['done'][s['file']]['rows']}: {fix}")
+        stray = set(t.column("prompt_id").to_pylist()) - set(s["prompt_ids"])
+        if stray:
+            raise KoalaError(f"{out_dir}/{s['file']} holds prompt {sorted(stray)[0]}, which its plan does not "
+                             f"list: {fix}")
+        for sid in t.column("sample_id").to_pylist():
+            if sid in owner:
+                raise KoalaError(f"{out_dir}: sample {sid} is in both {owner[sid]} and {s['file']}: {fix}")
+            owner[sid] = s["file"]
 
 
 def metadata(path: str | Path) -> dict:

@@ -78,14 +78,20 @@ def build_drafter(target: Target, cfg: DrafterConfig, seed: int = 0) -> LlamaFor
     return model.to(target.model.device)
 
 
-def save_drafter(model: LlamaForCausalLM, tokenizer, out_dir: str | Path, info: dict) -> Path:
-    """save_pretrained (safetensors) with the tokenizer and koala.json (target, training config, data hash)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    (out / KOALA_JSON).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
-    return out
+def save_drafter(model: LlamaForCausalLM, tokenizer, out_dir: str | Path, info: dict, draft_vocab=None) -> Path:
+    """save_pretrained (safetensors) with the tokenizer, koala.json (target, training config, data hash) and the
+    draft vocabulary, written into a temporary directory renamed into place: never seen half-written."""
+    from koala.io import atomic_dir
+    from koala.spec.drafters import save_draft_vocab
+
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if draft_vocab is not None:
+            save_draft_vocab(tmp, draft_vocab)
+        info = {**info, "draft_vocab_size": 0 if draft_vocab is None else len(draft_vocab)}
+        (tmp / KOALA_JSON).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+    return Path(out_dir)
 
 
 def read_koala_json(path: str | Path) -> dict:

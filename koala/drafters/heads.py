@@ -147,12 +147,18 @@ def build_heads(kind: str, target_model, layers: int, n_heads: int = 4) -> nn.Mo
     return module.to(device=target_model.device, dtype=target_model.dtype)
 
 
-def save_heads(module: nn.Module, out_dir: str | Path, info: dict) -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, out / HEADS_WEIGHTS)
-    (out / HEADS_JSON).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
-    return out
+def save_heads(module: nn.Module, out_dir: str | Path, info: dict, draft_vocab=None) -> Path:
+    """Weights, heads.json and the draft vocabulary, written into a temporary directory renamed into place."""
+    from koala.io import atomic_dir
+    from koala.spec.drafters import save_draft_vocab
+
+    with atomic_dir(out_dir) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, tmp / HEADS_WEIGHTS)
+        if draft_vocab is not None:
+            save_draft_vocab(tmp, draft_vocab)
+        info = {**info, "draft_vocab_size": 0 if draft_vocab is None else len(draft_vocab)}
+        (tmp / HEADS_JSON).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+    return Path(out_dir)
 
 
 def load_heads(path: str | Path, target_model) -> tuple[nn.Module, dict]:

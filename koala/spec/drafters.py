@@ -12,6 +12,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from koala.errors import KoalaError
 from koala.spec.model import Transformer
 from koala.spec.sampling import SamplingParams, logits_to_probs, sample
 
@@ -107,8 +108,21 @@ def load_draft_vocab(directory) -> torch.Tensor | None:
 
     from safetensors.torch import load_file
 
-    f = Path(str(directory).removeprefix("heads:")) / DRAFT_VOCAB
-    return load_file(f)["ids"].long() if f.exists() else None
+    import json
+
+    d = Path(str(directory).removeprefix("heads:"))
+    f = d / DRAFT_VOCAB
+    if f.exists():
+        try:
+            return load_file(f)["ids"].long()
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+            raise KoalaError(f"{f} is damaged ({e}): copy the drafter again or retrain it") from None
+    for name in ("koala.json", "heads.json"):  # saved with a draft vocabulary, but the file is gone
+        info = json.loads((d / name).read_text()) if (d / name).exists() else {}
+        if info.get("draft_vocab_size"):
+            raise KoalaError(f"{d} lacks {DRAFT_VOCAB} (its {name} says it drafts over {info['draft_vocab_size']} "
+                             "tokens): copy the whole drafter directory again")
+    return None
 
 
 class ModelDrafter:
@@ -246,8 +260,6 @@ def load_drafter(spec: str, target: Transformer, dtype: str = "float32", device:
     Raises:
         KoalaError: a malformed spec or a drafter that cannot be loaded.
     """
-    from koala.errors import KoalaError
-
     if spec.startswith("lookup+"):
         return LookupFirstDrafter(load_drafter(spec[len("lookup+"):], target, dtype, device))
     if spec.startswith("truncate:"):
@@ -257,7 +269,10 @@ def load_drafter(spec: str, target: Transformer, dtype: str = "float32", device:
             raise KoalaError(f"drafter {spec!r}: write truncate:N with N a number of layers, e.g. truncate:2") from None
         return ModelDrafter(target.truncated(n), name=spec)
     if spec == "ngram" or spec.startswith("ngram:"):
-        n = int(spec.split(":", 1)[1]) if ":" in spec else 3
+        n = spec.split(":", 1)[1] if ":" in spec else "3"
+        if not n.isdigit() or int(n) < 1:
+            raise KoalaError(f"drafter {spec!r}: write ngram:N with N >= 1 the longest n-gram to look up, e.g. ngram:3")
+        n = int(n)
         return PromptLookupDrafter(max_ngram=n, vocab_size=target.args.vocab_size)
     if spec.startswith("heads:"):
         from koala.drafters.heads import load_heads_drafter
@@ -265,7 +280,7 @@ def load_drafter(spec: str, target: Transformer, dtype: str = "float32", device:
         return load_heads_drafter(spec.split(":", 1)[1], target)
     from koala.targets import load_target
 
-    t = load_target(spec, dtype=dtype, device=device)
+    t = load_target(spec, dtype=dtype, device=device, role="drafter")
     engine = Transformer(t.model)
     from pathlib import Path
 

@@ -115,18 +115,25 @@ def test_resume_is_bitwise_identical(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_checkpoints_of_another_training_are_not_resumed(tmp_path):
-    """Same out_dir, another fingerprint (config, data or starting weights): start over, never hand back the other
-    training's weights; the same fingerprint, finished, resumes to its held-out metrics instead of nothing."""
+def test_checkpoints_of_another_training_are_refused_or_set_aside(tmp_path):
+    """Same out_dir, another fingerprint (target, config, data or starting weights): --resume refuses with one line
+    and leaves everything as it was; a retried task (resume="auto") and a fresh start set them aside and start
+    over, never handing back the other training's weights; the same fingerprint, finished, resumes to its held-out
+    metrics instead of nothing."""
     data = SequenceData(synthetic_rows(topk=4), 32, 0)
     held = SequenceData(synthetic_rows(n=8, seed=1, topk=4), 32, 0)
     first = tiny_llama(layers=1, vocab=V, seed=3)
     train(first, data, cfg(), tmp_path / "out", loss="fkl", progress=False, fingerprint="stage-a")
+    before_files = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
     other = tiny_llama(layers=1, vocab=V, seed=5)
+    with pytest.raises(KoalaError, match="belong to another training.*drop --resume"):
+        train(other, data, cfg(steps=3), tmp_path / "out", loss="fkl", resume=True, progress=False,
+              fingerprint="stage-b")
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == before_files
     before = {k: v.clone() for k, v in other.state_dict().items()}
     logged = []
-    train(other, data, cfg(steps=3), tmp_path / "out", loss="fkl", resume=True, progress=False, fingerprint="stage-b",
-          on_log=lambda step, m: logged.append(step))
+    train(other, data, cfg(steps=3), tmp_path / "out", loss="fkl", resume="auto", progress=False,
+          fingerprint="stage-b", on_log=lambda step, m: logged.append(step))
     assert logged == [1, 2, 3]  # trained from its own start, not resumed at step 6 of stage a
     assert any(not torch.equal(before[k], v) for k, v in other.state_dict().items())
     assert list((tmp_path / "out").glob("checkpoints.stale-*"))
@@ -136,6 +143,54 @@ def test_checkpoints_of_another_training_are_not_resumed(tmp_path):
     assert "heldout_expected_acceptance" in m  # finished already: metrics recomputed, weights from its checkpoint
     a, b = load_file(latest_checkpoint(tmp_path / "out") / "model.safetensors"), again.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(KoalaError, match="holds no checkpoint to continue: drop --resume"):
+        train(tiny_llama(layers=1, vocab=V), SequenceData(synthetic_rows(topk=4), 32, 0), cfg(), tmp_path / "none",
+              loss="fkl", resume=True, progress=False, fingerprint="x")
+    assert not (tmp_path / "none" / "checkpoints").exists() or not list((tmp_path / "none" / "checkpoints").glob("step-*"))
+
+
+def test_a_fresh_start_never_mixes_with_older_checkpoints(tmp_path):
+    """Without --resume, earlier checkpoints in out_dir (even this training's) are set aside: pruning by name would
+    otherwise keep the old run's later steps and delete the new ones."""
+    data = SequenceData(synthetic_rows(topk=4), 32, 0)
+    train(tiny_llama(layers=1, vocab=V, seed=3), data, cfg(), tmp_path, loss="fkl", progress=False, fingerprint="a")
+    model = tiny_llama(layers=1, vocab=V, seed=4)
+    train(model, data, cfg(steps=3), tmp_path, loss="fkl", progress=False, fingerprint="a")
+    assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step-*"))] == ["step-0000003"]
+    a = load_file(latest_checkpoint(tmp_path) / "model.safetensors")
+    assert all(torch.equal(a[k], v) for k, v in model.state_dict().items())
+
+
+def test_adversarial_resume_is_bitwise_identical_discriminator_included(tmp_path):
+    """KOALA's discriminator (weights, optimizer, collapse counter) is checkpointed with the drafter."""
+    from koala.interrupt import Interrupted
+
+    data = SequenceData(synthetic_rows(topk=4), 32, 0)
+    c = cfg(adversarial=True, adv_warmup_steps=1, adv_lambda=0.1)
+    straight = tiny_llama(layers=1, vocab=V, seed=3)
+    train(straight, data, c, tmp_path / "straight", loss="fkl", progress=False, target_model=tiny_llama(vocab=V))
+
+    def stop_after_3(step, m):
+        if step == 3:
+            raise Interrupted("stop")
+
+    with pytest.raises(Interrupted):
+        train(tiny_llama(layers=1, vocab=V, seed=3), data, c, tmp_path / "resumed", loss="fkl", progress=False,
+              target_model=tiny_llama(vocab=V), on_log=stop_after_3)
+    train(tiny_llama(layers=1, vocab=V, seed=99), data, c, tmp_path / "resumed", loss="fkl", resume=True,
+          progress=False, target_model=tiny_llama(vocab=V))
+    for name in ("model.safetensors",):
+        a = load_file(latest_checkpoint(tmp_path / "straight") / name)
+        b = load_file(latest_checkpoint(tmp_path / "resumed") / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    da = torch.load(latest_checkpoint(tmp_path / "straight") / "adversary.pt", weights_only=True)
+    db = torch.load(latest_checkpoint(tmp_path / "resumed") / "adversary.pt", weights_only=True)
+    assert all(torch.equal(da["disc"][k], db["disc"][k]) for k in da["disc"])
+    sa, sb = da["opt"]["state"], db["opt"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
