@@ -53,6 +53,42 @@ def in_prefect(call):
         raise typer.Exit(exit_code()) from None
 
 
+def at_least_one(**options) -> None:
+    """Counts given on the command line (None: not given) must be >= 1."""
+    for name, v in options.items():
+        if v is not None and v < 1:
+            raise KoalaError(f"--{name.replace('_', '-')} {v}: must be at least 1 (leave it out for the profile's value)")
+
+
+def check_run_options(target: str, dtype: str, device: str, drafter: str | None = None) -> None:
+    """What can be checked before the target loads: dtype, device, and the drafter spec and its files."""
+    from koala.spec.drafters import check_drafter_spec
+    from koala.targets import check_device, parse_dtype
+
+    parse_dtype(dtype)
+    check_device(device)
+    if drafter is not None:
+        check_drafter_spec(drafter)
+
+
+def writable_dir(directory, option: str = "--out") -> None:
+    """The directory a command will write its results to can be written, checked before hours of work."""
+    import tempfile
+    from pathlib import Path
+
+    d = Path(directory)
+    probe = d
+    while not probe.exists():  # the nearest existing ancestor must let us create the rest
+        probe = probe.parent
+    try:
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is a file")
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise KoalaError(f"{option} {d}: cannot write there ({e.strerror or e}): choose a writable directory") from None
+
+
 def validated(model, origin: str, **values):
     """A config section from command-line values; a bad value is a one-line KoalaError naming the option."""
     from pydantic import ValidationError
@@ -141,6 +177,13 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
     from koala.spec.session import Session
 
     try:
+        if not prompt.strip():
+            raise KoalaError("the prompt is empty: give the user message, e.g. koala generate \"Tell me a joke\"")
+        from koala.config import EvalConfig
+
+        validated(EvalConfig, "koala generate", temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                  gamma=gamma)
+        check_run_options(target, dtype, device, drafter)
         g = parse_gamma(gamma)
         s = Session.open(target, dtype=dtype, device=device, compile=compile)
         typer.echo(f"[{s.describe()}]", err=True)
@@ -197,10 +240,16 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
         cfg = validated(EvalConfig, "koala eval", bench=bench, limit=limit, gamma=gamma, temperature=temperature,
                         top_p=top_p, max_new_tokens=max_new_tokens, hf_baselines=hf, threshold=threshold,
                         lookup=lookup, compile=compile)
-        s = Session.open(target, dtype=dtype, device=device, compile=compile)
-        typer.echo(f"[{s.describe()}]", err=True)
+        check_run_options(target, dtype, device, drafter)
         out_path = Path(out)
         out_dir = out_path.parent if out_path.suffix == ".json" else out_path
+        writable_dir(out_dir)
+        if cfg.bench not in ("mtbench", "humaneval") and not cfg.bench.startswith("hf:"):
+            from koala.data.prompts import load as load_prompts
+
+            load_prompts(cfg.bench, limit=1)  # a missing or malformed file fails now, not after the target loads
+        s = Session.open(target, dtype=dtype, device=device, compile=compile)
+        typer.echo(f"[{s.describe()}]", err=True)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TextColumn("{task.fields[info]}"), TimeRemainingColumn()) as bar:
             task = bar.add_task("eval", total=None, info="")
@@ -233,6 +282,7 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
     from koala.data.shards import SOURCES
 
     try:
+        at_least_one(n_prompts=n_prompts, max_new_tokens=max_new_tokens)
         if source not in SOURCES:
             raise KoalaError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
         if source == "teacher_forced" and n_prompts:  # how many conversations to teacher-force
@@ -241,6 +291,7 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
         if source == "teacher_forced" and cfg.teacher_forced.limit == 0:
             raise KoalaError("teacher_forced.limit is 0 in this profile: say how many conversations with "
                              "--n-prompts N (or --set teacher_forced.limit=N)")
+        writable_dir(out or (cfg.sampling.out_dir if source == "generated" else cfg.teacher_forced.out_dir))
         from flows.build_dataset import build_distillation_dataset
 
         out_dir = in_prefect(lambda: build_distillation_dataset(
@@ -264,11 +315,15 @@ def _train_cmd(stage: str, config, profile, data, loss, steps, out, resume, init
 
     history: list = []
     try:
+        at_least_one(steps=steps)
         cfg = load_config(None if config else profile, config, set_ or [])
+        out_dir = Path(out or Path(cfg.training.out_dir) / stage)
+        _check_training_paths(out_dir, resume, init=init, data=None if stage == "pretrain" else
+                              (data or cfg.sampling.out_dir))
+        check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
         init_distributed()
         lead = world()[0] == 0
         target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device, cfg.target.trust_remote_code)
-        out_dir = Path(out or Path(cfg.training.out_dir) / stage)
         with ExitStack() as stack:
             tracker = None
             if track and lead:
@@ -296,6 +351,30 @@ def _train_cmd(stage: str, config, profile, data, loss, steps, out, resume, init
     except KoalaError as e:
         fail(e)
     _print_result(f"drafter: {path}", history)
+
+
+def _check_training_paths(out_dir, resume: bool, init: str | None = None, data: str | None = None,
+                          heads: bool = False) -> None:
+    """Before the target loads: --out writable, --resume has a checkpoint to continue, --init and --data exist."""
+    from pathlib import Path
+
+    from koala.data.shards import MANIFEST
+    from koala.train import latest_checkpoint
+
+    writable_dir(out_dir)
+    if resume and latest_checkpoint(Path(out_dir)) is None:
+        raise KoalaError(f"--resume: {out_dir} holds no checkpoint to continue: drop --resume to start a new "
+                         "training there")
+    if init is not None:
+        p = Path(init.removeprefix("heads:"))
+        need = "heads.json" if heads else "config.json"
+        if not (p / need).exists():
+            raise KoalaError(f"--init {init}: no {'draft heads' if heads else 'drafter'} there (no {need}): pass the "
+                             f"{'OUT/heads directory of `koala heads`' if heads else 'OUT/drafter directory of a '}"
+                             f"{'' if heads else 'training (koala pretrain or koala distill)'}")
+    if data is not None and not (Path(data) / MANIFEST).exists():
+        raise KoalaError(f"--data {data}: no distillation set there (no {MANIFEST}): build it with "
+                         f"`koala sample --out {data}`")
 
 
 def _print_result(line: str, history: list) -> None:
@@ -360,7 +439,10 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
     try:
         if kind not in ("medusa", "eagle"):
             raise KoalaError(f"--kind must be medusa or eagle, got {kind!r}")
+        at_least_one(layers=layers, steps=steps)
         cfg = load_config(None if config else profile, config, set_ or [])
+        _check_training_paths(out, resume, init=init, data=data or cfg.sampling.out_dir, heads=True)
+        check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
         target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device, cfg.target.trust_remote_code)
         path = train_heads(cfg, target, data or cfg.sampling.out_dir, out, kind=kind, layers=layers,
                            adversarial=adversarial, steps=steps, on_log=lambda s, m: history.append((s, m)),
@@ -385,10 +467,13 @@ def run(profile: str = typer.Option("smoke", help="smoke (a CPU in minutes), def
     from koala.tracking import resolve_uri, check_reachable
 
     try:
-        cfg = load_config(None if config else profile, config, set_ or [])  # a bad profile fails here, not in Prefect
-        check_reachable(resolve_uri(cfg.tracking.uri, cfg.run_dir))
+        at_least_one(n_prompts=n_prompts, steps=steps)
         if loss is not None and loss not in ("fkl", "rkl", "tvd", "tvdpp", "jsd"):
             raise KoalaError(f"--loss must be one of fkl, rkl, tvd, tvdpp, jsd; got {loss!r}")
+        cfg = load_config(None if config else profile, config, set_ or [])  # a bad profile fails here, not in Prefect
+        check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
+        writable_dir(cfg.run_dir, "run_dir")
+        check_reachable(resolve_uri(cfg.tracking.uri, cfg.run_dir))
         from flows.pipeline import koala_pipeline
 
         s = in_prefect(lambda: koala_pipeline(profile=profile if config is None else "smoke", config_path=config,
@@ -442,7 +527,7 @@ def promote(model: str = typer.Option(..., help="registered model name, e.g. koa
 
     try:
         cfg = load_config(profile)
-        uri = resolve_uri(tracking_uri or cfg.tracking.uri, cfg.run_dir)
+        uri = resolve_uri(tracking_uri or cfg.tracking.uri, cfg.run_dir, create=False)
         check_reachable(uri)
         from mlflow import MlflowClient
 

@@ -231,4 +231,7 @@ def load_config(profile: str | None = None, path: str | Path | None = None, over
     try:
         return KoalaConfig.model_validate(data)
     except ValidationError as e:
-        raise KoalaError(_format_error(e, origin)) from None
+        loc = ".".join(str(x) for x in e.errors()[0]["loc"])
+        keys = [(o, o.split("=", 1)[0].strip()) for o in overrides]
+        blamed = [o for o, k in keys if k == loc or loc.startswith(k + ".") or k.startswith(loc + ".")]
+        raise KoalaError(_format_error(e, f"--set {blamed[-1]}" if blamed else origin)) from None

@@ -20,6 +20,30 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def check_safetensors(path: str | Path) -> None:
+    """A safetensors file is whole: its header parses and the file is as long as the header says (a truncated copy
+    is refused before anything loads it).
+
+    Raises:
+        KoalaError: naming the file and the fix.
+    """
+    from koala.errors import KoalaError
+
+    p = Path(path)
+    size = p.stat().st_size
+    try:
+        with open(p, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"{size} bytes, the header needs {8 + n + end}")
+    except (ValueError, KeyError, TypeError) as e:
+        raise KoalaError(f"{p} is truncated or damaged ({e}): copy it again, or retrain") from None
+
+
 def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

@@ -20,13 +20,20 @@ import mlflow.pyfunc
 from koala.errors import KoalaError
 
 
-def resolve_uri(uri: str | None, run_dir: str | Path) -> str:
-    """The tracking URI: the config's, else $MLFLOW_TRACKING_URI, else a SQLite store in the run directory."""
+def resolve_uri(uri: str | None, run_dir: str | Path, create: bool = True) -> str:
+    """The tracking URI: the config's, else $MLFLOW_TRACKING_URI, else a SQLite store in the run directory.
+
+    Raises:
+        KoalaError: create=False (reading an existing registry) and the local store does not exist.
+    """
     if uri:
         return uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     db = Path(run_dir).resolve() / "mlflow.db"
+    if not create and not db.exists():
+        raise KoalaError(f"no MLflow store at {db}: run from the directory where `koala run` ran, or pass "
+                         "--tracking-uri (or set MLFLOW_TRACKING_URI)")
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
 

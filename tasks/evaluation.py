@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from koala.config import KoalaConfig
+from koala.errors import KoalaError
 from koala.evaluate import evaluate, summary_line
 from koala.registry import decide
 from koala.tracking import Tracker, resolve_uri
@@ -73,14 +74,24 @@ def evaluate_drafter(cfg: KoalaConfig, drafter: str, out_dir: str, parent_run_id
 @task(name="register-drafter", retries=2, retry_delay_seconds=[2, 10],
       retry_condition_fn=retry_unless_koala_error)
 def register_drafter(cfg: KoalaConfig, drafter_dir: str, report: dict, parent_run_id: str | None = None) -> dict:
-    """Log the drafter as an MLflow model, register a new version and tag it with its evaluation."""
+    """Log the drafter as an MLflow model, register a new version and tag it with its evaluation.
+
+    Idempotent: the version carries the drafter's weights digest, and the same weights (a retried task, a pipeline
+    rerun after a kill) get the version they already have instead of a second one.
+    """
     from mlflow import MlflowClient
+
+    from koala.train import weights_digest
 
     name = model_name(cfg)
     uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
-    with Tracker.start(uri, cfg.tracking.experiment, "register", parent_run_id=parent_run_id) as tr:
-        logged = tr.log_drafter(drafter_dir, registered_name=name)
     client = MlflowClient(uri)
+    digest = weights_digest(drafter_dir)
+    logged = _registered(client, name, digest)
+    if logged is None:
+        with Tracker.start(uri, cfg.tracking.experiment, "register", parent_run_id=parent_run_id) as tr:
+            logged = tr.log_drafter(drafter_dir, registered_name=name)
+        client.set_model_version_tag(name, logged["version"], WEIGHTS_TAG, digest)
     tags = {"tau": f"{report['tau']:.4f}", "speedup": f"{report['speedup']:.4f}", "gamma_chosen": str(report.get("gamma")),
             "mode": report.get("mode", "eager"),
             "lossless": f"{report['lossless']['identical']}/{report['lossless']['total']}",
@@ -92,11 +103,41 @@ def register_drafter(cfg: KoalaConfig, drafter_dir: str, report: dict, parent_ru
     return {"name": name, "version": logged["version"], "model_uri": logged["model_uri"]}
 
 
+WEIGHTS_TAG = "koala.weights_sha256"
+
+
+def _registered(client, name: str, digest: str) -> dict | None:
+    """The version already registered for these weights, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name='{name}' and tags.`{WEIGHTS_TAG}` = '{digest}'")
+    except MlflowException as e:
+        if _not_found(e):
+            return None
+        raise
+    if not found:
+        return None
+    v = min(found, key=lambda v: int(v.version))
+    return {"version": str(v.version), "model_uri": f"models:/{name}/{v.version}"}
+
+
+def _not_found(e) -> bool:
+    return getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST" or (
+        getattr(e, "error_code", None) == "INVALID_PARAMETER_VALUE" and "not found" in str(e))
+
+
 def _champion(client, name: str):
+    """The version holding `champion`, or None when there is none. Any other registry error propagates: a registry
+    that cannot be read must not be mistaken for one without a champion."""
+    from mlflow.exceptions import MlflowException
+
     try:
         return client.get_model_version_by_alias(name, "champion")
-    except Exception:  # noqa: BLE001 - MLflow raises RestException/MlflowException for "no such alias"
-        return None
+    except MlflowException as e:
+        if _not_found(e):
+            return None
+        raise
 
 
 @task(name="promote-drafter", retries=0)
@@ -109,13 +150,31 @@ def promote_drafter(cfg: KoalaConfig, registered: dict, report: dict, out_dir: s
     """
     from mlflow import MlflowClient
 
-    from koala.tracking import drafter_path
-
     uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
     client = MlflowClient(uri)
     name, version = registered["name"], registered["version"]
     lock_path = Path(cfg.run_dir) / "promotion.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return _decide_and_promote(cfg, client, lock_path, name, version, report, out_dir, parent_run_id)
+    except KoalaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any registry error: refuse, the champion stays as it was
+        reason = f"not promoted: registry error ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        get_run_logger().error("%s v%s: %s; champion unchanged", name, version, reason)
+        try:
+            client.set_model_version_tag(name, version, "promoted", "false")
+            client.set_model_version_tag(name, version, "promotion_reason", reason)
+        except Exception:  # noqa: BLE001 - the registry may be down altogether: the log says why
+            pass
+        return {"promoted": False, "reason": reason, "champion_speedup": None, "previous_champion": None}
+
+
+def _decide_and_promote(cfg, client, lock_path: Path, name: str, version: str, report: dict, out_dir: str,
+                        parent_run_id: str | None) -> dict:
+    """Read the champion, re-measure it, decide, and move the alias, under the promotion lock."""
+    from koala.tracking import drafter_path
+
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         champ = _champion(client, name)
@@ -129,11 +188,11 @@ def promote_drafter(cfg: KoalaConfig, registered: dict, report: dict, out_dir: s
             champ_report = evaluate_drafter.fn(cfg, path, str(Path(out_dir) / f"champion-v{champ.version}"),
                                                parent_run_id, run_name=f"re-measure-champion-v{champ.version}")
         d = decide(report, champ_report, None if champ is None else champ.version)
-        if d.promote:
-            client.set_registered_model_alias(name, "champion", version)
-        client.set_model_version_tag(name, version, "promoted", str(d.promote).lower())
         client.set_model_version_tag(name, version, "promotion_reason", d.reason)
         client.set_model_version_tag(name, version, "decided_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        client.set_model_version_tag(name, version, "promoted", str(d.promote).lower())
+        if d.promote:  # last: a registry error before this leaves the champion as it was
+            client.set_registered_model_alias(name, "champion", version)
     get_run_logger().info("%s v%s: %s (%s)", name, version, "promoted" if d.promote else "not promoted", d.reason)
     return {"promoted": d.promote, "reason": d.reason, "champion_speedup": None if champ_report is None else
             champ_report["speedup"], "previous_champion": None if champ is None else champ.version}

@@ -132,7 +132,8 @@ def from_file(path: str | Path, prompt_col: str = "prompt", category_col: str | 
     need = messages_col or prompt_col
     if need not in cols:
         raise KoalaError(f"prompt file {file} has no column {need!r} (columns: {', '.join(sorted(cols))}): "
-                         "map the prompt column with --prompt-col")
+                         f"rename the column to {need!r}, or map it with --set prompts.prompt_col=NAME (koala sample, "
+                         "koala run) or --prompt-col (koala prompts)")
     for r in rows:
         if messages_col:
             msgs = r[messages_col]
@@ -173,6 +174,24 @@ def _read_text(file: Path) -> str:
         raise KoalaError(f"prompt file {file} is unreadable ({type(e).__name__}): give a UTF-8 text file") from e
 
 
+def _jsonl_rows(file: Path, text: str) -> list[dict]:
+    """One JSON object per line; a bad line is named by its line number in the file."""
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise KoalaError(f"prompt file {file} line {i} is not JSON ({e.msg} at column {e.colno}): fix that "
+                             "line") from None
+        if not isinstance(row, dict):
+            raise KoalaError(f"prompt file {file} line {i} is a JSON {type(row).__name__}, not an object: write one "
+                             '{"prompt": ...} object per line')
+        rows.append(row)
+    return rows
+
+
 def _read_rows(file: Path) -> list[dict]:
     suffix = file.suffix.lower()
     try:
@@ -187,7 +206,7 @@ def _read_rows(file: Path) -> list[dict]:
             text = _read_text(file)
             if suffix == ".json" and text.lstrip().startswith("["):
                 return json.loads(text)
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+            return _jsonl_rows(file, text)
     except KoalaError:
         raise
     except FileNotFoundError:

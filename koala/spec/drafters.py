@@ -248,6 +248,48 @@ def drafter_models(drafter) -> list[Transformer]:
     return [m for m in (getattr(drafter, "model", None), getattr(drafter, "engine", None)) if isinstance(m, Transformer)]
 
 
+def check_drafter_spec(spec: str) -> None:
+    """Validate a drafter spec without loading anything (the CLI calls it before the target loads): its syntax, that
+    the files it names exist and are whole (safetensors headers against file sizes, a .gguf against its .sha256, the
+    draft vocabulary its metadata promises).
+
+    Raises:
+        KoalaError: naming the spec and the fix.
+    """
+    from pathlib import Path
+
+    from koala.io import check_safetensors
+    from koala.targets import _resolve
+
+    if spec.startswith("lookup+"):
+        return check_drafter_spec(spec[len("lookup+"):])
+    if spec.startswith("truncate:"):
+        if not spec.split(":", 1)[1].isdigit() or int(spec.split(":", 1)[1]) < 1:
+            raise KoalaError(f"drafter {spec!r}: write truncate:N with N >= 1 a number of layers, e.g. truncate:2")
+        return
+    if spec == "ngram" or spec.startswith("ngram:"):
+        n = spec.split(":", 1)[1] if ":" in spec else "3"
+        if not n.isdigit() or int(n) < 1:
+            raise KoalaError(f"drafter {spec!r}: write ngram:N with N >= 1 the longest n-gram to look up, e.g. ngram:3")
+        return
+    if spec.startswith("heads:"):
+        from koala.drafters.heads import HEADS_JSON, HEADS_WEIGHTS
+
+        p = Path(spec.split(":", 1)[1])
+        if not (p / HEADS_JSON).exists() or not (p / HEADS_WEIGHTS).exists():
+            raise KoalaError(f"drafter {spec!r}: {p} holds no draft heads ({HEADS_JSON} + {HEADS_WEIGHTS}): train "
+                             "them with `koala heads --out DIR` and pass heads:DIR/heads")
+        check_safetensors(p / HEADS_WEIGHTS)
+        load_draft_vocab(p)
+        return
+    _resolve(spec, role="drafter")  # unknown names, missing files, directories without weights, a bad .gguf
+    p = Path(spec)
+    if p.is_dir():
+        for f in sorted(p.glob("*.safetensors")):
+            check_safetensors(f)
+        load_draft_vocab(p)
+
+
 def load_drafter(spec: str, target: Transformer, dtype: str = "float32", device: str = "cpu") -> Drafter:
     """A drafter from its spec.
 
@@ -260,6 +302,7 @@ def load_drafter(spec: str, target: Transformer, dtype: str = "float32", device:
     Raises:
         KoalaError: a malformed spec or a drafter that cannot be loaded.
     """
+    check_drafter_spec(spec)
     if spec.startswith("lookup+"):
         return LookupFirstDrafter(load_drafter(spec[len("lookup+"):], target, dtype, device))
     if spec.startswith("truncate:"):

@@ -37,6 +37,19 @@ def tiny_config(tmp: Path, target_dir: Path, **extra) -> Path:
     return path
 
 
+def _variant(drafter: str, dst: Path) -> str:
+    """A copy of a drafter with other weights (another registered version)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(drafter, dst)
+    w = load_file(dst / "model.safetensors")
+    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in w.items()}, str(dst / "model.safetensors"),
+              metadata={"format": "pt"})
+    return str(dst)
+
+
 def test_decide_rule():
     ok = {"lossless": {"identical": 4, "total": 4, "checked": True}, "speedup": 1.3}
     assert decide(ok, None).promote
@@ -80,7 +93,8 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
     client.set_registered_model_alias(s["model"], "champion", s["version"])
     worse = {"lossless": {"identical": 2, "total": 2, "checked": True}, "speedup": 0.01, "tau": 1.0,
              "device": "cpu", "dtype": "float32"}
-    r2 = register_drafter(cfg, s["drafter"], worse)
+    assert register_drafter(cfg, s["drafter"], worse)["version"] == s["version"]  # same weights: same version
+    r2 = register_drafter(cfg, _variant(s["drafter"], tmp_path / "v2"), worse)
     assert r2["version"] != s["version"]
     d = promote_drafter(cfg, r2, worse, str(tmp_path / "eval2"))
     assert not d["promoted"] and "does not beat champion v" in d["reason"]
@@ -89,8 +103,8 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
     assert str(client.get_model_version_by_alias(s["model"], "champion").version) == s["version"]
 
     # Two promotions at once: one champion, the better one, and a decision recorded for both.
-    a = register_drafter(cfg, s["drafter"], worse)
-    b = register_drafter(cfg, s["drafter"], worse)
+    a = register_drafter(cfg, _variant(s["drafter"], tmp_path / "va"), worse)
+    b = register_drafter(cfg, _variant(s["drafter"], tmp_path / "vb"), worse)
     better = {**worse, "speedup": 50.0}
     results = {}
     threads = [threading.Thread(target=lambda k, r, rep: results.__setitem__(k, promote_drafter(
@@ -102,6 +116,26 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
     assert str(client.get_model_version_by_alias(s["model"], "champion").version) == b["version"]
     for r in (a, b):
         assert "promotion_reason" in client.get_model_version(s["model"], r["version"]).tags
+
+    # The registry failing while the champion is read, or while the alias moves: no promotion, the champion
+    # untouched, the reason tagged on the candidate.
+    from mlflow import MlflowClient as Client
+    from mlflow.exceptions import MlflowException
+
+    best = register_drafter(cfg, _variant(s["drafter"], tmp_path / "vc"), worse)
+    for method in ("get_model_version_by_alias", "set_registered_model_alias"):
+        def broken(*a, **k):
+            raise MlflowException("database is locked", error_code="INTERNAL_ERROR")
+
+        original = getattr(Client, method)
+        setattr(Client, method, broken)
+        try:
+            d = promote_drafter(cfg, best, {**worse, "speedup": 500.0}, str(tmp_path / f"eval-{method}"))
+        finally:
+            setattr(Client, method, original)
+        assert not d["promoted"] and "registry error" in d["reason"], d
+        assert str(client.get_model_version_by_alias(s["model"], "champion").version) == b["version"]
+        assert "registry error" in client.get_model_version(s["model"], best["version"]).tags["promotion_reason"]
 
     # A cached stage whose output has since been deleted runs again instead of handing on a path that is gone.
     import shutil

@@ -208,3 +208,59 @@ def test_sigkill_mid_run_then_resume(tmp_path, tiny_target_dir):
     rows = shards.load(tmp_path / "ds").to_pylist()  # verifies every checksum
     assert len(rows) == 24 and len({r["sample_id"] for r in rows}) == 24
     assert not list((tmp_path / "ds").glob(".*.tmp"))
+
+
+def _edit_manifest(out: Path, fn) -> None:
+    m = json.loads((out / "manifest.json").read_text())
+    fn(m)
+    (out / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda m: m["plan"].pop(0), "records shard-00000.parquet as done but its plan has no such shard"),
+    (lambda m: m["plan"][1]["prompt_ids"].append(m["plan"][0]["prompt_ids"][0]), "plans prompt .* in shard-00000"),
+    (lambda m: m["plan"].append(dict(m["plan"][0])), "plans shard-00000.parquet twice"),
+])
+def test_an_edited_plan_is_refused_not_sampled_twice(tmp_path, session, tiny_target_dir, damage, match):
+    """A plan koala cannot have written (a shard's entry removed, a prompt planned twice) would make `koala sample`
+    sample prompts again under new shard numbers: refused, by the next run and by every reader, nothing rewritten."""
+    write_prompts(tmp_path / "p.jsonl", 6)
+    cfg = make_cfg(tiny_target_dir, tmp_path / "p.jsonl", tmp_path / "ds")
+    build.build(cfg, session, progress=False)
+    _edit_manifest(tmp_path / "ds", damage)
+    before = (tmp_path / "ds" / "manifest.json").read_text()
+    with pytest.raises(KoalaError, match=match):
+        build.build(cfg, session, progress=False)
+    with pytest.raises(KoalaError, match=match):
+        shards.load(tmp_path / "ds")
+    assert (tmp_path / "ds" / "manifest.json").read_text() == before
+    assert len(list((tmp_path / "ds").glob("shard-*.parquet"))) == 2
+
+
+def test_rows_are_checked_against_the_manifest_and_sample_ids_are_unique(tmp_path, session, tiny_target_dir):
+    write_prompts(tmp_path / "p.jsonl", 6)
+    cfg = make_cfg(tiny_target_dir, tmp_path / "p.jsonl", tmp_path / "ds")
+    build.build(cfg, session, progress=False)
+    ds = tmp_path / "ds"
+    # a shard copied over another (checksums re-recorded, as a careless repair would): its samples appear twice
+    (ds / "shard-00001.parquet").write_bytes((ds / "shard-00000.parquet").read_bytes())
+    _edit_manifest(ds, lambda m: m["done"]["shard-00001.parquet"].update(
+        sha256=shards.sha256_file(ds / "shard-00001.parquet")))
+    with pytest.raises(KoalaError, match="shard-00001.parquet holds prompt .* which its plan does not list"):
+        shards.load(ds)
+    _edit_manifest(ds, lambda m: m["plan"][1].update(prompt_ids=m["plan"][0]["prompt_ids"] + ["x"]))
+    _edit_manifest(ds, lambda m: m["plan"][0].update(prompt_ids=["y"] + m["plan"][0]["prompt_ids"]))
+    with pytest.raises(KoalaError, match="plans prompt"):
+        shards.load(ds)
+
+
+def test_new_shards_never_reuse_a_number(tmp_path, session, tiny_target_dir):
+    """Numbers come after every shard planned, recorded or on disk, not from the plan's length."""
+    write_prompts(tmp_path / "p.jsonl", 3)
+    cfg = make_cfg(tiny_target_dir, tmp_path / "p.jsonl", tmp_path / "ds")
+    build.build(cfg, session, progress=False)
+    (tmp_path / "ds" / "shard-00007.parquet").write_bytes(b"left by someone")
+    write_prompts(tmp_path / "p.jsonl", 3, start=3)
+    p = build.build(cfg, session, progress=False)
+    assert [s.index for s in p.shards] == [0, 8]
+    assert shards.load(tmp_path / "ds").num_rows == 6

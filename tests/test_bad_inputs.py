@@ -1,0 +1,36 @@
+"""Every bad input gives one line naming it and the fix, a non-zero exit, and changes nothing on disk."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from koala.cli import app
+from tests.bad_inputs import CASES, prepare, snapshot
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    d = tmp_path_factory.mktemp("broken")
+    prepare(d)
+    return d
+
+
+@pytest.mark.parametrize("name,argv,pattern", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_nonzero_and_writes_nothing(name, argv, pattern, broken, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before, cache_before = snapshot(tmp_path), snapshot(broken)
+    r = CliRunner().invoke(app, [a.replace("{d}", str(broken)) for a in argv])
+    lines = [x for x in r.output.strip().splitlines() if x.strip()]
+    assert r.exit_code != 0, r.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit), r.output
+    assert re.search(pattern, lines[0]), lines[0]
+    assert snapshot(tmp_path) == before and snapshot(broken) == cache_before
+
+
+def test_there_are_at_least_thirty():
+    assert len(CASES) >= 30
