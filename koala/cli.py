@@ -44,13 +44,21 @@ def in_prefect(call):
     handle_signals()
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_OneLineKoalaErrors())
+    from prefect.exceptions import TerminationSignal
+
+    from koala.interrupt import IN_FLOW
+
+    IN_FLOW.set()
     try:
         with prefect_api():
             return call()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TerminationSignal) as e:  # Prefect turns SIGTERM into TerminationSignal in a flow
+        code = 128 + e.signal if isinstance(e, TerminationSignal) else exit_code()
         typer.secho("interrupted: finished shards and checkpoints are kept; run the same command again to continue",
                     fg="yellow", err=True)
-        raise typer.Exit(exit_code()) from None
+        raise typer.Exit(code) from None
+    finally:
+        IN_FLOW.clear()
 
 
 def at_least_one(**options) -> None:
@@ -69,6 +77,18 @@ def check_run_options(target: str, dtype: str, device: str, drafter: str | None 
     check_device(device)
     if drafter is not None:
         check_drafter_spec(drafter)
+
+
+def check_prompt_source(source: str) -> None:
+    """A prompt file or log directory named in the config exists (the built-in sources and hf: are checked when
+    read)."""
+    from pathlib import Path
+
+    if source in ("sharegpt", "mtbench", "humaneval") or source.startswith("hf:"):
+        return
+    if not Path(source).exists():
+        raise KoalaError(f"prompts.source {source}: no such file or directory: check the path (or use sharegpt, "
+                         "mtbench, humaneval, hf:NAME)")
 
 
 def writable_dir(directory, option: str = "--out") -> None:
@@ -291,6 +311,7 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
         if source == "teacher_forced" and cfg.teacher_forced.limit == 0:
             raise KoalaError("teacher_forced.limit is 0 in this profile: say how many conversations with "
                              "--n-prompts N (or --set teacher_forced.limit=N)")
+        check_prompt_source(cfg.prompts.source)
         writable_dir(out or (cfg.sampling.out_dir if source == "generated" else cfg.teacher_forced.out_dir))
         from flows.build_dataset import build_distillation_dataset
 
@@ -472,6 +493,7 @@ def run(profile: str = typer.Option("smoke", help="smoke (a CPU in minutes), def
             raise KoalaError(f"--loss must be one of fkl, rkl, tvd, tvdpp, jsd; got {loss!r}")
         cfg = load_config(None if config else profile, config, set_ or [])  # a bad profile fails here, not in Prefect
         check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
+        check_prompt_source(prompt_source or cfg.prompts.source)
         writable_dir(cfg.run_dir, "run_dir")
         check_reachable(resolve_uri(cfg.tracking.uri, cfg.run_dir))
         from flows.pipeline import koala_pipeline
@@ -547,6 +569,9 @@ def promote(model: str = typer.Option(..., help="registered model name, e.g. koa
 
 
 def main():
+    from koala.interrupt import handle_signals
+
+    handle_signals()  # from the start: SIGINT/SIGTERM during start-up also exit 130/143 without a traceback
     app()
 
 

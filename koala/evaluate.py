@@ -20,7 +20,7 @@ import torch
 from koala.config import EvalConfig
 from koala.data import prompts as P
 from koala.errors import KoalaError
-from koala.interrupt import check
+from koala.interrupt import check, fault
 from koala.spec.calibrate import GAMMA_MAX, acceptance_by_position, choose_from_probes, cost_curve
 from koala.spec.compile import compile_seconds
 from koala.spec.drafters import Drafter, LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
@@ -133,6 +133,7 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
     assistant = hf_assistant(drafter) if cfg.hf_baselines else None
     for i, (rec, ids) in enumerate(prompts):
         check()  # SIGINT/SIGTERM: stop between prompts
+        fault("eval.prompt")
         row, sp = _measure_prompt(session, drafter, cfg, gamma, i, rec, ids, assistant)
         accept_total = [a + b for a, b in zip(accept_total, sp.accept_counts)]
         all_rounds += sp.rounds

@@ -94,14 +94,21 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, sched, data_pos: dict,
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    state = {k: v.detach().contiguous().clone() for k, v in unwrap(model).state_dict().items()}
-    save_file(state, tmp / "model.safetensors")
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")
-    if adversary is not None:
-        torch.save(adversary.state_dict(), tmp / "adversary.pt")
-    torch.save({"scheduler": sched.state_dict(), "step": step, "data": data_pos, "rng": torch.get_rng_state()},
-               tmp / "trainer.pt")
+    try:
+        tmp.mkdir()
+        state = {k: v.detach().contiguous().clone() for k, v in unwrap(model).state_dict().items()}
+        save_file(state, tmp / "model.safetensors")
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        if adversary is not None:
+            torch.save(adversary.state_dict(), tmp / "adversary.pt")
+        fault("checkpoint.write")
+        torch.save({"scheduler": sched.state_dict(), "step": step, "data": data_pos, "rng": torch.get_rng_state()},
+                   tmp / "trainer.pt")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(out_dir)
+        raise KoalaError(f"could not write checkpoint step {step} under {root} ({e.strerror or e}): free disk space "
+                         f"and resume with --resume; the last checkpoint is kept ({last or 'none yet'})") from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in sorted(root.glob("step-*"))[:-keep]:
@@ -369,6 +376,7 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
         micro = [order.take(cfg.batch_size) for _ in range(cfg.grad_accum)]  # the global batch of this step
         total, tokens, extra = _backward(objective, data, micro, step, autocast, out, mode, device)
         grad_norm = _optimizer_step(opt, sched, params, cfg.grad_clip)
+        fault("train.step")
         metrics = {"loss": total / max(tokens, 1), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                    "tokens_per_s": tokens / (time.perf_counter() - t0), **extra}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:

@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 
 from koala.config import KoalaConfig
 from koala.errors import KoalaError
+from koala.interrupt import fault
 from koala.evaluate import evaluate, summary_line
 from koala.registry import decide
 from koala.tracking import Tracker, resolve_uri
@@ -89,6 +90,7 @@ def register_drafter(cfg: KoalaConfig, drafter_dir: str, report: dict, parent_ru
     digest = weights_digest(drafter_dir)
     logged = _registered(client, name, digest)
     if logged is None:
+        fault("registry.register")
         with Tracker.start(uri, cfg.tracking.experiment, "register", parent_run_id=parent_run_id) as tr:
             logged = tr.log_drafter(drafter_dir, registered_name=name)
         client.set_model_version_tag(name, logged["version"], WEIGHTS_TAG, digest)
@@ -191,6 +193,7 @@ def _decide_and_promote(cfg, client, lock_path: Path, name: str, version: str, r
         client.set_model_version_tag(name, version, "promotion_reason", d.reason)
         client.set_model_version_tag(name, version, "decided_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         client.set_model_version_tag(name, version, "promoted", str(d.promote).lower())
+        fault("registry.promote")
         if d.promote:  # last: a registry error before this leaves the champion as it was
             client.set_registered_model_alias(name, "champion", version)
     get_run_logger().info("%s v%s: %s (%s)", name, version, "promoted" if d.promote else "not promoted", d.reason)

@@ -59,6 +59,9 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sample --config missing", ["sample", "--config", "{d}/none.yaml"], r"none.yaml does not exist"),
     ("sample --config bad YAML", ["sample", "--config", "{d}/bad.yaml"], r"bad.yaml is not valid YAML"),
     ("sample --profile unknown", ["sample", "--profile", "nosuch"], r"unknown profile 'nosuch'"),
+    ("sample, a missing prompt file", ["sample", "--set", "prompts.source={d}/none.jsonl"],
+     r"prompts.source .*none.jsonl: no such file"),
+    ("run --prompt-source missing", ["run", "--prompt-source", "{d}/none.jsonl"], r"prompts.source .*none.jsonl"),
     ("sample --out unwritable", ["sample", "--out", "{d}/a_file/data"], r"--out .*a_file.*cannot write"),
     # training
     ("distill --init missing", ["distill", "--init", "{d}/nowhere", "--out", "{d}/o"], r"--init .*nowhere: no drafter"),

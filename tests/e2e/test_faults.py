@@ -1,0 +1,61 @@
+"""The fault campaign, small (bench/faults.py runs it at full size): real CLI runs on the real default target,
+killed, interrupted and starved of disk, then run again."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from bench.faults import (Campaign, disk_full_checkpoint, foreign_resume, sample_kill, sample_signal, train_kill)
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    c = Campaign(tmp_path_factory.mktemp("faults"), n_prompts=4, max_new_tokens=8, train_steps=5, checkpoint_every=2)
+    ref_dir, ref, _ = c.reference()
+    return c, ref_dir, ref
+
+
+@pytest.mark.slow
+def test_sample_killed_while_updating_the_manifest_then_rerun_gives_exactly_the_reference(campaign):
+    c, _, ref = campaign
+    r = sample_kill(c, 0, "manifest.update:2", ref)
+    assert r["killed"] and r["orphans"] == 0, r
+    assert r["rerun_rc"] == 0 and r["corrupt"] == r["lost"] == r["extra"] == r["different"] == 0, r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,rerun", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_sample_interrupted_stops_within_seconds_and_leaves_no_server(campaign, sig, rerun):
+    c, _, ref = campaign
+    r = sample_signal(c, 1, sig, 0.5, ref, rerun=rerun)
+    assert r["rc"] == 128 + sig and r["stop_s"] <= 10, r
+    assert r["orphans"] == 0 and not r["traceback"] and r["corrupt"] == 0, r
+    if rerun:
+        assert r["rerun_rc"] == 0 and r["lost"] == r["different"] == 0, r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["distill", "heads-medusa-adversarial"])
+def test_training_killed_and_resumed_is_bitwise_an_uninterrupted_run(campaign, kind):
+    c, data, _ = campaign
+    r = train_kill(c, kind, 0, 3, data)
+    assert r["killed"] and r["resume_rc"] == 0, r
+    assert r["bitwise"] and all(r["bitwise"].values()), r
+    if kind.endswith("adversarial"):
+        assert "adversary" in r["bitwise"], r  # the discriminator is checkpointed and compared
+
+
+@pytest.mark.slow
+def test_resume_into_another_trainings_checkpoints_is_refused(campaign):
+    c, data, _ = campaign
+    r = foreign_resume(c, 0, data)
+    assert r["ok"], r
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_checkpointing_is_one_line_and_resumable(campaign):
+    c, data, _ = campaign
+    r = disk_full_checkpoint(c, data)
+    assert r["ok"], r
