@@ -64,14 +64,17 @@ def prefect_api() -> Iterator[str]:
                                           *filter(None, [os.environ.get("PYTHONPATH")])])}
     proc = subprocess.Popen([sys.executable, "-m", "flows.server", str(os.getpid()), str(port)], env=env,
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    keep_log = False
     try:
         t0 = time.monotonic()
         while not _healthy(url):
             if proc.poll() is not None:
+                keep_log = True  # the error names it
                 tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-                raise KoalaError(f"the temporary Prefect server exited ({proc.returncode}): {tail[0]}; set "
-                                 "PREFECT_API_URL to a running server (`prefect server start`) instead")
+                raise KoalaError(f"the temporary Prefect server exited ({proc.returncode}): {tail[0]} (log: "
+                                 f"{log.name}); set PREFECT_API_URL to a running server (`prefect server start`)")
             if time.monotonic() - t0 > STARTUP_TIMEOUT_S:
+                keep_log = True
                 raise KoalaError(f"the temporary Prefect server did not answer within {STARTUP_TIMEOUT_S:.0f} s (log: "
                                  f"{log.name}): set PREFECT_API_URL to a running server instead")
             time.sleep(0.2)
@@ -83,7 +86,8 @@ def prefect_api() -> Iterator[str]:
     finally:
         _stop(proc)
         log.close()
-        Path(log.name).unlink(missing_ok=True)
+        if not keep_log:
+            Path(log.name).unlink(missing_ok=True)
 
 
 def _drain(timeout: float = 5.0) -> None:

@@ -38,11 +38,11 @@ IN_FLOW = threading.Event()  # set while a Prefect flow runs in the main thread 
 
 
 def _handler(signum, frame):
-    first = not STOP.is_set()
+    first = not _received  # the watcher thread may have set STOP already: this handler's own record decides
     STOP.set()
     _received.append(signum)
-    if not first:  # a second signal while cleaning up is not raised again: cleanup finishes
-        return
+    if not first:  # a second signal while cleaning up: give up on cleanup and exit now
+        os._exit(128 + signum)
     if IN_FLOW.is_set():
         raise KeyboardInterrupt  # the flow engine records the run as crashed; the CLI then exits 130/143
     import sys
@@ -62,6 +62,8 @@ def handle_signals() -> None:
     import socket
 
     global _wakeup
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals are delivered to the main thread only; a library caller in a thread keeps its own
     STOP.clear()
     _received.clear()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -76,21 +76,38 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     and renamed, it is never seen half-written. An earlier `final` is replaced whole (moved aside, then removed).
     """
     import shutil
+    import signal
+
+    from koala.errors import KoalaError
+    from koala.interrupt import fault
 
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists():  # an earlier swap killed after it finished leaves the replaced copy behind: final is whole
+        for left in final.parent.glob(f".{final.name}.old-*"):
+            shutil.rmtree(left, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
-        yield tmp
-        from koala.interrupt import fault
-
+        try:
+            yield tmp
+        except KoalaError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a full disk is OSError, torch's RuntimeError or safetensors' own
+            why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise KoalaError(f"could not write {final} ({why}): free disk space and run again; "
+                             f"{'the previous one is kept' if final.exists() else 'nothing was put in its place'}") \
+                from None
         fault("drafter.rename")  # the fault campaign's kill point: written whole, not yet in place
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
+        old = final.with_name(f".{final.name}.old-{os.getpid()}") if final.exists() else None
+        # the two renames are not interrupted by SIGINT/SIGTERM: final is always one whole drafter
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+            os.replace(tmp, final)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

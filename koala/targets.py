@@ -7,6 +7,7 @@ target's prompts exactly as the target would.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -92,9 +93,12 @@ def _resolve(spec: str, role: str = "target") -> tuple[str, Path | str, str | No
 
 def _verify_sidecar(file: Path) -> None:
     """A .gguf given beside its .sha256 (as koala.assets writes it) must still match it: a truncated copy is refused
-    rather than loaded (or hashed by its sidecar as if whole)."""
+    rather than loaded (or hashed by its sidecar as if whole). Hashed once per process and file version."""
     sidecar = file.with_name(file.name + ".sha256")
-    if sidecar.exists() and sha256_file(file) != sidecar.read_text().strip():
+    if not sidecar.exists():
+        return
+    st = file.stat()
+    if not _matches_sidecar(str(file.resolve()), st.st_size, st.st_mtime_ns, sidecar.read_text().strip()):
         raise KoalaError(f"{file} does not match {sidecar.name} (truncated or changed): copy it again, or "
                          "`koala assets fetch --force` for the default")
 
@@ -171,6 +175,11 @@ def _save_converted(model, tok, conv: Path) -> None:
         pass  # another process won the race, or the disk is full: the GGUF path still works
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=32)
+def _matches_sidecar(path: str, size: int, mtime_ns: int, expected: str) -> bool:
+    return sha256_file(path) == expected
 
 
 def check_device(device: str) -> None:

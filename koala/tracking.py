@@ -111,17 +111,22 @@ class Tracker:
         for k, v in tags.items():
             mlflow.set_tag(k, str(v))
 
-    def log_drafter(self, drafter_dir: str | Path, registered_name: str | None = None) -> dict:
+    def log_drafter(self, drafter_dir: str | Path, registered_name: str | None = None,
+                    version_tags: dict | None = None) -> dict:
         """Log the drafter as a pyfunc model (artifacts: its safetensors directory); register it if named.
+
+        The version is created with `version_tags` in the same call, so no version ever exists without them.
 
         Returns:
             {"model_uri": ..., "version": ... or None}
         """
         info = mlflow.pyfunc.log_model(
             name="drafter", python_model=DrafterModel(), artifacts={"drafter": str(drafter_dir)},
-            registered_model_name=registered_name, pip_requirements=["torch", "transformers", "safetensors"],
+            pip_requirements=["torch", "transformers", "safetensors"],
         )
-        version = getattr(info, "registered_model_version", None)
+        version = None
+        if registered_name:
+            version = mlflow.register_model(info.model_uri, registered_name, tags=version_tags or {}).version
         return {"model_uri": info.model_uri, "version": None if version is None else str(version)}
 
 

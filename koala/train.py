@@ -102,13 +102,16 @@ def save_checkpoint(out_dir: Path, step: int, model, opt, sched, data_pos: dict,
         if adversary is not None:
             torch.save(adversary.state_dict(), tmp / "adversary.pt")
         fault("checkpoint.write")
-        torch.save({"scheduler": sched.state_dict(), "step": step, "data": data_pos, "rng": torch.get_rng_state()},
-                   tmp / "trainer.pt")
-    except OSError as e:
+        rng = {"rng": torch.get_rng_state()}
+        if torch.cuda.is_available():  # CUDA draws (feature noise on a GPU) resume bitwise too
+            rng["cuda_rng"] = torch.cuda.get_rng_state_all()
+        torch.save({"scheduler": sched.state_dict(), "step": step, "data": data_pos, **rng}, tmp / "trainer.pt")
+    except Exception as e:  # noqa: BLE001 - a full disk is OSError, torch's RuntimeError or safetensors' own error
         shutil.rmtree(tmp, ignore_errors=True)
         last = latest_checkpoint(out_dir)
-        raise KoalaError(f"could not write checkpoint step {step} under {root} ({e.strerror or e}): free disk space "
-                         f"and resume with --resume; the last checkpoint is kept ({last or 'none yet'})") from None
+        why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise KoalaError(f"could not write checkpoint step {step} under {root} ({why}): free disk space and resume "
+                         f"with --resume; the last checkpoint is kept ({last or 'none yet'})") from None
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in sorted(root.glob("step-*"))[:-keep]:
@@ -148,12 +151,15 @@ def claim_checkpoints(out_dir: Path, fingerprint: str | None, resume: bool | str
         raise KoalaError(f"--resume: {out_dir} holds no checkpoint to continue: drop --resume to start a new training "
                          "there")
     if resume is True and not ours:
-        raise KoalaError(f"--resume: the checkpoints in {out_dir} belong to another training (target, data, config or "
-                         "starting weights differ): drop --resume to start over there (they are set aside), or "
-                         "choose another --out")
+        whose = "carry no fingerprint (written by an older koala)" if stored is None else \
+            "belong to another training (target, data, config or starting weights differ)"
+        raise KoalaError(f"--resume: the checkpoints in {out_dir} {whose}: drop --resume to start over there (they "
+                         "are set aside), or choose another --out")
     if have and (resume is False or not ours):
-        stale = out_dir / f"checkpoints.stale-{(stored or 'unknown')[:12]}"
-        shutil.rmtree(stale, ignore_errors=True)
+        base = out_dir / f"checkpoints.stale-{(stored or 'unknown')[:12]}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stale, n = base, 1
+        while stale.exists():  # never overwrite a set-aside training: it may be the long one
+            stale, n = base.with_name(f"{base.name}.{n}"), n + 1
         root.rename(stale)
         why = "an earlier run of this training" if ours else "another training's (target, config, data or starting " \
               "weights differ)"
@@ -176,12 +182,16 @@ def load_checkpoint(ckpt: Path, model, opt, sched, adversary=None) -> tuple[int,
         if adversary is not None:
             adversary.load_state_dict(torch.load(ckpt / "adversary.pt", weights_only=True))
         t = torch.load(ckpt / "trainer.pt", weights_only=True)
-    except (RuntimeError, ValueError, KeyError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - torch, safetensors and pickle each raise their own types
+        if isinstance(e, KoalaError):
+            raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise KoalaError(f"checkpoint {ckpt} does not fit this training ({first}): drop --resume to start over, or "
                          "choose another --out") from None
     sched.load_state_dict(t["scheduler"])
     torch.set_rng_state(t["rng"])
+    if "cuda_rng" in t and torch.cuda.is_available() and len(t["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(t["cuda_rng"])
     return t["step"], t["data"]
 
 
@@ -406,10 +416,18 @@ def _optimizer_step(opt, sched, params, clip: float) -> torch.Tensor:
 def _starting_point(out: Path, resume: bool | str, fingerprint: str | None, model, opt, sched, n: int, seed: int,
                     adversary=None) -> tuple[int, DataOrder]:
     """(first step, data order): step 0, or where this training's last checkpoint left off (never another's)."""
+    err = None
     if world()[0] == 0:
-        claim_checkpoints(out, fingerprint, resume)
-    if world()[1] > 1:
-        dist.barrier()  # rank 0 has set foreign checkpoints aside
+        try:
+            claim_checkpoints(out, fingerprint, resume)
+        except KoalaError as e:
+            err = str(e)
+    if world()[1] > 1:  # every rank learns rank 0's verdict (and waits for foreign checkpoints to be set aside)
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise KoalaError(err)
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is None:
         return 0, DataOrder(n, seed)

@@ -92,8 +92,7 @@ def register_drafter(cfg: KoalaConfig, drafter_dir: str, report: dict, parent_ru
     if logged is None:
         fault("registry.register")
         with Tracker.start(uri, cfg.tracking.experiment, "register", parent_run_id=parent_run_id) as tr:
-            logged = tr.log_drafter(drafter_dir, registered_name=name)
-        client.set_model_version_tag(name, logged["version"], WEIGHTS_TAG, digest)
+            logged = tr.log_drafter(drafter_dir, registered_name=name, version_tags={WEIGHTS_TAG: digest})
     tags = {"tau": f"{report['tau']:.4f}", "speedup": f"{report['speedup']:.4f}", "gamma_chosen": str(report.get("gamma")),
             "mode": report.get("mode", "eager"),
             "lossless": f"{report['lossless']['identical']}/{report['lossless']['total']}",
@@ -162,7 +161,15 @@ def promote_drafter(cfg: KoalaConfig, registered: dict, report: dict, out_dir: s
     except KoalaError:
         raise
     except Exception as e:  # noqa: BLE001 - any registry error: refuse, the champion stays as it was
-        reason = f"not promoted: registry error ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        try:  # the alias may have moved before a later tag failed: then it is promoted, and says so
+            if str(_champion(client, name).version) == str(version):
+                get_run_logger().error("%s v%s: promoted, but a tag could not be written (%s)", name, version, why)
+                return {"promoted": True, "reason": f"promoted (a tag could not be written: {why})",
+                        "champion_speedup": None, "previous_champion": None}
+        except Exception:  # noqa: BLE001 - the registry cannot even be read: not promoted, as below
+            pass
+        reason = f"not promoted: registry error ({why})"
         get_run_logger().error("%s v%s: %s; champion unchanged", name, version, reason)
         try:
             client.set_model_version_tag(name, version, "promoted", "false")
@@ -180,6 +187,9 @@ def _decide_and_promote(cfg, client, lock_path: Path, name: str, version: str, r
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         champ = _champion(client, name)
+        if champ is not None and str(champ.version) == str(version):  # a rerun handed back the champion itself
+            reason = "already champion (the same weights were registered and promoted before)"
+            return {"promoted": True, "reason": reason, "champion_speedup": None, "previous_champion": version}
         champ_report = None
         if champ is not None and str(champ.version) != str(version):
             path = champ.tags.get("drafter_dir")
@@ -192,10 +202,10 @@ def _decide_and_promote(cfg, client, lock_path: Path, name: str, version: str, r
         d = decide(report, champ_report, None if champ is None else champ.version)
         client.set_model_version_tag(name, version, "promotion_reason", d.reason)
         client.set_model_version_tag(name, version, "decided_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        client.set_model_version_tag(name, version, "promoted", str(d.promote).lower())
         fault("registry.promote")
-        if d.promote:  # last: a registry error before this leaves the champion as it was
+        if d.promote:  # a registry error before this leaves the champion as it was
             client.set_registered_model_alias(name, "champion", version)
+        client.set_model_version_tag(name, version, "promoted", str(d.promote).lower())
     get_run_logger().info("%s v%s: %s (%s)", name, version, "promoted" if d.promote else "not promoted", d.reason)
     return {"promoted": d.promote, "reason": d.reason, "champion_speedup": None if champ_report is None else
             champ_report["speedup"], "previous_champion": None if champ is None else champ.version}

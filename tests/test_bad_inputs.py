@@ -27,7 +27,8 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(name, argv, pattern, b
     lines = [x for x in r.output.strip().splitlines() if x.strip()]
     assert r.exit_code != 0, r.output
     assert len(lines) == 1 and lines[0].startswith("error: "), r.output
-    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit), r.output
+    assert "Traceback" not in r.output, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)  # no other exception escaped
     assert re.search(pattern, lines[0]), lines[0]
     assert snapshot(tmp_path) == before and snapshot(broken) == cache_before
 

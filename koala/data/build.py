@@ -8,6 +8,7 @@ lists which shards still need sampling. `sample_shard` does the expensive part f
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +112,8 @@ def plan(cfg: KoalaConfig, target: Target, out_dir: str | Path | None = None, so
         size = settings["shard_size"]
         # new shards never reuse a number: not a planned one, not one recorded as done, not a file on disk
         start = 1 + max([s.index for s in planned] + [e.get("index", -1) for e in m.get("done", {}).values()]
-                        + [int(f.stem.removeprefix("shard-")) for f in out.glob("shard-[0-9]*.parquet")], default=-1)
+                        + [int(m[1]) for f in out.glob("shard-*.parquet")
+                           if (m := re.fullmatch(r"shard-(\d+)\.parquet", f.name))], default=-1)
         planned += [S.ShardSpec(start + i, tuple(new[j:j + size])) for i, j in enumerate(range(0, len(new), size))]
         m.update({"koala_version": S.__version__, "target": facts, "source": source, "sampling": settings,
                   "settings_hash": h,

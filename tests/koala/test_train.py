@@ -162,6 +162,10 @@ def test_a_fresh_start_never_mixes_with_older_checkpoints(tmp_path):
     assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step-*"))] == ["step-0000003"]
     a = load_file(latest_checkpoint(tmp_path) / "model.safetensors")
     assert all(torch.equal(a[k], v) for k, v in model.state_dict().items())
+    train(tiny_llama(layers=1, vocab=V, seed=5), data, cfg(steps=3), tmp_path, loss="fkl", progress=False,
+          fingerprint="a")
+    kept = sorted(p.name for p in tmp_path.glob("checkpoints.stale-*"))
+    assert len(kept) == 2, kept  # each set-aside training kept, none overwritten
 
 
 def test_adversarial_resume_is_bitwise_identical_discriminator_included(tmp_path):
