@@ -112,8 +112,8 @@ def plan(cfg: KoalaConfig, target: Target, out_dir: str | Path | None = None, so
         size = settings["shard_size"]
         # new shards never reuse a number: not a planned one, not one recorded as done, not a file on disk
         start = 1 + max([s.index for s in planned] + [e.get("index", -1) for e in m.get("done", {}).values()]
-                        + [int(m[1]) for f in out.glob("shard-*.parquet")
-                           if (m := re.fullmatch(r"shard-(\d+)\.parquet", f.name))], default=-1)
+                        + [int(hit[1]) for f in out.glob("shard-*.parquet")
+                           if (hit := re.fullmatch(r"shard-(\d+)\.parquet", f.name))], default=-1)
         planned += [S.ShardSpec(start + i, tuple(new[j:j + size])) for i, j in enumerate(range(0, len(new), size))]
         m.update({"koala_version": S.__version__, "target": facts, "source": source, "sampling": settings,
                   "settings_hash": h,
