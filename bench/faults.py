@@ -483,13 +483,14 @@ def bad_inputs(c: Campaign) -> list[dict]:
 def summary(trials: list[dict], bad: list[dict]) -> dict:
     by = lambda prefix: [t for t in trials if t["trial"].startswith(prefix)]  # noqa: E731
     kills = by("sample-kill")
-    sigs = by("sigint") + by("sigterm")
+    sigs = [t for t in by("sigint") + by("sigterm") if t.get("stop_s") is not None]  # the run was interrupted
     trains = [t for t in trials if "-kill-" in t["trial"] and not t["trial"].startswith(("sample", "pipeline"))]
     trains += by("disk-full-checkpoint")
     data_trials = kills + sigs + by("disk-full-shard")
     return {
         "kills_survived": f"{sum(t['ok'] for t in kills)}/{len(kills)}",
         "interrupts_clean": f"{sum(t['ok'] for t in sigs)}/{len(sigs)}",
+        "signals_after_the_run_ended": len(by("sigint") + by("sigterm")) - len(sigs),
         "orphans": sum(t.get("orphans", 0) for t in trials),
         "rows_lost": sum(t.get("lost", 0) for t in data_trials),
         "duplicates": sum(t.get("duplicates", 0) + t.get("extra", 0) for t in data_trials),
@@ -524,7 +525,8 @@ def main() -> None:
     from koala.threads import cpu_model
 
     if a.markdown:
-        print(markdown(json.loads((Path(a.out) / "faults.json").read_text())["bad_inputs"]))
+        broken = str((Path(a.out) / "broken").resolve())
+        print(markdown(json.loads((Path(a.out) / "faults.json").read_text())["bad_inputs"]).replace(broken, "{d}"))
         return
 
     c = Campaign(Path(a.out).resolve())
@@ -550,7 +552,7 @@ def main() -> None:
         plan.append((f"sample-kill-{i:02d}", lambda i=i, moment=moment: sample_kill(c, i, moment, ref)))
     for sig in (signal.SIGINT, signal.SIGTERM):
         for i in range(a.signals):
-            delay = rng.uniform(0.0, 0.5) * ref_wall
+            delay = rng.uniform(0.0, 0.08) * ref_wall  # after the plan is written: sampling takes the last seconds
             plan.append((f"{signal.Signals(sig).name.lower()}-{i:02d}",
                          lambda i=i, sig=sig, delay=delay: sample_signal(c, i, sig, delay, ref)))
     plan.append(("disk-full-shard", lambda: disk_full_shard(c, ref)))
