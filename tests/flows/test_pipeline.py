@@ -37,15 +37,15 @@ def tiny_config(tmp: Path, target_dir: Path, **extra) -> Path:
     return path
 
 
-def _variant(drafter: str, dst: Path) -> str:
-    """A copy of a drafter with other weights (another registered version)."""
+def _variant(drafter: str, dst: Path, delta: float) -> str:
+    """A copy of a drafter with other weights (another registered version: each delta its own)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(drafter, dst)
     w = load_file(dst / "model.safetensors")
-    save_file({k: v + 1e-3 if v.is_floating_point() else v for k, v in w.items()}, str(dst / "model.safetensors"),
+    save_file({k: v + delta if v.is_floating_point() else v for k, v in w.items()}, str(dst / "model.safetensors"),
               metadata={"format": "pt"})
     return str(dst)
 
@@ -94,7 +94,7 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
     worse = {"lossless": {"identical": 2, "total": 2, "checked": True}, "speedup": 0.01, "tau": 1.0,
              "device": "cpu", "dtype": "float32"}
     assert register_drafter(cfg, s["drafter"], worse)["version"] == s["version"]  # same weights: same version
-    r2 = register_drafter(cfg, _variant(s["drafter"], tmp_path / "v2"), worse)
+    r2 = register_drafter(cfg, _variant(s["drafter"], tmp_path / "v2", 1e-3), worse)
     assert r2["version"] != s["version"]
     d = promote_drafter(cfg, r2, worse, str(tmp_path / "eval2"))
     assert not d["promoted"] and "does not beat champion v" in d["reason"]
@@ -103,8 +103,9 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
     assert str(client.get_model_version_by_alias(s["model"], "champion").version) == s["version"]
 
     # Two promotions at once: one champion, the better one, and a decision recorded for both.
-    a = register_drafter(cfg, _variant(s["drafter"], tmp_path / "va"), worse)
-    b = register_drafter(cfg, _variant(s["drafter"], tmp_path / "vb"), worse)
+    a = register_drafter(cfg, _variant(s["drafter"], tmp_path / "va", 2e-3), worse)
+    b = register_drafter(cfg, _variant(s["drafter"], tmp_path / "vb", 3e-3), worse)
+    assert len({r2["version"], a["version"], b["version"]}) == 3  # other weights: other versions
     better = {**worse, "speedup": 50.0}
     results = {}
     threads = [threading.Thread(target=lambda k, r, rep: results.__setitem__(k, promote_drafter(
@@ -122,7 +123,7 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
     from mlflow import MlflowClient as Client
     from mlflow.exceptions import MlflowException
 
-    best = register_drafter(cfg, _variant(s["drafter"], tmp_path / "vc"), worse)
+    best = register_drafter(cfg, _variant(s["drafter"], tmp_path / "vc", 4e-3), worse)
     for method in ("get_model_version_by_alias", "set_registered_model_alias"):
         def broken(*a, **k):
             raise MlflowException("database is locked", error_code="INTERNAL_ERROR")
