@@ -155,7 +155,3 @@ def fetch(name: str, force: bool = False) -> Path:
                 )
     (file.parent / (file.name + ".sha256")).write_text(asset.sha256 + "\n")
     return file
-
-
-def fetch_all(force: bool = False) -> dict[str, Path]:
-    return {name: fetch(name, force=force) for name in ASSETS}

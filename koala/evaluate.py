@@ -8,7 +8,6 @@ run first and excluded. With greedy decoding every prompt's output is compared t
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -387,7 +386,3 @@ def summary_line(r: dict) -> str:
     return (f"{r['drafter']}: tau {r['tau']:.2f}, speed-up {r['speedup']:.2f}x "
             f"({r['tokens_per_s']['speculative']:.1f} vs {r['tokens_per_s']['autoregressive']:.1f} tokens/s, "
             f"{r.get('mode', 'eager')}, gamma {r['gamma']}), {loss}")
-
-
-def dumps(r: dict) -> str:
-    return json.dumps({k: v for k, v in r.items() if k != "per_prompt"}, indent=2)

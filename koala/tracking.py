@@ -130,7 +130,7 @@ class Tracker:
         return {"model_uri": info.model_uri, "version": None if version is None else str(version)}
 
 
-def drafter_path(model_uri: str, dst: str | Path | None = None) -> Path:
+def drafter_path(model_uri: str) -> Path:
     """Download a logged drafter's directory (model URI, `models:/NAME@champion`, or `runs:/...`)."""
     local = mlflow.pyfunc.load_model(model_uri)
     return Path(local.unwrap_python_model().path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -51,7 +51,6 @@ class ShareGPTStats:
     recovered: int = 0  # complete conversations read
     truncated: bool = False  # the file ended inside a record
     skipped: int = 0  # complete but unusable (no human turn first, empty text)
-    extra: dict = field(default_factory=dict)
 
 
 def read_json_array_prefix(text: str) -> tuple[list, bool]:

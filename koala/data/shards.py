@@ -208,8 +208,9 @@ def _read(file: Path, columns: list[str] | None) -> pa.Table:
     return t.select([c for c in columns if c in t.column_names])
 
 
-def load(path: str | Path, as_dataset: bool = False, columns: list[str] | None = None):
-    """The dataset's rows as a pyarrow Table (or a `datasets.Dataset`), after checking every shard's checksum.
+def load(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """The dataset's rows as a pyarrow Table, after checking every shard's checksum (wrap it in
+    `datasets.Dataset(table)` for Hugging Face datasets).
 
     `columns` reads only those (features are large: leave them out unless a trainer needs them).
 
@@ -231,11 +232,7 @@ def load(path: str | Path, as_dataset: bool = False, columns: list[str] | None =
     tables = [_read(out_dir / f, columns) for f in planned]
     if not tables or sum(t.num_rows for t in tables) == 0:
         raise KoalaError(f"{out_dir} holds no samples: build it with `koala sample`")
-    table = pa.concat_tables(tables, promote_options="default")
-    if as_dataset:
-        import datasets
-        return datasets.Dataset(table)
-    return table
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def _check_rows(out_dir: Path, m: dict) -> None:

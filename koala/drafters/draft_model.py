@@ -92,8 +92,3 @@ def save_drafter(model: LlamaForCausalLM, tokenizer, out_dir: str | Path, info: 
         info = {**info, "draft_vocab_size": 0 if draft_vocab is None else len(draft_vocab)}
         (tmp / KOALA_JSON).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
     return Path(out_dir)
-
-
-def read_koala_json(path: str | Path) -> dict:
-    f = Path(path) / KOALA_JSON
-    return json.loads(f.read_text()) if f.exists() else {}
