@@ -9,14 +9,14 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.build_dataset import build_distillation_dataset
-from koala.config import parse_bench
+from koala.config import HEAD_KINDS, LossName, parse_bench
 from koala.tracking import Tracker, check_reachable, resolve_uri
 from tasks.common import resolve_config
 from tasks.evaluation import evaluate_drafter, promote_drafter, register_drafter
 from tasks.training import distill_drafter, pretrain_drafter, train_heads_task
 
 Profile = Literal["smoke", "default", "gpu"]
-Loss = Literal["fkl", "rkl", "tvd", "tvdpp", "jsd"]
+Loss = LossName
 
 
 @flow(name="koala-pipeline", log_prints=True)
@@ -102,7 +102,7 @@ def koala_pipeline(
 def _train(cfg, data_dir: str, forced_dir: str | None, out: Path, init: str | None, pid: str) -> tuple[dict, list]:
     """The drafter's training stages: on teacher-forced data (when there is some), then on the sampled data for
     training.finetune_steps; returns the final {drafter, dir, ...} and each stage's held-out metrics."""
-    heads = cfg.drafter.kind in ("medusa", "eagle")
+    heads = cfg.drafter.kind in HEAD_KINDS
     plan = [(forced_dir, cfg)] if forced_dir else []
     if not forced_dir or cfg.training.finetune_steps:
         ft = cfg if not forced_dir else cfg.model_copy(

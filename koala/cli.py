@@ -61,6 +61,12 @@ def in_prefect(call):
         IN_FLOW.clear()
 
 
+def one_of(option: str, value: str | None, choices: tuple[str, ...]) -> None:
+    """A choice given on the command line (None: not given) is one of `choices`."""
+    if value is not None and value not in choices:
+        raise KoalaError(f"{option} must be one of {', '.join(choices)}; got {value!r}")
+
+
 def at_least_one(**options) -> None:
     """Counts given on the command line (None: not given) must be >= 1."""
     for name, v in options.items():
@@ -429,8 +435,12 @@ def distill(config: Optional[str] = typer.Option(None, help="YAML config (defaul
             track: bool = typer.Option(True, help="log the run to MLflow"),
             set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
     """Distil a drafter on the target's samples with a KD loss; runs under torchrun for DDP."""
-    if loss is not None and loss not in ("fkl", "rkl", "tvd", "tvdpp", "jsd"):
-        fail(KoalaError(f"--loss must be one of fkl, rkl, tvd, tvdpp, jsd; got {loss!r}"))
+    from koala.config import LOSS_NAMES
+
+    try:
+        one_of("--loss", loss, LOSS_NAMES)
+    except KoalaError as e:
+        fail(e)
     _train_cmd("distill", config, profile, data, loss, steps, out, resume, init, track, set_)
 
 
@@ -458,8 +468,9 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
 
     history: list = []
     try:
-        if kind not in ("medusa", "eagle"):
-            raise KoalaError(f"--kind must be medusa or eagle, got {kind!r}")
+        from koala.config import HEAD_KINDS
+
+        one_of("--kind", kind, HEAD_KINDS)
         at_least_one(layers=layers, steps=steps)
         cfg = load_config(None if config else profile, config, set_ or [])
         _check_training_paths(out, resume, init=init, data=data or cfg.sampling.out_dir, heads=True)
@@ -489,8 +500,9 @@ def run(profile: str = typer.Option("smoke", help="smoke (a CPU in minutes), def
 
     try:
         at_least_one(n_prompts=n_prompts, steps=steps)
-        if loss is not None and loss not in ("fkl", "rkl", "tvd", "tvdpp", "jsd"):
-            raise KoalaError(f"--loss must be one of fkl, rkl, tvd, tvdpp, jsd; got {loss!r}")
+        from koala.config import LOSS_NAMES
+
+        one_of("--loss", loss, LOSS_NAMES)
         cfg = load_config(None if config else profile, config, set_ or [])  # a bad profile fails here, not in Prefect
         check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
         check_prompt_source(prompt_source or cfg.prompts.source)

@@ -13,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from koala.errors import KoalaError
 
+LOSS_NAMES = ("fkl", "rkl", "tvd", "tvdpp", "jsd")  # koala.losses.LOSSES implements each
+HEAD_KINDS = ("medusa", "eagle")  # draft heads on the target's features (koala.drafters.heads)
+DRAFTER_KINDS = ("draft_model", "truncate", "ngram", *HEAD_KINDS)
+LossName = Literal[LOSS_NAMES]
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PROFILES = ("smoke", "default", "gpu")
 
@@ -68,7 +73,7 @@ class TeacherForcedConfig(_Strict):
 
 
 class DrafterConfig(_Strict):
-    kind: Literal["draft_model", "truncate", "ngram", "medusa", "eagle"] = Field(
+    kind: Literal[DRAFTER_KINDS] = Field(
         "draft_model", description="independent draft model, target-truncation or n-gram baseline, or draft heads")
     layers: int = Field(2, ge=1, description="decoder layers (draft_model, truncate) or K (heads)")
     hidden_size: int | None = Field(None, ge=8, description="None: the target's (needed to share its embeddings)")
@@ -85,7 +90,7 @@ class DrafterConfig(_Strict):
 
 class TrainingConfig(_Strict):
     out_dir: str = Field("runs/drafter", description="checkpoints and the final drafter")
-    loss: Literal["fkl", "rkl", "tvd", "tvdpp", "jsd"] = Field("tvdpp", description="distillation loss")
+    loss: LossName = Field("tvdpp", description="distillation loss")
     steps: int = Field(200, ge=1, description="optimizer steps of distillation (on teacher-forced data when "
                        "teacher_forced.limit > 0, else on the sampled data)")
     finetune_steps: int = Field(0, ge=0, description="then this many steps on the target's sampled answers "

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from koala import __version__
-from koala.config import KoalaConfig
+from koala.config import HEAD_KINDS, KoalaConfig
 from koala.distill import load_distillation_rows, split_heldout
 from koala.drafters.heads import build_heads, load_heads, save_heads
 from koala.errors import KoalaError
@@ -194,8 +194,8 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
         resume: continue from the last checkpoint in out_dir.
     """
     kind = kind or cfg.drafter.kind
-    if kind not in ("medusa", "eagle"):
-        raise KoalaError(f"head kind must be medusa or eagle, got {kind!r}")
+    if kind not in HEAD_KINDS:
+        raise KoalaError(f"head kind must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
     tcfg = cfg.training.model_copy(update={"adversarial": cfg.training.adversarial if adversarial is None
                                            else adversarial})
     out = Path(out_dir)

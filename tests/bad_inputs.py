@@ -71,7 +71,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("distill --steps 0", ["distill", "--steps", "0"], r"--steps 0"),
     ("distill --data missing", ["distill", "--data", "{d}/nodata", "--out", "{d}/o"], r"--data .*nodata: no "
      r"distillation set"),
-    ("heads --kind x", ["heads", "--kind", "x", "--out", "{d}/h"], r"--kind must be medusa or eagle"),
+    ("heads --kind x", ["heads", "--kind", "x", "--out", "{d}/h"], r"--kind must be one of medusa, eagle"),
     ("heads --resume, nothing to resume", ["heads", "--kind", "eagle", "--out", "{d}/fresh", "--resume", "--data",
                                            "{d}/dataset"], r"--resume: .*fresh holds no checkpoint"),
     ("heads --init missing", ["heads", "--kind", "eagle", "--out", "{d}/h", "--init", "{d}/nowhere", "--data",

@@ -58,3 +58,16 @@ def test_more_evaluations_and_teacher_forcing_validate():
         load_config("smoke", overrides=["training.unroll=0"])
     with pytest.raises(KoalaError, match="field teacher_forced.limit"):
         load_config("smoke", overrides=["teacher_forced.limit=-1"])
+
+
+def test_loss_and_drafter_names_have_one_source():
+    """The config's names are the ones the code implements (the CLI and the flows read them from koala.config)."""
+    import typing
+
+    from koala.config import DRAFTER_KINDS, HEAD_KINDS, LOSS_NAMES, DrafterConfig, TrainingConfig
+    from koala.losses import LOSSES
+
+    assert set(LOSS_NAMES) == set(LOSSES)
+    assert typing.get_args(TrainingConfig.model_fields["loss"].annotation) == LOSS_NAMES
+    assert typing.get_args(DrafterConfig.model_fields["kind"].annotation) == DRAFTER_KINDS
+    assert set(HEAD_KINDS) <= set(DRAFTER_KINDS)
