@@ -90,6 +90,45 @@ def prefect_api() -> Iterator[str]:
             Path(log.name).unlink(missing_ok=True)
 
 
+class _OneLineKoalaErrors:
+    """A logging filter: a KoalaError inside a flow or task is logged as its one line, not a traceback (the CLI
+    prints it once more as `error: ...`)."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, KoalaError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def run_flow(call):
+    """Call a flow under prefect_api(), with koala's signal handling: SIGINT or SIGTERM stops it within seconds,
+    keeps what is finished and leaves no server behind.
+
+    Raises:
+        Interrupted: with .code 130 (SIGINT) or 143 (SIGTERM).
+    """
+    import logging
+
+    from prefect.exceptions import TerminationSignal
+
+    from koala.interrupt import IN_FLOW, Interrupted, exit_code, handle_signals
+
+    handle_signals()
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_OneLineKoalaErrors())
+    IN_FLOW.set()
+    try:
+        with prefect_api():
+            return call()
+    except (KeyboardInterrupt, TerminationSignal) as e:  # Prefect turns SIGTERM into TerminationSignal in a flow
+        code = 128 + e.signal if isinstance(e, TerminationSignal) else exit_code()
+        raise Interrupted("interrupted: finished shards and checkpoints are kept; run the same command again to "
+                          "continue", code) from None
+    finally:
+        IN_FLOW.clear()
+
+
 def _drain(timeout: float = 5.0) -> None:
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker

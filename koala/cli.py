@@ -22,43 +22,17 @@ def fail(e: Exception) -> None:
     raise typer.Exit(1)
 
 
-class _OneLineKoalaErrors:
-    """A logging filter: a KoalaError inside a flow or task is logged as its one line, not a traceback (the CLI
-    prints it once more as `error: ...`)."""
-
-    def filter(self, record) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, KoalaError):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
 def in_prefect(call):
-    """Run a flow call under a Prefect API koala controls (flows.server): SIGINT or SIGTERM stops it within seconds,
-    keeps what is finished, leaves no server behind, and exits 130 or 143."""
-    import logging
+    """Run a flow call under flows.server.run_flow (its own temporary Prefect server, stopped on exit); an
+    interrupt prints one line and exits 130 or 143."""
+    from flows.server import run_flow
+    from koala.interrupt import Interrupted
 
-    from flows.server import prefect_api
-    from koala.interrupt import exit_code, handle_signals
-
-    handle_signals()
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(name).addFilter(_OneLineKoalaErrors())
-    from prefect.exceptions import TerminationSignal
-
-    from koala.interrupt import IN_FLOW
-
-    IN_FLOW.set()
     try:
-        with prefect_api():
-            return call()
-    except (KeyboardInterrupt, TerminationSignal) as e:  # Prefect turns SIGTERM into TerminationSignal in a flow
-        code = 128 + e.signal if isinstance(e, TerminationSignal) else exit_code()
-        typer.secho("interrupted: finished shards and checkpoints are kept; run the same command again to continue",
-                    fg="yellow", err=True)
-        raise typer.Exit(code) from None
-    finally:
-        IN_FLOW.clear()
+        return run_flow(call)
+    except Interrupted as e:
+        typer.secho(str(e), fg="yellow", err=True)
+        raise typer.Exit(e.code) from None
 
 
 def one_of(option: str, value: str | None, choices: tuple[str, ...]) -> None:
@@ -557,24 +531,15 @@ def promote(model: str = typer.Option(..., help="registered model name, e.g. koa
     import time as _time
 
     from koala.config import load_config
-    from koala.tracking import check_reachable, resolve_uri
+    from koala.tracking import check_reachable, resolve_uri, set_champion
 
     try:
         cfg = load_config(profile)
         uri = resolve_uri(tracking_uri or cfg.tracking.uri, cfg.run_dir, create=False)
         check_reachable(uri)
-        from mlflow import MlflowClient
-
-        c = MlflowClient(uri)
-        try:
-            c.get_model_version(model, version)
-        except Exception as e:  # noqa: BLE001 - MLflow's not-found errors
-            raise KoalaError(f"model {model} has no version {version} in {uri}: check `mlflow ui` for the versions") \
-                from e
-        c.set_registered_model_alias(model, "champion", version)
-        for k, v in {"promoted": "true", "promotion": "manual", "promotion_reason": reason,
-                     "promoted_by": getpass.getuser(), "decided_at": _time.strftime("%Y-%m-%dT%H:%M:%S%z")}.items():
-            c.set_model_version_tag(model, version, k, v)
+        set_champion(uri, model, version, {"promoted": "true", "promotion": "manual", "promotion_reason": reason,
+                                           "promoted_by": getpass.getuser(),
+                                           "decided_at": _time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     except KoalaError as e:
         fail(e)
     typer.echo(f"{model} version {version} is now champion (manual override: {reason})")

@@ -25,7 +25,11 @@ _counts: dict[str, int] = {}
 
 
 class Interrupted(KoalaError):
-    """Work stopped because SIGINT or SIGTERM asked it to (never retried)."""
+    """Work stopped because SIGINT or SIGTERM asked it to (never retried); `code` is the exit status to end with."""
+
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message)
+        self.code = code
 
 
 def check() -> None:

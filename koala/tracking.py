@@ -16,6 +16,7 @@ from typing import Iterator
 
 import mlflow
 import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
 
 from koala.errors import KoalaError
 
@@ -128,6 +129,22 @@ class Tracker:
         if registered_name:
             version = mlflow.register_model(info.model_uri, registered_name, tags=version_tags or {}).version
         return {"model_uri": info.model_uri, "version": None if version is None else str(version)}
+
+
+def set_champion(uri: str, model: str, version: str, tags: dict) -> None:
+    """Give `version` the alias `champion` by hand and tag it (`koala promote`).
+
+    Raises:
+        KoalaError: the model has no such version.
+    """
+    c = mlflow.MlflowClient(uri)
+    try:
+        c.get_model_version(model, version)
+    except MlflowException as e:
+        raise KoalaError(f"model {model} has no version {version} in {uri}: check `mlflow ui` for the versions") from e
+    c.set_registered_model_alias(model, "champion", version)
+    for k, v in tags.items():
+        c.set_model_version_tag(model, version, k, v)
 
 
 def drafter_path(model_uri: str) -> Path:

@@ -370,11 +370,7 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
     objective = objective or _draft_model_objective(model, cfg, mode, loss_name, target_model, vocab_ids, device)
-    if world_size > 1:
-        objective.module = torch.nn.parallel.DistributedDataParallel(objective.module)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg, steps))
+    params, opt, sched = _optimizer(objective, model, cfg, steps, world_size)
     adversary = getattr(objective, "adversary", None)
     start, order = _starting_point(out, resume, fingerprint, model, opt, sched, len(data), cfg.seed, adversary)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -402,6 +398,15 @@ def train(model, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, m
     if start >= steps:  # resumed a finished training: its held-out metrics again, not nothing
         metrics = heldout_metrics(objective, heldout, device)
     return metrics
+
+
+def _optimizer(objective, model, cfg: TrainingConfig, steps: int, world_size: int):
+    """The trainable parameters, AdamW and the schedule (the objective wrapped in DDP under torchrun)."""
+    if world_size > 1:
+        objective.module = torch.nn.parallel.DistributedDataParallel(objective.module)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    return params, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg, steps))
 
 
 def _optimizer_step(opt, sched, params, clip: float) -> torch.Tensor:

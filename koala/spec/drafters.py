@@ -312,10 +312,7 @@ def load_drafter(spec: str, target: Transformer, dtype: str = "float32", device:
             raise KoalaError(f"drafter {spec!r}: write truncate:N with N a number of layers, e.g. truncate:2") from None
         return ModelDrafter(target.truncated(n), name=spec)
     if spec == "ngram" or spec.startswith("ngram:"):
-        n = spec.split(":", 1)[1] if ":" in spec else "3"
-        if not n.isdigit() or int(n) < 1:
-            raise KoalaError(f"drafter {spec!r}: write ngram:N with N >= 1 the longest n-gram to look up, e.g. ngram:3")
-        n = int(n)
+        n = int(spec.split(":", 1)[1]) if ":" in spec else 3  # check_drafter_spec validated it
         return PromptLookupDrafter(max_ngram=n, vocab_size=target.args.vocab_size)
     if spec.startswith("heads:"):
         from koala.drafters.heads import load_heads_drafter
