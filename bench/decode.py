@@ -18,10 +18,10 @@ import torch
 
 from koala.config import EvalConfig
 from koala.evaluate import _hf_generate, load_bench
-from koala.spec.calibrate import GAMMA_MAX, choose_from_probes, cost_curve, drafter_step_ms, parse_gamma
-from koala.spec.compile import compile_seconds
-from koala.spec.model import Transformer
-from koala.spec.session import Session
+from koala.engine.calibrate import GAMMA_MAX, choose_from_probes, cost_curve, drafter_step_ms, parse_gamma
+from koala.engine.compile import compile_seconds
+from koala.engine.model import Transformer
+from koala.engine.session import Session
 from koala.targets import encode_chat, load_target
 from koala.threads import configure_threads, cpu_model
 

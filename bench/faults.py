@@ -2,8 +2,8 @@
 
     python bench/faults.py [--kills 20] [--signals 3] [--train-kills 2] [--out runs/faults] [--skip-pipeline]
 
-Every trial runs the real CLI (`python -m koala.cli ...`) on the real default target, in a subprocess, and checks
-what a user would:
+Every trial runs the real CLI (`python -m koala_flows.cli ...`) on the real default target, in a subprocess, and
+checks what a user would:
 
 * `koala sample` SIGKILLed at seeded moments (while writing a shard, renaming it, updating the manifest, or at a
   random time) and run again: exactly the planned sample ids, none twice, every checksum valid, every row equal to an
@@ -70,7 +70,9 @@ class Campaign:
         """The smoke profile, small: a campaign is many runs."""
         import yaml
 
-        cfg = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+        from koala.config import CONFIG_DIR
+
+        cfg = yaml.safe_load((CONFIG_DIR / "smoke.yaml").read_text())
         cfg["run_dir"] = str(self.out / "run")
         cfg["sampling"].update(out_dir=str(self.out / "run" / "data"), shard_size=2, batch_size=2,
                                max_new_tokens=self.max_new_tokens)
@@ -102,7 +104,7 @@ class Campaign:
         t0 = time.monotonic()
         log = self.out / "last.log"
         with open(log, "w") as f:
-            p = subprocess.Popen([sys.executable, "-m", "koala.cli", *argv], cwd=self.out, env=self.env(fault),
+            p = subprocess.Popen([sys.executable, "-m", "koala_flows.cli", *argv], cwd=self.out, env=self.env(fault),
                                  stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
             stop_s = None
             if signal_at:
@@ -157,7 +159,7 @@ def rows(data: Path) -> dict:
 
 
 def servers_of(pid: int) -> list[int]:
-    """Temporary Prefect servers (flows.server) started by process `pid` that are still alive."""
+    """Temporary Prefect servers (koala_flows.server) started by process `pid` that are still alive."""
     found = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -166,8 +168,8 @@ def servers_of(pid: int) -> list[int]:
             argv = (d / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"flows.server" in argv and len(argv) > argv.index(b"flows.server") + 1 and \
-                argv[argv.index(b"flows.server") + 1] == str(pid).encode():
+        if b"koala_flows.server" in argv and len(argv) > argv.index(b"koala_flows.server") + 1 and \
+                argv[argv.index(b"koala_flows.server") + 1] == str(pid).encode():
             found.append(int(d.name))
     return found
 
@@ -305,7 +307,7 @@ def straight(c: Campaign, kind: str, data: Path) -> Path:
 
 def compare_training(kind: str, got: Path, want: Path) -> dict:
     _, sub, weights = TRAININGS[kind]
-    from koala.train import latest_checkpoint
+    from koala.training.checkpoints import latest_checkpoint
 
     a, b = latest_checkpoint(got), latest_checkpoint(want)
     same = {"weights": tensors_equal(got / sub / weights, want / sub / weights)}
@@ -337,7 +339,7 @@ def disk_full_checkpoint(c: Campaign, data: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     r = c.koala(*train_argv(c, "distill", out, data), fault="checkpoint.write:2:enospc")
     err = [x for x in r.output.splitlines() if x.startswith("error:")]
-    from koala.train import latest_checkpoint
+    from koala.training.checkpoints import latest_checkpoint
 
     kept = latest_checkpoint(out)
     again = c.koala(*train_argv(c, "distill", out, data, "--resume"))
@@ -452,7 +454,7 @@ def pipeline_registry_fault(c: Campaign, point: str) -> dict:
 def bad_inputs(c: Campaign) -> list[dict]:
     from typer.testing import CliRunner
 
-    from koala.cli import app
+    from koala_flows.cli import app
     from tests.bad_inputs import CASES, prepare, snapshot
 
     d = c.out / "broken"

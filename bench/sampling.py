@@ -17,10 +17,10 @@ import torch
 
 from koala.data import prompts as P
 from koala.data.teacher import force_batch, tokenize
-from koala.sampling import generate_batch
+from koala.data.generate import generate_batch
 from koala.threads import configure_threads, cpu_model
-from koala.spec.sampling import SamplingParams
-from koala.spec.session import Session
+from koala.engine.sampling import SamplingParams
+from koala.engine.session import Session
 from koala.targets import encode_chat
 
 

@@ -13,10 +13,11 @@ import time
 import torch
 
 from koala.config import load_config
-from koala.distill import load_distillation_rows, split_heldout
-from koala.drafters.draft_model import build_drafter
+from koala.models.draft_model import build_drafter
 from koala.targets import load_target
-from koala.train import SequenceData, train
+from koala.training.data import training_data
+from koala.training.loop import train
+from koala.training.objectives import Distill
 
 
 def main():
@@ -33,15 +34,14 @@ def main():
     cfg = load_config(a.profile, overrides=over + [f"training.checkpoint_every={a.steps + 1}",
                                                    f"training.eval_every={a.steps + 1}"])
     target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device)
-    rows, _ = load_distillation_rows(a.data or cfg.sampling.out_dir, target)
-    train_rows, _ = split_heldout(rows, cfg.training.heldout_fraction)
-    data = SequenceData(train_rows, cfg.training.max_seq_len, target.tokenizer.pad_token_id or 0)
+    data = training_data(cfg, target, a.data or cfg.sampling.out_dir).train
     model = build_drafter(target, cfg.drafter)
+    objective = Distill(model, cfg.training.loss, target.model)
     log: list = []
     with tempfile.TemporaryDirectory() as tmp:
-        train(model, data, cfg.training, tmp, steps=2, progress=False)  # warm-up
+        train(objective, data, cfg.training, tmp, 2, progress=False)  # warm-up
         t = time.perf_counter()
-        train(model, data, cfg.training, tmp + "/b", steps=a.steps, on_log=lambda s, m: log.append(m), progress=False)
+        train(objective, data, cfg.training, tmp + "/b", a.steps, on_log=lambda s, m: log.append(m), progress=False)
         wall = time.perf_counter() - t
     tps = sum(m["tokens_per_s"] for m in log) / len(log)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

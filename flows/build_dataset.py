@@ -10,8 +10,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
 from koala.data import shards
-from tasks.common import resolve_config
-from tasks.sampling import plan_shards, sample_shard
+from koala_tasks.common import resolve_config
+from koala_tasks.sampling import plan_shards, sample_shard
 
 
 @flow(name="build-distillation-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
@@ -27,7 +27,7 @@ def build_distillation_dataset(
     """Sample the target on the configured prompts into shards under out_dir; returns out_dir.
 
     Args:
-        profile: configs/NAME.yaml (smoke, default, gpu), unless config_path is given.
+        profile: koala/profiles/NAME.yaml (smoke, default, gpu), unless config_path is given.
         config_path: a YAML config file.
         out_dir: where the shards go (default: sampling.out_dir of the config).
         n_prompts: use at most this many prompts (teacher_forced: conversations).

@@ -7,8 +7,8 @@ from pathlib import Path
 from prefect import flow
 
 from koala.tracking import Tracker, drafter_path, resolve_uri
-from tasks.common import resolve_config
-from tasks.evaluation import evaluate_drafter, model_name
+from koala_tasks.common import resolve_config
+from koala_tasks.evaluation import evaluate_drafter, model_name
 
 
 @flow(name="evaluate-registered-drafter", log_prints=True)
@@ -17,7 +17,7 @@ def evaluate_registered(profile: str = "smoke", config_path: str | None = None, 
     """Evaluate `koala-drafter-<target>` at `version` (or `alias`) with the profile's eval settings.
 
     Args:
-        profile: configs/NAME.yaml, unless config_path is given.
+        profile: koala/profiles/NAME.yaml, unless config_path is given.
         config_path: a YAML config file.
         version: a registered version; None uses `alias`.
         alias: the alias to evaluate when no version is given.
@@ -27,10 +27,7 @@ def evaluate_registered(profile: str = "smoke", config_path: str | None = None, 
     name = model_name(cfg)
     uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
     ref = f"models:/{name}/{version}" if version else f"models:/{name}@{alias}"
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    path = drafter_path(ref)
+    path = drafter_path(ref, uri)
     with Tracker.start(uri, cfg.tracking.experiment, f"evaluate-{name}-{version or alias}") as parent:
         report = evaluate_drafter(cfg, str(path), str(Path(cfg.run_dir) / "eval" / f"{version or alias}"),
                                   parent.run_id)

@@ -8,12 +8,12 @@ from typing import Literal
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from flows.build_dataset import build_distillation_dataset
+from koala_flows.build_dataset import build_distillation_dataset
 from koala.config import HEAD_KINDS, LossName, parse_bench
 from koala.tracking import Tracker, check_reachable, resolve_uri
-from tasks.common import resolve_config
-from tasks.evaluation import evaluate_drafter, promote_drafter, register_drafter
-from tasks.training import distill_drafter, pretrain_drafter, train_heads_task
+from koala_tasks.common import resolve_config
+from koala_tasks.evaluation import evaluate_drafter, promote_drafter, register_drafter
+from koala_tasks.training import distill_drafter, pretrain_drafter, train_heads_task
 
 Profile = Literal["smoke", "default", "gpu"]
 Loss = LossName
@@ -32,7 +32,7 @@ def koala_pipeline(
     """Build (or extend) the distillation set, train a drafter, evaluate it, register it, promote it if it wins.
 
     Args:
-        profile: configs/NAME.yaml: smoke (a CPU in minutes), default or gpu.
+        profile: koala/profiles/NAME.yaml: smoke (a CPU in minutes), default or gpu.
         config_path: a YAML config file instead of a profile.
         prompt_source: sharegpt, mtbench, a file, or a directory of prompt logs (incremental runs).
         n_prompts: use at most this many prompts.

@@ -11,7 +11,7 @@ retries), and a SIGKILL of koala leaves it running, holding a port. `prefect_api
 
 With PREFECT_API_URL set (a real server, a worker, the test harness) it does nothing.
 
-Run as a module (`python -m flows.server PARENT_PID PORT`) it is that child.
+Run as a module (`python -m koala_flows.server PARENT_PID PORT`) it is that child.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def prefect_api() -> Iterator[str]:
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                           *filter(None, [os.environ.get("PYTHONPATH")])])}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.server", str(os.getpid()), str(port)], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "koala_flows.server", str(os.getpid()), str(port)], env=env,
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     keep_log = False
     try:

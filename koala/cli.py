@@ -1,4 +1,9 @@
-"""koala's command line: `koala --help` lists the commands."""
+"""koala's command line, the library's commands: assets, prompts, generate, eval, pretrain, distill, heads, promote.
+
+The `koala` script is koala_flows.cli, which adds `run` and `sample` (they start Prefect flows); on a host with
+torch alone (a GPU worker), `python -m koala.cli` (and `torchrun -m koala.cli distill`) runs these commands.
+Option defaults come from the config models (`default_of`), so a default is written once.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from koala.config import DEFAULT_PROFILE, EvalConfig, PromptsConfig, TargetConfig, default_of
 from koala.errors import KoalaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train drafters for a chat LLM and measure the "
@@ -20,19 +26,6 @@ app.add_typer(assets_app, name="assets")
 def fail(e: Exception) -> None:
     typer.secho(f"error: {e}", fg="red", err=True)
     raise typer.Exit(1)
-
-
-def in_prefect(call):
-    """Run a flow call under flows.server.run_flow (its own temporary Prefect server, stopped on exit); an
-    interrupt prints one line and exits 130 or 143."""
-    from flows.server import run_flow
-    from koala.interrupt import Interrupted
-
-    try:
-        return run_flow(call)
-    except Interrupted as e:
-        typer.secho(str(e), fg="yellow", err=True)
-        raise typer.Exit(e.code) from None
 
 
 def one_of(option: str, value: str | None, choices: tuple[str, ...]) -> None:
@@ -50,7 +43,7 @@ def at_least_one(**options) -> None:
 
 def check_run_options(target: str, dtype: str, device: str, drafter: str | None = None) -> None:
     """What can be checked before the target loads: dtype, device, and the drafter spec and its files."""
-    from koala.spec.drafters import check_drafter_spec
+    from koala.engine.drafter_spec import check_drafter_spec
     from koala.targets import check_device, parse_dtype
 
     parse_dtype(dtype)
@@ -87,6 +80,13 @@ def writable_dir(directory, option: str = "--out") -> None:
             pass
     except OSError as e:
         raise KoalaError(f"{option} {d}: cannot write there ({e.strerror or e}): choose a writable directory") from None
+
+
+def tracking_available() -> bool:
+    """Whether MLflow is installed (a torch-only GPU host has no orchestration extras): found without importing it."""
+    import importlib.util
+
+    return importlib.util.find_spec("mlflow") is not None
 
 
 def validated(model, origin: str, **values):
@@ -127,13 +127,13 @@ def assets_list():
 
 
 @app.command()
-def prompts(source: str = typer.Option("sharegpt", help="sharegpt, mtbench, humaneval, hf:NAME or a file path"),
+def prompts(source: str = typer.Option(default_of(PromptsConfig, "source"), help="sharegpt, mtbench, humaneval, hf:NAME or a file path"),
             limit: int = typer.Option(5, help="how many records to show"),
             as_json: bool = typer.Option(False, "--json", help="one JSON record per line"),
-            turns: int = typer.Option(1, help="ShareGPT: keep the chat up to this human turn"),
+            turns: int = typer.Option(default_of(PromptsConfig, "sharegpt_turns"), help="ShareGPT: keep the chat up to this human turn"),
             both_turns: bool = typer.Option(False, help="MT-bench: include the second turn as a follow-up"),
-            prompt_col: str = typer.Option("prompt", help="files: column with the prompt"),
-            category_col: Optional[str] = typer.Option("category", help="files: column with the category"),
+            prompt_col: str = typer.Option(default_of(PromptsConfig, "prompt_col"), help="files: column with the prompt"),
+            category_col: Optional[str] = typer.Option(default_of(PromptsConfig, "category_col"), help="files: column with the category"),
             messages_col: Optional[str] = typer.Option(None, help="files: column with a whole chat")):
     """Print prompt records from a source (and, for ShareGPT, how many conversations were recovered)."""
     from koala.data import prompts as P
@@ -160,27 +160,25 @@ def prompts(source: str = typer.Option("sharegpt", help="sharegpt, mtbench, huma
 
 @app.command()
 def generate(prompt: str = typer.Argument(..., help="the user message"),
-             target: str = typer.Option("smollm2-135m-instruct", help="target: name, HF id, directory or .gguf"),
+             target: str = typer.Option(default_of(TargetConfig, "spec"), help="target: name, HF id, directory or .gguf"),
              drafter: Optional[str] = typer.Option(None, help="speculate with: truncate:N, ngram, heads:PATH, a model; lookup+SPEC tries prompt lookup first"),
-             gamma: str = typer.Option("auto", help="tokens drafted per round, or auto: from this machine's measured "
+             gamma: str = typer.Option(default_of(EvalConfig, "gamma"), help="tokens drafted per round, or auto: from this machine's measured "
                                        "cost by width and the drafter's stored acceptance"),
              max_new_tokens: int = typer.Option(256, help="longest answer in tokens"),
-             temperature: float = typer.Option(0.0, help="0 = greedy"),
-             top_p: float = typer.Option(1.0, help="nucleus mass"),
-             dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
-             device: str = typer.Option("cpu", help="cpu or cuda"),
+             temperature: float = typer.Option(default_of(EvalConfig, "temperature"), help="0 = greedy"),
+             top_p: float = typer.Option(default_of(EvalConfig, "top_p"), help="nucleus mass"),
+             dtype: str = typer.Option(default_of(TargetConfig, "dtype"), help="float32, bfloat16 or float16"),
+             device: str = typer.Option(default_of(TargetConfig, "device"), help="cpu or cuda"),
              compile: bool = typer.Option(False, "--compile/--no-compile", help="compiled decode steps: faster per "
                                           "token, after a one-off compilation (cached on disk)")):
     """Answer one prompt with the target, streaming tokens; with --drafter, accepted drafts show in green."""
-    from koala.spec.calibrate import auto_gamma, parse_gamma
-    from koala.spec.compile import compile_seconds
-    from koala.spec.session import Session
+    from koala.engine.calibrate import auto_gamma, parse_gamma
+    from koala.engine.compile import compile_seconds
+    from koala.engine.session import Session
 
     try:
         if not prompt.strip():
             raise KoalaError("the prompt is empty: give the user message, e.g. koala generate \"Tell me a joke\"")
-        from koala.config import EvalConfig
-
         validated(EvalConfig, "koala generate", temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                   gamma=gamma)
         check_run_options(target, dtype, device, drafter)
@@ -211,20 +209,20 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
 
 @app.command("eval")
 def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads:PATH, or a causal LM (dir, id, .gguf); lookup+SPEC: prompt lookup first"),
-             target: str = typer.Option("smollm2-135m-instruct", help="target: name, HF id, directory or .gguf"),
-             bench: str = typer.Option("mtbench", help="mtbench, humaneval or a JSONL of {prompt, category}"),
-             limit: Optional[int] = typer.Option(8, help="evaluate at most this many prompts"),
-             gamma: str = typer.Option("auto", help="tokens drafted per target forward (at most), or auto: chosen "
+             target: str = typer.Option(default_of(TargetConfig, "spec"), help="target: name, HF id, directory or .gguf"),
+             bench: str = typer.Option(default_of(EvalConfig, "bench"), help="mtbench, humaneval or a JSONL of {prompt, category}"),
+             limit: Optional[int] = typer.Option(default_of(EvalConfig, "limit"), help="evaluate at most this many prompts"),
+             gamma: str = typer.Option(default_of(EvalConfig, "gamma"), help="tokens drafted per target forward (at most), or auto: chosen "
                                        "from the measured cost by width and acceptance by position"),
-             threshold: Optional[float] = typer.Option(None, help="stop drafting below this draft probability"),
-             lookup: bool = typer.Option(False, help="prompt lookup first, the drafter where the context has no match"),
-             temperature: float = typer.Option(0.0, help="0 = greedy; > 0 = speculative sampling"),
-             top_p: float = typer.Option(1.0, help="nucleus mass, identical for target and drafter"),
-             max_new_tokens: int = typer.Option(128, help="new tokens per prompt"),
-             dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
-             device: str = typer.Option("cpu", help="cpu or cuda"),
-             hf: bool = typer.Option(False, "--hf/--no-hf", help="also time HF generate, plain and assisted"),
-             compile: bool = typer.Option(True, "--compile/--no-compile", help="compiled decode steps for both "
+             threshold: Optional[float] = typer.Option(default_of(EvalConfig, "threshold"), help="stop drafting below this draft probability"),
+             lookup: bool = typer.Option(default_of(EvalConfig, "lookup"), help="prompt lookup first, the drafter where the context has no match"),
+             temperature: float = typer.Option(default_of(EvalConfig, "temperature"), help="0 = greedy; > 0 = speculative sampling"),
+             top_p: float = typer.Option(default_of(EvalConfig, "top_p"), help="nucleus mass, identical for target and drafter"),
+             max_new_tokens: int = typer.Option(default_of(EvalConfig, "max_new_tokens"), help="new tokens per prompt"),
+             dtype: str = typer.Option(default_of(TargetConfig, "dtype"), help="float32, bfloat16 or float16"),
+             device: str = typer.Option(default_of(TargetConfig, "device"), help="cpu or cuda"),
+             hf: bool = typer.Option(default_of(EvalConfig, "hf_baselines"), "--hf/--no-hf", help="also time HF generate, plain and assisted"),
+             compile: bool = typer.Option(default_of(EvalConfig, "compile"), "--compile/--no-compile", help="compiled decode steps for both "
                                           "the speculative and the autoregressive runs (compile time reported apart)"),
              out: str = typer.Option("report.json", help="report path; .md and PNG plots go beside it")):
     """Measure a drafter: tau, acceptance by position, speed-up vs autoregressive, and losslessness."""
@@ -232,9 +230,8 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from koala.config import EvalConfig
     from koala.evaluate import evaluate, summary_line
-    from koala.spec.session import Session
+    from koala.engine.session import Session
 
     try:
         cfg = validated(EvalConfig, "koala eval", bench=bench, limit=limit, gamma=gamma, temperature=temperature,
@@ -268,51 +265,16 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
                "acceptance_by_position.png, speedup_by_category.png)")
 
 
-@app.command()
-def sample(config: Optional[str] = typer.Option(None, help="YAML config (default: the smoke profile)"),
-           profile: str = typer.Option("smoke", help="profile in configs/ when --config is not given"),
-           out: Optional[str] = typer.Option(None, help="dataset directory (default: sampling.out_dir)"),
-           n_prompts: Optional[int] = typer.Option(None, help="use at most this many prompts"),
-           max_new_tokens: Optional[int] = typer.Option(None, help="longest response in tokens"),
-           source: str = typer.Option("generated", help="generated: sample the target; teacher_forced: run it over "
-                                      "the logs' own answers (settings: the teacher_forced section)"),
-           set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
-    """Sample the target into Parquet distillation shards (a Prefect flow; resumable and incremental)."""
-    from koala.config import load_config
-    from koala.data.shards import SOURCES
-
-    try:
-        at_least_one(n_prompts=n_prompts, max_new_tokens=max_new_tokens)
-        if source not in SOURCES:
-            raise KoalaError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
-        if source == "teacher_forced" and n_prompts:  # how many conversations to teacher-force
-            set_ = [*(set_ or []), f"teacher_forced.limit={n_prompts}"]
-        cfg = load_config(None if config else profile, config, set_ or [])  # fail fast on a bad config
-        if source == "teacher_forced" and cfg.teacher_forced.limit == 0:
-            raise KoalaError("teacher_forced.limit is 0 in this profile: say how many conversations with "
-                             "--n-prompts N (or --set teacher_forced.limit=N)")
-        check_prompt_source(cfg.prompts.source)
-        writable_dir(out or (cfg.sampling.out_dir if source == "generated" else cfg.teacher_forced.out_dir))
-        from flows.build_dataset import build_distillation_dataset
-
-        out_dir = in_prefect(lambda: build_distillation_dataset(
-            profile=profile, config_path=config, out_dir=out, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
-            overrides=set_ or [], source=source))
-    except KoalaError as e:
-        fail(e)
-    typer.echo(f"dataset: {out_dir} (read it with koala.data.shards.load or pyarrow.parquet.read_table)")
-
-
 def _train_cmd(stage: str, config, profile, data, loss, steps, out, resume, init, track, set_):
     """Shared body of `koala pretrain` and `koala distill`: config, target, MLflow run, loop, curves."""
     from contextlib import ExitStack
     from pathlib import Path
 
     from koala.config import load_config
-    from koala.distill import distill, pretrain
+    from koala.training.recipes import distill, pretrain
     from koala.plots import training_curves
     from koala.targets import load_target
-    from koala.train import init_distributed, world
+    from koala.training.loop import init_distributed, world
 
     history: list = []
     try:
@@ -327,7 +289,10 @@ def _train_cmd(stage: str, config, profile, data, loss, steps, out, resume, init
         target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device, cfg.target.trust_remote_code)
         with ExitStack() as stack:
             tracker = None
-            if track and lead:
+            if track and lead and not tracking_available():
+                typer.echo("[MLflow is not installed: tracking off (pip install 'koala[orchestration]' to log runs)]",
+                           err=True)
+            elif track and lead:
                 from koala.tracking import Tracker, resolve_uri
 
                 tracker = stack.enter_context(
@@ -360,7 +325,7 @@ def _check_training_paths(out_dir, resume: bool, init: str | None = None, data: 
     from pathlib import Path
 
     from koala.data.shards import MANIFEST
-    from koala.train import latest_checkpoint
+    from koala.training.checkpoints import latest_checkpoint
 
     writable_dir(out_dir)
     if resume and latest_checkpoint(Path(out_dir)) is None:
@@ -387,7 +352,7 @@ def _print_result(line: str, history: list) -> None:
 
 @app.command()
 def pretrain(config: Optional[str] = typer.Option(None, help="YAML config (default: the profile)"),
-             profile: str = typer.Option("smoke", help="profile in configs/ when --config is not given"),
+             profile: str = typer.Option(DEFAULT_PROFILE, help="profile in koala/profiles/ when --config is not given"),
              steps: Optional[int] = typer.Option(None, help="optimizer steps (default: training.pretrain_steps)"),
              out: Optional[str] = typer.Option(None, help="output directory (default: training.out_dir/pretrain)"),
              resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),
@@ -399,7 +364,7 @@ def pretrain(config: Optional[str] = typer.Option(None, help="YAML config (defau
 
 @app.command()
 def distill(config: Optional[str] = typer.Option(None, help="YAML config (default: the profile)"),
-            profile: str = typer.Option("smoke", help="profile in configs/ when --config is not given"),
+            profile: str = typer.Option(DEFAULT_PROFILE, help="profile in koala/profiles/ when --config is not given"),
             data: Optional[str] = typer.Option(None, help="distillation set (default: sampling.out_dir)"),
             loss: Optional[str] = typer.Option(None, help="fkl, rkl, tvd, tvdpp or jsd (default: training.loss)"),
             steps: Optional[int] = typer.Option(None, help="optimizer steps (default: training.steps)"),
@@ -420,7 +385,8 @@ def distill(config: Optional[str] = typer.Option(None, help="YAML config (defaul
 
 @app.command()
 def heads(kind: str = typer.Option(..., help="medusa or eagle"),
-          layers: int = typer.Option(1, help="K: residual blocks per Medusa head, or EAGLE decoder layers"),
+          layers: Optional[int] = typer.Option(None, help="K: residual blocks per Medusa head, or EAGLE decoder layers "
+                                                "(default: drafter.layers)"),
           adversarial: bool = typer.Option(False, "--adversarial/--no-adversarial", help="add KOALA's adversarial loss"),
           data: Optional[str] = typer.Option(None, help="distillation set (default: sampling.out_dir)"),
           out: str = typer.Option(..., help="output directory; the heads land in OUT/heads"),
@@ -430,13 +396,13 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
                                                      "prompts (default: --data's)"),
           resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),
           config: Optional[str] = typer.Option(None, help="YAML config (default: the profile)"),
-          profile: str = typer.Option("smoke", help="profile in configs/ when --config is not given"),
+          profile: str = typer.Option(DEFAULT_PROFILE, help="profile in koala/profiles/ when --config is not given"),
           set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
     """Train KOALA draft heads (K-layer Medusa or EAGLE, optionally adversarial); evaluate with --drafter heads:OUT/heads."""
     from pathlib import Path
 
     from koala.config import load_config
-    from koala.heads_train import train_heads
+    from koala.training.recipes import train_heads
     from koala.plots import training_curves
     from koala.targets import load_target
 
@@ -454,69 +420,10 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
                            adversarial=adversarial, steps=steps, on_log=lambda s, m: history.append((s, m)),
                            init_from=init, heldout_dir=heldout_data, resume=resume)
         if history:
-            training_curves(history, Path(out) / "heads_curves.png", f"{kind} K={layers}")
+            training_curves(history, Path(out) / "heads_curves.png", f"{kind} K={layers or cfg.drafter.layers}")
     except KoalaError as e:
         fail(e)
     _print_result(f"heads: {path}  (evaluate: koala eval --drafter heads:{path})", history)
-
-
-@app.command()
-def run(profile: str = typer.Option("smoke", help="smoke (a CPU in minutes), default or gpu"),
-        config: Optional[str] = typer.Option(None, help="YAML config instead of a profile"),
-        prompt_source: Optional[str] = typer.Option(None, help="sharegpt, mtbench, a file or a prompt-log directory"),
-        n_prompts: Optional[int] = typer.Option(None, help="use at most this many prompts"),
-        loss: Optional[str] = typer.Option(None, help="fkl, rkl, tvd, tvdpp or jsd"),
-        steps: Optional[int] = typer.Option(None, help="distillation steps"),
-        set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
-    """Run the whole pipeline locally (Prefect's local server, MLflow's local store) and print a summary."""
-    from koala.config import load_config
-    from koala.tracking import resolve_uri, check_reachable
-
-    try:
-        at_least_one(n_prompts=n_prompts, steps=steps)
-        from koala.config import LOSS_NAMES
-
-        one_of("--loss", loss, LOSS_NAMES)
-        cfg = load_config(None if config else profile, config, set_ or [])  # a bad profile fails here, not in Prefect
-        check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
-        check_prompt_source(prompt_source or cfg.prompts.source)
-        writable_dir(cfg.run_dir, "run_dir")
-        check_reachable(resolve_uri(cfg.tracking.uri, cfg.run_dir))
-        from flows.pipeline import koala_pipeline
-
-        s = in_prefect(lambda: koala_pipeline(profile=profile if config is None else "smoke", config_path=config,
-                                              prompt_source=prompt_source, n_prompts=n_prompts, loss=loss,
-                                              steps=steps, overrides=set_ or []))
-    except KoalaError as e:
-        fail(e)
-    _print_summary(s)
-
-
-def _print_summary(s: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="koala pipeline", show_header=False)
-    tps = s["tokens_per_s"]
-    rows = [("data", s["data"]), ("drafter", s["drafter"]), ("tau", f"{s['tau']:.2f} tokens per target forward"),
-            ("speed-up", f"{s['speedup']:.2f}x ({tps['speculative']:.1f} vs {tps['autoregressive']:.1f} tokens/s)"),
-            ("lossless", s["lossless"]), ("engine", s.get("engine", ""))]
-    for i, st in enumerate(s.get("stages", []), 1):  # what each training stage added, on the same held-out prompts
-        acc = ", ".join(f"{st[k]:.2f}" for k in sorted(st) if k.startswith("heldout_greedy_agreement_pos")) or (
-            f"{st['heldout_greedy_agreement']:.2f}" if "heldout_greedy_agreement" in st else "n/a")
-        rows.append((f"stage {i}", f"{st['steps']} steps on {st['data']}: held-out agreement by draft {acc}"))
-    for name, m in s.get("more", {}).items():
-        rows.append((name, f"{m['bench']} x{m['prompts']}{'' if m['lookup'] else ' (no prompt lookup)'}: tau "
-                           f"{m['tau']:.2f}, speed-up {m['speedup']:.2f}x, lossless {m['lossless']}"))
-    rows += [("registered", f"{s['model']} version {s['version']}"),
-             ("promoted", f"{'yes' if s['promoted'] else 'no'}: {s['reason']}")]
-    for k, v in rows:
-        t.add_row(k, str(v))
-    Console().print(t)
-    uri = s["mlflow_uri"]
-    typer.echo(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   "
-               f"(experiment {s['experiment']}, run {s['mlflow_run_id']})")
-    typer.echo("Prefect UI: prefect server start --host 127.0.0.1   (then open http://127.0.0.1:4200)")
 
 
 @app.command()
@@ -525,21 +432,17 @@ def promote(model: str = typer.Option(..., help="registered model name, e.g. koa
             reason: str = typer.Option("manual override", help="recorded on the version"),
             tracking_uri: Optional[str] = typer.Option(None, help="MLflow URI (default: $MLFLOW_TRACKING_URI or "
                                                                   "the smoke profile's store)"),
-            profile: str = typer.Option("smoke", help="profile whose run_dir holds the local store")):
+            profile: str = typer.Option(DEFAULT_PROFILE, help="profile whose run_dir holds the local store")):
     """Manually give a registered drafter version the alias `champion`, recorded as a manual override."""
     import getpass
-    import time as _time
-
     from koala.config import load_config
-    from koala.tracking import check_reachable, resolve_uri, set_champion
+    from koala.tracking import Registry, check_reachable, resolve_uri
 
     try:
         cfg = load_config(profile)
         uri = resolve_uri(tracking_uri or cfg.tracking.uri, cfg.run_dir, create=False)
         check_reachable(uri)
-        set_champion(uri, model, version, {"promoted": "true", "promotion": "manual", "promotion_reason": reason,
-                                           "promoted_by": getpass.getuser(),
-                                           "decided_at": _time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        Registry(uri).set_champion(model, version, reason, promoted_by=getpass.getuser())
     except KoalaError as e:
         fail(e)
     typer.echo(f"{model} version {version} is now champion (manual override: {reason})")

@@ -1,6 +1,9 @@
-"""One pydantic model for the whole pipeline, loaded from a YAML profile in configs/ plus `a.b=value` overrides.
+"""One pydantic model for the whole pipeline, loaded from a YAML profile (package data in koala/profiles/) plus
+`a.b=value` overrides.
 
-Unknown keys and wrong types are errors that name the field (`extra="forbid"` everywhere).
+Unknown keys and wrong types are errors that name the field (`extra="forbid"` everywhere); settings that contradict
+each other across sections (gamma against the Medusa heads) are errors too. The command line takes its defaults
+from these models (`default_of`), so a default is written once.
 """
 
 from __future__ import annotations
@@ -9,17 +12,20 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from koala.errors import KoalaError
 
-LOSS_NAMES = ("fkl", "rkl", "tvd", "tvdpp", "jsd")  # koala.losses.LOSSES implements each
-HEAD_KINDS = ("medusa", "eagle")  # draft heads on the target's features (koala.drafters.heads)
-DRAFTER_KINDS = ("draft_model", "truncate", "ngram", *HEAD_KINDS)
+LOSS_NAMES = ("fkl", "rkl", "tvd", "tvdpp", "jsd")  # koala.training.losses.LOSSES implements each
+HEAD_KINDS = ("medusa", "eagle")  # draft heads on the target's features (koala.models.heads)
+# What the pipeline can train: an independent draft model or draft heads. The untrained baselines (truncate:N,
+# ngram) are drafter specs for `koala eval --drafter`, not trainable kinds.
+DRAFTER_KINDS = ("draft_model", *HEAD_KINDS)
 LossName = Literal[LOSS_NAMES]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "profiles"  # package data: installed with koala
 PROFILES = ("smoke", "default", "gpu")
+DEFAULT_PROFILE = "smoke"  # a CPU in minutes: what `koala run` and every command with --profile start from
 
 
 class _Strict(BaseModel):
@@ -74,8 +80,8 @@ class TeacherForcedConfig(_Strict):
 
 class DrafterConfig(_Strict):
     kind: Literal[DRAFTER_KINDS] = Field(
-        "draft_model", description="independent draft model, target-truncation or n-gram baseline, or draft heads")
-    layers: int = Field(2, ge=1, description="decoder layers (draft_model, truncate) or K (heads)")
+        "draft_model", description="what to train: an independent draft model, or Medusa or EAGLE draft heads")
+    layers: int = Field(2, ge=1, description="decoder layers (draft_model) or K (heads)")
     hidden_size: int | None = Field(None, ge=8, description="None: the target's (needed to share its embeddings)")
     intermediate_size: int | None = Field(None, ge=8, description="None: the target's")
     num_heads: int | None = Field(None, ge=1, description="attention heads; None: the target's")
@@ -83,7 +89,8 @@ class DrafterConfig(_Strict):
     init: Literal["random", "target"] = Field("target", description="random, or copy the target's embeddings/layers")
     copy_layers: list[int] | None = Field(None, description="target layers to copy (init=target); None: spread evenly")
     embeddings: Literal["frozen", "trainable"] = Field("frozen", description="shared embeddings/head: frozen or trained")
-    n_heads: int = Field(4, ge=1, description="Medusa: number of heads (tokens proposed per round)")
+    medusa_heads: int = Field(4, ge=1, validation_alias=AliasChoices("medusa_heads", "n_heads"),
+                              description="Medusa: number of heads, the most tokens it drafts per round (was n_heads)")
     draft_vocab: int | None = Field(None, ge=16, description="draft over the K most frequent response tokens only "
                                     "(a cheaper drafter head; None: the full vocabulary)")
 
@@ -154,7 +161,7 @@ class EvalConfig(_Strict):
     @field_validator("gamma", mode="before")
     @classmethod
     def _gamma(cls, v):
-        from koala.spec.calibrate import parse_gamma  # the one parser, shared with `koala generate --gamma`
+        from koala.engine.calibrate import parse_gamma  # the one parser, shared with `koala generate --gamma`
 
         if isinstance(v, bool) or not isinstance(v, (int, str)):
             raise ValueError("gamma must be a positive integer or auto")
@@ -187,6 +194,20 @@ class KoalaConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "KoalaConfig":
+        """Settings of different sections that contradict each other."""
+        g, d = self.eval.gamma, self.drafter
+        if d.kind == "medusa" and g != "auto" and g > d.medusa_heads:
+            raise ValueError(f"eval.gamma {g} exceeds drafter.medusa_heads {d.medusa_heads} (a Medusa drafter proposes "
+                             "one token per head): lower eval.gamma, raise drafter.medusa_heads, or use gamma auto")
+        return self
+
+
+def default_of(section: type[BaseModel], name: str):
+    """A field's default, for the command line's options: one source for every default."""
+    return section.model_fields[name].default
+
 
 def _format_error(e: ValidationError, origin: str) -> str:
     err = e.errors()[0]
@@ -210,7 +231,7 @@ def apply_override(data: dict, override: str) -> None:
 
 
 def load_config(profile: str | None = None, path: str | Path | None = None, overrides: list[str] = ()) -> KoalaConfig:
-    """A validated config from a profile name (configs/NAME.yaml) or a YAML path, then overrides.
+    """A validated config from a profile name (koala/profiles/NAME.yaml) or a YAML path, then overrides.
 
     Raises:
         KoalaError: unknown profile, unreadable YAML, unknown key or wrong type (naming the field).

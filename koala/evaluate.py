@@ -20,10 +20,10 @@ from koala.config import EvalConfig
 from koala.data import prompts as P
 from koala.errors import KoalaError
 from koala.interrupt import check, fault
-from koala.spec.calibrate import GAMMA_MAX, acceptance_by_position, choose_from_probes, cost_curve
-from koala.spec.compile import compile_seconds
-from koala.spec.drafters import Drafter, LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
-from koala.spec.session import Session
+from koala.engine.calibrate import GAMMA_MAX, acceptance_by_position, choose_from_probes, cost_curve
+from koala.engine.compile import compile_seconds
+from koala.engine.drafters import Drafter, LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
+from koala.engine.session import Session
 from koala.targets import encode_chat
 from koala.threads import cpu_model
 
@@ -83,7 +83,7 @@ def first_difference(session: Session, prompt: list[int], ar: list[int], sp: lis
     ids = torch.tensor([prompt + ar[:i]], device=eng.device)
     eng.setup_caches(ids.shape[1] + 1)
     with torch.no_grad():
-        logits = eng.step(ids, torch.arange(ids.shape[1], device=eng.device), ids.shape[1], eager=True)[0, -1]
+        logits = eng.step(ids, torch.arange(ids.shape[1], device=eng.device), ids.shape[1], eager=True)[0][0, -1]
     margin = float((logits[ar[i]] - logits[sp[i]]).abs())
     # Only a compiled engine rounds differently by width; the eager float32 engine must be bit-exact.
     return {"index": i, "ar_token": ar[i], "spec_token": sp[i], "margin": margin,

@@ -8,6 +8,7 @@ drafter logged as a pyfunc model whose artifacts are the drafter's safetensors d
 from __future__ import annotations
 
 import os
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -131,24 +132,80 @@ class Tracker:
         return {"model_uri": info.model_uri, "version": None if version is None else str(version)}
 
 
-def set_champion(uri: str, model: str, version: str, tags: dict) -> None:
-    """Give `version` the alias `champion` by hand and tag it (`koala promote`).
-
-    Raises:
-        KoalaError: the model has no such version.
-    """
-    c = mlflow.MlflowClient(uri)
-    try:
-        c.get_model_version(model, version)
-    except MlflowException as e:
-        raise KoalaError(f"model {model} has no version {version} in {uri}: check `mlflow ui` for the versions") from e
-    c.set_registered_model_alias(model, "champion", version)
-    for k, v in tags.items():
-        c.set_model_version_tag(model, version, k, v)
+WEIGHTS_TAG = "koala.weights_sha256"  # on every registered version: registering the same weights twice is a no-op
+CHAMPION = "champion"
 
 
-def drafter_path(model_uri: str) -> Path:
-    """Download a logged drafter's directory (model URI, `models:/NAME@champion`, or `runs:/...`)."""
+def _not_found(e: Exception) -> bool:
+    code = getattr(e, "error_code", None)
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in str(e))
+
+
+class Registry:
+    """The MLflow model registry of one store: versions by weights, the `champion` alias, the promotion record."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.client = mlflow.MlflowClient(uri)
+
+    def version_with_weights(self, name: str, digest: str) -> dict | None:
+        """The version already registered for these weights ({version, model_uri}), if any."""
+        try:
+            found = self.client.search_model_versions(f"name='{name}' and tags.`{WEIGHTS_TAG}` = '{digest}'")
+        except MlflowException as e:
+            if _not_found(e):
+                return None
+            raise
+        if not found:
+            return None
+        v = min(found, key=lambda v: int(v.version))
+        return {"version": str(v.version), "model_uri": f"models:/{name}/{v.version}"}
+
+    def champion(self, name: str):
+        """The version holding `champion`, or None when there is none. Any other registry error propagates: a
+        registry that cannot be read must not be mistaken for one without a champion."""
+        try:
+            return self.client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException as e:
+            if _not_found(e):
+                return None
+            raise
+
+    def tag(self, name: str, version: str, tags: dict) -> None:
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, version, k, str(v))
+
+    def make_champion(self, name: str, version: str) -> None:
+        self.client.set_registered_model_alias(name, CHAMPION, version)
+
+    def record_decision(self, name: str, version: str, promoted: bool | None, reason: str, **extra) -> None:
+        """The promotion record on a version: why (and when) it was or was not made champion. `promoted` None
+        writes the reason only (before the alias moves; `promoted` follows once it has)."""
+        tags = {"promotion_reason": reason, "decided_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+        if promoted is not None:
+            tags["promoted"] = str(promoted).lower()
+        self.tag(name, version, tags)
+
+    def set_champion(self, name: str, version: str, reason: str, **extra) -> None:
+        """Give `version` the alias `champion` by hand (`koala promote`) and record it as a manual promotion.
+
+        Raises:
+            KoalaError: the model has no such version.
+        """
+        try:
+            self.client.get_model_version(name, version)
+        except MlflowException as e:
+            raise KoalaError(f"model {name} has no version {version} in {self.uri}: check `mlflow ui` for the "
+                             "versions") from e
+        self.make_champion(name, version)
+        self.record_decision(name, version, True, reason, promotion="manual", **extra)
+
+
+def drafter_path(model_uri: str, uri: str | None = None) -> Path:
+    """Download a logged drafter's directory (model URI, `models:/NAME@champion`, or `runs:/...`) from the store at
+    `uri` (default: the current one)."""
+    if uri is not None:
+        mlflow.set_tracking_uri(uri)
     local = mlflow.pyfunc.load_model(model_uri)
     return Path(local.unwrap_python_model().path)
 

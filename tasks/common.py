@@ -6,8 +6,8 @@ import threading
 
 from koala.config import KoalaConfig, TargetConfig, load_config
 from koala.errors import KoalaError
-from koala.spec.model import Transformer
-from koala.spec.session import Session
+from koala.engine.model import Transformer
+from koala.engine.session import Session
 
 _SESSIONS: dict[tuple, Session] = {}
 _LOCK = threading.Lock()

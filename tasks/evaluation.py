@@ -12,9 +12,9 @@ from koala.config import KoalaConfig
 from koala.errors import KoalaError
 from koala.interrupt import fault
 from koala.evaluate import evaluate, summary_line
-from koala.registry import decide
-from koala.tracking import Tracker, resolve_uri
-from tasks.common import retry_unless_koala_error, session_for
+from koala.promotion import decide
+from koala.tracking import WEIGHTS_TAG, Registry, Tracker, drafter_path, resolve_uri
+from koala_tasks.common import retry_unless_koala_error, session_for
 
 EVAL_KEYS = ("bench", "gamma", "threshold", "lookup", "temperature", "top_p", "max_new_tokens", "limit", "compile")
 
@@ -80,15 +80,13 @@ def register_drafter(cfg: KoalaConfig, drafter_dir: str, report: dict, parent_ru
     Idempotent: the version carries the drafter's weights digest, and the same weights (a retried task, a pipeline
     rerun after a kill) get the version they already have instead of a second one.
     """
-    from mlflow import MlflowClient
-
-    from koala.train import weights_digest
+    from koala.training.checkpoints import weights_digest
 
     name = model_name(cfg)
     uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
-    client = MlflowClient(uri)
+    registry = Registry(uri)
     digest = weights_digest(drafter_dir)
-    logged = _registered(client, name, digest)
+    logged = registry.version_with_weights(name, digest)
     if logged is None:
         fault("registry.register")
         with Tracker.start(uri, cfg.tracking.experiment, "register", parent_run_id=parent_run_id) as tr:
@@ -98,47 +96,9 @@ def register_drafter(cfg: KoalaConfig, drafter_dir: str, report: dict, parent_ru
             "lossless": f"{report['lossless']['identical']}/{report['lossless']['total']}",
             "device": report["device"], "dtype": report["dtype"], "drafter_dir": drafter_dir,
             **{f"eval.{k}": str(v) for k, v in cfg.eval.model_dump().items() if k in EVAL_KEYS}}
-    for k, v in tags.items():
-        client.set_model_version_tag(name, logged["version"], k, v)
+    registry.tag(name, logged["version"], tags)
     get_run_logger().info("registered %s version %s", name, logged["version"])
     return {"name": name, "version": logged["version"], "model_uri": logged["model_uri"]}
-
-
-WEIGHTS_TAG = "koala.weights_sha256"
-
-
-def _registered(client, name: str, digest: str) -> dict | None:
-    """The version already registered for these weights, if any."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = client.search_model_versions(f"name='{name}' and tags.`{WEIGHTS_TAG}` = '{digest}'")
-    except MlflowException as e:
-        if _not_found(e):
-            return None
-        raise
-    if not found:
-        return None
-    v = min(found, key=lambda v: int(v.version))
-    return {"version": str(v.version), "model_uri": f"models:/{name}/{v.version}"}
-
-
-def _not_found(e) -> bool:
-    return getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST" or (
-        getattr(e, "error_code", None) == "INVALID_PARAMETER_VALUE" and "not found" in str(e))
-
-
-def _champion(client, name: str):
-    """The version holding `champion`, or None when there is none. Any other registry error propagates: a registry
-    that cannot be read must not be mistaken for one without a champion."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, "champion")
-    except MlflowException as e:
-        if _not_found(e):
-            return None
-        raise
 
 
 @task(name="promote-drafter", retries=0)
@@ -149,21 +109,18 @@ def promote_drafter(cfg: KoalaConfig, registered: dict, report: dict, out_dir: s
     Promotions are serialised by a lock file in the run directory, and the current champion is read and
     re-measured inside it, so two runs promoting at once leave one champion: the better one.
     """
-    from mlflow import MlflowClient
-
-    uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
-    client = MlflowClient(uri)
+    registry = Registry(resolve_uri(cfg.tracking.uri, cfg.run_dir))
     name, version = registered["name"], registered["version"]
     lock_path = Path(cfg.run_dir) / "promotion.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return _decide_and_promote(cfg, client, lock_path, name, version, report, out_dir, parent_run_id)
+        return _decide_and_promote(cfg, registry, lock_path, name, version, report, out_dir, parent_run_id)
     except KoalaError:
         raise
     except Exception as e:  # noqa: BLE001 - any registry error: refuse, the champion stays as it was
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         try:  # the alias may have moved before a later tag failed: then it is promoted, and says so
-            if str(_champion(client, name).version) == str(version):
+            if str(registry.champion(name).version) == str(version):
                 get_run_logger().error("%s v%s: promoted, but a tag could not be written (%s)", name, version, why)
                 return {"promoted": True, "reason": f"promoted (a tag could not be written: {why})",
                         "champion_speedup": None, "previous_champion": None}
@@ -172,21 +129,18 @@ def promote_drafter(cfg: KoalaConfig, registered: dict, report: dict, out_dir: s
         reason = f"not promoted: registry error ({why})"
         get_run_logger().error("%s v%s: %s; champion unchanged", name, version, reason)
         try:
-            client.set_model_version_tag(name, version, "promoted", "false")
-            client.set_model_version_tag(name, version, "promotion_reason", reason)
+            registry.record_decision(name, version, False, reason)
         except Exception:  # noqa: BLE001 - the registry may be down altogether: the log says why
             pass
         return {"promoted": False, "reason": reason, "champion_speedup": None, "previous_champion": None}
 
 
-def _decide_and_promote(cfg, client, lock_path: Path, name: str, version: str, report: dict, out_dir: str,
+def _decide_and_promote(cfg, registry: Registry, lock_path: Path, name: str, version: str, report: dict, out_dir: str,
                         parent_run_id: str | None) -> dict:
     """Read the champion, re-measure it, decide, and move the alias, under the promotion lock."""
-    from koala.tracking import drafter_path
-
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        champ = _champion(client, name)
+        champ = registry.champion(name)
         if champ is not None and str(champ.version) == str(version):  # a rerun handed back the champion itself
             reason = "already champion (the same weights were registered and promoted before)"
             return {"promoted": True, "reason": reason, "champion_speedup": None, "previous_champion": version}
@@ -200,12 +154,11 @@ def _decide_and_promote(cfg, client, lock_path: Path, name: str, version: str, r
             champ_report = evaluate_drafter.fn(cfg, path, str(Path(out_dir) / f"champion-v{champ.version}"),
                                                parent_run_id, run_name=f"re-measure-champion-v{champ.version}")
         d = decide(report, champ_report, None if champ is None else champ.version)
-        client.set_model_version_tag(name, version, "promotion_reason", d.reason)
-        client.set_model_version_tag(name, version, "decided_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        registry.record_decision(name, version, None, d.reason)
         fault("registry.promote")
         if d.promote:  # a registry error before this leaves the champion as it was
-            client.set_registered_model_alias(name, "champion", version)
-        client.set_model_version_tag(name, version, "promoted", str(d.promote).lower())
+            registry.make_champion(name, version)
+        registry.tag(name, version, {"promoted": str(d.promote).lower()})
     get_run_logger().info("%s v%s: %s (%s)", name, version, "promoted" if d.promote else "not promoted", d.reason)
     return {"promoted": d.promote, "reason": d.reason, "champion_speedup": None if champ_report is None else
             champ_report["speedup"], "previous_champion": None if champ is None else champ.version}

@@ -11,7 +11,7 @@ from prefect import get_run_logger, task
 from koala.config import KoalaConfig
 from koala.data import build, shards
 from koala.data.prompts import PromptRecord
-from tasks.common import retry_unless_koala_error, session_for
+from koala_tasks.common import retry_unless_koala_error, session_for
 
 
 @task(name="plan-shards", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_koala_error)

@@ -11,11 +11,11 @@ from prefect import get_run_logger, task
 from koala import __version__
 from koala.config import KoalaConfig
 from koala.data import shards
-from koala.distill import distill, pretrain
+from koala.training.recipes import distill, pretrain
 from koala.plots import training_curves
 from koala.tracking import Tracker, resolve_uri
-from koala.train import weights_digest
-from tasks.common import retry_unless_koala_error, session_for
+from koala.training.checkpoints import weights_digest
+from koala_tasks.common import retry_unless_koala_error, session_for
 
 
 def _key(*parts) -> str:
@@ -99,7 +99,7 @@ def train_heads_task(cfg: KoalaConfig, data_dir: str, out_dir: str, parent_run_i
 
     A retry resumes from the last checkpoint; `init_from` continues earlier heads (a second stage on other data).
     """
-    from koala.heads_train import train_heads
+    from koala.training.recipes import train_heads
 
     s = session_for(cfg.target)
     history: list = []

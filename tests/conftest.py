@@ -39,7 +39,7 @@ def default_target():
 
 @pytest.fixture(scope="session")
 def default_session(default_target):
-    from koala.spec.model import Transformer
-    from koala.spec.session import Session
+    from koala.engine.model import Transformer
+    from koala.engine.session import Session
 
     return Session(default_target, Transformer(default_target.model))

@@ -7,7 +7,7 @@ import re
 import pytest
 from typer.testing import CliRunner
 
-from koala.cli import app
+from koala_flows.cli import app
 from tests.bad_inputs import CASES, prepare, snapshot
 
 

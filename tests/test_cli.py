@@ -2,7 +2,7 @@ import json
 
 from typer.testing import CliRunner
 
-from koala.cli import app
+from koala_flows.cli import app
 
 runner = CliRunner()
 

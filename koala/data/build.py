@@ -19,9 +19,9 @@ from koala.config import KoalaConfig
 from koala.data import prompts as P
 from koala.data import shards as S
 from koala.errors import KoalaError
-from koala.sampling import generate_batch
+from koala.data.generate import generate_batch
 from koala.data.teacher import teacher_force_shard, tokenize
-from koala.spec.sampling import SamplingParams
+from koala.engine.sampling import SamplingParams
 from koala.targets import Target, encode_chat
 
 

@@ -10,7 +10,7 @@ from tests.koala.data.test_shards import tiny_target_dir, write_prompts  # noqa:
 def test_flow_builds_and_reuses_shards(tmp_path, tiny_target_dir):  # noqa: F811
     from prefect import get_client
 
-    from flows.build_dataset import build_distillation_dataset
+    from koala_flows.build_dataset import build_distillation_dataset
 
     write_prompts(tmp_path / "p.jsonl", 5)
     cfg = tmp_path / "c.yaml"

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from koala.config import load_config
-from koala.registry import decide
+from koala.promotion import decide
 from tests.koala.data.test_shards import tiny_target_dir, write_prompts  # noqa: F401 - fixture reuse
 
 
@@ -69,9 +69,9 @@ def test_decide_rule():
 def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # noqa: F811
     from mlflow import MlflowClient
 
-    from flows.pipeline import koala_pipeline
+    from koala_flows.pipeline import koala_pipeline
     from koala.tracking import resolve_uri
-    from tasks.evaluation import promote_drafter
+    from koala_tasks.evaluation import promote_drafter
 
     cfg_path = tiny_config(tmp_path, tiny_target_dir)
     s = koala_pipeline(config_path=str(cfg_path))
@@ -88,7 +88,7 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
     assert any(r.data.tags.get("mlflow.parentRunId") == s["mlflow_run_id"] for r in runs)
 
     # Make v1 the champion by hand, then a worse candidate is registered but not promoted, with the reason tagged.
-    from tasks.evaluation import register_drafter
+    from koala_tasks.evaluation import register_drafter
 
     client.set_registered_model_alias(s["model"], "champion", s["version"])
     worse = {"lossless": {"identical": 2, "total": 2, "checked": True}, "speedup": 0.01, "tau": 1.0,
@@ -150,7 +150,7 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
 def test_two_stage_recipe_teacher_forced_then_sampled(tmp_path, tiny_target_dir):  # noqa: F811
     """The default profile's recipe, tiny: teacher-forced shards with features, an EAGLE head trained as it drafts,
     fine-tuned on the sampled answers; a second evaluation without prompt lookup and one on another benchmark."""
-    from flows.pipeline import koala_pipeline
+    from koala_flows.pipeline import koala_pipeline
     from koala.data import shards
     from tests.koala.data.test_teacher import write_chats
 

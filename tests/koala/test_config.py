@@ -65,9 +65,20 @@ def test_loss_and_drafter_names_have_one_source():
     import typing
 
     from koala.config import DRAFTER_KINDS, HEAD_KINDS, LOSS_NAMES, DrafterConfig, TrainingConfig
-    from koala.losses import LOSSES
+    from koala.training.losses import LOSSES
 
     assert set(LOSS_NAMES) == set(LOSSES)
     assert typing.get_args(TrainingConfig.model_fields["loss"].annotation) == LOSS_NAMES
     assert typing.get_args(DrafterConfig.model_fields["kind"].annotation) == DRAFTER_KINDS
     assert set(HEAD_KINDS) <= set(DRAFTER_KINDS)
+
+
+def test_cross_field_settings_are_checked_and_old_names_still_read():
+    from koala.config import KoalaConfig
+
+    with pytest.raises(KoalaError, match="eval.gamma 6 exceeds drafter.medusa_heads 4"):
+        load_config("smoke", overrides=["drafter.kind=medusa", "drafter.medusa_heads=4", "eval.gamma=6"])
+    assert load_config("smoke", overrides=["drafter.kind=medusa", "eval.gamma=auto"]).drafter.medusa_heads == 4
+    assert KoalaConfig.model_validate({"drafter": {"n_heads": 3}}).drafter.medusa_heads == 3  # the old name
+    with pytest.raises(KoalaError, match="drafter.kind"):
+        load_config("smoke", overrides=["drafter.kind=truncate"])  # a baseline spec, not a trainable kind

@@ -5,7 +5,7 @@ import pytest
 from koala.config import EvalConfig
 from koala.data import prompts as P
 from koala.evaluate import acceptance_by_position, evaluate, interleave_categories
-from koala.spec.drafters import load_drafter
+from koala.engine.drafter_spec import load_drafter
 from koala.targets import encode_chat
 
 

@@ -15,8 +15,8 @@ import torch
 from koala.config import KoalaConfig
 from koala.data import build, shards
 from koala.errors import KoalaError
-from koala.spec.model import Transformer
-from koala.spec.session import Session
+from koala.engine.model import Transformer
+from koala.engine.session import Session
 from koala.targets import load_target
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -175,8 +175,8 @@ KILL_SCRIPT = """
 import sys
 from koala.config import KoalaConfig
 from koala.data import build
-from koala.spec.model import Transformer
-from koala.spec.session import Session
+from koala.engine.model import Transformer
+from koala.engine.session import Session
 from koala.targets import load_target
 cfg = KoalaConfig.model_validate_json(sys.argv[1])
 t = load_target(cfg.target.spec)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from koala.losses import LOSSES, Teacher, expected_acceptance, tvd, tvdpp
+from koala.training.losses import LOSSES, Teacher, expected_acceptance, tvd, tvdpp
 
 V = 40
 

@@ -82,7 +82,7 @@ def save_drafter(model: LlamaForCausalLM, tokenizer, out_dir: str | Path, info: 
     """save_pretrained (safetensors) with the tokenizer, koala.json (target, training config, data hash) and the
     draft vocabulary, written into a temporary directory renamed into place: never seen half-written."""
     from koala.io import atomic_dir
-    from koala.spec.drafters import save_draft_vocab
+    from koala.models.vocab import save_draft_vocab
 
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

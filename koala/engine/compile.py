@@ -56,7 +56,7 @@ class CompiledStep:
         self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "max-autotune-no-cudagraphs")
         self.fn = torch.compile(fn, mode=self.mode, fullgraph=True)
 
-    def __call__(self, idx, input_pos, *, return_hidden=False, embeds=None, head=True):
+    def __call__(self, idx, input_pos, *, embeds=None, hidden=False, logits=True):
         global _compile_s
         # Canonical strides: a slice of the sequence buffer has its row stride, a fresh tensor another, and dynamo
         # guards on strides, so without this each new buffer length would compile the step again.
@@ -70,7 +70,7 @@ class CompiledStep:
         graphs = _graphs()
         t = time.perf_counter()
         try:
-            out = self.fn(idx, input_pos, return_hidden=return_hidden, embeds=embeds, head=head)
+            out = self.fn(idx, input_pos, embeds=embeds, hidden=hidden, logits=logits)
         except _COMPILE_ERRORS as e:  # no C++ toolchain, a backend failure: one line, and the way around it
             inner = getattr(e, "inner_exception", None) or e
             first = (str(inner).strip().splitlines() or [""])[0][:200]

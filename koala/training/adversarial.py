@@ -10,26 +10,13 @@ detached profiles, then the drafter adds lambda times the non-saturating generat
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from koala.config import TrainingConfig
 from koala.errors import KoalaError
+from koala.models.discriminator import PROFILE_K, Discriminator
 
-PROFILE_K = 16  # tokens per profile
 COLLAPSE_STEPS = 50  # consecutive steps at ~0% or ~100% accuracy that count as a collapse
-
-
-class Discriminator(nn.Module):
-    """MLP: a (N, k) profile -> (N,) logit that it came from the target."""
-
-    def __init__(self, k: int = PROFILE_K, hidden: int = 128):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(k, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, 1))
-
-    def forward(self, profile: torch.Tensor) -> torch.Tensor:
-        return self.net(profile.float()).squeeze(-1)
 
 
 class Adversary:

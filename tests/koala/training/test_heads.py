@@ -3,16 +3,18 @@
 import pytest
 import torch
 
-from koala.adversarial import Adversary, Discriminator
+from koala.training.adversarial import Adversary
+from koala.models.discriminator import Discriminator
 from koala.config import TrainingConfig
-from koala.drafters.heads import EagleHead, MedusaHeads, build_heads, load_heads, load_heads_drafter, save_heads
+from koala.models.heads import EagleHead, MedusaHeads, build_heads, load_heads, save_heads
+from koala.engine.drafters import load_heads_drafter
 from koala.errors import KoalaError
-from koala.heads_train import FeatureSource, HeadsObjective
-from koala.spec.decode import generate
-from koala.spec.model import Transformer
-from koala.train import SequenceData
+from koala.training.objectives import FeatureSource, HeadsObjective, adversarial_if
+from koala.engine.decode import generate
+from koala.engine.model import Transformer
+from koala.training.data import SequenceData
 from tests.conftest import tiny_llama
-from tests.koala.test_train import synthetic_rows
+from tests.koala.training.test_loop import synthetic_rows
 
 V = 64
 
@@ -44,8 +46,7 @@ def test_one_step_decreases_the_loss_on_a_fixed_batch(target, kind, adversarial)
         for p in heads.parameters():
             torch.nn.init.normal_(p, std=0.05)
     cfg = TrainingConfig(adversarial=adversarial, adv_warmup_steps=0, adv_lambda=0.1, lr=1e-3)
-    adv = Adversary(cfg, "cpu") if adversarial else None
-    obj = HeadsObjective(kind, heads, target, FeatureSource(target, data, cache=True), adversary=adv)
+    obj = adversarial_if(HeadsObjective(kind, heads, target, FeatureSource(target, data, cache=True)), cfg, "cpu")
     b = data.batch([0, 1, 2, 3], "cpu")
     opt = torch.optim.Adam(heads.parameters(), lr=1e-3)
     before, extra = obj.loss(b, step=0)
@@ -105,7 +106,7 @@ def test_head_drafters_are_lossless_in_the_engine(tmp_path, target, kind, gamma)
     res = generate(engine, prompt, 40, drafter=drafter, gamma=gamma)
     assert res.tokens == ref
     # behind prompt lookup the heads skip rounds, then catch up on the features they missed
-    from koala.spec.drafters import LookupFirstDrafter
+    from koala.engine.drafters import LookupFirstDrafter
     assert generate(engine, prompt, 40, drafter=LookupFirstDrafter(drafter), gamma=gamma).tokens == ref
 
 
@@ -171,7 +172,7 @@ def _rule_following_target() -> torch.nn.Module:
 def test_a_head_trained_on_its_own_features_reproduces_the_target(tmp_path):
     """EAGLE trained as it drafts (drafts 1-3 unrolled, noisy input features) drafts the target's greedy output in
     the engine: every draft position accepted, gamma + 1 tokens per target forward, output unchanged."""
-    from koala.train import train
+    from koala.training.loop import train
 
     target = _rule_following_target()
     engine = Transformer(target)
@@ -182,7 +183,7 @@ def test_a_head_trained_on_its_own_features_reproduces_the_target(tmp_path):
     cfg = TrainingConfig(steps=120, batch_size=8, lr=3e-3, warmup_steps=10, unroll=3, feature_noise=0.1,
                          checkpoint_every=1000, eval_every=1000)
     obj = HeadsObjective("eagle", head, target, FeatureSource(target, data, cache=True), unroll=3, noise=0.1)
-    train(head, data, cfg, tmp_path / "run", mode="heads-eagle", objective=obj, progress=False)
+    train(obj, data, cfg, tmp_path / "run", cfg.steps, progress=False)
     save_heads(head.eval(), tmp_path / "h", {"kind": "eagle", "layers": 1, "hidden_size": 32, "vocab_size": V})
     drafter = load_heads_drafter(str(tmp_path / "h"), engine)
     by_pos = _acceptance_by_position(engine, drafter, held, gamma=3)  # asserts the output is the target's

@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-from koala.spec.decode import GenerationResult, generate
-from koala.spec.drafters import Drafter, drafter_models, load_drafter
-from koala.spec.model import Transformer
-from koala.spec.sampling import SamplingParams
+from koala.engine.decode import GenerationResult, generate
+from koala.engine.drafters import Drafter, drafter_models
+from koala.engine.drafter_spec import load_drafter
+from koala.engine.model import Transformer
+from koala.engine.sampling import SamplingParams
 from koala.targets import Target, encode_chat, load_target
 
 GREEN, YELLOW, RESET = "\033[32m", "\033[33m", "\033[0m"
@@ -43,7 +44,7 @@ class Session:
 
     @classmethod
     def open(cls, spec: str, dtype: str = "float32", device: str = "cpu", compile: bool = False) -> "Session":
-        """Load a target; with `compile`, its decode steps (and every drafter's) run compiled (koala.spec.compile)."""
+        """Load a target; with `compile`, its decode steps (and every drafter's) run compiled (koala.engine.compile)."""
         from koala.threads import configure_threads
 
         configure_threads()

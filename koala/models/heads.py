@@ -6,7 +6,8 @@
   target's architecture -> the predicted feature f_{t+1}, read by the target's LM head; drafting feeds it its own
   predicted features gamma times.
 K = 1 is the original head; KOALA makes it K deep. The target stays frozen; only the heads are trained and saved
-(`heads.safetensors` + `heads.json`), and `--drafter heads:PATH` loads them onto the target in the engine.
+(`heads.safetensors` + `heads.json`), and `--drafter heads:PATH` loads them onto the target in the engine
+(koala.engine.drafters.MedusaDrafter, EagleDrafter).
 """
 
 from __future__ import annotations
@@ -20,9 +21,6 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from koala.errors import KoalaError
-from koala.spec.drafters import DraftVocab, _stack, confident
-from koala.spec.model import Transformer
-from koala.spec.sampling import logits_to_probs, sample
 
 HEADS_JSON, HEADS_WEIGHTS = "heads.json", "heads.safetensors"
 
@@ -150,7 +148,7 @@ def build_heads(kind: str, target_model, layers: int, n_heads: int = 4) -> nn.Mo
 def save_heads(module: nn.Module, out_dir: str | Path, info: dict, draft_vocab=None) -> Path:
     """Weights, heads.json and the draft vocabulary, written into a temporary directory renamed into place."""
     from koala.io import atomic_dir
-    from koala.spec.drafters import save_draft_vocab
+    from koala.models.vocab import save_draft_vocab
 
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, tmp / HEADS_WEIGHTS)
@@ -180,113 +178,3 @@ def load_heads(path: str | Path, target_model) -> tuple[nn.Module, dict]:
     return module.eval(), info
 
 
-class _EagleLM(nn.Module):
-    """Presents an EAGLE head to the engine as a causal LM: its decoder, the target's LM head."""
-
-    def __init__(self, head: EagleHead, target_model):
-        super().__init__()
-        self.config = copy.copy(head.config)
-        self.config.vocab_size = target_model.config.vocab_size
-        self.model = head.decoder
-        self.lm_head = target_model.lm_head
-
-
-class MedusaDrafter:
-    """Proposes one chain: the top-1 (or a draw) of each head on the target's latest known feature."""
-
-    needs_hidden = True
-
-    def __init__(self, heads: MedusaHeads, target: Transformer, name: str, draft_vocab: DraftVocab | None = None):
-        self.heads, self.target, self.name, self.draft_vocab = heads, target, name, draft_vocab
-        self.vocab_size = target.args.vocab_size
-        self.max_gamma = len(heads.heads)  # one token per head
-        self.feat: torch.Tensor | None = None
-
-    def reset(self, max_seq_len: int) -> None:
-        self.feat = torch.zeros(max_seq_len, self.target.args.dim, dtype=self.target.dtype, device=self.target.device)
-
-    @torch.no_grad()
-    def propose(self, seq, n, gamma, params, stop_below=None):
-        if gamma > len(self.heads.heads):
-            raise KoalaError(f"gamma {gamma} exceeds the {len(self.heads.heads)} Medusa heads: use --gamma "
-                             f"<= {len(self.heads.heads)}")
-        # f_{n-2} is the newest target feature; head i on it predicts token n-1+i, i = 1..gamma
-        hs = self.heads(self.feat[n - 2])[:gamma]  # (gamma, C)
-        dv = self.draft_vocab
-        logits = self.target.lm_head(hs).float() if dv is None else dv.logits(hs)
-        if stop_below is not None:  # keep the chain up to the first head that is not confident
-            m = int(torch.as_tensor(confident(logits, stop_below)).long().cumprod(0).sum())
-            logits = logits[:m]
-        if dv is not None:
-            return dv.pick(logits, params)
-        q = logits_to_probs(logits, params)
-        return sample(q, greedy=params.greedy), q
-
-    def commit(self, n_valid, hidden=None, start=0):
-        if hidden is not None:
-            self.feat[start:start + hidden.shape[0]] = hidden
-
-
-class EagleDrafter:
-    """Runs the EAGLE head autoregressively on features: true ones where known, its own predictions after."""
-
-    needs_hidden = True
-
-    def __init__(self, head: EagleHead, target: Transformer, name: str, draft_vocab: DraftVocab | None = None):
-        self.head, self.target, self.name, self.draft_vocab = head, target, name, draft_vocab
-        self.engine = Transformer(_EagleLM(head, target.hf_model[0]))
-        self.vocab_size = target.args.vocab_size
-        self.n_cached = 0  # EAGLE slots 0..n_cached-1 hold inputs built from true target features
-        self.feat: torch.Tensor | None = None
-
-    def reset(self, max_seq_len: int) -> None:
-        self.engine.setup_caches(max_seq_len)
-        self.feat = torch.zeros(max_seq_len, self.target.args.dim, dtype=self.target.dtype, device=self.target.device)
-        self.n_cached = 0
-
-    @torch.no_grad()
-    def propose(self, seq, n, gamma, params, stop_below=None):
-        dev = seq.device
-        emb = self.target.embed
-        js = torch.arange(self.n_cached, n - 1, device=dev)  # slot j reads (f_j, x_{j+1}) and predicts f_{j+1}
-        dv = self.draft_vocab
-        x = self.head.fuse(self.feat[js], emb(seq[js + 1]))[None]
-        logits, h = self.engine.step(None, js, n - 1, embeds=x, return_hidden=True, head=dv is None,
-                                     eager=js.numel() != 1)
-        f = h[0, -1]
-        tokens, probs, fed = [], [], 0
-        for i in range(gamma):
-            step_logits = logits[0, -1] if dv is None else dv.logits(f)
-            if not bool(confident(step_logits, stop_below)):
-                break
-            if dv is None:
-                q = logits_to_probs(step_logits, params)
-                t = sample(q, greedy=params.greedy)
-            else:
-                t, q = dv.pick(step_logits, params)
-            tokens.append(t)
-            probs.append(q)
-            if i < gamma - 1:
-                x = self.head.fuse(f[None, None], emb(t.view(1, 1)))
-                logits, h = self.engine.step(None, torch.tensor([n - 1 + i], device=dev), n + i, embeds=x,
-                                             return_hidden=True, head=dv is None)
-                f = h[0, -1]
-                fed += 1
-        self.n_cached = n - 1 + fed  # slots past n-2 hold predicted features: commit() drops them
-        return _stack(tokens, probs, self.vocab_size, dev)
-
-    def commit(self, n_valid, hidden=None, start=0):
-        if hidden is not None:
-            self.feat[start:start + hidden.shape[0]] = hidden
-        self.n_cached = min(self.n_cached, start)  # slots from `start` on were fed predicted features
-
-
-def load_heads_drafter(path: str, target: Transformer):
-    """`heads:PATH` for the engine: Medusa or EAGLE heads on the given target."""
-    hf = target.hf_model[0]
-    module, info = load_heads(path, hf)
-    name = f"heads:{info['kind']}-K{info['layers']}{'-adv' if info.get('adversarial') else ''}"
-    dv = DraftVocab.load(path, hf.lm_head, target.args.vocab_size)
-    d = MedusaDrafter(module, target, name, dv) if info["kind"] == "medusa" else EagleDrafter(module, target, name, dv)
-    d.source = path  # where its stored metrics live (koala.spec.calibrate.stored_acceptance)
-    return d

@@ -125,29 +125,32 @@ class Transformer(nn.Module):
         )
 
     def compile(self, mode: str | None = None) -> "Transformer":
-        """Compile the decode steps (see `koala.spec.compile`): later `step` calls of a few tokens run compiled."""
-        from koala.spec.compile import CompiledStep
+        """Compile the decode steps (see `koala.engine.compile`): later `step` calls of a few tokens run compiled."""
+        from koala.engine.compile import CompiledStep
 
         self.compiled = CompiledStep(self.forward, self.device, mode)
         self.max_seq_len, self.caches = 0, nn.ModuleList()  # re-allocated at the compiled size on next use
         return self
 
     def step(self, idx: torch.Tensor | None, input_pos: torch.Tensor, end: int, *, embeds: torch.Tensor | None = None,
-             return_hidden: bool = False, head: bool = True, eager: bool = False):
-        """The engine's one entry to a forward of tokens at cache slots `input_pos`, all below slot `end` (a host int).
+             pad: torch.Tensor | None = None, hidden: bool = False, logits: bool = True, eager: bool = False
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The engine's one entry to a forward of tokens at cache slots `input_pos`, all below slot `end` (a host int);
+        returns (logits or None, features or None) as `forward` does.
 
-        Eager on a CPU it attends to slots [0, end) only (fewer bytes read); eager on CUDA, and compiled anywhere, it
-        attends to the whole static cache (fixed shapes: one graph per width, no recompilation as the sequence
-        grows). A compiled model runs steps of at most `MAX_STEP_WIDTH` tokens compiled unless `eager` (a prefill,
-        or a feed whose width varies from call to call: each new width would be a new compilation).
+        The one place that decides how a step attends. Eager on a CPU it attends to slots [0, end) only (fewer bytes
+        read); eager on CUDA, and compiled anywhere, to the whole static cache (fixed shapes: one graph per width, no
+        recompilation as the sequence grows). A compiled model runs steps of at most `MAX_STEP_WIDTH` tokens compiled
+        unless `eager` (a prefill, or a feed whose width varies from call to call: each new width would be a new
+        compilation) or `pad` (batched sampling's left padding, eager only).
         """
-        from koala.spec.compile import MAX_STEP_WIDTH
+        from koala.engine.compile import MAX_STEP_WIDTH
 
         T = (idx if embeds is None else embeds).shape[1]
-        if self.compiled is not None and not eager and T <= MAX_STEP_WIDTH:
-            return self.compiled(idx, input_pos, return_hidden=return_hidden, embeds=embeds, head=head)
+        if self.compiled is not None and not eager and pad is None and T <= MAX_STEP_WIDTH:
+            return self.compiled(idx, input_pos, embeds=embeds, hidden=hidden, logits=logits)
         kv_len = None if self.device.type == "cuda" else end
-        return self.forward(idx, input_pos, return_hidden=return_hidden, kv_len=kv_len, embeds=embeds, head=head)
+        return self.forward(idx, input_pos, pad=pad, kv_len=kv_len, embeds=embeds, hidden=hidden, logits=logits)
 
     def _rope(self, pos: torch.Tensor):
         # pos: (B, T) positions -> cos, sin: (B, 1, T, D)
@@ -175,18 +178,20 @@ class Transformer(nn.Module):
         idx: torch.Tensor | None,
         input_pos: torch.Tensor,
         pad: torch.Tensor | None = None,
-        return_hidden: bool = False,
         kv_len: int | None = None,
         embeds: torch.Tensor | None = None,
-        head: bool = True,
-    ):
-        """Logits for tokens `idx` (B, T) written at cache slots `input_pos` (T,).
+        hidden: bool = False,
+        logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits (B, T, V) float32 or None, features (B, T, C) or None) for tokens `idx` (B, T) written at cache
+        slots `input_pos` (T,). Call it through `step`, which decides `kv_len`.
 
-        `pad` (B,) counts left-padding slots per row (batched sampling): those slots are masked out and each row's
-        rotary positions start at 0 after its padding. With `return_hidden`, also returns the features the LM head
-        reads (after the final norm), (B, T, C), which the draft heads read. `kv_len` (a host int > every input_pos)
-        limits attention to the first kv_len slots: faster on a CPU, but a shape change, so leave it None where
-        steps are captured as CUDA graphs.
+        `embeds` (B, T, C) replace the token embeddings (EAGLE feeds its fused features). `pad` (B,) counts
+        left-padding slots per row (batched sampling): those slots are masked out and each row's rotary positions
+        start at 0 after its padding. `hidden`: also return the features the LM head reads (after the final norm),
+        which draft heads read; `logits=False` skips the LM head (a drafter with its own subset head). `kv_len` (a
+        host int > every input_pos) limits attention to the first kv_len slots: faster on a CPU, but a shape
+        change, so None where steps are captured as graphs.
         """
         if self.max_seq_len == 0:  # an int, not the ModuleList's truth value: dynamo traces this without a break
             raise KoalaError("call setup_caches() before the first forward")
@@ -213,7 +218,4 @@ class Transformer(nn.Module):
             x = x + self._attention(layer, i, h, cos, sin, input_pos, mask, kv_len)
             x = x + layer.mlp(rms_norm(x, layer.post_attention_layernorm.weight, eps))
         h = rms_norm(x, self.norm.weight, eps)  # (B, T, C) the features the LM head reads
-        if not head:
-            return None, h  # a drafter with its own (subset) head reads the features
-        logits = self.lm_head(h).float()
-        return (logits, h) if return_hidden else logits
+        return (self.lm_head(h).float() if logits else None), (h if hidden or not logits else None)

@@ -177,7 +177,7 @@ def auto_gamma(session, drafter, prior: float = 0.5) -> tuple[int, str]:
 
 def drafter_step_ms(session, drafter, gamma: int = 3, reps: int = 5) -> float:
     """Measured ms per drafted token (the drafter's own cost; prompt lookup costs next to nothing)."""
-    from koala.spec.sampling import SamplingParams
+    from koala.engine.sampling import SamplingParams
 
     inner = getattr(drafter, "drafter", drafter)
     dev = session.engine.device

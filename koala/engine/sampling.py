@@ -57,3 +57,13 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None, greedy
         return probs.argmax(-1)  # one-hot rows: the draw is the argmax, no random numbers needed
     e = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / e).argmax(-1)
+
+
+def sample_rows(probs: torch.Tensor, generators: list[torch.Generator], greedy: bool = False) -> torch.Tensor:
+    """One token per row of (B, V), row b drawn with its own generator (a sample reproducible on its own, whatever
+    batch it was generated in): an inverse-CDF draw from one uniform per row."""
+    if greedy:
+        return probs.argmax(-1)
+    u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])[:, None]  # (B, 1)
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_max(probs.shape[-1] - 1)

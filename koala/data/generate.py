@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from koala.interrupt import check
-from koala.spec.model import Transformer
-from koala.spec.sampling import SamplingParams, logits_to_probs
+from koala.engine.model import Transformer
+from koala.engine.sampling import SamplingParams, logits_to_probs, sample_rows
 
 
 @dataclass
@@ -46,9 +46,8 @@ def generate_batch(
     for b, p in enumerate(prompts):
         block[b, P - len(p):] = torch.tensor(p, device=dev)
     gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
-    kv = (lambda m: None) if dev.type == "cuda" else (lambda m: m)
 
-    logits = engine(block, torch.arange(P, device=dev), pad=pad, kv_len=kv(P))[:, -1]  # (B, V)
+    logits = engine.step(block, torch.arange(P, device=dev), P, pad=pad)[0][:, -1]  # (B, V)
     out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
     top_i = torch.zeros(B, max_new_tokens, max(topk, 1), dtype=torch.int32, device=dev)
     top_v = torch.zeros(B, max_new_tokens, max(topk, 1), dtype=torch.float16, device=dev)
@@ -60,20 +59,14 @@ def generate_batch(
         if topk:
             lp = torch.log_softmax(logits.float(), -1).topk(topk, dim=-1)  # the teacher at temperature 1
             top_v[:, t], top_i[:, t] = lp.values.half(), lp.indices.int()
-        probs = logits_to_probs(logits, params)
-        if params.greedy:
-            tok = probs.argmax(-1)
-        else:  # inverse-CDF draw with one uniform per row from the row's own generator
-            u = torch.cat([torch.rand(1, generator=g, device=dev) for g in gens])[:, None]  # (B, 1)
-            cdf = probs.cumsum(-1)
-            tok = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+        tok = sample_rows(logits_to_probs(logits, params), gens, greedy=params.greedy)
         out[:, t] = tok
         just = ~ended & torch.isin(tok, eos)
         length = torch.where(just, t + 1, length)
         ended |= just
         if bool(ended.all()) or t == max_new_tokens - 1:
             break
-        logits = engine(tok[:, None], torch.tensor([P + t], device=dev), pad=pad, kv_len=kv(P + t + 1))[:, -1]
+        logits = engine.step(tok[:, None], torch.tensor([P + t], device=dev), P + t + 1, pad=pad)[0][:, -1]
 
     samples = []
     for b in range(B):

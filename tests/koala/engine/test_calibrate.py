@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from koala.errors import KoalaError
-from koala.spec.calibrate import choose_gamma, cost_curve, expected_tokens, parse_gamma
-from koala.spec.model import Transformer
+from koala.engine.calibrate import choose_gamma, cost_curve, expected_tokens, parse_gamma
+from koala.engine.model import Transformer
 from koala.threads import configure_threads, default_threads
 from tests.conftest import tiny_llama
 

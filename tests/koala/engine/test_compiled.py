@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from koala.spec.decode import generate
-from koala.spec.drafters import LookupFirstDrafter, ModelDrafter
-from koala.spec.model import Transformer
-from koala.spec.sampling import SamplingParams
+from koala.engine.decode import generate
+from koala.engine.drafters import LookupFirstDrafter, ModelDrafter
+from koala.engine.model import Transformer
+from koala.engine.sampling import SamplingParams
 from tests.conftest import tiny_llama
 
 V = 64
@@ -86,7 +86,7 @@ def test_compiled_step_is_one_graph_and_matches_eager():
             m.step(torch.tensor([PROMPT]), torch.arange(len(PROMPT)), len(PROMPT), eager=True)
         for w in (1, 4):
             ids, pos = torch.randint(0, V, (1, w)), torch.arange(6, 6 + w)
-            a, b = eager.step(ids, pos, 6 + w), comp.step(ids, pos, 6 + w)
+            a, b = eager.step(ids, pos, 6 + w)[0], comp.step(ids, pos, 6 + w)[0]
             assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     assert comp.max_seq_len == 512  # compiled caches come in powers of two
 

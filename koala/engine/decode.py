@@ -19,9 +19,9 @@ from typing import Callable
 import torch
 
 from koala.errors import KoalaError
-from koala.spec.drafters import Drafter
-from koala.spec.model import Transformer
-from koala.spec.sampling import SamplingParams, logits_to_probs, sample
+from koala.engine.drafters import Drafter
+from koala.engine.model import Transformer
+from koala.engine.sampling import SamplingParams, logits_to_probs, sample
 
 # Called after each round with (new tokens, how many of them were accepted drafts); the last one is the target's.
 StreamFn = Callable[[list[int], int], None]
@@ -104,14 +104,13 @@ def check_drafter(target: Transformer, drafter: Drafter | None, gamma: int) -> N
 
 def prefill(target: Transformer, seq: torch.Tensor, T: int, params: SamplingParams, hidden: bool):
     """The whole prompt seq[:T] in one forward; returns the first new token and, for heads, the features."""
-    out = target.step(seq[None, :T], torch.arange(T, device=seq.device), T, return_hidden=hidden, eager=True)
-    logits, h = out if hidden else (out, None)
+    logits, h = target.step(seq[None, :T], torch.arange(T, device=seq.device), T, hidden=hidden, eager=True)
     return sample(logits_to_probs(logits[0, -1], params), greedy=params.greedy), h
 
 
 def decode_one_token(target: Transformer, seq: torch.Tensor, n: int, params: SamplingParams) -> torch.Tensor:
     """A plain step: feed seq[n-1], return the token for position n."""
-    logits = target.step(seq[None, n - 1:n], torch.tensor([n - 1], device=seq.device), n)
+    logits, _ = target.step(seq[None, n - 1:n], torch.tensor([n - 1], device=seq.device), n)
     return sample(logits_to_probs(logits[0, -1], params), greedy=params.greedy)
 
 
@@ -120,11 +119,10 @@ def verify(target: Transformer, seq: torch.Tensor, n: int, m: int, drafts: torch
     """One target forward over seq[n-1] and the m drafts in seq[n:n+m], then the rejection rule.
 
     Returns (n_accepted, next token, the target's features at the m + 1 positions or None). A compiled target runs
-    every width from 2 up as one graph (koala.spec.compile), so a short draft costs no recompilation.
+    every width from 2 up as one graph (koala.engine.compile), so a short draft costs no recompilation.
     """
-    out = target.step(seq[None, n - 1:n + m], torch.arange(n - 1, n + m, device=seq.device), n + m,
-                      return_hidden=hidden)
-    logits, h = out if hidden else (out, None)
+    logits, h = target.step(seq[None, n - 1:n + m], torch.arange(n - 1, n + m, device=seq.device), n + m,
+                            hidden=hidden)
     k, nxt = accept_drafts(drafts, q, logits_to_probs(logits[0], params))
     return k, nxt, None if h is None else h[0]
 
@@ -137,7 +135,7 @@ def speculative_round(target: Transformer, drafter: Drafter, seq: torch.Tensor, 
     """
     dev = seq.device
     t0 = _clock(dev, profile)
-    drafts, q = drafter.propose(seq, n, gamma, params, stop_below=threshold)
+    drafts, q = drafter.propose(seq, n, gamma, params, threshold=threshold)
     m = drafts.shape[0]  # gamma, or fewer when drafting stopped at an unconfident token
     seq[n:n + m] = drafts
     t1 = _clock(dev, profile)

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from koala.errors import KoalaError
-from koala.spec.decode import accept_drafts, generate
-from koala.spec.drafters import LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
-from koala.spec.model import Transformer
-from koala.spec.sampling import SamplingParams, logits_to_probs
+from koala.engine.decode import accept_drafts, generate
+from koala.engine.drafters import LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
+from koala.engine.model import Transformer
+from koala.engine.sampling import SamplingParams, logits_to_probs
 
 V = 64
 
@@ -27,7 +27,7 @@ class ScriptedDrafter:
     def reset(self, max_seq_len):
         self.round = 0
 
-    def propose(self, seq, n, gamma, params, stop_below=None):
+    def propose(self, seq, n, gamma, params, threshold=None):
         out = []
         for i in range(gamma):
             j = n - self.T + i
@@ -170,7 +170,7 @@ def _exact_joint(target, prompt, params, vocab, steps):
         target.setup_caches(64)
         ids = torch.tensor([prompt + list(seq)])
         with torch.no_grad():
-            p = logits_to_probs(target(ids, torch.arange(ids.shape[1]))[0], params)
+            p = logits_to_probs(target.step(ids, torch.arange(ids.shape[1]), ids.shape[1])[0][0], params)
         T = len(prompt)
         probs[seq] = float(torch.prod(torch.stack([p[T - 1 + j, seq[j]] for j in range(steps)])))
     return probs
@@ -231,7 +231,7 @@ def test_bad_lengths_and_gamma(target):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_draft_vocabulary_subset_stays_lossless(target, temperature):
-    from koala.spec.drafters import DraftVocab
+    from koala.engine.drafters import DraftVocab
 
     ids = torch.arange(0, V, 2)  # half the vocabulary
     dv = DraftVocab(ids, target.truncated(1).lm_head, V)

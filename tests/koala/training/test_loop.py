@@ -10,14 +10,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from koala import losses
+from koala.training import losses
 from koala.config import DrafterConfig, TrainingConfig
-from koala.drafters.draft_model import build_drafter, default_copy_layers, save_drafter
+from koala.models.draft_model import build_drafter, default_copy_layers, save_drafter
 from koala.errors import KoalaError
-from koala.train import SequenceData, latest_checkpoint, train
+from koala.training.data import SequenceData
+from koala.training.checkpoints import latest_checkpoint
+from koala.training.loop import train
+from koala.training.objectives import Distill, NextToken, adversarial_if
 from tests.conftest import tiny_llama
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 V = 64
 
 
@@ -42,6 +45,15 @@ def synthetic_rows(n=24, seed=0, topk=None):
     return rows
 
 
+def fit(model, data, c, out, loss="fkl", mode="distill", steps=None, target_model=None, vocab_ids=None, **kw):
+    """The loop as the recipes run it (koala.training.recipes), on a tiny model."""
+    if mode == "pretrain":
+        objective = NextToken(model)
+    else:
+        objective = adversarial_if(Distill(model, loss, target_model, vocab_ids), c, model.device)
+    return train(objective, data, c, out, steps or c.steps, **kw)
+
+
 def cfg(**kw):
     base = dict(steps=6, lr=3e-3, warmup_steps=2, batch_size=4, max_seq_len=32, checkpoint_every=3, eval_every=3,
                 seed=0)
@@ -53,8 +65,8 @@ def test_distillation_learns_the_teacher(tmp_path, loss):
     model = tiny_llama(layers=1, vocab=V, init_std=0.02)
     data = SequenceData(synthetic_rows(topk=4), 32, 0)
     held = SequenceData(synthetic_rows(n=8, seed=1, topk=4), 32, 0)
-    m0 = train(model, data, cfg(steps=1, eval_every=1), tmp_path / "a", loss=loss, heldout=held, progress=False)
-    m = train(model, data, cfg(steps=200, eval_every=200, lr=2e-2), tmp_path / "b", loss=loss, heldout=held,
+    m0 = fit(model, data, cfg(steps=1, eval_every=1), tmp_path / "a", loss=loss, heldout=held, progress=False)
+    m = fit(model, data, cfg(steps=200, eval_every=200, lr=2e-2), tmp_path / "b", loss=loss, heldout=held,
               progress=False)
     # TVD (and TVD++, whose normalisation rescales the same gradient) learns slowly where the drafter puts little mass
     gain = {"fkl": 0.2, "tvdpp": 0.08, "tvd": 0.05}[loss]
@@ -62,7 +74,8 @@ def test_distillation_learns_the_teacher(tmp_path, loss):
 
 
 def test_teacher_over_a_draft_vocabulary_is_renormalised_and_drops_positions_without_mass():
-    from koala.train import Batch, teacher_at
+    from koala.training.data import Batch
+    from koala.training.objectives import teacher_at
 
     ids = torch.tensor([[5, 7, 9], [1, 2, 3]])  # row 1's stored top-k lies wholly outside the draft vocabulary
     lps = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]]))
@@ -77,7 +90,7 @@ def test_distillation_over_a_draft_vocabulary_learns_and_stays_in_it(tmp_path):
     model = tiny_llama(layers=1, vocab=V, init_std=0.02)
     data = SequenceData(synthetic_rows(topk=4), 32, 0)
     held = SequenceData(synthetic_rows(n=8, seed=1, topk=4), 32, 0)
-    m = train(model, data, cfg(steps=200, eval_every=200, lr=2e-2), tmp_path, loss="fkl", heldout=held,
+    m = fit(model, data, cfg(steps=200, eval_every=200, lr=2e-2), tmp_path, loss="fkl", heldout=held,
               progress=False, vocab_ids=torch.arange(0, V, 2))  # the even half: the rule's odd tokens are lost
     # held-out metrics are over the full vocabulary, as the engine drafts: about half the positions are reachable
     assert 0.3 < m["heldout_greedy_agreement"] < 0.7
@@ -87,7 +100,7 @@ def test_pretraining_loss_decreases(tmp_path):
     model = tiny_llama(layers=1, vocab=V)
     logged = []
     rows = [{**r, "prompt_len": 1} for r in synthetic_rows()]
-    train(model, SequenceData(rows, 32, 0), cfg(lr=1e-2), tmp_path, mode="pretrain", steps=30,
+    fit(model, SequenceData(rows, 32, 0), cfg(lr=1e-2), tmp_path, mode="pretrain", steps=30,
           on_log=lambda s, m: logged.append(m["loss"]), progress=False)
     assert logged[-1] < 0.7 * logged[0]
 
@@ -95,7 +108,7 @@ def test_pretraining_loss_decreases(tmp_path):
 def test_resume_is_bitwise_identical(tmp_path):
     data = SequenceData(synthetic_rows(topk=4), 32, 0)
     straight = tiny_llama(layers=1, vocab=V, seed=3)
-    train(straight, data, cfg(), tmp_path / "straight", loss="fkl", progress=False)
+    fit(straight, data, cfg(), tmp_path / "straight", loss="fkl", progress=False)
 
     class Killed(Exception):
         pass
@@ -106,10 +119,10 @@ def test_resume_is_bitwise_identical(tmp_path):
 
     first = tiny_llama(layers=1, vocab=V, seed=3)
     with pytest.raises(Killed):
-        train(first, data, cfg(), tmp_path / "resumed", loss="fkl", on_log=kill_after_3, progress=False)
+        fit(first, data, cfg(), tmp_path / "resumed", loss="fkl", on_log=kill_after_3, progress=False)
     assert latest_checkpoint(tmp_path / "resumed").name == "step-0000003"
     fresh = tiny_llama(layers=1, vocab=V, seed=99)  # different init: everything must come from the checkpoint
-    train(fresh, data, cfg(), tmp_path / "resumed", loss="fkl", resume=True, progress=False)
+    fit(fresh, data, cfg(), tmp_path / "resumed", loss="fkl", resume=True, progress=False)
     a = load_file(latest_checkpoint(tmp_path / "straight") / "model.safetensors")
     b = load_file(latest_checkpoint(tmp_path / "resumed") / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -123,22 +136,22 @@ def test_checkpoints_of_another_training_are_refused_or_set_aside(tmp_path):
     data = SequenceData(synthetic_rows(topk=4), 32, 0)
     held = SequenceData(synthetic_rows(n=8, seed=1, topk=4), 32, 0)
     first = tiny_llama(layers=1, vocab=V, seed=3)
-    train(first, data, cfg(), tmp_path / "out", loss="fkl", progress=False, fingerprint="stage-a")
+    fit(first, data, cfg(), tmp_path / "out", loss="fkl", progress=False, fingerprint="stage-a")
     before_files = sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir())
     other = tiny_llama(layers=1, vocab=V, seed=5)
     with pytest.raises(KoalaError, match="belong to another training.*drop --resume"):
-        train(other, data, cfg(steps=3), tmp_path / "out", loss="fkl", resume=True, progress=False,
+        fit(other, data, cfg(steps=3), tmp_path / "out", loss="fkl", resume=True, progress=False,
               fingerprint="stage-b")
     assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == before_files
     before = {k: v.clone() for k, v in other.state_dict().items()}
     logged = []
-    train(other, data, cfg(steps=3), tmp_path / "out", loss="fkl", resume="auto", progress=False,
+    fit(other, data, cfg(steps=3), tmp_path / "out", loss="fkl", resume="auto", progress=False,
           fingerprint="stage-b", on_log=lambda step, m: logged.append(step))
     assert logged == [1, 2, 3]  # trained from its own start, not resumed at step 6 of stage a
     assert any(not torch.equal(before[k], v) for k, v in other.state_dict().items())
     assert list((tmp_path / "out").glob("checkpoints.stale-*"))
     again = tiny_llama(layers=1, vocab=V, seed=7)
-    m = train(again, data, cfg(steps=3), tmp_path / "out", loss="fkl", resume=True, progress=False,
+    m = fit(again, data, cfg(steps=3), tmp_path / "out", loss="fkl", resume=True, progress=False,
               fingerprint="stage-b", heldout=held)
     assert "heldout_expected_acceptance" in m  # finished already: metrics recomputed, weights from its checkpoint
     a, b = load_file(latest_checkpoint(tmp_path / "out") / "model.safetensors"), again.state_dict()
@@ -147,7 +160,7 @@ def test_checkpoints_of_another_training_are_refused_or_set_aside(tmp_path):
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(KoalaError, match="holds no checkpoint to continue: drop --resume"):
-        train(tiny_llama(layers=1, vocab=V), SequenceData(synthetic_rows(topk=4), 32, 0), cfg(), tmp_path / "none",
+        fit(tiny_llama(layers=1, vocab=V), SequenceData(synthetic_rows(topk=4), 32, 0), cfg(), tmp_path / "none",
               loss="fkl", resume=True, progress=False, fingerprint="x")
     assert not (tmp_path / "none" / "checkpoints").exists() or not list((tmp_path / "none" / "checkpoints").glob("step-*"))
 
@@ -156,13 +169,13 @@ def test_a_fresh_start_never_mixes_with_older_checkpoints(tmp_path):
     """Without --resume, earlier checkpoints in out_dir (even this training's) are set aside: pruning by name would
     otherwise keep the old run's later steps and delete the new ones."""
     data = SequenceData(synthetic_rows(topk=4), 32, 0)
-    train(tiny_llama(layers=1, vocab=V, seed=3), data, cfg(), tmp_path, loss="fkl", progress=False, fingerprint="a")
+    fit(tiny_llama(layers=1, vocab=V, seed=3), data, cfg(), tmp_path, loss="fkl", progress=False, fingerprint="a")
     model = tiny_llama(layers=1, vocab=V, seed=4)
-    train(model, data, cfg(steps=3), tmp_path, loss="fkl", progress=False, fingerprint="a")
+    fit(model, data, cfg(steps=3), tmp_path, loss="fkl", progress=False, fingerprint="a")
     assert [p.name for p in sorted((tmp_path / "checkpoints").glob("step-*"))] == ["step-0000003"]
     a = load_file(latest_checkpoint(tmp_path) / "model.safetensors")
     assert all(torch.equal(a[k], v) for k, v in model.state_dict().items())
-    train(tiny_llama(layers=1, vocab=V, seed=5), data, cfg(steps=3), tmp_path, loss="fkl", progress=False,
+    fit(tiny_llama(layers=1, vocab=V, seed=5), data, cfg(steps=3), tmp_path, loss="fkl", progress=False,
           fingerprint="a")
     kept = sorted(p.name for p in tmp_path.glob("checkpoints.stale-*"))
     assert len(kept) == 2, kept  # each set-aside training kept, none overwritten
@@ -175,16 +188,16 @@ def test_adversarial_resume_is_bitwise_identical_discriminator_included(tmp_path
     data = SequenceData(synthetic_rows(topk=4), 32, 0)
     c = cfg(adversarial=True, adv_warmup_steps=1, adv_lambda=0.1)
     straight = tiny_llama(layers=1, vocab=V, seed=3)
-    train(straight, data, c, tmp_path / "straight", loss="fkl", progress=False, target_model=tiny_llama(vocab=V))
+    fit(straight, data, c, tmp_path / "straight", loss="fkl", progress=False, target_model=tiny_llama(vocab=V))
 
     def stop_after_3(step, m):
         if step == 3:
             raise Interrupted("stop")
 
     with pytest.raises(Interrupted):
-        train(tiny_llama(layers=1, vocab=V, seed=3), data, c, tmp_path / "resumed", loss="fkl", progress=False,
+        fit(tiny_llama(layers=1, vocab=V, seed=3), data, c, tmp_path / "resumed", loss="fkl", progress=False,
               target_model=tiny_llama(vocab=V), on_log=stop_after_3)
-    train(tiny_llama(layers=1, vocab=V, seed=99), data, c, tmp_path / "resumed", loss="fkl", resume=True,
+    fit(tiny_llama(layers=1, vocab=V, seed=99), data, c, tmp_path / "resumed", loss="fkl", resume=True,
           progress=False, target_model=tiny_llama(vocab=V))
     for name in ("model.safetensors",):
         a = load_file(latest_checkpoint(tmp_path / "straight") / name)
@@ -208,7 +221,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setitem(losses.LOSSES, "fkl", poisoned)
     model = tiny_llama(layers=1, vocab=V)
     with pytest.raises(KoalaError, match="loss became nan at step 5.*step-0000003"):
-        train(model, SequenceData(synthetic_rows(topk=4), 32, 0), cfg(), tmp_path, loss="fkl", progress=False)
+        fit(model, SequenceData(synthetic_rows(topk=4), 32, 0), cfg(), tmp_path, loss="fkl", progress=False)
     assert latest_checkpoint(tmp_path).name == "step-0000003"
 
 
@@ -220,17 +233,18 @@ def test_empty_dataset_is_an_error():
 DDP_SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
-from koala.train import SequenceData, init_distributed, train
+from koala.training.data import SequenceData
+from koala.training.loop import init_distributed
 from koala.config import TrainingConfig
 from tests.conftest import tiny_llama
-from tests.koala.test_train import synthetic_rows
+from tests.koala.training.test_loop import fit, synthetic_rows
 init_distributed()
 torch.set_num_threads(1)
 model = tiny_llama(layers=1, vocab=64, seed=5)
 log = []
 cfg = TrainingConfig(steps=5, lr=3e-3, warmup_steps=1, batch_size=8, max_seq_len=32, checkpoint_every=100,
                      eval_every=100)
-train(model, SequenceData(synthetic_rows(topk=4), 32, 0), cfg, sys.argv[2], loss="fkl",
+fit(model, SequenceData(synthetic_rows(topk=4), 32, 0), cfg, sys.argv[2], loss="fkl",
       on_log=lambda s, m: log.append(m["loss"]), progress=False)
 if log:
     print("LOSSES" + json.dumps(log))

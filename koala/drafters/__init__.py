@@ -1,1 +1,0 @@
-"""Trainable drafters: an independent draft model (draft_model.py) and KOALA draft heads (heads.py)."""

@@ -1,0 +1,342 @@
+"""The drafter interface and every drafter the engine runs: causal LMs (any model, `truncate:N`), Medusa and EAGLE
+heads, and prompt lookup.
+
+A drafter proposes `gamma` tokens after the current sequence together with the distribution it drew each from;
+the engine verifies them. It keeps its own state (a KV cache, or nothing) and learns after each round how much of
+the sequence is still valid (`commit`), so rejected drafts are simply written over in the next round. Model-backed
+drafters that draft a chain token by token (a causal LM, EAGLE) share one draft loop (`ChainDrafter`).
+Which drafter a spec string names is decided in koala.engine.drafter_spec.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from koala.engine.model import Transformer
+from koala.engine.sampling import SamplingParams, logits_to_probs, sample
+from koala.errors import KoalaError
+from koala.models.vocab import load_draft_vocab
+
+class Drafter(Protocol):
+    name: str
+    vocab_size: int | None  # None: proposes only tokens it has seen (prompt lookup), any vocabulary fits
+    needs_hidden: bool  # True: commit() receives the target's last hidden states (draft heads)
+
+    def reset(self, max_seq_len: int) -> None: ...
+
+    def propose(
+        self, seq: torch.Tensor, n: int, gamma: int, params: SamplingParams, threshold: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft after seq[:n]: tokens (m,) and the distributions they were drawn from (m, V), m <= gamma.
+
+        With `threshold`, drafting may stop before a token whose draft probability is below it (m < gamma).
+        """
+        ...
+
+    def commit(self, n_valid: int, hidden: torch.Tensor | None = None, start: int = 0) -> None:
+        """seq[:n_valid] is final; `hidden` (T, C) holds the target's states for positions start..start+T-1."""
+        ...
+
+
+class DraftVocab:
+    """Draft over the K most frequent tokens only (FR-Spec, Zhao et al. 2025): the drafter's head costs K/V as much.
+
+    The draft distribution q is zero outside the subset, which the rejection rule handles exactly (greedy: a token
+    outside the subset is simply never proposed), so the output stays the target's.
+    """
+
+    def __init__(self, ids: torch.Tensor, lm_head: torch.nn.Linear, vocab_size: int):
+        self.ids = ids.to(lm_head.weight.device).long()  # (K,)
+        self.weight = lm_head.weight.detach()[self.ids]  # (K, C): a copy, K/V of the full head
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def load(cls, directory, lm_head, vocab_size) -> "DraftVocab | None":
+        ids = load_draft_vocab(directory)
+        return None if ids is None else cls(ids, lm_head, vocab_size)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Features (..., C) -> logits over the subset (..., K)."""
+        return (h @ self.weight.T).float()
+
+    def pick(self, logits_k: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Subset logits (..., K) -> (token ids (...), q over the full vocabulary (..., V))."""
+        q_k = logits_to_probs(logits_k, params)  # (..., K)
+        t = self.ids[sample(q_k, greedy=params.greedy)]
+        q = torch.zeros(*q_k.shape[:-1], self.vocab_size, device=q_k.device).scatter_(
+            -1, self.ids.expand(*q_k.shape[:-1], -1), q_k)
+        return t, q
+
+
+def confident(logits: torch.Tensor, threshold: float | None) -> torch.Tensor | bool:
+    """Whether to draft from these logits: the drafter's top probability (temperature 1) reaches `threshold`.
+
+    Decided from the distribution before drawing, never from the drawn token, so the draft stays a draw from q
+    and the rejection rule stays exact.
+    """
+    if threshold is None:
+        return True
+    return torch.softmax(logits.float(), -1).amax(-1) >= threshold
+
+
+def _stack(tokens: list, probs: list, vocab: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m,) tokens and (m, V) distributions; m may be 0."""
+    if not tokens:
+        return torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, vocab, device=device)
+    return torch.stack(tokens), torch.stack(probs)
+
+
+class ChainDrafter:
+    """The draft loop of every drafter that drafts a chain token by token from an engine model with its own cache.
+
+    A subclass says how to catch its cache up on the sequence (`_catch_up`) and how to feed it one drafted token
+    (`_feed`); both return the step's (logits or None, features or None), from which the loop reads the next
+    draft distribution: the full LM head's logits, or the draft vocabulary's over the features.
+    """
+
+    name: str
+    vocab_size: int
+    draft_vocab: "DraftVocab | None"
+    n_cached: int
+
+    def _catch_up(self, seq: torch.Tensor, n: int) -> tuple:
+        raise NotImplementedError
+
+    def _feed(self, token: torch.Tensor, out: tuple, n: int, i: int) -> tuple:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def propose(self, seq, n, gamma, params, threshold=None):
+        dv = self.draft_vocab
+        out = self._catch_up(seq, n)
+        tokens, probs = [], []
+        for i in range(gamma):
+            logits = out[0][0, -1] if dv is None else dv.logits(out[1][0, -1])
+            if not bool(confident(logits, threshold)):
+                break  # not confident: verifying a draft here would likely waste its slot
+            if dv is None:
+                q = logits_to_probs(logits, params)
+                t = sample(q, greedy=params.greedy)
+            else:
+                t, q = dv.pick(logits, params)
+            tokens.append(t)
+            probs.append(q)
+            if i < gamma - 1:
+                out = self._feed(t, out, n, i)
+        self.n_cached += min(len(tokens), gamma - 1)  # the drafts fed: commit() drops those rejected
+        return _stack(tokens, probs, self.vocab_size, seq.device)
+
+
+class ModelDrafter(ChainDrafter):
+    """An independent causal LM sharing the target's vocabulary, run in koala's static-cache engine."""
+
+    needs_hidden = False
+
+    def __init__(self, model: Transformer, name: str = "model", draft_vocab: DraftVocab | None = None):
+        self.model, self.name, self.draft_vocab = model, name, draft_vocab
+        self.vocab_size = model.args.vocab_size
+        self.n_cached = 0  # seq[:n_cached] is in this drafter's KV cache
+
+    def reset(self, max_seq_len: int) -> None:
+        self.model.setup_caches(max_seq_len)
+        self.n_cached = 0
+
+    def _catch_up(self, seq, n):
+        # Feed what the cache lacks: the prompt at first, then 1 token (a correction) or 2 (last draft + bonus);
+        # a feed of varying width runs eager, the one-token draft steps compiled when the model is.
+        pos = torch.arange(self.n_cached, n, device=seq.device)
+        dv = self.draft_vocab
+        out = self.model.step(seq[self.n_cached:n][None], pos, n, hidden=dv is not None, logits=dv is None,
+                              eager=n - self.n_cached != 1)
+        self.n_cached = n
+        return out
+
+    def _feed(self, token, out, n, i):
+        dv = self.draft_vocab
+        return self.model.step(token.view(1, 1), torch.tensor([n + i], device=token.device), n + i + 1,
+                               hidden=dv is not None, logits=dv is None)
+
+    def commit(self, n_valid, hidden=None, start=0):
+        # Cached drafts d1..dk at positions n..n+k-1 were accepted; the token at n_valid - 1 is new to the drafter.
+        self.n_cached = min(self.n_cached, n_valid - 1)
+
+
+class PromptLookupDrafter:
+    """Prompt lookup decoding (Saxena 2023): copy what followed the latest earlier match of the last n-gram.
+
+    With no match it proposes nothing, and the round is a plain target step: a guessed draft would only cost its
+    verification slot (on a CPU each extra verified token costs a few percent of a step).
+    """
+
+    needs_hidden = False
+    vocab_size = None
+
+    def __init__(self, max_ngram: int = 3, vocab_size: int | None = None):
+        self.max_ngram = max_ngram
+        self.name = f"ngram:{max_ngram}"
+        self.target_vocab = vocab_size
+
+    def reset(self, max_seq_len: int) -> None:
+        pass
+
+    def propose(self, seq, n, gamma, params, threshold=None):
+        ids = seq[:n].tolist()  # host-side search: this baseline has no device work to keep on the device
+        draft: list[int] = []
+        for size in range(min(self.max_ngram, n - 1), 0, -1):
+            tail = ids[n - size:]
+            for start in range(n - size - 1, -1, -1):
+                if ids[start:start + size] == tail:
+                    draft = ids[start + size:start + size + gamma]
+                    break
+            if draft:
+                break
+        tokens = torch.tensor(draft, dtype=torch.long, device=seq.device)
+        # q is one-hot: the rejection rule then accepts token x with probability p(x), which keeps sampling exact.
+        return tokens, F.one_hot(tokens, self.target_vocab).float()
+
+    def commit(self, n_valid, hidden=None, start=0):
+        pass
+
+
+class LookupFirstDrafter:
+    """Prompt lookup where the context repeats itself, the trained drafter everywhere else (`lookup+SPEC`).
+
+    A lookup draft costs nothing to make, so it goes first; the drafter proposes only when the last n-gram has no
+    earlier match. Which of the two drafts depends on the context alone, so each round's draft is still a draw
+    from the q it reports and the output stays the target's. The drafter sees every commit, so its cache and
+    features stay current and it catches up on the tokens it skipped the next time it is asked.
+    """
+
+    def __init__(self, drafter: Drafter, max_ngram: int = 3):
+        self.drafter = drafter
+        self.lookup = PromptLookupDrafter(max_ngram, vocab_size=drafter.vocab_size)
+        self.name = f"lookup+{drafter.name}"
+        self.vocab_size = drafter.vocab_size
+        self.needs_hidden = drafter.needs_hidden
+        self.max_gamma = getattr(drafter, "max_gamma", None)
+
+    def reset(self, max_seq_len: int) -> None:
+        self.drafter.reset(max_seq_len)
+
+    def propose(self, seq, n, gamma, params, threshold=None):
+        if self.vocab_size is not None:  # one-hot lookup drafts over the target's vocabulary
+            tokens, q = self.lookup.propose(seq, n, gamma, params)
+            if tokens.numel():
+                return tokens, q
+        return self.drafter.propose(seq, n, gamma, params, threshold)
+
+    def commit(self, n_valid, hidden=None, start=0):
+        self.drafter.commit(n_valid, hidden, start)
+
+
+def drafter_models(drafter) -> list[Transformer]:
+    """The engine models a drafter runs (none for prompt lookup; the inner drafter's behind lookup+)."""
+    inner = getattr(drafter, "drafter", None)
+    if inner is not None:
+        return drafter_models(inner)
+    return [m for m in (getattr(drafter, "model", None), getattr(drafter, "engine", None)) if isinstance(m, Transformer)]
+
+
+class _EagleLM(nn.Module):
+    """Presents an EAGLE head to the engine as a causal LM: its decoder, the target's LM head."""
+
+    def __init__(self, head: nn.Module, target_model):
+        super().__init__()
+        self.config = copy.copy(head.config)
+        self.config.vocab_size = target_model.config.vocab_size
+        self.model = head.decoder
+        self.lm_head = target_model.lm_head
+
+
+class MedusaDrafter:
+    """Proposes one chain: the top-1 (or a draw) of each head on the target's latest known feature."""
+
+    needs_hidden = True
+
+    def __init__(self, heads: nn.Module, target: Transformer, name: str, draft_vocab: DraftVocab | None = None):
+        self.heads, self.target, self.name, self.draft_vocab = heads, target, name, draft_vocab
+        self.vocab_size = target.args.vocab_size
+        self.max_gamma = len(heads.heads)  # one token per head
+        self.feat: torch.Tensor | None = None
+
+    def reset(self, max_seq_len: int) -> None:
+        self.feat = torch.zeros(max_seq_len, self.target.args.dim, dtype=self.target.dtype, device=self.target.device)
+
+    @torch.no_grad()
+    def propose(self, seq, n, gamma, params, threshold=None):
+        if gamma > len(self.heads.heads):
+            raise KoalaError(f"gamma {gamma} exceeds the {len(self.heads.heads)} Medusa heads: use --gamma "
+                             f"<= {len(self.heads.heads)}")
+        # f_{n-2} is the newest target feature; head i on it predicts token n-1+i, i = 1..gamma
+        hs = self.heads(self.feat[n - 2])[:gamma]  # (gamma, C)
+        dv = self.draft_vocab
+        logits = self.target.lm_head(hs).float() if dv is None else dv.logits(hs)
+        if threshold is not None:  # keep the chain up to the first head that is not confident
+            m = int(torch.as_tensor(confident(logits, threshold)).long().cumprod(0).sum())
+            logits = logits[:m]
+        if dv is not None:
+            return dv.pick(logits, params)
+        q = logits_to_probs(logits, params)
+        return sample(q, greedy=params.greedy), q
+
+    def commit(self, n_valid, hidden=None, start=0):
+        if hidden is not None:
+            self.feat[start:start + hidden.shape[0]] = hidden
+
+
+class EagleDrafter(ChainDrafter):
+    """Runs the EAGLE head autoregressively on features: true ones where known, its own predictions after.
+
+    EAGLE slot j reads (f_j, x_{j+1}) and predicts f_{j+1}; slots 0..n_cached-1 hold inputs built from true target
+    features, later ones the head's own predictions, which commit() drops.
+    """
+
+    needs_hidden = True
+
+    def __init__(self, head, target: Transformer, name: str, draft_vocab: DraftVocab | None = None):
+        self.head, self.target, self.name, self.draft_vocab = head, target, name, draft_vocab
+        self.engine = Transformer(_EagleLM(head, target.hf_model[0]))
+        self.vocab_size = target.args.vocab_size
+        self.n_cached = 0
+        self.feat: torch.Tensor | None = None
+
+    def reset(self, max_seq_len: int) -> None:
+        self.engine.setup_caches(max_seq_len)
+        self.feat = torch.zeros(max_seq_len, self.target.args.dim, dtype=self.target.dtype, device=self.target.device)
+        self.n_cached = 0
+
+    def _catch_up(self, seq, n):
+        js = torch.arange(self.n_cached, n - 1, device=seq.device)
+        x = self.head.fuse(self.feat[js], self.target.embed(seq[js + 1]))[None]
+        out = self.engine.step(None, js, n - 1, embeds=x, hidden=True, logits=self.draft_vocab is None,
+                               eager=js.numel() != 1)
+        self.n_cached = n - 1
+        return out
+
+    def _feed(self, token, out, n, i):
+        x = self.head.fuse(out[1][:, -1:], self.target.embed(token.view(1, 1)))
+        return self.engine.step(None, torch.tensor([n - 1 + i], device=token.device), n + i, embeds=x, hidden=True,
+                                logits=self.draft_vocab is None)
+
+    def commit(self, n_valid, hidden=None, start=0):
+        if hidden is not None:
+            self.feat[start:start + hidden.shape[0]] = hidden
+        self.n_cached = min(self.n_cached, start)  # slots from `start` on were fed predicted features
+
+
+def load_heads_drafter(path: str, target: Transformer):
+    """`heads:PATH` for the engine: Medusa or EAGLE heads on the given target."""
+    from koala.models.heads import load_heads
+
+    hf = target.hf_model[0]
+    module, info = load_heads(path, hf)
+    name = f"heads:{info['kind']}-K{info['layers']}{'-adv' if info.get('adversarial') else ''}"
+    dv = DraftVocab.load(path, hf.lm_head, target.args.vocab_size)
+    d = MedusaDrafter(module, target, name, dv) if info["kind"] == "medusa" else EagleDrafter(module, target, name, dv)
+    d.source = path  # where its stored metrics live (koala.engine.calibrate.stored_acceptance)
+    return d

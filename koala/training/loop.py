@@ -1,0 +1,170 @@
+"""The one training loop: drafter pretraining, distillation and draft heads differ only in their objective.
+
+AdamW, linear warm-up then cosine decay, gradient clipping and accumulation, bf16 autocast on CUDA, resumable
+checkpoints (koala.training.checkpoints), DDP under torchrun (gradients all-reduced once per optimizer step, not per
+micro-batch). What a step minimises comes from the objective (koala.training.objectives): its `loss(batch, step)`,
+its held-out `metrics(batch)`, the `model` whose trainable parameters are optimised and checkpointed, the `module`
+DDP wraps, and `stateful()`, anything else a bitwise resume needs (KOALA's discriminator).
+Metrics leave through `on_log(step, metrics)`; nothing here imports MLflow or Prefect.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from koala.config import TrainingConfig
+from koala.errors import KoalaError
+from koala.interrupt import check, fault
+from koala.training.checkpoints import claim_checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from koala.training.data import DataOrder, SequenceData, len_positions
+from koala.training.objectives import Objective, heldout_metrics
+
+LogFn = Callable[[int, dict], None]
+
+
+def schedule(cfg: TrainingConfig, steps: int):
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(steps - cfg.warmup_steps, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return f
+
+
+def world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> None:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, steps: int, *,
+          heldout: SequenceData | None = None, resume: bool | str = False, fingerprint: str | None = None,
+          on_log: LogFn | None = None, progress: bool = True, desc: str = "train") -> dict:
+    """Minimise `objective` over `data` for `steps` optimizer steps; returns the last logged metrics.
+
+    Args:
+        objective: what a step minimises, and the model it trains (parameters with requires_grad=False stay frozen).
+        data: training sequences; each step takes batch_size * grad_accum of them (split across DDP ranks).
+        cfg: the training section of the config (optimizer, schedule, batch, checkpoints, seed).
+        out_dir: checkpoints go under out_dir/checkpoints.
+        heldout: sequences for the held-out metrics, every cfg.eval_every steps and at the end.
+        resume: True: continue this training's last checkpoint (refused if there is none, or if it is another
+            training's); "auto": continue it if there is one; False: start over (see claim_checkpoints).
+        fingerprint: what this training is (config, data, starting weights); checkpoints of another are not resumed.
+        on_log: called with (step, metrics) every step, on rank 0.
+
+    Raises:
+        KoalaError: the loss became NaN or infinite (the last good checkpoint is kept); a refused resume.
+    """
+    out = Path(out_dir)
+    rank, world_size = world()
+    device = next(objective.model.parameters()).device
+    torch.manual_seed(cfg.seed)
+    params, opt, sched = _optimizer(objective, cfg, steps, world_size)
+    start, order = _starting_point(out, resume, fingerprint, objective, opt, sched, len(data), cfg.seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    metrics: dict = {}
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress or rank != 0)
+    for step in bar:
+        check()  # SIGINT/SIGTERM: stop between optimizer steps (the last checkpoint is kept)
+        t0 = time.perf_counter()
+        micro = [order.take(cfg.batch_size) for _ in range(cfg.grad_accum)]  # the global batch of this step
+        total, tokens, extra = _backward(objective, data, micro, step, autocast, out, device)
+        grad_norm = _optimizer_step(opt, sched, params, cfg.grad_clip)
+        fault("train.step")
+        metrics = {"loss": total / max(tokens, 1), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+                   "tokens_per_s": tokens / (time.perf_counter() - t0), **extra}
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+            metrics.update(heldout_metrics(objective, heldout, device))
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps) and rank == 0:
+            save_checkpoint(out, step + 1, objective.model, opt, sched, order.state(), objective.stateful())
+            fault("train.checkpoint")
+        if on_log and rank == 0:
+            on_log(step + 1, metrics)
+    if start >= steps:  # resumed a finished training: its held-out metrics again, not nothing
+        metrics = heldout_metrics(objective, heldout, device)
+    return metrics
+
+
+def _optimizer(objective: Objective, cfg: TrainingConfig, steps: int, world_size: int):
+    """The trainable parameters, AdamW and the schedule (the objective's module wrapped in DDP under torchrun)."""
+    if world_size > 1:
+        objective.module = torch.nn.parallel.DistributedDataParallel(objective.module)
+    params = [p for p in objective.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    return params, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg, steps))
+
+
+def _optimizer_step(opt, sched, params, clip: float) -> torch.Tensor:
+    """Clip the global gradient norm, step the optimizer and the schedule; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return norm
+
+
+def _starting_point(out: Path, resume: bool | str, fingerprint: str | None, objective: Objective, opt, sched, n: int,
+                    seed: int) -> tuple[int, DataOrder]:
+    """(first step, data order): step 0, or where this training's last checkpoint left off (never another's)."""
+    err = None
+    if world()[0] == 0:
+        try:
+            claim_checkpoints(out, fingerprint, resume)
+        except KoalaError as e:
+            err = str(e)
+    if world()[1] > 1:  # every rank learns rank 0's verdict (and waits for foreign checkpoints to be set aside)
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise KoalaError(err)
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is None:
+        return 0, DataOrder(n, seed)
+    start, pos = load_checkpoint(ckpt, objective.model, opt, sched, objective.stateful())
+    return start, DataOrder(n, seed, pos["epoch"], pos["pos"])
+
+
+def _backward(objective: Objective, data: SequenceData, micro: list[list[int]], step: int, autocast, out: Path,
+              device) -> tuple[float, int, dict]:
+    """Losses and gradients of one global batch (micro-batches, this rank's share); returns (loss sum, positions,
+    the objective's extra metrics), summed over DDP ranks. Gradients are all-reduced once, on the last micro-batch."""
+    rank, world_size = world()
+    n_global = sum(len_positions(data, m) for m in micro)
+    total, tokens, extra = 0.0, 0, {}
+    for i, m in enumerate(micro):
+        b = data.batch(m[rank::world_size], device)
+        with autocast:
+            value, extra = objective.loss(b, step)
+        if not torch.isfinite(value):
+            last = latest_checkpoint(out)
+            raise KoalaError(f"training loss became {value.item()} at step {step + 1}: lower training.lr or check the "
+                             f"data; the last good checkpoint is kept ({last or 'none yet'})")
+        last_micro = i == len(micro) - 1 or not hasattr(objective.module, "no_sync")
+        with nullcontext() if last_micro else objective.module.no_sync():  # DDP all-reduces on the last one only
+            # each micro-batch's mean, weighted by its share of the global batch's positions (DDP averages ranks)
+            (value * (b.n * world_size / max(n_global, 1))).backward()
+        total, tokens = total + value.item() * b.n, tokens + b.n
+    if world_size > 1:  # log the global batch's loss, not this rank's share
+        t = torch.tensor([total, tokens], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, tokens = float(t[0]), int(t[1])
+    return total, tokens, extra
