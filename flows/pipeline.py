@@ -40,12 +40,9 @@ def koala_pipeline(
         steps: distillation steps (default: the profile's).
         overrides: more `section.field=value` settings.
     """
-    extra = list(overrides or [])
-    extra += [f"prompts.source={prompt_source}"] if prompt_source else []
-    extra += [f"prompts.limit={n_prompts}"] if n_prompts else []
-    extra += [f"training.loss={loss}"] if loss else []
-    extra += [f"training.steps={steps}"] if steps else []
-    cfg = resolve_config(profile, config_path, extra)
+    extra = [f"{k}={v}" for k, v in (("prompts.source", prompt_source), ("prompts.limit", n_prompts),
+                                      ("training.loss", loss), ("training.steps", steps)) if v]
+    cfg = resolve_config(profile, config_path, [*(overrides or []), *extra])
     uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
     check_reachable(uri)  # before any expensive stage
     run_dir = Path(cfg.run_dir)
@@ -84,19 +81,21 @@ def koala_pipeline(
         parent.set_tags({"promoted": decision["promoted"], "promotion_reason": decision["reason"]})
         parent.log_metrics({"tau": report["tau"], "speedup": report["speedup"]})
 
-    summary = {
-        "data": data_dir, "drafter": trained["drafter"], "tau": report["tau"], "speedup": report["speedup"],
-        "lossless": f"{report['lossless']['identical']}/{report['lossless']['total']}",
-        "engine": f"{report.get('mode', 'eager')}, gamma {report['gamma']}"
-                  f"{' (auto)' if report.get('gamma_choice', {}).get('auto') else ''}, "
-                  f"compile {report.get('compile_s', 0):.0f} s (not timed), {report['device']}",
-        "stages": stages, "more": extra,
-        "tokens_per_s": report["tokens_per_s"], "model": registered["name"], "version": registered["version"],
-        "promoted": decision["promoted"], "reason": decision["reason"], "mlflow_uri": uri,
-        "mlflow_run_id": pid, "experiment": cfg.tracking.experiment,
-    }
+    summary = {"data": data_dir, "drafter": trained["drafter"], **_headline(report), "stages": stages, "more": extra,
+               "model": registered["name"], "version": registered["version"], "promoted": decision["promoted"],
+               "reason": decision["reason"], "mlflow_uri": uri, "mlflow_run_id": pid,
+               "experiment": cfg.tracking.experiment}
     log.info("pipeline summary: %s", summary)
     return summary
+
+
+def _headline(report: dict) -> dict:
+    """What the summary shows of the candidate's evaluation."""
+    auto = " (auto)" if report.get("gamma_choice", {}).get("auto") else ""
+    return {"tau": report["tau"], "speedup": report["speedup"], "tokens_per_s": report["tokens_per_s"],
+            "lossless": f"{report['lossless']['identical']}/{report['lossless']['total']}",
+            "engine": f"{report.get('mode', 'eager')}, gamma {report['gamma']}{auto}, "
+                      f"compile {report.get('compile_s', 0):.0f} s (not timed), {report['device']}"}
 
 
 def _train(cfg, data_dir: str, forced_dir: str | None, out: Path, init: str | None, pid: str) -> tuple[dict, list]:

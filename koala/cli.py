@@ -83,10 +83,14 @@ def writable_dir(directory, option: str = "--out") -> None:
 
 
 def tracking_available() -> bool:
-    """Whether MLflow is installed (a torch-only GPU host has no orchestration extras): found without importing it."""
-    import importlib.util
+    """Whether MLflow can be imported (a torch-only GPU host has no orchestration extras)."""
+    import importlib
 
-    return importlib.util.find_spec("mlflow") is not None
+    try:
+        importlib.import_module("mlflow")  # koala.tracking, the one module that uses it, is imported next
+    except ImportError:
+        return False
+    return True
 
 
 def validated(model, origin: str, **values):
@@ -386,7 +390,7 @@ def distill(config: Optional[str] = typer.Option(None, help="YAML config (defaul
 @app.command()
 def heads(kind: str = typer.Option(..., help="medusa or eagle"),
           layers: Optional[int] = typer.Option(None, help="K: residual blocks per Medusa head, or EAGLE decoder layers "
-                                                "(default: drafter.layers)"),
+                                                "(default: drafter.layers when drafter.kind is a head kind, else 1)"),
           adversarial: bool = typer.Option(False, "--adversarial/--no-adversarial", help="add KOALA's adversarial loss"),
           data: Optional[str] = typer.Option(None, help="distillation set (default: sampling.out_dir)"),
           out: str = typer.Option(..., help="output directory; the heads land in OUT/heads"),
@@ -420,7 +424,7 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
                            adversarial=adversarial, steps=steps, on_log=lambda s, m: history.append((s, m)),
                            init_from=init, heldout_dir=heldout_data, resume=resume)
         if history:
-            training_curves(history, Path(out) / "heads_curves.png", f"{kind} K={layers or cfg.drafter.layers}")
+            training_curves(history, Path(out) / "heads_curves.png", f"{kind} K={json.loads((path / 'heads.json').read_text())['layers']}")
     except KoalaError as e:
         fail(e)
     _print_result(f"heads: {path}  (evaluate: koala eval --drafter heads:{path})", history)

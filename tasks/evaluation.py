@@ -148,7 +148,7 @@ def _decide_and_promote(cfg, registry: Registry, lock_path: Path, name: str, ver
         if champ is not None and str(champ.version) != str(version):
             path = champ.tags.get("drafter_dir")
             if not path or not Path(path).exists():
-                path = str(drafter_path(f"models:/{name}@champion"))
+                path = str(drafter_path(f"models:/{name}@champion", registry.uri))
             if (Path(path) / "heads.json").exists():
                 path = f"heads:{path}"
             champ_report = evaluate_drafter.fn(cfg, path, str(Path(out_dir) / f"champion-v{champ.version}"),

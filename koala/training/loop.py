@@ -85,7 +85,7 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
         check()  # SIGINT/SIGTERM: stop between optimizer steps (the last checkpoint is kept)
         t0 = time.perf_counter()
         micro = [order.take(cfg.batch_size) for _ in range(cfg.grad_accum)]  # the global batch of this step
-        total, tokens, extra = _backward(objective, data, micro, step, autocast, out, device)
+        total, tokens, extra = _backward(objective, data, micro, step, autocast, out, device, desc)
         grad_norm = _optimizer_step(opt, sched, params, cfg.grad_clip)
         fault("train.step")
         metrics = {"loss": total / max(tokens, 1), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
@@ -100,6 +100,8 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
             on_log(step + 1, metrics)
     if start >= steps:  # resumed a finished training: its held-out metrics again, not nothing
         metrics = heldout_metrics(objective, heldout, device)
+    if world_size > 1:  # no rank goes on to save the result before rank 0 has written the last checkpoint
+        dist.barrier()
     return metrics
 
 
@@ -144,7 +146,7 @@ def _starting_point(out: Path, resume: bool | str, fingerprint: str | None, obje
 
 
 def _backward(objective: Objective, data: SequenceData, micro: list[list[int]], step: int, autocast, out: Path,
-              device) -> tuple[float, int, dict]:
+              device, desc: str) -> tuple[float, int, dict]:
     """Losses and gradients of one global batch (micro-batches, this rank's share); returns (loss sum, positions,
     the objective's extra metrics), summed over DDP ranks. Gradients are all-reduced once, on the last micro-batch."""
     rank, world_size = world()
@@ -152,14 +154,15 @@ def _backward(objective: Objective, data: SequenceData, micro: list[list[int]], 
     total, tokens, extra = 0.0, 0, {}
     for i, m in enumerate(micro):
         b = data.batch(m[rank::world_size], device)
-        with autocast:
-            value, extra = objective.loss(b, step)
-        if not torch.isfinite(value):
-            last = latest_checkpoint(out)
-            raise KoalaError(f"training loss became {value.item()} at step {step + 1}: lower training.lr or check the "
-                             f"data; the last good checkpoint is kept ({last or 'none yet'})")
         last_micro = i == len(micro) - 1 or not hasattr(objective.module, "no_sync")
-        with nullcontext() if last_micro else objective.module.no_sync():  # DDP all-reduces on the last one only
+        # DDP decides at the forward whether the backward all-reduces: both run under no_sync but the last one's
+        with nullcontext() if last_micro else objective.module.no_sync():
+            with autocast:
+                value, extra = objective.loss(b, step)
+            if not torch.isfinite(value):
+                last = latest_checkpoint(out)
+                raise KoalaError(f"{desc} loss became {value.item()} at step {step + 1}: lower training.lr or check "
+                                 f"the data; the last good checkpoint is kept ({last or 'none yet'})")
             # each micro-batch's mean, weighted by its share of the global batch's positions (DDP averages ranks)
             (value * (b.n * world_size / max(n_global, 1))).backward()
         total, tokens = total + value.item() * b.n, tokens + b.n

@@ -65,8 +65,9 @@ def teacher_at(batch: Batch, target_model, vocab: int, vocab_ids: torch.Tensor |
 class _Supervised:
     """What the objectives share: the loss is the supervised term alone, nothing stateful beyond the model."""
 
-    def supervised(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(loss, the target's log-probs, the drafter's log-probs at the same positions) of one batch."""
+    def supervised(self, b: Batch, logp: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(loss, the target's log-probs, the drafter's log-probs at the same positions) of one batch; the log-probs
+        (N x V float32 each) only with `logp`, for the adversarial term."""
         raise NotImplementedError
 
     def loss(self, b: Batch, step: int) -> tuple[torch.Tensor, dict]:
@@ -83,7 +84,7 @@ class NextToken(_Supervised):
         self.model = lm
         self.module = StudentAtPositions(lm)  # replaced by its DDP wrapper under torchrun
 
-    def supervised(self, b: Batch):
+    def supervised(self, b: Batch, logp: bool = False):
         return cross_entropy(self.module(b.input_ids, b.attention_mask, b.positions), b.targets), None, None
 
     @torch.no_grad()
@@ -105,12 +106,13 @@ class Distill(_Supervised):
         self.module = StudentAtPositions(lm, ids)  # replaced by its DDP wrapper under torchrun
         self.loss_name, self.target, self.vocab, self.vocab_ids = loss_name, target_model, lm.config.vocab_size, ids
 
-    def supervised(self, b: Batch):
+    def supervised(self, b: Batch, logp: bool = False):
         logits = self.module(b.input_ids, b.attention_mask, b.positions)
         teacher, keep = teacher_at(b, self.target, self.vocab, self.vocab_ids)
         if keep is not None:
             logits = logits[keep]
-        return LOSSES[self.loss_name](logits, teacher), teacher.logp, torch.log_softmax(logits.float(), -1)
+        value = LOSSES[self.loss_name](logits, teacher)
+        return (value, teacher.logp, torch.log_softmax(logits.float(), -1)) if logp else (value, None, None)
 
     @torch.no_grad()
     def metrics(self, b: Batch) -> dict:
@@ -142,7 +144,7 @@ class Adversarial:
         self.inner.module = m
 
     def loss(self, b: Batch, step: int) -> tuple[torch.Tensor, dict]:
-        value, teacher_logp, drafter_logp = self.inner.supervised(b)
+        value, teacher_logp, drafter_logp = self.inner.supervised(b, logp=True)
         real, fake = self.adversary.profiles(teacher_logp, drafter_logp)
         adv, extra = self.adversary.step(real, fake, step)
         return value + adv, extra
@@ -173,7 +175,10 @@ def adversarial_if(objective: _Supervised, cfg: TrainingConfig, device):
         return objective
     from koala.training.adversarial import Adversary
 
-    return Adversarial(objective, Adversary(cfg, device))
+    with torch.random.fork_rng(devices=[]):  # the discriminator's init depends on the seed alone, not on what ran
+        torch.manual_seed(cfg.seed)
+        adversary = Adversary(cfg, device)
+    return Adversarial(objective, adversary)
 
 
 @torch.no_grad()
@@ -309,13 +314,15 @@ class HeadsObjective(_Supervised):
             out.append((pred[valid], f[:, 1:][valid], 0.1 / self.unroll))
         return out
 
-    def supervised(self, b: Batch):
+    def supervised(self, b: Batch, logp: bool = False):
         """The heads' loss; the log-probs are the first draft position's (Medusa's head 1, EAGLE's draft 1)."""
         preds = self._predictions(b, self.features(b), train=True)
         logits = [(self._logits(s), self._logits(t), w) for s, t, w in preds]
         value = sum(w * -(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean() for s, t, w in logits)
         if self.kind == "eagle":  # EAGLE also regresses the feature itself
             value = value + sum(F.smooth_l1_loss(s.float(), t.float()) for s, t, _ in preds) / len(preds)
+        if not logp:
+            return value, None, None
         s, t, _ = logits[0]
         return value, torch.log_softmax(t, -1), torch.log_softmax(s, -1)
 

@@ -40,7 +40,7 @@ def pretrain(cfg: KoalaConfig, target: Target, out_dir: str | Path, steps: int |
     data = training_data(cfg, target)
     model = build_drafter(target, cfg.drafter, seed=cfg.training.seed)
     fp = training_fingerprint("pretrain", target.info.content_hash, steps, cfg.training.model_dump(),
-                              cfg.drafter.model_dump())
+                              _drafter_fields(cfg))
     metrics = train(NextToken(model), data.train, cfg.training, out_dir, steps, heldout=data.heldout, resume=resume,
                     fingerprint=fp, on_log=on_log, progress=progress, desc="pretrain")
     info = _info(cfg, target, "pretrain", metrics, corpus=cfg.training.pretrain_corpus, drafter=cfg.drafter.model_dump())
@@ -65,7 +65,7 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
     if vocab_ids is None:
         vocab_ids = draft_vocab_for(cfg, data.train.rows, target.info.vocab_size)
     fp = training_fingerprint("distill", target.info.content_hash, loss, steps, cfg.training.model_dump(),
-                              cfg.drafter.model_dump(), data.manifest.get("done"), weights_digest(init_from),
+                              _drafter_fields(cfg), data.manifest.get("done"), weights_digest(init_from),
                               online_teacher)
     objective = adversarial_if(Distill(model, loss, target.model, vocab_ids), cfg.training, target.model.device)
     metrics = train(objective, data.train, cfg.training, out_dir, steps, heldout=data.heldout, resume=resume,
@@ -101,7 +101,7 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
                                tcfg, target.model.device)
     steps = steps or tcfg.steps
     held_manifest = (shards.read_manifest(Path(heldout_dir)) or {}).get("done") if heldout_dir else None
-    fp = training_fingerprint(kind, target.info.content_hash, layers, steps, tcfg.model_dump(), cfg.drafter.model_dump(),
+    fp = training_fingerprint(kind, target.info.content_hash, layers, steps, tcfg.model_dump(), _drafter_fields(cfg),
                               data.manifest.get("done"), held_manifest, weights_digest(init_from))
     metrics = train(objective, data.train, tcfg, out_dir, steps, heldout=data.heldout, resume=resume, fingerprint=fp,
                     on_log=on_log, progress=progress, desc=f"heads-{kind}")
@@ -111,6 +111,14 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
                  vocab_size=target.model.config.vocab_size, init_from=init_from,
                  train_tokens=sum(max(len(r["input_ids"]) - r.get("prompt_len", 1), 0) for r in data.train.rows))
     return save_heads(heads.eval(), Path(out_dir) / "heads", info, vocab_ids)
+
+
+def _drafter_fields(cfg: KoalaConfig) -> dict:
+    """The drafter section as fingerprints have always read it (medusa_heads was n_heads): a checkpoint written
+    before the rename still resumes."""
+    d = cfg.drafter.model_dump()
+    d["n_heads"] = d.pop("medusa_heads")
+    return d
 
 
 def _heads_objective(tcfg, target: Target, kind: str, heads, data, data_dir, heldout_dir, vocab_ids) -> HeadsObjective:
@@ -156,6 +164,6 @@ def _start_heads(cfg: KoalaConfig, target: Target, kind: str, layers: int | None
     if init_from is not None:
         heads, prior = load_heads(init_from, target.model)
         return heads.train(), prior["kind"], prior["layers"], load_draft_vocab(init_from)
-    layers = layers or cfg.drafter.layers
+    layers = layers or (cfg.drafter.layers if cfg.drafter.kind in HEAD_KINDS else 1)  # drafter.layers: a head's K
     return (build_heads(kind, target.model, layers, cfg.drafter.medusa_heads), kind, layers,
             draft_vocab_for(cfg, train_rows, target.info.vocab_size))

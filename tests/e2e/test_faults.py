@@ -4,6 +4,8 @@ killed, interrupted and starved of disk, then run again."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -59,3 +61,19 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_resumable(campaign):
     c, data, _ = campaign
     r = disk_full_checkpoint(c, data)
     assert r["ok"], r
+
+
+@pytest.mark.slow
+def test_distill_runs_on_a_host_without_mlflow_or_prefect(campaign):
+    """A torch-only GPU worker: `python -m koala.cli distill`, MLflow and Prefect absent, trains with tracking off
+    and says so once."""
+    c, data, _ = campaign
+    out = c.out / "torch-only"
+    absent = "import sys; sys.modules.update(mlflow=None, prefect=None, datasets=None); "
+    code = absent + "from koala.cli import main; main()"
+    argv = ["distill", "--config", str(c.config), "--data", str(data), "--out", str(out), "--steps", "2"]
+    r = subprocess.run([sys.executable, "-c", code, *argv], cwd=c.out, env=c.env(None), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("MLflow is not installed: tracking off") == 1, r.stderr[-3000:]
+    assert (out / "drafter" / "model.safetensors").exists()
