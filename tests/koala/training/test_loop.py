@@ -242,8 +242,9 @@ init_distributed()
 torch.set_num_threads(1)
 model = tiny_llama(layers=1, vocab=64, seed=5)
 log = []
-cfg = TrainingConfig(steps=5, lr=3e-3, warmup_steps=1, batch_size=8, max_seq_len=32, checkpoint_every=100,
-                     eval_every=100)
+# two micro-batches per step: under DDP the first runs under no_sync, the gradients are all-reduced once
+cfg = TrainingConfig(steps=5, lr=3e-3, warmup_steps=1, batch_size=4, grad_accum=2, max_seq_len=32,
+                     checkpoint_every=100, eval_every=100)
 fit(model, SequenceData(synthetic_rows(topk=4), 32, 0), cfg, sys.argv[2], loss="fkl",
       on_log=lambda s, m: log.append(m["loss"]), progress=False)
 if log:
