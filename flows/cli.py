@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from koala.cli import app, at_least_one, check_prompt_source, check_run_options, fail, one_of, writable_dir
-from koala.config import DEFAULT_PROFILE
+from koala.config import DEFAULT_PROFILE, LOSS_NAMES
 from koala.errors import KoalaError
 
 
@@ -69,7 +69,7 @@ def run(profile: str = typer.Option(DEFAULT_PROFILE, help="smoke (a CPU in minut
         config: Optional[str] = typer.Option(None, help="YAML config instead of a profile"),
         prompt_source: Optional[str] = typer.Option(None, help="sharegpt, mtbench, a file or a prompt-log directory"),
         n_prompts: Optional[int] = typer.Option(None, help="use at most this many prompts"),
-        loss: Optional[str] = typer.Option(None, help="fkl, rkl, tvd, tvdpp or jsd"),
+        loss: Optional[str] = typer.Option(None, help=", ".join(LOSS_NAMES)),
         steps: Optional[int] = typer.Option(None, help="distillation steps"),
         set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
     """Run the whole pipeline locally (Prefect's local server, MLflow's local store) and print a summary."""

@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from koala.config import DEFAULT_PROFILE, EvalConfig, PromptsConfig, TargetConfig, default_of
+from koala.config import DEFAULT_PROFILE, LOSS_NAMES, EvalConfig, PromptsConfig, TargetConfig, default_of
 from koala.errors import KoalaError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train drafters for a chat LLM and measure the "
@@ -370,7 +370,7 @@ def pretrain(config: Optional[str] = typer.Option(None, help="YAML config (defau
 def distill(config: Optional[str] = typer.Option(None, help="YAML config (default: the profile)"),
             profile: str = typer.Option(DEFAULT_PROFILE, help="profile in koala/profiles/ when --config is not given"),
             data: Optional[str] = typer.Option(None, help="distillation set (default: sampling.out_dir)"),
-            loss: Optional[str] = typer.Option(None, help="fkl, rkl, tvd, tvdpp or jsd (default: training.loss)"),
+            loss: Optional[str] = typer.Option(None, help=f"{', '.join(LOSS_NAMES)} (default: training.loss)"),
             steps: Optional[int] = typer.Option(None, help="optimizer steps (default: training.steps)"),
             out: Optional[str] = typer.Option(None, help="output directory (default: training.out_dir/distill)"),
             resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),

@@ -16,7 +16,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from koala.errors import KoalaError
 
-LOSS_NAMES = ("fkl", "rkl", "tvd", "tvdpp", "jsd")  # koala.training.losses.LOSSES implements each
+LOSS_NAMES = ("fkl", "rkl", "tvd", "tvdpp", "tvdpp_exact", "jsd")  # koala.training.losses.LOSSES implements each
 HEAD_KINDS = ("medusa", "eagle")  # draft heads on the target's features (koala.models.heads)
 # What the pipeline can train: an independent draft model or draft heads. The untrained baselines (truncate:N,
 # ngram) are drafter specs for `koala eval --drafter`, not trainable kinds.
@@ -98,6 +98,10 @@ class DrafterConfig(_Strict):
 class TrainingConfig(_Strict):
     out_dir: str = Field("runs/drafter", description="checkpoints and the final drafter")
     loss: LossName = Field("tvdpp", description="distillation loss")
+    tvdpp_samples: int = Field(4, ge=1, description="TVD++: tokens drawn from the drafter per position")
+    tvdpp_tokens: Literal["drafter", "data"] = Field("drafter", description="TVD++: score tokens drawn from the "
+                                                     "drafter (the paper's estimator) or the dataset's own tokens, "
+                                                     "importance-weighted")
     steps: int = Field(200, ge=1, description="optimizer steps of distillation (on teacher-forced data when "
                        "teacher_forced.limit > 0, else on the sampled data)")
     finetune_steps: int = Field(0, ge=0, description="then this many steps on the target's sampled answers "

@@ -29,6 +29,7 @@ def model_name(cfg: KoalaConfig) -> str:
 
 def _metrics(report: dict) -> dict:
     m = {"tau": report["tau"], "speedup": report["speedup"], "memory_bound_speedup": report["memory_bound_speedup"],
+         "latency_model_speedup": report["latency_model_speedup"],
          "lossless_identical": report["lossless"]["identical"], "lossless_total": report["lossless"]["total"],
          "tokens_per_s": {k: v for k, v in report["tokens_per_s"].items() if v is not None}}
     for cat, c in report["per_category"].items():

@@ -195,3 +195,37 @@ def drafter_step_ms(session, drafter, gamma: int = 3, reps: int = 5) -> float:
                 ts.append((time.perf_counter() - t) * 1e3 / max(int(toks.shape[0]), 1))
     inner.reset(128)
     return sorted(ts)[len(ts) // 2]
+
+
+def memory_bound_speedup(tau: float, mean_draft_length: float, c: float) -> float:
+    """Direct Alignment's memory-bound speed-up (Goel et al. 2024), MBSU = tau / (gamma c + 1): tokens per target
+    forward over the cost of a round in target steps, where each of the gamma drafts costs c target steps. gamma is
+    the mean draft length actually used (drafting may stop early), c the drafter/target parameter ratio
+    (`drafter_parameter_ratio`): in the memory-bound regime a step costs the bytes of the weights it reads."""
+    return tau / (mean_draft_length * c + 1)
+
+
+def step_parameters(model, head_rows: int | None = None) -> int:
+    """The parameters one decode step of an engine model reads: its layers, final norm and LM head (`head_rows` rows
+    of it for a draft vocabulary); an embedding lookup reads one row, counted as nothing."""
+    layers = sum(p.numel() for layer in model.layers for p in layer.parameters())
+    rows = model.args.vocab_size if head_rows is None else head_rows
+    return layers + model.norm.weight.numel() + rows * model.args.dim
+
+
+def drafter_parameter_ratio(drafter, target) -> float:
+    """c of MBSU: the parameters read to draft one token over those read by one target step (prompt lookup: 0;
+    `lookup+X`: X's, the lookup drafts being free)."""
+    inner = getattr(drafter, "drafter", None)
+    if inner is not None:
+        return drafter_parameter_ratio(inner, target)
+    dv = getattr(drafter, "draft_vocab", None)
+    rows = None if dv is None else len(dv.ids)
+    if hasattr(drafter, "heads"):  # Medusa: one head's residual blocks, then the (draft-vocabulary) LM head
+        per_head = sum(p.numel() for p in drafter.heads.heads[0].parameters())
+        return (per_head + (rows or target.args.vocab_size) * target.args.dim) / step_parameters(target)
+    model = getattr(drafter, "model", None) or getattr(drafter, "engine", None)
+    if model is None:
+        return 0.0
+    extra = sum(p.numel() for p in drafter.head.fc.parameters()) if hasattr(drafter, "head") else 0  # EAGLE's fuse
+    return (step_parameters(model, rows) + extra) / step_parameters(target)

@@ -1,10 +1,14 @@
 """KOALA's adversarial term (Zhang, Zhao, Chen 2024): a discriminator tells the target's outputs from the drafter's.
 
-The discriminator is an MLP over *top-k log-probability profiles*: at each position, the log-probabilities that a
-distribution gives to the target's k most likely tokens, in the target's order. The target's own profile is "real",
+The discriminator is an MLP over *top-k log-probability profiles*: at each position, the log-probabilities that each
+distribution gives to the same k tokens, the k most likely under the mixture (p + q) / 2, in token-id order. Read
+at the target's own top-k in the target's order, the real profile would be sorted by construction and the
+discriminator could win by spotting any inversion (a label leak); chosen from the mixture and ordered by token id,
+two identical distributions give identical profiles. The target's own profile is "real",
 the drafter's (independent drafter, Medusa head or EAGLE head alike) is "fake", so one module serves every drafter
 kind and works from stored top-k teachers without the target in memory. Updates alternate: a discriminator step on
-detached profiles, then the drafter adds lambda times the non-saturating generator loss -log D(fake).
+detached profiles, then the drafter adds lambda times the non-saturating generator loss -log D(fake). Under DDP the
+discriminator's gradients are averaged over ranks, so every rank keeps one and the same discriminator.
 """
 
 from __future__ import annotations
@@ -38,8 +42,11 @@ class Adversary:
         self.extreme_steps = int(state["extreme_steps"])
 
     def profiles(self, target_logp: torch.Tensor, drafter_logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, V) log-probs of both -> (N, k) profiles at the target's top-k tokens (real, fake)."""
-        idx = target_logp.topk(self.k, dim=-1).indices
+        """(N, V) log-probs of both -> (N, k) profiles (real, fake) at the k most likely tokens of the mixture, in
+        token-id order: both read at the same tokens, in an order that does not tell which is real."""
+        with torch.no_grad():
+            mixture = torch.logaddexp(target_logp, drafter_logp.detach())
+            idx = mixture.topk(min(self.k, mixture.shape[-1]), dim=-1).indices.sort(-1).values
         return target_logp.gather(-1, idx).clamp_min(-30), drafter_logp.gather(-1, idx).clamp_min(-30)
 
     def lam(self, step: int) -> float:
@@ -56,6 +63,7 @@ class Adversary:
             F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
         self.opt.zero_grad(set_to_none=True)
         d_loss.backward()
+        _average_over_ranks(self.disc)
         self.opt.step()
         with torch.no_grad():
             acc = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).item()
@@ -77,3 +85,16 @@ class Adversary:
                 f"the discriminator collapsed at step {step + 1} (accuracy {acc:.3f} for {self.extreme_steps} steps): "
                 "lower training.adv_lambda or the learning rate, or train without --adversarial"
             )
+
+
+def _average_over_ranks(module: torch.nn.Module) -> None:
+    """Under DDP, the gradients averaged over ranks: the discriminators of all ranks take the same step and stay one
+    (they start equal: seeded by training.seed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()

@@ -3,6 +3,10 @@
 Every loss takes the drafter's logits (N, V) at N response positions and the teacher as `Teacher`: full logits, or
 the stored top-k log-probabilities scattered into a dense distribution (renormalised over the k tokens; with
 k = V this is exactly the full distribution). Losses are means over positions.
+
+The acceptance metric with a top-k teacher is reported as a lower bound (`acceptance_lower_bound`): sum over the
+stored tokens of min(p, q) with the stored, unrenormalised probabilities. The renormalised teacher can read 1.0
+where the true acceptance is only the top-k mass; that value is kept under a name that says so.
 """
 
 from __future__ import annotations
@@ -17,9 +21,16 @@ LOG_EPS = -23.0  # log(1e-10): the log-probability given to tokens outside a top
 
 @dataclass
 class Teacher:
-    """The target's distribution at N positions: log p (N, V), with zeros of p allowed."""
+    """The target's distribution at N positions: log p (N, V), with zeros of p allowed.
+
+    From a stored top-k, `topk_ids` / `topk_logp` (N, k) keep the stored, unrenormalised log-probabilities (for the
+    acceptance lower bound); `tokens` (N,) are the dataset's own next tokens where known (TVD++ on data tokens).
+    """
 
     logp: torch.Tensor
+    topk_ids: torch.Tensor | None = None
+    topk_logp: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor) -> "Teacher":
@@ -30,7 +41,7 @@ class Teacher:
         """ids, logprobs: (N, k) -> dense log p over the vocabulary, renormalised over the k stored tokens."""
         lp = torch.log_softmax(logprobs.float(), -1)  # renormalise the k log-probs
         dense = torch.full((ids.shape[0], vocab), LOG_EPS, device=ids.device)
-        return cls(dense.scatter(-1, ids.long(), lp))
+        return cls(dense.scatter(-1, ids.long(), lp), ids.long(), logprobs.float())
 
     @classmethod
     def from_topk_over(cls, ids: torch.Tensor, logprobs: torch.Tensor, vocab_ids: torch.Tensor,
@@ -82,21 +93,15 @@ def jsd(student_logits: torch.Tensor, t: Teacher) -> torch.Tensor:
     return 0.5 * ((p * (t.logp - logm)).sum(-1) + (q * (logq - logm)).sum(-1)).mean()
 
 
-def tvdpp(student_logits: torch.Tensor, t: Teacher, normalize: bool = True) -> torch.Tensor:
-    """TVD++ (Goel et al. 2024): TVD's gradient as a policy gradient with a normalised per-token reward.
+def tvdpp_exact(student_logits: torch.Tensor, t: Teacher, normalize: bool = True) -> torch.Tensor:
+    """TVD's policy gradient with TVD++'s normalised reward, taken exactly over the vocabulary (no sampling).
 
-    Derivation. With q = q_theta, TVD(p, q) = 1/2 sum_x |q(x) - p(x)|, so
-        grad TVD = 1/2 sum_x sign(q(x) - p(x)) grad q(x) = -E_{x~q}[ r(x) grad log q(x) ] (+ a term that is zero)
-    where r(x) = 1[p(x) > q(x)] up to an affine map (sign(p - q) = 2 * 1[p > q] - 1, and the constant part
-    vanishes because E_{x~q}[grad log q(x)] = grad sum_x q(x) = 0). Minimising TVD is therefore maximising the
-    expected reward r under the drafter's own distribution: the drafter is rewarded for putting mass where the
-    target has more than it. TVD++ normalises r as in policy-gradient practice: r_hat = (r - mu) / sigma with mu and
-    sigma the mean and standard deviation of r over the batch (every position, tokens weighted by q), and takes the
-    exact expectation over the vocabulary instead of sampling x:
-        loss = -mean_t sum_x stopgrad(q_t(x) * r_hat_t(x)) * log q_t(x)
-    whose gradient is -mean_t E_{x~q_t}[r_hat_t(x) grad log q_t(x)]. Without normalisation (r_hat = -1/2 sign(q - p))
-    the gradient equals grad mean_t TVD_t exactly; the loss value itself is a surrogate (only its gradient matters),
-    so `expected_acceptance` is what to watch.
+    With r(x) = 1[p(x) > q(x)], grad TVD = -E_{x~q}[r(x) grad log q(x)] (see `tvdpp`). Here the expectation is
+    summed exactly, with r normalised by its q-weighted batch mean and standard deviation:
+        loss = -mean_t sum_x stopgrad(q_t(x) * r_hat_t(x)) * log q_t(x).
+    Summed exactly, the baseline term vanishes (sum_x q grad log q = 0) and the gradient is TVD's divided by one
+    scalar per batch, which AdamW mostly cancels: in effect a second TVD arm, kept to compare with the sampled
+    estimator. Without normalisation (r_hat = -1/2 sign(q - p)) the gradient equals grad mean_t TVD_t exactly.
     """
     logq = torch.log_softmax(student_logits.float(), -1)
     q = logq.exp()
@@ -112,10 +117,60 @@ def tvdpp(student_logits: torch.Tensor, t: Teacher, normalize: bool = True) -> t
     return -((q * r).detach() * logq).sum(-1).mean()
 
 
+TVDPP_SAMPLES = 4  # tokens drawn from the drafter per position
+
+
+def tvdpp(student_logits: torch.Tensor, t: Teacher, samples: int = TVDPP_SAMPLES, source: str = "drafter"
+          ) -> torch.Tensor:
+    """TVD++ (Goel et al. 2024) as the paper's estimator: sampled tokens, a normalised reward, a policy gradient.
+
+    Derivation. With q = q_theta, TVD(p, q) = 1/2 sum_x |q(x) - p(x)|, so
+        grad TVD = 1/2 sum_x sign(q(x) - p(x)) grad q(x) = -E_{x~q}[ r(x) grad log q(x) ]
+    with r(x) = 1[p(x) > q(x)], up to an affine map of r whose constant part vanishes because
+    E_{x~q}[grad log q(x)] = grad sum_x q(x) = 0. Minimising TVD is maximising the expected reward r under the
+    drafter's own distribution. The estimator draws `samples` tokens x ~ q_t at every position t (without gradient),
+    scores them r = 1[p(x) > q(x)], normalises the rewards by the mean and standard deviation over the batch (the
+    variance reduction of policy-gradient practice: the mean is a baseline, whose expected contribution is zero), and
+    minimises
+        loss = -mean_{t, s} r_hat(x_ts) log q_t(x_ts),
+    whose expected gradient is grad TVD divided by the batch's reward standard deviation. Unlike `tvdpp_exact`, the
+    baseline acts here: it is what reduces the variance of the sampled estimate.
+
+    source="data" scores the dataset's own next tokens instead (the target's answers, x ~ p), importance-weighted
+    by q(x)/p(x) so the expectation is still over q. It is exact when the data were sampled from p itself
+    (temperature 1, no top-p); tokens sampled at another temperature make it an off-policy approximation.
+    """
+    logq = torch.log_softmax(student_logits.float(), -1)
+    with torch.no_grad():
+        q = logq.exp()
+        if source == "data" and t.tokens is not None:
+            x = t.tokens.long()[:, None]  # (N, 1)
+            weight = q.gather(-1, x) / t.p.gather(-1, x).clamp_min(1e-12)  # unbiased; high variance where q >> p
+        else:
+            x = torch.multinomial(q, samples, replacement=True)  # (N, S)
+            weight = torch.ones_like(x, dtype=q.dtype)
+        r = (t.p.gather(-1, x) > q.gather(-1, x)).float()
+        r_hat = (r - r.mean()) / r.std(unbiased=False).clamp_min(1e-6)
+    return -(weight * r_hat * logq.gather(-1, x)).mean()
+
+
 def expected_acceptance(student_logits: torch.Tensor, t: Teacher) -> torch.Tensor:
-    """Mean over positions of sum_x min(p(x), q(x)) = 1 - TV(p, q): the chance speculative sampling accepts a draft."""
+    """Mean over positions of sum_x min(p(x), q(x)) = 1 - TV(p, q): the chance speculative sampling accepts a draft.
+
+    With a top-k teacher this uses the renormalised top-k, which overstates by up to 1 - (top-k mass) per position:
+    report `acceptance_lower_bound` there."""
     q = torch.softmax(student_logits.float(), -1)
     return torch.minimum(t.p, q).sum(-1).mean()
+
+
+def acceptance_lower_bound(student_logits: torch.Tensor, t: Teacher) -> torch.Tensor:
+    """A lower bound of the expected acceptance from a stored top-k: mean over positions of the sum over the stored
+    tokens of min(p(x), q(x)), with the stored (unrenormalised) p. It never exceeds the truth (the tokens left out
+    only add mass) and equals it when k = V. A teacher with the full distribution gives the exact value."""
+    if t.topk_ids is None:
+        return expected_acceptance(student_logits, t)
+    q = torch.softmax(student_logits.float(), -1).gather(-1, t.topk_ids)
+    return torch.minimum(t.topk_logp.exp(), q).sum(-1).mean()
 
 
 def greedy_agreement(student_logits: torch.Tensor, t: Teacher) -> torch.Tensor:
@@ -123,7 +178,7 @@ def greedy_agreement(student_logits: torch.Tensor, t: Teacher) -> torch.Tensor:
     return (student_logits.argmax(-1) == t.logp.argmax(-1)).float().mean()
 
 
-LOSSES = {"fkl": forward_kl, "rkl": reverse_kl, "tvd": tvd, "tvdpp": tvdpp, "jsd": jsd}
+LOSSES = {"fkl": forward_kl, "rkl": reverse_kl, "tvd": tvd, "tvdpp": tvdpp, "tvdpp_exact": tvdpp_exact, "jsd": jsd}
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from koala.config import TrainingConfig
 from koala.errors import KoalaError
 from koala.training.data import Batch, SequenceData
-from koala.training.losses import LOSSES, Teacher, cross_entropy, expected_acceptance, greedy_agreement
+from koala.training.losses import (LOSSES, Teacher, acceptance_lower_bound, cross_entropy, expected_acceptance,
+                                   greedy_agreement)
 
 
 class StudentAtPositions(torch.nn.Module):
@@ -53,13 +54,18 @@ def teacher_at(batch: Batch, target_model, vocab: int, vocab_ids: torch.Tensor |
     """
     if batch.topk_ids is not None:
         if vocab_ids is None:
-            return Teacher.from_topk(batch.topk_ids, batch.topk_logprobs, vocab), None
-        return Teacher.from_topk_over(batch.topk_ids, batch.topk_logprobs, vocab_ids, vocab)
+            t = Teacher.from_topk(batch.topk_ids, batch.topk_logprobs, vocab)
+            t.tokens = batch.targets
+            return t, None
+        t, keep = Teacher.from_topk_over(batch.topk_ids, batch.topk_logprobs, vocab_ids, vocab)
+        return t, keep  # over the draft vocabulary: the data's tokens may lie outside it
     if target_model is None:
         raise KoalaError("the dataset has no stored top-k log-probs and no target was given: sample with "
                          "sampling.topk_logprobs > 0 or train with the target loaded")
     logits = target_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.positions]
-    return Teacher.from_logits(logits if vocab_ids is None else logits[:, vocab_ids]), None
+    t = Teacher.from_logits(logits if vocab_ids is None else logits[:, vocab_ids])
+    t.tokens = batch.targets if vocab_ids is None else None
+    return t, None
 
 
 class _Supervised:
@@ -100,18 +106,22 @@ class Distill(_Supervised):
     them.
     """
 
-    def __init__(self, lm, loss_name: str, target_model=None, vocab_ids: torch.Tensor | None = None):
+    def __init__(self, lm, loss_name: str, target_model=None, vocab_ids: torch.Tensor | None = None,
+                 cfg: TrainingConfig | None = None):
         ids = None if vocab_ids is None else vocab_ids.to(lm.device)
         self.model = lm
         self.module = StudentAtPositions(lm, ids)  # replaced by its DDP wrapper under torchrun
         self.loss_name, self.target, self.vocab, self.vocab_ids = loss_name, target_model, lm.config.vocab_size, ids
+        self.options = {}
+        if loss_name == "tvdpp" and cfg is not None:
+            self.options = {"samples": cfg.tvdpp_samples, "source": cfg.tvdpp_tokens}
 
     def supervised(self, b: Batch, logp: bool = False):
         logits = self.module(b.input_ids, b.attention_mask, b.positions)
         teacher, keep = teacher_at(b, self.target, self.vocab, self.vocab_ids)
         if keep is not None:
             logits = logits[keep]
-        value = LOSSES[self.loss_name](logits, teacher)
+        value = LOSSES[self.loss_name](logits, teacher, **self.options)
         return (value, teacher.logp, torch.log_softmax(logits.float(), -1)) if logp else (value, None, None)
 
     @torch.no_grad()
@@ -122,8 +132,11 @@ class Distill(_Supervised):
             full = logits.new_full((logits.shape[0], self.vocab), -1e4)
             logits = full.index_copy_(-1, self.vocab_ids, logits)
         t, _ = teacher_at(b, self.target, self.vocab)
-        return {"heldout_expected_acceptance": float(expected_acceptance(logits, t)),
-                "heldout_greedy_agreement": float(greedy_agreement(logits, t))}
+        m = {"heldout_expected_acceptance": float(acceptance_lower_bound(logits, t)),
+             "heldout_greedy_agreement": float(greedy_agreement(logits, t))}
+        if t.topk_ids is not None:  # a top-k teacher: the bound above, and the (overstating) renormalised value
+            m["heldout_expected_acceptance_renormalised_topk"] = float(expected_acceptance(logits, t))
+        return m
 
 
 class Adversarial:
@@ -315,7 +328,8 @@ class HeadsObjective(_Supervised):
         return out
 
     def supervised(self, b: Batch, logp: bool = False):
-        """The heads' loss; the log-probs are the first draft position's (Medusa's head 1, EAGLE's draft 1)."""
+        """The heads' loss; the log-probs are every draft position's (all Medusa heads, all unrolled EAGLE drafts),
+        stacked, so the adversarial term reaches every head."""
         preds = self._predictions(b, self.features(b), train=True)
         logits = [(self._logits(s), self._logits(t), w) for s, t, w in preds]
         value = sum(w * -(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean() for s, t, w in logits)
@@ -323,8 +337,8 @@ class HeadsObjective(_Supervised):
             value = value + sum(F.smooth_l1_loss(s.float(), t.float()) for s, t, _ in preds) / len(preds)
         if not logp:
             return value, None, None
-        s, t, _ = logits[0]
-        return value, torch.log_softmax(t, -1), torch.log_softmax(s, -1)
+        return (value, torch.cat([torch.log_softmax(t, -1) for _, t, _ in logits]),
+                torch.cat([torch.log_softmax(s, -1) for s, _, _ in logits]))
 
     @torch.no_grad()
     def metrics(self, b: Batch) -> dict:

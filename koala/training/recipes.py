@@ -67,7 +67,8 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
     fp = training_fingerprint("distill", target.info.content_hash, loss, steps, cfg.training.model_dump(),
                               _drafter_fields(cfg), data.manifest.get("done"), weights_digest(init_from),
                               online_teacher)
-    objective = adversarial_if(Distill(model, loss, target.model, vocab_ids), cfg.training, target.model.device)
+    objective = adversarial_if(Distill(model, loss, target.model, vocab_ids, cfg.training), cfg.training,
+                               target.model.device)
     metrics = train(objective, data.train, cfg.training, out_dir, steps, heldout=data.heldout, resume=resume,
                     fingerprint=fp, on_log=on_log, progress=progress, desc="distill")
     info = _info(cfg, target, "distill", metrics, data, data_dir, loss=loss, drafter=cfg.drafter.model_dump())

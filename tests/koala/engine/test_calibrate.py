@@ -62,3 +62,20 @@ def test_threads_are_set_knowingly(monkeypatch):
             configure_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_memory_bound_speedup_by_hand():
+    from koala.engine.calibrate import drafter_parameter_ratio, memory_bound_speedup, step_parameters
+    from koala.engine.drafters import ModelDrafter, PromptLookupDrafter
+    from koala.engine.model import Transformer
+    from tests.conftest import tiny_llama
+
+    assert memory_bound_speedup(2.5, 2.0, 0.1) == 2.5 / 1.2  # tau 2.5, 2 drafts a round at 0.1 of a step each
+    assert memory_bound_speedup(1.0, 0.0, 0.3) == 1.0  # no drafts: the target alone
+    target = Transformer(tiny_llama(layers=4, vocab=64))
+    layer = sum(p.numel() for p in target.layers[0].parameters())
+    head = 64 * target.args.dim + target.norm.weight.numel()
+    assert step_parameters(target) == 4 * layer + head
+    c = drafter_parameter_ratio(ModelDrafter(target.truncated(1)), target)
+    assert c == (layer + head) / (4 * layer + head)
+    assert drafter_parameter_ratio(PromptLookupDrafter(vocab_size=64), target) == 0.0

@@ -68,6 +68,33 @@ def test_discriminator_step_learns_to_separate():
     assert accs[-1] > 0.9 and isinstance(adv.disc, Discriminator)
 
 
+def test_discriminator_cannot_separate_identical_distributions():
+    """Both profiles are read at the same tokens in token-id order: a drafter equal to the target gives the
+    discriminator nothing to tell them apart by (the target's sorted top-k would have leaked the label)."""
+    torch.manual_seed(0)
+    adv = Adversary(TrainingConfig(adv_warmup_steps=0, lr=3e-3), "cpu")
+    logp = torch.log_softmax(torch.randn(256, 64) * 3, -1)
+    real, fake = adv.profiles(logp, logp.clone())
+    assert torch.equal(real, fake)
+    accs = [adv.step(real, fake.clone().requires_grad_(True), s)[1]["disc_accuracy"] for s in range(20)]
+    assert all(abs(a - 0.5) < 1e-6 for a in accs), accs
+    sorted_real = logp.topk(16, dim=-1).values  # the old profile: descending by construction
+    assert not torch.equal(real, sorted_real)
+
+
+def test_the_adversarial_term_reaches_every_medusa_head(target):
+    torch.manual_seed(0)
+    data = SequenceData(synthetic_rows(n=4), 32, 0)
+    heads = build_heads("medusa", target, layers=1, n_heads=3)
+    for p in heads.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    obj = HeadsObjective("medusa", heads, target, FeatureSource(target, data, cache=True))
+    b = data.batch([0, 1, 2, 3], "cpu")
+    _, t, s = obj.supervised(b, logp=True)
+    per_head = [int(x[0].shape[0]) for x in obj._predictions(b, obj.features(b))]
+    assert t.shape[0] == s.shape[0] == sum(per_head) and len(per_head) == 3
+
+
 def test_collapse_guard_stops_with_a_clear_message():
     adv = Adversary(TrainingConfig(adv_warmup_steps=0, lr=1e-2), "cpu")
     real, fake = torch.zeros(32, 16), torch.full((32, 16), -20.0)

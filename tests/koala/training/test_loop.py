@@ -60,7 +60,7 @@ def cfg(**kw):
     return TrainingConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize("loss", ["fkl", "tvd", "tvdpp"])
+@pytest.mark.parametrize("loss", ["fkl", "tvd", "tvdpp", "tvdpp_exact"])
 def test_distillation_learns_the_teacher(tmp_path, loss):
     model = tiny_llama(layers=1, vocab=V, init_std=0.02)
     data = SequenceData(synthetic_rows(topk=4), 32, 0)
@@ -68,8 +68,9 @@ def test_distillation_learns_the_teacher(tmp_path, loss):
     m0 = fit(model, data, cfg(steps=1, eval_every=1), tmp_path / "a", loss=loss, heldout=held, progress=False)
     m = fit(model, data, cfg(steps=200, eval_every=200, lr=2e-2), tmp_path / "b", loss=loss, heldout=held,
               progress=False)
-    # TVD (and TVD++, whose normalisation rescales the same gradient) learns slowly where the drafter puts little mass
-    gain = {"fkl": 0.2, "tvdpp": 0.08, "tvd": 0.05}[loss]
+    # TVD (and exact TVD++, whose normalisation rescales the same gradient) learns slowly where the drafter puts
+    # little mass; sampled TVD++ more slowly still: its draws from q score no reward where p is small
+    gain = {"fkl": 0.2, "tvdpp_exact": 0.08, "tvd": 0.05, "tvdpp": 0.03}[loss]
     assert m["heldout_expected_acceptance"] > m0["heldout_expected_acceptance"] + gain
 
 

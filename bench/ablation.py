@@ -1,0 +1,155 @@
+"""The ablation that can tell the methods apart: losses and heads, several seeds each; prints mean +- std as JSON.
+
+    python bench/ablation.py [--grid losses|heads|all] [--seeds 0,1,2] [--steps 150] [--profile default]
+        [--data runs/default/teacher] [--bench mtbench:80,humaneval:40] [--out runs/ablation] [--only TEXT]
+        [--markdown]
+
+Each run trains one configuration with one seed through koala's own recipes (`distill` for the independent drafter,
+`train_heads` for Medusa and EAGLE heads) on one dataset (by default the default profile's teacher-forced set), then
+measures it: the held-out expected acceptance (the lower bound of a top-k teacher, exact from features), greedy
+agreement, and tau and speed-up on each benchmark (greedy, gamma fixed for every configuration, compiled engine, the
+output checked identical to the target's). Runs append to OUT/runs.jsonl as they finish, and a finished
+(configuration, seed) is never run again: stop it any time and run the same command to go on. A run killed midway
+resumes from its checkpoints. The summary groups the runs by configuration: mean +- std over seeds.
+
+Grids:
+  losses: the independent drafter distilled with each loss (fkl, rkl, tvd, tvdpp, tvdpp_exact, jsd)
+  heads:  Medusa and EAGLE heads with K = 1, 2, 3, adversarial off / on, plus the independent drafter (fkl) with
+          and without the adversarial term
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GAMMA = 3  # one draft length for every configuration: tau and speed-up compare drafters, not gamma choices
+
+
+def grid(name: str) -> dict[str, list[str]]:
+    """Configuration name -> overrides (section.field=value) of the profile."""
+    from koala.config import LOSS_NAMES
+
+    out: dict[str, list[str]] = {}
+    if name in ("losses", "all"):
+        for loss in LOSS_NAMES:
+            out[f"independent loss={loss}"] = ["drafter.kind=draft_model", f"training.loss={loss}"]
+    if name in ("heads", "all"):
+        for kind in ("medusa", "eagle"):
+            for k in (1, 2, 3):
+                for adv in (False, True):
+                    out[f"{kind} K={k}{' adversarial' if adv else ''}"] = [
+                        f"drafter.kind={kind}", f"drafter.layers={k}", f"training.adversarial={str(adv).lower()}"]
+        for adv in (False, True):
+            out[f"independent fkl{' adversarial' if adv else ''}"] = [
+                "drafter.kind=draft_model", "training.loss=fkl", f"training.adversarial={str(adv).lower()}"]
+    return out
+
+
+def run_one(session, name: str, overrides: list[str], seed: int, a) -> dict:
+    """Train one configuration with one seed, then measure it."""
+    from koala.config import EvalConfig, HEAD_KINDS, load_config, parse_bench
+    from koala.evaluate import evaluate
+    from koala.training.recipes import distill, train_heads
+
+    cfg = load_config(a.profile, overrides=[*overrides, f"training.seed={seed}", f"training.steps={a.steps}",
+                                            "training.eval_every=1000000"])
+    out = Path(a.out) / "runs" / name.replace(" ", "_").replace("=", "-") / f"seed{seed}"
+    t0 = time.perf_counter()
+    if cfg.drafter.kind in HEAD_KINDS:
+        path = train_heads(cfg, session.target, a.data, out, resume="auto", progress=False)
+        spec, info = f"heads:{path}", json.loads((path / "heads.json").read_text())
+    else:
+        path = distill(cfg, session.target, a.data, out, resume="auto", progress=False)
+        spec, info = str(path), json.loads((path / "koala.json").read_text())
+    row = {"config": name, "seed": seed, "steps": a.steps, "train_s": round(time.perf_counter() - t0, 1),
+           **{k: v for k, v in info["metrics"].items() if k.startswith("heldout") and "_pos" not in k}}
+    for bench in a.bench.split(","):
+        b, limit = parse_bench(bench)
+        r = evaluate(session, spec, EvalConfig(bench=b, limit=limit, gamma=GAMMA, max_new_tokens=a.max_new_tokens,
+                                               warmup=0, compile=True))
+        key = Path(b.removeprefix("hf:")).stem
+        row.update({f"tau_{key}": r["tau"], f"speedup_{key}": r["speedup"],
+                    f"lossless_{key}": f"{r['lossless']['identical']}/{r['lossless']['total']}"})
+    return row
+
+
+def summary(rows: list[dict]) -> dict:
+    """Per configuration: mean and std over seeds of every numeric metric."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["config"], []).append(r)
+    out = {}
+    for name, rs in by.items():
+        keys = [k for k, v in rs[0].items() if isinstance(v, (int, float)) and k not in ("seed", "steps")]
+        out[name] = {"seeds": sorted(r["seed"] for r in rs), "steps": rs[0]["steps"],
+                     **{k: {"mean": round(statistics.mean(r[k] for r in rs), 4),
+                            "std": round(statistics.pstdev(r[k] for r in rs), 4)} for k in keys}}
+    return out
+
+
+def markdown(s: dict) -> str:
+    cols = [k for k in next(iter(s.values())) if k not in ("seeds", "steps", "train_s")] if s else []
+    lines = ["| configuration | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for name, m in s.items():
+        cells = [f"{m[c]['mean']:.3f} ± {m[c]['std']:.3f}" for c in cols]
+        lines.append(f"| {name} | {len(m['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--grid", default="losses", choices=["losses", "heads", "all"])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--profile", default="default")
+    ap.add_argument("--data", default="runs/default/teacher", help="the dataset every run trains on")
+    ap.add_argument("--bench", default="mtbench:80,humaneval:40", help="benchmarks as BENCH:LIMIT, comma-separated")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--out", default="runs/ablation")
+    ap.add_argument("--only", default="", help="run only the configurations whose names contain this")
+    ap.add_argument("--markdown", action="store_true", help="only print the table of what OUT holds")
+    a = ap.parse_args()
+
+    from koala.threads import cpu_model
+
+    log = Path(a.out) / "runs.jsonl"
+    done = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+    configs = {n: o for n, o in grid(a.grid).items() if a.only in n}
+    if a.markdown:
+        print(markdown(summary([r for r in done if r["config"] in configs])))
+        return
+    todo = [(n, o, s) for s in map(int, a.seeds.split(",")) for n, o in configs.items()
+            if not any(r["config"] == n and r["seed"] == s and r["steps"] == a.steps for r in done)]
+    print(f"{len(todo)} runs to go ({len(configs)} configurations x seeds {a.seeds}, {a.steps} steps), "
+          f"{len(done)} already in {log}", flush=True)
+    if todo:
+        from koala.engine.session import Session
+        from koala.config import load_config
+
+        tc = load_config(a.profile).target
+        session = Session.open(tc.spec, dtype=tc.dtype, device=tc.device, compile=True)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        for i, (name, overrides, seed) in enumerate(todo, 1):
+            t0 = time.perf_counter()
+            row = {**run_one(session, name, overrides, seed, a), "cpu": cpu_model()}
+            with open(log, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            done.append(row)
+            print(f"[{i}/{len(todo)}] {name} seed {seed}: {time.perf_counter() - t0:.0f} s, "
+                  f"{json.dumps({k: v for k, v in row.items() if k.startswith(('heldout', 'tau', 'speedup'))})}",
+                  flush=True)
+    rows = [r for r in done if r["config"] in configs and r["steps"] == a.steps]
+    print(json.dumps({"cpu": cpu_model(), "data": a.data, "steps": a.steps, "bench": a.bench, "gamma": GAMMA,
+                      "summary": summary(rows)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
