@@ -69,7 +69,7 @@ def run_one(session, name: str, overrides: list[str], seed: int, a) -> dict:
     else:
         path = distill(cfg, session.target, a.data, out, resume="auto", progress=False)
         spec, info = str(path), json.loads((path / "koala.json").read_text())
-    row = {"config": name, "seed": seed, "steps": a.steps, "train_s": round(time.perf_counter() - t0, 1),
+    row = {"config": name, "seed": seed, **budget(a), "train_s": round(time.perf_counter() - t0, 1),
            **{k: v for k, v in info["metrics"].items() if k.startswith("heldout") and "_pos" not in k}}
     for bench in a.bench.split(","):
         b, limit = parse_bench(bench)
@@ -81,14 +81,20 @@ def run_one(session, name: str, overrides: list[str], seed: int, a) -> dict:
     return row
 
 
+def budget(a) -> dict:
+    """What makes runs comparable: a finished run counts as done only under the same budget."""
+    return {"steps": a.steps, "profile": a.profile, "data": a.data, "bench": a.bench, "max_new_tokens": a.max_new_tokens}
+
+
 def summary(rows: list[dict]) -> dict:
-    """Per configuration: mean and std over seeds of every numeric metric."""
+    """Per configuration: mean and std over seeds of every numeric metric all its runs have."""
     by: dict[str, list[dict]] = {}
     for r in rows:
         by.setdefault(r["config"], []).append(r)
     out = {}
     for name, rs in by.items():
-        keys = [k for k, v in rs[0].items() if isinstance(v, (int, float)) and k not in ("seed", "steps")]
+        keys = [k for k, v in rs[0].items() if isinstance(v, (int, float)) and k not in ("seed", "steps",
+                "max_new_tokens") and all(k in r for r in rs)]
         out[name] = {"seeds": sorted(r["seed"] for r in rs), "steps": rs[0]["steps"],
                      **{k: {"mean": round(statistics.mean(r[k] for r in rs), 4),
                             "std": round(statistics.pstdev(r[k] for r in rs), 4)} for k in keys}}
@@ -96,10 +102,10 @@ def summary(rows: list[dict]) -> dict:
 
 
 def markdown(s: dict) -> str:
-    cols = [k for k in next(iter(s.values())) if k not in ("seeds", "steps", "train_s")] if s else []
+    cols = list(dict.fromkeys(k for m in s.values() for k in m if k not in ("seeds", "steps", "train_s")))
     lines = ["| configuration | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
     for name, m in s.items():
-        cells = [f"{m[c]['mean']:.3f} ± {m[c]['std']:.3f}" for c in cols]
+        cells = [f"{m[c]['mean']:.3f} ± {m[c]['std']:.3f}" if c in m else "–" for c in cols]
         lines.append(f"| {name} | {len(m['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -123,13 +129,14 @@ def main():
     log = Path(a.out) / "runs.jsonl"
     done = [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
     configs = {n: o for n, o in grid(a.grid).items() if a.only in n}
+    same = [r for r in done if r["config"] in configs and all(r.get(k) == v for k, v in budget(a).items())]
     if a.markdown:
-        print(markdown(summary([r for r in done if r["config"] in configs])))
+        print(markdown(summary(same)))
         return
     todo = [(n, o, s) for s in map(int, a.seeds.split(",")) for n, o in configs.items()
-            if not any(r["config"] == n and r["seed"] == s and r["steps"] == a.steps for r in done)]
+            if not any(r["config"] == n and r["seed"] == s for r in same)]
     print(f"{len(todo)} runs to go ({len(configs)} configurations x seeds {a.seeds}, {a.steps} steps), "
-          f"{len(done)} already in {log}", flush=True)
+          f"{len(same)} already in {log} under this budget", flush=True)
     if todo:
         from koala.engine.session import Session
         from koala.config import load_config
@@ -142,13 +149,11 @@ def main():
             row = {**run_one(session, name, overrides, seed, a), "cpu": cpu_model()}
             with open(log, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            done.append(row)
+            same.append(row)
             print(f"[{i}/{len(todo)}] {name} seed {seed}: {time.perf_counter() - t0:.0f} s, "
                   f"{json.dumps({k: v for k, v in row.items() if k.startswith(('heldout', 'tau', 'speedup'))})}",
                   flush=True)
-    rows = [r for r in done if r["config"] in configs and r["steps"] == a.steps]
-    print(json.dumps({"cpu": cpu_model(), "data": a.data, "steps": a.steps, "bench": a.bench, "gamma": GAMMA,
-                      "summary": summary(rows)}, indent=2))
+    print(json.dumps({"cpu": cpu_model(), **budget(a), "gamma": GAMMA, "summary": summary(same)}, indent=2))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def main():
     target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device)
     data = training_data(cfg, target, a.data or cfg.sampling.out_dir).train
     model = build_drafter(target, cfg.drafter)
-    objective = Distill(model, cfg.training.loss, target.model)
+    objective = Distill(model, cfg.training.loss, target.model, cfg=cfg.training)
     log: list = []
     with tempfile.TemporaryDirectory() as tmp:
         train(objective, data, cfg.training, tmp, 2, progress=False)  # warm-up

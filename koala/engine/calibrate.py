@@ -215,7 +215,7 @@ def step_parameters(model, head_rows: int | None = None) -> int:
 
 def drafter_parameter_ratio(drafter, target) -> float:
     """c of MBSU: the parameters read to draft one token over those read by one target step (prompt lookup: 0;
-    `lookup+X`: X's, the lookup drafts being free)."""
+    `lookup+X`: X's, an upper bound since lookup drafts cost nothing; Medusa: one head and the LM head per draft)."""
     inner = getattr(drafter, "drafter", None)
     if inner is not None:
         return drafter_parameter_ratio(inner, target)
@@ -224,7 +224,9 @@ def drafter_parameter_ratio(drafter, target) -> float:
     if hasattr(drafter, "heads"):  # Medusa: one head's residual blocks, then the (draft-vocabulary) LM head
         per_head = sum(p.numel() for p in drafter.heads.heads[0].parameters())
         return (per_head + (rows or target.args.vocab_size) * target.args.dim) / step_parameters(target)
-    model = getattr(drafter, "model", None) or getattr(drafter, "engine", None)
+    model = getattr(drafter, "model", None)
+    if model is None:
+        model = getattr(drafter, "engine", None)
     if model is None:
         return 0.0
     extra = sum(p.numel() for p in drafter.head.fc.parameters()) if hasattr(drafter, "head") else 0  # EAGLE's fuse

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from koala.config import TrainingConfig
 from koala.errors import KoalaError
 from koala.models.discriminator import PROFILE_K, Discriminator
+from koala.training.losses import LOG_EPS
 
 COLLAPSE_STEPS = 50  # consecutive steps at ~0% or ~100% accuracy that count as a collapse
 
@@ -46,6 +47,8 @@ class Adversary:
         token-id order: both read at the same tokens, in an order that does not tell which is real."""
         with torch.no_grad():
             mixture = torch.logaddexp(target_logp, drafter_logp.detach())
+            # only tokens the teacher knows: outside a stored top-k its log p is a constant filler, not a profile
+            mixture = mixture.masked_fill(target_logp <= LOG_EPS + 1e-3, float("-inf"))
             idx = mixture.topk(min(self.k, mixture.shape[-1]), dim=-1).indices.sort(-1).values
         return target_logp.gather(-1, idx).clamp_min(-30), drafter_logp.gather(-1, idx).clamp_min(-30)
 

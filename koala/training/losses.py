@@ -118,6 +118,17 @@ def tvdpp_exact(student_logits: torch.Tensor, t: Teacher, normalize: bool = True
 
 
 TVDPP_SAMPLES = 4  # tokens drawn from the drafter per position
+MAX_IMPORTANCE_WEIGHT = 50.0  # TVD++ on data tokens: the largest q/p a token may weigh
+
+
+def _data_token_p(t: Teacher, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p at the data's tokens x (N, 1) and whether it is known: from the stored top-k (unrenormalised) when the
+    teacher is a top-k, else from the full distribution."""
+    if t.topk_ids is None:
+        return t.p.gather(-1, x), torch.ones_like(x, dtype=torch.float32)
+    hit = t.topk_ids == x  # (N, k)
+    known = hit.any(-1, keepdim=True).float()
+    return (t.topk_logp.exp() * hit).sum(-1, keepdim=True), known
 
 
 def tvdpp(student_logits: torch.Tensor, t: Teacher, samples: int = TVDPP_SAMPLES, source: str = "drafter"
@@ -138,14 +149,17 @@ def tvdpp(student_logits: torch.Tensor, t: Teacher, samples: int = TVDPP_SAMPLES
 
     source="data" scores the dataset's own next tokens instead (the target's answers, x ~ p), importance-weighted
     by q(x)/p(x) so the expectation is still over q. It is exact when the data were sampled from p itself
-    (temperature 1, no top-p); tokens sampled at another temperature make it an off-policy approximation.
+    (temperature 1, no top-p); tokens sampled at another temperature make it an off-policy approximation. With a
+    top-k teacher p(x) is the stored, unrenormalised probability, a token outside the stored top-k is left out
+    (its p is unknown), and weights are capped at `MAX_IMPORTANCE_WEIGHT` (a bias traded for bounded variance).
     """
     logq = torch.log_softmax(student_logits.float(), -1)
     with torch.no_grad():
         q = logq.exp()
         if source == "data" and t.tokens is not None:
             x = t.tokens.long()[:, None]  # (N, 1)
-            weight = q.gather(-1, x) / t.p.gather(-1, x).clamp_min(1e-12)  # unbiased; high variance where q >> p
+            p_x, known = _data_token_p(t, x)
+            weight = (q.gather(-1, x) / p_x.clamp_min(1e-12)).clamp_max(MAX_IMPORTANCE_WEIGHT) * known
         else:
             x = torch.multinomial(q, samples, replacement=True)  # (N, S)
             weight = torch.ones_like(x, dtype=q.dtype)

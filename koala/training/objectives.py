@@ -114,6 +114,9 @@ class Distill(_Supervised):
         self.loss_name, self.target, self.vocab, self.vocab_ids = loss_name, target_model, lm.config.vocab_size, ids
         self.options = {}
         if loss_name == "tvdpp" and cfg is not None:
+            if cfg.tvdpp_tokens == "data" and ids is not None:
+                raise KoalaError("training.tvdpp_tokens=data scores the data's tokens under the full vocabulary: "
+                                 "set drafter.draft_vocab to null, or training.tvdpp_tokens to drafter")
             self.options = {"samples": cfg.tvdpp_samples, "source": cfg.tvdpp_tokens}
 
     def supervised(self, b: Batch, logp: bool = False):

@@ -107,3 +107,20 @@ def test_acceptance_lower_bound_is_exact_at_full_k_and_never_above_the_truth(log
         assert acceptance_lower_bound(s, teacher) <= truth + 1e-6
         # the renormalised top-k can overstate: the bound is what a top-k teacher reports
         assert acceptance_lower_bound(s, teacher) <= expected_acceptance(s, teacher) + 1e-6
+
+
+def test_tvdpp_on_data_tokens_leaves_out_tokens_a_top_k_teacher_does_not_know(logits):
+    """A data token outside the stored top-k has no known p: it must not get a weight of q / 1e-10."""
+    s, t = logits
+    lp = torch.log_softmax(t, -1)
+    top = lp.topk(4, dim=-1)
+    teacher = Teacher.from_topk(top.indices, top.values, V)
+    outside = lp.argmin(-1)  # surely not in the top-4
+    teacher.tokens = outside
+    s = s.clone().requires_grad_(True)
+    tvdpp(s, teacher, source="data").backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().max() == 0  # every token unknown: no signal at all
+    teacher.tokens = top.indices[:, 0]  # the teacher's favourite: known, with its stored p
+    s.grad = None
+    tvdpp(s, teacher, source="data").backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().max() < 100
