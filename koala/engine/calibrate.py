@@ -216,18 +216,18 @@ def step_parameters(model, head_rows: int | None = None) -> int:
 def drafter_parameter_ratio(drafter, target) -> float:
     """c of MBSU: the parameters read to draft one token over those read by one target step (prompt lookup: 0;
     `lookup+X`: X's, an upper bound since lookup drafts cost nothing; Medusa: one head and the LM head per draft)."""
-    inner = getattr(drafter, "drafter", None)
-    if inner is not None:
-        return drafter_parameter_ratio(inner, target)
+    from koala.engine.drafters import EagleDrafter, LookupFirstDrafter, MedusaDrafter, ModelDrafter
+
+    if isinstance(drafter, LookupFirstDrafter):
+        return drafter_parameter_ratio(drafter.drafter, target)
     dv = getattr(drafter, "draft_vocab", None)
     rows = None if dv is None else len(dv.ids)
-    if hasattr(drafter, "heads"):  # Medusa: one head's residual blocks, then the (draft-vocabulary) LM head
+    if isinstance(drafter, MedusaDrafter):  # one head's residual blocks, then the (draft-vocabulary) LM head
         per_head = sum(p.numel() for p in drafter.heads.heads[0].parameters())
         return (per_head + (rows or target.args.vocab_size) * target.args.dim) / step_parameters(target)
-    model = getattr(drafter, "model", None)
-    if model is None:
-        model = getattr(drafter, "engine", None)
-    if model is None:
-        return 0.0
-    extra = sum(p.numel() for p in drafter.head.fc.parameters()) if hasattr(drafter, "head") else 0  # EAGLE's fuse
-    return (step_parameters(model, rows) + extra) / step_parameters(target)
+    if isinstance(drafter, EagleDrafter):  # the fuse layer, then the decoder layers and the head
+        fuse = sum(p.numel() for p in drafter.head.fc.parameters())
+        return (step_parameters(drafter.engine, rows) + fuse) / step_parameters(target)
+    if isinstance(drafter, ModelDrafter):
+        return step_parameters(drafter.model, rows) / step_parameters(target)
+    return 0.0  # prompt lookup reads no weights

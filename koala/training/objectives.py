@@ -149,7 +149,10 @@ class Adversarial:
 
     def __init__(self, inner: _Supervised, adversary):
         self.inner, self.adversary = inner, adversary
-        self.model = inner.model
+
+    @property
+    def model(self):
+        return self.inner.model
 
     @property
     def module(self):
