@@ -17,7 +17,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+# The serving formats' own loaders, for the export round trips (tests/koala/export): each in a folder of its own,
+# without dependencies, beside the venv (speculators 0.4.0.1 needs transformers 4.x, run in a subprocess).
+OVERLAYS := $(VENV)/overlays
+$(OVERLAYS)/.installed: Makefile
+	$(BIN)/python -m pip install -q --no-deps --target $(OVERLAYS)/speculators speculators==0.4.0.1 loguru==0.7.3 \
+		transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.2
+	$(BIN)/python -m pip install -q --no-deps --target $(OVERLAYS)/medusa medusa-llm==0.1
+	touch $@
+
+test: setup $(OVERLAYS)/.installed
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -p no:warnings
 
 demo: setup

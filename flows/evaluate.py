@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from koala.engine.drafter_spec import spec_of_dir
 from koala.tracking import Tracker, drafter_path, resolve_uri
 from koala_tasks.common import resolve_config
 from koala_tasks.evaluation import evaluate_drafter, model_name
@@ -27,7 +28,7 @@ def evaluate_registered(profile: str = "smoke", config_path: str | None = None, 
     name = model_name(cfg)
     uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
     ref = f"models:/{name}/{version}" if version else f"models:/{name}@{alias}"
-    path = drafter_path(ref, uri)
+    path = spec_of_dir(drafter_path(ref, uri))
     with Tracker.start(uri, cfg.tracking.experiment, f"evaluate-{name}-{version or alias}") as parent:
         report = evaluate_drafter(cfg, str(path), str(Path(cfg.run_dir) / "eval" / f"{version or alias}"),
                                   parent.run_id)

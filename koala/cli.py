@@ -1,4 +1,5 @@
-"""koala's command line, the library's commands: assets, prompts, generate, eval, pretrain, distill, heads, promote.
+"""koala's command line, the library's commands: assets, prompts, generate, eval, pretrain, distill, heads, promote,
+export.
 
 The `koala` script is koala_flows.cli, which adds `run` and `sample` (they start Prefect flows); on a host with
 torch alone (a GPU worker), `python -m koala.cli` (and `torchrun -m koala.cli distill`) runs these commands.
@@ -450,6 +451,64 @@ def promote(model: str = typer.Option(..., help="registered model name, e.g. koa
     except KoalaError as e:
         fail(e)
     typer.echo(f"{model} version {version} is now champion (manual override: {reason})")
+
+
+@app.command()
+def export(drafter: str = typer.Argument(..., help="a drafter directory, heads:PATH, or a registry reference "
+                                         "models:/NAME@ALIAS or models:/NAME/VERSION"),
+           format: str = typer.Option(..., "--format", help="hf or gguf (independent drafters), speculators (EAGLE "
+                                      "heads), medusa (Medusa heads)"),
+           out: str = typer.Option(..., help="directory to write (replaced whole once the round trip passes)"),
+           target: Optional[str] = typer.Option(None, help="the target it serves (default: the one it was trained "
+                                                "for)"),
+           check: bool = typer.Option(True, "--check/--no-check", help="load the export back with the format's "
+                                      "loader and compare it with koala's drafter before writing it"),
+           tracking_uri: Optional[str] = typer.Option(None, help="MLflow URI for models:/ references (default: "
+                                                      "$MLFLOW_TRACKING_URI or the profile's store)"),
+           profile: str = typer.Option(DEFAULT_PROFILE, help="profile whose run_dir holds the local store")):
+    """Write a drafter in a serving engine's format, checked by a round trip; from the registry, logged on its
+    version."""
+    from pathlib import Path
+
+    from koala.export import FORMATS, check_format, export as write_export, open_drafter
+
+    try:
+        one_of("--format", format, FORMATS)
+        writable_dir(Path(out).parent, "--out")
+        registered, path = None, drafter
+        if drafter.startswith("models:/"):
+            registered, path = _registered_drafter(drafter, tracking_uri, profile)
+        src = open_drafter(path)
+        check_format(format, src)
+        manifest = write_export(src, format, out, target, check)
+        if registered is not None:
+            registry, mv = registered
+            manifest["logged"] = registry.log_export(mv.name, str(mv.version), out, format)
+    except KoalaError as e:
+        fail(KoalaError(str(e).replace(str(path), drafter)) if registered is not None else e)
+    rt = manifest.get("round_trip") or {}
+    diff = next((v for k, v in rt.items() if k.startswith("max_abs_logit_diff")), None)
+    typer.echo(f"{format} export of {drafter}: {out}" + (f" (round trip: logits within {diff:.2g}, greedy "
+               f"identical, loaded with {rt.get('loaded_with', format)})" if rt else " (not checked)"))
+    if manifest.get("logged"):
+        typer.echo(f"logged on {mv.name} version {mv.version}: {manifest['logged']}")
+
+
+def _registered_drafter(ref: str, tracking_uri: str | None, profile: str):
+    """((registry, model version), local drafter directory) of a models:/ reference."""
+    from koala.config import load_config
+
+    if not tracking_available():
+        raise KoalaError(f"{ref}: reading the registry needs MLflow, which is not installed here: copy the drafter "
+                         "directory to this host and export it from there")
+    from koala.tracking import Registry, check_reachable, drafter_path, resolve_uri
+
+    cfg = load_config(profile)
+    uri = resolve_uri(tracking_uri or cfg.tracking.uri, cfg.run_dir, create=False)
+    check_reachable(uri)
+    registry = Registry(uri)
+    mv = registry.version(ref)
+    return (registry, mv), drafter_path(f"models:/{mv.name}/{mv.version}", uri)
 
 
 def main():

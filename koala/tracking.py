@@ -186,6 +186,35 @@ class Registry:
             tags["promoted"] = str(promoted).lower()
         self.tag(name, version, tags)
 
+    def version(self, model_uri: str):
+        """The registered version a `models:/NAME/VERSION` or `models:/NAME@ALIAS` reference names.
+
+        Raises:
+            KoalaError: a malformed reference, or one the registry does not hold.
+        """
+        ref = model_uri.removeprefix("models:/")
+        name, sep, alias = ref.partition("@")
+        if not sep:
+            name, _, number = ref.rpartition("/")
+        if not model_uri.startswith("models:/") or not name or not (alias if sep else number):
+            raise KoalaError(f"{model_uri}: a registry reference is models:/NAME/VERSION or models:/NAME@ALIAS")
+        try:
+            return (self.client.get_model_version_by_alias(name, alias) if sep else
+                    self.client.get_model_version(name, number))
+        except MlflowException as e:
+            raise KoalaError(f"{model_uri}: not in the registry at {self.uri} ({str(e).splitlines()[0][:160]}): check "
+                             "the name, version or alias in `mlflow ui`") from None
+
+    def log_export(self, name: str, version: str, directory: str | Path, fmt: str) -> str:
+        """An export of a registered version, logged as artifacts of the run that registered it and named by the
+        version's tag `export.FORMAT`. Returns the artifacts' URI."""
+        run_id = self.client.get_model_version(name, version).run_id
+        path = f"exports/v{version}/{fmt}"
+        self.client.log_artifacts(run_id, str(directory), artifact_path=path)
+        art = f"runs:/{run_id}/{path}"
+        self.tag(name, version, {f"export.{fmt}": art})
+        return art
+
     def set_champion(self, name: str, version: str, reason: str, **extra) -> None:
         """Give `version` the alias `champion` by hand (`koala promote`) and record it as a manual promotion.
 
@@ -203,11 +232,28 @@ class Registry:
 
 def drafter_path(model_uri: str, uri: str | None = None) -> Path:
     """Download a logged drafter's directory (model URI, `models:/NAME@champion`, or `runs:/...`) from the store at
-    `uri` (default: the current one)."""
+    `uri` (default: the current one). Only the files are fetched: heads, which the pyfunc wrapper cannot load as a
+    causal LM, come back as well as independent drafters.
+
+    Raises:
+        KoalaError: the reference names no model in the store, or a model without a drafter directory.
+    """
+    import tempfile
+
+    import mlflow.artifacts
+
     if uri is not None:
         mlflow.set_tracking_uri(uri)
-    local = mlflow.pyfunc.load_model(model_uri)
-    return Path(local.unwrap_python_model().path)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri,
+                                                         dst_path=tempfile.mkdtemp(prefix="koala-registry-")))
+    except MlflowException as e:
+        raise KoalaError(f"{model_uri}: not in the registry at {uri or mlflow.get_tracking_uri()} "
+                         f"({str(e).splitlines()[0][:160]}): check the name, version or alias in `mlflow ui`") from None
+    found = [d for d in (local / "artifacts").glob("*") if d.is_dir()] if (local / "artifacts").is_dir() else []
+    if len(found) != 1:
+        raise KoalaError(f"{model_uri} holds no drafter directory: it was not logged by koala")
+    return found[0]
 
 
 class DrafterModel(mlflow.pyfunc.PythonModel):

@@ -13,6 +13,7 @@ from koala.errors import KoalaError
 from koala.interrupt import fault
 from koala.evaluate import evaluate, summary_line
 from koala.promotion import decide
+from koala.engine.drafter_spec import spec_of_dir
 from koala.tracking import WEIGHTS_TAG, Registry, Tracker, drafter_path, resolve_uri
 from koala_tasks.common import retry_unless_koala_error, session_for
 
@@ -150,8 +151,7 @@ def _decide_and_promote(cfg, registry: Registry, lock_path: Path, name: str, ver
             path = champ.tags.get("drafter_dir")
             if not path or not Path(path).exists():
                 path = str(drafter_path(f"models:/{name}@champion", registry.uri))
-            if (Path(path) / "heads.json").exists():
-                path = f"heads:{path}"
+            path = spec_of_dir(path)
             champ_report = evaluate_drafter.fn(cfg, path, str(Path(out_dir) / f"champion-v{champ.version}"),
                                                parent_run_id, run_name=f"re-measure-champion-v{champ.version}")
         d = decide(report, champ_report, None if champ is None else champ.version)

@@ -50,6 +50,11 @@ class LookupFirst:
 DrafterSpec = Truncate | NGram | Heads | CausalLM | LookupFirst
 
 
+def spec_of_dir(path: str | Path) -> str:
+    """The `--drafter` spec of a saved drafter directory: `heads:PATH` for draft heads, the path otherwise."""
+    return f"heads:{path}" if (Path(path) / "heads.json").exists() else str(path)
+
+
 def parse_drafter_spec(spec: str) -> DrafterSpec:
     """The typed form of a spec string.
 

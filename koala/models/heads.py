@@ -50,11 +50,17 @@ class MedusaHeads(nn.Module):
 
 
 class EagleHead(nn.Module):
-    """fc([f_t ; emb(x_{t+1})]) then K decoder layers (the target's architecture) -> predicted f_{t+1}."""
+    """fc([f_t ; norm(emb(x_{t+1}))]) then K decoder layers (the target's architecture) -> predicted f_{t+1}.
 
-    def __init__(self, target_config, layers: int):
+    The RMS norm on the token embedding (HASS's `embedding_layernorm`, `embed_norm`) puts the embedding on the
+    feature's scale; with it, a K = 1 head is exactly the `eagle` speculator of vLLM's speculators package with
+    `layernorms` and `fusion_bias` (koala.export.speculators). Heads saved before it existed load without it.
+    """
+
+    def __init__(self, target_config, layers: int, embed_norm: bool = True):
         super().__init__()
         from transformers import LlamaConfig, LlamaModel
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
         d = copy.deepcopy(target_config.to_dict())
         d.pop("quantization_config", None)
@@ -64,8 +70,11 @@ class EagleHead(nn.Module):
         C = self.config.hidden_size
         self.fc = nn.Linear(2 * C, C)
         self.decoder = LlamaModel(self.config)
+        self.embed_norm = LlamaRMSNorm(C, eps=self.config.rms_norm_eps) if embed_norm else None
 
     def fuse(self, feats: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
+        if self.embed_norm is not None:
+            next_embeds = self.embed_norm(next_embeds)
         return self.fc(torch.cat([feats, next_embeds], dim=-1))
 
     def forward(self, feats: torch.Tensor, next_embeds: torch.Tensor, attention_mask=None) -> torch.Tensor:
@@ -134,12 +143,12 @@ def _unrolled_attention(attn, h: torch.Tensor, cos, sin, past: list, pos: torch.
     return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-def build_heads(kind: str, target_model, layers: int, n_heads: int = 4) -> nn.Module:
+def build_heads(kind: str, target_model, layers: int, n_heads: int = 4, embed_norm: bool = True) -> nn.Module:
     C = target_model.config.hidden_size
     if kind == "medusa":
         module = MedusaHeads(C, n_heads, layers)
     elif kind == "eagle":
-        module = EagleHead(target_model.config, layers)
+        module = EagleHead(target_model.config, layers, embed_norm)
     else:
         raise KoalaError(f"head kind must be medusa or eagle, got {kind!r}")
     return module.to(device=target_model.device, dtype=target_model.dtype)
@@ -155,6 +164,8 @@ def save_heads(module: nn.Module, out_dir: str | Path, info: dict, draft_vocab=N
         if draft_vocab is not None:
             save_draft_vocab(tmp, draft_vocab)
         info = {**info, "draft_vocab_size": 0 if draft_vocab is None else len(draft_vocab)}
+        if isinstance(module, EagleHead):  # what load_heads builds: heads saved before it existed have none
+            info["embed_norm"] = module.embed_norm is not None
         (tmp / HEADS_JSON).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
     return Path(out_dir)
 
@@ -173,7 +184,8 @@ def load_heads(path: str | Path, target_model) -> tuple[nn.Module, dict]:
             target_model.config.vocab_size:
         raise KoalaError(f"heads in {p} were trained for target {info.get('target', {}).get('name')} (hidden "
                          f"{info.get('hidden_size')}, vocabulary {info.get('vocab_size')}): train heads for this target")
-    module = build_heads(info["kind"], target_model, info["layers"], info.get("n_heads", 4))
+    module = build_heads(info["kind"], target_model, info["layers"], info.get("n_heads", 4),
+                         embed_norm=info.get("embed_norm", False))  # heads saved before it existed have none
     module.load_state_dict(load_file(p / HEADS_WEIGHTS, device=str(target_model.device)))
     return module.eval(), info
 

@@ -102,7 +102,9 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
                                tcfg, target.model.device)
     steps = steps or tcfg.steps
     held_manifest = (shards.read_manifest(Path(heldout_dir)) or {}).get("done") if heldout_dir else None
-    fp = training_fingerprint(kind, target.info.content_hash, layers, steps, tcfg.model_dump(), _drafter_fields(cfg),
+    embed_norm = getattr(heads, "embed_norm", None) is not None
+    drafter_fields = {**_drafter_fields(cfg), **({"embed_norm": True} if embed_norm else {})}
+    fp = training_fingerprint(kind, target.info.content_hash, layers, steps, tcfg.model_dump(), drafter_fields,
                               data.manifest.get("done"), held_manifest, weights_digest(init_from))
     metrics = train(objective, data.train, tcfg, out_dir, steps, heldout=data.heldout, resume=resume, fingerprint=fp,
                     on_log=on_log, progress=progress, desc=f"heads-{kind}")

@@ -1,0 +1,220 @@
+"""Round trips of `koala export`, one per format, on the real default target: each export is loaded back with the
+format's own loader (transformers, transformers' GGUF reader, the Medusa package's classes, the speculators package's
+classes) and must draft what koala's drafter drafts."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from koala.config import DrafterConfig
+from koala.errors import KoalaError
+from koala.export import EXPORT_JSON, export, open_drafter
+from koala.models.draft_model import build_drafter, save_drafter
+from koala.models.heads import build_heads, load_heads, save_heads
+
+ROOT = Path(__file__).resolve().parents[3]
+OVERLAYS = ROOT / ".venv" / "overlays"  # the Makefile installs the formats' own packages here
+pytestmark = pytest.mark.slow
+
+
+def needs_overlay(name: str) -> Path:
+    path = OVERLAYS / name
+    if not path.is_dir():
+        pytest.skip(f"{path} missing: `make test` installs the {name} package there")
+    return path
+
+
+@pytest.fixture(scope="module")
+def drafter_dir(default_target, tmp_path_factory):
+    """An independent drafter for the default target (2 of its layers, a draft vocabulary), as koala saves one."""
+    t = default_target
+    model = build_drafter(t, DrafterConfig(layers=2), seed=0)
+    out = tmp_path_factory.mktemp("drafter") / "drafter"
+    return save_drafter(model, t.tokenizer, out, {"target": {"name": t.info.name}}, torch.arange(0, 8000, 2))
+
+
+def heads_dir(t, root: Path, kind: str, layers: int, vocab=None, embed_norm: bool = True) -> Path:
+    """Heads for the default target with random (not identity) weights, saved as koala saves them."""
+    heads = build_heads(kind, t.model, layers, n_heads=3, embed_norm=embed_norm)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    info = {"kind": kind, "layers": layers, "n_heads": 3, "hidden_size": t.model.config.hidden_size,
+            "vocab_size": t.info.vocab_size, "target": {"name": t.info.name}, "embed_norm": embed_norm}
+    return save_heads(heads, root / f"{kind}{layers}", info, vocab)
+
+
+def test_hf_export_drafts_as_assistant_model_and_keeps_the_targets_greedy_tokens(default_target, drafter_dir,
+                                                                                   tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = default_target
+    m = export(open_drafter(drafter_dir), "hf", tmp_path / "hf")
+    assert m["round_trip"]["max_abs_logit_diff"] == 0.0 and m["round_trip"]["greedy_tokens_identical"] > 0
+    drafter = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert drafter.config.vocab_size == t.info.vocab_size  # the full vocabulary
+    ids = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(
+        [{"role": "user", "content": "Name three rivers in Europe."}], add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    kw = dict(max_new_tokens=24, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=2)
+    alone = t.model.generate(ids, **kw)
+    assisted = t.model.generate(ids, assistant_model=drafter, **kw)
+    assert torch.equal(alone, assisted)
+    assert json.loads((tmp_path / "hf" / EXPORT_JSON).read_text())["format"] == "hf"
+
+
+def test_gguf_export_reloads_with_transformers_gguf_reader_equal_to_the_source(default_target, drafter_dir, tmp_path):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from koala.export import compare_causal_lms, probe_ids
+    from koala.export.gguf import FILE, load
+
+    m = export(open_drafter(drafter_dir), "gguf", tmp_path / "g")
+    assert m["round_trip"]["max_abs_logit_diff"] <= 1e-5 * m["round_trip"]["logit_scale"]
+    ours = AutoModelForCausalLM.from_pretrained(drafter_dir, dtype=torch.float32).eval()
+    r = compare_causal_lms("gguf", ours, load(tmp_path / "g"), probe_ids(default_target.tokenizer), new_tokens=24,
+                           atol=1e-5)
+    assert r["greedy_tokens_identical"] == 48
+    # llama.cpp drafts only with the target's vocabulary: the tokenizer fields are the target GGUF's
+    src = GGUFReader(default_target.info.source).fields
+    out = GGUFReader(tmp_path / "g" / FILE).fields
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+        assert out[key].contents() == src[key].contents(), key
+    assert out["general.architecture"].contents() == "llama" and out["llama.block_count"].contents() == 2
+
+
+def test_gguf_vocabulary_built_from_the_hf_tokenizer_equals_the_one_llama_cpp_wrote(default_target, tmp_path):
+    """A target given as a Hugging Face model has no GGUF to copy from: the byte-level BPE vocabulary koala writes
+    from its tokenizer is the one llama.cpp's converter wrote for the default target."""
+    import gguf
+    from gguf import GGUFReader
+
+    from koala.export.gguf import _bpe_tokenizer
+
+    w = gguf.GGUFWriter(tmp_path / "v.gguf", "llama")
+    _bpe_tokenizer(w, default_target.tokenizer, default_target.info.vocab_size)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours, theirs = GGUFReader(tmp_path / "v.gguf").fields, GGUFReader(default_target.info.source).fields
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        assert ours[key].contents() == theirs[key].contents(), key
+
+
+@pytest.mark.parametrize("layers,vocab", [(1, None), (2, torch.arange(0, 6000, 2))])
+def test_medusa_export_reloads_in_the_medusa_packages_head_and_in_vllms_layout(default_target, tmp_path, layers,
+                                                                               vocab):
+    from koala.export.medusa import MEDUSA_PT, VLLM_WEIGHTS, medusa_repo_heads, vllm_logits
+
+    t = default_target
+    src = heads_dir(t, tmp_path, "medusa", layers, vocab)
+    m = export(open_drafter(src), "medusa", tmp_path / "m")
+    assert m["medusa_repo_loads"] == (layers == 1)
+    heads, _ = load_heads(src, t.model)
+    f = torch.randn(20, t.model.config.hidden_size)
+    with torch.no_grad():
+        ours = t.model.lm_head(heads(f))  # what koala's MedusaDrafter drafts from: (heads, N, V)
+        config = json.loads((tmp_path / "m" / "config.json").read_text())
+        state = torch.load(tmp_path / "m" / MEDUSA_PT, weights_only=True)
+        resblock = None
+        if layers == 1:  # the Medusa package's own ResBlock (its loader ties K > 1 blocks into one)
+            sys.path.insert(0, str(needs_overlay("medusa")))
+            try:
+                from medusa.model.medusa_model import ResBlock as resblock
+            finally:
+                sys.path.pop(0)
+        repo = medusa_repo_heads(state, 3, layers, config["hidden_size"], config["vocab_size"], resblock)
+        theirs = torch.stack([h(f) for h in repo])
+        vllm = vllm_logits(load_file(tmp_path / "m" / VLLM_WEIGHTS), config, f)
+    cols = torch.arange(t.info.vocab_size) if vocab is None else vocab
+    torch.testing.assert_close(theirs[..., cols], ours[..., cols], atol=1e-4, rtol=0)
+    torch.testing.assert_close(vllm[..., cols], ours[..., cols], atol=1e-4, rtol=0)
+    assert torch.equal(vllm.argmax(-1), cols[ours[..., cols].argmax(-1)])  # vLLM drafts over the same subset
+    if vocab is not None:
+        assert config["truncated_vocab_size"] == len(vocab) and torch.isinf(vllm[..., 1]).all()
+
+
+def test_speculators_export_loads_with_the_speculators_package_and_drafts_as_koalas_eagle(default_target, tmp_path):
+    """Loaded back by speculators 0.4.0.1's own SpeculatorModel.from_pretrained (in its own Python path: it needs
+    transformers 4.x), the export's logits on the target's features equal koala's EAGLE drafter's."""
+    from koala.export.speculators import compare, koala_inputs
+
+    overlay = needs_overlay("speculators")
+    src = heads_dir(default_target, tmp_path, "eagle", 1, torch.arange(0, 6000, 3))
+    m = export(open_drafter(src), "speculators", tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert cfg["speculators_model_type"] == "eagle" and cfg["layernorms"] and cfg["fusion_bias"]
+    assert set(load_file(tmp_path / "s" / "model.safetensors")) >= {"fusion_fc.weight", "fusion_fc.bias",
+                                                                    "embedding_layernorm.weight",
+                                                                    "pre_lm_head_layernorm.weight",
+                                                                    "transformer.self_attn.q_proj.weight"}
+    ours, embed, lm, ids, feats, vocab = koala_inputs(open_drafter(src), default_target.info.name)
+    save_file({"embed": embed.contiguous(), "lm_head": lm.clone(), "ids": ids.contiguous(),
+               "feats": feats.contiguous()}, tmp_path / "in.safetensors")
+    env = {**os.environ, "PYTHONPATH": f"{overlay}:{ROOT}", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "koala.export.speculators", str(tmp_path / "s"),
+                        str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = load_file(tmp_path / "out.safetensors")["logits"]
+    got = compare(ours, theirs, vocab, "speculators 0.4.0.1")
+    assert got["max_abs_logit_diff"] <= 1e-4 * got["logit_scale"]
+    assert m["round_trip"]["loaded_with"] in ("reference forward", "speculators 0.4.0.1")
+
+
+def test_export_refuses_what_a_format_cannot_hold_and_writes_nothing(default_target, drafter_dir, tmp_path):
+    t = default_target
+    with pytest.raises(KoalaError, match="use --format hf or gguf"):
+        export(open_drafter(drafter_dir), "medusa", tmp_path / "x")
+    with pytest.raises(KoalaError, match="holds one"):
+        export(open_drafter(heads_dir(t, tmp_path, "eagle", 2)), "speculators", tmp_path / "x")
+    old = heads_dir(t, tmp_path / "old", "eagle", 1, embed_norm=False)  # heads saved before the embedding norm
+    info = json.loads((old / "heads.json").read_text())
+    del info["embed_norm"]
+    (old / "heads.json").write_text(json.dumps(info))
+    assert load_heads(old, t.model)[0].embed_norm is None  # still loads, and drafts as it was trained
+    with pytest.raises(KoalaError, match="train it again"):
+        export(open_drafter(old), "speculators", tmp_path / "x")
+    with pytest.raises(KoalaError, match="must be one of"):
+        export(open_drafter(drafter_dir), "onnx", tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+
+
+def test_koala_export_from_the_registry_alias_logs_the_export_on_the_version(default_target, drafter_dir, tmp_path,
+                                                                            monkeypatch):
+    """`koala export models:/NAME@champion`: the registered drafter, downloaded, exported, and logged as artifacts
+    of its version's run with the tag export.FORMAT."""
+    import mlflow
+    from typer.testing import CliRunner
+
+    from koala.cli import app
+    from koala.tracking import Registry, Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with Tracker.start(uri, "export-test", "register") as tr:
+        logged = tr.log_drafter(drafter_dir, registered_name="koala-drafter-test")
+    Registry(uri).make_champion("koala-drafter-test", logged["version"])
+    r = CliRunner().invoke(app, ["export", "models:/koala-drafter-test@champion", "--format", "hf", "--out",
+                                 str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "logged on koala-drafter-test version 1" in r.output
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    mv = mlflow.MlflowClient(uri).get_model_version("koala-drafter-test", "1")
+    assert mv.tags["export.hf"] == f"runs:/{mv.run_id}/exports/v1/hf"
+    files = {f.path for f in mlflow.MlflowClient(uri).list_artifacts(mv.run_id, "exports/v1/hf")}
+    assert "exports/v1/hf/model.safetensors" in files and "exports/v1/hf/koala_export.json" in files
+    bad = CliRunner().invoke(app, ["export", "models:/koala-drafter-test@nosuch", "--format", "hf", "--out",
+                                   str(tmp_path / "out2")])
+    assert bad.exit_code == 1 and "not in the registry" in bad.output and not (tmp_path / "out2").exists()
