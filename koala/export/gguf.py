@@ -184,5 +184,5 @@ def check(src, out: Path, target: str) -> dict:
     tokens = GGUFReader(out / FILE).fields["tokenizer.ggml.tokens"].contents()
     require(len(tokens) == ours.config.vocab_size, "gguf", f"{len(tokens)} vocabulary tokens for a "
             f"{ours.config.vocab_size}-token head")
-    r["vocabulary_tokens"] = len(tokens)
+    r.update(vocabulary_tokens=len(tokens), loaded_with="transformers' GGUF reader")
     return r

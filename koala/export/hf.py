@@ -42,4 +42,5 @@ def check(src, out: Path, target: str) -> dict:
     from koala.export import compare_causal_lms, probe_ids
 
     ids = probe_ids(AutoTokenizer.from_pretrained(out))
-    return compare_causal_lms("hf", _load(src.path), _load(out), ids, atol=1e-6)
+    return {**compare_causal_lms("hf", _load(src.path), _load(out), ids, atol=1e-6),
+            "loaded_with": "transformers AutoModelForCausalLM"}

@@ -119,4 +119,5 @@ def check(src, out: Path, target: str, resblock=None) -> dict:
     require(torch.equal(cols[drafts], theirs_vllm.argmax(-1)), "medusa", "vLLM layout: greedy drafts differ")
     require(torch.equal(drafts, theirs_repo[..., cols].argmax(-1)), "medusa", "Medusa layout: greedy drafts differ")
     return {"max_abs_logit_diff_vllm": diffs["vllm"], "max_abs_logit_diff_medusa_repo": diffs["medusa_repo"],
-            "logit_scale": scale, "greedy_drafts_identical": int(drafts.numel()), "features": int(f.shape[0])}
+            "logit_scale": scale, "greedy_drafts_identical": int(drafts.numel()), "features": int(f.shape[0]),
+            "loaded_with": "the Medusa repo's head layout and vLLM's"}
