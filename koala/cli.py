@@ -472,26 +472,42 @@ def export(drafter: str = typer.Argument(..., help="a drafter directory, heads:P
 
     from koala.export import FORMATS, check_format, export as write_export, open_drafter
 
+    import shutil
+
+    registered, path = None, drafter
     try:
         one_of("--format", format, FORMATS)
         writable_dir(Path(out).parent, "--out")
-        registered, path = None, drafter
         if drafter.startswith("models:/"):
             registered, path = _registered_drafter(drafter, tracking_uri, profile)
         src = open_drafter(path)
         check_format(format, src)
-        manifest = write_export(src, format, out, target, check)
+        manifest = write_export(src, format, out, target, check, source_ref=drafter)
         if registered is not None:
-            registry, mv = registered
-            manifest["logged"] = registry.log_export(mv.name, str(mv.version), out, format)
+            manifest["logged"] = _log_export(registered, out, format)
     except KoalaError as e:
         fail(KoalaError(str(e).replace(str(path), drafter)) if registered is not None else e)
+    finally:
+        if registered is not None:  # the registry's download, in a temporary folder of its own
+            shutil.rmtree(Path(path).parents[1], ignore_errors=True)
     rt = manifest.get("round_trip") or {}
     diff = next((v for k, v in rt.items() if k.startswith("max_abs_logit_diff")), None)
     typer.echo(f"{format} export of {drafter}: {out}" + (f" (round trip: logits within {diff:.2g}, greedy "
                f"identical, loaded with {rt.get('loaded_with', format)})" if rt else " (not checked)"))
     if manifest.get("logged"):
+        mv = registered[1]
         typer.echo(f"logged on {mv.name} version {mv.version}: {manifest['logged']}")
+
+
+def _log_export(registered, out: str, fmt: str) -> str:
+    """The export as artifacts of the registered version; a registry that fails now says the export is written."""
+    registry, mv = registered
+    try:
+        return registry.log_export(mv.name, str(mv.version), out, fmt)
+    except Exception as e:  # noqa: BLE001 - any registry error: the export itself is whole
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise KoalaError(f"the export is written to {out} but could not be logged on {mv.name} version {mv.version} "
+                         f"({why}): run the same command again once the registry answers") from None
 
 
 def _registered_drafter(ref: str, tracking_uri: str | None, profile: str):

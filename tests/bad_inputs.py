@@ -83,6 +83,21 @@ CASES: list[tuple[str, list[str], str]] = [
     ("run --n-prompts 0", ["run", "--n-prompts", "0"], r"--n-prompts 0"),
     ("promote without a store here", ["promote", "--model", "m", "--version", "1"], r"no MLflow store at"),
     ("prompts --source missing", ["prompts", "--source", "{d}/none.jsonl"], r"none.jsonl does not exist"),
+    # koala export: the format, the drafter and --out checked before anything is read or written
+    ("export --format onnx", ["export", "{d}/no_vocab_drafter", "--format", "onnx", "--out", "{d}/x"],
+     r"--format must be one of hf, gguf"),
+    ("export missing drafter", ["export", "{d}/nowhere", "--format", "hf", "--out", "{d}/x"],
+     r"drafter .*nowhere: no such directory"),
+    ("export not a drafter", ["export", "{d}/empty_drafter", "--format", "hf", "--out", "{d}/x"],
+     r"empty_drafter holds neither koala.json"),
+    ("export wrong kind for the format", ["export", "{d}/no_vocab_drafter", "--format", "medusa", "--out", "{d}/x"],
+     r"--format medusa takes medusa drafters.*use --format hf or gguf"),
+    ("export --out over another folder", ["export", "{d}/no_vocab_drafter", "--format", "hf", "--out", "{d}/dataset"],
+     r"--out .*dataset exists and is not an earlier koala export"),
+    ("export --out onto the drafter", ["export", "{d}/no_vocab_drafter", "--format", "hf", "--out",
+                                       "{d}/no_vocab_drafter"], r"--out .*holds the drafter being exported"),
+    ("export models:/ without a store", ["export", "models:/koala-drafter-x@champion", "--format", "hf", "--out",
+                                         "{d}/x"], r"no MLflow store"),
 ]
 
 

@@ -10,7 +10,7 @@ written; one that passes carries `koala_export.json` (source, format, digests, t
 |-------------|--------------------------|-----------------------------------------------------------------|
 | hf          | independent (koala distill) | transformers `assistant_model`, vLLM / SGLang draft model    |
 | gguf        | independent              | llama.cpp `--model-draft` (`-md`)                                 |
-| speculators | EAGLE heads (koala heads --kind eagle) | vLLM `--speculative-config` with the directory      |
+| speculators | EAGLE heads, K = 1 (koala heads --kind eagle) | the speculators package (vLLM reads eagle3 only) |
 | medusa      | Medusa heads             | the Medusa repo, vLLM's medusa method, TensorRT-LLM              |
 """
 
@@ -75,8 +75,23 @@ def check_format(fmt: str, src: DrafterSource) -> None:
                          f"{src.kind}: use --format {' or '.join(fits)}")
 
 
+def check_out(out: str | Path, src: DrafterSource) -> None:
+    """`--out` is new, or an earlier export (it is replaced whole): never the drafter, a folder around it, or a
+    folder of something else.
+
+    Raises:
+        KoalaError: naming --out and the fix.
+    """
+    o, s = Path(out).resolve(), src.path.resolve()
+    if o == s or o in s.parents:
+        raise KoalaError(f"--out {out} holds the drafter being exported ({src.path}): choose another directory")
+    if o.exists() and not (o.is_dir() and (o / EXPORT_JSON).exists()):
+        raise KoalaError(f"--out {out} exists and is not an earlier koala export (no {EXPORT_JSON}), so it would be "
+                         "replaced: choose a new directory")
+
+
 def export(src: DrafterSource, fmt: str, out: str | Path, target_spec: str | None = None,
-           check: bool = True) -> dict:
+           check: bool = True, source_ref: str | None = None) -> dict:
     """Write `src` in format `fmt` to `out` (replaced whole, never half-written), checked by a round trip.
 
     Args:
@@ -88,20 +103,29 @@ def export(src: DrafterSource, fmt: str, out: str | Path, target_spec: str | Non
         What `koala_export.json` holds: format, source, files, and the round trip's figures.
 
     Raises:
-        KoalaError: a format that does not take this drafter, a target that cannot be loaded, a failed round trip.
+        KoalaError: a format that does not take this drafter, an --out that is not new or an earlier export, a
+            target that cannot be loaded, a failed round trip.
     """
     from koala.io import atomic_dir
     from koala.training.checkpoints import weights_digest
 
     check_format(fmt, src)
+    check_out(out, src)
     target = target_spec or src.target_name
     if target is None:
         raise KoalaError(f"{src.path} does not name its target: pass --target")
     module = importlib.import_module(f"koala.export.{fmt}")  # each format's write(src, dir, target) and check(...)
     with atomic_dir(out) as tmp:
-        manifest = module.write(src, tmp, target)
-        manifest["round_trip"] = module.check(src, tmp, target) if check else None
-        manifest.update(format=fmt, source=str(src.path), source_kind=src.kind, target=target,
+        try:
+            manifest = module.write(src, tmp, target)
+            manifest["round_trip"] = module.check(src, tmp, target) if check else None
+        except (KoalaError, OSError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a drafter the format's writer or loader cannot take
+            why = (str(e).strip().splitlines() or [""])[0][:200]
+            raise KoalaError(f"the {fmt} export of {source_ref or src.path} failed ({type(e).__name__}: {why}): "
+                             "nothing was written; check that the drafter loads with koala eval") from None
+        manifest.update(format=fmt, source=source_ref or str(src.path), source_kind=src.kind, target=target,
                         source_weights_sha256=weights_digest(src.path),
                         files=sorted(f.name for f in tmp.iterdir()))
         (tmp / EXPORT_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")

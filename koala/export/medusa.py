@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from koala.export.speculators import verifier_name
+
 MEDUSA_PT, VLLM_WEIGHTS = "medusa_lm_head.pt", "model.safetensors"
 
 
@@ -59,7 +61,7 @@ def write(src, out: Path, target: str) -> dict:
     config = {"model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": H, "vocab_size": V,
               "num_heads": n, "num_hidden_layers": layers, "medusa_num_heads": n, "medusa_num_layers": layers,
               "medusa_fc_bias": True, "original_lm_head": True, "truncated_vocab_size": V if vocab is None else
-              len(vocab), "base_model_name_or_path": t.info.source, "max_paths": 64, "topk": 10,
+              len(vocab), "base_model_name_or_path": verifier_name(t), "max_paths": 64, "topk": 10,
               "torch_dtype": "float32"}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return {"heads": n, "layers": layers, "draft_vocab_size": 0 if vocab is None else len(vocab),

@@ -2,7 +2,7 @@
 
 0.4.0.1 is the last release that defines EAGLE-1 / HASS speculators (`speculators_model_type: eagle`, class
 `EagleSpeculator`); later releases hold EAGLE-3 and newer methods only. Its forward, for K = 1 with `layernorms` and
-`fusion_bias` on:
+`fusion_bias` on (the package's variant with the extra norms; plain EAGLE-1 has neither):
 
     e = embedding_layernorm(embed_tokens(x_{t+1}));  h = fusion_fc([e ; f_t])
     h = transformer(h)            (one LlamaDecoderLayer, its input_layernorm kept)
@@ -66,6 +66,9 @@ def config(head, t) -> dict:
                                          "hidden_size", "intermediate_size", "max_position_embeddings", "mlp_bias",
                                          "num_attention_heads", "num_key_value_heads", "rms_norm_eps")}
     rope = getattr(c, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise KoalaError(f"the target's RoPE scaling {rope['rope_type']!r} is not written by the speculators export "
+                         "(its eagle config takes rope_theta alone): export is limited to targets without RoPE scaling")
     layer.update(model_type="llama", num_hidden_layers=1, vocab_size=t.info.vocab_size,
                  rope_theta=float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))), rope_scaling=None)
     return {"architectures": ["EagleSpeculator"], "speculators_model_type": "eagle", "speculators_version": VERSION,
@@ -76,7 +79,13 @@ def config(head, t) -> dict:
                 "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3, "verifier_accept_k": 1,
                                       "accept_tolerance": 0.0}],
                 "verifier": {"architectures": list(t.model.config.architectures or ["LlamaForCausalLM"]),
-                             "name_or_path": t.info.source}}}
+                             "name_or_path": verifier_name(t)}}}
+
+
+def verifier_name(t) -> str:
+    """What a loader can fetch the target by: its hub id or directory; a GGUF target's name (give the loader the
+    verifier itself: `verifier_attachment_mode="detached"` and its embeddings, as the round trip does)."""
+    return t.info.name if t.info.source.endswith(".gguf") else t.info.source
 
 
 def write(src, out: Path, target: str) -> dict:
@@ -159,11 +168,13 @@ def compare(ours: torch.Tensor, theirs: torch.Tensor, vocab, via: str) -> dict:
 @torch.no_grad()
 def check(src, out: Path, target: str) -> dict:
     ours, embed, lm, ids, feats, vocab = koala_inputs(src, target)
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        import speculators  # the package's own classes where this version is installed
-    except ImportError:
-        speculators = None
-    if getattr(speculators, "__version__", None) != VERSION:
+        installed = version("speculators")  # the package's own classes where this version is installed
+    except PackageNotFoundError:
+        installed = None
+    if installed != VERSION:
         return compare(ours, reference_logits(out, embed, lm, ids, feats), vocab, "reference forward")
     return compare(ours, package_logits(out, embed, lm, ids, feats), vocab, f"speculators {VERSION}")
 

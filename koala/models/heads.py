@@ -52,7 +52,7 @@ class MedusaHeads(nn.Module):
 class EagleHead(nn.Module):
     """fc([f_t ; norm(emb(x_{t+1}))]) then K decoder layers (the target's architecture) -> predicted f_{t+1}.
 
-    The RMS norm on the token embedding (HASS's `embedding_layernorm`, `embed_norm`) puts the embedding on the
+    The RMS norm on the token embedding (`embed_norm`, speculators' `embedding_layernorm`) puts the embedding on the
     feature's scale; with it, a K = 1 head is exactly the `eagle` speculator of vLLM's speculators package with
     `layernorms` and `fusion_bias` (koala.export.speculators). Heads saved before it existed load without it.
     """

@@ -122,7 +122,7 @@ def test_medusa_export_reloads_in_the_medusa_packages_head_and_in_vllms_layout(d
     m = export(open_drafter(src), "medusa", tmp_path / "m")
     assert m["medusa_repo_loads"] == (layers == 1)
     heads, _ = load_heads(src, t.model)
-    f = torch.randn(20, t.model.config.hidden_size)
+    f = torch.randn(20, t.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = t.model.lm_head(heads(f))  # what koala's MedusaDrafter drafts from: (heads, N, V)
         config = json.loads((tmp_path / "m" / "config.json").read_text())
