@@ -1,8 +1,11 @@
-"""Flow: sample the target into Parquet distillation shards (resumable, incremental)."""
+"""Flows: sample the target into Parquet distillation shards (resumable, incremental), on one worker or fanned out
+over a work pool (`fan_out`: one `sample-shards` child flow run per range of shards, each on whichever worker takes
+it; shards are claimed, so two workers never write one)."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Literal
 
 from prefect import flow
@@ -23,6 +26,8 @@ def build_distillation_dataset(
     max_new_tokens: int | None = None,
     overrides: list[str] | None = None,
     source: Literal["generated", "teacher_forced"] = "generated",
+    fan_out: int = 0,
+    deployment: str = "sample-shards/sample-shards",
 ) -> str:
     """Sample the target on the configured prompts into shards under out_dir; returns out_dir.
 
@@ -35,6 +40,9 @@ def build_distillation_dataset(
         overrides: more `section.field=value` settings.
         source: generated (sample the target) or teacher_forced (run it over the logs' own answers:
             the teacher_forced section of the config).
+        fan_out: 0 samples here; N >= 1 splits the shards to sample into N ranges and starts one run of
+            `deployment` per range on its work pool, then waits for them all (the workers share out_dir).
+        deployment: the `sample-shards` deployment the ranges run as (deployments/prefect.yaml).
     """
     extra = list(overrides or [])
     extra += [f"{'prompts' if source == 'generated' else 'teacher_forced'}.limit={n_prompts}"] if n_prompts else []
@@ -51,7 +59,21 @@ def build_distillation_dataset(
     if plan["recovered"] is not None:
         print(f"ShareGPT: recovered {plan['recovered']} complete conversations")
 
-    # Step 2: sample every shard; finished ones are cached or skipped.
+    # Step 2: sample every shard (here, or fanned out over the pool); finished ones are cached or skipped.
+    if fan_out:
+        _fan_out(plan, fan_out, deployment, dict(profile=profile, config_path=config_path, out_dir=out,
+                                                 overrides=extra, source=source))
+    else:
+        _sample_here(cfg, out, plan, source)
+
+    # Step 3: check the whole dataset against its manifest (every planned shard whole, no sample twice).
+    table = shards.load(out, columns=["sample_id"])
+    print(f"{out}: {table.num_rows} samples in {len(plan['shards'])} shards")
+    return out
+
+
+def _sample_here(cfg, out: str, plan: dict, source: str) -> None:
+    """Every shard of the plan in this flow run, with a progress bar (rate and ETA)."""
     todo = set(plan["todo"])
     futures = [sample_shard.with_options(refresh_cache=spec["index"] in todo).submit(
                    cfg, out, spec, {pid: plan["records"][pid] for pid in spec["prompt_ids"] if pid in plan["records"]},
@@ -71,7 +93,82 @@ def build_distillation_dataset(
                 bar.set_postfix(samples_s=f"{samples / dt:.1f}", tokens_s=f"{tokens / dt:.0f}")
             bar.update(1)
 
-    # Step 3: check the whole dataset against its manifest.
-    table = shards.load(out, columns=["sample_id"])
-    print(f"{out}: {table.num_rows} samples in {len(plan['shards'])} shards")
-    return out
+
+def ranges(todo: list[int], n: int) -> list[list[int]]:
+    """`todo` split into at most n contiguous ranges of sizes differing by at most one."""
+    n = max(1, min(n, len(todo)))
+    k, r = divmod(len(todo), n)
+    out, i = [], 0
+    for j in range(n):
+        out.append(todo[i:i + k + (j < r)])
+        i += k + (j < r)
+    return [x for x in out if x]
+
+
+def _fan_out(plan: dict, n: int, deployment: str, params: dict) -> None:
+    """One child flow run of `deployment` per range of the shards to sample; wait until the dataset is complete or
+    every child has ended (a child whose worker died stays Running on the server: the others take its shards over)."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    parts = ranges(sorted(plan["todo"]), n)
+    runs = [run_deployment(deployment, parameters={**params, "shards": part}, timeout=0,
+                           flow_run_name=f"shards-{part[0]}-{part[-1]}") for part in parts]
+    print(f"{len(plan['todo'])} shards in {len(runs)} runs of {deployment}: "
+          + ", ".join(f"{r.name} ({len(p)})" for r, p in zip(runs, parts)))
+    pending = {r.id: r.name for r in runs}
+    out = Path(params["out_dir"])
+    with get_client(sync_client=True) as client, tqdm(total=len(plan["shards"]), desc="shards", unit="shard") as bar:
+        while pending:
+            time.sleep(2)
+            for rid in list(pending):
+                state = client.read_flow_run(rid).state
+                if state is not None and state.is_final():
+                    print(f"{pending.pop(rid)}: {state.name}")
+            done = _done(out, plan)
+            bar.update(done - bar.n)
+            if done == len(plan["shards"]) and pending:
+                print(f"every shard is done; still open on the server (a worker died?): {sorted(pending.values())}")
+                return
+
+
+def _done(out: Path, plan: dict) -> int:
+    """Planned shards the manifest records as done."""
+    done = (shards.read_manifest(out) or {}).get("done", {})
+    return sum(1 for spec in plan["shards"] if f"shard-{spec['index']:05d}.parquet" in done)
+
+
+@flow(name="sample-shards", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
+def sample_shards(
+    shards: list[int],
+    profile: str = "smoke",
+    config_path: str | None = None,
+    out_dir: str | None = None,
+    overrides: list[str] | None = None,
+    source: Literal["generated", "teacher_forced"] = "generated",
+    take_over: bool = True,
+) -> dict:
+    """Sample the planned shards numbered `shards` into out_dir, each under its claim: one fanned-out range of
+    build-distillation-dataset, run by whichever worker of the pool takes it. Then, with take_over, every other
+    unfinished shard of the plan that no live worker holds (a dead worker's range, a slower worker's tail).
+    Returns what this run wrote.
+    """
+    from koala.data.shards import worker_id
+
+    cfg = resolve_config(profile, config_path, overrides)
+    out = out_dir or (cfg.sampling.out_dir if source == "generated" else cfg.teacher_forced.out_dir)
+    plan = plan_shards(cfg, out, source)  # the parent's plan, read back (idempotent); records for the shards to do
+    mine = [i for i in shards if i in set(plan["todo"])]
+    order = mine + ([i for i in plan["todo"] if i not in set(shards)] if take_over else [])
+    by_index = {spec["index"]: spec for spec in plan["shards"]}
+    entries = []
+    for i in order:
+        spec = by_index[i]
+        entries.append(sample_shard.with_options(refresh_cache=True).submit(
+            cfg, out, spec, {pid: plan["records"][pid] for pid in spec["prompt_ids"] if pid in plan["records"]},
+            source).result())
+    wrote = [e["file"] for e in entries if not e.get("skipped")]
+    left = {e["file"]: e["claimed_by"] for e in entries if e.get("claimed_by")}
+    print(f"{worker_id()}: wrote {len(wrote)} shards ({len(mine)} in its range)"
+          + (f"; held by others: {left}" if left else ""))
+    return {"worker": worker_id(), "wrote": wrote, "held_by_others": left}

@@ -37,6 +37,9 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
            max_new_tokens: Optional[int] = typer.Option(None, help="longest response in tokens"),
            source: str = typer.Option("generated", help="generated: sample the target; teacher_forced: run it over "
                                       "the logs' own answers (settings: the teacher_forced section)"),
+           fan_out: int = typer.Option(0, help="N >= 1: split the shards into N ranges, each a run of the "
+                                       "sample-shards deployment on its work pool (needs PREFECT_API_URL)"),
+           deployment: str = typer.Option("sample-shards/sample-shards", help="the deployment --fan-out runs"),
            set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
     """Sample the target into Parquet distillation shards (a Prefect flow; resumable and incremental)."""
     from koala.config import load_config
@@ -44,6 +47,14 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
 
     try:
         at_least_one(n_prompts=n_prompts, max_new_tokens=max_new_tokens)
+        if fan_out < 0:
+            raise KoalaError(f"--fan-out {fan_out}: must be 0 (sample here) or the number of shard ranges")
+        if fan_out:
+            from prefect.settings import PREFECT_API_URL
+
+            if not PREFECT_API_URL.value():
+                raise KoalaError("--fan-out needs a Prefect server whose work pool has workers: set PREFECT_API_URL "
+                                 "(README: Scale out), or leave --fan-out out to sample here")
         if source not in SOURCES:
             raise KoalaError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
         if source == "teacher_forced" and n_prompts:  # how many conversations to teacher-force
@@ -58,7 +69,7 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
 
         out_dir = in_prefect(lambda: build_distillation_dataset(
             profile=profile, config_path=config, out_dir=out, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
-            overrides=set_ or [], source=source))
+            overrides=set_ or [], source=source, fan_out=fan_out, deployment=deployment))
     except KoalaError as e:
         fail(e)
     typer.echo(f"dataset: {out_dir} (read it with koala.data.shards.load or pyarrow.parquet.read_table)")

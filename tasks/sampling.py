@@ -47,19 +47,24 @@ def shard_cache_key(context, parameters) -> str:
       retry_condition_fn=retry_unless_koala_error, cache_key_fn=shard_cache_key,
       persist_result=True)
 def sample_shard(cfg: KoalaConfig, out_dir: str, spec: dict, records: dict, source: str = "generated") -> dict:
-    """Sample (or teacher-force) one shard, skipped when the manifest already vouches for it; returns its entry."""
+    """Sample (or teacher-force) one shard under its claim, skipped when the manifest already vouches for it or
+    another live worker holds it; returns its entry."""
     spec_ = shards.ShardSpec(spec["index"], tuple(spec["prompt_ids"]))
-    done = (shards.read_manifest(Path(out_dir)) or {}).get("done", {}).get(spec_.file)
-    if done and shards.shard_valid(Path(out_dir), done):
-        return {**done, "skipped": True}
-    s = session_for(cfg.target)
-    recs = {pid: PromptRecord(r["id"], r["source"], r["category"], tuple(r["messages"]), (), r.get("response"))
-            for pid, r in records.items() if pid in set(spec_.prompt_ids)}
-    if source == "teacher_forced":
-        from koala.data.teacher import teacher_force_shard
+    with shards.claim(Path(out_dir), spec_.file) as holder:
+        if holder is not None:
+            get_run_logger().info("%s is being sampled by %s: left to it", spec_.file, holder.get("worker"))
+            return {"file": spec_.file, "index": spec_.index, "skipped": True, "claimed_by": holder.get("worker")}
+        done = (shards.read_manifest(Path(out_dir)) or {}).get("done", {}).get(spec_.file)
+        if done and shards.shard_valid(Path(out_dir), done):
+            return {**done, "skipped": True}
+        s = session_for(cfg.target)
+        recs = {pid: PromptRecord(r["id"], r["source"], r["category"], tuple(r["messages"]), (), r.get("response"))
+                for pid, r in records.items() if pid in set(spec_.prompt_ids)}
+        if source == "teacher_forced":
+            from koala.data.teacher import teacher_force_shard
 
-        entry = teacher_force_shard(cfg, s.target, spec_, recs, out_dir, progress=False)
-    else:
-        entry = build.sample_shard(cfg, s.target, s.engine, spec_, recs, out_dir, s.eos_ids)
+            entry = teacher_force_shard(cfg, s.target, spec_, recs, out_dir, progress=False)
+        else:
+            entry = build.sample_shard(cfg, s.target, s.engine, spec_, recs, out_dir, s.eos_ids)
     get_run_logger().info("%s: %d rows, %.1f tokens/s", entry["file"], entry["rows"], entry["tokens_per_s"])
     return entry

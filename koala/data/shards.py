@@ -13,6 +13,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
+import socket
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +168,82 @@ def shard_valid(out_dir: Path, entry: dict) -> bool:
     return bool(entry.get("sha256")) and f.exists() and sha256_file(f) == entry["sha256"]
 
 
+# --- claims: one writer per shard across workers ------------------------------------------------------------------
+
+CLAIM_LEASE_S = 120.0  # a claim whose holder is on another host and has not touched it for this long is stale
+
+
+def worker_id() -> str:
+    """Who writes: $KOALA_WORKER (set it per worker), else host:pid."""
+    return os.environ.get("KOALA_WORKER") or f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _claim_live(holder: dict, path: Path, lease_s: float) -> bool:
+    """A claim is live while its process runs (same host: the pid; another host: its heartbeat, the file's mtime)."""
+    if holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    try:
+        return time.time() - path.stat().st_mtime < lease_s
+    except FileNotFoundError:
+        return False
+
+
+@contextmanager
+def claim(out_dir: Path, file: str, lease_s: float = CLAIM_LEASE_S) -> Iterator[dict | None]:
+    """Hold shard `file` of `out_dir` while sampling it: yields None when this process holds it, else the live
+    holder's claim ({worker, host, pid, since}), and then the shard is left to that holder.
+
+    The claim is a file `.FILE.claim` taken under a lock, refreshed by a heartbeat thread every lease_s / 4 and
+    removed on exit; a holder killed (even by SIGKILL) leaves a stale claim that the next worker takes over: its
+    pid is gone (same host) or its heartbeat older than lease_s (another host). The shard itself is written
+    atomically (write_shard), so a dead holder leaves no half-written shard, only one to redo.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f".{file}.claim"
+    me = {"worker": worker_id(), "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    with open(out_dir / ".claims.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            holder = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            holder = None
+        live = holder is not None and _claim_live(holder, path, lease_s)
+        if not live:
+            write_json_atomic(path, me)
+    if live:
+        yield holder
+        return
+    for left in out_dir.glob(f".{file}.*.tmp"):  # a dead holder's partial write: never a shard, now removed
+        left.unlink(missing_ok=True)
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(lease_s / 4):
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                return
+
+    threading.Thread(target=beat, daemon=True, name=f"claim-{file}").start()
+    try:
+        yield None
+    finally:
+        stop.set()
+        with open(out_dir / ".claims.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if json.loads(path.read_text()) == json.loads(json.dumps(me)):
+                    path.unlink()
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+
+
 # --- writing and reading -----------------------------------------------------------------------------------------
 
 def write_shard(out_dir: Path, spec: ShardSpec, rows: list[dict], metadata: dict, topk: bool,
@@ -185,7 +265,7 @@ def write_shard(out_dir: Path, spec: ShardSpec, rows: list[dict], metadata: dict
         raise KoalaError(f"could not write {final} ({e.strerror or e}): free disk space under {out_dir} and run "
                          "again; finished shards are kept") from e
     fault("shard.rename")  # renamed, not yet in the manifest
-    entry = {"file": spec.file, "index": spec.index, "rows": table.num_rows, "sha256": digest}
+    entry = {"file": spec.file, "index": spec.index, "rows": table.num_rows, "sha256": digest, "worker": worker_id()}
     with locked_manifest(out_dir) as m:
         m.setdefault("done", {})[spec.file] = entry
     return entry

@@ -179,12 +179,9 @@ def compare_causal_lms(fmt: str, ours, theirs, ids, new_tokens: int = 16, atol: 
         diff = float((a - b).abs().max())
         scale = float(a.abs().max())
         require(diff <= atol * max(1.0, scale), fmt, f"logits differ by {diff:.3g} at scale {scale:.3g}")
-        greedy = []
-        for m in (ours, theirs):
-            x = ids
-            for _ in range(new_tokens):
-                x = torch.cat([x, m(x).logits[:, -1:].argmax(-1)], dim=1)
-            greedy.append(x[:, ids.shape[1]:])
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                  do_sample=False, pad_token_id=0)
+        greedy = [m.generate(ids, **kw)[:, ids.shape[1]:] for m in (ours, theirs)]
         require(torch.equal(*greedy), fmt, "greedy continuations differ")
     return {"max_abs_logit_diff": diff, "logit_scale": scale, "greedy_tokens_identical": int(greedy[0].numel()),
             "probe_tokens": int(ids.numel())}

@@ -172,17 +172,9 @@ def check(src, out: Path, target: str) -> dict:
 
     from koala.export import compare_causal_lms, probe_ids
 
-    from gguf import GGUFReader
-
-    from koala.export import compare_causal_lms, probe_ids, require
-
     ours = AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32).eval()
     saved = json.loads((src.path / "config.json").read_text())
     half = (saved.get("dtype") or saved.get("torch_dtype")) == "float16"
     r = compare_causal_lms("gguf", ours, load(out), probe_ids(AutoTokenizer.from_pretrained(src.path)),
                            atol=1e-3 if half else 1e-5)
-    tokens = GGUFReader(out / FILE).fields["tokenizer.ggml.tokens"].contents()
-    require(len(tokens) == ours.config.vocab_size, "gguf", f"{len(tokens)} vocabulary tokens for a "
-            f"{ours.config.vocab_size}-token head")
-    r.update(vocabulary_tokens=len(tokens), loaded_with="transformers' GGUF reader")
-    return r
+    return {**r, "loaded_with": "transformers' GGUF reader"}

@@ -264,3 +264,54 @@ def test_new_shards_never_reuse_a_number(tmp_path, session, tiny_target_dir):
     p = build.build(cfg, session, progress=False)
     assert [s.index for s in p.shards] == [0, 8]
     assert shards.load(tmp_path / "ds").num_rows == 6
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from koala.data.shards import claim
+with claim(Path(sys.argv[1]), "shard-00000.parquet") as holder:
+    print("held" if holder is None else "taken", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_one_process_holds_a_shard_and_a_killed_holders_shard_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    from koala.data.shards import claim
+
+    p = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with claim(tmp_path, "shard-00000.parquet") as holder:
+            assert holder is not None and holder["pid"] == p.pid  # live: left to it
+        (tmp_path / ".shard-00000.parquet.abc.tmp").write_text("a partial write")
+    finally:
+        p.kill()  # SIGKILL: no cleanup runs
+        p.wait()
+    assert (tmp_path / ".shard-00000.parquet.claim").exists()
+    with claim(tmp_path, "shard-00000.parquet") as holder:
+        assert holder is None  # the dead holder's claim is stale: taken over
+        assert not (tmp_path / ".shard-00000.parquet.abc.tmp").exists()  # and its partial write removed
+    assert not (tmp_path / ".shard-00000.parquet.claim").exists()  # released on exit
+
+
+def test_a_claim_from_another_host_is_live_while_its_heartbeat_is_fresh(tmp_path):
+    import os
+    import time
+
+    from koala.data.shards import claim
+
+    path = tmp_path / ".shard-00001.parquet.claim"
+    path.write_text(json.dumps({"worker": "w9", "host": "another-host", "pid": 1, "since": 0}))
+    with claim(tmp_path, "shard-00001.parquet", lease_s=60) as holder:
+        assert holder["worker"] == "w9"
+    old = time.time() - 120
+    os.utime(path, (old, old))
+    with claim(tmp_path, "shard-00001.parquet", lease_s=0.4) as holder:
+        assert holder is None
+        t0 = path.stat().st_mtime
+        time.sleep(0.5)
+        assert path.stat().st_mtime > t0  # our heartbeat keeps it fresh for workers on other hosts

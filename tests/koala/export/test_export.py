@@ -34,7 +34,7 @@ def needs_overlay(name: str) -> Path:
 def drafter_dir(default_target, tmp_path_factory):
     """An independent drafter for the default target (2 of its layers, a draft vocabulary), as koala saves one."""
     t = default_target
-    model = build_drafter(t, DrafterConfig(layers=2), seed=0)
+    model = build_drafter(t, DrafterConfig(layers=1), seed=0)
     out = tmp_path_factory.mktemp("drafter") / "drafter"
     return save_drafter(model, t.tokenizer, out, {"target": {"name": t.info.name}}, torch.arange(0, 8000, 2))
 
@@ -63,7 +63,7 @@ def test_hf_export_drafts_as_assistant_model_and_keeps_the_targets_greedy_tokens
     ids = AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(
         [{"role": "user", "content": "Name three rivers in Europe."}], add_generation_prompt=True, return_tensors="pt")
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-    kw = dict(max_new_tokens=24, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=2)
+    kw = dict(max_new_tokens=16, do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=2)
     alone = t.model.generate(ids, **kw)
     assisted = t.model.generate(ids, assistant_model=drafter, **kw)
     assert torch.equal(alone, assisted)
@@ -72,24 +72,20 @@ def test_hf_export_drafts_as_assistant_model_and_keeps_the_targets_greedy_tokens
 
 def test_gguf_export_reloads_with_transformers_gguf_reader_equal_to_the_source(default_target, drafter_dir, tmp_path):
     from gguf import GGUFReader
-    from transformers import AutoModelForCausalLM
 
-    from koala.export import compare_causal_lms, probe_ids
-    from koala.export.gguf import FILE, load
+    from koala.export.gguf import FILE
 
-    m = export(open_drafter(drafter_dir), "gguf", tmp_path / "g")
-    assert m["round_trip"]["max_abs_logit_diff"] <= 1e-5 * m["round_trip"]["logit_scale"]
-    ours = AutoModelForCausalLM.from_pretrained(drafter_dir, dtype=torch.float32).eval()
-    r = compare_causal_lms("gguf", ours, load(tmp_path / "g"), probe_ids(default_target.tokenizer), new_tokens=24,
-                           atol=1e-5)
-    assert r["greedy_tokens_identical"] == 48
+    m = export(open_drafter(drafter_dir), "gguf", tmp_path / "g")  # its check: reloaded by transformers' reader
+    rt = m["round_trip"]
+    assert rt["max_abs_logit_diff"] <= 1e-5 * rt["logit_scale"] and rt["greedy_tokens_identical"] == 32
+    assert rt["loaded_with"] == "transformers' GGUF reader"
     # llama.cpp drafts only with the target's vocabulary: the tokenizer fields are the target GGUF's
     src = GGUFReader(default_target.info.source).fields
     out = GGUFReader(tmp_path / "g" / FILE).fields
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
         assert out[key].contents() == src[key].contents(), key
-    assert out["general.architecture"].contents() == "llama" and out["llama.block_count"].contents() == 2
+    assert out["general.architecture"].contents() == "llama" and out["llama.block_count"].contents() == 1
 
 
 def test_gguf_vocabulary_built_from_the_hf_tokenizer_equals_the_one_llama_cpp_wrote(default_target, tmp_path):
