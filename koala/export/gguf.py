@@ -65,7 +65,8 @@ def write(src, out: Path, target: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(src.path, dtype="auto")
     c = model.config
     if c.model_type != "llama":
-        raise KoalaError(f"{src.path} is a {c.model_type} model: the gguf export writes Llama drafters; use --format hf")
+        raise KoalaError(f"{src.path} is a {c.model_type} model: the gguf export writes Llama drafters; use "
+                         "--format hf")
     half = model.dtype == torch.float16
     w = gguf.GGUFWriter(out / FILE, "llama")
     w.add_name(f"koala drafter for {target}")

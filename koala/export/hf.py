@@ -32,7 +32,8 @@ def write(src, out: Path, target: str) -> dict:
         if (src.path / name).exists():
             shutil.copy2(src.path / name, out / name)
     cfg = json.loads((out / "config.json").read_text())
-    return {"architecture": cfg.get("architectures", ["?"])[0], "parameters": sum(p.numel() for p in model.parameters()),
+    return {"architecture": cfg.get("architectures", ["?"])[0],
+            "parameters": sum(p.numel() for p in model.parameters()),
             "draft_vocab_size": src.info.get("draft_vocab_size", 0)}
 
 

@@ -10,8 +10,9 @@
   vLLM read K > 1.
 * `model.safetensors` with `config.json`: vLLM's Medusa model (`vllm/model_executor/models/medusa.py`), keys
   `blocks.{i}.layers.{j}.weight|bias` and one `lm_heads.0.weight` that every head shares (`original_lm_head`, as
-  koala's heads share the target's); the config sets `medusa_fc_bias` (vLLM drops the blocks' biases without it). A draft vocabulary is written as vLLM's `token_map` with `truncated_vocab_size`, so
-  vLLM drafts over the same subset as koala; the Medusa repo has no such notion and drafts over the full vocabulary.
+  koala's heads share the target's); the config sets `medusa_fc_bias` (vLLM drops the blocks' biases without it).
+  A draft vocabulary is written as vLLM's `token_map` with `truncated_vocab_size`, so vLLM drafts over the same
+  subset as koala; the Medusa repo has no such notion and drafts over the full vocabulary.
 
 Both read the target's last hidden state after its final norm (what its LM head reads), as koala's heads do, and
 head i (from 0) predicts the token i + 2 places after that state's position.

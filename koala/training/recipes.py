@@ -25,7 +25,7 @@ from koala.models.vocab import load_draft_vocab
 from koala.targets import Target
 from koala.training.checkpoints import training_fingerprint, weights_digest
 from koala.training.data import draft_vocab_for, training_data
-from koala.training.loop import LogFn, train
+from koala.training.loop import LogFn, train, world
 from koala.training.objectives import Distill, FeatureSource, HeadsObjective, NextToken, adversarial_if
 
 FINAL = "drafter"
@@ -44,7 +44,8 @@ def pretrain(cfg: KoalaConfig, target: Target, out_dir: str | Path, steps: int |
     metrics = train(NextToken(model), data.train, cfg.training, out_dir, steps, heldout=data.heldout, resume=resume,
                     fingerprint=fp, on_log=on_log, progress=progress, desc="pretrain")
     info = _info(cfg, target, "pretrain", metrics, corpus=cfg.training.pretrain_corpus, drafter=cfg.drafter.model_dump())
-    return save_drafter(model, target.tokenizer, Path(out_dir) / FINAL, info)
+    final = Path(out_dir) / FINAL
+    return _on_rank0(lambda: save_drafter(model, target.tokenizer, final, info), final)
 
 
 def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str | Path, loss: str | None = None,
@@ -72,7 +73,8 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
     metrics = train(objective, data.train, cfg.training, out_dir, steps, heldout=data.heldout, resume=resume,
                     fingerprint=fp, on_log=on_log, progress=progress, desc="distill")
     info = _info(cfg, target, "distill", metrics, data, data_dir, loss=loss, drafter=cfg.drafter.model_dump())
-    return save_drafter(model, target.tokenizer, Path(out_dir) / FINAL, info, vocab_ids)
+    return _on_rank0(lambda: save_drafter(model, target.tokenizer, Path(out_dir) / FINAL, info, vocab_ids),
+                     Path(out_dir) / FINAL)
 
 
 def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str | Path, kind: str | None = None,
@@ -113,7 +115,21 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
                  adversarial=tcfg.adversarial, hidden_size=target.model.config.hidden_size,
                  vocab_size=target.model.config.vocab_size, init_from=init_from,
                  train_tokens=sum(max(len(r["input_ids"]) - r.get("prompt_len", 1), 0) for r in data.train.rows))
-    return save_heads(heads.eval(), Path(out_dir) / "heads", info, vocab_ids)
+    final = Path(out_dir) / "heads"
+    return _on_rank0(lambda: save_heads(heads.eval(), final, info, vocab_ids), final)
+
+
+def _on_rank0(save, path: Path) -> Path:
+    """The result written once, by rank 0 (DDP keeps every rank's weights equal); the other ranks wait for it, so
+    every rank returns a directory that is there (out_dir must be shared by the nodes of a multi-node run)."""
+    rank, world_size = world()
+    if rank == 0:
+        path = save()
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    return path
 
 
 def _drafter_fields(cfg: KoalaConfig) -> dict:
