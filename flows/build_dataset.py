@@ -108,28 +108,15 @@ def ranges(todo: list[int], n: int) -> list[list[int]]:
 def _fan_out(plan: dict, n: int, deployment: str, params: dict) -> None:
     """One child flow run of `deployment` per range of the shards to sample; wait until the dataset is complete or
     every child has ended (a child whose worker died stays Running on the server: the others take its shards over)."""
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
+    from koala_flows.fanout import start_runs, wait_runs
 
     parts = ranges(sorted(plan["todo"]), n)
-    runs = [run_deployment(deployment, parameters={**params, "shards": part}, timeout=0,
-                           flow_run_name=f"shards-{part[0]}-{part[-1]}") for part in parts]
+    runs = start_runs(deployment, [{**params, "shards": part} for part in parts],
+                      [f"shards-{part[0]}-{part[-1]}" for part in parts])
     print(f"{len(plan['todo'])} shards in {len(runs)} runs of {deployment}: "
           + ", ".join(f"{r.name} ({len(p)})" for r, p in zip(runs, parts)))
-    pending = {r.id: r.name for r in runs}
     out = Path(params["out_dir"])
-    with get_client(sync_client=True) as client, tqdm(total=len(plan["shards"]), desc="shards", unit="shard") as bar:
-        while pending:
-            time.sleep(2)
-            for rid in list(pending):
-                state = client.read_flow_run(rid).state
-                if state is not None and state.is_final():
-                    print(f"{pending.pop(rid)}: {state.name}")
-            done = _done(out, plan)
-            bar.update(done - bar.n)
-            if done == len(plan["shards"]) and pending:
-                print(f"every shard is done; still open on the server (a worker died?): {sorted(pending.values())}")
-                return
+    wait_runs(runs, lambda: (_done(out, plan), len(plan["shards"])), desc="shards")
 
 
 def _done(out: Path, plan: dict) -> int:

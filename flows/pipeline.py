@@ -13,6 +13,7 @@ from koala.config import HEAD_KINDS, LossName, parse_bench
 from koala.tracking import Tracker, check_reachable, resolve_uri
 from koala_tasks.common import resolve_config
 from koala_tasks.evaluation import evaluate_drafter, promote_drafter, register_drafter
+from koala_flows.train_nodes import distill_on_nodes
 from koala_tasks.training import distill_drafter, pretrain_drafter, train_heads_task
 
 Profile = Literal["smoke", "default", "gpu"]
@@ -115,6 +116,9 @@ def _train(cfg, data_dir: str, forced_dir: str | None, out: Path, init: str | No
         if heads:
             trained = train_heads_task.with_options(refresh_cache=_gone(out / name / "heads"))(
                 c, data, str(out / name), pid, init_from=prev, heldout_dir=data_dir)
+        elif c.distributed.nodes > 1:  # one torchrun job over that many workers of the pool
+            trained = distill_on_nodes(data, str(out / name), profile=None, overrides=_as_overrides(c),
+                                       init_from=prev or init)
         else:
             trained = distill_drafter.with_options(refresh_cache=_gone(out / name / "drafter"))(
                 c, data, str(out / name), init_from=prev or init, parent_run_id=pid)

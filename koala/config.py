@@ -187,6 +187,17 @@ class TrackingConfig(_Strict):
     experiment: str = Field("koala", description="MLflow experiment name")
 
 
+class DistributedConfig(_Strict):
+    """The pipeline's training stage as one torchrun job over several workers of the pool (README: Scale out)."""
+
+    nodes: int = Field(1, ge=1, description="workers (hosts) the training stage runs on; 1 = in the pipeline's run")
+    procs_per_node: int = Field(1, ge=1, description="torchrun processes per node (GPUs per host)")
+    rdzv_host: str | None = Field(None, description="address the workers reach the pipeline's host by (it hosts the "
+                                  "rendezvous); None: $KOALA_RDZV_HOST, else this host's name")
+    rdzv_port: int = Field(0, ge=0, le=65535, description="rendezvous port on that host; 0: a free one")
+    deployment: str = Field("train-node/train-node", description="the deployment each node runs as")
+
+
 class KoalaConfig(_Strict):
     run_dir: str = Field("runs", description="root of everything a run writes")
     target: TargetConfig = TargetConfig()
@@ -197,6 +208,7 @@ class KoalaConfig(_Strict):
     training: TrainingConfig = TrainingConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "KoalaConfig":
@@ -205,6 +217,9 @@ class KoalaConfig(_Strict):
         if d.kind == "medusa" and g != "auto" and g > d.medusa_heads:
             raise ValueError(f"eval.gamma {g} exceeds drafter.medusa_heads {d.medusa_heads} (a Medusa drafter proposes "
                              "one token per head): lower eval.gamma, raise drafter.medusa_heads, or use gamma auto")
+        if self.distributed.nodes > 1 and d.kind != "draft_model":
+            raise ValueError(f"distributed.nodes {self.distributed.nodes} trains the independent drafter (draft_model) "
+                             f"only; {d.kind} heads train on one node: set distributed.nodes to 1")
         return self
 
 

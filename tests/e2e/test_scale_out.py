@@ -1,5 +1,7 @@
-"""Fan-out over a Prefect work pool: a real server and two process workers sample one dataset together; one worker
-is killed with SIGKILL mid-run, and the dataset still completes, every sample once (README: Scale out)."""
+"""Scale out over a Prefect work pool (README: Scale out), on a real server with two process workers on loopback:
+they sample one dataset together, one of them killed with SIGKILL mid-run, and the dataset still completes, every
+sample once; then the training stage runs as one torchrun job over two workers ("nodes") of two processes each,
+and its weights equal a single process's with the same global batch and seed."""
 
 import json
 import os
@@ -10,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.e2e.test_prefect_server import BIN, ROOT, free_port, wait_healthy
 from tests.flows.test_pipeline import tiny_config
@@ -37,7 +41,7 @@ def done_entries(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_two_workers_sample_one_dataset_and_a_killed_worker_loses_nothing(tmp_path, tiny_target_dir):  # noqa: F811
+def test_two_workers_sample_one_dataset_then_train_as_two_nodes(tmp_path, tiny_target_dir):  # noqa: F811
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
@@ -63,12 +67,13 @@ def test_two_workers_sample_one_dataset_and_a_killed_worker_loses_nothing(tmp_pa
         run = lambda *a: subprocess.run(a, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)  # noqa
         r = run(prefect, "work-pool", "create", "gpu", "--type", "process")
         assert r.returncode == 0, r.stdout + r.stderr
-        r = run(prefect, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name",
-                "sample-shards")
-        assert r.returncode == 0, r.stdout + r.stderr
+        for name in ("sample-shards", "train-node"):
+            r = run(prefect, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", name)
+            assert r.returncode == 0, r.stdout + r.stderr
         for w in ("w1", "w2"):  # one flow run at a time each: the two ranges go to two workers
             start(w, [prefect, "worker", "start", "--pool", "gpu", "--name", w, "--limit", "1"], KOALA_WORKER=w)
-        cfg = tiny_config(tmp_path, tiny_target_dir, sampling__shard_size=1, sampling__max_new_tokens=48)
+        cfg = tiny_config(tmp_path, tiny_target_dir, sampling__shard_size=1, sampling__max_new_tokens=48,
+                          training__batch_size=4, drafter__draft_vocab=None)
         from tests.koala.data.test_shards import write_prompts
 
         write_prompts(tmp_path / "p.jsonl", 18, start=6)  # 24 prompts: 24 shards of one prompt
@@ -100,6 +105,25 @@ def test_two_workers_sample_one_dataset_and_a_killed_worker_loses_nothing(tmp_pa
         by = [e["worker"] for e in done_entries(out).values()]
         assert by.count("w1") >= 1 and by.count("w2") >= 1, by  # both workers took part
         assert not list(out.glob(".*.claim")) and not list(out.glob(".*.tmp"))  # no claim or partial file left
+
+        # the training stage as one torchrun job over two workers of the pool, two processes each
+        start("w3", [prefect, "worker", "start", "--pool", "gpu", "--name", "w3", "--limit", "1"], KOALA_WORKER="w3")
+        code = ("from koala_flows.train_nodes import distill_on_nodes; import sys; "
+                "print(distill_on_nodes(sys.argv[1], sys.argv[2], config_path=sys.argv[3], steps=3, overrides=["
+                "'distributed.nodes=2', 'distributed.procs_per_node=2', 'distributed.rdzv_host=127.0.0.1']))")
+        r = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "nodes"), str(cfg)], env=env,
+                           cwd=ROOT, capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + tail("w1", "w3")
+        one = subprocess.run([sys.executable, "-m", "koala.cli", "distill", "--config", str(cfg), "--data", str(out),
+                              "--out", str(tmp_path / "one"), "--steps", "3", "--no-track"], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert one.returncode == 0, one.stderr[-3000:]
+        a = load_file(tmp_path / "one" / "drafter" / "model.safetensors")
+        b = load_file(tmp_path / "nodes" / "drafter" / "model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
+        assert "nnodes=2" in logs["w1"].read_text() and "nnodes=2" in logs["w3"].read_text()  # one node each
     finally:
         for name, p in procs.items():
             if p.poll() is None:
