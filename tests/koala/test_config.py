@@ -80,5 +80,8 @@ def test_cross_field_settings_are_checked_and_old_names_still_read():
         load_config("smoke", overrides=["drafter.kind=medusa", "drafter.medusa_heads=4", "eval.gamma=6"])
     assert load_config("smoke", overrides=["drafter.kind=medusa", "eval.gamma=auto"]).drafter.medusa_heads == 4
     assert KoalaConfig.model_validate({"drafter": {"n_heads": 3}}).drafter.medusa_heads == 3  # the old name
+    with pytest.raises(KoalaError, match="distributed.nodes 2 trains the independent drafter"):
+        load_config("smoke", overrides=["distributed.nodes=2"])  # the smoke profile trains EAGLE heads
+    assert load_config("smoke", overrides=["distributed.nodes=2", "drafter.kind=draft_model"]).distributed.nodes == 2
     with pytest.raises(KoalaError, match="drafter.kind"):
         load_config("smoke", overrides=["drafter.kind=truncate"])  # a baseline spec, not a trainable kind
