@@ -61,8 +61,9 @@ def build_distillation_dataset(
 
     # Step 2: sample every shard (here, or fanned out over the pool); finished ones are cached or skipped.
     if fan_out:
-        _fan_out(plan, fan_out, deployment, dict(profile=profile, config_path=config_path, out_dir=out,
-                                                 overrides=extra, source=source))
+        _fan_out(plan, fan_out, deployment, dict(  # absolute: workers start in $KOALA_HOME
+            profile=profile, config_path=config_path and str(Path(config_path).resolve()),
+            out_dir=str(Path(out).resolve()), overrides=extra, source=source))
     else:
         _sample_here(cfg, out, plan, source)
 
@@ -116,13 +117,26 @@ def _fan_out(plan: dict, n: int, deployment: str, params: dict) -> None:
     print(f"{len(plan['todo'])} shards in {len(runs)} runs of {deployment}: "
           + ", ".join(f"{r.name} ({len(p)})" for r, p in zip(runs, parts)))
     out = Path(params["out_dir"])
-    wait_runs(runs, lambda: (_done(out, plan), len(plan["shards"])), desc="shards")
+    before = _entries(out)  # a to-do shard already has an entry only if it is damaged: done once it changes
+    ended = wait_runs(runs, lambda: (_done(out, plan, before), len(plan["shards"])), desc="shards",
+                      stall_s=2 * shards.CLAIM_LEASE_S)
+    failed = {n: s for n, s in ended.items() if s != "Completed"}
+    if failed:
+        print(f"runs that did not complete: {failed} (their shards are checked below; a rerun finishes them)")
 
 
-def _done(out: Path, plan: dict) -> int:
-    """Planned shards the manifest records as done."""
-    done = (shards.read_manifest(out) or {}).get("done", {})
-    return sum(1 for spec in plan["shards"] if f"shard-{spec['index']:05d}.parquet" in done)
+def _entries(out: Path) -> dict:
+    return (shards.read_manifest(out) or {}).get("done", {})
+
+
+def _done(out: Path, plan: dict, before: dict) -> int:
+    """Planned shards done: those not to do, and the to-do ones whose manifest entry appeared or changed."""
+    now, todo = _entries(out), set(plan["todo"])
+    n = 0
+    for spec in plan["shards"]:
+        f = f"shard-{spec['index']:05d}.parquet"
+        n += spec["index"] not in todo or (f in now and now[f] != before.get(f))
+    return n
 
 
 @flow(name="sample-shards", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
@@ -145,8 +159,10 @@ def sample_shards(
     cfg = resolve_config(profile, config_path, overrides)
     out = out_dir or (cfg.sampling.out_dir if source == "generated" else cfg.teacher_forced.out_dir)
     plan = plan_shards(cfg, out, source)  # the parent's plan, read back (idempotent); records for the shards to do
-    mine = [i for i in shards if i in set(plan["todo"])]
-    order = mine + ([i for i in plan["todo"] if i not in set(shards)] if take_over else [])
+    todo = set(plan["todo"])
+    mine = [i for i in shards if i in todo]
+    rest = set(plan["todo"]) - set(shards)
+    order = mine + (sorted(rest, reverse=True) if take_over else [])  # others' tails first: their heads are busy
     by_index = {spec["index"]: spec for spec in plan["shards"]}
     entries = []
     for i in order:

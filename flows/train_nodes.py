@@ -51,10 +51,9 @@ def distill_on_nodes(data_dir: str, out_dir: str, profile: str | None = "smoke",
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = out / "distributed-config.yaml"  # what every node reads: the resolved config, on the shared disk
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    from koala.training.checkpoints import latest_checkpoint
-
-    resume = ["--resume"] if latest_checkpoint(out) is not None else []  # a rerun goes on where the last stopped
-    argv = ["distill", "--config", str(cfg_file), "--data", str(data_dir), "--out", str(out), "--no-track", *resume,
+    # --auto-resume: a rerun goes on where the last stopped; another training's checkpoints are set aside
+    argv = ["distill", "--config", str(cfg_file), "--data", str(Path(data_dir).resolve()), "--out", str(out.resolve()),
+            "--no-track", "--auto-resume",
             *(["--init", str(init_from)] if init_from else []), *(["--loss", loss] if loss else []),
             *(["--steps", str(steps)] if steps else [])]
     host = d.rdzv_host or os.environ.get("KOALA_RDZV_HOST") or socket.getfqdn()
@@ -66,7 +65,7 @@ def distill_on_nodes(data_dir: str, out_dir: str, profile: str | None = "smoke",
 
         runs = start_runs(d.deployment, [params] * d.nodes, [f"node-{i}" for i in range(d.nodes)])
         print(f"{d.nodes} nodes x {d.procs_per_node} processes, rendezvous {endpoint}: {[r.name for r in runs]}")
-        ended = wait_runs(runs, desc="nodes")
+        ended = wait_runs(runs, desc="nodes", fail_fast=True, start_timeout_s=600)
     failed = {n: s for n, s in ended.items() if s != "Completed"}
     if failed:
         raise KoalaError(f"the training stage failed on {sorted(failed)} ({failed}): see those flow runs' logs; a rerun "
@@ -85,17 +84,13 @@ class _rendezvous_store:
     def __enter__(self) -> int:
         import torch.distributed as dist
 
-        if not self.port:
-            with socket.socket() as s:
-                s.bind(("", 0))
-                self.port = s.getsockname()[1]
-        try:
+        try:  # port 0: the OS picks a free one
             self.store = dist.TCPStore("0.0.0.0", self.port, is_master=True, wait_for_workers=False,
                                        timeout=timedelta(minutes=30))
         except (RuntimeError, OSError) as e:
             raise KoalaError(f"distributed.rdzv_port {self.port}: cannot serve the rendezvous there ({e}): choose a "
                              "free port, or 0") from None
-        return self.port
+        return self.store.port
 
     def __exit__(self, *exc) -> None:
         del self.store

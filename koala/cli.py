@@ -286,7 +286,7 @@ def _train_cmd(stage: str, config, profile, data, loss, steps, out, resume, init
         at_least_one(steps=steps)
         cfg = load_config(None if config else profile, config, set_ or [])
         out_dir = Path(out or Path(cfg.training.out_dir) / stage)
-        _check_training_paths(out_dir, resume, init=init, data=None if stage == "pretrain" else
+        _check_training_paths(out_dir, resume is True, init=init, data=None if stage == "pretrain" else
                               (data or cfg.sampling.out_dir))
         check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
         init_distributed()
@@ -375,6 +375,9 @@ def distill(config: Optional[str] = typer.Option(None, help="YAML config (defaul
             steps: Optional[int] = typer.Option(None, help="optimizer steps (default: training.steps)"),
             out: Optional[str] = typer.Option(None, help="output directory (default: training.out_dir/distill)"),
             resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),
+            auto_resume: bool = typer.Option(False, "--auto-resume", help="continue when --out holds this same "
+                                             "training's checkpoints, else set them aside and start (as the "
+                                             "pipeline does)"),
             init: Optional[str] = typer.Option(None, help="start from this drafter (e.g. a pretrained one)"),
             track: bool = typer.Option(True, help="log the run to MLflow"),
             set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
@@ -385,7 +388,8 @@ def distill(config: Optional[str] = typer.Option(None, help="YAML config (defaul
         one_of("--loss", loss, LOSS_NAMES)
     except KoalaError as e:
         fail(e)
-    _train_cmd("distill", config, profile, data, loss, steps, out, resume, init, track, set_)
+    _train_cmd("distill", config, profile, data, loss, steps, out, "auto" if auto_resume and not resume else resume,
+               init, track, set_)
 
 
 @app.command()

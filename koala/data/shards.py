@@ -179,19 +179,25 @@ def worker_id() -> str:
 
 
 def _claim_live(holder: dict, path: Path, lease_s: float) -> bool:
-    """A claim is live while its process runs (same host: the pid; another host: its heartbeat, the file's mtime)."""
-    if holder.get("host") == socket.gethostname():
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+    """A claim is live while its heartbeat (the file's mtime) is fresh and, on this host, its process runs (a pid
+    gone or a zombie is dead at once; a reused pid is caught by the stale heartbeat)."""
     try:
-        return time.time() - path.stat().st_mtime < lease_s
+        fresh = time.time() - path.stat().st_mtime < lease_s
     except FileNotFoundError:
         return False
+    if not fresh or holder.get("host") != socket.gethostname():
+        return fresh
+    pid = int(holder["pid"])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 @contextmanager
@@ -219,15 +225,19 @@ def claim(out_dir: Path, file: str, lease_s: float = CLAIM_LEASE_S) -> Iterator[
     if live:
         yield holder
         return
-    for left in out_dir.glob(f".{file}.*.tmp"):  # a dead holder's partial write: never a shard, now removed
-        left.unlink(missing_ok=True)
+    for pattern in (f".{file}.*.tmp", f"..{file}.claim.*.tmp"):  # a dead holder's partial writes: never a shard
+        for left in out_dir.glob(pattern):
+            left.unlink(missing_ok=True)
     stop = threading.Event()
+    mine = json.dumps(me)
 
-    def beat():
+    def beat():  # until released, or until the claim is no longer ours (taken over after a stall)
         while not stop.wait(lease_s / 4):
             try:
+                if json.loads(path.read_text()) != json.loads(mine):
+                    return
                 os.utime(path)
-            except FileNotFoundError:
+            except (FileNotFoundError, json.JSONDecodeError):
                 return
 
     threading.Thread(target=beat, daemon=True, name=f"claim-{file}").start()

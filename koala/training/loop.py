@@ -48,8 +48,11 @@ def world() -> tuple[int, int]:
 
 
 def init_distributed() -> None:
-    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA), each process on its
+    host's GPU number LOCAL_RANK (so `cuda` means that one for the target, the drafter and DDP)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
