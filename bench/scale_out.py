@@ -17,11 +17,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -29,24 +27,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout: float = 120) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"Prefect server at {url} did not become healthy")
 
 
 def config(a, out: Path, data: Path) -> Path:
@@ -63,14 +43,15 @@ def config(a, out: Path, data: Path) -> Path:
 
 def one(a, workers: int) -> dict:
     """One measurement: a fresh server, pool and dataset with `workers` workers."""
+    from koala_flows.server import free_port, server_env, wait_healthy
+
     out = Path(a.out) / f"w{workers}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(out / "prefect"), "PREFECT_API_URL": api, "KOALA_HOME": str(ROOT),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOCAL_STORAGE_PATH": str(out / "storage"),
-           "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    env = server_env(out, api, KOALA_HOME=str(ROOT), PYTHONPATH=str(ROOT), PATH=f"{BIN}:{os.environ['PATH']}",
+                     HF_HUB_OFFLINE="1")
     prefect = str(BIN / "prefect")
     procs = [subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                               stdout=open(out / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)]

@@ -33,7 +33,7 @@ from koala.errors import KoalaError
 STARTUP_TIMEOUT_S = 90.0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -48,6 +48,23 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def wait_healthy(url: str, timeout: float = 120.0) -> None:
+    """Block until the Prefect API at `url` answers /health (a server started in another process)."""
+    end = time.time() + timeout
+    while not _healthy(url):
+        if time.time() > end:
+            raise TimeoutError(f"Prefect server at {url} did not become healthy in {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+def server_env(home: Path, api: str, **extra) -> dict:
+    """The environment of a Prefect server, its workers and its clients, kept under `home` (tests, benchmarks)."""
+    env = {**os.environ, "PREFECT_HOME": str(home / "prefect"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"), **extra}
+    env.pop("PREFECT_API_KEY", None)
+    return env
+
+
 @contextmanager
 def prefect_api() -> Iterator[str]:
     """Yield the Prefect API URL to use: PREFECT_API_URL's, or a temporary server's that is stopped on exit."""
@@ -56,7 +73,7 @@ def prefect_api() -> Iterator[str]:
     if PREFECT_API_URL.value():
         yield PREFECT_API_URL.value()
         return
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     log = tempfile.NamedTemporaryFile(prefix="koala-prefect-server-", suffix=".log", delete=False)
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",

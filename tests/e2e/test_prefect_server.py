@@ -2,38 +2,18 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from koala_flows.server import free_port, server_env, wait_healthy
 from tests.flows.test_pipeline import tiny_config
 from tests.koala.data.test_shards import tiny_target_dir  # noqa: F401 - fixture reuse
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout: float = 120) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"Prefect server at {url} did not become healthy")
 
 
 STATUS_SCRIPT = """
@@ -52,10 +32,7 @@ asyncio.run(main())
 def test_worker_runs_the_deployed_pipeline(tmp_path, tiny_target_dir):  # noqa: F811
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "storage"),
-           "KOALA_HOME": str(ROOT), "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ['PATH']}"}
-    env.pop("PREFECT_API_KEY", None)
+    env = server_env(tmp_path, api, KOALA_HOME=str(ROOT), PYTHONPATH=str(ROOT), PATH=f"{BIN}:{os.environ['PATH']}")
     prefect = str(BIN / "prefect")
     server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                               stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.e2e.test_prefect_server import BIN, ROOT, free_port, wait_healthy
+from koala_flows.server import free_port, server_env, wait_healthy
+from tests.e2e.test_prefect_server import BIN, ROOT
 from tests.flows.test_pipeline import tiny_config
 from tests.koala.data.test_shards import tiny_target_dir  # noqa: F401 - fixture reuse
 
@@ -44,11 +45,8 @@ def done_entries(out: Path) -> dict:
 def test_two_workers_sample_one_dataset_then_train_as_two_nodes(tmp_path, tiny_target_dir):  # noqa: F811
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "storage"),
-           "KOALA_HOME": str(ROOT), "PYTHONPATH": str(ROOT), "PATH": f"{BIN}:{os.environ['PATH']}",
-           "PREFECT_WORKER_QUERY_SECONDS": "1"}  # workers poll every second: both pick up a range at once
-    env.pop("PREFECT_API_KEY", None)
+    env = server_env(tmp_path, api, KOALA_HOME=str(ROOT), PYTHONPATH=str(ROOT), PATH=f"{BIN}:{os.environ['PATH']}",
+                     PREFECT_WORKER_QUERY_SECONDS="1")  # workers poll every second: both pick up a range at once
     prefect = str(BIN / "prefect")
     logs = {}
     procs = {}
