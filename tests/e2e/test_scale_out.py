@@ -66,12 +66,12 @@ def test_two_workers_sample_one_dataset_then_train_as_two_nodes(tmp_path, tiny_t
         run = lambda *a: subprocess.run(a, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)  # noqa
         r = run(prefect, "work-pool", "create", "gpu", "--type", "process")
         assert r.returncode == 0, r.stdout + r.stderr
-        for name in ("sample-shards", "train-node"):
-            r = run(prefect, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", name)
-            assert r.returncode == 0, r.stdout + r.stderr
+        r = run(prefect, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name",
+                "sample-shards", "--name", "train-node")
+        assert r.returncode == 0, r.stdout + r.stderr
         for w in ("w1", "w2"):  # one flow run at a time each: the two ranges go to two workers
             start(w, [prefect, "worker", "start", "--pool", "gpu", "--name", w, "--limit", "1"], KOALA_WORKER=w)
-        cfg = tiny_config(tmp_path, tiny_target_dir, sampling__shard_size=1, sampling__max_new_tokens=32,
+        cfg = tiny_config(tmp_path, tiny_target_dir, sampling__shard_size=1, sampling__max_new_tokens=16,
                           training__batch_size=4, drafter__draft_vocab=None)
         from tests.koala.data.test_shards import write_prompts
 
