@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import uuid
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -75,22 +76,18 @@ def distill_on_nodes(data_dir: str, out_dir: str, profile: str | None = "smoke",
             "metrics": info.get("metrics", {})}
 
 
-class _rendezvous_store:
-    """The c10d rendezvous store of one job, served by this process while the nodes run."""
+@contextmanager
+def _rendezvous_store(port: int):
+    """The c10d rendezvous store of one job, served by this process while the nodes run; yields its port (0: the OS
+    picks a free one)."""
+    import torch.distributed as dist
 
-    def __init__(self, port: int):
-        self.port = port
-
-    def __enter__(self) -> int:
-        import torch.distributed as dist
-
-        try:  # port 0: the OS picks a free one
-            self.store = dist.TCPStore("0.0.0.0", self.port, is_master=True, wait_for_workers=False,
-                                       timeout=timedelta(minutes=30))
-        except (RuntimeError, OSError) as e:
-            raise KoalaError(f"distributed.rdzv_port {self.port}: cannot serve the rendezvous there ({e}): choose a "
-                             "free port, or 0") from None
-        return self.store.port
-
-    def __exit__(self, *exc) -> None:
-        del self.store
+    try:
+        store = dist.TCPStore("0.0.0.0", port, is_master=True, wait_for_workers=False, timeout=timedelta(minutes=30))
+    except (RuntimeError, OSError) as e:
+        raise KoalaError(f"distributed.rdzv_port {port}: cannot serve the rendezvous there ({e}): choose a free port, "
+                         "or 0") from None
+    try:
+        yield store.port
+    finally:
+        del store

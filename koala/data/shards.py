@@ -229,12 +229,11 @@ def claim(out_dir: Path, file: str, lease_s: float = CLAIM_LEASE_S) -> Iterator[
         for left in out_dir.glob(pattern):
             left.unlink(missing_ok=True)
     stop = threading.Event()
-    mine = json.dumps(me)
 
     def beat():  # until released, or until the claim is no longer ours (taken over after a stall)
         while not stop.wait(lease_s / 4):
             try:
-                if json.loads(path.read_text()) != json.loads(mine):
+                if json.loads(path.read_text()) != me:  # floats survive JSON exactly
                     return
                 os.utime(path)
             except (FileNotFoundError, json.JSONDecodeError):
@@ -248,7 +247,7 @@ def claim(out_dir: Path, file: str, lease_s: float = CLAIM_LEASE_S) -> Iterator[
         with open(out_dir / ".claims.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                if json.loads(path.read_text()) == json.loads(json.dumps(me)):
+                if json.loads(path.read_text()) == me:
                     path.unlink()
             except (FileNotFoundError, json.JSONDecodeError):
                 pass

@@ -147,6 +147,12 @@ def load_target(spec: str):
     return load(spec, dtype="float32")
 
 
+def verifier_name(t) -> str:
+    """What a loader can fetch the target by: its hub id or directory; a GGUF target's name (give the loader the
+    verifier itself: `verifier_attachment_mode="detached"` and its embeddings, as the round trip does)."""
+    return t.info.name if t.info.source.endswith(".gguf") else t.info.source
+
+
 PROBE_CHATS = (  # a fixed batch for the round trips: varied, and none of them an evaluation prompt
     "Write a short note to a neighbour asking them to water the plants while I am away.",
     "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"",

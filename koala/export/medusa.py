@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from koala.export.speculators import verifier_name
+from koala.export import verifier_name
 
 MEDUSA_PT, VLLM_WEIGHTS = "medusa_lm_head.pt", "model.safetensors"
 

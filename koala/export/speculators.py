@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from koala.errors import KoalaError
+from koala.export import verifier_name
 
 VERSION = "0.4.0.1"
 WEIGHTS = "model.safetensors"
@@ -80,12 +81,6 @@ def config(head, t) -> dict:
                                       "accept_tolerance": 0.0}],
                 "verifier": {"architectures": list(t.model.config.architectures or ["LlamaForCausalLM"]),
                              "name_or_path": verifier_name(t)}}}
-
-
-def verifier_name(t) -> str:
-    """What a loader can fetch the target by: its hub id or directory; a GGUF target's name (give the loader the
-    verifier itself: `verifier_attachment_mode="detached"` and its embeddings, as the round trip does)."""
-    return t.info.name if t.info.source.endswith(".gguf") else t.info.source
 
 
 def write(src, out: Path, target: str) -> dict:
