@@ -3,6 +3,7 @@ they sample one dataset together, one of them killed with SIGKILL mid-run, and t
 sample once; then the training stage runs as one torchrun job over two workers ("nodes") of two processes each,
 and its weights equal a single process's with the same global batch and seed."""
 
+import fcntl
 import json
 import os
 import signal
@@ -32,6 +33,35 @@ def processes_of(worker: str) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+def signal_all(worker: str, sig: int) -> list[int]:
+    pids = processes_of(worker)
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return pids
+
+
+def pause(worker: str, out: Path) -> None:
+    """SIGSTOP the worker and its flow run at a moment when it holds neither the claims' nor the manifest's lock
+    (a process stopped inside one would block the other worker)."""
+    while True:
+        signal_all(worker, signal.SIGSTOP)
+        free = True
+        for name in (".claims.lock", ".manifest.lock"):
+            with open(out / name, "a") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(f, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    free = False
+        if free:
+            return
+        signal_all(worker, signal.SIGCONT)
+        time.sleep(0.05)
 
 
 def done_entries(out: Path) -> dict:
@@ -79,17 +109,29 @@ def test_two_workers_sample_one_dataset_then_train_as_two_nodes(tmp_path, tiny_t
         out = tmp_path / "run" / "data"
         koala = str(BIN / "koala")
         start("parent", [koala, "sample", "--config", str(cfg), "--fan-out", "2"])
+        # Interleave the two workers by signals, not by timing (a fast worker would take the other's range over
+        # before its run has started): the first to write is paused until the other has written, then the other is
+        # killed mid-run with SIGKILL and the first resumes and finishes the dataset.
+        first = survivor = killed = None
         killed_at = None
         end = time.time() + 400
         while time.time() < end and procs["parent"].poll() is None:
             done = done_entries(out)
-            if killed_at is None and any(e.get("worker") == "w2" for e in done.values()):
-                for pid in processes_of("w2"):  # the worker and its flow run, mid-run
+            writers = {e.get("worker") for e in done.values()} & {"w1", "w2"}
+            if first is None and writers:
+                first = sorted(writers)[0]
+                pause(first, out)
+            elif first is not None and killed is None and writers - {first}:
+                killed = (writers - {first}).pop()
+                for pid in processes_of(killed):  # the worker and its flow run, mid-run
                     os.kill(pid, signal.SIGKILL)
-                killed_at = len(done)
+                killed_at, survivor = len(done), first
+                signal_all(first, signal.SIGCONT)
             time.sleep(0.2)
+        if killed is None and first is not None:
+            signal_all(first, signal.SIGCONT)
         assert procs["parent"].wait(timeout=60) == 0, tail("parent", "w1", "w2")
-        assert killed_at is not None and killed_at < 16, f"w2 never wrote, or wrote after the end: {killed_at}"
+        assert killed_at is not None and killed_at < 16, f"no worker killed mid-run: {first=} {killed_at=}"
 
         # a rerun finds everything done and samples nothing
         r = subprocess.run([koala, "sample", "--config", str(cfg), "--fan-out", "2"], env=env, cwd=ROOT,
@@ -112,7 +154,7 @@ def test_two_workers_sample_one_dataset_then_train_as_two_nodes(tmp_path, tiny_t
                 "'distributed.nodes=2', 'distributed.procs_per_node=2', 'distributed.rdzv_host=127.0.0.1']))")
         r = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "nodes"), str(cfg)], env=env,
                            cwd=ROOT, capture_output=True, text=True, timeout=400)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + tail("w1", "w3")
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + tail(survivor, "w3")
         one = subprocess.run([sys.executable, "-m", "koala.cli", "distill", "--config", str(cfg), "--data", str(out),
                               "--out", str(tmp_path / "one"), "--steps", "3", "--no-track"], env=env, cwd=ROOT,
                              capture_output=True, text=True, timeout=300)
@@ -122,10 +164,12 @@ def test_two_workers_sample_one_dataset_then_train_as_two_nodes(tmp_path, tiny_t
         assert a.keys() == b.keys()
         for k in a:
             torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4, msg=k)
-        assert "nnodes=2" in logs["w1"].read_text() and "nnodes=2" in logs["w3"].read_text()  # one node each
+        assert "nnodes=2" in logs[survivor].read_text() and "nnodes=2" in logs["w3"].read_text()  # one node each
         ckpts = sorted(p.name for p in (tmp_path / "nodes" / "checkpoints").iterdir())
         assert ckpts[-1] == "step-0000003"  # rank 0 wrote them
     finally:
+        for w in ("w1", "w2"):
+            signal_all(w, signal.SIGCONT)  # a paused worker takes no SIGTERM
         for name, p in procs.items():
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
