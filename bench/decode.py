@@ -101,6 +101,7 @@ def main():
     t = load_target(a.target, dtype=a.dtype, device=a.device)
     prompts = [encode_chat(t.tokenizer, list(r.messages)) for r in load_bench("mtbench", a.prompts)]
     out = {"target": t.info.name, "device": a.device, "cpu": cpu_model(), "threads": threads, "dtype": a.dtype,
+           "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
            "torch": torch.__version__, "max_new_tokens": a.max_new_tokens, "prompts": len(prompts),
            "drafter": a.drafter, "threshold": a.threshold}
     out["memory"] = memory_floor(t.model) if a.device == "cpu" else None

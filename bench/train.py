@@ -15,6 +15,7 @@ import torch
 from koala.config import load_config
 from koala.models.draft_model import build_drafter
 from koala.targets import load_target
+from koala.threads import cpu_model
 from koala.training.data import training_data
 from koala.training.loop import train
 from koala.training.objectives import Distill
@@ -48,7 +49,10 @@ def main():
     total = sum(p.numel() for p in model.parameters())
     # forward + backward ~ 6 FLOPs per trainable parameter per token, ~4 per frozen one (no weight gradient)
     flops_per_token = 6 * trainable + 4 * (total - trainable)
-    out = {"profile": a.profile, "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
+    dev = next(model.parameters()).device
+    out = {"profile": a.profile, "device": str(dev), "cpu": cpu_model(), "threads": torch.get_num_threads(),
+           "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+           "autocast": "bfloat16" if dev.type == "cuda" else None,
            "drafter_layers": cfg.drafter.layers, "params_trainable": trainable, "params_total": total,
            "loss": cfg.training.loss, "batch_size": cfg.training.batch_size, "steps": a.steps,
            "wall_s": round(wall, 2), "response_tokens_per_s": round(tps, 1),

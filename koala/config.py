@@ -59,9 +59,12 @@ class SamplingConfig(_Strict):
     top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 = off)")
     max_new_tokens: int = Field(256, ge=1, description="longest response, in tokens")
-    batch_size: int = Field(8, ge=1, description="prompts generated together (left-padded)")
+    batch_size: int = Field(8, ge=1, description="rows decoded together (continuous batching: a finished row "
+                            "takes the next prompt of the shard)")
     seed: int = Field(0, description="base seed; each sample's seed derives from it and the sample's id")
     topk_logprobs: int = Field(0, ge=0, description="store the teacher's top-k log-probs per position (0 = off)")
+    compile: bool | None = Field(None, description="compiled decode step for the batch (CUDA graphs on a GPU); "
+                                 "None: on CUDA, off on a CPU (there a compiled batch step costs minutes of autotuning)")
 
 
 class TeacherForcedConfig(_Strict):

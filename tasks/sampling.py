@@ -14,6 +14,12 @@ from koala.data.prompts import PromptRecord
 from koala_tasks.common import retry_unless_koala_error, session_for
 
 
+def sampling_compiled(cfg: KoalaConfig) -> bool:
+    """sampling.compile, or by default compiled on CUDA (the batch step replayed as a CUDA graph)."""
+    c = cfg.sampling.compile
+    return cfg.target.device.startswith("cuda") if c is None else c
+
+
 @task(name="plan-shards", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_koala_error)
 def plan_shards(cfg: KoalaConfig, out_dir: str, source: str = "generated") -> dict:
     """Plan (or extend) the shards; returns the plan as plain data (paths and ids, never tensors)."""
@@ -57,7 +63,7 @@ def sample_shard(cfg: KoalaConfig, out_dir: str, spec: dict, records: dict, sour
         done = (shards.read_manifest(Path(out_dir)) or {}).get("done", {}).get(spec_.file)
         if done and shards.shard_valid(Path(out_dir), done):
             return {**done, "skipped": True}
-        s = session_for(cfg.target)
+        s = session_for(cfg.target, compile=sampling_compiled(cfg) and source == "generated")
         recs = {pid: PromptRecord(r["id"], r["source"], r["category"], tuple(r["messages"]), (), r.get("response"))
                 for pid, r in records.items() if pid in set(spec_.prompt_ids)}
         if source == "teacher_forced":

@@ -148,28 +148,28 @@ def sample_shard(cfg: KoalaConfig, target: Target, engine, spec: S.ShardSpec, re
         ids = encode_chat(tok, list(r.messages))
         for k in range(sc.samples_per_prompt):
             jobs.append((r, k, S.sample_seed(sc.seed, pid, k), ids))
-    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i][3]))  # similar lengths together: less padding
+    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i][3]))  # similar lengths prefilled together
     rows: dict[int, dict] = {}
-    t0, new_tokens = time.perf_counter(), 0
+    t0 = time.perf_counter()
     bar = tqdm(total=len(jobs), desc=spec.file, unit="sample", disable=not progress, leave=False)
-    for batch in (order[i:i + sc.batch_size] for i in range(0, len(order), sc.batch_size)):
-        samples = generate_batch(engine, [jobs[i][3] for i in batch], [jobs[i][2] for i in batch], params,
-                                 sc.max_new_tokens, eos_ids, topk=sc.topk_logprobs, pad_id=tok.pad_token_id or 0)
-        for i, s in zip(batch, samples):
-            r, k, seed, ids = jobs[i]
-            rows[i] = {
-                "sample_id": S.sample_id(r.id, k, seed, h), "prompt_id": r.id, "source": "generated",
-                "prompt_source": r.source,
-                "category": r.category, "messages": json.dumps(list(r.messages), ensure_ascii=False),
-                "response_text": tok.decode(s.response_ids, skip_special_tokens=True),
-                "input_ids": ids + s.response_ids, "prompt_len": len(ids), "response_len": len(s.response_ids),
-                "finish_reason": s.finish_reason, "temperature": sc.temperature, "top_p": sc.top_p, "seed": seed,
-            }
-            if sc.topk_logprobs:
-                rows[i].update(topk_ids=s.topk_ids, topk_logprobs=s.topk_logprobs)
-            new_tokens += len(s.response_ids)
-        bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
+    # one continuous batch over the whole shard: sc.batch_size rows, a finished row takes the next prompt
+    samples = generate_batch(engine, [jobs[i][3] for i in order], [jobs[i][2] for i in order], params,
+                             sc.max_new_tokens, eos_ids, topk=sc.topk_logprobs, pad_id=tok.pad_token_id or 0,
+                             rows=sc.batch_size, on_done=bar.update)
+    new_tokens = 0
+    for i, s in zip(order, samples):
+        r, k, seed, ids = jobs[i]
+        rows[i] = {
+            "sample_id": S.sample_id(r.id, k, seed, h), "prompt_id": r.id, "source": "generated",
+            "prompt_source": r.source,
+            "category": r.category, "messages": json.dumps(list(r.messages), ensure_ascii=False),
+            "response_text": tok.decode(s.response_ids, skip_special_tokens=True),
+            "input_ids": ids + s.response_ids, "prompt_len": len(ids), "response_len": len(s.response_ids),
+            "finish_reason": s.finish_reason, "temperature": sc.temperature, "top_p": sc.top_p, "seed": seed,
+        }
+        if sc.topk_logprobs:
+            rows[i].update(topk_ids=s.topk_ids, topk_logprobs=s.topk_logprobs)
+        new_tokens += len(s.response_ids)
     bar.close()
     meta = S.shard_metadata(target_facts(target), sc.model_dump())
     entry = S.write_shard(Path(out_dir), spec, [rows[i] for i in range(len(jobs))], meta, topk=sc.topk_logprobs > 0)

@@ -1,19 +1,23 @@
 """Sample the target on prompts, in batches: the responses a drafter is distilled on (Goel et al. 2024, stage 2).
 
-Generation runs in koala's static-cache engine with left padding: row b's prompt sits at the right end of the
-prompt block, its first `pad[b]` slots are masked and its rotary positions start after them. Each sample draws its
-randomness from its own generator seeded with the sample's seed, so a sample can be reproduced on its own.
+Continuous batching over a static cache. `rows` sequences decode together, each in its own cache row at its own
+slots (slot = position: no padding, no per-row offsets); when rows finish (EOS or max_new_tokens) the next prompts
+are prefilled into them, so the decode step keeps one shape from the first prompt to the last: on a compiled engine
+it is compiled once (replayed as a CUDA graph on a GPU). Each sample draws its randomness from a counter-based
+generator keyed by the sample's seed (`counter_uniform`), so a sample can be reproduced on its own, in any batch.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from koala.interrupt import check
 from koala.engine.model import Transformer
-from koala.engine.sampling import SamplingParams, logits_to_probs, sample_rows
+from koala.engine.sampling import SamplingParams, logits_to_probs, sample_seeded
 
 
 @dataclass
@@ -23,6 +27,13 @@ class Sample:
     finish_reason: str  # "eos" or "length"
     topk_ids: list[list[int]] | None = None  # (response_len, k) the teacher's top-k tokens at each position
     topk_logprobs: list[list[float]] | None = None  # (response_len, k) their log-probabilities (temperature 1)
+
+
+def refill_threshold(rows: int) -> int:
+    """Free rows that start a prefill of waiting prompts: an eighth of the rows. A prefill is one forward for all
+    the rows it fills (on a GPU it costs about as much as a decode step whatever their number), so waiting for a few
+    rows to free up trades a little idle width for far fewer prefills."""
+    return max(1, rows // 8)
 
 
 @torch.no_grad()
@@ -35,45 +46,116 @@ def generate_batch(
     eos_ids: frozenset[int],
     topk: int = 0,
     pad_id: int = 0,
+    rows: int | None = None,
+    refill_at: int | None = None,
+    on_done: Callable[[int], None] | None = None,
 ) -> list[Sample]:
-    """Generate one response per prompt, all rows together; stops when every row has ended."""
-    B, dev = len(prompts), engine.device
-    P = max(len(p) for p in prompts)
-    max_len = P + max_new_tokens
-    engine.setup_caches(max_len, batch=B)
-    pad = torch.tensor([P - len(p) for p in prompts], device=dev)
-    block = torch.full((B, P), pad_id, dtype=torch.long, device=dev)
-    for b, p in enumerate(prompts):
-        block[b, P - len(p):] = torch.tensor(p, device=dev)
-    gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
+    """One response per prompt, in the prompts' order.
 
-    logits = engine.step(block, torch.arange(P, device=dev), P, pad=pad)[0][:, -1]  # (B, V)
-    out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
-    top_i = torch.zeros(B, max_new_tokens, max(topk, 1), dtype=torch.int32, device=dev)
-    top_v = torch.zeros(B, max_new_tokens, max(topk, 1), dtype=torch.float16, device=dev)
-    ended = torch.zeros(B, dtype=torch.bool, device=dev)
-    length = torch.full((B,), max_new_tokens, dtype=torch.long, device=dev)
-    eos = torch.tensor(sorted(eos_ids), device=dev)
-    for t in range(max_new_tokens):
+    Args:
+        rows: sequences decoded together (default: every prompt at once); a finished row takes the next prompt.
+        refill_at: free rows that start a prefill while prompts wait (default `refill_threshold(rows)`); the last
+            waiting prompts, or an idle batch, are prefilled at once.
+        on_done: called with the number of samples finished, as they finish (a progress bar).
+    """
+    if not prompts:
+        return []
+    batch = _Batch(engine, prompts, seeds, params, max_new_tokens, eos_ids, topk, pad_id,
+                   max(1, min(rows or len(prompts), len(prompts))))
+    refill_at = max(1, min(refill_at or refill_threshold(batch.B), batch.B))
+    while True:
+        free = batch.free
+        if batch.waiting and (len(free) >= min(refill_at, len(batch.waiting)) or len(free) == batch.B):
+            batch.prefill(free[:len(batch.waiting)])
+        if len(batch.free) == batch.B:
+            return batch.results
         check()  # SIGINT/SIGTERM: stop between decode steps
-        if topk:
-            lp = torch.log_softmax(logits.float(), -1).topk(topk, dim=-1)  # the teacher at temperature 1
-            top_v[:, t], top_i[:, t] = lp.values.half(), lp.indices.int()
-        tok = sample_rows(logits_to_probs(logits, params), gens, greedy=params.greedy)
-        out[:, t] = tok
-        just = ~ended & torch.isin(tok, eos)
-        length = torch.where(just, t + 1, length)
-        ended |= just
-        if bool(ended.all()) or t == max_new_tokens - 1:
-            break
-        logits = engine.step(tok[:, None], torch.tensor([P + t], device=dev), P + t + 1, pad=pad)[0][:, -1]
+        tok, done = batch.draw()
+        if bool(done.any()):  # the one host sync of a step
+            finished = batch.harvest(done)
+            if on_done:
+                on_done(finished)
+            if len(batch.free) == batch.B:
+                continue  # every row finished: prefill the next prompts, or stop
+        batch.decode(tok)
 
-    samples = []
-    for b in range(B):
-        n = int(length[b])
-        s = Sample(prompts[b], out[b, :n].tolist(), "eos" if n <= t + 1 and bool(torch.isin(out[b, n - 1], eos))
-                   else "length")
-        if topk:
-            s.topk_ids, s.topk_logprobs = top_i[b, :n].tolist(), top_v[b, :n].float().tolist()
-        samples.append(s)
-    return samples
+
+class _Batch:
+    """The state of `generate_batch`: per row on the device its slot, draw count and seed; on the host which
+    prompt it decodes (-1: free) and its fed slot minus the decode step number (for `end`)."""
+
+    def __init__(self, engine, prompts, seeds, params, max_new_tokens, eos_ids, topk, pad_id, B):
+        self.engine, self.prompts, self.seeds, self.params = engine, prompts, seeds, params
+        self.max_new, self.eos_ids, self.topk, self.pad_id, self.B = max_new_tokens, eos_ids, topk, pad_id, B
+        engine.setup_caches(max(len(p) for p in prompts) + max_new_tokens, batch=B)
+        dev = self.dev = engine.device
+        self.ar = torch.arange(B, device=dev)
+        self.pos = torch.zeros(B, dtype=torch.long, device=dev)  # the slot the row's next fed token is written at
+        self.count = torch.zeros(B, dtype=torch.long, device=dev)  # tokens drawn so far by the row's sample
+        self.seed = torch.zeros(B, dtype=torch.long, device=dev)
+        self.active = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.out = torch.zeros(B, max_new_tokens, dtype=torch.long, device=dev)
+        self.top_i = torch.zeros(B, max_new_tokens, max(topk, 1), dtype=torch.int32, device=dev)
+        self.top_v = torch.zeros(B, max_new_tokens, max(topk, 1), dtype=torch.float16, device=dev)
+        self.eos = torch.tensor(sorted(eos_ids) or [-1], device=dev)
+        self.waiting, self.job, self.offset = deque(range(len(prompts))), [-1] * B, [0] * B
+        self.results: list[Sample | None] = [None] * len(prompts)
+        self.logits: torch.Tensor | None = None
+        self.steps = 0
+
+    @property
+    def free(self) -> list[int]:
+        return [b for b in range(self.B) if self.job[b] < 0]
+
+    def prefill(self, take: list[int]) -> None:
+        """The next waiting prompts into rows `take`: one right-padded forward (a pad writes past its row's prompt,
+        into slots the row's own tokens overwrite before anything attends to them)."""
+        dev = self.dev
+        js = [self.waiting.popleft() for _ in take]
+        lens = [len(self.prompts[j]) for j in js]
+        L = max(lens)
+        block = torch.full((len(js), L), self.pad_id, dtype=torch.long, device=dev)
+        for i, j in enumerate(js):
+            block[i, :lens[i]] = torch.tensor(self.prompts[j], device=dev)
+        r = torch.tensor(take, device=dev)
+        lg = self.engine.step(block, torch.arange(L, device=dev).expand(len(js), L), L, rows=r, eager=True)[0]
+        last = lg[torch.arange(len(js), device=dev), torch.tensor(lens, device=dev) - 1]  # (n, V)
+        if self.logits is None:
+            self.logits = torch.zeros(self.B, last.shape[-1], dtype=torch.float32, device=dev)
+        self.logits[r] = last
+        self.pos[r], self.count[r], self.active[r] = torch.tensor(lens, device=dev), 0, True
+        self.seed[r] = torch.tensor([self.seeds[j] for j in js], dtype=torch.long, device=dev)
+        for b, j, n in zip(take, js, lens):
+            self.job[b], self.offset[b] = j, n - self.steps
+
+    def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's next token (and the teacher's top-k); returns (tokens, rows that just finished)."""
+        at = self.count.clamp_max(self.max_new - 1)  # a free row's count runs on: clamped, never read
+        if self.topk:
+            lp = torch.log_softmax(self.logits, -1).topk(self.topk, dim=-1)  # the teacher at temperature 1
+            self.top_v[self.ar, at], self.top_i[self.ar, at] = lp.values.half(), lp.indices.int()
+        tok = sample_seeded(logits_to_probs(self.logits, self.params), self.seed, self.count,
+                            greedy=self.params.greedy)
+        self.out[self.ar, at] = tok
+        self.count += 1
+        return tok, self.active & (torch.isin(tok, self.eos) | (self.count >= self.max_new))
+
+    def harvest(self, done: torch.Tensor) -> int:
+        """Copy the finished rows' samples out and free their rows; returns how many finished."""
+        finished = done.nonzero().flatten().tolist()
+        for b, n in zip(finished, self.count[done].tolist()):
+            ids = self.out[b, :n].tolist()
+            s = Sample(self.prompts[self.job[b]], ids, "eos" if ids[-1] in self.eos_ids else "length")
+            if self.topk:
+                s.topk_ids, s.topk_logprobs = self.top_i[b, :n].tolist(), self.top_v[b, :n].float().tolist()
+            self.results[self.job[b]], self.job[b] = s, -1
+        self.active &= ~done
+        return len(finished)
+
+    def decode(self, tok: torch.Tensor) -> None:
+        """One step of every row (the compiled step, when the engine is compiled): the logits of the next draw."""
+        end = self.steps + max(self.offset[b] for b in range(self.B) if self.job[b] >= 0) + 1
+        feed = torch.where(self.active, self.pos, 0)  # a free row writes its junk token at its own slot 0, unread
+        self.logits = self.engine.step(tok[:, None], feed[:, None], end)[0][:, -1]
+        self.pos += self.active.long()
+        self.steps += 1

@@ -1,5 +1,12 @@
 """Compiled decode steps (gpt-fast's pattern): inductor with frozen weights on a CPU, CUDA graphs on CUDA.
 
+On CUDA the default mode is `reduce-overhead`: inductor's kernels captured as CUDA graphs (cudagraph trees), one
+graph per step shape, i.e. per verify width and per sampler batch. Nothing in a step synchronises with the host (the
+cache is written by position with `index_copy_`, the mask is built from the input positions on the device, the
+rejection rule runs on the device after it), so a replay is one launch. A replay reuses its output memory, so each
+call marks a new step and returns copies of its outputs (logits of a few tokens: a negligible copy) that later
+steps cannot overwrite.
+
 A step of a few tokens is one graph per width with static shapes: the whole static KV cache is attended to under a
 mask built from the input positions, so nothing depends on how long the sequence is. On a CPU inductor's
 max-autotune picks, per GEMM shape, between MKL and its own small-M micro-kernels, which read the weights once for
@@ -44,16 +51,23 @@ def configure_inductor(device: torch.device) -> None:
         ic.autotune_num_choices_displayed = 0
 
 
+def default_mode(device: torch.device) -> str:
+    """CUDA graphs on CUDA; on a CPU inductor's autotuned GEMMs (graphs would be skipped there anyway)."""
+    return "reduce-overhead" if device.type == "cuda" else "max-autotune-no-cudagraphs"
+
+
 class CompiledStep:
     """A model's forward compiled as two graphs: one token (plain decoding, draft steps) and 2..MAX_STEP_WIDTH tokens.
 
     The second graph has a symbolic width, so every verify width (and the calibration of the cost by width) shares
-    one compilation; everything else (the cache, the weights) is static. Each first call is timed as compile time.
+    one compilation (on CUDA each width is then captured as its own CUDA graph); everything else (the cache, the
+    weights, a batched sampler's rows) is static. Each first call is timed as compile time.
     """
 
     def __init__(self, fn: Callable, device: torch.device, mode: str | None = None):
         configure_inductor(device)
-        self.mode = mode or ("reduce-overhead" if device.type == "cuda" else "max-autotune-no-cudagraphs")
+        self.mode = mode or default_mode(device)
+        self.graphs = self.mode in ("reduce-overhead", "max-autotune")  # modes that capture CUDA graphs
         self.fn = torch.compile(fn, mode=self.mode, fullgraph=True)
 
     def __call__(self, idx, input_pos, *, embeds=None, hidden=False, logits=True):
@@ -66,11 +80,15 @@ class CompiledStep:
         x = idx if embeds is None else embeds
         if x.shape[1] > 1:  # one graph for every width from 2 up: mark the width symbolic before dynamo sees it
             torch._dynamo.mark_dynamic(x, 1, min=2, max=MAX_STEP_WIDTH)
-            torch._dynamo.mark_dynamic(input_pos, 0, min=2, max=MAX_STEP_WIDTH)
+            torch._dynamo.mark_dynamic(input_pos, input_pos.dim() - 1, min=2, max=MAX_STEP_WIDTH)
         graphs = _graphs()
         t = time.perf_counter()
+        if self.graphs:  # a new step: the previous replay's outputs may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
         try:
             out = self.fn(idx, input_pos, embeds=embeds, hidden=hidden, logits=logits)
+            if self.graphs:
+                out = tuple(None if o is None else o.clone() for o in out)
         except _COMPILE_ERRORS as e:  # no C++ toolchain, a backend failure: one line, and the way around it
             inner = getattr(e, "inner_exception", None) or e
             first = (str(inner).strip().splitlines() or [""])[0][:200]

@@ -37,11 +37,21 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        # k, v: (B, H_kv, T, D) written at slots input_pos (T,)
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
+        """Write k, v (B, H_kv, T, D) at slots input_pos: (T,) for every row, or (B, T) each row its own slots (a
+        batch of independent sequences), into cache rows `rows` (B,) (None: rows 0..B-1). Returns the rows' caches."""
+        if input_pos.dim() == 1 and rows is None:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+            return self.k, self.v
+        B, T = k.shape[0], k.shape[2]
+        r = (torch.arange(B, device=k.device) if rows is None else rows)[:, None]  # (B, 1)
+        pos = input_pos.expand(B, T) if input_pos.dim() == 1 else input_pos
+        self.k[r, :, pos] = k.transpose(1, 2)  # advanced indices around a slice: the values are (B, T, H_kv, D)
+        self.v[r, :, pos] = v.transpose(1, 2)
+        if rows is None:
+            return self.k, self.v
+        return self.k[rows], self.v[rows]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -133,7 +143,7 @@ class Transformer(nn.Module):
         return self
 
     def step(self, idx: torch.Tensor | None, input_pos: torch.Tensor, end: int, *, embeds: torch.Tensor | None = None,
-             pad: torch.Tensor | None = None, hidden: bool = False, logits: bool = True, eager: bool = False
+             rows: torch.Tensor | None = None, hidden: bool = False, logits: bool = True, eager: bool = False
              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The engine's one entry to a forward of tokens at cache slots `input_pos`, all below slot `end` (a host int);
         returns (logits or None, features or None) as `forward` does.
@@ -142,15 +152,15 @@ class Transformer(nn.Module):
         read); eager on CUDA, and compiled anywhere, to the whole static cache (fixed shapes: one graph per width, no
         recompilation as the sequence grows). A compiled model runs steps of at most `MAX_STEP_WIDTH` tokens compiled
         unless `eager` (a prefill, or a feed whose width varies from call to call: each new width would be a new
-        compilation) or `pad` (batched sampling's left padding, eager only).
+        compilation) or `rows` (a batched sampler's prefill into some of its rows, eager only).
         """
         from koala.engine.compile import MAX_STEP_WIDTH
 
         T = (idx if embeds is None else embeds).shape[1]
-        if self.compiled is not None and not eager and pad is None and T <= MAX_STEP_WIDTH:
+        if self.compiled is not None and not eager and rows is None and T <= MAX_STEP_WIDTH:
             return self.compiled(idx, input_pos, embeds=embeds, hidden=hidden, logits=logits)
         kv_len = None if self.device.type == "cuda" else end
-        return self.forward(idx, input_pos, pad=pad, kv_len=kv_len, embeds=embeds, hidden=hidden, logits=logits)
+        return self.forward(idx, input_pos, rows=rows, kv_len=kv_len, embeds=embeds, hidden=hidden, logits=logits)
 
     def _rope(self, pos: torch.Tensor):
         # pos: (B, T) positions -> cos, sin: (B, 1, T, D)
@@ -160,14 +170,14 @@ class Transformer(nn.Module):
         sin = (emb.sin() * self.attention_scaling).to(self.dtype)[:, None]
         return cos, sin
 
-    def _attention(self, layer, i, x, cos, sin, input_pos, mask, kv_len):
+    def _attention(self, layer, i, x, cos, sin, input_pos, mask, kv_len, rows):
         a, attn = self.args, layer.self_attn
         B, T, _ = x.shape
         q = attn.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = self.caches[i].update(input_pos, k, v)  # (B, H_kv, S, D): every slot, masked below
+        k, v = self.caches[i].update(input_pos, k, v, rows)  # (B, H_kv, S, D): every slot, masked below
         if kv_len is not None:
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
@@ -177,36 +187,34 @@ class Transformer(nn.Module):
         self,
         idx: torch.Tensor | None,
         input_pos: torch.Tensor,
-        pad: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
         kv_len: int | None = None,
         embeds: torch.Tensor | None = None,
         hidden: bool = False,
         logits: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits (B, T, V) float32 or None, features (B, T, C) or None) for tokens `idx` (B, T) written at cache
-        slots `input_pos` (T,). Call it through `step`, which decides `kv_len`.
+        slots `input_pos`. Call it through `step`, which decides `kv_len`.
 
-        `embeds` (B, T, C) replace the token embeddings (EAGLE feeds its fused features). `pad` (B,) counts
-        left-padding slots per row (batched sampling): those slots are masked out and each row's rotary positions
-        start at 0 after its padding. `hidden`: also return the features the LM head reads (after the final norm),
-        which draft heads read; `logits=False` skips the LM head (a drafter with its own subset head). `kv_len` (a
-        host int > every input_pos) limits attention to the first kv_len slots: faster on a CPU, but a shape
-        change, so None where steps are captured as graphs.
+        `input_pos` is (T,), one sequence's slots for every row, or (B, T), each row its own sequence at its own
+        slots (a batched sampler: row b's rotary positions are its slots, its cache row holds only its sequence).
+        `rows` (B,): the cache rows the batch's rows use (a prefill into some rows of a batched cache); None: rows
+        0..B-1. `embeds` (B, T, C) replace the token embeddings (EAGLE feeds its fused features). `hidden`: also
+        return the features the LM head reads (after the final norm), which draft heads read; `logits=False` skips
+        the LM head (a drafter with its own subset head). `kv_len` (a host int > every input_pos) limits attention
+        to the first kv_len slots: faster on a CPU, but a shape change, so None where steps are captured as graphs.
         """
         if self.max_seq_len == 0:  # an int, not the ModuleList's truth value: dynamo traces this without a break
             raise KoalaError("call setup_caches() before the first forward")
         x = self.embed(idx) if embeds is None else embeds  # embeds (B, T, C): EAGLE feeds its fused features
         B, T = x.shape[:2]
-        pos = input_pos[None, :].expand(B, T)
         S = self.max_seq_len if kv_len is None else kv_len
-        mask = self.causal[input_pos, :S][None, None]  # (1, 1, T, S)
-        if pad is not None:
-            pos = pos - pad[:, None]
-            slots = torch.arange(S, device=x.device)
-            keys = slots[None, :] >= pad[:, None]  # (B, S)
-            # A padding query sees only itself: a row with no visible key would give NaN, and NaN in the cache
-            # poisons later rows even under a zero attention weight.
-            mask = (mask & keys[:, None, None, :]) | (slots[None, :] == input_pos[:, None])[None, None]
+        if input_pos.dim() == 1:
+            pos = input_pos[None, :].expand(B, T)
+            mask = self.causal[input_pos, :S][None, None]  # (1, 1, T, S)
+        else:
+            pos = input_pos
+            mask = (torch.arange(S, device=x.device) <= input_pos[..., None])[:, None]  # (B, 1, T, S)
         # Always masked: slots past a query's position hold rejected drafts or an earlier prompt's leftovers, even
         # for a single query (a drafter's step sits below the last slot it will write this round). An additive mask,
         # built once per forward rather than converted in every layer.
@@ -215,7 +223,7 @@ class Transformer(nn.Module):
         eps = self.args.norm_eps
         for i, layer in enumerate(self.layers):
             h = rms_norm(x, layer.input_layernorm.weight, eps)
-            x = x + self._attention(layer, i, h, cos, sin, input_pos, mask, kv_len)
+            x = x + self._attention(layer, i, h, cos, sin, input_pos, mask, kv_len, rows)
             x = x + layer.mlp(rms_norm(x, layer.post_attention_layernorm.weight, eps))
         h = rms_norm(x, self.norm.weight, eps)  # (B, T, C) the features the LM head reads
         return (self.lm_head(h).float() if logits else None), (h if hidden or not logits else None)

@@ -59,11 +59,37 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None, greedy
     return (probs / e).argmax(-1)
 
 
-def sample_rows(probs: torch.Tensor, generators: list[torch.Generator], greedy: bool = False) -> torch.Tensor:
-    """One token per row of (B, V), row b drawn with its own generator (a sample reproducible on its own, whatever
-    batch it was generated in): an inverse-CDF draw from one uniform per row."""
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
+    """x * m mod 2**32 for int64 x < 2**32, in two 16-bit halves of m so no product overflows int64."""
+    return (x * (m & 0xFFFF) + (((x * (m >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (Wellons' lowbias32) on int64 tensors holding values < 2**32."""
+    x = (x ^ (x >> 16)) & _M32
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """A uniform in [0, 1) for each (seed, counter) pair of int64 tensors: a counter-based generator, so row b's
+    draw number t depends on its own seed and t only, whatever batch or device it is computed in, with no generator
+    state to carry and no host sync (it runs inside a compiled step or a CUDA graph)."""
+    x = _hash32((seed & _M32) ^ _hash32((counter + 0x9E3779B9) & _M32))
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))  # 24 random bits: every float32 in [0, 1) step 2**-24
+
+
+def sample_seeded(probs: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor, greedy: bool = False
+                  ) -> torch.Tensor:
+    """One token per row of (B, V) by inverse CDF from counter_uniform(seed, counter) (both (B,) int64): a sample
+    reproducible on its own, whatever batch it was generated in."""
     if greedy:
         return probs.argmax(-1)
-    u = torch.cat([torch.rand(1, generator=g, device=probs.device) for g in generators])[:, None]  # (B, 1)
     cdf = probs.cumsum(-1)
-    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+    u = counter_uniform(seed, counter)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)  # never a p = 0 token

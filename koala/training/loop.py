@@ -113,7 +113,8 @@ def _optimizer(objective: Objective, cfg: TrainingConfig, steps: int, world_size
     if world_size > 1:
         objective.module = torch.nn.parallel.DistributedDataParallel(objective.module)
     params = [p for p in objective.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    fused = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)  # one kernel for all params
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=fused or None)
     return params, opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule(cfg, steps))
 
 

@@ -143,3 +143,49 @@ def test_a_compiler_failure_is_one_line(monkeypatch):
     with pytest.raises(KoalaError, match=r"could not be built \(RuntimeError: g\+\+: command not found\): run with "
                                           r"--no-compile"):
         comp.step(torch.zeros(1, 1, dtype=torch.long), torch.tensor([3]), 4)
+
+
+# --- the CUDA path: the same compiled functions, under CUDA graphs where CUDA exists -------------------------------
+
+def test_cuda_graph_mode_decodes_as_eager_on_this_device():
+    """mode reduce-overhead is what a GPU runs (CUDA graphs; on a CPU inductor skips the graphs, the rest is the same
+    code: the step marker, the copied outputs, the per-width graphs)."""
+    hf = tiny_llama(layers=3, vocab=V, seed=4)
+    comp = Transformer(hf).compile(mode="reduce-overhead")
+    assert comp.compiled.graphs
+    d = ModelDrafter(Transformer(hf, 1).compile(mode="reduce-overhead"))
+    ref = generate(Transformer(hf), PROMPT, 24).tokens
+    assert generate(comp, PROMPT, 24).tokens == ref
+    assert generate(comp, PROMPT, 24, drafter=d, gamma=3).tokens == ref
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (the CPU test above runs the code)")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_graphs_speculative_equals_autoregressive_in_each_dtype(dtype):
+    hf = tiny_llama(layers=3, vocab=V, seed=5).to("cuda", dtype)
+    comp = Transformer(hf).compile()
+    assert comp.compiled.mode == "reduce-overhead"
+    d = ModelDrafter(Transformer(hf, 1).compile())
+    ref = generate(comp, PROMPT, 32).tokens  # koala's own CUDA-graph autoregressive decoding, same dtype
+    assert generate(comp, PROMPT, 32, drafter=d, gamma=4).tokens == ref
+    if dtype == torch.float32:
+        assert ref == generate(Transformer(hf), PROMPT, 32).tokens
+
+
+@cuda
+def test_cuda_graph_outputs_survive_the_next_replay():
+    comp = Transformer(tiny_llama(layers=2, vocab=V, seed=6).cuda()).compile()
+    comp.setup_caches(64)
+    with torch.no_grad():
+        comp.step(torch.tensor([PROMPT], device="cuda"), torch.arange(len(PROMPT), device="cuda"), 6, eager=True)
+        outs = []
+        for i in range(4):  # record, then replay: each call's logits stay its own
+            pos = torch.tensor([6 + i], device="cuda")
+            outs.append(comp.step(torch.tensor([[i + 2]], device="cuda"), pos, 7 + i)[0])
+        keep = [o.clone() for o in outs]
+        comp.step(torch.tensor([[9]], device="cuda"), torch.tensor([10], device="cuda"), 11)
+    for a, b in zip(outs, keep):
+        assert torch.equal(a, b)
