@@ -171,7 +171,8 @@ def sample_shard(cfg: KoalaConfig, target: Target, engine, spec: S.ShardSpec, re
             rows[i].update(topk_ids=s.topk_ids, topk_logprobs=s.topk_logprobs)
         new_tokens += len(s.response_ids)
     bar.close()
-    meta = S.shard_metadata(target_facts(target), sc.model_dump())
+    meta = {**S.shard_metadata(target_facts(target), sc.model_dump()),
+            "draws": "counter_uniform"}  # per-sample draws (koala.engine.sampling); earlier shards: torch.Generator
     entry = S.write_shard(Path(out_dir), spec, [rows[i] for i in range(len(jobs))], meta, topk=sc.topk_logprobs > 0)
     wall = time.perf_counter() - t0
     return {**entry, "wall_s": wall, "new_tokens": new_tokens, "tokens_per_s": new_tokens / wall}

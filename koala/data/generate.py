@@ -4,7 +4,8 @@ Continuous batching over a static cache. `rows` sequences decode together, each 
 slots (slot = position: no padding, no per-row offsets); when rows finish (EOS or max_new_tokens) the next prompts
 are prefilled into them, so the decode step keeps one shape from the first prompt to the last: on a compiled engine
 it is compiled once (replayed as a CUDA graph on a GPU). Each sample draws its randomness from a counter-based
-generator keyed by the sample's seed (`counter_uniform`), so a sample can be reproduced on its own, in any batch.
+generator keyed by the sample's seed (`counter_uniform`): its draws are the same in any batch, so a sample can be
+reproduced on its own, its tokens equal up to floating-point differences between batch shapes (a near-tie).
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ class Sample:
     topk_logprobs: list[list[float]] | None = None  # (response_len, k) their log-probabilities (temperature 1)
 
 
+PREFILL_TOKENS = 16384  # padded prompt tokens per prefill forward: bounds its activations, not a speed setting
+
+
 def refill_threshold(rows: int) -> int:
-    """Free rows that start a prefill of waiting prompts: an eighth of the rows. A prefill is one forward for all
-    the rows it fills (on a GPU it costs about as much as a decode step whatever their number), so waiting for a few
-    rows to free up trades a little idle width for far fewer prefills."""
+    """Free rows that start a prefill of waiting prompts: an eighth of the rows. A prefill fills all the rows freed
+    in as few forwards as fit (each a fixed cost on a GPU, beside its tokens), so waiting for a few rows to free up
+    trades a little idle width for fewer prefills. Not tuned on a GPU yet (none was available)."""
     return max(1, rows // 8)
 
 
@@ -108,25 +112,35 @@ class _Batch:
         return [b for b in range(self.B) if self.job[b] < 0]
 
     def prefill(self, take: list[int]) -> None:
-        """The next waiting prompts into rows `take`: one right-padded forward (a pad writes past its row's prompt,
-        into slots the row's own tokens overwrite before anything attends to them)."""
+        """The next waiting prompts into rows `take`: right-padded forwards of at most PREFILL_TOKENS tokens (a pad
+        writes past its row's prompt, into slots the row's own tokens overwrite before anything attends to them),
+        the LM head run at each prompt's last position only."""
         dev = self.dev
         js = [self.waiting.popleft() for _ in take]
         lens = [len(self.prompts[j]) for j in js]
-        L = max(lens)
-        block = torch.full((len(js), L), self.pad_id, dtype=torch.long, device=dev)
+        for b, j, n in zip(take, js, lens):
+            self.job[b], self.offset[b] = j, n - self.steps
+        i = 0
+        while i < len(js):
+            k = 1  # rows in this forward: as many as fit in PREFILL_TOKENS at the longest prompt among them
+            while i + k < len(js) and (k + 1) * max(lens[i:i + k + 1]) <= PREFILL_TOKENS:
+                k += 1
+            self._prefill(take[i:i + k], js[i:i + k], lens[i:i + k])
+            i += k
+
+    def _prefill(self, take: list[int], js: list[int], lens: list[int]) -> None:
+        dev, L, n = self.dev, max(lens), len(js)
+        block = torch.full((n, L), self.pad_id, dtype=torch.long, device=dev)
         for i, j in enumerate(js):
             block[i, :lens[i]] = torch.tensor(self.prompts[j], device=dev)
         r = torch.tensor(take, device=dev)
-        lg = self.engine.step(block, torch.arange(L, device=dev).expand(len(js), L), L, rows=r, eager=True)[0]
-        last = lg[torch.arange(len(js), device=dev), torch.tensor(lens, device=dev) - 1]  # (n, V)
+        _, h = self.engine.step(block, torch.arange(L, device=dev).expand(n, L), L, rows=r, eager=True, logits=False)
+        last = self.engine.lm_head(h[torch.arange(n, device=dev), torch.tensor(lens, device=dev) - 1]).float()
         if self.logits is None:
             self.logits = torch.zeros(self.B, last.shape[-1], dtype=torch.float32, device=dev)
         self.logits[r] = last
         self.pos[r], self.count[r], self.active[r] = torch.tensor(lens, device=dev), 0, True
         self.seed[r] = torch.tensor([self.seeds[j] for j in js], dtype=torch.long, device=dev)
-        for b, j, n in zip(take, js, lens):
-            self.job[b], self.offset[b] = j, n - self.steps
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every row's next token (and the teacher's top-k); returns (tokens, rows that just finished)."""

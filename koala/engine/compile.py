@@ -2,7 +2,8 @@
 
 On CUDA the default mode is `reduce-overhead`: inductor's kernels captured as CUDA graphs (cudagraph trees), one
 graph per step shape, i.e. per verify width and per sampler batch. Nothing in a step synchronises with the host (the
-cache is written by position with `index_copy_`, the mask is built from the input positions on the device, the
+cache is written by position, `index_copy_` or a batched sampler's per-row `index_put_`, the mask is built from the
+input positions on the device, the
 rejection rule runs on the device after it), so a replay is one launch. A replay reuses its output memory, so each
 call marks a new step and returns copies of its outputs (logits of a few tokens: a negligible copy) that later
 steps cannot overwrite.

@@ -159,7 +159,7 @@ class Transformer(nn.Module):
         T = (idx if embeds is None else embeds).shape[1]
         if self.compiled is not None and not eager and rows is None and T <= MAX_STEP_WIDTH:
             return self.compiled(idx, input_pos, embeds=embeds, hidden=hidden, logits=logits)
-        kv_len = None if self.device.type == "cuda" else end
+        kv_len = None if self.device.type == "cuda" and rows is None else end  # a prefill into rows: eager anywhere
         return self.forward(idx, input_pos, rows=rows, kv_len=kv_len, embeds=embeds, hidden=hidden, logits=logits)
 
     def _rope(self, pos: torch.Tensor):

@@ -86,8 +86,8 @@ def counter_uniform(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
 
 def sample_seeded(probs: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor, greedy: bool = False
                   ) -> torch.Tensor:
-    """One token per row of (B, V) by inverse CDF from counter_uniform(seed, counter) (both (B,) int64): a sample
-    reproducible on its own, whatever batch it was generated in."""
+    """One token per row of (B, V) by inverse CDF from counter_uniform(seed, counter) (both (B,) int64): a row's
+    draws do not depend on the batch it is in."""
     if greedy:
         return probs.argmax(-1)
     cdf = probs.cumsum(-1)

@@ -98,3 +98,18 @@ def test_cuda_graph_batched_sampler_equals_eager():
     eager = generate_batch(Transformer(hf), *args, rows=3, refill_at=1)
     got = generate_batch(Transformer(hf).compile(), *args, rows=3, refill_at=1)
     assert [s.response_ids for s in got] == [s.response_ids for s in eager]
+
+
+def test_a_prefill_split_into_several_forwards_decodes_the_same(monkeypatch):
+    import koala.data.generate as G
+
+    engine = _engine()
+    args = (PROMPTS, list(range(6)), SamplingParams(), 20, frozenset({EOS}))
+    whole = generate_batch(engine, *args, rows=6)
+    monkeypatch.setattr(G, "PREFILL_TOKENS", 12)  # 9-token prompt alone; the others two or three to a forward
+    calls = []
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda *a, **k: calls.append(k.get("rows")) or step(*a, **k))
+    split = generate_batch(engine, *args, rows=6)
+    assert [s.response_ids for s in split] == [s.response_ids for s in whole]
+    assert sum(r is not None for r in calls) >= 3  # the prefill took several forwards
