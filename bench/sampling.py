@@ -20,6 +20,7 @@ import torch
 from koala.data import prompts as P
 from koala.data.teacher import force_batch, tokenize
 from koala.data.generate import generate_batch
+from koala.engine.compile import compiled_by_default
 from koala.threads import configure_threads, cpu_model
 from koala.engine.sampling import SamplingParams
 from koala.engine.session import Session
@@ -44,7 +45,7 @@ def main():
     a = ap.parse_args()
     configure_threads()
 
-    compiled = a.device.startswith("cuda") if a.compile is None else a.compile
+    compiled = compiled_by_default(a.device) if a.compile is None else a.compile
     s = Session.open(a.target, dtype=a.dtype, device=a.device, compile=compiled)
     sizes = [int(x) for x in a.batch_sizes.split(",")]
     n_prompts = max(sizes) * a.prompts_per_row

@@ -16,8 +16,10 @@ from koala_tasks.common import retry_unless_koala_error, session_for
 
 def sampling_compiled(cfg: KoalaConfig) -> bool:
     """sampling.compile, or by default compiled on CUDA (the batch step replayed as a CUDA graph)."""
+    from koala.engine.compile import compiled_by_default
+
     c = cfg.sampling.compile
-    return cfg.target.device.startswith("cuda") if c is None else c
+    return compiled_by_default(cfg.target.device) if c is None else c
 
 
 @task(name="plan-shards", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_koala_error)

@@ -1,12 +1,11 @@
 """Compiled decode steps (gpt-fast's pattern): inductor with frozen weights on a CPU, CUDA graphs on CUDA.
 
 On CUDA the default mode is `reduce-overhead`: inductor's kernels captured as CUDA graphs (cudagraph trees), one
-graph per step shape, i.e. per verify width and per sampler batch. Nothing in a step synchronises with the host (the
-cache is written by position, `index_copy_` or a batched sampler's per-row `index_put_`, the mask is built from the
-input positions on the device, the
-rejection rule runs on the device after it), so a replay is one launch. A replay reuses its output memory, so each
-call marks a new step and returns copies of its outputs (logits of a few tokens: a negligible copy) that later
-steps cannot overwrite.
+graph per step shape, i.e. per verify width and per sampler batch. Nothing in a step synchronises with the host
+(the cache is written by position, `index_copy_` or a batched sampler's per-row `index_put_`; the mask is built from
+the input positions on the device; the rejection rule runs on the device after it), so a replay is one launch. A
+replay reuses its output memory, so each call marks a new step and returns copies of its outputs (logits of a few
+tokens: a negligible copy) that later steps cannot overwrite.
 
 A step of a few tokens is one graph per width with static shapes: the whole static KV cache is attended to under a
 mask built from the input positions, so nothing depends on how long the sequence is. On a CPU inductor's
@@ -50,6 +49,12 @@ def configure_inductor(device: torch.device) -> None:
         ic.freezing = True  # weights become constants: inductor pre-packs them for its GEMM micro-kernels
         ic.max_autotune_report_choices_stats = False  # autotuning prints a table per GEMM shape otherwise
         ic.autotune_num_choices_displayed = 0
+
+
+def compiled_by_default(device: str) -> bool:
+    """Whether a batched sampler's step is compiled when not told: on CUDA (one CUDA graph replayed for a whole
+    shard); not on a CPU, where compiling a batch step costs minutes of autotuning for no measured gain."""
+    return device.startswith("cuda")
 
 
 def default_mode(device: torch.device) -> str:

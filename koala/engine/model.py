@@ -129,10 +129,6 @@ class Transformer(nn.Module):
             KVCache(batch, a.n_kv_heads, max_seq_len, a.head_dim, self.dtype, self.device) for _ in range(a.n_layers)
         )
         self.max_seq_len = max_seq_len
-        self.register_buffer(
-            "causal", torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=self.device).tril(),
-            persistent=False,
-        )
 
     def compile(self, mode: str | None = None) -> "Transformer":
         """Compile the decode steps (see `koala.engine.compile`): later `step` calls of a few tokens run compiled."""
@@ -209,12 +205,8 @@ class Transformer(nn.Module):
         x = self.embed(idx) if embeds is None else embeds  # embeds (B, T, C): EAGLE feeds its fused features
         B, T = x.shape[:2]
         S = self.max_seq_len if kv_len is None else kv_len
-        if input_pos.dim() == 1:
-            pos = input_pos[None, :].expand(B, T)
-            mask = self.causal[input_pos, :S][None, None]  # (1, 1, T, S)
-        else:
-            pos = input_pos
-            mask = (torch.arange(S, device=x.device) <= input_pos[..., None])[:, None]  # (B, 1, T, S)
+        pos = input_pos[None, :].expand(B, T) if input_pos.dim() == 1 else input_pos  # (B, T)
+        mask = (torch.arange(S, device=x.device) <= pos[..., None])[:, None]  # (B, 1, T, S): slots up to the query's
         # Always masked: slots past a query's position hold rejected drafts or an earlier prompt's leftovers, even
         # for a single query (a drafter's step sits below the last slot it will write this round). An additive mask,
         # built once per forward rather than converted in every layer.
