@@ -407,10 +407,12 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
           config: Optional[str] = typer.Option(None, help="YAML config (default: the profile)"),
           profile: str = typer.Option(DEFAULT_PROFILE, help="profile in koala/profiles/ when --config is not given"),
           set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
-    """Train KOALA draft heads (K-layer Medusa or EAGLE, optionally adversarial); evaluate with --drafter heads:OUT/heads."""
+    """Train KOALA draft heads (K-layer Medusa or EAGLE, optionally adversarial); evaluate with --drafter heads:OUT/heads.
+    Runs under torchrun for DDP on one node (`torchrun --nproc-per-node P -m koala.cli heads ...`)."""
     from pathlib import Path
 
     from koala.config import load_config
+    from koala.training.loop import init_distributed, world
     from koala.training.recipes import train_heads
     from koala.plots import training_curves
     from koala.targets import load_target
@@ -424,11 +426,12 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
         cfg = load_config(None if config else profile, config, set_ or [])
         _check_training_paths(out, resume, init=init, data=data or cfg.sampling.out_dir, heads=True)
         check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
+        init_distributed()
         target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device, cfg.target.trust_remote_code)
         path = train_heads(cfg, target, data or cfg.sampling.out_dir, out, kind=kind, layers=layers,
                            adversarial=adversarial, steps=steps, on_log=lambda s, m: history.append((s, m)),
                            init_from=init, heldout_dir=heldout_data, resume=resume)
-        if history:
+        if history and world()[0] == 0:
             training_curves(history, Path(out) / "heads_curves.png", f"{kind} K={json.loads((path / 'heads.json').read_text())['layers']}")
     except KoalaError as e:
         fail(e)

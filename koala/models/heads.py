@@ -70,6 +70,7 @@ class EagleHead(nn.Module):
         C = self.config.hidden_size
         self.fc = nn.Linear(2 * C, C)
         self.decoder = LlamaModel(self.config)
+        self.decoder.embed_tokens.requires_grad_(False)  # never read (inputs are embeddings): DDP wants no idle grads
         self.embed_norm = LlamaRMSNorm(C, eps=self.config.rms_norm_eps) if embed_norm else None
 
     def fuse(self, feats: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
@@ -77,8 +78,14 @@ class EagleHead(nn.Module):
             next_embeds = self.embed_norm(next_embeds)
         return self.fc(torch.cat([feats, next_embeds], dim=-1))
 
-    def forward(self, feats: torch.Tensor, next_embeds: torch.Tensor, attention_mask=None) -> torch.Tensor:
-        """Teacher-forced training pass: (B, T, C) features and next-token embeddings -> (B, T, C) predictions."""
+    def forward(self, feats: torch.Tensor, next_embeds: torch.Tensor, attention_mask=None,
+                unroll: int | None = None):
+        """Teacher-forced training pass: (B, T, C) features and next-token embeddings -> (B, T, C) predictions.
+
+        With `unroll`, the training-time test's drafts 1..unroll instead (`unrolled`, a list), run as this module's
+        forward so that a DDP wrapper sees it."""
+        if unroll is not None:
+            return self.unrolled(feats, next_embeds, unroll)
         x = self.fuse(feats, next_embeds)
         return self.decoder(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state
 

@@ -68,8 +68,8 @@ class Adversary:
         d_loss.backward()
         _average_over_ranks(self.disc)
         self.opt.step()
-        with torch.no_grad():
-            acc = 0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean()).item()
+        with torch.no_grad():  # averaged over ranks: every rank sees one accuracy, so the guard stops all or none
+            acc = _mean_over_ranks(0.5 * ((d_real > 0).float().mean() + (d_fake < 0).float().mean())).item()
         self._guard(acc, step)
         for p in self.disc.parameters():
             p.requires_grad_(False)
@@ -88,6 +88,16 @@ class Adversary:
                 f"the discriminator collapsed at step {step + 1} (accuracy {acc:.3f} for {self.extreme_steps} steps): "
                 "lower training.adv_lambda or the learning rate, or train without --adversarial"
             )
+
+
+def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
 
 
 def _average_over_ranks(module: torch.nn.Module) -> None:

@@ -328,7 +328,7 @@ class HeadsObjective(_Supervised):
             f_in = f_in + (torch.rand_like(f_in) * 2 - 1) * (self.noise * rms).to(f_in.dtype)
         slot = torch.arange(f_in.shape[1], device=f.device)
         out = []
-        for p, pred in enumerate(self.module.unrolled(f_in, emb, self.unroll), 1):
+        for p, pred in enumerate(self.module(f_in, emb, unroll=self.unroll), 1):
             valid = pos[:, 1:] & (slot >= p - 1)[None]  # f_{t+1} at a trained position, with draft p's context
             out.append((pred[valid], f[:, 1:][valid], 0.1 / self.unroll))
         return out

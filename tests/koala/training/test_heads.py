@@ -217,3 +217,63 @@ def test_a_head_trained_on_its_own_features_reproduces_the_target(tmp_path):
     assert min(by_pos) >= 0.95, by_pos
     res = generate(engine, held[0]["input_ids"][:4], 24, drafter=drafter, gamma=3)
     assert res.target_forwards == 1 + 24 // 4  # the prefill, then every round accepts all 3 drafts plus the bonus
+
+
+HEADS_DDP_SCRIPT = r"""
+import hashlib, json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from koala.config import TrainingConfig
+from koala.models.heads import build_heads
+from koala.training.data import SequenceData
+from koala.training.loop import init_distributed, train, world
+from koala.training.objectives import FeatureSource, HeadsObjective, adversarial_if
+from tests.conftest import tiny_llama
+from tests.koala.training.test_loop import synthetic_rows
+init_distributed()
+torch.set_num_threads(1)
+target = tiny_llama(layers=2, vocab=64, hidden=32, seed=0)
+for p in target.parameters():
+    p.requires_grad_(False)
+data = SequenceData(synthetic_rows(n=16), 32, 0)
+torch.manual_seed(0)
+head = build_heads("eagle", target, layers=2)
+cfg = TrainingConfig(steps=4, lr=3e-3, warmup_steps=1, batch_size=4, grad_accum=2, max_seq_len=32, unroll=2,
+                     adversarial=True, adv_warmup_steps=0, adv_lambda=0.1, checkpoint_every=100, eval_every=100)
+obj = adversarial_if(HeadsObjective("eagle", head, target, FeatureSource(target, data, cache=True), unroll=2),
+                     cfg, "cpu")
+log = []
+train(obj, data, cfg, sys.argv[2], cfg.steps, progress=False, on_log=lambda s, m: log.append(m["loss"]))
+digest = lambda m: hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in m.parameters())).hexdigest()
+print("RESULT" + json.dumps({"rank": world()[0], "losses": log, "head": digest(head),
+                             "disc": digest(obj.adversary.disc)}))
+"""
+
+
+@pytest.mark.slow
+def test_adversarial_eagle_heads_train_under_ddp_as_in_one_process(tmp_path):
+    """EAGLE K = 2 heads, two unrolled drafts, the adversarial term on, under torchrun on 2 ranks: the same losses as
+    one process over the whole batch, and one head and one discriminator (equal on every rank) at the end."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.koala.training.test_loop import ROOT
+
+    script = tmp_path / "ddp_heads.py"
+    script.write_text(HEADS_DDP_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def results(cmd):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return [json.loads(x[6:]) for x in out.stdout.splitlines() if x.startswith("RESULT")]
+
+    [one] = results([sys.executable, str(script), str(ROOT), str(tmp_path / "one")])
+    two = sorted(results([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_port=29519", str(script), str(ROOT), str(tmp_path / "two")]),
+                 key=lambda r: r["rank"])
+    assert [r["rank"] for r in two] == [0, 1]
+    assert two[0]["head"] == two[1]["head"] and two[0]["disc"] == two[1]["disc"]  # one model, one discriminator
+    assert len(one["losses"]) == len(two[0]["losses"]) == 4
+    assert all(abs(a - b) < 1e-4 * max(1, abs(a)) for a, b in zip(one["losses"], two[0]["losses"])), (one, two)
