@@ -250,26 +250,52 @@ fit(model, SequenceData(synthetic_rows(topk=4), 32, 0), cfg, sys.argv[2], loss="
       on_log=lambda s, m: log.append(m["loss"]), progress=False)
 if log:
     print("LOSSES" + json.dumps(log))
+
+# adversarial EAGLE K=2 heads, two unrolled drafts: DDP runs the unrolled drafts, the ranks share one discriminator
+import hashlib
+from koala.models.heads import build_heads
+from koala.training.loop import train, world
+from koala.training.objectives import FeatureSource, HeadsObjective, adversarial_if
+target = tiny_llama(layers=2, vocab=64, hidden=32, seed=0)
+target.requires_grad_(False)
+data = SequenceData(synthetic_rows(n=16), 32, 0)
+torch.manual_seed(0)
+head = build_heads("eagle", target, layers=2)
+cfg = TrainingConfig(steps=4, lr=3e-3, warmup_steps=1, batch_size=4, grad_accum=2, max_seq_len=32, unroll=2,
+                     adversarial=True, adv_warmup_steps=0, adv_lambda=0.1, checkpoint_every=100, eval_every=100)
+obj = adversarial_if(HeadsObjective("eagle", head, target, FeatureSource(target, data, cache=True), unroll=2),
+                     cfg, "cpu")
+log = []
+train(obj, data, cfg, sys.argv[2] + "/heads", cfg.steps, progress=False, on_log=lambda s, m: log.append(m["loss"]))
+digest = lambda m: hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in m.parameters())).hexdigest()
+with open(f"{sys.argv[2]}/heads-rank{world()[0]}.json", "w") as f:  # a file each: ranks' stdout lines interleave
+    json.dump({"rank": world()[0], "losses": log, "head": digest(head), "disc": digest(obj.adversary.disc)}, f)
 """
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path):
+    """Distillation, then adversarial EAGLE heads (unrolled drafts), on 2 gloo ranks: the losses of one process over
+    the whole batch; the heads and the discriminator end equal on both ranks (one model, one discriminator)."""
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
-    def losses_of(cmd):
+    def results(cmd):
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
-        line = next(x for x in out.stdout.splitlines() if x.startswith("LOSSES"))
-        return json.loads(line[6:])
+        losses = json.loads(next(x for x in out.stdout.splitlines() if x.startswith("LOSSES"))[6:])
+        return losses, [json.loads(f.read_text()) for f in sorted(Path(cmd[-1]).glob("heads-rank*.json"))]
 
-    one = losses_of([sys.executable, str(script), str(ROOT), str(tmp_path / "one")])
-    two = losses_of([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                     str(script), str(ROOT), str(tmp_path / "two")])
+    one, [heads_one] = results([sys.executable, str(script), str(ROOT), str(tmp_path / "one")])
+    two, heads_two = results([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                              "--master_port=29517", str(script), str(ROOT), str(tmp_path / "two")])
     assert len(one) == len(two) == 5
     assert all(abs(a - b) < 1e-4 * max(1, abs(a)) for a, b in zip(one, two)), (one, two)
+    assert [r["rank"] for r in heads_two] == [0, 1]
+    assert heads_two[0]["head"] == heads_two[1]["head"] and heads_two[0]["disc"] == heads_two[1]["disc"]
+    a, b = heads_one["losses"], heads_two[0]["losses"]
+    assert len(a) == len(b) == 4 and all(abs(x - y) < 1e-4 * max(1, abs(x)) for x, y in zip(a, b)), (a, b)
 
 
 def test_default_copy_layers():
