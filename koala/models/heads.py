@@ -70,7 +70,10 @@ class EagleHead(nn.Module):
         C = self.config.hidden_size
         self.fc = nn.Linear(2 * C, C)
         self.decoder = LlamaModel(self.config)
-        self.decoder.embed_tokens.requires_grad_(False)  # never read (inputs are embeddings): DDP wants no idle grads
+        # its one-row token table is never read (inputs are embeddings), so it never has a gradient: DDP must not
+        # wait for one (left trainable, not frozen, so optimizer states of earlier checkpoints still fit)
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self, ["decoder.embed_tokens.weight"])
         self.embed_norm = LlamaRMSNorm(C, eps=self.config.rms_norm_eps) if embed_norm else None
 
     def fuse(self, feats: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:

@@ -289,7 +289,7 @@ def test_ddp_two_processes_match_one(tmp_path):
 
     one, [heads_one] = results([sys.executable, str(script), str(ROOT), str(tmp_path / "one")])
     two, heads_two = results([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                              "--master_port=29517", str(script), str(ROOT), str(tmp_path / "two")])
+                              "--standalone", str(script), str(ROOT), str(tmp_path / "two")])
     assert len(one) == len(two) == 5
     assert all(abs(a - b) < 1e-4 * max(1, abs(a)) for a, b in zip(one, two)), (one, two)
     assert [r["rank"] for r in heads_two] == [0, 1]
