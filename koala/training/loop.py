@@ -77,6 +77,9 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
     """
     out = Path(out_dir)
     rank, world_size = world()
+    if cfg.batch_size < world_size:  # a rank would get an empty micro-batch
+        raise KoalaError(f"training.batch_size {cfg.batch_size} is smaller than the {world_size} DDP ranks: raise it "
+                         f"to at least {world_size} (ranks split each micro-batch)")
     device = next(objective.model.parameters()).device
     torch.manual_seed(cfg.seed)
     params, opt, sched = _optimizer(objective, cfg, steps, world_size)
@@ -163,10 +166,14 @@ def _backward(objective: Objective, data: SequenceData, micro: list[list[int]], 
         with nullcontext() if last_micro else objective.module.no_sync():
             with autocast:
                 value, extra = objective.loss(b, step)
-            if not torch.isfinite(value):
+            finite = torch.isfinite(value.detach()).to(torch.int32)
+            if world_size > 1:  # every rank stops, not one while the others wait for it in the backward
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite:
                 last = latest_checkpoint(out)
-                raise KoalaError(f"{desc} loss became {value.item()} at step {step + 1}: lower training.lr or check "
-                                 f"the data; the last good checkpoint is kept ({last or 'none yet'})")
+                raise KoalaError(f"{desc} loss became {value.item() if world_size == 1 else 'non-finite'} at step "
+                                 f"{step + 1}: lower training.lr or check the data; the last good checkpoint is kept "
+                                 f"({last or 'none yet'})")
             # each micro-batch's mean, weighted by its share of the global batch's positions (DDP averages ranks)
             (value * (b.n * world_size / max(n_global, 1))).backward()
         total, tokens = total + value.item() * b.n, tokens + b.n

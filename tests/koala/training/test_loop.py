@@ -231,6 +231,16 @@ def test_empty_dataset_is_an_error():
         SequenceData([], 32, 0)
 
 
+def test_fewer_sequences_per_micro_batch_than_ranks_is_an_error(tmp_path, monkeypatch):
+    import koala.training.loop as loop
+
+    monkeypatch.setattr(loop, "world", lambda: (0, 4))
+    model = tiny_llama(layers=1, vocab=64, seed=5)
+    with pytest.raises(KoalaError, match="training.batch_size 2 is smaller than the 4 DDP ranks"):
+        fit(model, SequenceData(synthetic_rows(topk=4), 32, 0), cfg(batch_size=2), tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 DDP_SCRIPT = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
