@@ -412,7 +412,7 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
     from pathlib import Path
 
     from koala.config import load_config
-    from koala.training.loop import init_distributed, world
+    from koala.training.loop import init_distributed
     from koala.training.recipes import train_heads
     from koala.plots import training_curves
     from koala.targets import load_target
@@ -431,7 +431,7 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
         path = train_heads(cfg, target, data or cfg.sampling.out_dir, out, kind=kind, layers=layers,
                            adversarial=adversarial, steps=steps, on_log=lambda s, m: history.append((s, m)),
                            init_from=init, heldout_dir=heldout_data, resume=resume)
-        if history and world()[0] == 0:
+        if history:  # on rank 0 only: the loop logs there
             training_curves(history, Path(out) / "heads_curves.png", f"{kind} K={json.loads((path / 'heads.json').read_text())['layers']}")
     except KoalaError as e:
         fail(e)

@@ -91,23 +91,18 @@ class Adversary:
 
 
 def _mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """x averaged over the DDP ranks, in place (unchanged when not distributed); returns x."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    x = x.clone()
-    dist.all_reduce(x)
-    return x / dist.get_world_size()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
 
 
 def _average_over_ranks(module: torch.nn.Module) -> None:
     """Under DDP, the gradients averaged over ranks: the discriminators of all ranks take the same step and stay one
     (they start equal: seeded by training.seed)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
     for p in module.parameters():
         if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= dist.get_world_size()
+            _mean_over_ranks(p.grad)
