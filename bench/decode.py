@@ -1,11 +1,13 @@
 """Decoding speed of a target in koala's engine, eager and compiled, against Hugging Face generate; prints JSON.
 
-    python bench/decode.py [--target smollm2-135m-instruct] [--device cpu|cuda] [--dtype float32] [--prompts 2]
-        [--drafter truncate:2 | ngram | lookup+DIR] [--gamma auto|N] [--threshold P] [--modes eager,compile]
+    python bench/decode.py [--target smollm2-135m-instruct] [--device cpu|cuda] [--dtypes float32,bfloat16]
+        [--prompts 2] [--drafter truncate:2 | ngram | lookup+DIR] [--gamma auto|N] [--threshold P]
+        [--modes eager,compile] [--max-width 16] [--out bench/results/decode_dtypes.json]
 
-For each mode (eager, compile) in one run: the target's forward cost by width (1..6 tokens, what verifying gamma
-drafts costs), the compile time (apart from decoding), and tokens/s of koala's autoregressive and speculative
-decoding (gamma chosen as `gamma: auto` chooses it); once, Hugging Face `generate`. Also the CPU model and threads.
+For each weights dtype and mode (eager, compile) in one run: the target's forward cost by width (1..--max-width
+tokens, what verifying gamma drafts or a tree costs), the compile time (apart from decoding), and tokens/s of koala's
+autoregressive and speculative decoding (gamma chosen as `gamma: auto` chooses it); once per dtype, Hugging Face
+`generate`. Each dtype is its own target: speculative decoding is lossless against the target in that dtype and mode.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from koala.engine.compile import compile_seconds
 from koala.engine.model import Transformer
 from koala.engine.session import Session
 from koala.targets import encode_chat, load_target
-from koala.threads import configure_threads, cpu_model
+from koala import benchinfo
+from koala.threads import configure_threads
 
 
 def mode_run(s: Session, prompts, a) -> dict:
@@ -31,7 +34,7 @@ def mode_run(s: Session, prompts, a) -> dict:
     c0, t0 = compile_seconds(), time.perf_counter()
     s.reserve(max(len(p) for p in prompts) + a.max_new_tokens + GAMMA_MAX + 1)
     drafter = s.drafter(a.drafter)
-    curve = cost_curve(s, refresh=True)["ms"]  # compiles (when compiled) and measures every width 1..6
+    curve = cost_curve(s, max_width=a.max_width, refresh=True)["ms"]  # compiles (when compiled), measures each width
     g = parse_gamma(a.gamma)
     s.run(prompts[0], 16)  # warm-up (compiles, when compiled): never inside a timed or profiled run
     s.run(prompts[0], 16, drafter=drafter, gamma=g or GAMMA_MAX, threshold=a.threshold)
@@ -88,7 +91,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--target", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtypes", "--dtype", default="float32", help="weights dtypes measured in turn (comma-separated)")
+    ap.add_argument("--max-width", type=int, default=GAMMA_MAX + 1, help="widths 1..N of the cost curve")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--drafter", default="ngram")  # lookup+DIR measures what the smoke profile runs
     ap.add_argument("--gamma", default="auto")
     ap.add_argument("--threshold", type=float, default=None, help="draft only while the drafter is this confident")
@@ -97,14 +102,19 @@ def main():
     ap.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
     a = ap.parse_args()
 
-    threads = configure_threads()
-    t = load_target(a.target, dtype=a.dtype, device=a.device)
+    configure_threads()
+    out = {**benchinfo.header(), "target": a.target, "device": a.device, "max_new_tokens": a.max_new_tokens,
+           "prompts": a.prompts, "drafter": a.drafter, "threshold": a.threshold, "by_dtype": {}}
+    for dtype in a.dtypes.split(","):
+        out["by_dtype"][dtype] = one_dtype(a, dtype)
+    benchinfo.write(out, a.out)
+
+
+def one_dtype(a, dtype: str) -> dict:
+    """Every mode's figures for the target loaded in `dtype`."""
+    t = load_target(a.target, dtype=dtype, device=a.device)
     prompts = [encode_chat(t.tokenizer, list(r.messages)) for r in load_bench("mtbench", a.prompts)]
-    out = {"target": t.info.name, "device": a.device, "cpu": cpu_model(), "threads": threads, "dtype": a.dtype,
-           "gpu": torch.cuda.get_device_name() if a.device.startswith("cuda") else None,
-           "torch": torch.__version__, "max_new_tokens": a.max_new_tokens, "prompts": len(prompts),
-           "drafter": a.drafter, "threshold": a.threshold}
-    out["memory"] = memory_floor(t.model) if a.device == "cpu" else None
+    out = {"memory": memory_floor(t.model) if a.device == "cpu" else None}
     base = Session(t, Transformer(t.model))
     _hf_generate(base, prompts[0], EvalConfig(max_new_tokens=8))  # warm-up
     hf = []
@@ -117,8 +127,8 @@ def main():
         out[mode] = mode_run(s, prompts, a)
         out[mode]["ar_over_hf_generate"] = round(out[mode]["tokens_per_s"]["autoregressive"] /
                                                  out["hf_generate_tokens_per_s"], 3)
-        print(json.dumps({mode: out[mode]}), flush=True)  # progress: each mode as it finishes
-    print(json.dumps(out, indent=2))
+        print(json.dumps({dtype: {mode: out[mode]}}), flush=True)  # progress: each mode as it finishes
+    return out
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from koala.cli import app, at_least_one, check_prompt_source, check_run_options, fail, one_of, writable_dir
+from koala.cli import (COMPUTE_DTYPE_HELP, app, at_least_one, check_prompt_source, check_run_options, fail, one_of,
+                       with_compute_dtype, writable_dir)
 from koala.config import DEFAULT_PROFILE, LOSS_NAMES
 from koala.errors import KoalaError
 
@@ -40,11 +41,13 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
            fan_out: int = typer.Option(0, help="N >= 1: split the shards into N ranges, each a run of the "
                                        "sample-shards deployment on its work pool (needs PREFECT_API_URL)"),
            deployment: str = typer.Option("sample-shards/sample-shards", help="the deployment --fan-out runs"),
+           compute_dtype: Optional[str] = typer.Option(None, help=COMPUTE_DTYPE_HELP),
            set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
     """Sample the target into Parquet distillation shards (a Prefect flow; resumable and incremental)."""
     from koala.config import load_config
     from koala.data.shards import SOURCES
 
+    set_ = with_compute_dtype(set_, compute_dtype)
     try:
         at_least_one(n_prompts=n_prompts, max_new_tokens=max_new_tokens)
         if fan_out < 0:
@@ -82,11 +85,13 @@ def run(profile: str = typer.Option(DEFAULT_PROFILE, help="smoke (a CPU in minut
         n_prompts: Optional[int] = typer.Option(None, help="use at most this many prompts"),
         loss: Optional[str] = typer.Option(None, help=", ".join(LOSS_NAMES)),
         steps: Optional[int] = typer.Option(None, help="distillation steps"),
+        compute_dtype: Optional[str] = typer.Option(None, help=COMPUTE_DTYPE_HELP),
         set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
     """Run the whole pipeline locally (Prefect's local server, MLflow's local store) and print a summary."""
     from koala.config import load_config
     from koala.tracking import resolve_uri, check_reachable
 
+    set_ = with_compute_dtype(set_, compute_dtype)
     try:
         at_least_one(n_prompts=n_prompts, steps=steps)
         from koala.config import LOSS_NAMES

@@ -42,6 +42,15 @@ def at_least_one(**options) -> None:
             raise KoalaError(f"--{name.replace('_', '-')} {v}: must be at least 1 (leave it out for the profile's value)")
 
 
+COMPUTE_DTYPE_HELP = ("auto (bf16 autocast where this machine measures it faster), float32 or bfloat16; "
+                      "$KOALA_COMPUTE_DTYPE overrides it")
+
+
+def with_compute_dtype(set_: list[str] | None, compute_dtype: str | None) -> list[str]:
+    """--compute-dtype as the override it stands for (validated with the rest of the config)."""
+    return [*(set_ or []), *([f"compute_dtype={compute_dtype}"] if compute_dtype is not None else [])]
+
+
 def check_run_options(target: str, dtype: str, device: str, drafter: str | None = None) -> None:
     """What can be checked before the target loads: dtype, device, and the drafter spec and its files."""
     from koala.engine.drafter_spec import check_drafter_spec
@@ -270,7 +279,7 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
                "acceptance_by_position.png, speedup_by_category.png)")
 
 
-def _train_cmd(stage: str, config, profile, data, loss, steps, out, resume, init, track, set_):
+def _train_cmd(stage: str, config, profile, data, loss, steps, out, resume, init, track, set_, compute_dtype=None):
     """Shared body of `koala pretrain` and `koala distill`: config, target, MLflow run, loop, curves."""
     from contextlib import ExitStack
     from pathlib import Path
@@ -284,7 +293,7 @@ def _train_cmd(stage: str, config, profile, data, loss, steps, out, resume, init
     history: list = []
     try:
         at_least_one(steps=steps)
-        cfg = load_config(None if config else profile, config, set_ or [])
+        cfg = load_config(None if config else profile, config, with_compute_dtype(set_, compute_dtype))
         out_dir = Path(out or Path(cfg.training.out_dir) / stage)
         _check_training_paths(out_dir, resume is True, init=init, data=None if stage == "pretrain" else
                               (data or cfg.sampling.out_dir))
@@ -362,9 +371,10 @@ def pretrain(config: Optional[str] = typer.Option(None, help="YAML config (defau
              out: Optional[str] = typer.Option(None, help="output directory (default: training.out_dir/pretrain)"),
              resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),
              track: bool = typer.Option(True, help="log the run to MLflow"),
+             compute_dtype: Optional[str] = typer.Option(None, help=COMPUTE_DTYPE_HELP),
              set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
     """Pretrain a drafter with the next-token loss on text (ShareGPT conversations by default)."""
-    _train_cmd("pretrain", config, profile, None, None, steps, out, resume, None, track, set_)
+    _train_cmd("pretrain", config, profile, None, None, steps, out, resume, None, track, set_, compute_dtype)
 
 
 @app.command()
@@ -380,6 +390,7 @@ def distill(config: Optional[str] = typer.Option(None, help="YAML config (defaul
                                              "pipeline does)"),
             init: Optional[str] = typer.Option(None, help="start from this drafter (e.g. a pretrained one)"),
             track: bool = typer.Option(True, help="log the run to MLflow"),
+            compute_dtype: Optional[str] = typer.Option(None, help=COMPUTE_DTYPE_HELP),
             set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
     """Distil a drafter on the target's samples with a KD loss; runs under torchrun for DDP."""
     from koala.config import LOSS_NAMES
@@ -389,7 +400,7 @@ def distill(config: Optional[str] = typer.Option(None, help="YAML config (defaul
     except KoalaError as e:
         fail(e)
     _train_cmd("distill", config, profile, data, loss, steps, out, "auto" if auto_resume and not resume else resume,
-               init, track, set_)
+               init, track, set_, compute_dtype)
 
 
 @app.command()
@@ -406,6 +417,7 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
           resume: bool = typer.Option(False, help="continue from the last checkpoint in --out"),
           config: Optional[str] = typer.Option(None, help="YAML config (default: the profile)"),
           profile: str = typer.Option(DEFAULT_PROFILE, help="profile in koala/profiles/ when --config is not given"),
+          compute_dtype: Optional[str] = typer.Option(None, help=COMPUTE_DTYPE_HELP),
           set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
     """Train KOALA draft heads (K-layer Medusa or EAGLE, optionally adversarial); evaluate with --drafter heads:OUT/heads.
     Runs under torchrun for DDP on one node (`torchrun --nproc-per-node P -m koala.cli heads ...`)."""
@@ -423,7 +435,7 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
 
         one_of("--kind", kind, HEAD_KINDS)
         at_least_one(layers=layers, steps=steps)
-        cfg = load_config(None if config else profile, config, set_ or [])
+        cfg = load_config(None if config else profile, config, with_compute_dtype(set_, compute_dtype))
         _check_training_paths(out, resume, init=init, data=data or cfg.sampling.out_dir, heads=True)
         check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
         init_distributed()

@@ -122,6 +122,8 @@ class TrainingConfig(_Strict):
     eval_every: int = Field(50, ge=1, description="held-out expected acceptance every N steps")
     heldout_fraction: float = Field(0.05, ge=0, lt=1, description="share of samples held out")
     seed: int = Field(0, description="seed of init, data order and dropout")
+    compile: bool = Field(False, description="draft heads: compile their training forward and backward with "
+                          "inductor (a minute or two once per process; then faster steps: worth it for long trainings)")
     cache_features: bool = Field(True, description="draft heads: compute the target's features once, keep them")
     unroll: int = Field(1, ge=1, le=8, description="EAGLE: train drafts 1..unroll, draft i+1 from the head's own "
                         "predicted features of draft i (EAGLE-3's training-time test); 1 = teacher-forced only")
@@ -203,6 +205,9 @@ class DistributedConfig(_Strict):
 
 class KoalaConfig(_Strict):
     run_dir: str = Field("runs", description="root of everything a run writes")
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="teacher forcing, sampling and training: bfloat16 autocast (float32 weights and optimizer "
+        "state) or float32; auto: bf16 where this machine measures its GEMMs faster (koala.precision)")
     target: TargetConfig = TargetConfig()
     prompts: PromptsConfig = PromptsConfig()
     sampling: SamplingConfig = SamplingConfig()

@@ -46,8 +46,8 @@ def shard_cache_key(context, parameters) -> str:
     cfg, out_dir, spec = parameters["cfg"], parameters["out_dir"], parameters["spec"]
     source = parameters.get("source", "generated")
     settings = cfg.sampling if source == "generated" else cfg.teacher_forced
-    blob = json.dumps([str(Path(out_dir).resolve()), spec, cfg.target.model_dump(), settings.model_dump(), source],
-                      sort_keys=True)
+    blob = json.dumps([str(Path(out_dir).resolve()), spec, cfg.target.model_dump(), settings.model_dump(), source,
+                       cfg.compute_dtype], sort_keys=True)
     return "sample-shard-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

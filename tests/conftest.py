@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The same arithmetic on every CI machine (AMX or not): tests that exercise bf16 autocast ask for it themselves.
+os.environ.setdefault("KOALA_COMPUTE_DTYPE", "float32")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from koala import precision
 from koala.config import KoalaConfig
 from koala.data import prompts as P
 from koala.data import shards as S
@@ -152,10 +153,13 @@ def sample_shard(cfg: KoalaConfig, target: Target, engine, spec: S.ShardSpec, re
     rows: dict[int, dict] = {}
     t0 = time.perf_counter()
     bar = tqdm(total=len(jobs), desc=spec.file, unit="sample", disable=not progress, leave=False)
+    compute = precision.for_model(cfg.compute_dtype, target.model)
+    precision.announce(compute, "sampling")
     # one continuous batch over the whole shard: sc.batch_size rows, a finished row takes the next prompt
-    samples = generate_batch(engine, [jobs[i][3] for i in order], [jobs[i][2] for i in order], params,
-                             sc.max_new_tokens, eos_ids, topk=sc.topk_logprobs, pad_id=tok.pad_token_id or 0,
-                             rows=sc.batch_size, on_done=bar.update)
+    with compute.autocast(engine.device):
+        samples = generate_batch(engine, [jobs[i][3] for i in order], [jobs[i][2] for i in order], params,
+                                 sc.max_new_tokens, eos_ids, topk=sc.topk_logprobs, pad_id=tok.pad_token_id or 0,
+                                 rows=sc.batch_size, on_done=bar.update)
     new_tokens = 0
     for i, s in zip(order, samples):
         r, k, seed, ids = jobs[i]
@@ -171,11 +175,12 @@ def sample_shard(cfg: KoalaConfig, target: Target, engine, spec: S.ShardSpec, re
             rows[i].update(topk_ids=s.topk_ids, topk_logprobs=s.topk_logprobs)
         new_tokens += len(s.response_ids)
     bar.close()
-    meta = {**S.shard_metadata(target_facts(target), sc.model_dump()),
+    meta = {**S.shard_metadata(target_facts(target), sc.model_dump()), "compute_dtype": compute.to_dict(),
             "draws": "counter_uniform"}  # per-sample draws (koala.engine.sampling); earlier shards: torch.Generator
     entry = S.write_shard(Path(out_dir), spec, [rows[i] for i in range(len(jobs))], meta, topk=sc.topk_logprobs > 0)
     wall = time.perf_counter() - t0
-    return {**entry, "wall_s": wall, "new_tokens": new_tokens, "tokens_per_s": new_tokens / wall}
+    return {**entry, "wall_s": wall, "new_tokens": new_tokens, "tokens_per_s": new_tokens / wall,
+            "compute_dtype": compute.name}
 
 
 def build(cfg: KoalaConfig, session, out_dir: str | Path | None = None, progress: bool = True,

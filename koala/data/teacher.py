@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from koala.config import KoalaConfig
 from koala.data import prompts as P
 from koala.data import shards as S
+from koala import precision
 from koala.interrupt import check
 from koala.targets import Target, encode_chat
 
@@ -51,20 +53,23 @@ def tokenize(tokenizer, record: P.PromptRecord, max_seq_len: int) -> tuple[list[
 
 
 @torch.no_grad()
-def force_batch(model, seqs: list[tuple[list[int], int]], topk: int, features: bool, pad_id: int = 0
-                ) -> list[Forced]:
-    """One right-padded forward of the Hugging Face target over several conversations."""
+def force_batch(model, seqs: list[tuple[list[int], int]], topk: int, features: bool, pad_id: int = 0,
+                compute: precision.ComputeDtype | None = None) -> list[Forced]:
+    """One right-padded forward of the Hugging Face target over several conversations, under `compute`'s autocast
+    (the log-softmax is taken in float32 either way)."""
     dev = model.device
     T = max(len(ids) for ids, _ in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=dev)
     att = torch.zeros(len(seqs), T, dtype=torch.long, device=dev)
     for b, (s, _) in enumerate(seqs):
         ids[b, :len(s)], att[b, :len(s)] = torch.tensor(s, device=dev), 1
-    h = model.model(input_ids=ids, attention_mask=att).last_hidden_state  # (B, T, C)
+    with compute.autocast(dev) if compute is not None else nullcontext():
+        h = model.model(input_ids=ids, attention_mask=att).last_hidden_state  # (B, T, C)
+        # position t predicts token t+1: the answer's tokens p..len-1 are predicted at p-1..len-2
+        logits = [model.lm_head(h[b, p - 1:len(s) - 1]) for b, (s, p) in enumerate(seqs)]
     out = []
     for b, (s, p) in enumerate(seqs):
-        # position t predicts token t+1: the answer's tokens p..len-1 are predicted at p-1..len-2
-        lp = torch.log_softmax(model.lm_head(h[b, p - 1:len(s) - 1]).float(), -1).topk(topk, dim=-1)
+        lp = torch.log_softmax(logits[b].float(), -1).topk(topk, dim=-1)
         out.append(Forced(s, p, lp.indices.int().cpu().numpy(), lp.values.half().cpu().numpy(),
                           h[b, :len(s)].half().cpu().numpy() if features else None))
     return out
@@ -77,6 +82,8 @@ def teacher_force_shard(cfg: KoalaConfig, target: Target, spec: S.ShardSpec, rec
 
     tc = cfg.teacher_forced
     h = S.settings_hash(tc.model_dump(), "teacher_forced")
+    compute = precision.for_model(cfg.compute_dtype, target.model)
+    precision.announce(compute, "teacher forcing")
     tok = target.tokenizer
     jobs = []  # (record, ids, prompt_len); conversations the template cannot split are left out
     for pid in spec.prompt_ids:
@@ -90,7 +97,7 @@ def teacher_force_shard(cfg: KoalaConfig, target: Target, spec: S.ShardSpec, rec
     for batch in (order[i:i + tc.batch_size] for i in range(0, len(order), tc.batch_size)):
         check()  # SIGINT/SIGTERM: stop between batches
         forced = force_batch(target.model, [(jobs[i][1], jobs[i][2]) for i in batch], tc.topk_logprobs, tc.features,
-                             tok.pad_token_id or 0)
+                             tok.pad_token_id or 0, compute)
         for i, f in zip(batch, forced):
             r = jobs[i][0]
             n = len(f.input_ids) - f.prompt_len
@@ -110,11 +117,12 @@ def teacher_force_shard(cfg: KoalaConfig, target: Target, spec: S.ShardSpec, rec
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
     bar.close()
-    meta = S.shard_metadata(target_facts(target), tc.model_dump())
+    meta = {**S.shard_metadata(target_facts(target), tc.model_dump()), "compute_dtype": compute.to_dict()}
     entry = S.write_shard(Path(out_dir), spec, [rows[i] for i in range(len(jobs))], meta, topk=True,
                           features=tc.features)
     wall = time.perf_counter() - t0
-    return {**entry, "wall_s": wall, "new_tokens": tokens, "tokens_per_s": tokens / wall}
+    return {**entry, "wall_s": wall, "new_tokens": tokens, "tokens_per_s": tokens / wall,
+            "compute_dtype": compute.name}
 
 
 def features_of(row: dict, hidden: int, max_len: int | None = None) -> torch.Tensor:

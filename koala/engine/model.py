@@ -39,7 +39,9 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor | None = None):
         """Write k, v (B, H_kv, T, D) at slots input_pos: (T,) for every row, or (B, T) each row its own slots (a
-        batch of independent sequences), into cache rows `rows` (B,) (None: rows 0..B-1). Returns the rows' caches."""
+        batch of independent sequences), into cache rows `rows` (B,) (None: rows 0..B-1). Returns the rows' caches.
+        Under autocast (a sampler in bf16) k and v come in the compute dtype and are stored in the cache's."""
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if input_pos.dim() == 1 and rows is None:
             self.k.index_copy_(2, input_pos, k)
             self.v.index_copy_(2, input_pos, v)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from koala.errors import KoalaError
@@ -127,30 +128,38 @@ def _shift(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _unrolled_attention(attn, h: torch.Tensor, cos, sin, past: list, pos: torch.Tensor) -> torch.Tensor:
-    """One attention of draft p = len(past) + 1 under the training-time-test mask; appends its own (K, V) to past."""
+    """One attention of draft p = len(past) + 1 under the training-time-test mask; appends its own (K, V) to past.
+
+    Slot j of draft p attends to draft 1's slots i <= j - p + 1 and to draft q's slot j - p + q for q = 2..p: one fused
+    attention (SDPA) over draft 1's keys and the later drafts' keys shifted onto slot j, under a (T, p T) mask."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     B, T, _ = h.shape
     shape = (B, T, -1, attn.head_dim)
-    q = attn.q_proj(h).view(shape).transpose(1, 2)
-    k = attn.k_proj(h).view(shape).transpose(1, 2)
+    q = attn.q_proj(h).view(shape).transpose(1, 2)  # (B, H, T, D)
+    k = attn.k_proj(h).view(shape).transpose(1, 2)  # (B, H_kv, T, D)
     v = attn.v_proj(h).view(shape).transpose(1, 2)
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    g = attn.num_key_value_groups
-    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     past.append((k, v))
     p = len(past)
-    k1, v1 = past[0]
-    s1 = (q @ k1.transpose(-1, -2)) * attn.scaling  # (B, H, T, T): draft 1's slots i <= j - p + 1
-    s1 = s1.masked_fill(pos[None, :] > pos[:, None] - (p - 1), float("-inf"))
-    diag_k = [_shift(past[j - 1][0], p - j) for j in range(2, p + 1)]  # draft j's slot at i - p + j
-    diag_v = [_shift(past[j - 1][1], p - j) for j in range(2, p + 1)]
-    sd = [(q * kk).sum(-1, keepdim=True) * attn.scaling for kk in diag_k]  # (B, H, T, 1) each
-    a = torch.softmax(torch.cat([s1, *sd], dim=-1).float(), dim=-1).to(q.dtype)
-    out = a[..., :T] @ v1
-    for i, vv in enumerate(diag_v):
-        out = out + a[..., T + i:T + i + 1] * vv
-    return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+    gqa = q.shape[1] != k.shape[1]
+    if p == 1:  # draft 1 is the plain causal forward
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=gqa)
+    else:
+        # draft j's slot j - p + q at slot j (zeros where there is none: those slots are left out of the loss, and a
+        # zero key keeps every row of the softmax non-empty)
+        keys = torch.cat([past[0][0], *(_shift(past[j - 1][0], p - j) for j in range(2, p + 1))], dim=2)
+        values = torch.cat([past[0][1], *(_shift(past[j - 1][1], p - j) for j in range(2, p + 1))], dim=2)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=_ttt_mask(pos, p), scale=attn.scaling,
+                                           enable_gqa=gqa)
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _ttt_mask(pos: torch.Tensor, p: int) -> torch.Tensor:
+    """(T, p T) bool: slot j sees draft 1's slots i <= j - p + 1, then its own slot in each later draft's block."""
+    first = pos[None, :] <= pos[:, None] - (p - 1)  # (T, T)
+    diag = pos[None, :] == pos[:, None]
+    return torch.cat([first, *([diag] * (p - 1))], dim=1)
 
 
 def build_heads(kind: str, target_model, layers: int, n_heads: int = 4, embed_norm: bool = True) -> nn.Module:

@@ -1,6 +1,7 @@
 """The one training loop: drafter pretraining, distillation and draft heads differ only in their objective.
 
-AdamW, linear warm-up then cosine decay, gradient clipping and accumulation, bf16 autocast on CUDA, resumable
+AdamW, linear warm-up then cosine decay, gradient clipping and accumulation, bf16 autocast where the machine runs it
+faster (koala.precision: a CUDA GPU, a CPU with AMX; float32 master weights and optimizer state either way), resumable
 checkpoints (koala.training.checkpoints), DDP under torchrun (gradients all-reduced once per optimizer step, not per
 micro-batch). What a step minimises comes from the objective (koala.training.objectives): its `loss(batch, step)`,
 its held-out `metrics(batch)`, the `model` whose trainable parameters are optimised and checkpointed, the `module`
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from koala import precision
 from koala.config import TrainingConfig
 from koala.errors import KoalaError
 from koala.interrupt import check, fault
@@ -58,7 +60,8 @@ def init_distributed() -> None:
 
 def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, steps: int, *,
           heldout: SequenceData | None = None, resume: bool | str = False, fingerprint: str | None = None,
-          on_log: LogFn | None = None, progress: bool = True, desc: str = "train") -> dict:
+          on_log: LogFn | None = None, progress: bool = True, desc: str = "train",
+          compute: precision.ComputeDtype | None = None) -> dict:
     """Minimise `objective` over `data` for `steps` optimizer steps; returns the last logged metrics.
 
     Args:
@@ -71,6 +74,8 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
             training's); "auto": continue it if there is one; False: start over (see claim_checkpoints).
         fingerprint: what this training is (config, data, starting weights); checkpoints of another are not resumed.
         on_log: called with (step, metrics) every step, on rank 0.
+        compute: the forward and loss under bf16 autocast or in float32 (koala.precision.for_model); None: bf16 on
+            CUDA, float32 on a CPU. Part of the fingerprint a resume checks: bitwise resume holds within one dtype.
 
     Raises:
         KoalaError: the loss became NaN or infinite (the last good checkpoint is kept); a refused resume.
@@ -84,7 +89,9 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
     torch.manual_seed(cfg.seed)
     params, opt, sched = _optimizer(objective, cfg, steps, world_size)
     start, order = _starting_point(out, resume, fingerprint, objective, opt, sched, len(data), cfg.seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if compute is None:
+        compute = precision.ComputeDtype("bfloat16" if device.type == "cuda" else "float32", "the loop's default")
+    autocast = compute.autocast(device)
     metrics: dict = {}
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress or rank != 0)
     for step in bar:

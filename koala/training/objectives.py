@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from koala.config import TrainingConfig
 from koala.errors import KoalaError
+from koala.training.chunked_ce import linear_soft_cross_entropy
 from koala.training.data import Batch, SequenceData
 from koala.training.losses import (LOSSES, Teacher, acceptance_lower_bound, cross_entropy, expected_acceptance,
                                    greedy_agreement)
@@ -301,14 +302,31 @@ class HeadsObjective(_Supervised):
         self.lm_head = target_model.lm_head
         self.unroll, self.noise = (unroll if kind == "eagle" else 1), noise
         self.vocab_ids = None if vocab_ids is None else vocab_ids.to(target_model.device)
+        # the frozen head over the draft vocabulary, gathered once (K, C), and its autocast copy (cast once, not at
+        # every call: autocast caches casts of trainable weights only)
+        w = self.lm_head.weight.detach()
+        self.head_weight = w if self.vocab_ids is None else w[self.vocab_ids]
+        self._cast: dict[torch.dtype, torch.Tensor] = {}
+
+    def _weight(self, subset: bool) -> torch.Tensor:
+        w = self.head_weight if subset else self.lm_head.weight.detach()
+        dev = w.device.type
+        if not torch.is_autocast_enabled(dev):
+            return w
+        dt = torch.get_autocast_dtype(dev)
+        if subset:
+            if dt not in self._cast:
+                self._cast[dt] = w.to(dt)
+            return self._cast[dt]
+        return w.to(dt)
 
     def _logits(self, h: torch.Tensor, subset: bool = True) -> torch.Tensor:
-        if self.vocab_ids is None or not subset:
-            return self.lm_head(h).float()
-        return F.linear(h, self.lm_head.weight[self.vocab_ids]).float()
+        """(N, K) float32 logits over the draft vocabulary (`subset`) or (N, V) over the full one."""
+        return F.linear(h, self._weight(subset or self.vocab_ids is None)).float()
 
     def _predictions(self, b: Batch, f: torch.Tensor, train: bool = False):
-        """Per draft position: (student feature (N, C), the target's feature it predicts (N, C), loss weight)."""
+        """Per draft position: (student feature (N, C), the target's feature it predicts (N, C), loss weight, rows
+        of the first draft's targets these are (EAGLE: each draft's targets are a subset of draft 1's) or None)."""
         pos = b.positions  # (B, T): position t predicts token t+1
         if self.kind == "medusa":
             hs = self.module(f)  # (n, B, T, C): head i on f_t predicts token t+1+i
@@ -318,7 +336,7 @@ class HeadsObjective(_Supervised):
                 valid = pos.clone()
                 valid[:, -shift:] = False
                 valid[:, :-shift] &= pos[:, shift:]  # the target's distribution at t+i must be a trained position
-                out.append((hs[i][valid], f[:, shift:][valid[:, :-shift]], 0.8 ** i))
+                out.append((hs[i][valid], f[:, shift:][valid[:, :-shift]], 0.8 ** i, None))
             return out
         # EAGLE: slot t reads (f_t, emb(x_{t+1})) and predicts f_{t+1}; draft p's slot t reads draft p-1's f_t
         emb = self.target.model.embed_tokens(b.input_ids[:, 1:])
@@ -327,24 +345,51 @@ class HeadsObjective(_Supervised):
             rms = f_in.float().pow(2).mean().sqrt()
             f_in = f_in + (torch.rand_like(f_in) * 2 - 1) * (self.noise * rms).to(f_in.dtype)
         slot = torch.arange(f_in.shape[1], device=f.device)
+        first = pos[:, 1:]  # draft 1's trained slots
         out = []
         for p, pred in enumerate(self.module(f_in, emb, unroll=self.unroll), 1):
-            valid = pos[:, 1:] & (slot >= p - 1)[None]  # f_{t+1} at a trained position, with draft p's context
-            out.append((pred[valid], f[:, 1:][valid], 0.1 / self.unroll))
+            valid = first & (slot >= p - 1)[None]  # f_{t+1} at a trained position, with draft p's context
+            rows = None if p == 1 else (slot >= p - 1)[None].expand_as(first)[first]  # (N1,) bool
+            out.append((pred[valid], f[:, 1:][valid], 0.1 / self.unroll, rows))
         return out
 
     def supervised(self, b: Batch, logp: bool = False):
         """The heads' loss; the log-probs are every draft position's (all Medusa heads, all unrolled EAGLE drafts),
         stacked, so the adversarial term reaches every head."""
         preds = self._predictions(b, self.features(b), train=True)
-        logits = [(self._logits(s), self._logits(t), w) for s, t, w in preds]
-        value = sum(w * -(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean() for s, t, w in logits)
+        value = self._cross_entropy(preds) if not logp else 0.0
         if self.kind == "eagle":  # EAGLE also regresses the feature itself
-            value = value + sum(F.smooth_l1_loss(s.float(), t.float()) for s, t, _ in preds) / len(preds)
+            value = value + sum(F.smooth_l1_loss(s.float(), t.float()) for s, t, _, _ in preds) / len(preds)
         if not logp:
             return value, None, None
-        return (value, torch.cat([torch.log_softmax(t, -1) for _, t, _ in logits]),
-                torch.cat([torch.log_softmax(s, -1) for s, _, _ in logits]))
+        # with the adversarial term: the (N, K) log-probs themselves, so the loss is written plainly
+        teachers, first = [], None
+        with torch.no_grad():  # the frozen target's distribution: once per position (EAGLE's drafts share draft 1's)
+            for s, t, w, rows in preds:
+                if rows is None:
+                    first = torch.log_softmax(self._logits(t), -1)
+                teachers.append(first if rows is None else first[rows])
+        logits = [torch.log_softmax(self._logits(s), -1) for s, _, _, _ in preds]
+        value = value + sum(w * -(t.exp() * q).sum(-1).mean() for q, t, (_, _, w, _) in zip(logits, teachers, preds))
+        return value, torch.cat(teachers), torch.cat(logits)
+
+    def _cross_entropy(self, preds) -> torch.Tensor:
+        """sum over drafts of w_p x mean soft cross-entropy against the target, every draft in one chunked pass
+        (koala.training.chunked_ce); EAGLE's later drafts are taught by rows of draft 1's targets."""
+        if self.kind == "eagle":
+            teacher = preds[0][1]
+            rows = [torch.arange(teacher.shape[0], device=teacher.device) if r is None else r.nonzero()[:, 0]
+                    for _, _, _, r in preds]
+        else:  # Medusa: each head its own targets
+            teacher = torch.cat([t for _, t, _, _ in preds])
+            offsets = [0]
+            for _, t, _, _ in preds:
+                offsets.append(offsets[-1] + t.shape[0])
+            rows = [torch.arange(o, o + t.shape[0], device=t.device) for o, (_, t, _, _) in zip(offsets, preds)]
+        weights = torch.cat([torch.full((s.shape[0],), w / max(s.shape[0], 1), device=s.device)
+                             for s, _, w, _ in preds])
+        return linear_soft_cross_entropy(torch.cat([s for s, _, _, _ in preds]), teacher, torch.cat(rows), weights,
+                                         self._weight(True))
 
     @torch.no_grad()
     def metrics(self, b: Batch) -> dict:
@@ -352,7 +397,7 @@ class HeadsObjective(_Supervised):
         acceptance of draft p given drafts 1..p-1 were accepted (EAGLE with unroll > 1)."""
         preds = self._predictions(b, (self.heldout_features or self.features)(b))
         out = {}
-        for p, (s, t, _) in enumerate(preds[:self.unroll], 1):
+        for p, (s, t, _, _) in enumerate(preds[:self.unroll], 1):
             logits = self._logits(s)
             if self.vocab_ids is not None:
                 logits = logits.new_full((logits.shape[0], self.lm_head.weight.shape[0]), -1e4).index_copy_(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from koala import __version__
+from koala import __version__, precision
 from koala.config import HEAD_KINDS, KoalaConfig
 from koala.data import shards
 from koala.errors import KoalaError
@@ -39,10 +39,11 @@ def pretrain(cfg: KoalaConfig, target: Target, out_dir: str | Path, steps: int |
         raise KoalaError("training.pretrain_steps is 0: set it (or --steps) to pretrain")
     data = training_data(cfg, target)
     model = build_drafter(target, cfg.drafter, seed=cfg.training.seed)
+    compute = _compute(cfg, target, "pretraining")
     fp = training_fingerprint("pretrain", target.info.content_hash, steps, cfg.training.model_dump(),
-                              _drafter_fields(cfg))
+                              _drafter_fields(cfg), *_dtype_part(compute, target))
     metrics = train(NextToken(model), data.train, cfg.training, out_dir, steps, heldout=data.heldout, resume=resume,
-                    fingerprint=fp, on_log=on_log, progress=progress, desc="pretrain")
+                    fingerprint=fp, on_log=on_log, progress=progress, desc="pretrain", compute=compute)
     info = _info(cfg, target, "pretrain", metrics, corpus=cfg.training.pretrain_corpus, drafter=cfg.drafter.model_dump())
     final = Path(out_dir) / FINAL
     return _on_rank0(lambda: save_drafter(model, target.tokenizer, final, info), final)
@@ -65,13 +66,14 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
     vocab_ids = load_draft_vocab(init_from) if init_from is not None and cfg.drafter.draft_vocab else None
     if vocab_ids is None:
         vocab_ids = draft_vocab_for(cfg, data.train.rows, target.info.vocab_size)
+    compute = _compute(cfg, target, "distillation")
     fp = training_fingerprint("distill", target.info.content_hash, loss, steps, cfg.training.model_dump(),
                               _drafter_fields(cfg), data.manifest.get("done"), weights_digest(init_from),
-                              online_teacher)
+                              online_teacher, *_dtype_part(compute, target))
     objective = adversarial_if(Distill(model, loss, target.model, vocab_ids, cfg.training), cfg.training,
                                target.model.device)
     metrics = train(objective, data.train, cfg.training, out_dir, steps, heldout=data.heldout, resume=resume,
-                    fingerprint=fp, on_log=on_log, progress=progress, desc="distill")
+                    fingerprint=fp, on_log=on_log, progress=progress, desc="distill", compute=compute)
     info = _info(cfg, target, "distill", metrics, data, data_dir, loss=loss, drafter=cfg.drafter.model_dump())
     return _on_rank0(lambda: save_drafter(model, target.tokenizer, Path(out_dir) / FINAL, info, vocab_ids),
                      Path(out_dir) / FINAL)
@@ -100,16 +102,19 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
     torch.manual_seed(tcfg.seed)
     init_from = str(init_from).removeprefix("heads:") if init_from is not None else None  # as `koala heads` prints
     heads, kind, layers, vocab_ids = _start_heads(cfg, target, kind, layers, init_from, data.train.rows)
-    objective = adversarial_if(_heads_objective(tcfg, target, kind, heads, data, data_dir, heldout_dir, vocab_ids),
-                               tcfg, target.model.device)
+    compute = _compute(cfg, target, f"{kind} heads training")
+    with compute.autocast(target.model.device):  # the target's features, where they are not stored, in that dtype
+        objective = adversarial_if(_heads_objective(tcfg, target, kind, heads, data, data_dir, heldout_dir,
+                                                    vocab_ids), tcfg, target.model.device)
     steps = steps or tcfg.steps
     held_manifest = (shards.read_manifest(Path(heldout_dir)) or {}).get("done") if heldout_dir else None
     embed_norm = getattr(heads, "embed_norm", None) is not None
     drafter_fields = {**_drafter_fields(cfg), **({"embed_norm": True} if embed_norm else {})}
     fp = training_fingerprint(kind, target.info.content_hash, layers, steps, tcfg.model_dump(), drafter_fields,
-                              data.manifest.get("done"), held_manifest, weights_digest(init_from))
+                              data.manifest.get("done"), held_manifest, weights_digest(init_from),
+                              *_dtype_part(compute, target))
     metrics = train(objective, data.train, tcfg, out_dir, steps, heldout=data.heldout, resume=resume, fingerprint=fp,
-                    on_log=on_log, progress=progress, desc=f"heads-{kind}")
+                    on_log=on_log, progress=progress, desc=f"heads-{kind}", compute=compute)
     info = _info(cfg.model_copy(update={"training": tcfg}), target, "heads", metrics, data, data_dir, kind=kind,
                  layers=layers, n_heads=len(heads.heads) if kind == "medusa" else cfg.drafter.medusa_heads,
                  adversarial=tcfg.adversarial, hidden_size=target.model.config.hidden_size,
@@ -117,6 +122,21 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
                  train_tokens=sum(max(len(r["input_ids"]) - r.get("prompt_len", 1), 0) for r in data.train.rows))
     final = Path(out_dir) / "heads"
     return _on_rank0(lambda: save_heads(heads.eval(), final, info, vocab_ids), final)
+
+
+def _compute(cfg: KoalaConfig, target: Target, what: str) -> precision.ComputeDtype:
+    """The training's compute dtype (cfg.compute_dtype, measured when auto), printed once."""
+    compute = precision.for_model(cfg.compute_dtype, target.model)
+    if world()[0] == 0:
+        precision.announce(compute, what)
+    return compute
+
+
+def _dtype_part(compute: precision.ComputeDtype, target: Target) -> tuple:
+    """The compute dtype as a fingerprint part, left out where it is the loop's long-standing default (float32 on a
+    CPU, bf16 on CUDA), so checkpoints written before the choice existed still resume."""
+    default = "bfloat16" if target.model.device.type == "cuda" else "float32"
+    return () if compute.name == default else (f"compute_dtype={compute.name}",)
 
 
 def _on_rank0(save, path: Path) -> Path:
@@ -146,7 +166,10 @@ def _heads_objective(tcfg, target: Target, kind: str, heads, data, data_dir, hel
     feats = FeatureSource(m, data.train, tcfg.cache_features, "train", data_dir, h)
     held = (FeatureSource(m, data.heldout, tcfg.cache_features, "heldout", heldout_dir or data_dir, h)
             if data.heldout else None)
-    return HeadsObjective(kind, heads, m, feats, held, tcfg.unroll, tcfg.feature_noise, vocab_ids)
+    objective = HeadsObjective(kind, heads, m, feats, held, tcfg.unroll, tcfg.feature_noise, vocab_ids)
+    if tcfg.compile:  # shapes vary with each batch's length: compiled for dynamic shapes, once
+        objective.module = torch.compile(heads, dynamic=True)
+    return objective
 
 
 def _info(cfg: KoalaConfig, target: Target, stage: str, metrics: dict, data=None, data_dir=None, **more) -> dict:

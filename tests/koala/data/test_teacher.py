@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -100,3 +101,25 @@ def test_a_shard_from_before_the_source_column_loads_as_generated(tmp_path):
     t = shards._current(old)
     assert t.column_names == ["sample_id", "prompt_id", "source", "prompt_source", "category"]
     assert t["source"].to_pylist() == ["generated"] and t["prompt_source"].to_pylist() == ["sharegpt"]
+
+
+def test_bf16_teacher_forcing_stays_close_to_float32(default_target):
+    """The real target teacher-forced under bf16 autocast: the same top-1 at nearly every answer position, top-k
+    log-probs and features close to float32's (bench/sampling.py measures this on held-out ShareGPT)."""
+    from koala.precision import ComputeDtype
+
+    tok = default_target.tokenizer
+    chats = [({"prompt": "What is the capital of France?", "response": "The capital of France is Paris."}),
+             ({"prompt": "Write a haiku about rain.", "response": "Soft rain on the roof,\nthe garden drinks it slowly,"
+                                                                   "\nspring wakes in the mud."})]
+    from koala.data.prompts import PromptRecord
+
+    seqs = [teacher.tokenize(tok, PromptRecord(str(i), "t", None, ({"role": "user", "content": c["prompt"]},), (),
+                                               c["response"]), 256) for i, c in enumerate(chats)]
+    f32 = teacher.force_batch(default_target.model, seqs, 8, True, compute=ComputeDtype("float32", "test"))
+    b16 = teacher.force_batch(default_target.model, seqs, 8, True, compute=ComputeDtype("bfloat16", "test"))
+    top1 = [(a.topk_ids[:, 0] == b.topk_ids[:, 0]).mean() for a, b in zip(f32, b16)]
+    assert min(top1) >= 0.8, top1
+    for a, b in zip(f32, b16):
+        assert b.features.dtype == a.features.dtype == np.float16 and b.features.shape == a.features.shape
+        assert np.abs(a.topk_logprobs[:, 0].astype(np.float32) - b.topk_logprobs[:, 0]).mean() < 0.2

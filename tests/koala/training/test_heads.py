@@ -217,3 +217,51 @@ def test_a_head_trained_on_its_own_features_reproduces_the_target(tmp_path):
     assert min(by_pos) >= 0.95, by_pos
     res = generate(engine, held[0]["input_ids"][:4], 24, drafter=drafter, gamma=3)
     assert res.target_forwards == 1 + 24 // 4  # the prefill, then every round accepts all 3 drafts plus the bonus
+
+
+@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+def test_heads_under_bf16_autocast_learn_and_resume_bitwise(tmp_path, target, kind):
+    """The heads' recipe in bf16 autocast (float32 master weights and optimizer state): killed after step 3 and
+    resumed, it ends bitwise where an uninterrupted training ends, and the loss falls."""
+    from safetensors.torch import load_file
+
+    from koala.precision import ComputeDtype
+    from koala.training.checkpoints import latest_checkpoint
+    from koala.training.loop import train
+
+    data = SequenceData(synthetic_rows(n=16), 32, 0)
+    cfg = TrainingConfig(steps=6, batch_size=4, lr=3e-3, warmup_steps=1, unroll=2, checkpoint_every=3, eval_every=3)
+    bf16 = ComputeDtype("bfloat16", "test")
+
+    fixed = data.batch(list(range(8)), "cpu")
+    losses = []
+
+    def run(out, on_log=None, resume=False, seed=0):
+        torch.manual_seed(seed)
+        heads = build_heads(kind, target, layers=1, n_heads=2)
+        obj = HeadsObjective(kind, heads, target, FeatureSource(target, data, cache=True), unroll=2,
+                             vocab_ids=torch.arange(0, V, 2))
+        with torch.no_grad(), bf16.autocast("cpu"):
+            losses.append(obj.loss(fixed, 0)[0].item())
+        train(obj, data, cfg, out, cfg.steps, on_log=on_log, resume=resume, progress=False, compute=bf16)
+        with torch.no_grad(), bf16.autocast("cpu"):
+            losses.append(obj.loss(fixed, 0)[0].item())
+        return heads
+
+    run(tmp_path / "straight")
+    assert losses[1] < losses[0]  # it learns under autocast
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_3(step, m):
+        if step == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(tmp_path / "resumed", on_log=kill_after_3)
+    run(tmp_path / "resumed", resume=True, seed=99)  # another init: everything must come from the checkpoint
+    a = load_file(latest_checkpoint(tmp_path / "straight") / "model.safetensors")
+    b = load_file(latest_checkpoint(tmp_path / "resumed") / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in b.values())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -106,10 +106,15 @@ def test_pretraining_loss_decreases(tmp_path):
     assert logged[-1] < 0.7 * logged[0]
 
 
-def test_resume_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_resume_is_bitwise_identical(tmp_path, dtype):
+    """Within one compute dtype (bf16 autocast included: float32 master weights and optimizer state)."""
+    from koala.precision import ComputeDtype
+
+    compute = ComputeDtype(dtype, "test")
     data = SequenceData(synthetic_rows(topk=4), 32, 0)
     straight = tiny_llama(layers=1, vocab=V, seed=3)
-    fit(straight, data, cfg(), tmp_path / "straight", loss="fkl", progress=False)
+    fit(straight, data, cfg(), tmp_path / "straight", loss="fkl", progress=False, compute=compute)
 
     class Killed(Exception):
         pass
@@ -120,12 +125,14 @@ def test_resume_is_bitwise_identical(tmp_path):
 
     first = tiny_llama(layers=1, vocab=V, seed=3)
     with pytest.raises(Killed):
-        fit(first, data, cfg(), tmp_path / "resumed", loss="fkl", on_log=kill_after_3, progress=False)
+        fit(first, data, cfg(), tmp_path / "resumed", loss="fkl", on_log=kill_after_3, progress=False,
+            compute=compute)
     assert latest_checkpoint(tmp_path / "resumed").name == "step-0000003"
     fresh = tiny_llama(layers=1, vocab=V, seed=99)  # different init: everything must come from the checkpoint
-    fit(fresh, data, cfg(), tmp_path / "resumed", loss="fkl", resume=True, progress=False)
+    fit(fresh, data, cfg(), tmp_path / "resumed", loss="fkl", resume=True, progress=False, compute=compute)
     a = load_file(latest_checkpoint(tmp_path / "straight") / "model.safetensors")
     b = load_file(latest_checkpoint(tmp_path / "resumed") / "model.safetensors")
+    assert all(v.dtype == torch.float32 for v in b.values())  # master weights stay float32 under autocast
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

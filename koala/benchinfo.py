@@ -1,0 +1,49 @@
+"""What every benchmark JSON starts with: the command, the commit, the date and the machine (CPU model and its
+matrix-unit flags, threads, torch, GPU), so a figure can be traced to what produced it."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+
+def commit() -> str | None:
+    """The checkout's commit (with `+dirty` when it has uncommitted changes), or None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
+def header() -> dict:
+    from koala.precision import cpu_flags
+    from koala.threads import cpu_model
+
+    return {"command": " ".join(["python", *sys.argv]), "commit": commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": cpu_model(), "cpu_flags": cpu_flags(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def write(result: dict, out: str | None) -> None:
+    """Print the JSON; with `out`, also write it there (atomically)."""
+    import json
+
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        from koala.io import atomic_path
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(Path(out)) as tmp:
+            Path(tmp).write_text(text + "\n")
