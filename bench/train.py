@@ -73,6 +73,8 @@ def main():
     a = ap.parse_args()
     configure_threads()
     over = [f"target.device={a.device}"] if a.device else []
+    if a.device and a.device.startswith("cuda"):
+        over.append("target.dtype=float32")  # float32 master weights; the compute dtype is what is measured
     cfg = load_config(a.profile, overrides=over + a.set_ + [
         f"drafter.kind={a.kind}", f"training.checkpoint_every={a.steps + 3}", f"training.eval_every={a.steps + 3}"])
     target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device)

@@ -13,6 +13,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
 from koala.data import shards
+from koala.errors import KoalaError
 from koala_tasks.common import resolve_config
 from koala_tasks.sampling import plan_shards, sample_shard
 
@@ -64,17 +65,26 @@ def build_distillation_dataset(
         _fan_out(plan, fan_out, deployment, dict(  # absolute: workers start in $KOALA_HOME
             profile=profile, config_path=config_path and str(Path(config_path).resolve()),
             out_dir=str(Path(out).resolve()), overrides=extra, source=source))
+        held = {}
     else:
-        _sample_here(cfg, out, plan, source)
+        held = _sample_here(cfg, out, plan, source)
 
     # Step 3: check the whole dataset against its manifest (every planned shard whole, no sample twice).
+    done = _entries(Path(out))
+    busy = {f: w for f, w in held.items() if f not in done}
+    if busy:  # another process started on the same directory and still writes these
+        first, worker = next(iter(busy.items()))
+        raise KoalaError(f"{out}: another process ({worker}) is writing {first}"
+                         f"{f' and {len(busy) - 1} more shards' if len(busy) > 1 else ''}: let it finish (a killed "
+                         "one's claim lapses by itself), then run again to check the dataset")
     table = shards.load(out, columns=["sample_id"])
     print(f"{out}: {table.num_rows} samples in {len(plan['shards'])} shards")
     return out
 
 
-def _sample_here(cfg, out: str, plan: dict, source: str) -> None:
-    """Every shard of the plan in this flow run, with a progress bar (rate and ETA)."""
+def _sample_here(cfg, out: str, plan: dict, source: str) -> dict[str, str]:
+    """Every shard of the plan in this flow run, with a progress bar (rate and ETA); returns the shards another live
+    process held (file -> its worker) and were left to it."""
     todo = set(plan["todo"])
     futures = [sample_shard.with_options(refresh_cache=spec["index"] in todo).submit(
                    cfg, out, spec, {pid: plan["records"][pid] for pid in spec["prompt_ids"] if pid in plan["records"]},
@@ -82,10 +92,12 @@ def _sample_here(cfg, out: str, plan: dict, source: str) -> None:
                for spec in plan["shards"]]
     if len(todo) < len(futures):
         print(f"{len(futures) - len(todo)} of {len(futures)} shards already done: kept")
-    t0, samples, tokens = time.perf_counter(), 0, 0
+    t0, samples, tokens, held = time.perf_counter(), 0, 0, {}
     with tqdm(total=len(todo), desc="shards", unit="shard") as bar:  # the shards sampled now, not the kept ones
         for spec, f in zip(plan["shards"], futures):
             entry = f.result()
+            if "claimed_by" in entry:
+                held[entry["file"]] = entry["claimed_by"] or "another worker"
             if spec["index"] not in todo:
                 continue
             if not entry.get("skipped") and "new_tokens" in entry:
@@ -93,6 +105,7 @@ def _sample_here(cfg, out: str, plan: dict, source: str) -> None:
                 dt = time.perf_counter() - t0
                 bar.set_postfix(samples_s=f"{samples / dt:.1f}", tokens_s=f"{tokens / dt:.0f}")
             bar.update(1)
+    return held
 
 
 def ranges(todo: list[int], n: int) -> list[list[int]]:

@@ -47,8 +47,8 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
     from koala.config import load_config
     from koala.data.shards import SOURCES
 
-    set_ = with_compute_dtype(set_, compute_dtype)
     try:
+        set_ = with_compute_dtype(set_, compute_dtype)
         at_least_one(n_prompts=n_prompts, max_new_tokens=max_new_tokens)
         if fan_out < 0:
             raise KoalaError(f"--fan-out {fan_out}: must be 0 (sample here) or the number of shard ranges")
@@ -91,8 +91,8 @@ def run(profile: str = typer.Option(DEFAULT_PROFILE, help="smoke (a CPU in minut
     from koala.config import load_config
     from koala.tracking import resolve_uri, check_reachable
 
-    set_ = with_compute_dtype(set_, compute_dtype)
     try:
+        set_ = with_compute_dtype(set_, compute_dtype)
         at_least_one(n_prompts=n_prompts, steps=steps)
         from koala.config import LOSS_NAMES
 
@@ -124,7 +124,8 @@ def _print_summary(s: dict) -> None:
     for i, st in enumerate(s.get("stages", []), 1):  # what each training stage added, on the same held-out prompts
         acc = ", ".join(f"{st[k]:.2f}" for k in sorted(st) if k.startswith("heldout_greedy_agreement_pos")) or (
             f"{st['heldout_greedy_agreement']:.2f}" if "heldout_greedy_agreement" in st else "n/a")
-        rows.append((f"stage {i}", f"{st['steps']} steps on {st['data']}: held-out agreement by draft {acc}"))
+        dtype = f" in {st['compute_dtype']}" if st.get("compute_dtype") else ""
+        rows.append((f"stage {i}", f"{st['steps']} steps on {st['data']}{dtype}: held-out agreement by draft {acc}"))
     for name, m in s.get("more", {}).items():
         rows.append((name, f"{m['bench']} x{m['prompts']}{'' if m['lookup'] else ' (no prompt lookup)'}: tau "
                            f"{m['tau']:.2f}, speed-up {m['speedup']:.2f}x, lossless {m['lossless']}"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -125,8 +126,19 @@ def _train(cfg, data_dir: str, forced_dir: str | None, out: Path, init: str | No
             trained["dir"] = trained["drafter"]
         prev = trained["dir"]
         stages.append({"data": data, "steps": c.training.steps, "drafter": trained["drafter"],
+                       "compute_dtype": _recorded(trained["dir"], "compute_dtype"),
                        **{k: v for k, v in trained.get("metrics", {}).items() if k.startswith("heldout")}})
     return trained, stages
+
+
+def _recorded(drafter_dir: str, key: str):
+    """A field of what a trained drafter records about itself (heads.json or koala.json), or None."""
+    for name in ("heads.json", "koala.json"):
+        try:
+            return json.loads((Path(drafter_dir) / name).read_text()).get(key)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _more_evaluations(cfg, drafter: str, out: Path, pid: str) -> dict:

@@ -78,8 +78,16 @@ ASSETS: dict[str, Asset] = {
 
 
 def cache_dir() -> Path:
-    """The cache root: $KOALA_CACHE, default ~/.cache/koala."""
-    return Path(os.environ.get("KOALA_CACHE", Path.home() / ".cache" / "koala")).expanduser()
+    """The cache root: $KOALA_CACHE, default ~/.cache/koala.
+
+    Raises:
+        KoalaError: it names something that is not a directory.
+    """
+    root = Path(os.environ.get("KOALA_CACHE", Path.home() / ".cache" / "koala")).expanduser()
+    if root.exists() and not root.is_dir():
+        raise KoalaError(f"the cache {root} ($KOALA_CACHE) is a file, not a directory: point KOALA_CACHE at a "
+                         "directory (it is created if missing)")
+    return root
 
 
 def _get(name: str) -> Asset:

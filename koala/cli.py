@@ -47,7 +47,11 @@ COMPUTE_DTYPE_HELP = ("auto (bf16 autocast where this machine measures it faster
 
 
 def with_compute_dtype(set_: list[str] | None, compute_dtype: str | None) -> list[str]:
-    """--compute-dtype as the override it stands for (validated with the rest of the config)."""
+    """--compute-dtype as the override it stands for."""
+    from koala.precision import COMPUTE_DTYPES
+
+    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
+        raise KoalaError(f"--compute-dtype {compute_dtype!r}: use {', '.join(COMPUTE_DTYPES)}")
     return [*(set_ or []), *([f"compute_dtype={compute_dtype}"] if compute_dtype is not None else [])]
 
 
@@ -112,7 +116,7 @@ def validated(model, origin: str, **values):
     except ValidationError as e:
         err = e.errors()[0]
         field = str(err["loc"][0]).replace("_", "-")
-        raise KoalaError(f"{origin}: --{field} {err.get('input')!r}: {err['msg']}") from None
+        raise KoalaError(f"{origin}: --{field} {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 @assets_app.command("fetch")
@@ -191,8 +195,13 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
     from koala.engine.session import Session
 
     try:
+        from koala.data.prompts import has_visible
+
         if not prompt.strip():
             raise KoalaError("the prompt is empty: give the user message, e.g. koala generate \"Tell me a joke\"")
+        if not has_visible(prompt):
+            raise KoalaError(f"the prompt {prompt[:20]!r} has no visible character (only whitespace or zero-width "
+                             "characters): give the user message")
         validated(EvalConfig, "koala generate", temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                   gamma=gamma)
         check_run_options(target, dtype, device, drafter)
@@ -258,7 +267,7 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
         if cfg.bench not in ("mtbench", "humaneval") and not cfg.bench.startswith("hf:"):
             from koala.data.prompts import load as load_prompts
 
-            load_prompts(cfg.bench, limit=1)  # a missing or malformed file fails now, not after the target loads
+            load_prompts(cfg.bench, limit=cfg.limit)  # a missing or malformed file fails now, not after the target loads
         s = Session.open(target, dtype=dtype, device=device, compile=compile)
         typer.echo(f"[{s.describe()}]", err=True)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -66,6 +66,21 @@ class SamplingConfig(_Strict):
     compile: bool | None = Field(None, description="compiled decode step for the batch (CUDA graphs on a GPU); "
                                  "None: on CUDA, off on a CPU (there a compiled batch step costs minutes of autotuning)")
 
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        return _checked_temperature(v)
+
+
+def _checked_temperature(v: float) -> float:
+    from koala.engine.sampling import check_temperature
+
+    try:
+        check_temperature(v)
+    except KoalaError as e:
+        raise ValueError(str(e)) from None
+    return v
+
 
 class TeacherForcedConfig(_Strict):
     """The target run once over conversations that already have answers: its top-k (and features) at every answer
@@ -157,6 +172,11 @@ class EvalConfig(_Strict):
                             "BENCH:LIMIT (e.g. humaneval:40)")
 
 
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        return _checked_temperature(v)
+
     @field_validator("also")
     @classmethod
     def _also(cls, v: list[str]) -> list[str]:
@@ -240,7 +260,7 @@ def _format_error(e: ValidationError, origin: str) -> str:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"])
     value = err.get("input")
-    return f"{origin}: field {loc}: {err['msg']} (got {value!r}); fix the value (each field is described in koala/config.py)"
+    return f"{origin}: field {loc}: {err['msg'].removeprefix('Value error, ')} (got {value!r}); fix the value (each field is described in koala/config.py)"
 
 
 def apply_override(data: dict, override: str) -> None:

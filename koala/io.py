@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -12,9 +13,20 @@ from typing import Iterator
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
+    """Hex sha256 of a file, read in chunks.
+
+    Raises:
+        KoalaError: the file exists but may not be read (its permissions); other OSErrors pass through.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except PermissionError:
+        from koala.errors import KoalaError
+
+        raise KoalaError(f"{path} may not be read (permission denied): give this user read access "
+                         f"(chmod u+r {path}) or run as its owner") from None
+    with f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -48,6 +60,47 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+STALE_TMP_S = 24 * 3600  # a temporary sibling from another host (or an unnamed writer) this old is abandoned
+
+
+def _tmp_prefix(final: Path) -> str:
+    """`.NAME.HOST-PID-`: a temporary sibling says who writes it, so a later run can tell a dead writer's leftovers."""
+    import socket
+
+    return f".{final.name}.{socket.gethostname()}-{os.getpid()}-"
+
+
+def sweep_stale_tmp(final: Path) -> None:
+    """Remove temporary siblings of `final` (`.NAME.*.tmp`) that a killed writer left: on this host those whose
+    process is gone, from elsewhere those older than STALE_TMP_S."""
+    import shutil
+    import socket
+    import time
+
+    host = socket.gethostname()
+    for left in final.parent.glob(f".{glob.escape(final.name)}.*.tmp"):
+        writer = left.name[len(final.name) + 2:].rsplit("-", 2)  # [HOST, PID, random.tmp]
+        try:
+            if len(writer) == 3 and writer[0] == host and writer[1].isdigit():
+                if _alive(int(writer[1])):
+                    continue
+            elif time.time() - left.lstat().st_mtime < STALE_TMP_S:
+                continue
+            shutil.rmtree(left) if left.is_dir() and not left.is_symlink() else left.unlink()
+        except OSError:
+            pass  # gone already, or not ours to remove: harmless
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
 @contextmanager
 def atomic_path(final: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds.
@@ -57,7 +110,8 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    sweep_stale_tmp(final)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(final), suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -86,7 +140,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     if final.exists():  # an earlier swap killed after it finished leaves the replaced copy behind: final is whole
         for left in final.parent.glob(f".{final.name}.old-*"):
             shutil.rmtree(left, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    sweep_stale_tmp(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), suffix=".tmp", dir=final.parent))
     try:
         try:
             yield tmp

@@ -28,16 +28,28 @@ def resolve_uri(uri: str | None, run_dir: str | Path, create: bool = True) -> st
     Raises:
         KoalaError: create=False (reading an existing registry) and the local store does not exist.
     """
-    if uri:
-        return uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    given = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if given:
+        local = _local_store(given)
+        if not create and local is not None and not local.exists():  # opening it would create an empty store
+            raise KoalaError(f"no MLflow store at {local} ({given}): pass the tracking URI of an existing store "
+                             "(--tracking-uri or MLFLOW_TRACKING_URI)")
+        return given
     db = Path(run_dir).resolve() / "mlflow.db"
     if not create and not db.exists():
         raise KoalaError(f"no MLflow store at {db}: run from the directory where `koala run` ran, or pass "
                          "--tracking-uri (or set MLFLOW_TRACKING_URI)")
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+def _local_store(uri: str) -> Path | None:
+    """The file or directory of a local store URI (sqlite:///PATH, file:PATH, a plain path), None for a server."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):])
+    if uri.startswith("file:"):
+        return Path(uri[len("file:"):].removeprefix("//"))
+    return None if "://" in uri else Path(uri)
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:

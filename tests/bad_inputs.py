@@ -44,8 +44,23 @@ CASES: list[tuple[str, list[str], str]] = [
      r"not JSON"),
     ("eval --bench without a prompt column", ["eval", "--drafter", "ngram", "--bench", "{d}/nocol.jsonl"],
      r"no column 'prompt'.*prompts.prompt_col"),
+    ("eval --bench a row without a prompt", ["eval", "--drafter", "ngram", "--bench", "{d}/noprompt.jsonl"],
+     r"noprompt.jsonl row 2 has no 'prompt'"),
+    ("eval --bench a numeric prompt", ["eval", "--drafter", "ngram", "--bench", "{d}/number.jsonl"],
+     r"number.jsonl row 1: 'prompt' is an int \(12345\), not text"),
+    ("eval --bench an invisible prompt", ["eval", "--drafter", "ngram", "--bench", "{d}/invisible.jsonl"],
+     r"invisible.jsonl row 1: 'prompt' has no visible character"),
+    ("eval --temperature 1e-300", ["eval", "--drafter", "ngram", "--temperature", "1e-300"],
+     r"--temperature 1e-300.*use 0 for greedy"),
+    ("eval --drafter heads:, heads.json cut short", ["eval", "--drafter", "heads:{d}/cut_heads"],
+     r"heads.json is unreadable or not valid JSON"),
     # koala generate
     ("generate ''", ["generate", ""], r"prompt is empty"),
+    ("generate an invisible prompt", ["generate", "\u200b \t\n\u00a0"], r"no visible character"),
+    ("generate --temperature 1e-40", ["generate", "hi", "--temperature", "1e-40"], r"--temperature 1e-40.*use 0 for "
+     r"greedy"),
+    ("generate --drafter heads:, heads.json cut short", ["generate", "hi", "--drafter", "heads:{d}/cut_heads"],
+     r"heads.json is unreadable or not valid JSON"),
     ("generate --temperature nan", ["generate", "hi", "--temperature", "nan"], r"--temperature nan"),
     ("generate --max-new-tokens 0", ["generate", "hi", "--max-new-tokens", "0"], r"--max-new-tokens 0"),
     ("generate --drafter ngram:x", ["generate", "hi", "--drafter", "ngram:x"], r"ngram:N"),
@@ -53,6 +68,11 @@ CASES: list[tuple[str, list[str], str]] = [
     ("sample --n-prompts 0", ["sample", "--n-prompts", "0"], r"--n-prompts 0: must be at least 1"),
     ("sample --max-new-tokens 0", ["sample", "--max-new-tokens", "0"], r"--max-new-tokens 0"),
     ("sample --source x", ["sample", "--source", "x"], r"--source must be one of"),
+    ("sample --compute-dtype fp16", ["sample", "--compute-dtype", "fp16"], r"--compute-dtype 'fp16': use auto, "
+     r"float32, bfloat16"),
+    ("heads --compute-dtype int8", ["heads", "--kind", "eagle", "--out", "o", "--compute-dtype", "int8"],
+     r"--compute-dtype 'int8'"),
+    ("sample --set compute_dtype=fp8", ["sample", "--set", "compute_dtype=fp8"], r"--set compute_dtype=fp8"),
     ("sample --set unknown key", ["sample", "--set", "sampling.nosuch=1"], r"--set sampling.nosuch=1"),
     ("sample --set wrong type", ["sample", "--set", "sampling.temperature=hot"], r"--set sampling.temperature=hot"),
     ("sample --set no '='", ["sample", "--set", "sampling.temperature"], r"is not KEY=VALUE"),
@@ -82,6 +102,8 @@ CASES: list[tuple[str, list[str], str]] = [
     ("run --loss x", ["run", "--loss", "x"], r"--loss must be one of"),
     ("run --n-prompts 0", ["run", "--n-prompts", "0"], r"--n-prompts 0"),
     ("promote without a store here", ["promote", "--model", "m", "--version", "1"], r"no MLflow store at"),
+    ("promote --tracking-uri of no store", ["promote", "--model", "m", "--version", "1", "--tracking-uri",
+                                            "sqlite:///{d}/new/dir/mlflow.db"], r"no MLflow store at .*new/dir/mlflow.db"),
     ("prompts --source missing", ["prompts", "--source", "{d}/none.jsonl"], r"none.jsonl does not exist"),
     # koala export: the format, the drafter and --out checked before anything is read or written
     ("export --format onnx", ["export", "{d}/no_vocab_drafter", "--format", "onnx", "--out", "{d}/x"],
@@ -125,6 +147,14 @@ def prepare(d: Path) -> None:
     (d / "model.gguf.sha256").write_text("0" * 64 + "\n")
     (d / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"prompt": oops}\n')
     (d / "nocol.jsonl").write_text('{"text": "a"}\n')
+    (d / "noprompt.jsonl").write_text('{"prompt": "a", "category": "b"}\n{"category": "b", "text": "x"}\n')
+    (d / "number.jsonl").write_text('{"prompt": 12345}\n')
+    (d / "invisible.jsonl").write_text(json.dumps({"prompt": "\u200b \t\n\u00a0"}) + "\n")
+    h = d / "cut_heads"
+    h.mkdir()
+    text = json.dumps({"kind": "eagle", "layers": 1, "hidden_size": 576, "vocab_size": 49152})
+    (h / "heads.json").write_text(text[: len(text) // 2])
+    save_file({"w": torch.zeros(2, 2)}, str(h / "heads.safetensors"))
     (d / "bad.yaml").write_text("sampling: [unclosed\n")
     (d / "dataset").mkdir()
     (d / "dataset" / "manifest.json").write_text(json.dumps({"plan": [], "done": {}}) + "\n")

@@ -35,3 +35,19 @@ def test_bad_input_is_one_line_nonzero_and_writes_nothing(name, argv, pattern, b
 
 def test_there_are_at_least_thirty():
     assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("argv", [["prompts", "--source", "mtbench", "--limit", "1"], ["assets", "fetch", "mtbench"],
+                                  ["generate", "hi"]])
+def test_a_cache_that_is_a_file_is_one_line(argv, tmp_path, monkeypatch):
+    """KOALA_CACHE naming a file: one line naming it and the fix, whatever the command, and the file untouched."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cachefile").write_text("not a directory\n")
+    monkeypatch.setenv("KOALA_CACHE", str(tmp_path / "cachefile"))
+    before = snapshot(tmp_path)
+    r = CliRunner().invoke(app, argv)
+    lines = [x for x in r.output.strip().splitlines() if x.strip()]
+    assert r.exit_code != 0 and len(lines) == 1, r.output
+    assert re.search(r"error: the cache .*cachefile \(\$KOALA_CACHE\) is a file, not a directory: point KOALA_CACHE",
+                     lines[0]), lines[0]
+    assert snapshot(tmp_path) == before

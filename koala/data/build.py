@@ -116,7 +116,8 @@ def plan(cfg: KoalaConfig, target: Target, out_dir: str | Path | None = None, so
                         + [int(hit[1]) for f in out.glob("shard-*.parquet")
                            if (hit := re.fullmatch(r"shard-(\d+)\.parquet", f.name))], default=-1)
         planned += [S.ShardSpec(start + i, tuple(new[j:j + size])) for i, j in enumerate(range(0, len(new), size))]
-        m.update({"koala_version": S.__version__, "target": facts, "source": source, "sampling": settings,
+        m.update({"koala_version": S.__version__, "target": facts, "source": source,
+                  "sampling": {**settings, "out_dir": str(out)},  # the directory written, not the profile's default
                   "settings_hash": h,
                   "plan": [{"file": s.file, "index": s.index, "prompt_ids": list(s.prompt_ids)} for s in planned],
                   "skipped": skipped})

@@ -133,20 +133,41 @@ def from_file(path: str | Path, prompt_col: str = "prompt", category_col: str | 
         raise KoalaError(f"prompt file {file} has no column {need!r} (columns: {', '.join(sorted(cols))}): "
                          f"rename the column to {need!r}, or map it with --set prompts.prompt_col=NAME (koala sample, "
                          "koala run) or --prompt-col (koala prompts)")
-    for r in rows:
+    for i, r in enumerate(rows, 1):
         if messages_col:
             msgs = r[messages_col]
             msgs = json.loads(msgs) if isinstance(msgs, str) else list(msgs)
             msgs = [{"role": ROLES.get(m["role"], m["role"]), "content": m["content"]} for m in msgs]
         else:
-            if not str(r.get(prompt_col) or "").strip():
-                continue
-            msgs = [{"role": "user", "content": str(r[prompt_col])}]
+            msgs = [{"role": "user", "content": prompt_text(r.get(prompt_col), f"prompt file {file} row {i}",
+                                                            prompt_col)}]
         answer = r.get(response_col)
         if messages_col and len(msgs) > 1 and msgs[-1]["role"] == "assistant":
             answer, msgs = msgs[-1]["content"], msgs[:-1]
         cat = str(r.get(category_col) or "general") if category_col else "general"
         yield make_record(file.stem, cat, msgs, response=str(answer) if answer is not None else None)
+
+
+def has_visible(text: str) -> bool:
+    """Whether text has a character that is not whitespace, a zero-width or format character or a control."""
+    import unicodedata
+
+    return any(unicodedata.category(c)[0] not in "ZC" for c in text)
+
+
+def prompt_text(value, where: str, column: str = "prompt") -> str:
+    """A row's prompt as text, or a one-line error naming the row: missing, not a string (a number is refused rather
+    than evaluated as its digits), or without a visible character (whitespace, zero-width and format characters)."""
+    if value is None:
+        raise KoalaError(f"{where} has no {column!r}: give every row a prompt, or delete the row")
+    if not isinstance(value, str):
+        kind = type(value).__name__
+        raise KoalaError(f"{where}: {column!r} is {'an' if kind[0] in 'aeiou' else 'a'} {kind} ({str(value)[:40]}), "
+                         "not text: write it as a JSON string")
+    if not has_visible(value):
+        raise KoalaError(f"{where}: {column!r} has no visible character ({value[:20]!r}): give the prompt's text, or "
+                         "delete the row")
+    return value
 
 
 def from_hf(name: str, split: str = "train", prompt_col: str = "prompt", category_col: str | None = None):

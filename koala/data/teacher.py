@@ -69,8 +69,10 @@ def force_batch(model, seqs: list[tuple[list[int], int]], topk: int, features: b
         logits = [model.lm_head(h[b, p - 1:len(s) - 1]) for b, (s, p) in enumerate(seqs)]
     out = []
     for b, (s, p) in enumerate(seqs):
-        lp = torch.log_softmax(logits[b].float(), -1).topk(topk, dim=-1)
-        out.append(Forced(s, p, lp.indices.int().cpu().numpy(), lp.values.half().cpu().numpy(),
+        z = logits[b].float()  # (n, V): the top-k of the logits are those of the log-probs, less logsumexp
+        top = z.topk(topk, dim=-1)
+        values = top.values - torch.logsumexp(z, -1, keepdim=True)
+        out.append(Forced(s, p, top.indices.int().cpu().numpy(), values.half().cpu().numpy(),
                           h[b, :len(s)].half().cpu().numpy() if features else None))
     return out
 

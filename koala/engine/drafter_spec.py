@@ -103,16 +103,39 @@ def check_drafter_spec(spec: str | DrafterSpec) -> DrafterSpec:
         if not (d.path / HEADS_JSON).exists() or not (d.path / HEADS_WEIGHTS).exists():
             raise KoalaError(f"drafter 'heads:{d.path}': {d.path} holds no draft heads ({HEADS_JSON} + "
                              f"{HEADS_WEIGHTS}): train them with `koala heads --out DIR` and pass heads:DIR/heads")
+        info = _json_file(d.path / HEADS_JSON, f"heads:{d.path}")
+        missing = [k for k in ("kind", "layers", "hidden_size", "vocab_size") if k not in info]
+        if missing or info.get("kind") not in ("medusa", "eagle"):
+            raise KoalaError(f"drafter 'heads:{d.path}': {HEADS_JSON} lacks {', '.join(missing) or 'a known kind'}: "
+                             "it was not written by `koala heads`; train the heads again")
         check_safetensors(d.path / HEADS_WEIGHTS)
         load_draft_vocab(d.path)
     elif isinstance(d, CausalLM):
         _resolve(d.source, role="drafter")  # unknown names, missing files, directories without weights, a bad .gguf
         p = Path(d.source)
         if p.is_dir():
+            for name in ("config.json", "koala.json"):
+                if (p / name).exists():
+                    _json_file(p / name, d.source)
             for f in sorted(p.glob("*.safetensors")):
                 check_safetensors(f)
             load_draft_vocab(p)
     return d
+
+
+def _json_file(path: Path, spec: str) -> dict:
+    """A drafter's JSON file as a dict, or a one-line error naming it (cut short, not JSON, unreadable)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise KoalaError(f"drafter {spec!r}: {path} is unreadable or not valid JSON ({type(e).__name__}): the file is "
+                         "damaged; copy or train the drafter again") from None
+    if not isinstance(data, dict):
+        raise KoalaError(f"drafter {spec!r}: {path} holds a JSON {type(data).__name__}, not an object: the file is "
+                         "damaged; copy or train the drafter again")
+    return data
 
 
 def load_drafter(spec: str | DrafterSpec, target: Transformer, dtype: str = "float32", device: str = "cpu") -> Drafter:

@@ -10,6 +10,18 @@ import torch.nn.functional as F
 from koala.errors import KoalaError
 
 
+MIN_TEMPERATURE = 1e-6  # a positive temperature below this is greedy in all but name: refused, 0 says greedy
+
+
+def check_temperature(t: float) -> None:
+    """0 (greedy) or at least MIN_TEMPERATURE; a denormal one would overflow the logits it divides."""
+    if not t >= 0:  # also NaN
+        raise KoalaError(f"temperature must be >= 0, got {t}")
+    if 0 < t < MIN_TEMPERATURE:
+        raise KoalaError(f"temperature {t} is below {MIN_TEMPERATURE}: use 0 for greedy decoding, or a temperature "
+                         f">= {MIN_TEMPERATURE}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 means greedy: the distribution is one-hot on the argmax
@@ -17,8 +29,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise KoalaError(f"temperature must be >= 0, got {self.temperature}")
+        check_temperature(self.temperature)
         if not 0 < self.top_p <= 1:
             raise KoalaError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -41,7 +52,8 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     if 0 < params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # shifted so the largest logit is 0 before dividing: no overflow at any temperature
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > params.top_p  # keep the smallest prefix whose mass reaches top_p

@@ -146,8 +146,8 @@ def _unrolled_attention(attn, h: torch.Tensor, cos, sin, past: list, pos: torch.
     if p == 1:  # draft 1 is the plain causal forward
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling, enable_gqa=gqa)
     else:
-        # draft j's slot j - p + q at slot j (zeros where there is none: those slots are left out of the loss, and a
-        # zero key keeps every row of the softmax non-empty)
+        # draft q's slot j - p + q shifted onto slot j, q = 2..p (zeros where there is none: those slots are left
+        # out of the loss, and a zero key keeps every row of the softmax non-empty)
         keys = torch.cat([past[0][0], *(_shift(past[j - 1][0], p - j) for j in range(2, p + 1))], dim=2)
         values = torch.cat([past[0][1], *(_shift(past[j - 1][1], p - j) for j in range(2, p + 1))], dim=2)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=_ttt_mask(pos, p), scale=attn.scaling,

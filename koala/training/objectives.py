@@ -378,17 +378,14 @@ class HeadsObjective(_Supervised):
         (koala.training.chunked_ce); EAGLE's later drafts are taught by rows of draft 1's targets."""
         if self.kind == "eagle":
             teacher = preds[0][1]
-            rows = [torch.arange(teacher.shape[0], device=teacher.device) if r is None else r.nonzero()[:, 0]
-                    for _, _, _, r in preds]
-        else:  # Medusa: each head its own targets
+            rows = torch.cat([torch.arange(teacher.shape[0], device=teacher.device) if r is None else r.nonzero()[:, 0]
+                              for _, _, _, r in preds])
+        else:  # Medusa: each head its own targets, in the same order
             teacher = torch.cat([t for _, t, _, _ in preds])
-            offsets = [0]
-            for _, t, _, _ in preds:
-                offsets.append(offsets[-1] + t.shape[0])
-            rows = [torch.arange(o, o + t.shape[0], device=t.device) for o, (_, t, _, _) in zip(offsets, preds)]
+            rows = torch.arange(teacher.shape[0], device=teacher.device)
         weights = torch.cat([torch.full((s.shape[0],), w / max(s.shape[0], 1), device=s.device)
                              for s, _, w, _ in preds])
-        return linear_soft_cross_entropy(torch.cat([s for s, _, _, _ in preds]), teacher, torch.cat(rows), weights,
+        return linear_soft_cross_entropy(torch.cat([s for s, _, _, _ in preds]), teacher, rows, weights,
                                          self._weight(True))
 
     @torch.no_grad()

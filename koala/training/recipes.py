@@ -44,7 +44,8 @@ def pretrain(cfg: KoalaConfig, target: Target, out_dir: str | Path, steps: int |
                               _drafter_fields(cfg), *_dtype_part(compute, target))
     metrics = train(NextToken(model), data.train, cfg.training, out_dir, steps, heldout=data.heldout, resume=resume,
                     fingerprint=fp, on_log=on_log, progress=progress, desc="pretrain", compute=compute)
-    info = _info(cfg, target, "pretrain", metrics, corpus=cfg.training.pretrain_corpus, drafter=cfg.drafter.model_dump())
+    info = _info(cfg, target, "pretrain", metrics, corpus=cfg.training.pretrain_corpus, drafter=cfg.drafter.model_dump(),
+                 compute_dtype=compute.name)
     final = Path(out_dir) / FINAL
     return _on_rank0(lambda: save_drafter(model, target.tokenizer, final, info), final)
 
@@ -74,7 +75,8 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
                                target.model.device)
     metrics = train(objective, data.train, cfg.training, out_dir, steps, heldout=data.heldout, resume=resume,
                     fingerprint=fp, on_log=on_log, progress=progress, desc="distill", compute=compute)
-    info = _info(cfg, target, "distill", metrics, data, data_dir, loss=loss, drafter=cfg.drafter.model_dump())
+    info = _info(cfg, target, "distill", metrics, data, data_dir, loss=loss, drafter=cfg.drafter.model_dump(),
+                 compute_dtype=compute.name)
     return _on_rank0(lambda: save_drafter(model, target.tokenizer, Path(out_dir) / FINAL, info, vocab_ids),
                      Path(out_dir) / FINAL)
 
@@ -118,7 +120,7 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
     info = _info(cfg.model_copy(update={"training": tcfg}), target, "heads", metrics, data, data_dir, kind=kind,
                  layers=layers, n_heads=len(heads.heads) if kind == "medusa" else cfg.drafter.medusa_heads,
                  adversarial=tcfg.adversarial, hidden_size=target.model.config.hidden_size,
-                 vocab_size=target.model.config.vocab_size, init_from=init_from,
+                 vocab_size=target.model.config.vocab_size, init_from=init_from, compute_dtype=compute.name,
                  train_tokens=sum(max(len(r["input_ids"]) - r.get("prompt_len", 1), 0) for r in data.train.rows))
     final = Path(out_dir) / "heads"
     return _on_rank0(lambda: save_heads(heads.eval(), final, info, vocab_ids), final)

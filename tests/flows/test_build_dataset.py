@@ -46,3 +46,34 @@ def test_flow_builds_and_reuses_shards(tmp_path, tiny_target_dir):  # noqa: F811
     assert shards.load(out).num_rows == 5
     states = anyio.run(task_states)
     assert len(states) == 9 and sum(s == "Cached" for _, s in states) == 5
+
+
+def test_a_shard_another_process_writes_is_named_and_the_manifest_records_the_out_used(tmp_path,
+                                                                                       tiny_target_dir):  # noqa: F811
+    """Two `koala sample` runs into one new --out: the one that finds a shard claimed by the other (alive) says
+    which process writes which shard, not that shards are corrupt; the manifest names the --out written."""
+    import socket
+    import subprocess
+    import sys
+
+    from koala.errors import KoalaError
+    from koala_flows.build_dataset import build_distillation_dataset
+
+    write_prompts(tmp_path / "p.jsonl", 2)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"target": {"spec": str(tiny_target_dir)}, "prompts": {"source": str(tmp_path / "p.jsonl")},
+                               "sampling": {"shard_size": 2, "max_new_tokens": 4, "batch_size": 2}}))
+    out = tmp_path / "new-out"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # the other, live writer
+    try:
+        (out / ".shard-00000.parquet.claim").write_text(json.dumps(
+            {"worker": "other-run", "host": socket.gethostname(), "pid": other.pid, "since": 0}))
+        with pytest.raises(KoalaError, match="another process \\(other-run\\) is writing shard-00000.parquet: let it "
+                                             "finish"):
+            build_distillation_dataset(config_path=str(cfg), out_dir=str(out))
+    finally:
+        other.kill()
+    assert shards.read_manifest(out)["sampling"]["out_dir"] == str(out)
+    build_distillation_dataset(config_path=str(cfg), out_dir=str(out))  # the other is gone: its shard is taken over
+    assert shards.load(out).num_rows == 2

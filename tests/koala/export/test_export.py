@@ -220,3 +220,21 @@ def test_koala_export_from_the_registry_alias_logs_the_export_on_the_version(dra
     bad = CliRunner().invoke(app, ["export", "models:/koala-drafter-test@nosuch", "--format", "hf", "--out",
                                    str(tmp_path / "out2")])
     assert bad.exit_code == 1 and "not in the registry" in bad.output and not (tmp_path / "out2").exists()
+
+
+def test_a_killed_export_leaves_no_debris_once_run_again(drafter_dir, tmp_path):
+    """`koala export` SIGKILLed after writing, before its rename, twice: --out stays as it was (absent here), each
+    run removes the temporary sibling an earlier killed one left, and the next export puts --out in place whole."""
+    out = tmp_path / "exported"
+    argv = [sys.executable, "-m", "koala_flows.cli", "export", str(drafter_dir), "--format", "hf", "--out", str(out)]
+    env = {**os.environ, "KOALA_FAULT": "drafter.rename"}
+    left = []
+    for _ in range(2):
+        r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == -9, r.stderr[-2000:]
+        assert not out.exists()
+        left.append(set(tmp_path.glob(".exported.*.tmp")))
+    assert len(left[0]) == 1 and len(left[1]) == 1 and left[0] != left[1]  # the first kill's debris is gone
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "config.json").exists() and not list(tmp_path.glob(".exported.*"))
