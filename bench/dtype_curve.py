@@ -31,8 +31,9 @@ class _Budget(Exception):
     pass
 
 
-def curve(cfg, target, data, data_dir: str, dtype: str, minutes: float, every: int) -> list[dict]:
+def curve(cfg, target, data_dir: str, dtype: str, minutes: float, every: int) -> list[dict]:
     """[{step, train_s, agreement by draft}] for one dtype, until `minutes` of training."""
+    data = training_data(cfg, target, data_dir, features=True)  # read afresh: the objective takes the features over
     torch.manual_seed(cfg.training.seed)
     heads, kind, _, vocab = recipes._start_heads(cfg, target, cfg.drafter.kind, None, None, data.train.rows)
     objective = recipes._heads_objective(cfg.training, target, kind, heads, data, data_dir, None, vocab)
@@ -97,10 +98,9 @@ def main():
     target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device)
     for p in target.model.parameters():
         p.requires_grad_(False)
-    data = training_data(cfg, target, a.data, features=True)
     result = {**benchinfo.header(), "profile": a.profile, "kind": cfg.drafter.kind, "data": a.data,
               "minutes_per_dtype": a.minutes, "batch_size": cfg.training.batch_size, "unroll": cfg.training.unroll,
-              "overrides": a.set_, "curves": {d: curve(cfg, target, data, a.data, d, a.minutes, a.every)
+              "overrides": a.set_, "curves": {d: curve(cfg, target, a.data, d, a.minutes, a.every)
                                               for d in a.dtypes.split(",")}}
     result["final"] = {d: pts[-1] if pts else None for d, pts in result["curves"].items()}
     benchinfo.write(result, a.out)

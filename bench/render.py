@@ -24,8 +24,10 @@ def _load(name: str) -> dict | None:
 
 
 def _machine(r: dict) -> str:
+    commit = str(r["commit"])
+    commit = commit[:10] + ("+dirty" if commit.endswith("+dirty") else "")
     return (f"{r['cpu']} ({', '.join(r['cpu_flags']) or 'no matrix-unit flags'}), {r['threads']} threads, torch "
-            f"{r['torch']}, commit {str(r['commit'])[:10]}, {r['date'][:10]}")
+            f"{r['torch']}, commit {commit}, {r['date'][:10]}")
 
 
 def dtype_table() -> str:
@@ -48,7 +50,7 @@ def dtype_table() -> str:
         if tr:
             r = {x["compute_dtype"]: x for x in tr["runs"]}
             a, b = r["float32"]["tokens_per_s"], r["bfloat16"]["tokens_per_s"]
-            how = "compiled (`training.compile`)" if "compiled" in name else "eager"
+            how = "compiled: `training.compile`" if "compiled" in name else "eager"
             rows.append(f"| {tr['kind']} heads training ({how}, unroll {tr['unroll']}, batch {tr['batch_size']}), "
                         f"trained tokens/s | {a:,.0f} | {b:,.0f} | {b / a:.2f}x | `{name}` |")
             machines[name] = tr
@@ -115,7 +117,7 @@ def default_table() -> str:
         return "(no results)"
     rows = ["| what | result |", "|---|---|",
             f"| wall time, empty run directory | {r['wall_s'] / 60:.1f} min |"]
-    for name, st in r["stages"].items():
+    for name, st in sorted(r["stages"].items(), key=lambda kv: kv[0] == "heads"):  # the final stage last
         agree = " / ".join(f"{x:.2f}" for x in st["heldout_greedy_agreement_by_draft"])
         rows.append(f"| {name}: {st['steps']} steps on `{st['data']}` | held-out agreement by draft {agree} |")
     for name, e in r["evaluations"].items():
@@ -124,7 +126,7 @@ def default_table() -> str:
                     f"tau {e['tau']:.2f}, speed-up {e['speedup']:.2f}x ({tps['speculative']:.1f} vs "
                     f"{tps['autoregressive']:.1f} tokens/s), lossless {e['lossless']}, first-draft acceptance "
                     f"{e['acceptance_by_position'][0]:.2f} |")
-    return "\n".join(rows) + f"\n\n`{r['command']}` at commit {str(r['commit'])[:10]} on {_machine(r)}."
+    return "\n".join(rows) + f"\n\n`{r['command']}` on {_machine(r)}."
 
 
 TABLES = {"default": default_table, "dtype": dtype_table, "fidelity": fidelity_table, "curve": curve_table, "load": load_table}
@@ -139,8 +141,8 @@ def main():
     for name, fn in TABLES.items():
         body = fn()
         print(f"<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->\n")
-        pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(\n<!-- /bench:{name} -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+        pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(<!-- /bench:{name} -->)", re.S)
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     if a.write:
         readme.write_text(text)
 

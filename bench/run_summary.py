@@ -23,7 +23,7 @@ def evaluation(report: Path) -> dict:
     return {"bench": r["bench"], "prompts": r["prompts"], "drafter": r["drafter"], "mode": r["mode"],
             "dtype": r["dtype"], "max_new_tokens": r["max_new_tokens"], "gamma": r["gamma"],
             "tau": round(r["tau"], 3), "speedup": round(r["speedup"], 3),
-            "tokens_per_s": {k: round(v, 2) for k, v in r["tokens_per_s"].items()},
+            "tokens_per_s": {k: None if v is None else round(v, 2) for k, v in r["tokens_per_s"].items()},
             "acceptance_by_position": [round(a, 3) for a in r["acceptance_by_position"]],
             "lossless": f"{lossless['identical']}/{lossless['total']}", "near_ties": len(lossless["near_ties"])}
 

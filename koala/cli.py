@@ -50,8 +50,15 @@ def with_compute_dtype(set_: list[str] | None, compute_dtype: str | None) -> lis
     """--compute-dtype as the override it stands for."""
     from koala.precision import COMPUTE_DTYPES
 
+    import os
+
+    from koala.precision import ENV
+
     if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
         raise KoalaError(f"--compute-dtype {compute_dtype!r}: use {', '.join(COMPUTE_DTYPES)}")
+    forced = os.environ.get(ENV, "").strip().lower()
+    if forced and forced not in COMPUTE_DTYPES:
+        raise KoalaError(f"{ENV}={forced!r} is not one of {', '.join(COMPUTE_DTYPES)}: set it to one, or unset it")
     return [*(set_ or []), *([f"compute_dtype={compute_dtype}"] if compute_dtype is not None else [])]
 
 

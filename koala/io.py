@@ -169,6 +169,24 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cached_json(path: Path, compute, parse=lambda d: d, refresh: bool = False) -> dict:
+    """A measurement cached as JSON at `path`: read back (through `parse`, which may raise on a damaged entry) unless
+    `refresh`, else `compute()`d and written; the result says which with "cached". A read-only cache costs a
+    re-measurement next time, nothing else."""
+    if path.exists() and not refresh:
+        try:
+            return {**parse(json.loads(path.read_text())), "cached": True}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # an unreadable or damaged entry: measure again
+    data = compute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, data)
+    except OSError:
+        pass
+    return {**data, "cached": False}
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -36,8 +36,8 @@ MATRIX_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "amx_fp16", "avx512_bf16", "
 
 @dataclass(frozen=True)
 class ComputeDtype:
-    """What a stage computes in and why: `name` is float32 or bfloat16; `speedup` is bf16's measured GEMM throughput
-    over fp32's (None when not measured)."""
+    """What a stage computes in and why: `name` is float32 or bfloat16 (or, with `autocast_on` False, the dtype the
+    weights are stored in); `speedup` is bf16's measured GEMM throughput over fp32's (None when not measured)."""
 
     name: str
     reason: str
@@ -46,7 +46,7 @@ class ComputeDtype:
 
     @property
     def dtype(self) -> torch.dtype:
-        return torch.bfloat16 if self.name == "bfloat16" else torch.float32
+        return getattr(torch, self.name)
 
     @property
     def is_bf16(self) -> bool:
@@ -145,22 +145,11 @@ def cache_path(shapes):
 
 def cpu_speedup(shapes: list[tuple[int, int, int]], refresh: bool = False) -> dict:
     """bf16's measured GEMM speed-up on this CPU, from the cache or measured now (a few seconds) and cached."""
-    from koala.io import write_json_atomic
+    from koala.io import cached_json
 
     path, key = cache_path(shapes)
-    if path.exists() and not refresh:
-        try:
-            data = json.loads(path.read_text())
-            return {**data, "speedup": float(data["speedup"]), "cached": True}
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # a damaged entry: measure again
-    data = {**key, **measure_speedup(shapes)}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, data)
-    except OSError:
-        pass  # a read-only cache costs a re-measurement next time, nothing else
-    return {**data, "cached": False}
+    return cached_json(path, lambda: {**key, **measure_speedup(shapes)},
+                       lambda d: {**d, "speedup": float(d["speedup"])}, refresh)
 
 
 def resolve(setting: str = "auto", device: str | torch.device = "cpu", hidden: int = 576, intermediate: int = 1536,

@@ -180,9 +180,10 @@ def from_hf(name: str, split: str = "train", prompt_col: str = "prompt", categor
                          "to JSONL/Parquet and pass the file path") from e
     if prompt_col not in ds.column_names:
         raise KoalaError(f"dataset {name} has no column {prompt_col!r} (columns: {', '.join(ds.column_names)})")
-    for r in ds:
+    for i, r in enumerate(ds, 1):
         cat = str(r.get(category_col) or "general") if category_col else "general"
-        yield make_record(name, cat, [{"role": "user", "content": str(r[prompt_col])}])
+        yield make_record(name, cat, [{"role": "user", "content": prompt_text(r.get(prompt_col),
+                                                                             f"dataset {name} row {i}", prompt_col)}])
 
 
 def _read_text(file: Path) -> str:

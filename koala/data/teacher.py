@@ -63,13 +63,13 @@ def force_batch(model, seqs: list[tuple[list[int], int]], topk: int, features: b
     att = torch.zeros(len(seqs), T, dtype=torch.long, device=dev)
     for b, (s, _) in enumerate(seqs):
         ids[b, :len(s)], att[b, :len(s)] = torch.tensor(s, device=dev), 1
-    with compute.autocast(dev) if compute is not None else nullcontext():
+    autocast = compute.autocast(dev) if compute is not None else nullcontext()
+    with autocast:
         h = model.model(input_ids=ids, attention_mask=att).last_hidden_state  # (B, T, C)
-        # position t predicts token t+1: the answer's tokens p..len-1 are predicted at p-1..len-2
-        logits = [model.lm_head(h[b, p - 1:len(s) - 1]) for b, (s, p) in enumerate(seqs)]
     out = []
-    for b, (s, p) in enumerate(seqs):
-        z = logits[b].float()  # (n, V): the top-k of the logits are those of the log-probs, less logsumexp
+    for b, (s, p) in enumerate(seqs):  # one row's (n, V) logits at a time: V is large
+        with autocast:  # position t predicts token t+1: the answer's tokens p..len-1 are predicted at p-1..len-2
+            z = model.lm_head(h[b, p - 1:len(s) - 1]).float()  # the top-k of the logits are the log-probs', less lse
         top = z.topk(topk, dim=-1)
         values = top.values - torch.logsumexp(z, -1, keepdim=True)
         out.append(Forced(s, p, top.indices.int().cpu().numpy(), values.half().cpu().numpy(),

@@ -71,25 +71,14 @@ def cost_curve(session, max_width: int = GAMMA_MAX + 1, position: int = 256, rep
                refresh: bool = False) -> dict:
     """{"ms": {width: ms}, ...} for this target/device/dtype/threads/mode/CPU, from the cache or measured now."""
     from koala.assets import cache_dir as cache_root
-    from koala.io import write_json_atomic
+    from koala.io import cached_json
 
     key = _key(session, max_width)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_root() / "calibration" / f"{digest}.json"
-    if path.exists() and not refresh:
-        try:
-            data = json.loads(path.read_text())
-            return {**data, "ms": {int(w): float(v) for w, v in data["ms"].items()}, "cached": True}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # an unreadable or damaged cache entry: measure again
-    ms = _measure(session.engine, max_width, position, reps)
-    data = {**key, "position": position, "ms": ms}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, data)
-    except OSError:
-        pass  # a read-only cache costs a re-measurement next time, nothing else
-    return {**data, "cached": False}
+    return cached_json(path, lambda: {**key, "position": position,
+                                      "ms": _measure(session.engine, max_width, position, reps)},
+                       lambda d: {**d, "ms": {int(w): float(v) for w, v in d["ms"].items()}}, refresh)
 
 
 def expected_tokens(acceptance: list[float], gamma: int) -> float:

@@ -16,7 +16,7 @@ MIN_TEMPERATURE = 1e-6  # a positive temperature below this is greedy in all but
 def check_temperature(t: float) -> None:
     """0 (greedy) or at least MIN_TEMPERATURE; a denormal one would overflow the logits it divides."""
     if not t >= 0:  # also NaN
-        raise KoalaError(f"temperature must be >= 0, got {t}")
+        raise KoalaError(f"temperature must be >= 0, got {t}: use 0 for greedy decoding or a positive temperature")
     if 0 < t < MIN_TEMPERATURE:
         raise KoalaError(f"temperature {t} is below {MIN_TEMPERATURE}: use 0 for greedy decoding, or a temperature "
                          f">= {MIN_TEMPERATURE}")

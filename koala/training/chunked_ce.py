@@ -20,9 +20,9 @@ CHUNK_ELEMENTS = 1 << 22  # logits per chunk (rows x K): 16 MB of float32, 512 r
 
 class _LinearSoftCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s, t, t_rows, weights, w_head, w_compute):
+    def forward(ctx, s, t, t_rows, weights, w_compute):
         loss = torch.zeros((), dtype=torch.float32, device=s.device)
-        grad = torch.empty_like(s) if s.requires_grad else None
+        grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None
         rows = max(1, CHUNK_ELEMENTS // w_compute.shape[0])
         for a in range(0, s.shape[0], rows):
             b = min(a + rows, s.shape[0])
@@ -41,7 +41,7 @@ class _LinearSoftCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None, None, None
+        return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None, None
 
 
 def linear_soft_cross_entropy(s: torch.Tensor, t: torch.Tensor, t_rows: torch.Tensor, weights: torch.Tensor,
@@ -59,4 +59,4 @@ def linear_soft_cross_entropy(s: torch.Tensor, t: torch.Tensor, t_rows: torch.Te
     if torch.is_autocast_enabled(dev) and w_head.dtype != torch.get_autocast_dtype(dev):
         w_compute = w_head.to(torch.get_autocast_dtype(dev))
     with torch.autocast(dev, enabled=False):
-        return _LinearSoftCE.apply(s, t.detach(), t_rows, weights, w_head, w_compute)
+        return _LinearSoftCE.apply(s, t.detach(), t_rows, weights, w_compute)

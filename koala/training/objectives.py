@@ -245,8 +245,11 @@ class FeatureSource:
               f"= {tokens * C * 2 / 1e6:.1f} MB")
         if cache_dir is None:
             return
+        dev = target_model.device.type  # features computed under autocast differ from float32 ones: own cache
+        dtype = str(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
         key = hashlib.sha256(json.dumps([target_hash, data.max_len, [r.get("prompt_id") for r in data.rows],
-                                         [len(r["input_ids"]) for r in data.rows]]).encode()).hexdigest()[:16]
+                                         [len(r["input_ids"]) for r in data.rows]]
+                                        + ([dtype] if dtype else [])).encode()).hexdigest()[:16]
         file = Path(cache_dir) / f"features-{name}-{key}.safetensors"
         if file.exists():
             loaded = load_file(file)

@@ -128,17 +128,24 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
 
 def _compute(cfg: KoalaConfig, target: Target, what: str) -> precision.ComputeDtype:
     """The training's compute dtype (cfg.compute_dtype, measured when auto), printed once."""
-    compute = precision.for_model(cfg.compute_dtype, target.model)
-    if world()[0] == 0:
-        precision.announce(compute, what)
-    return compute
+    rank, world_size = world()
+    box = [precision.for_model(cfg.compute_dtype, target.model) if rank == 0 else None]
+    if world_size > 1:  # rank 0 measures (ranks measuring at once on shared cores would disagree): all train alike
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(box, src=0)
+    if rank == 0:
+        precision.announce(box[0], what)
+    return box[0]
 
 
 def _dtype_part(compute: precision.ComputeDtype, target: Target) -> tuple:
     """The compute dtype as a fingerprint part, left out where it is the loop's long-standing default (float32 on a
     CPU, bf16 on CUDA), so checkpoints written before the choice existed still resume."""
     default = "bfloat16" if target.model.device.type == "cuda" else "float32"
-    return () if compute.name == default else (f"compute_dtype={compute.name}",)
+    if not compute.autocast_on or compute.name == default:  # weights stored in their dtype: nothing changed
+        return ()
+    return (f"compute_dtype={compute.name}",)
 
 
 def _on_rank0(save, path: Path) -> Path:
