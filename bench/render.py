@@ -103,11 +103,11 @@ def load_table() -> str:
     r = _load("load.json")
     if not r:
         return "(no results)"
-    rows = ["| thread setting | alone, tokens/s | beside a 2-thread job, tokens/s | share kept | alone vs koala's default |",
-            "|---|---|---|---|---|"]
+    rows = ["| thread setting | alone, tokens/s | beside a 2-thread job, tokens/s (threads) | share kept "
+            "| alone vs all cores |", "|---|---|---|---|---|"]
     for name, s in r["settings"].items():
-        rows.append(f"| {name} | {s['alone_tokens_per_s']:.1f} | {s['loaded_tokens_per_s']:.1f} | "
-                    f"{s['fair_share']:.2f} | {s['alone_vs_default']:.2f} |")
+        rows.append(f"| {name} | {s['alone_tokens_per_s']:.1f} | {s['loaded_tokens_per_s']:.1f} "
+                    f"({s['threads_loaded']}) | {s['fair_share']:.2f} | {s['alone_vs_all_cores']:.2f} |")
     return "\n".join(rows) + f"\n\n`{r['command']}` on {_machine(r)}."
 
 

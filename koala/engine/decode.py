@@ -22,6 +22,7 @@ from koala.errors import KoalaError
 from koala.engine.drafters import Drafter
 from koala.engine.model import Transformer
 from koala.engine.sampling import SamplingParams, logits_to_probs, sample
+from koala.threads import share_cores
 
 # Called after each round with (new tokens, how many of them were accepted drafts); the last one is the target's.
 StreamFn = Callable[[list[int], int], None]
@@ -186,6 +187,8 @@ def generate(
         stream(emitted[:], 0)
 
     while len(emitted) < max_new_tokens and not (eos_ids and emitted[-1] in eos_ids):
+        if target.device.type == "cpu":
+            share_cores()
         if drafter is None:
             seq[n] = decode_one_token(target, seq, n, params)
             new, k = [int(seq[n])], 0

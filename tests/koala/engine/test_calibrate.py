@@ -79,3 +79,44 @@ def test_memory_bound_speedup_by_hand():
     c = drafter_parameter_ratio(ModelDrafter(target.truncated(1)), target)
     assert c == (layer + head) / (4 * layer + head)
     assert drafter_parameter_ratio(PromptLookupDrafter(vocab_size=64), target) == 0.0
+
+
+def test_decoding_shares_the_cores_with_busy_processes(monkeypatch):
+    """Others busy on the cores -> torch runs on what they leave idle (>= 1); idle again -> back to the full count."""
+    from koala import threads
+
+    before = torch.get_num_threads()
+    try:
+        share = threads.CoreShare(2, interval=0.0)
+        share.cores = [0, 1]
+        clock = {"t": 0.0, "busy": 0.0, "own": 0.0}
+
+        def advance(others: float, own: float):  # one second in which the others used `others` cores
+            clock["t"] += 1.0
+            clock["busy"] += others + own
+            clock["own"] += own
+
+        monkeypatch.setattr(share, "_sample", lambda: (clock["t"], clock["busy"], clock["own"]))
+        share._last = share._sample()
+        advance(0.05, 2.0)
+        assert share.tick() == 2 and torch.get_num_threads() == 2  # alone: all cores
+        advance(1.2, 0.8)
+        assert share.tick() == 1 and torch.get_num_threads() == 1  # a neighbour computes: one core left
+        advance(1.3, 0.7)
+        assert share.tick() == 1  # still busy beside us: stays, does not flap
+        advance(0.0, 1.0)
+        assert share.tick() == 2 and torch.get_num_threads() == 2  # the neighbour stopped: cores taken back
+        advance(4.0, 0.0)
+        assert share.tick() == 1  # never below one
+
+        monkeypatch.setenv("KOALA_THREADS", "2")
+        threads.configure_threads()
+        assert threads._share is None  # a pinned count is left alone
+        monkeypatch.delenv("KOALA_THREADS")
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        threads.configure_threads()
+        assert threads._share is not None and threads._share.others() is None  # within its first interval
+    finally:
+        threads._share = None
+        torch.set_num_threads(before)
