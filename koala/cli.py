@@ -492,7 +492,7 @@ def promote(model: str = typer.Option(..., help="registered model name, e.g. koa
 def export(drafter: str = typer.Argument(..., help="a drafter directory, heads:PATH, or a registry reference "
                                          "models:/NAME@ALIAS or models:/NAME/VERSION"),
            format: str = typer.Option(..., "--format", help="hf or gguf (independent drafters), speculators (EAGLE "
-                                      "heads), medusa (Medusa heads)"),
+                                      "and EAGLE-3 heads), medusa (Medusa heads)"),
            out: str = typer.Option(..., help="directory to write (replaced whole once the round trip passes)"),
            target: Optional[str] = typer.Option(None, help="the target it serves (default: the one it was trained "
                                                 "for)"),

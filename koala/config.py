@@ -17,7 +17,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from koala.errors import KoalaError
 
 LOSS_NAMES = ("fkl", "rkl", "tvd", "tvdpp", "tvdpp_exact", "jsd")  # koala.training.losses.LOSSES implements each
-HEAD_KINDS = ("medusa", "eagle")  # draft heads on the target's features (koala.models.heads)
+HEAD_KINDS = ("medusa", "eagle", "eagle3")  # draft heads on the target's features (koala.models.heads)
 # What the pipeline can train: an independent draft model or draft heads. The untrained baselines (truncate:N,
 # ngram) are drafter specs for `koala eval --drafter`, not trainable kinds.
 DRAFTER_KINDS = ("draft_model", *HEAD_KINDS)
@@ -98,7 +98,7 @@ class TeacherForcedConfig(_Strict):
 
 class DrafterConfig(_Strict):
     kind: Literal[DRAFTER_KINDS] = Field(
-        "draft_model", description="what to train: an independent draft model, or Medusa or EAGLE draft heads")
+        "draft_model", description="what to train: an independent draft model, or Medusa, EAGLE or EAGLE-3 draft heads")
     layers: int = Field(2, ge=1, description="decoder layers (draft_model) or K (heads)")
     hidden_size: int | None = Field(None, ge=8, description="None: the target's (needed to share its embeddings)")
     intermediate_size: int | None = Field(None, ge=8, description="None: the target's")
@@ -111,6 +111,8 @@ class DrafterConfig(_Strict):
                               description="Medusa: number of heads, the most tokens it drafts per round (was n_heads)")
     draft_vocab: int | None = Field(None, ge=16, description="draft over the K most frequent response tokens only "
                                     "(a cheaper drafter head; None: the full vocabulary)")
+    aux_layers: list[int] | None = Field(None, description="EAGLE-3: the target layers whose input states are fused "
+                                         "(None: 2, L//2 and L-3, as vLLM's speculators and SpecForge read them)")
 
 
 class TrainingConfig(_Strict):

@@ -18,6 +18,7 @@ from pathlib import Path
 from koala.engine.drafters import (DraftVocab, Drafter, LookupFirstDrafter, ModelDrafter, PromptLookupDrafter,
                                    load_heads_drafter)
 from koala.engine.model import Transformer
+from koala.config import HEAD_KINDS as HEAD_DRAFTER_KINDS
 from koala.errors import KoalaError
 from koala.models.vocab import load_draft_vocab
 
@@ -105,7 +106,7 @@ def check_drafter_spec(spec: str | DrafterSpec) -> DrafterSpec:
                              f"{HEADS_WEIGHTS}): train them with `koala heads --out DIR` and pass heads:DIR/heads")
         info = _json_file(d.path / HEADS_JSON, f"heads:{d.path}")
         missing = [k for k in ("kind", "layers", "hidden_size", "vocab_size") if k not in info]
-        if missing or info.get("kind") not in ("medusa", "eagle"):
+        if missing or info.get("kind") not in HEAD_DRAFTER_KINDS:
             raise KoalaError(f"drafter 'heads:{d.path}': {HEADS_JSON} lacks {', '.join(missing) or 'a known kind'}: "
                              "it was not written by `koala heads`; train the heads again")
         check_safetensors(d.path / HEADS_WEIGHTS)

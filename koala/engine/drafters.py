@@ -25,7 +25,9 @@ from koala.models.vocab import load_draft_vocab
 class Drafter(Protocol):
     name: str
     vocab_size: int | None  # None: proposes only tokens it has seen (prompt lookup), any vocabulary fits
-    needs_hidden: bool  # True: commit() receives the target's last hidden states (draft heads)
+    # True: commit() receives the target's features (what its LM head reads); a tuple of layer indices: the residual
+    # stream at those layers' inputs, concatenated (EAGLE-3); False: nothing
+    needs_hidden: bool | tuple[int, ...]
 
     def reset(self, max_seq_len: int) -> None: ...
 
@@ -329,14 +331,79 @@ class EagleDrafter(ChainDrafter):
         self.n_cached = min(self.n_cached, start)  # slots from `start` on were fed predicted features
 
 
+class _Eagle3LM(nn.Module):
+    """Presents an EAGLE-3 head to the engine as a causal LM: its layers and norm, the target's LM head."""
+
+    def __init__(self, head: nn.Module, target_model):
+        super().__init__()
+        self.config = copy.copy(head.config)
+        self.config.vocab_size = target_model.config.vocab_size
+        self.model = nn.Module()
+        self.model.embed_tokens, self.model.layers = target_model.model.embed_tokens, head.layers
+        self.model.norm, self.model.rotary_emb = head.norm, head.rotary_emb
+        self.lm_head = target_model.lm_head
+
+
+class Eagle3Drafter(ChainDrafter):
+    """Runs an EAGLE-3 head autoregressively: slot j reads [emb(x_{j+1}) ; fc(target states at j)] where the target's
+    states are known, the head's own pre-norm output of the slot before after that (which commit() drops)."""
+
+    def __init__(self, head, target: Transformer, name: str, draft_vocab: DraftVocab | None = None):
+        self.head, self.target, self.name, self.draft_vocab = head, target, name, draft_vocab
+        self.needs_hidden = tuple(head.aux_layers)
+        self.engine = Transformer(_Eagle3LM(head, target.hf_model[0]))
+        self.engine.features_before_norm = True
+        self.vocab_size = target.args.vocab_size
+        self.n_cached = 0
+        self.feat: torch.Tensor | None = None
+        self.state: torch.Tensor | None = None  # the last step's pre-norm output, the next draft's state
+
+    def reset(self, max_seq_len: int) -> None:
+        self.engine.setup_caches(max_seq_len)
+        A = len(self.needs_hidden) * self.target.args.dim
+        self.feat = torch.zeros(max_seq_len, A, dtype=self.target.dtype, device=self.target.device)
+        self.n_cached = 0
+
+    def _out(self, out: tuple) -> tuple:
+        """(logits or None, the normed features the draft vocabulary's head reads); keeps the state."""
+        logits, x = out
+        self.state = x[:, -1:]
+        if self.draft_vocab is None:
+            return logits, None
+        from koala.engine.model import rms_norm
+
+        return logits, rms_norm(x[:, -1:], self.head.norm.weight, self.head.config.rms_norm_eps)
+
+    def _catch_up(self, seq, n):
+        js = torch.arange(self.n_cached, n - 1, device=seq.device)
+        x = torch.cat([self.target.embed(seq[js + 1]), self.head.fc(self.feat[js])], dim=-1)[None]
+        out = self.engine.step(None, js, n - 1, embeds=x, hidden=True, logits=self.draft_vocab is None,
+                               eager=js.numel() != 1)
+        self.n_cached = n - 1
+        return self._out(out)
+
+    def _feed(self, token, out, n, i):
+        x = torch.cat([self.target.embed(token.view(1, 1)), self.state], dim=-1)
+        return self._out(self.engine.step(None, torch.tensor([n - 1 + i], device=token.device), n + i, embeds=x,
+                                          hidden=True, logits=self.draft_vocab is None))
+
+    def commit(self, n_valid, hidden=None, start=0):
+        if hidden is not None:
+            self.feat[start:start + hidden.shape[0]] = hidden
+        self.n_cached = min(self.n_cached, start)
+
+
+HEAD_DRAFTERS = {"medusa": MedusaDrafter, "eagle": EagleDrafter, "eagle3": Eagle3Drafter}
+
+
 def load_heads_drafter(path: str, target: Transformer):
-    """`heads:PATH` for the engine: Medusa or EAGLE heads on the given target."""
+    """`heads:PATH` for the engine: Medusa, EAGLE or EAGLE-3 heads on the given target."""
     from koala.models.heads import load_heads
 
     hf = target.hf_model[0]
     module, info = load_heads(path, hf)
     name = f"heads:{info['kind']}-K{info['layers']}{'-adv' if info.get('adversarial') else ''}"
     dv = DraftVocab.load(path, hf.lm_head, target.args.vocab_size)
-    d = MedusaDrafter(module, target, name, dv) if info["kind"] == "medusa" else EagleDrafter(module, target, name, dv)
+    d = HEAD_DRAFTERS[info["kind"]](module, target, name, dv)
     d.source = path  # where its stored metrics live (koala.engine.calibrate.stored_acceptance)
     return d

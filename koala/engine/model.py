@@ -103,6 +103,7 @@ class Transformer(nn.Module):
         self.caches = nn.ModuleList()
         self.max_seq_len = 0
         self.compiled = None  # set by compile(): the forward compiled once per step width
+        self.features_before_norm = False  # EAGLE-3's decoder: its features are the residual stream before the norm
 
     @property
     def device(self) -> torch.device:
@@ -141,7 +142,7 @@ class Transformer(nn.Module):
         return self
 
     def step(self, idx: torch.Tensor | None, input_pos: torch.Tensor, end: int, *, embeds: torch.Tensor | None = None,
-             rows: torch.Tensor | None = None, hidden: bool = False, logits: bool = True, eager: bool = False
+             rows: torch.Tensor | None = None, hidden: bool | tuple[int, ...] = False, logits: bool = True, eager: bool = False
              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The engine's one entry to a forward of tokens at cache slots `input_pos`, all below slot `end` (a host int);
         returns (logits or None, features or None) as `forward` does.
@@ -188,7 +189,7 @@ class Transformer(nn.Module):
         rows: torch.Tensor | None = None,
         kv_len: int | None = None,
         embeds: torch.Tensor | None = None,
-        hidden: bool = False,
+        hidden: bool | tuple[int, ...] = False,
         logits: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits (B, T, V) float32 or None, features (B, T, C) or None) for tokens `idx` (B, T) written at cache
@@ -197,14 +198,20 @@ class Transformer(nn.Module):
         `input_pos` is (T,), one sequence's slots for every row, or (B, T), each row its own sequence at its own
         slots (a batched sampler: row b's rotary positions are its slots, its cache row holds only its sequence).
         `rows` (B,): the cache rows the batch's rows use (a prefill into some rows of a batched cache); None: rows
-        0..B-1. `embeds` (B, T, C) replace the token embeddings (EAGLE feeds its fused features). `hidden`: also
-        return the features the LM head reads (after the final norm), which draft heads read; `logits=False` skips
+        0..B-1. `embeds` (B, T, C) replace the token embeddings (EAGLE feeds its fused features); (B, T, 2C) are
+        EAGLE-3's [token embeddings ; state], of which the first layer attends over both, normed apart (its
+        `hidden_norm`), and the state is the residual stream. `hidden`: also return the features the LM head reads
+        (after the final norm), which draft heads read, or with a tuple of layer indices the residual stream at the
+        input of each (index n_layers: before the final norm), concatenated (EAGLE-3's fused states); `logits=False` skips
         the LM head (a drafter with its own subset head). `kv_len` (a host int > every input_pos) limits attention
         to the first kv_len slots: faster on a CPU, but a shape change, so None where steps are captured as graphs.
         """
         if self.max_seq_len == 0:  # an int, not the ModuleList's truth value: dynamo traces this without a break
             raise KoalaError("call setup_caches() before the first forward")
         x = self.embed(idx) if embeds is None else embeds  # embeds (B, T, C): EAGLE feeds its fused features
+        e = None
+        if x.shape[-1] != self.args.dim:  # EAGLE-3: [token embeddings ; state]
+            e, x = x.split(self.args.dim, dim=-1)
         B, T = x.shape[:2]
         S = self.max_seq_len if kv_len is None else kv_len
         pos = input_pos[None, :].expand(B, T) if input_pos.dim() == 1 else input_pos  # (B, T)
@@ -215,9 +222,19 @@ class Transformer(nn.Module):
         mask = torch.zeros(mask.shape, dtype=self.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         cos, sin = self._rope(pos)
         eps = self.args.norm_eps
+        aux = {}
         for i, layer in enumerate(self.layers):
+            if isinstance(hidden, tuple) and i in hidden:
+                aux[i] = x
             h = rms_norm(x, layer.input_layernorm.weight, eps)
+            if e is not None and i == 0:
+                h = torch.cat([rms_norm(e, layer.input_layernorm.weight, eps), rms_norm(x, layer.hidden_norm.weight, eps)],
+                              dim=-1)
             x = x + self._attention(layer, i, h, cos, sin, input_pos, mask, kv_len, rows)
             x = x + layer.mlp(rms_norm(x, layer.post_attention_layernorm.weight, eps))
+        aux[len(self.layers)] = x
         h = rms_norm(x, self.norm.weight, eps)  # (B, T, C) the features the LM head reads
-        return (self.lm_head(h).float() if logits else None), (h if hidden or not logits else None)
+        out = self.lm_head(h).float() if logits else None
+        if isinstance(hidden, tuple):
+            return out, torch.cat([aux[i] for i in hidden], dim=-1)
+        return out, ((x if self.features_before_norm else h) if hidden or not logits else None)

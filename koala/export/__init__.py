@@ -10,7 +10,8 @@ written; one that passes carries `koala_export.json` (source, format, digests, t
 |-------------|--------------------------|-----------------------------------------------------------------|
 | hf          | independent (koala distill) | transformers `assistant_model`, vLLM / SGLang draft model    |
 | gguf        | independent              | llama.cpp `--model-draft` (`-md`)                                 |
-| speculators | EAGLE heads, K = 1 (koala heads --kind eagle) | the speculators package (vLLM reads eagle3 only) |
+| speculators | EAGLE-3 heads, any K (koala heads --kind eagle3) | vLLM (`--speculative-config`), the speculators package 0.9.0 |
+| speculators | EAGLE heads, K = 1 (koala heads --kind eagle) | the speculators package 0.4.0.1 (vLLM reads eagle3 only) |
 | medusa      | Medusa heads             | the Medusa repo, vLLM's medusa method, TensorRT-LLM              |
 """
 
@@ -26,7 +27,8 @@ from koala.errors import KoalaError
 
 FORMATS = ("hf", "gguf", "speculators", "medusa")
 EXPORT_JSON = "koala_export.json"
-KIND_OF_FORMAT = {"hf": ("draft_model",), "gguf": ("draft_model",), "speculators": ("eagle",), "medusa": ("medusa",)}
+KIND_OF_FORMAT = {"hf": ("draft_model",), "gguf": ("draft_model",), "speculators": ("eagle", "eagle3"),
+                  "medusa": ("medusa",)}
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,7 @@ class DrafterSource:
     """A koala drafter on disk: an independent drafter (koala.json) or draft heads (heads.json)."""
 
     path: Path
-    kind: str  # draft_model, medusa or eagle
+    kind: str  # draft_model, medusa, eagle or eagle3
     info: dict
 
     @property

@@ -1,4 +1,5 @@
-"""`--format speculators`: an EAGLE head as the `eagle` speculator of vLLM's speculators package, version 0.4.0.1.
+"""`--format speculators`: an EAGLE head as the `eagle` speculator of vLLM's speculators package, version 0.4.0.1
+(EAGLE-3 heads: speculators 0.9.0's `eagle3`, which vLLM serves; koala.export.speculators_eagle3).
 
 0.4.0.1 is the last release that defines EAGLE-1 / HASS speculators (`speculators_model_type: eagle`, class
 `EagleSpeculator`); later releases hold EAGLE-3 and newer methods only. Its forward, for K = 1 with `layernorms` and
@@ -14,7 +15,7 @@ blocks, renames `decoder.layers.0` to `transformer` and `decoder.norm` to `pre_l
 package cannot hold K > 1 layers, nor a draft vocabulary: the export drafts over the full vocabulary (its logits
 over koala's draft vocabulary are koala's). Serving: vLLM's speculators loader reads `eagle3` configs only (checked
 in vLLM's `transformers_utils/configs/speculators/algos.py`), so this export is for the speculators package and
-engines built on it; the round trip loads it with the package's own classes (`SpeculatorModel.from_pretrained`).
+engines built on it (train `--kind eagle3` for a head vLLM serves); the round trip loads it with the package's own classes (`SpeculatorModel.from_pretrained`).
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def config(head, t) -> dict:
 
 
 def write(src, out: Path, target: str) -> dict:
+    if src.kind == "eagle3":  # speculators 0.9.0's eagle3 speculator
+        from koala.export import speculators_eagle3
+
+        return speculators_eagle3.write(src, out, target)
     head, t, vocab = _head_and_target(src, target)
     save_file(state_dict(head), out / WEIGHTS)
     (out / "config.json").write_text(json.dumps(config(head, t), indent=2) + "\n")
@@ -162,6 +167,10 @@ def compare(ours: torch.Tensor, theirs: torch.Tensor, vocab, via: str) -> dict:
 
 @torch.no_grad()
 def check(src, out: Path, target: str) -> dict:
+    if src.kind == "eagle3":
+        from koala.export import speculators_eagle3
+
+        return speculators_eagle3.check(src, out, target)
     ours, embed, lm, ids, feats, vocab = koala_inputs(src, target)
     from importlib.metadata import PackageNotFoundError, version
 

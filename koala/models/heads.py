@@ -5,6 +5,11 @@
 * EAGLE (Li et al. 2024): one autoregressive feature-level head: fc([f_t ; emb(x_{t+1})]) -> K decoder layers of the
   target's architecture -> the predicted feature f_{t+1}, read by the target's LM head; drafting feeds it its own
   predicted features gamma times.
+* EAGLE-3 (Li et al. 2025): the same autoregressive head on the target's hidden states from three depths (the inputs
+  of layers 2, L//2 and L-3 by default, as vLLM's speculators and SpecForge read them), concatenated and projected to
+  C by a bias-free linear layer; its first decoder layer attends over [norm(emb(x_{t+1})) ; norm(state)] (2C) with
+  the state as its residual stream; its output, before the final norm, is the next draft step's state. Trained on
+  cross-entropy alone (no feature regression) over the draft vocabulary, drafts 1..unroll on its own states.
 K = 1 is the original head; KOALA makes it K deep. The target stays frozen; only the heads are trained and saved
 (`heads.safetensors` + `heads.json`), and `--drafter heads:PATH` loads them onto the target in the engine
 (koala.engine.drafters.MedusaDrafter, EagleDrafter).
@@ -60,14 +65,10 @@ class EagleHead(nn.Module):
 
     def __init__(self, target_config, layers: int, embed_norm: bool = True):
         super().__init__()
-        from transformers import LlamaConfig, LlamaModel
+        from transformers import LlamaModel
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-        d = copy.deepcopy(target_config.to_dict())
-        d.pop("quantization_config", None)
-        d.update(model_type="llama", num_hidden_layers=layers, vocab_size=1, pad_token_id=None, bos_token_id=None,
-                 eos_token_id=None)  # inputs come as embeddings: a one-row token table
-        self.config = LlamaConfig.from_dict(d)
+        self.config = _llama_config(target_config, layers)
         C = self.config.hidden_size
         self.fc = nn.Linear(2 * C, C)
         self.decoder = LlamaModel(self.config)
@@ -118,6 +119,118 @@ class EagleHead(nn.Module):
         return outs
 
 
+def reference_aux_layers(n_layers: int) -> list[int]:
+    """EAGLE-3's fused target layers as vLLM's speculators and SpecForge choose them: the inputs of layers 2, L//2 and
+    L-3 (input of layer L: the last layer's output before the final norm); evenly spread for targets too shallow."""
+    ids = [2, n_layers // 2, n_layers - 3]
+    if len(set(ids)) != 3 or min(ids) < 0 or max(ids) > n_layers:
+        ids = sorted({round(i * n_layers / 4) for i in (1, 2, 3)})
+    return ids
+
+
+def check_aux_layers(layers: list[int], n_layers: int) -> list[int]:
+    if not layers or len(set(layers)) != len(layers) or min(layers) < 0 or max(layers) > n_layers:
+        raise KoalaError(f"drafter.aux_layers {layers} must be distinct target layers in 0..{n_layers} (the input of "
+                         f"that layer; {n_layers}: the last layer's output): e.g. {reference_aux_layers(n_layers)}")
+    return list(layers)
+
+
+@torch.no_grad()
+def aux_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layers: list[int]
+               ) -> torch.Tensor:
+    """(B, T, (len(layers) + 1) C): the residual stream at the input of each named layer of a Hugging Face causal LM
+    (`model.model.layers`; index L: the input of the final norm), then the features its LM head reads (after the
+    final norm). Read with forward pre-hooks, so the states are exactly what each layer receives."""
+    inner = model.model
+    got: dict[int, torch.Tensor] = {}
+
+    def keep(i):
+        def hook(_module, args, kwargs):
+            got[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    mods = [inner.layers[i] if i < len(inner.layers) else inner.norm for i in layers]
+    hooks = [m.register_forward_pre_hook(keep(i), with_kwargs=True) for i, m in zip(layers, mods)]
+    try:
+        last = inner(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat([got[i].to(last.dtype) for i in layers] + [last], dim=-1)
+
+
+def _llama_config(target_config, layers: int):
+    from transformers import LlamaConfig
+
+    d = copy.deepcopy(target_config.to_dict())
+    d.pop("quantization_config", None)
+    d.update(model_type="llama", num_hidden_layers=layers, vocab_size=1, pad_token_id=None, bos_token_id=None,
+             eos_token_id=None)  # inputs come as embeddings: a one-row token table
+    return LlamaConfig.from_dict(d)
+
+
+def _first_layer(config):
+    """EAGLE-3's first decoder layer (speculators' LlamaDecoderEagle3FirstLayer): q, k, v read 2C, plus `hidden_norm`."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm
+
+    layer = LlamaDecoderLayer(config, 0)
+    C, a = config.hidden_size, layer.self_attn
+    for name, heads in (("q_proj", config.num_attention_heads), ("k_proj", config.num_key_value_heads),
+                        ("v_proj", config.num_key_value_heads)):
+        setattr(a, name, nn.Linear(2 * C, heads * a.head_dim, bias=config.attention_bias))
+    layer.hidden_norm = LlamaRMSNorm(C, eps=config.rms_norm_eps)
+    return layer
+
+
+class Eagle3Head(nn.Module):
+    """fc(target states at `aux_layers`) -> K decoder layers (the first reads [emb ; state]) -> final norm.
+
+    Parameter names are speculators' `eagle3` layout (fc, layers.i, norm); the LM head is the target's over the draft
+    vocabulary, frozen, as speculators keeps it (koala.export.speculators writes it as `lm_head`, with d2t / t2d).
+    """
+
+    def __init__(self, target_config, layers: int, aux_layers: list[int]):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
+
+        self.config = _llama_config(target_config, layers)
+        self.aux_layers = check_aux_layers(list(aux_layers), target_config.num_hidden_layers)
+        C = self.config.hidden_size
+        self.fc = nn.Linear(len(self.aux_layers) * C, C, bias=False)
+        self.layers = nn.ModuleList([_first_layer(self.config),
+                                     *(LlamaDecoderLayer(self.config, i) for i in range(1, layers))])
+        self.norm = LlamaRMSNorm(C, eps=self.config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(self.config)
+
+    def forward(self, aux: torch.Tensor, next_embeds: torch.Tensor, attention_mask=None, unroll: int | None = None):
+        """(B, T, A C) target states and (B, T, C) next-token embeddings -> the normed outputs of drafts 1..unroll
+        (a list of (B, T, C)), or draft 1's alone without `unroll`. Rows are right-padded (no mask needed)."""
+        outs = self.unrolled(aux, next_embeds, unroll or 1)
+        return outs if unroll is not None else outs[0]
+
+    def unrolled(self, aux: torch.Tensor, next_embeds: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        """Training-time test as `EagleHead.unrolled` describes it, on EAGLE-3's state: draft 1 reads fc(aux) at slot
+        j, draft p > 1 the pre-norm output of draft p-1 at slot j-1; each draft's normed output is returned."""
+        T = aux.shape[1]
+        pos = torch.arange(T, device=aux.device)
+        cos, sin = self.rotary_emb(aux, pos[None])
+        past: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.layers]
+        first, outs = self.layers[0], []
+        prev = self.fc(aux)
+        e = first.input_layernorm(next_embeds)
+        for p in range(1, steps + 1):
+            g = prev if p == 1 else _shift(prev, 1)
+            h = torch.cat([e, first.hidden_norm(g)], dim=-1)
+            x = g + _unrolled_attention(first.self_attn, h, cos, sin, past[0], pos)
+            x = x + first.mlp(first.post_attention_layernorm(x))
+            for layer, kv in zip(self.layers[1:], past[1:]):
+                x = x + _unrolled_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, kv, pos)
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+            prev = x
+            outs.append(self.norm(x))
+        return outs
+
+
 def _shift(x: torch.Tensor, k: int) -> torch.Tensor:
     """x[:, j - k] at slot j (zeros for j < k), along dim 2 for (B, H, T, D) or dim 1 for (B, T, C)."""
     if k == 0:
@@ -162,14 +275,18 @@ def _ttt_mask(pos: torch.Tensor, p: int) -> torch.Tensor:
     return torch.cat([first, *([diag] * (p - 1))], dim=1)
 
 
-def build_heads(kind: str, target_model, layers: int, n_heads: int = 4, embed_norm: bool = True) -> nn.Module:
+def build_heads(kind: str, target_model, layers: int, n_heads: int = 4, embed_norm: bool = True,
+                aux_layers: list[int] | None = None) -> nn.Module:
     C = target_model.config.hidden_size
     if kind == "medusa":
         module = MedusaHeads(C, n_heads, layers)
     elif kind == "eagle":
         module = EagleHead(target_model.config, layers, embed_norm)
+    elif kind == "eagle3":
+        module = Eagle3Head(target_model.config, layers,
+                            aux_layers or reference_aux_layers(target_model.config.num_hidden_layers))
     else:
-        raise KoalaError(f"head kind must be medusa or eagle, got {kind!r}")
+        raise KoalaError(f"head kind must be medusa, eagle or eagle3, got {kind!r}")
     return module.to(device=target_model.device, dtype=target_model.dtype)
 
 
@@ -185,6 +302,8 @@ def save_heads(module: nn.Module, out_dir: str | Path, info: dict, draft_vocab=N
         info = {**info, "draft_vocab_size": 0 if draft_vocab is None else len(draft_vocab)}
         if isinstance(module, EagleHead):  # what load_heads builds: heads saved before it existed have none
             info["embed_norm"] = module.embed_norm is not None
+        if isinstance(module, Eagle3Head):
+            info["aux_layers"] = module.aux_layers
         (tmp / HEADS_JSON).write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
     return Path(out_dir)
 
@@ -204,7 +323,8 @@ def load_heads(path: str | Path, target_model) -> tuple[nn.Module, dict]:
         raise KoalaError(f"heads in {p} were trained for target {info.get('target', {}).get('name')} (hidden "
                          f"{info.get('hidden_size')}, vocabulary {info.get('vocab_size')}): train heads for this target")
     module = build_heads(info["kind"], target_model, info["layers"], info.get("n_heads", 4),
-                         embed_norm=info.get("embed_norm", False))  # heads saved before it existed have none
+                         embed_norm=info.get("embed_norm", False),  # heads saved before it existed have none
+                         aux_layers=info.get("aux_layers"))
     module.load_state_dict(load_file(p / HEADS_WEIGHTS, device=str(target_model.device)))
     return module.eval(), info
 

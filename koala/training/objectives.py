@@ -226,30 +226,34 @@ class FeatureSource:
     """
 
     def __init__(self, target_model, data: SequenceData, cache: bool, name: str = "train",
-                 cache_dir: str | Path | None = None, target_hash: str = ""):
+                 cache_dir: str | Path | None = None, target_hash: str = "", aux_layers: list[int] | None = None):
         self.target, self.data, self.cache = target_model, data, cache
+        self.aux = aux_layers  # EAGLE-3: the states at these layers' inputs, then the features (A C + C per token)
         self.store: dict[int, torch.Tensor] = {}
         C = target_model.config.hidden_size
-        if data.rows and all(r.get("features") is not None for r in data.rows):  # teacher-forced shards carry them
+        self.width = C * (len(aux_layers) + 1) if aux_layers else C
+        stored = data.rows and all(r.get("features") is not None for r in data.rows)
+        if stored and not aux_layers:  # teacher-forced shards carry the features
             from koala.data.teacher import features_of
 
             self.cache = True
             self.store = {i: features_of(r, C, data.max_len) for i, r in enumerate(data.rows)}
-            for r in data.rows:
-                r.pop("features")
-            return
-        if not cache:
+        for r in data.rows if stored else ():
+            r.pop("features")  # EAGLE-3 reads other layers than the stored ones: computed below instead
+        if self.store or not self.cache:
             return
         tokens = sum(min(len(r["input_ids"]), data.max_len) for r in data.rows)
-        print(f"caching the target's features for {len(data)} {name} sequences: {tokens} tokens x {C} x 2 bytes "
-              f"= {tokens * C * 2 / 1e6:.1f} MB")
+        print(f"caching the target's {'states at layers ' + str(aux_layers) + ' and ' if aux_layers else ''}features "
+              f"for {len(data)} {name} sequences: {tokens} tokens x {self.width} x 2 bytes "
+              f"= {tokens * self.width * 2 / 1e6:.1f} MB")
         if cache_dir is None:
             return
         dev = target_model.device.type  # features computed under autocast differ from float32 ones: own cache
         dtype = str(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else None
         key = hashlib.sha256(json.dumps([target_hash, data.max_len, [r.get("prompt_id") for r in data.rows],
                                          [len(r["input_ids"]) for r in data.rows]]
-                                        + ([dtype] if dtype else [])).encode()).hexdigest()[:16]
+                                        + ([dtype] if dtype else []) + ([aux_layers] if aux_layers else [])
+                                        ).encode()).hexdigest()[:16]
         file = Path(cache_dir) / f"features-{name}-{key}.safetensors"
         if file.exists():
             loaded = load_file(file)
@@ -264,24 +268,30 @@ class FeatureSource:
         except OSError:
             pass  # a read-only data directory: keep the features in memory only
 
+    def _forward(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        if self.aux:
+            from koala.models.heads import aux_states
+
+            return aux_states(self.target, input_ids, attention_mask, self.aux)
+        return self.target.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
     @torch.no_grad()
     def _compute_all(self) -> None:
         dev = self.target.device
         for i in tqdm(range(len(self.data)), desc="target features", unit="seq", leave=False):
             ids = torch.tensor([self.data.rows[i]["input_ids"][:self.data.max_len]], device=dev)
-            self.store[i] = self.target.model(input_ids=ids).last_hidden_state[0].half().cpu()
+            self.store[i] = self._forward(ids)[0].half().cpu()
 
     @torch.no_grad()
     def __call__(self, b: Batch) -> torch.Tensor:
-        """(B, T, C) features, zeros past each row's end."""
+        """(B, T, C) features (EAGLE-3: (B, T, A C + C), the states then the features), zeros past each row's end."""
         if not self.cache:
-            return self.target.model(input_ids=b.input_ids, attention_mask=b.attention_mask).last_hidden_state
+            return self._forward(b.input_ids, b.attention_mask)
         missing = [i for i in b.rows if i not in self.store]
         for i in missing:
             ids = torch.tensor([self.data.rows[i]["input_ids"][:self.data.max_len]], device=b.input_ids.device)
-            self.store[i] = self.target.model(input_ids=ids).last_hidden_state[0].half().cpu()
-        out = torch.zeros(*b.input_ids.shape, self.target.config.hidden_size, dtype=self.target.dtype,
-                          device=b.input_ids.device)
+            self.store[i] = self._forward(ids)[0].half().cpu()
+        out = torch.zeros(*b.input_ids.shape, self.width, dtype=self.target.dtype, device=b.input_ids.device)
         for row, i in enumerate(b.rows):
             f = self.store[i]
             out[row, :f.shape[0]] = f.to(out.device, out.dtype)
@@ -289,13 +299,14 @@ class FeatureSource:
 
 
 class HeadsObjective(_Supervised):
-    """One training step's loss for Medusa or EAGLE heads, and their held-out acceptance by draft position.
+    """One training step's loss for Medusa, EAGLE or EAGLE-3 heads, and their held-out acceptance by draft position.
 
     EAGLE trains drafts 1..`unroll` (training-time test: draft i+1 reads the head's own prediction from draft i),
     each with smooth-L1 on the predicted feature plus 0.1 x cross-entropy against the target's next-token
-    distribution, averaged over drafts; `noise` perturbs the true input features (a fraction of their RMS). With
-    `vocab_ids` (the draft vocabulary), logits cover those tokens only, as the engine drafts, and the teacher is
-    renormalised over them.
+    distribution, averaged over drafts; `noise` perturbs the true input features (a fraction of their RMS). EAGLE-3
+    trains the same drafts on cross-entropy alone, draft p weighted 0.8^(p-1), and leaves out the positions where the
+    target's top token is outside the draft vocabulary (no draft could match it there). With `vocab_ids` (the draft
+    vocabulary), logits cover those tokens only, as the engine drafts, and the teacher is renormalised over them.
     """
 
     def __init__(self, kind: str, heads, target_model, features: FeatureSource, heldout_features=None,
@@ -303,8 +314,13 @@ class HeadsObjective(_Supervised):
         self.kind, self.model, self.module, self.target = kind, heads, heads, target_model
         self.features, self.heldout_features = features, heldout_features
         self.lm_head = target_model.lm_head
-        self.unroll, self.noise = (unroll if kind == "eagle" else 1), noise
+        self.unroll, self.noise = (unroll if kind in ("eagle", "eagle3") else 1), noise
         self.vocab_ids = None if vocab_ids is None else vocab_ids.to(target_model.device)
+        self._inside: dict[tuple[int, int], torch.Tensor] = {}  # EAGLE-3: (source, row) -> top token in the vocabulary
+        for src in (features, heldout_features):
+            if src is not None and getattr(src, "aux", None) != getattr(heads, "aux_layers", None):
+                raise KoalaError(f"the feature source reads layers {getattr(src, 'aux', None)}, the {kind} heads "
+                                 f"{getattr(heads, 'aux_layers', None)}: build it with aux_layers=heads.aux_layers")
         # the frozen head over the draft vocabulary, gathered once (K, C), and its autocast copy (cast once, not at
         # every call: autocast caches casts of trainable weights only)
         w = self.lm_head.weight.detach()
@@ -327,7 +343,7 @@ class HeadsObjective(_Supervised):
         """(N, K) float32 logits over the draft vocabulary (`subset`) or (N, V) over the full one."""
         return F.linear(h, self._weight(subset or self.vocab_ids is None)).float()
 
-    def _predictions(self, b: Batch, f: torch.Tensor, train: bool = False):
+    def _predictions(self, b: Batch, f: torch.Tensor, train: bool = False, source=None):
         """Per draft position: (student feature (N, C), the target's feature it predicts (N, C), loss weight, rows
         of the first draft's targets these are (EAGLE: each draft's targets are a subset of draft 1's) or None)."""
         pos = b.positions  # (B, T): position t predicts token t+1
@@ -341,25 +357,53 @@ class HeadsObjective(_Supervised):
                 valid[:, :-shift] &= pos[:, shift:]  # the target's distribution at t+i must be a trained position
                 out.append((hs[i][valid], f[:, shift:][valid[:, :-shift]], 0.8 ** i, None))
             return out
-        # EAGLE: slot t reads (f_t, emb(x_{t+1})) and predicts f_{t+1}; draft p's slot t reads draft p-1's f_t
+        # EAGLE: slot t reads (f_t, emb(x_{t+1})) and predicts f_{t+1}; draft p's slot t reads draft p-1's f_t.
+        # EAGLE-3: f holds the target's states at its fused layers (read at slot t), then its features (predicted).
+        C = self.target.config.hidden_size
+        A = f.shape[-1] - C if self.kind == "eagle3" else C
         emb = self.target.model.embed_tokens(b.input_ids[:, 1:])
-        f_in = f[:, :-1]
+        f_in, f_out = f[:, :-1, :A], f[:, 1:, -C:]
         if train and self.noise:
             rms = f_in.float().pow(2).mean().sqrt()
             f_in = f_in + (torch.rand_like(f_in) * 2 - 1) * (self.noise * rms).to(f_in.dtype)
         slot = torch.arange(f_in.shape[1], device=f.device)
         first = pos[:, 1:]  # draft 1's trained slots
+        if self.kind == "eagle3" and train and self.vocab_ids is not None:
+            first = first & self._top_inside(b, f_out, source)
         out = []
         for p, pred in enumerate(self.module(f_in, emb, unroll=self.unroll), 1):
             valid = first & (slot >= p - 1)[None]  # f_{t+1} at a trained position, with draft p's context
             rows = None if p == 1 else (slot >= p - 1)[None].expand_as(first)[first]  # (N1,) bool
-            out.append((pred[valid], f[:, 1:][valid], 0.1 / self.unroll, rows))
+            w = 0.8 ** (p - 1) if self.kind == "eagle3" else 0.1 / self.unroll
+            out.append((pred[valid], f_out[valid], w, rows))
+        return out
+
+    @torch.no_grad()
+    def _top_inside(self, b: Batch, f_out: torch.Tensor, source) -> torch.Tensor:
+        """(B, T-1) bool: the target's top token at each slot's predicted position lies in the draft vocabulary;
+        computed once per row of a cached feature source (a GEMM over the full vocabulary), every batch otherwise."""
+        if not hasattr(self, "_in_vocab"):
+            self._in_vocab = torch.zeros(self.lm_head.weight.shape[0], dtype=torch.bool, device=f_out.device)
+            self._in_vocab[self.vocab_ids] = True
+        out = torch.zeros(f_out.shape[:2], dtype=torch.bool, device=f_out.device)
+        keep = getattr(source, "cache", False)
+        w = self._weight(False)
+        for row, i in enumerate(b.rows or range(f_out.shape[0])):
+            m = self._inside.get((id(source), i)) if keep else None
+            if m is None:
+                n = max(int(b.attention_mask[row].sum()) - 1, 0)  # the row's slots (rows are right-padded)
+                top = torch.cat([F.linear(c, w).argmax(-1) for c in f_out[row, :n].split(512)] or
+                                [torch.zeros(0, dtype=torch.long, device=f_out.device)])
+                m = self._in_vocab[top]
+                if keep:
+                    self._inside[(id(source), i)] = m
+            out[row, :m.shape[0]] = m
         return out
 
     def supervised(self, b: Batch, logp: bool = False):
         """The heads' loss; the log-probs are every draft position's (all Medusa heads, all unrolled EAGLE drafts),
         stacked, so the adversarial term reaches every head."""
-        preds = self._predictions(b, self.features(b), train=True)
+        preds = self._predictions(b, self.features(b), train=True, source=self.features)
         value = self._cross_entropy(preds) if not logp else 0.0
         if self.kind == "eagle":  # EAGLE also regresses the feature itself
             value = value + sum(F.smooth_l1_loss(s.float(), t.float()) for s, t, _, _ in preds) / len(preds)
@@ -379,7 +423,7 @@ class HeadsObjective(_Supervised):
     def _cross_entropy(self, preds) -> torch.Tensor:
         """sum over drafts of w_p x mean soft cross-entropy against the target, every draft in one chunked pass
         (koala.training.chunked_ce); EAGLE's later drafts are taught by rows of draft 1's targets."""
-        if self.kind == "eagle":
+        if self.kind in ("eagle", "eagle3"):
             teacher = preds[0][1]
             rows = torch.cat([torch.arange(teacher.shape[0], device=teacher.device) if r is None else r.nonzero()[:, 0]
                               for _, _, _, r in preds])

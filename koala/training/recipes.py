@@ -166,14 +166,17 @@ def _drafter_fields(cfg: KoalaConfig) -> dict:
     before the rename still resumes."""
     d = cfg.drafter.model_dump()
     d["n_heads"] = d.pop("medusa_heads")
+    if d["aux_layers"] is None:  # added with EAGLE-3: absent from the fingerprints written before
+        d.pop("aux_layers")
     return d
 
 
 def _heads_objective(tcfg, target: Target, kind: str, heads, data, data_dir, heldout_dir, vocab_ids) -> HeadsObjective:
     """Heads' objective over the target's features, cached beside the data (a later training skips the target)."""
     h, m = target.info.content_hash, target.model
-    feats = FeatureSource(m, data.train, tcfg.cache_features, "train", data_dir, h)
-    held = (FeatureSource(m, data.heldout, tcfg.cache_features, "heldout", heldout_dir or data_dir, h)
+    aux = getattr(heads, "aux_layers", None)  # EAGLE-3 reads the target's states at these layers
+    feats = FeatureSource(m, data.train, tcfg.cache_features, "train", data_dir, h, aux_layers=aux)
+    held = (FeatureSource(m, data.heldout, tcfg.cache_features, "heldout", heldout_dir or data_dir, h, aux_layers=aux)
             if data.heldout else None)
     objective = HeadsObjective(kind, heads, m, feats, held, tcfg.unroll, tcfg.feature_noise, vocab_ids)
     if tcfg.compile:  # shapes vary with each batch's length: compiled for dynamic shapes, once
@@ -216,5 +219,6 @@ def _start_heads(cfg: KoalaConfig, target: Target, kind: str, layers: int | None
         heads, prior = load_heads(init_from, target.model)
         return heads.train(), prior["kind"], prior["layers"], load_draft_vocab(init_from)
     layers = layers or (cfg.drafter.layers if cfg.drafter.kind in HEAD_KINDS else 1)  # drafter.layers: a head's K
-    return (build_heads(kind, target.model, layers, cfg.drafter.medusa_heads), kind, layers,
+    return (build_heads(kind, target.model, layers, cfg.drafter.medusa_heads, aux_layers=cfg.drafter.aux_layers),
+            kind, layers,
             draft_vocab_for(cfg, train_rows, target.info.vocab_size))

@@ -176,6 +176,35 @@ def test_speculators_export_loads_with_the_speculators_package_and_drafts_as_koa
     assert m["round_trip"]["loaded_with"] in ("reference forward", "speculators 0.4.0.1")
 
 
+@pytest.mark.parametrize("vocab", [None, torch.arange(0, 6000, 3)])
+def test_eagle3_export_loads_with_speculators_0_9_and_drafts_as_koalas(tiny, tmp_path, vocab):
+    """An EAGLE-3 head (K = 2), exported and loaded back by speculators 0.9.0's own SpeculatorModel.from_pretrained
+    (the release vLLM reads eagle3 speculators with), run by the package's own modules on the target's fused states:
+    its logits equal koala's, and its d2t maps the draft vocabulary onto koala's."""
+    from koala.export.speculators_eagle3 import compare, koala_inputs
+
+    overlay = needs_overlay("speculators-0.9")
+    src = heads_dir(tiny, tmp_path, "eagle3", 2, vocab)
+    m = export(open_drafter(src), "speculators", tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert cfg["speculators_model_type"] == "eagle3" and cfg["transformer_layer_config"]["num_hidden_layers"] == 2
+    assert cfg["eagle_aux_hidden_state_layer_ids"] == json.loads((src / "heads.json").read_text())["aux_layers"]
+    w = load_file(tmp_path / "s" / "model.safetensors")
+    assert {"fc.weight", "layers.0.hidden_norm.weight", "layers.1.self_attn.q_proj.weight", "norm.weight",
+            "lm_head.weight"} <= set(w) and ("d2t" in w) == (vocab is not None)
+    assert m["round_trip"]["loaded_with"] in ("koala's head, reloaded", "speculators 0.9.0")
+    ours, embed, ids, aux, v = koala_inputs(open_drafter(src), tiny.info.source)
+    save_file({"embed": embed.contiguous(), "ids": ids.contiguous(), "aux": aux.contiguous()}, tmp_path / "in.st")
+    env = {**os.environ, "PYTHONPATH": f"{overlay}:{ROOT}", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "koala.export.speculators_eagle3", str(tmp_path / "s"),
+                        str(tmp_path / "in.st"), str(tmp_path / "out.st")], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = load_file(tmp_path / "out.st")
+    got = compare(ours, theirs["logits"], theirs["to_target"], v, "speculators 0.9.0")
+    assert got["max_abs_logit_diff"] <= 1e-4 * got["logit_scale"] and got["greedy_drafts_identical"] == len(ids)
+
+
 def test_export_refuses_what_a_format_cannot_hold_and_writes_nothing(tiny, drafter_dir, tmp_path):
     t = tiny
     with pytest.raises(KoalaError, match="use --format hf or gguf"):

@@ -19,6 +19,11 @@ from tests.koala.training.test_loop import synthetic_rows
 V = 64
 
 
+def _features(target, data, heads) -> FeatureSource:
+    """The cached feature source these heads read (EAGLE-3: the target's states at its fused layers too)."""
+    return FeatureSource(target, data, cache=True, aux_layers=getattr(heads, "aux_layers", None))
+
+
 @pytest.fixture(scope="module")
 def target():
     m = tiny_llama(layers=2, vocab=V, hidden=32, seed=0)
@@ -36,7 +41,7 @@ def test_shapes(target, K):
     assert e(f, torch.randn(2, 5, 32)).shape == (2, 5, 32)
 
 
-@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3"])
 @pytest.mark.parametrize("adversarial", [False, True])
 def test_one_step_decreases_the_loss_on_a_fixed_batch(target, kind, adversarial):
     torch.manual_seed(0)
@@ -46,7 +51,7 @@ def test_one_step_decreases_the_loss_on_a_fixed_batch(target, kind, adversarial)
         for p in heads.parameters():
             torch.nn.init.normal_(p, std=0.05)
     cfg = TrainingConfig(adversarial=adversarial, adv_warmup_steps=0, adv_lambda=0.1, lr=1e-3)
-    obj = adversarial_if(HeadsObjective(kind, heads, target, FeatureSource(target, data, cache=True)), cfg, "cpu")
+    obj = adversarial_if(HeadsObjective(kind, heads, target, _features(target, data, heads)), cfg, "cpu")
     b = data.batch([0, 1, 2, 3], "cpu")
     opt = torch.optim.Adam(heads.parameters(), lr=1e-3)
     before, extra = obj.loss(b, step=0)
@@ -103,7 +108,7 @@ def test_collapse_guard_stops_with_a_clear_message():
             adv.step(real, fake.clone().requires_grad_(True), s)
 
 
-@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3"])
 def test_save_load_roundtrip(tmp_path, target, kind):
     heads = build_heads(kind, target, layers=2, n_heads=3)
     for p in heads.parameters():
@@ -119,7 +124,7 @@ def test_save_load_roundtrip(tmp_path, target, kind):
         load_heads(tmp_path, other)
 
 
-@pytest.mark.parametrize("kind", ["medusa", "eagle"])
+@pytest.mark.parametrize("kind", ["medusa", "eagle", "eagle3"])
 @pytest.mark.parametrize("gamma", [1, 2, 3])
 def test_head_drafters_are_lossless_in_the_engine(tmp_path, target, kind, gamma):
     heads = build_heads(kind, target, layers=2, n_heads=3)
@@ -219,7 +224,7 @@ def test_a_head_trained_on_its_own_features_reproduces_the_target(tmp_path):
     assert res.target_forwards == 1 + 24 // 4  # the prefill, then every round accepts all 3 drafts plus the bonus
 
 
-@pytest.mark.parametrize("kind", ["eagle", "medusa"])
+@pytest.mark.parametrize("kind", ["eagle", "eagle3", "medusa"])
 def test_heads_under_bf16_autocast_learn_and_resume_bitwise(tmp_path, target, kind):
     """The heads' recipe in bf16 autocast (float32 master weights and optimizer state): killed after step 3 and
     resumed, it ends bitwise where an uninterrupted training ends, and the loss falls."""
@@ -239,7 +244,7 @@ def test_heads_under_bf16_autocast_learn_and_resume_bitwise(tmp_path, target, ki
     def run(out, on_log=None, resume=False, seed=0):
         torch.manual_seed(seed)
         heads = build_heads(kind, target, layers=1, n_heads=2)
-        obj = HeadsObjective(kind, heads, target, FeatureSource(target, data, cache=True), unroll=2,
+        obj = HeadsObjective(kind, heads, target, _features(target, data, heads), unroll=2,
                              vocab_ids=torch.arange(0, V, 2))
         with torch.no_grad(), bf16.autocast("cpu"):
             losses.append(obj.loss(fixed, 0)[0].item())
