@@ -1,8 +1,8 @@
 """The ablation that can tell the methods apart: losses and heads, several seeds each; prints mean +- std as JSON.
 
-    python bench/ablation.py [--grid losses|heads|all] [--seeds 0,1,2] [--steps 150] [--profile default]
+    python bench/ablation.py [--grid losses|heads|eagle3|all] [--seeds 0,1,2] [--steps 150] [--profile default]
         [--data runs/default/teacher] [--bench mtbench:80,humaneval:40] [--out runs/ablation] [--only TEXT]
-        [--markdown]
+        [--steps-of KIND=N ...] [--json bench/results/NAME.json] [--markdown]
 
 Each run trains one configuration with one seed through koala's own recipes (`distill` for the independent drafter,
 `train_heads` for Medusa and EAGLE heads) on one dataset (by default the default profile's teacher-forced set), then
@@ -16,6 +16,8 @@ Grids:
   losses: the independent drafter distilled with each loss (fkl, rkl, tvd, tvdpp, tvdpp_exact, jsd)
   heads:  Medusa and EAGLE heads with K = 1, 2, 3, adversarial off / on, plus the independent drafter (fkl) with
           and without the adversarial term (without it, it is the losses grid's fkl run, shared, never run twice)
+  eagle3: EAGLE-1 against EAGLE-3 heads (K = 1, the profile's training-time-test depth); `--steps-of eagle3=N`
+          gives EAGLE-3 the steps that take the wall time of EAGLE-1's `--steps` (measure both with bench/train.py)
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def grid(name: str) -> dict[str, list[str]]:
         out["independent loss=fkl"] = ["drafter.kind=draft_model", "training.loss=fkl"]
         out["independent loss=fkl adversarial"] = ["drafter.kind=draft_model", "training.loss=fkl",
                                                    "training.adversarial=true"]
+    if name == "eagle3":
+        for kind in ("eagle", "eagle3"):
+            out[f"{kind} K=1"] = [f"drafter.kind={kind}", "drafter.layers=1"]
     return out
 
 
@@ -61,7 +66,9 @@ def run_one(session, name: str, overrides: list[str], seed: int, a) -> dict:
     from koala.evaluate import evaluate
     from koala.training.recipes import distill, train_heads
 
-    cfg = load_config(a.profile, overrides=[*overrides, f"training.seed={seed}", f"training.steps={a.steps}",
+    kind = next((o.split("=", 1)[1] for o in overrides if o.startswith("drafter.kind=")), None)
+    steps = dict(s.split("=") for s in a.steps_of).get(kind, a.steps)
+    cfg = load_config(a.profile, overrides=[*overrides, f"training.seed={seed}", f"training.steps={steps}",
                                             "training.eval_every=1000000"])
     out = Path(a.out) / "runs" / name.replace(" ", "_").replace("=", "-") / f"seed{seed}"
     t0 = time.perf_counter()
@@ -71,8 +78,10 @@ def run_one(session, name: str, overrides: list[str], seed: int, a) -> dict:
     else:
         path = distill(cfg, session.target, a.data, out, resume="auto", progress=False)
         spec, info = str(path), json.loads((path / "koala.json").read_text())
-    row = {"config": name, "seed": seed, **budget(a), "train_s": round(time.perf_counter() - t0, 1),
-           **{k: v for k, v in info["metrics"].items() if k.startswith("heldout") and "_pos" not in k}}
+    row = {"config": name, "seed": seed, **budget(a), "config_steps": int(steps),
+           "train_s": round(time.perf_counter() - t0, 1),
+           **{k: v for k, v in info["metrics"].items() if k.startswith("heldout") and ("_pos" not in k or
+                                                                                      a.grid == "eagle3")}}
     for bench in a.bench.split(","):
         b, limit = parse_bench(bench)
         r = evaluate(session, spec, EvalConfig(bench=b, limit=limit, gamma=GAMMA, max_new_tokens=a.max_new_tokens,
@@ -85,7 +94,8 @@ def run_one(session, name: str, overrides: list[str], seed: int, a) -> dict:
 
 def budget(a) -> dict:
     """What makes runs comparable: a finished run counts as done only under the same budget."""
-    return {"steps": a.steps, "profile": a.profile, "data": a.data, "bench": a.bench, "max_new_tokens": a.max_new_tokens}
+    return {"steps": a.steps, "profile": a.profile, "data": a.data, "bench": a.bench, "max_new_tokens": a.max_new_tokens,
+            **({"steps_of": sorted(a.steps_of)} if a.steps_of else {})}
 
 
 def summary(rows: list[dict]) -> dict:
@@ -96,8 +106,8 @@ def summary(rows: list[dict]) -> dict:
     out = {}
     for name, rs in by.items():
         keys = [k for k, v in rs[0].items() if isinstance(v, (int, float)) and k not in ("seed", "steps",
-                "max_new_tokens") and all(k in r for r in rs)]
-        out[name] = {"seeds": sorted(r["seed"] for r in rs), "steps": rs[0]["steps"],
+                "max_new_tokens", "config_steps") and all(k in r for r in rs)]
+        out[name] = {"seeds": sorted(r["seed"] for r in rs), "steps": rs[0].get("config_steps", rs[0]["steps"]),
                      **{k: {"mean": round(statistics.mean(r[k] for r in rs), 4),
                             "std": round(statistics.pstdev(r[k] for r in rs), 4)} for k in keys}}
     return out
@@ -114,7 +124,7 @@ def markdown(s: dict) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--grid", default="losses", choices=["losses", "heads", "all"])
+    ap.add_argument("--grid", default="losses", choices=["losses", "heads", "eagle3", "all"])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--profile", default="default")
@@ -124,6 +134,9 @@ def main():
     ap.add_argument("--out", default="runs/ablation")
     ap.add_argument("--only", default="", help="run only the configurations whose names contain this")
     ap.add_argument("--markdown", action="store_true", help="only print the table of what OUT holds")
+    ap.add_argument("--json", default=None, help="also write the summary and the runs here (bench/results/...)")
+    ap.add_argument("--steps-of", action="append", default=[], metavar="KIND=N",
+                    help="train drafters of this kind N steps instead of --steps (equal wall time)")
     a = ap.parse_args()
 
     from koala.threads import cpu_model
@@ -155,7 +168,13 @@ def main():
             print(f"[{i}/{len(todo)}] {name} seed {seed}: {time.perf_counter() - t0:.0f} s, "
                   f"{json.dumps({k: v for k, v in row.items() if k.startswith(('heldout', 'tau', 'speedup'))})}",
                   flush=True)
-    print(json.dumps({"cpu": cpu_model(), **budget(a), "gamma": GAMMA, "summary": summary(same)}, indent=2))
+    result = {"cpu": cpu_model(), **budget(a), "gamma": GAMMA, "summary": summary(same)}
+    if a.json:  # the summary with the bench header (command, commit, CPU and its flags) and every run
+        from koala import benchinfo
+
+        benchinfo.write({**benchinfo.header(), **result, "runs": same}, a.json)
+    else:
+        print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -129,7 +129,46 @@ def default_table() -> str:
     return "\n".join(rows) + f"\n\n`{r['command']}` on {_machine(r)}."
 
 
-TABLES = {"default": default_table, "dtype": dtype_table, "fidelity": fidelity_table, "curve": curve_table, "load": load_table}
+def eagle3_table() -> str:
+    r = _load("eagle3.json")
+    if not r:
+        return "(no results)"
+
+    def cell(m, key):
+        v = m.get(key)
+        return "–" if v is None else f"{v['mean']:.3f} ± {v['std']:.3f}"
+
+    benches = [b.split(":")[0] for b in r["bench"].split(",")]
+    head = ["kind", "seeds", "steps", "train min", "held-out acceptance, drafts 1 / 2 / 3",
+            "greedy agreement, drafts 1 / 2 / 3", *[f"{b}: τ, speed-up" for b in benches]]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in r["summary"].items():
+        acc = " / ".join(cell(m, f"heldout_expected_acceptance_pos{p}") for p in (1, 2, 3))
+        agr = " / ".join(cell(m, f"heldout_greedy_agreement_pos{p}") for p in (1, 2, 3))
+        per = [f"{cell(m, f'tau_{b}')}, {cell(m, f'speedup_{b}')}" for b in benches]
+        mins = m["train_s"]["mean"] / 60 if "train_s" in m else float("nan")
+        rows.append(f"| {name} | {len(m['seeds'])} | {m['steps']} | {mins:.1f} | {acc} | {agr} | " + " | ".join(per) + " |")
+    return "\n".join(rows) + f"\n\n`{r['command']}` on {_machine(r)}; gamma {r['gamma']}, greedy, compiled engine."
+
+
+def eagle3_data_table() -> str:
+    r = _load("eagle3_data.json")
+    if not r:
+        return "(no results)"
+    f, st, on = r["teacher_forcing_features_only"], r["stored"], r["online"]
+    return "\n".join([
+        "| EAGLE-3 data | tokens/s | bytes kept per 1,000 tokens |", "|---|---|---|",
+        f"| teacher forcing, features only (EAGLE-1) | {f['answer_tokens_per_s']:,.0f} answer tokens/s | "
+        f"{f['feature_bytes_per_1k_tokens'] / 1e6:.2f} MB |",
+        f"| stored: teacher forcing with the states of layers {r['aux_layers']} | {st['answer_tokens_per_s']:,.0f} "
+        f"answer tokens/s | {st['feature_bytes_per_1k_tokens'] / 1e6:.2f} MB |",
+        f"| online: the target run again over the training set (cached) | {on['tokens_per_s']:,.0f} tokens/s | "
+        f"{on['cache_bytes_per_1k_tokens'] / 1e6:.2f} MB |",
+        "", f"`{r['command']}` on {_machine(r)}, {r['compute_dtype']}, {r['conversations']} ShareGPT conversations."])
+
+
+TABLES = {"default": default_table, "dtype": dtype_table, "fidelity": fidelity_table, "curve": curve_table, "load": load_table,
+          "eagle3": eagle3_table, "eagle3-data": eagle3_data_table}
 
 
 def main():

@@ -61,7 +61,7 @@ def measure(cfg, target, kind: str, data_dir: str, compute: ComputeDtype, steps:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default="default")
-    ap.add_argument("--kind", default="eagle", choices=["draft_model", "medusa", "eagle"])
+    ap.add_argument("--kind", default="eagle", choices=["draft_model", "medusa", "eagle", "eagle3"])
     ap.add_argument("--data", default=None, help="shards to train on (default: the profile's teacher-forced set "
                     "for heads, its sampled set for draft_model)")
     ap.add_argument("--steps", type=int, default=8)

@@ -94,6 +94,9 @@ class TeacherForcedConfig(_Strict):
     topk_logprobs: int = Field(32, ge=1, description="the target's top-k log-probs stored at each answer position")
     features: bool = Field(False, description="also store the target's features (what its LM head reads): heads "
                            "train on them without running the target again")
+    aux_layers: list[int] | None = Field(None, description="with features: store the target's states at these "
+                                         "layers' inputs before the features, for EAGLE-3 heads whose "
+                                         "drafter.aux_layers are the same (4x the bytes for 3 layers)")
 
 
 class DrafterConfig(_Strict):

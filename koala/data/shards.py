@@ -89,12 +89,14 @@ def sample_seed(base_seed: int, prompt_id: str, sample_index: int) -> int:
 
 SETTINGS = {"generated": ("samples_per_prompt", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
                            "topk_logprobs"),
-            "teacher_forced": ("max_seq_len", "topk_logprobs", "features")}
+            "teacher_forced": ("max_seq_len", "topk_logprobs", "features", "aux_layers")}
+OPTIONAL_SETTINGS = ("aux_layers",)  # hashed only when set: shards written before they existed keep their hash
 
 
 def settings_hash(settings: dict, source: str = "generated") -> str:
     """Hash of the settings that change what a sample is (not batch size or shard size)."""
-    keep = {k: settings[k] for k in SETTINGS[source]}
+    keep = {k: settings.get(k) for k in SETTINGS[source]
+            if not (k in OPTIONAL_SETTINGS and settings.get(k) is None)}
     if source != "generated":
         keep["source"] = source
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]

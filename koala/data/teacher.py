@@ -35,7 +35,7 @@ class Forced:
     prompt_len: int
     topk_ids: np.ndarray  # (response_len, k) int32: the target's top-k for each answer token
     topk_logprobs: np.ndarray  # (response_len, k) float16, temperature 1
-    features: np.ndarray | None  # (len(input_ids), C) float16, or None
+    features: np.ndarray | None  # (len(input_ids), C) float16 (with aux layers: (len, (A + 1) C), states first)
 
 
 def tokenize(tokenizer, record: P.PromptRecord, max_seq_len: int) -> tuple[list[int], int] | None:
@@ -54,9 +54,10 @@ def tokenize(tokenizer, record: P.PromptRecord, max_seq_len: int) -> tuple[list[
 
 @torch.no_grad()
 def force_batch(model, seqs: list[tuple[list[int], int]], topk: int, features: bool, pad_id: int = 0,
-                compute: precision.ComputeDtype | None = None) -> list[Forced]:
+                compute: precision.ComputeDtype | None = None, aux_layers: list[int] | None = None) -> list[Forced]:
     """One right-padded forward of the Hugging Face target over several conversations, under `compute`'s autocast
-    (the log-softmax is taken in float32 either way)."""
+    (the log-softmax is taken in float32 either way). With `aux_layers`, the stored features are the states at
+    those layers' inputs, then the features (koala.models.heads.aux_states)."""
     dev = model.device
     T = max(len(ids) for ids, _ in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=dev)
@@ -65,7 +66,13 @@ def force_batch(model, seqs: list[tuple[list[int], int]], topk: int, features: b
         ids[b, :len(s)], att[b, :len(s)] = torch.tensor(s, device=dev), 1
     autocast = compute.autocast(dev) if compute is not None else nullcontext()
     with autocast:
-        h = model.model(input_ids=ids, attention_mask=att).last_hidden_state  # (B, T, C)
+        if aux_layers and features:
+            from koala.models.heads import aux_states
+
+            stored = aux_states(model, ids, att, aux_layers)  # (B, T, (A + 1) C)
+            h = stored[..., -model.config.hidden_size:]
+        else:
+            h = stored = model.model(input_ids=ids, attention_mask=att).last_hidden_state  # (B, T, C)
     out = []
     for b, (s, p) in enumerate(seqs):  # one row's (n, V) logits at a time: V is large
         with autocast:  # position t predicts token t+1: the answer's tokens p..len-1 are predicted at p-1..len-2
@@ -73,7 +80,7 @@ def force_batch(model, seqs: list[tuple[list[int], int]], topk: int, features: b
         top = z.topk(topk, dim=-1)
         values = top.values - torch.logsumexp(z, -1, keepdim=True)
         out.append(Forced(s, p, top.indices.int().cpu().numpy(), values.half().cpu().numpy(),
-                          h[b, :len(s)].half().cpu().numpy() if features else None))
+                          stored[b, :len(s)].half().cpu().numpy() if features else None))
     return out
 
 
@@ -99,7 +106,7 @@ def teacher_force_shard(cfg: KoalaConfig, target: Target, spec: S.ShardSpec, rec
     for batch in (order[i:i + tc.batch_size] for i in range(0, len(order), tc.batch_size)):
         check()  # SIGINT/SIGTERM: stop between batches
         forced = force_batch(target.model, [(jobs[i][1], jobs[i][2]) for i in batch], tc.topk_logprobs, tc.features,
-                             tok.pad_token_id or 0, compute)
+                             tok.pad_token_id or 0, compute, tc.aux_layers)
         for i, f in zip(batch, forced):
             r = jobs[i][0]
             n = len(f.input_ids) - f.prompt_len
@@ -127,6 +134,13 @@ def teacher_force_shard(cfg: KoalaConfig, target: Target, spec: S.ShardSpec, rec
             "compute_dtype": compute.name}
 
 
-def features_of(row: dict, hidden: int, max_len: int | None = None) -> torch.Tensor:
-    """A row's stored features as a (len(input_ids), hidden) float16 tensor, the first `max_len` positions only."""
-    return torch.from_numpy(np.frombuffer(row["features"], dtype=np.float16).reshape(-1, hidden)[:max_len].copy())
+def features_of(row: dict, hidden: int, max_len: int | None = None, width: int | None = None) -> torch.Tensor:
+    """A row's stored features as a (len(input_ids), width) float16 tensor (default width: `hidden`, the features
+    alone, the last `hidden` columns of rows that store states too), the first `max_len` positions only."""
+    a = np.frombuffer(row["features"], dtype=np.float16).reshape(len(row["input_ids"]), -1)
+    return torch.from_numpy(a[:max_len, -(width or hidden):].copy())
+
+
+def stored_width(row: dict) -> int:
+    """Columns per position of a row's stored features: C, or (A + 1) C with states of A layers."""
+    return len(row["features"]) // 2 // max(len(row["input_ids"]), 1)

@@ -226,21 +226,25 @@ class FeatureSource:
     """
 
     def __init__(self, target_model, data: SequenceData, cache: bool, name: str = "train",
-                 cache_dir: str | Path | None = None, target_hash: str = "", aux_layers: list[int] | None = None):
+                 cache_dir: str | Path | None = None, target_hash: str = "", aux_layers: list[int] | None = None,
+                 stored_layers: list[int] | None = None):
         self.target, self.data, self.cache = target_model, data, cache
         self.aux = aux_layers  # EAGLE-3: the states at these layers' inputs, then the features (A C + C per token)
         self.store: dict[int, torch.Tensor] = {}
         C = target_model.config.hidden_size
         self.width = C * (len(aux_layers) + 1) if aux_layers else C
-        stored = data.rows and all(r.get("features") is not None for r in data.rows)
-        if stored and not aux_layers:  # teacher-forced shards carry the features
-            from koala.data.teacher import features_of
+        from koala.data.teacher import features_of, stored_width
 
+        stored = data.rows and all(r.get("features") is not None for r in data.rows)
+        # teacher-forced shards carry the features, and the states of `stored_layers` before them where set
+        usable = stored and (not aux_layers or (list(aux_layers) == list(stored_layers or [])
+                                                and all(stored_width(r) == self.width for r in data.rows)))
+        if usable:
             self.cache = True
-            self.store = {i: features_of(r, C, data.max_len) for i, r in enumerate(data.rows)}
+            self.store = {i: features_of(r, C, data.max_len, self.width) for i, r in enumerate(data.rows)}
         for r in data.rows if stored else ():
-            r.pop("features")  # EAGLE-3 reads other layers than the stored ones: computed below instead
-        if self.store or not self.cache:
+            r.pop("features")  # kept in the store, or (EAGLE-3 over other layers) computed below instead
+        if usable or not self.cache:
             return
         tokens = sum(min(len(r["input_ids"]), data.max_len) for r in data.rows)
         print(f"caching the target's {'states at layers ' + str(aux_layers) + ' and ' if aux_layers else ''}features "
@@ -390,11 +394,13 @@ class HeadsObjective(_Supervised):
         w = self._weight(False)
         for row, i in enumerate(b.rows or range(f_out.shape[0])):
             m = self._inside.get((id(source), i)) if keep else None
-            if m is None:
+            if m is None:  # over the row's trained slots only (the others are never in the loss)
                 n = max(int(b.attention_mask[row].sum()) - 1, 0)  # the row's slots (rows are right-padded)
-                top = torch.cat([F.linear(c, w).argmax(-1) for c in f_out[row, :n].split(512)] or
-                                [torch.zeros(0, dtype=torch.long, device=f_out.device)])
-                m = self._in_vocab[top]
+                trained = b.positions[row, 1:n + 1]
+                m = torch.ones(n, dtype=torch.bool, device=f_out.device)
+                if trained.any():
+                    m[trained] = self._in_vocab[torch.cat([F.linear(c, w).argmax(-1)
+                                                           for c in f_out[row, :n][trained].split(512)])]
                 if keep:
                     self._inside[(id(source), i)] = m
             out[row, :m.shape[0]] = m

@@ -175,9 +175,11 @@ def _heads_objective(tcfg, target: Target, kind: str, heads, data, data_dir, hel
     """Heads' objective over the target's features, cached beside the data (a later training skips the target)."""
     h, m = target.info.content_hash, target.model
     aux = getattr(heads, "aux_layers", None)  # EAGLE-3 reads the target's states at these layers
-    feats = FeatureSource(m, data.train, tcfg.cache_features, "train", data_dir, h, aux_layers=aux)
-    held = (FeatureSource(m, data.heldout, tcfg.cache_features, "heldout", heldout_dir or data_dir, h, aux_layers=aux)
-            if data.heldout else None)
+    stored = (data.manifest.get("sampling") or {}).get("aux_layers")  # teacher-forced shards may hold them
+    feats = FeatureSource(m, data.train, tcfg.cache_features, "train", data_dir, h, aux_layers=aux,
+                          stored_layers=stored)
+    held = (FeatureSource(m, data.heldout, tcfg.cache_features, "heldout", heldout_dir or data_dir, h, aux_layers=aux,
+                          stored_layers=stored) if data.heldout else None)
     objective = HeadsObjective(kind, heads, m, feats, held, tcfg.unroll, tcfg.feature_noise, vocab_ids)
     if tcfg.compile:  # shapes vary with each batch's length: compiled for dynamic shapes, once
         objective.module = torch.compile(heads, dynamic=True)

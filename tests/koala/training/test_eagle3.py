@@ -178,3 +178,27 @@ def test_sampled_output_is_distributed_as_the_targets(tmp_path, draft_vocab):
     exp = [exact[s] * runs for s in big] + [sum(exact[s] for s in small) * runs]
     exp = [e * runs / sum(exp) for e in exp]
     assert chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_states_stored_by_teacher_forcing_are_the_ones_computed_online(target):
+    """teacher_forced.aux_layers stores the states before the features: an EAGLE-3 head over the same layers reads
+    them from the rows, one over other layers computes its own, and EAGLE-1 reads the features (the last C)."""
+    from koala.data.teacher import force_batch
+
+    seqs = [([3, 5, 7, 9, 11, 13, 15], 2), ([4, 6, 8, 10, 12], 1)]
+    forced = force_batch(target, seqs, topk=4, features=True, aux_layers=[1, 2, 3])
+    assert forced[0].features.shape == (7, 4 * 32)
+
+    def rows():
+        return [{"prompt_id": f"p{i}", "input_ids": f.input_ids, "prompt_len": f.prompt_len,
+                 "features": f.features.tobytes()} for i, f in enumerate(forced)]
+
+    for layers in ([1, 2, 3], [0, 1, 2], None):
+        data = SequenceData(rows(), 32, 0)
+        src = FeatureSource(target, data, cache=True, aux_layers=layers, stored_layers=[1, 2, 3])
+        b = data.batch([0, 1], "cpu")
+        got = src(b)
+        for row, (ids, _) in enumerate(seqs):
+            x = torch.tensor([ids])
+            want = (aux_states(target, x, None, layers) if layers else target.model(input_ids=x).last_hidden_state)[0]
+            assert torch.allclose(got[row, :len(ids)], want.half().float(), atol=2e-3), layers
