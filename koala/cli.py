@@ -420,7 +420,7 @@ def distill(config: Optional[str] = typer.Option(None, help="YAML config (defaul
 
 
 @app.command()
-def heads(kind: str = typer.Option(..., help="medusa or eagle"),
+def heads(kind: str = typer.Option(..., help="medusa, eagle or eagle3"),
           layers: Optional[int] = typer.Option(None, help="K: residual blocks per Medusa head, or EAGLE decoder layers "
                                                 "(default: drafter.layers when drafter.kind is a head kind, else 1)"),
           adversarial: bool = typer.Option(False, "--adversarial/--no-adversarial", help="add KOALA's adversarial loss"),
@@ -435,7 +435,7 @@ def heads(kind: str = typer.Option(..., help="medusa or eagle"),
           profile: str = typer.Option(DEFAULT_PROFILE, help="profile in koala/profiles/ when --config is not given"),
           compute_dtype: Optional[str] = typer.Option(None, help=COMPUTE_DTYPE_HELP),
           set_: Optional[list[str]] = typer.Option(None, "--set", help="override: section.field=value")):
-    """Train KOALA draft heads (K-layer Medusa or EAGLE, optionally adversarial); evaluate with --drafter heads:OUT/heads.
+    """Train KOALA draft heads (K-layer Medusa, EAGLE or EAGLE-3, optionally adversarial); evaluate with --drafter heads:OUT/heads.
     Runs under torchrun for DDP on one node (`torchrun --nproc-per-node P -m koala.cli heads ...`)."""
     from pathlib import Path
 
