@@ -118,9 +118,10 @@ class CoreShare:
 _share: CoreShare | None = None
 
 
-def share_cores() -> None:
-    """Let the decoding loop give cores to other busy processes (see CoreShare); a no-op unless koala chose the count."""
-    if _share is not None:
+def share_cores(device: torch.device | None = None) -> None:
+    """Let the decoding loop give cores to other busy processes (see CoreShare); a no-op unless koala chose the count,
+    and on a GPU."""
+    if _share is not None and (device is None or device.type == "cpu"):
         _share.tick()
 
 

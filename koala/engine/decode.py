@@ -187,8 +187,7 @@ def generate(
         stream(emitted[:], 0)
 
     while len(emitted) < max_new_tokens and not (eos_ids and emitted[-1] in eos_ids):
-        if target.device.type == "cpu":
-            share_cores()
+        share_cores(target.device)
         if drafter is None:
             seq[n] = decode_one_token(target, seq, n, params)
             new, k = [int(seq[n])], 0

@@ -182,7 +182,7 @@ def test_speculative_sampling_matches_target_distribution(drafter_kind, threshol
     from scipy.stats import chisquare
 
     from tests.conftest import tiny_llama
-    vocab, steps, runs = 6, 3, 3000
+    vocab, steps, runs = 6, 3, 2000
     tgt = Transformer(tiny_llama(layers=2, vocab=vocab, hidden=16, seed=1, init_std=0.5))
     if drafter_kind == "close":
         drafter = ModelDrafter(tgt.truncated(1))

@@ -147,22 +147,21 @@ def test_greedy_output_is_the_targets_with_a_draft_vocabulary(tmp_path, target, 
     assert generate(engine, prompt, 40, drafter=drafter, gamma=gamma).tokens == generate(engine, prompt, 40).tokens
 
 
-@pytest.mark.parametrize("draft_vocab", [None, [0, 2, 3, 5]])
-def test_sampled_output_is_distributed_as_the_targets(tmp_path, draft_vocab):
-    """Three tokens sampled 3,000 times speculatively with an EAGLE-3 drafter: the sequences' frequencies match the
-    target's exact joint distribution (chi-square, p > 0.001), with and without a draft vocabulary."""
+def test_sampled_output_is_distributed_as_the_targets(tmp_path):
+    """Three tokens sampled 2,000 times speculatively with an EAGLE-3 drafter over a draft vocabulary (q zero outside
+    it): the sequences' frequencies match the target's exact joint distribution (chi-square, p > 0.001)."""
     from scipy.stats import chisquare
 
     from tests.koala.engine.test_decode import _exact_joint
 
-    vocab, steps, runs = 6, 3, 3000
+    vocab, steps, runs, draft_vocab = 6, 3, 2000, [0, 2, 3, 5]
     hf = tiny_llama(layers=4, vocab=vocab, hidden=16, seed=1, init_std=0.5)
     torch.manual_seed(0)
     head = build_heads("eagle3", hf, layers=1)
     for p in head.parameters():
         torch.nn.init.normal_(p, std=0.3)
     save_heads(head, tmp_path, {"kind": "eagle3", "layers": 1, "hidden_size": 16, "vocab_size": vocab},
-               None if draft_vocab is None else torch.tensor(draft_vocab))
+               torch.tensor(draft_vocab))
     tgt = Transformer(hf)
     drafter = load_heads_drafter(str(tmp_path), tgt)
     params = SamplingParams(temperature=1.0)
