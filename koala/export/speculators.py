@@ -76,12 +76,16 @@ def config(head, t) -> dict:
     return {"architectures": ["EagleSpeculator"], "speculators_model_type": "eagle", "speculators_version": VERSION,
             "transformer_layer_architecture": "LlamaDecoderLayer", "transformer_layer_config": layer,
             "layernorms": True, "fusion_bias": True, "dtype": "float32",
-            "speculators_config": {
-                "algorithm": "eagle", "default_proposal_method": "greedy",
-                "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3, "verifier_accept_k": 1,
-                                      "accept_tolerance": 0.0}],
-                "verifier": {"architectures": list(t.model.config.architectures or ["LlamaForCausalLM"]),
-                             "name_or_path": verifier_name(t)}}}
+            "speculators_config": speculators_section("eagle", t)}
+
+
+def speculators_section(algorithm: str, t) -> dict:
+    """The config's `speculators_config`: the algorithm, greedy proposals of 3 tokens, the verifier (the target)."""
+    return {"algorithm": algorithm, "default_proposal_method": "greedy",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3, "verifier_accept_k": 1,
+                                  "accept_tolerance": 0.0}],
+            "verifier": {"architectures": list(t.model.config.architectures or ["LlamaForCausalLM"]),
+                         "name_or_path": verifier_name(t)}}
 
 
 def write(src, out: Path, target: str) -> dict:

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from koala.errors import KoalaError
-from koala.export import verifier_name
+from koala.export.speculators import speculators_section
 
 VERSION = "0.9.0"
 WEIGHTS = "model.safetensors"
@@ -71,12 +71,7 @@ def config(head, t, vocab) -> dict:
             "norm_before_residual": False, "target_hidden_size": None,
             "eagle_aux_hidden_state_layer_ids": list(head.aux_layers), "norm_before_fc": False, "fc_norm": False,
             "norm_output": False, "embed_requires_grad": False, "dtype": "float32",
-            "speculators_config": {
-                "algorithm": "eagle3", "default_proposal_method": "greedy",
-                "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 3, "verifier_accept_k": 1,
-                                      "accept_tolerance": 0.0}],
-                "verifier": {"architectures": list(t.model.config.architectures or ["LlamaForCausalLM"]),
-                             "name_or_path": verifier_name(t)}}}
+            "speculators_config": speculators_section("eagle3", t)}
 
 
 def write(src, out: Path, target: str) -> dict:

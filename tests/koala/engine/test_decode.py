@@ -179,8 +179,6 @@ def _exact_joint(target, prompt, params, vocab, steps):
 @pytest.mark.parametrize("drafter_kind,threshold", [("close", None), ("far", None), ("close", 0.4),
                                                      ("lookup", None), ("lookup", 0.4)])
 def test_speculative_sampling_matches_target_distribution(drafter_kind, threshold):
-    from scipy.stats import chisquare
-
     from tests.conftest import tiny_llama
     vocab, steps, runs = 6, 3, 2000
     tgt = Transformer(tiny_llama(layers=2, vocab=vocab, hidden=16, seed=1, init_std=0.5))
@@ -198,14 +196,20 @@ def test_speculative_sampling_matches_target_distribution(drafter_kind, threshol
     for _ in range(runs):
         counts[tuple(generate(tgt, prompt, steps, drafter=drafter, gamma=3, params=params,
                               threshold=threshold).tokens)] += 1
-    # merge cells with small expected counts so the chi-square approximation holds
+    assert chi_square_pvalue(counts, exact, runs) > 1e-3
+
+
+def chi_square_pvalue(counts: dict, exact: dict, runs: int) -> float:
+    """Observed sequence counts against the exact joint distribution, cells with an expected count under 5 merged
+    (so the chi-square approximation holds)."""
+    from scipy.stats import chisquare
+
     big = [s for s in exact if exact[s] * runs >= 5]
     small = [s for s in exact if exact[s] * runs < 5]
     obs = [counts[s] for s in big] + [sum(counts[s] for s in small)]
     exp = [exact[s] * runs for s in big] + [sum(exact[s] for s in small) * runs]
     assert abs(sum(exp) - runs) < 1e-3 * runs
-    exp = [e * runs / sum(exp) for e in exp]
-    assert chisquare(obs, exp).pvalue > 1e-3
+    return chisquare(obs, [e * runs / sum(exp) for e in exp]).pvalue
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

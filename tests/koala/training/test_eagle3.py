@@ -150,9 +150,7 @@ def test_greedy_output_is_the_targets_with_a_draft_vocabulary(tmp_path, target, 
 def test_sampled_output_is_distributed_as_the_targets(tmp_path):
     """Three tokens sampled 2,000 times speculatively with an EAGLE-3 drafter over a draft vocabulary (q zero outside
     it): the sequences' frequencies match the target's exact joint distribution (chi-square, p > 0.001)."""
-    from scipy.stats import chisquare
-
-    from tests.koala.engine.test_decode import _exact_joint
+    from tests.koala.engine.test_decode import _exact_joint, chi_square_pvalue
 
     vocab, steps, runs, draft_vocab = 6, 3, 2000, [0, 2, 3, 5]
     hf = tiny_llama(layers=4, vocab=vocab, hidden=16, seed=1, init_std=0.5)
@@ -171,12 +169,7 @@ def test_sampled_output_is_distributed_as_the_targets(tmp_path):
     counts = dict.fromkeys(exact, 0)
     for _ in range(runs):
         counts[tuple(generate(tgt, prompt, steps, drafter=drafter, gamma=3, params=params).tokens)] += 1
-    big = [s for s in exact if exact[s] * runs >= 5]
-    small = [s for s in exact if exact[s] * runs < 5]
-    obs = [counts[s] for s in big] + [sum(counts[s] for s in small)]
-    exp = [exact[s] * runs for s in big] + [sum(exact[s] for s in small) * runs]
-    exp = [e * runs / sum(exp) for e in exp]
-    assert chisquare(obs, exp).pvalue > 1e-3
+    assert chi_square_pvalue(counts, exact, runs) > 1e-3
 
 
 def test_states_stored_by_teacher_forcing_are_the_ones_computed_online(target):
