@@ -232,7 +232,8 @@ class Transformer(nn.Module):
                               dim=-1)
             x = x + self._attention(layer, i, h, cos, sin, input_pos, mask, kv_len, rows)
             x = x + layer.mlp(rms_norm(x, layer.post_attention_layernorm.weight, eps))
-        aux[len(self.layers)] = x
+        if isinstance(hidden, tuple):
+            aux[len(self.layers)] = x  # index n_layers: the input of the final norm
         h = rms_norm(x, self.norm.weight, eps)  # (B, T, C) the features the LM head reads
         out = self.lm_head(h).float() if logits else None
         if isinstance(hidden, tuple):

@@ -321,6 +321,10 @@ class HeadsObjective(_Supervised):
         self.unroll, self.noise = (unroll if kind in ("eagle", "eagle3") else 1), noise
         self.vocab_ids = None if vocab_ids is None else vocab_ids.to(target_model.device)
         self._inside: dict[tuple[int, int], torch.Tensor] = {}  # EAGLE-3: (source, row) -> top token in the vocabulary
+        self._in_vocab = None  # (V,) bool: the draft vocabulary's tokens
+        if self.vocab_ids is not None:
+            self._in_vocab = torch.zeros(self.lm_head.weight.shape[0], dtype=torch.bool, device=self.vocab_ids.device)
+            self._in_vocab[self.vocab_ids] = True
         for src in (features, heldout_features):
             if src is not None and getattr(src, "aux", None) != getattr(heads, "aux_layers", None):
                 raise KoalaError(f"the feature source reads layers {getattr(src, 'aux', None)}, the {kind} heads "
@@ -386,9 +390,6 @@ class HeadsObjective(_Supervised):
     def _top_inside(self, b: Batch, f_out: torch.Tensor, source) -> torch.Tensor:
         """(B, T-1) bool: the target's top token at each slot's predicted position lies in the draft vocabulary;
         computed once per row of a cached feature source (a GEMM over the full vocabulary), every batch otherwise."""
-        if not hasattr(self, "_in_vocab"):
-            self._in_vocab = torch.zeros(self.lm_head.weight.shape[0], dtype=torch.bool, device=f_out.device)
-            self._in_vocab[self.vocab_ids] = True
         out = torch.zeros(f_out.shape[:2], dtype=torch.bool, device=f_out.device)
         keep = getattr(source, "cache", False)
         w = self._weight(False)
