@@ -26,7 +26,7 @@ import torch
 
 from koala.errors import KoalaError
 
-MAX_STEP_WIDTH = 8  # steps of at most this many tokens run compiled; a longer prefill runs eager
+MAX_STEP_WIDTH = 32  # steps of at most this many tokens (a chain's or a draft tree's) run compiled; a prefill eager
 _compile_s = 0.0
 
 
@@ -76,10 +76,10 @@ class CompiledStep:
         self.graphs = self.mode in ("reduce-overhead", "max-autotune")  # modes that capture CUDA graphs
         self.fn = torch.compile(fn, mode=self.mode, fullgraph=True)
 
-    def __call__(self, idx, input_pos, *, embeds=None, hidden=False, logits=True):
+    def __call__(self, idx, input_pos, *, embeds=None, hidden=False, logits=True, tree=None):
         global _compile_s
-        # Canonical strides: a slice of the sequence buffer has its row stride, a fresh tensor another, and dynamo
-        # guards on strides, so without this each new buffer length would compile the step again.
+        # Canonical inputs: without them each new buffer length, or a tree's tokens after a chain's, would compile
+        # the step again.
         idx = None if idx is None else _canonical(idx)
         embeds = None if embeds is None else _canonical(embeds)
         input_pos = _canonical(input_pos)
@@ -87,12 +87,16 @@ class CompiledStep:
         if x.shape[1] > 1:  # one graph for every width from 2 up: mark the width symbolic before dynamo sees it
             torch._dynamo.mark_dynamic(x, 1, min=2, max=MAX_STEP_WIDTH)
             torch._dynamo.mark_dynamic(input_pos, input_pos.dim() - 1, min=2, max=MAX_STEP_WIDTH)
+            if tree is not None:
+                tree = (_canonical(tree[0]), _canonical(tree[1]))
+                torch._dynamo.mark_dynamic(tree[0], 0, min=2, max=MAX_STEP_WIDTH)
+                torch._dynamo.mark_dynamic(tree[1], 0, min=2, max=MAX_STEP_WIDTH)
         graphs = _graphs()
         t = time.perf_counter()
         if self.graphs:  # a new step: the previous replay's outputs may be overwritten from here on
             torch.compiler.cudagraph_mark_step_begin()
         try:
-            out = self.fn(idx, input_pos, embeds=embeds, hidden=hidden, logits=logits)
+            out = self.fn(idx, input_pos, embeds=embeds, hidden=hidden, logits=logits, tree=tree)
             if self.graphs:
                 out = tuple(None if o is None else o.clone() for o in out)
         except _COMPILE_ERRORS as e:  # no C++ toolchain, a backend failure: one line, and the way around it
@@ -122,7 +126,9 @@ _COMPILE_ERRORS = _compile_errors()
 
 
 def _canonical(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(t.shape)  # a view with contiguous strides (no copy for a slice of a 1-D buffer)
+    """A fresh contiguous copy (a step's inputs are a few tokens or rows): dynamo guards on strides and on storage
+    offsets, and a slice of the sequence buffer, a tree's tokens and a fresh tensor differ in both."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _graphs() -> int:

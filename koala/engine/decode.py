@@ -22,6 +22,7 @@ from koala.errors import KoalaError
 from koala.engine.drafters import Drafter
 from koala.engine.model import Transformer
 from koala.engine.sampling import SamplingParams, logits_to_probs, sample
+from koala.engine.tree import TreeBudget, tree_round
 from koala.threads import share_cores
 
 # Called after each round with (new tokens, how many of them were accepted drafts); the last one is the target's.
@@ -38,6 +39,8 @@ class GenerationResult:
     rounds: list[tuple[int, int]] = field(default_factory=list)  # (drafted m, accepted k) per speculative round
     draft_s: float = 0.0  # time in drafter.propose (measured when profile=True)
     verify_s: float = 0.0  # time in the target's verify forwards (measured when profile=True)
+    tree: str | None = None  # the draft tree's shape (DEPTHxTOPKxNODES) when rounds verified trees
+    ranks: list[list[int]] = field(default_factory=list)  # per tree round: each accepted node's rank among siblings
 
     @property
     def tau(self) -> float:
@@ -161,8 +164,10 @@ def generate(
     stream: StreamFn | None = None,
     profile: bool = False,
     threshold: float | None = None,
+    tree: TreeBudget | None = None,
 ) -> GenerationResult:
-    """Decode after `prompt`, autoregressively (drafter None) or speculatively with `drafter` proposing gamma tokens.
+    """Decode after `prompt`, autoregressively (drafter None) or speculatively with `drafter` proposing gamma tokens,
+    or a draft tree of shape `tree` (koala.engine.tree; a tree of top-k 1 is the chain of `tree.depth` drafts).
 
     `target` is the engine model (eager, or compiled with `Transformer.compile`); `prompt` token ids with the chat
     template applied; `params` (temperature, top-p) apply identically to target and drafter; generation stops after
@@ -174,14 +179,19 @@ def generate(
     Raises:
         KoalaError: empty prompt, prompt or generation longer than the context, gamma < 1, vocabulary mismatch.
     """
-    seq = _start(target, drafter, prompt, max_new_tokens, max_context, gamma)
+    if tree is not None and tree.is_chain:
+        gamma, tree = tree.depth, None
+    if tree is not None and drafter is not None:
+        gamma = tree.depth  # the longest accepted path
+    room = gamma if tree is None else max(tree.nodes, tree.drafter_slots) + 1
+    seq = _start(target, drafter, prompt, max_new_tokens, max_context, gamma, room)
     T, hidden = len(prompt), drafter is not None and drafter.needs_hidden
     start = time.perf_counter()
     seq[T], h = prefill(target, seq, T, params, hidden)
     n, forwards, draft_s, verify_s = T + 1, 1, 0.0, 0.0
     if h is not None:
         drafter.commit(n, h[0], 0)
-    accept_counts, rounds = [0] * ((gamma if drafter is not None else 0) + 1), []
+    accept_counts, rounds, ranks = [0] * ((gamma if drafter is not None else 0) + 1), [], []
     emitted = [int(seq[T])]
     if stream:
         stream(emitted[:], 0)
@@ -191,6 +201,14 @@ def generate(
         if drafter is None:
             seq[n] = decode_one_token(target, seq, n, params)
             new, k = [int(seq[n])], 0
+        elif tree is not None:
+            m, k, t_draft, t_verify, r = tree_round(target, drafter, seq, n, tree, params, hidden,
+                                                    lambda: _clock(seq.device, profile))
+            draft_s, verify_s = draft_s + t_draft, verify_s + t_verify
+            accept_counts[k] += 1
+            rounds.append((m, k))
+            ranks.append(r)
+            new = seq[n:n + k + 1].tolist()
         else:
             m, k, t_draft, t_verify = speculative_round(target, drafter, seq, n, gamma, params, threshold, hidden,
                                                         profile)
@@ -208,14 +226,16 @@ def generate(
         torch.cuda.synchronize()
     wall, tokens = time.perf_counter() - start, emitted[:max_new_tokens]
     reason = "eos" if eos_ids and tokens[-1] in eos_ids else "length"
-    return GenerationResult(tokens, forwards, wall, accept_counts, reason, rounds, draft_s, verify_s)
+    return GenerationResult(tokens, forwards, wall, accept_counts, reason, rounds, draft_s, verify_s,
+                            None if tree is None or drafter is None else str(tree), ranks)
 
 
 def _start(target: Transformer, drafter: Drafter | None, prompt: list[int], max_new_tokens: int,
-           max_context: int | None, gamma: int) -> torch.Tensor:
-    """Check the request, size the caches, and return the sequence buffer with the prompt written in."""
+           max_context: int | None, gamma: int, room: int) -> torch.Tensor:
+    """Check the request, size the caches (`room` slots past the last token for drafts), and return the sequence
+    buffer with the prompt written in."""
     check_drafter(target, drafter, gamma)
-    max_len = _check_lengths(len(prompt), max_new_tokens, max_context or 1 << 30, gamma if drafter else 0)
+    max_len = _check_lengths(len(prompt), max_new_tokens, max_context or 1 << 30, room if drafter else 0)
     target.setup_caches(max_len)
     if drafter is not None:
         drafter.reset(max_len)

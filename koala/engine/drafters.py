@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from koala.engine.model import Transformer
 from koala.engine.sampling import SamplingParams, logits_to_probs, sample
+from koala.engine.tree import Tree, TreeBudget, chain_tree, grow
 from koala.errors import KoalaError
 from koala.models.vocab import load_draft_vocab
 
@@ -42,6 +43,10 @@ class Drafter(Protocol):
 
     def commit(self, n_valid: int, hidden: torch.Tensor | None = None, start: int = 0) -> None:
         """seq[:n_valid] is final; `hidden` (T, C) holds the target's states for positions start..start+T-1."""
+        ...
+
+    def propose_tree(self, seq: torch.Tensor, n: int, budget: TreeBudget, params: SamplingParams) -> Tree:
+        """Draft a tree after seq[:n] (koala.engine.tree): its root is seq[n-1]. Every drafter here has one."""
         ...
 
 
@@ -70,9 +75,16 @@ class DraftVocab:
         """Subset logits (..., K) -> (token ids (...), q over the full vocabulary (..., V))."""
         q_k = logits_to_probs(logits_k, params)  # (..., K)
         t = self.ids[sample(q_k, greedy=params.greedy)]
-        q = torch.zeros(*q_k.shape[:-1], self.vocab_size, device=q_k.device).scatter_(
+        return t, self.full(q_k)
+
+    def full(self, q_k: torch.Tensor) -> torch.Tensor:
+        """Probabilities over the subset (..., K) -> over the full vocabulary (..., V), zero outside the subset."""
+        return torch.zeros(*q_k.shape[:-1], self.vocab_size, device=q_k.device).scatter_(
             -1, self.ids.expand(*q_k.shape[:-1], -1), q_k)
-        return t, q
+
+    def grow_args(self) -> dict:
+        """The draft-vocabulary mappings `koala.engine.tree.grow` takes."""
+        return {"to_vocab": lambda i: self.ids[i], "full_probs": self.full}
 
 
 def confident(logits: torch.Tensor, threshold: float | None) -> torch.Tensor | bool:
@@ -96,9 +108,10 @@ def _stack(tokens: list, probs: list, vocab: int, device) -> tuple[torch.Tensor,
 class ChainDrafter:
     """The draft loop of every drafter that drafts a chain token by token from an engine model with its own cache.
 
-    A subclass says how to catch its cache up on the sequence (`_catch_up`) and how to feed it one drafted token
-    (`_feed`); both return the step's (logits or None, features or None), from which the loop reads the next
-    draft distribution: the full LM head's logits, or the draft vocabulary's over the features.
+    A subclass says how to catch its cache up on the sequence (`_catch_up`), how to feed it one drafted token
+    (`_feed`) and how to feed it a level of a draft tree (`_tree_feed`); each returns the step's (logits or None,
+    features or None), from which `_dist` reads the next draft distribution: the full LM head's logits, or the draft
+    vocabulary's over the features. Heads also pass each step's `_state` on to the steps after it.
     """
 
     name: str
@@ -112,13 +125,66 @@ class ChainDrafter:
     def _feed(self, token: torch.Tensor, out: tuple, n: int, i: int) -> tuple:
         raise NotImplementedError
 
+    def _tree_feed(self, tokens: torch.Tensor, states: torch.Tensor | None, slots: torch.Tensor, end: int,
+                   tree: tuple[torch.Tensor, torch.Tensor]) -> tuple:
+        """Feed tree nodes `tokens` (W,) at cache `slots` with `tree` (positions, visible); `states` (W, C): the
+        state of each node's parent step (heads), else None."""
+        raise NotImplementedError
+
+    def _tree_base(self, n: int) -> int:
+        """The first cache slot (and rotary position) of a tree's depth-1 nodes: the slot after the cached prefix."""
+        return n
+
+    def _engine(self) -> Transformer:
+        return self.model
+
+    def _dist(self, out: tuple) -> torch.Tensor:
+        """(T, V') draft logits after each row of a step's output."""
+        return out[0][0] if self.draft_vocab is None else self.draft_vocab.logits(out[1][0])
+
+    def _state(self, out: tuple) -> torch.Tensor | None:
+        """(T, C) what the step after each row reads besides its token (heads: the predicted feature); else None."""
+        return None
+
+    @torch.no_grad()
+    def propose_tree(self, seq, n, budget, params):
+        out = self._catch_up(seq, n)
+        state = self._state(out)
+        M, S = 1 + budget.drafter_slots, budget.drafter_slots
+        states = None if state is None else state.new_zeros(M, state.shape[-1])
+        if states is not None:
+            states[0] = state[-1]  # the root's: depth-1 nodes read it
+        anc = torch.zeros(M, S, dtype=torch.bool, device=seq.device)  # tree slots each node's step sees
+        base, used, width = self._tree_base(n), 0, self._engine().max_seq_len
+
+        def expand(ids, tokens, parents, d):
+            nonlocal used
+            W = ids.shape[0]
+            own = torch.arange(used, used + W, device=seq.device)
+            seen = anc[parents]
+            seen[torch.arange(W, device=seq.device), own] = True
+            anc[ids] = seen
+            vis = torch.zeros(W, width, dtype=torch.bool, device=seq.device)
+            vis[:, :base] = True
+            vis[:, base:base + S] = seen
+            pos = torch.full((W,), base + d - 2, dtype=torch.long, device=seq.device)
+            o = self._tree_feed(tokens, None if states is None else states[parents], base + own, base + used + W,
+                                (pos, vis))
+            used += W
+            if states is not None:
+                states[ids] = self._state(o)
+            return self._dist(o)
+
+        dv = self.draft_vocab
+        return grow(seq[n - 1], self._dist(out)[-1], expand, budget, params, **(dv.grow_args() if dv else {}))
+
     @torch.no_grad()
     def propose(self, seq, n, gamma, params, threshold=None):
         dv = self.draft_vocab
         out = self._catch_up(seq, n)
         tokens, probs = [], []
         for i in range(gamma):
-            logits = out[0][0, -1] if dv is None else dv.logits(out[1][0, -1])
+            logits = self._dist(out)[-1]
             if not bool(confident(logits, threshold)):
                 break  # not confident: verifying a draft here would likely waste its slot
             if dv is None:
@@ -163,8 +229,13 @@ class ModelDrafter(ChainDrafter):
         return self.model.step(token.view(1, 1), torch.tensor([n + i], device=token.device), n + i + 1,
                                hidden=dv is not None, logits=dv is None)
 
+    def _tree_feed(self, tokens, states, slots, end, tree):
+        dv = self.draft_vocab
+        return self.model.step(tokens[None], slots, end, hidden=dv is not None, logits=dv is None, tree=tree)
+
     def commit(self, n_valid, hidden=None, start=0):
         # Cached drafts d1..dk at positions n..n+k-1 were accepted; the token at n_valid - 1 is new to the drafter.
+        # (A tree round's drafts sit in other slots and were never counted as cached.)
         self.n_cached = min(self.n_cached, n_valid - 1)
 
 
@@ -201,6 +272,11 @@ class PromptLookupDrafter:
         # q is one-hot: the rejection rule then accepts token x with probability p(x), which keeps sampling exact.
         return tokens, F.one_hot(tokens, self.target_vocab).float()
 
+    def propose_tree(self, seq, n, budget, params):
+        """The match as a one-branch tree of up to `budget.depth` tokens (nothing to branch on)."""
+        tokens, q = self.propose(seq, n, budget.depth, params)
+        return chain_tree(seq[n - 1], tokens, None if params.greedy else q)
+
     def commit(self, n_valid, hidden=None, start=0):
         pass
 
@@ -231,6 +307,14 @@ class LookupFirstDrafter:
             if tokens.numel():
                 return tokens, q
         return self.drafter.propose(seq, n, gamma, params, threshold)
+
+    def propose_tree(self, seq, n, budget, params):
+        """The lookup match as a one-branch tree where there is one, the drafter's tree everywhere else."""
+        if self.vocab_size is not None:
+            tree = self.lookup.propose_tree(seq, n, budget, params)
+            if tree.size > 1:
+                return tree
+        return self.drafter.propose_tree(seq, n, budget, params)
 
     def commit(self, n_valid, hidden=None, start=0):
         self.drafter.commit(n_valid, hidden, start)
@@ -286,6 +370,17 @@ class MedusaDrafter:
         q = logits_to_probs(logits, params)
         return sample(q, greedy=params.greedy), q
 
+    @torch.no_grad()
+    def propose_tree(self, seq, n, budget, params):
+        """A tree from each head's top-k (head d proposes depth d's children, whatever their parent)."""
+        depth = min(budget.depth, len(self.heads.heads))
+        budget = TreeBudget(depth, budget.topk, budget.total)
+        hs = self.heads(self.feat[n - 2])[:depth]
+        dv = self.draft_vocab
+        logits = self.target.lm_head(hs).float() if dv is None else dv.logits(hs)
+        return grow(seq[n - 1], logits[0], lambda ids, tokens, parents, d: logits[d - 1].expand(ids.shape[0], -1),
+                    budget, params, **(dv.grow_args() if dv else {}))
+
     def commit(self, n_valid, hidden=None, start=0):
         if hidden is not None:
             self.feat[start:start + hidden.shape[0]] = hidden
@@ -325,6 +420,19 @@ class EagleDrafter(ChainDrafter):
         return self.engine.step(None, torch.tensor([n - 1 + i], device=token.device), n + i, embeds=x, hidden=True,
                                 logits=self.draft_vocab is None)
 
+    def _tree_base(self, n):
+        return n - 1  # slot j reads (f_j, x_{j+1}): the depth-1 nodes x_n go in slot n - 1
+
+    def _engine(self):
+        return self.engine
+
+    def _state(self, out):
+        return out[1][0]  # the predicted next feature
+
+    def _tree_feed(self, tokens, states, slots, end, tree):
+        x = self.head.fuse(states[None], self.target.embed(tokens[None]))
+        return self.engine.step(None, slots, end, embeds=x, hidden=True, logits=self.draft_vocab is None, tree=tree)
+
     def commit(self, n_valid, hidden=None, start=0):
         if hidden is not None:
             self.feat[start:start + hidden.shape[0]] = hidden
@@ -344,9 +452,9 @@ class _Eagle3LM(nn.Module):
         self.lm_head = target_model.lm_head
 
 
-class Eagle3Drafter(ChainDrafter):
+class Eagle3Drafter(EagleDrafter):
     """Runs an EAGLE-3 head autoregressively: slot j reads [emb(x_{j+1}) ; fc(target states at j)] where the target's
-    states are known, the head's own pre-norm output of the slot before after that (which commit() drops)."""
+    states are known, the head's own pre-norm output of the step before after that (which commit() drops)."""
 
     def __init__(self, head, target: Transformer, name: str, draft_vocab: DraftVocab | None = None):
         self.head, self.target, self.name, self.draft_vocab = head, target, name, draft_vocab
@@ -356,7 +464,6 @@ class Eagle3Drafter(ChainDrafter):
         self.vocab_size = target.args.vocab_size
         self.n_cached = 0
         self.feat: torch.Tensor | None = None
-        self.state: torch.Tensor | None = None  # the last step's pre-norm output, the next draft's state
 
     def reset(self, max_seq_len: int) -> None:
         self.engine.setup_caches(max_seq_len)
@@ -364,15 +471,12 @@ class Eagle3Drafter(ChainDrafter):
         self.feat = torch.zeros(max_seq_len, A, dtype=self.target.dtype, device=self.target.device)
         self.n_cached = 0
 
-    def _out(self, out: tuple) -> tuple:
-        """(logits or None, the normed features the draft vocabulary's head reads); keeps the state."""
-        logits, x = out
-        self.state = x[:, -1:]
+    def _dist(self, out):
         if self.draft_vocab is None:
-            return logits, None
-        from koala.engine.model import rms_norm
+            return out[0][0]
+        from koala.engine.model import rms_norm  # the step returns the residual stream before the head's norm
 
-        return logits, rms_norm(x[:, -1:], self.head.norm.weight, self.head.config.rms_norm_eps)
+        return self.draft_vocab.logits(rms_norm(out[1][0], self.head.norm.weight, self.head.config.rms_norm_eps))
 
     def _catch_up(self, seq, n):
         js = torch.arange(self.n_cached, n - 1, device=seq.device)
@@ -380,17 +484,16 @@ class Eagle3Drafter(ChainDrafter):
         out = self.engine.step(None, js, n - 1, embeds=x, hidden=True, logits=self.draft_vocab is None,
                                eager=js.numel() != 1)
         self.n_cached = n - 1
-        return self._out(out)
+        return out
 
     def _feed(self, token, out, n, i):
-        x = torch.cat([self.target.embed(token.view(1, 1)), self.state], dim=-1)
-        return self._out(self.engine.step(None, torch.tensor([n - 1 + i], device=token.device), n + i, embeds=x,
-                                          hidden=True, logits=self.draft_vocab is None))
+        x = torch.cat([self.target.embed(token.view(1, 1)), out[1][:, -1:]], dim=-1)
+        return self.engine.step(None, torch.tensor([n - 1 + i], device=token.device), n + i, embeds=x, hidden=True,
+                                logits=self.draft_vocab is None)
 
-    def commit(self, n_valid, hidden=None, start=0):
-        if hidden is not None:
-            self.feat[start:start + hidden.shape[0]] = hidden
-        self.n_cached = min(self.n_cached, start)
+    def _tree_feed(self, tokens, states, slots, end, tree):
+        x = torch.cat([self.target.embed(tokens[None]), states[None]], dim=-1)
+        return self.engine.step(None, slots, end, embeds=x, hidden=True, logits=self.draft_vocab is None, tree=tree)
 
 
 HEAD_DRAFTERS = {"medusa": MedusaDrafter, "eagle": EagleDrafter, "eagle3": Eagle3Drafter}

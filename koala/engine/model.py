@@ -142,8 +142,8 @@ class Transformer(nn.Module):
         return self
 
     def step(self, idx: torch.Tensor | None, input_pos: torch.Tensor, end: int, *, embeds: torch.Tensor | None = None,
-             rows: torch.Tensor | None = None, hidden: bool | tuple[int, ...] = False, logits: bool = True, eager: bool = False
-             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+             rows: torch.Tensor | None = None, hidden: bool | tuple[int, ...] = False, logits: bool = True, eager: bool = False,
+             tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The engine's one entry to a forward of tokens at cache slots `input_pos`, all below slot `end` (a host int);
         returns (logits or None, features or None) as `forward` does.
 
@@ -152,14 +152,29 @@ class Transformer(nn.Module):
         recompilation as the sequence grows). A compiled model runs steps of at most `MAX_STEP_WIDTH` tokens compiled
         unless `eager` (a prefill, or a feed whose width varies from call to call: each new width would be a new
         compilation) or `rows` (a batched sampler's prefill into some of its rows, eager only).
+
+        `tree` (positions (T,), visible (T, max_seq_len) bool): a draft tree's nodes, each at its own rotary position
+        and attending to the slots it sees (koala.engine.tree). A compiled model runs every step of 2 or more tokens
+        of one sequence this way (a chain is the tree whose nodes each see the ones before), so chains and trees of
+        every width share one compiled graph.
         """
         from koala.engine.compile import MAX_STEP_WIDTH
 
         T = (idx if embeds is None else embeds).shape[1]
         if self.compiled is not None and not eager and rows is None and T <= MAX_STEP_WIDTH:
-            return self.compiled(idx, input_pos, embeds=embeds, hidden=hidden, logits=logits)
+            if tree is None and T > 1 and input_pos.dim() == 1:
+                tree = (input_pos, torch.arange(self.max_seq_len, device=input_pos.device) <= input_pos[:, None])
+            return self.compiled(idx, input_pos, embeds=embeds, hidden=hidden, logits=logits, tree=tree)
         kv_len = None if self.device.type == "cuda" and rows is None else end  # a prefill into rows: eager anywhere
-        return self.forward(idx, input_pos, rows=rows, kv_len=kv_len, embeds=embeds, hidden=hidden, logits=logits)
+        return self.forward(idx, input_pos, rows=rows, kv_len=kv_len, embeds=embeds, hidden=hidden, logits=logits,
+                            tree=tree)
+
+    def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy every layer's cached keys and values from slots `src` to slots `dst` (an accepted tree path moved
+        where a chain would have written it; every src >= its dst, read before any is written)."""
+        for c in self.caches:
+            c.k[:, :, dst] = c.k[:, :, src]
+            c.v[:, :, dst] = c.v[:, :, src]
 
     def _rope(self, pos: torch.Tensor):
         # pos: (B, T) positions -> cos, sin: (B, 1, T, D)
@@ -191,6 +206,7 @@ class Transformer(nn.Module):
         embeds: torch.Tensor | None = None,
         hidden: bool | tuple[int, ...] = False,
         logits: bool = True,
+        tree: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits (B, T, V) float32 or None, features (B, T, C) or None) for tokens `idx` (B, T) written at cache
         slots `input_pos`. Call it through `step`, which decides `kv_len`.
@@ -205,6 +221,7 @@ class Transformer(nn.Module):
         input of each (index n_layers: before the final norm), concatenated (EAGLE-3's fused states); `logits=False` skips
         the LM head (a drafter with its own subset head). `kv_len` (a host int > every input_pos) limits attention
         to the first kv_len slots: faster on a CPU, but a shape change, so None where steps are captured as graphs.
+        `tree` (rotary positions (T,), visible slots (T, S) bool) replaces the causal mask (see `step`).
         """
         if self.max_seq_len == 0:  # an int, not the ModuleList's truth value: dynamo traces this without a break
             raise KoalaError("call setup_caches() before the first forward")
@@ -215,7 +232,11 @@ class Transformer(nn.Module):
         B, T = x.shape[:2]
         S = self.max_seq_len if kv_len is None else kv_len
         pos = input_pos[None, :].expand(B, T) if input_pos.dim() == 1 else input_pos  # (B, T)
-        mask = (torch.arange(S, device=x.device) <= pos[..., None])[:, None]  # (B, 1, T, S): slots up to the query's
+        if tree is None:
+            mask = (torch.arange(S, device=x.device) <= pos[..., None])[:, None]  # (B, 1, T, S): slots up to the query's
+        else:  # a tree's nodes: their own rotary positions, the slots each sees
+            pos = tree[0][None, :].expand(B, T)
+            mask = tree[1][None, None, :, :S].expand(B, 1, T, S)
         # Always masked: slots past a query's position hold rejected drafts or an earlier prompt's leftovers, even
         # for a single query (a drafter's step sits below the last slot it will write this round). An additive mask,
         # built once per forward rather than converted in every layer.

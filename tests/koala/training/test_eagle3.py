@@ -144,7 +144,10 @@ def _eagle3_drafter(tmp_path, target, vocab=None):
 def test_greedy_output_is_the_targets_with_a_draft_vocabulary(tmp_path, target, gamma):
     engine, drafter = _eagle3_drafter(tmp_path, target, torch.arange(0, V, 3))
     prompt = [3, 17, 29, 4, 11, 8]
-    assert generate(engine, prompt, 40, drafter=drafter, gamma=gamma).tokens == generate(engine, prompt, 40).tokens
+    ref = generate(engine, prompt, 40).tokens
+    assert generate(engine, prompt, 40, drafter=drafter, gamma=gamma).tokens == ref
+    from koala.engine.tree import TreeBudget
+    assert generate(engine, prompt, 40, drafter=drafter, tree=TreeBudget(gamma + 1, 3, 8)).tokens == ref
 
 
 def test_sampled_output_is_distributed_as_the_targets(tmp_path):

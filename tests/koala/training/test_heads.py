@@ -140,6 +140,12 @@ def test_head_drafters_are_lossless_in_the_engine(tmp_path, target, kind, gamma)
     # behind prompt lookup the heads skip rounds, then catch up on the features they missed
     from koala.engine.drafters import LookupFirstDrafter
     assert generate(engine, prompt, 40, drafter=LookupFirstDrafter(drafter), gamma=gamma).tokens == ref
+    # draft trees (EAGLE-2's dynamic tree; Medusa's from each head's top-k), alone and behind lookup
+    from koala.engine.tree import TreeBudget
+    tree = TreeBudget(gamma, 3, 2 * gamma + 1)
+    for d in (drafter, LookupFirstDrafter(drafter)):
+        res = generate(engine, prompt, 40, drafter=d, tree=tree)
+        assert res.tokens == ref and res.tree == str(tree)
 
 
 def test_unrolled_drafts_see_what_drafting_sees(target):
