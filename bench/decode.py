@@ -1,13 +1,16 @@
-"""Decoding speed of a target in koala's engine, eager and compiled, against Hugging Face generate; prints JSON.
+"""Decoding speed of a target in koala's engine, eager and compiled, chain against tree, against Hugging Face generate.
 
     python bench/decode.py [--target smollm2-135m-instruct] [--device cpu|cuda] [--dtypes float32,bfloat16]
-        [--prompts 2] [--drafter truncate:2 | ngram | lookup+DIR] [--gamma auto|N] [--threshold P]
-        [--modes eager,compile] [--max-width 16] [--out bench/results/decode_dtypes.json]
+        [--prompts 8] [--drafter heads:DIR | truncate:2 | ngram | lookup+SPEC] [--threshold P]
+        [--modes eager,compile] [--trees 6x10x60] [--out bench/results/decode.json]
 
-For each weights dtype and mode (eager, compile) in one run: the target's forward cost by width (1..--max-width
-tokens, what verifying gamma drafts or a tree costs), the compile time (apart from decoding), and tokens/s of koala's
-autoregressive and speculative decoding (gamma chosen as `gamma: auto` chooses it); once per dtype, Hugging Face
-`generate`. Each dtype is its own target: speculative decoding is lossless against the target in that dtype and mode.
+For each weights dtype and mode (eager, compile) in one run: the target's forward cost by width (1 token up to the
+widest tree `auto` considers), the compile time (apart from decoding), the draft shapes `gamma: auto` ranks (chains
+and trees, expected tokens per round and per second) and its choice, then on the same prompts, interleaved, tokens/s
+and tau of koala's autoregressive decoding, the best chain and the best tree of that ranking, and of fixed tree
+shapes (`--trees`, default EAGLE-2's own 6 levels x top-10, 60 nodes: wider than `auto` probes). Once per dtype,
+Hugging Face `generate`. Each dtype is its own target: speculative decoding is lossless against the target in that
+dtype and mode (checked here: every chain and tree output equals the autoregressive one).
 """
 
 from __future__ import annotations
@@ -19,54 +22,75 @@ import time
 import torch
 
 from koala.config import EvalConfig
-from koala.evaluate import _hf_generate, load_bench
-from koala.engine.calibrate import GAMMA_MAX, choose_from_probes, cost_curve, drafter_step_ms, parse_gamma
+from koala.evaluate import _hf_generate, _warm_up_and_choose_gamma, load_bench
+from koala.engine.calibrate import GAMMA_MAX
 from koala.engine.compile import compile_seconds
 from koala.engine.model import Transformer
 from koala.engine.session import Session
+from koala.engine.tree import TreeBudget, parse_tree
 from koala.targets import encode_chat, load_target
 from koala import benchinfo
 from koala.threads import configure_threads
 
 
 def mode_run(s: Session, prompts, a) -> dict:
-    """Cost curve, gamma, AR and speculative tokens/s for one session (eager or compiled)."""
+    """Cost curve, the ranked draft shapes, AR / best chain / best tree tokens/s for one session (eager or compiled)."""
     c0, t0 = compile_seconds(), time.perf_counter()
-    s.reserve(max(len(p) for p in prompts) + a.max_new_tokens + GAMMA_MAX + 1)
+    cfg = EvalConfig(max_new_tokens=a.max_new_tokens, gamma="auto", threshold=a.threshold, warmup=1)
     drafter = s.drafter(a.drafter)
-    curve = cost_curve(s, max_width=a.max_width, refresh=True)["ms"]  # compiles (when compiled), measures each width
-    g = parse_gamma(a.gamma)
-    s.run(prompts[0], 16)  # warm-up (compiles, when compiled): never inside a timed or profiled run
-    s.run(prompts[0], 16, drafter=drafter, gamma=g or GAMMA_MAX, threshold=a.threshold)
-    probe = s.run(prompts[0], a.max_new_tokens, drafter=drafter, gamma=g or GAMMA_MAX, threshold=a.threshold,
-                  profile=True)  # for auto: the acceptance by position at the longest draft, the drafter's cost
-    choice = None
-    if g is None:
-        d_s = probe.draft_s / max(sum(m for m, _ in probe.rounds), 1)
-        c = choose_from_probes({"ms": curve}, probe.rounds, d_s, GAMMA_MAX)
-        g = c["chosen"]
-        choice = {"probe_acceptance_by_position": [round(x, 3) for x in c["probe_acceptance_by_position"]],
-                  "drafter_ms_per_draft": round(c["drafter_step_ms"], 3),
-                  "expected_speedup": round(c["expected_speedup"], 3)}
-    s.run(prompts[0], 16, drafter=drafter, gamma=g, threshold=a.threshold)
+    s.reserve(max(len(p) for p in prompts) + a.max_new_tokens + 64)
+    drafter.reset(s.engine.max_seq_len)
+    gmax = min(GAMMA_MAX, getattr(drafter, "max_gamma", None) or GAMMA_MAX)
+    cal = _warm_up_and_choose_gamma(s, drafter, [(None, p) for p in prompts], cfg, gmax,
+                                    lambda msg: print(f"[{msg}]", flush=True))
+    ch = cal["choice"]
+    table = ch["shapes"]
+    best = lambda ks: max((k for k in table if k != "0x0" and ks(int(k.split("x")[1]))),  # noqa: E731
+                          key=lambda k: table[k]["rate"])
+    shapes = {"chain": best(lambda k: k == 1), "tree": best(lambda k: k > 1)}
+    plans = {}
+    for name, shape in shapes.items():
+        d, k = (int(x) for x in shape.split("x"))
+        plans[name] = (d, TreeBudget(d, k, d * k) if k > 1 else None)
+    for shape in filter(None, a.trees.split(",")):  # fixed shapes measured beside them (EAGLE-2's own size)
+        t = parse_tree(shape)
+        plans[str(t)] = (t.depth, t)
+    for d, tree in plans.values():
+        s.run(prompts[0], 16, drafter=drafter, gamma=d, tree=tree, threshold=a.threshold)  # warm
     setup = time.perf_counter() - t0
-    ar, sp, taus = [], [], []
-    for ids in prompts:
-        r = s.run(ids, a.max_new_tokens)
-        ar.append(len(r.tokens) / r.wall_s)
-        r = s.run(ids, a.max_new_tokens, drafter=drafter, gamma=g, threshold=a.threshold)
-        sp.append(len(r.tokens) / r.wall_s)
-        taus.append(r.tau)
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return {
+    tokens = {n: 0 for n in ("ar", *plans)}
+    wall, forwards, lossless = dict.fromkeys(tokens, 0.0), dict.fromkeys(tokens, 0), dict.fromkeys(plans, 0)
+    for ids in prompts:  # interleaved, so drift hits all alike
+        ar = s.run(ids, a.max_new_tokens)
+        tokens["ar"] += len(ar.tokens)
+        wall["ar"] += ar.wall_s
+        for name, (d, tree) in plans.items():
+            r = s.run(ids, a.max_new_tokens, drafter=drafter, gamma=d, tree=tree, threshold=a.threshold)
+            tokens[name] += len(r.tokens)
+            wall[name] += r.wall_s
+            forwards[name] += r.target_forwards
+            lossless[name] += r.tokens == ar.tokens
+    tps = {n: tokens[n] / wall[n] for n in tokens}
+    out = {
         "compile_s": round(compile_seconds() - c0, 1), "setup_s": round(setup, 1),
-        "target_forward_ms_by_width": {w: round(v, 2) for w, v in curve.items()},
-        "verify_over_step": {w: round(v / curve[1], 3) for w, v in curve.items()},
-        "drafter_step_ms": round(drafter_step_ms(s, drafter), 3),
-        "gamma": g, "gamma_auto": choice,
-        "tokens_per_s": {"autoregressive": round(mean(ar), 2), "speculative": round(mean(sp), 2)},
-        "speedup": round(mean(sp) / mean(ar), 3), "tau": round(mean(taus), 3),
+        "target_forward_ms_by_width": {w: round(v, 2) for w, v in ch["cost_by_width_ms"].items()},
+        "verify_over_step": {w: round(v / ch["cost_by_width_ms"][1], 3) for w, v in ch["cost_by_width_ms"].items()},
+        "draft_ms_per_level_by_topk": {k: round(v, 3) for k, v in ch["draft_ms_per_depth"].items()},
+        "auto": {"chosen": ch["chosen"], "expected_speedup": round(ch["expected_speedup"], 3),
+                 "shapes": {k: {m: round(x, 3) for m, x in v.items()} for k, v in table.items()}},
+        "tokens_per_s": {"autoregressive": round(tps["ar"], 2)},
     }
+    out["fixed"] = {}
+    for name, (d, tree) in plans.items():
+        r = {"shape": str(tree) if tree else d, "tau": round(tokens[name] / forwards[name], 3),
+             "tokens_per_s": round(tps[name], 2), "speedup": round(tps[name] / tps["ar"], 3),
+             "lossless": f"{lossless[name]}/{len(prompts)}"}
+        if name in shapes:
+            out[name] = {**r, "expected_speedup": round(table[shapes[name]]["rate"] / table["0x0"]["rate"], 3)}
+        else:
+            out["fixed"][name] = {**r, "tau_over_chain": round(r["tau"] * forwards["chain"] / tokens["chain"], 3)}
+    out["tree_over_chain_tau"] = round(out["tree"]["tau"] / out["chain"]["tau"], 3)
+    return out
 
 
 def memory_floor(model) -> dict:
@@ -92,13 +116,12 @@ def main():
     ap.add_argument("--target", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtypes", "--dtype", default="float32", help="weights dtypes measured in turn (comma-separated)")
-    ap.add_argument("--max-width", type=int, default=GAMMA_MAX + 1, help="widths 1..N of the cost curve")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--drafter", default="ngram")  # lookup+DIR measures what the smoke profile runs
-    ap.add_argument("--gamma", default="auto")
     ap.add_argument("--threshold", type=float, default=None, help="draft only while the drafter is this confident")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--trees", default="6x10x60", help="fixed tree shapes also measured (default: EAGLE-2's size)")
     ap.add_argument("--modes", default="eager,compile", help="comma-separated: eager, compile")
     a = ap.parse_args()
 

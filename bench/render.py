@@ -167,7 +167,35 @@ def eagle3_data_table() -> str:
         "", f"`{r['command']}` on {_machine(r)}, {r['compute_dtype']}, {r['conversations']} ShareGPT conversations."])
 
 
-TABLES = {"default": default_table, "dtype": dtype_table, "fidelity": fidelity_table, "curve": curve_table, "load": load_table,
+def trees_table() -> str:
+    """Chain against tree in one run per dtype and mode (bench/decode.py)."""
+    r = _load("decode.json")
+    if not r:
+        return "(no results)"
+    rows = ["| dtype, engine | autoregressive tokens/s | best chain: shape, τ, tokens/s, speed-up | best tree: shape, τ, "
+            "tokens/s, speed-up | tree τ / chain τ | auto chose | lossless chain, tree |", "|---|---|---|---|---|---|---|"]
+    for dtype, by in r["by_dtype"].items():
+        for mode in ("eager", "compile"):
+            m = by.get(mode)
+            if not m:
+                continue
+            c, t = m["chain"], m["tree"]
+            rows.append(f"| {dtype}, {mode} | {m['tokens_per_s']['autoregressive']:.1f} | {c['shape']}, {c['tau']:.2f}, "
+                        f"{c['tokens_per_s']:.1f}, {c['speedup']:.2f}x | {t['shape']}, {t['tau']:.2f}, "
+                        f"{t['tokens_per_s']:.1f}, {t['speedup']:.2f}x | {m['tree_over_chain_tau']:.2f} | "
+                        f"{m['auto']['chosen']} (expected {m['auto']['expected_speedup']:.2f}x) | {c['lossless']}, "
+                        f"{t['lossless']} |")
+            for name, f in m.get("fixed", {}).items():
+                rows.append(f"| ↳ fixed tree {f['shape']} | | | {f['tau']:.2f} τ, {f['tokens_per_s']:.1f} tokens/s, "
+                            f"{f['speedup']:.2f}x | {f['tau_over_chain']:.2f} | | {f['lossless']} |")
+            widths = m["target_forward_ms_by_width"]
+            rows_w = " / ".join(f"{widths[w]:.0f}" for w in ("1", "2", "4", "8", "16", "21") if w in widths)
+            rows.append(f"| ↳ target forward of 1 / 2 / 4 / 8 / 16 / 21 tokens (ms) | {rows_w} | | | | | |")
+    return "\n".join(rows) + (f"\n\n`{r['command']}` on {_machine(r)}; drafter `{r['drafter']}`, {r['prompts']} MT-bench "
+                              f"prompts, {r['max_new_tokens']} new tokens, greedy.")
+
+
+TABLES = {"trees": trees_table, "default": default_table, "dtype": dtype_table, "fidelity": fidelity_table, "curve": curve_table, "load": load_table,
           "eagle3": eagle3_table, "eagle3-data": eagle3_data_table}
 
 

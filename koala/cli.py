@@ -187,8 +187,9 @@ def prompts(source: str = typer.Option(default_of(PromptsConfig, "source"), help
 def generate(prompt: str = typer.Argument(..., help="the user message"),
              target: str = typer.Option(default_of(TargetConfig, "spec"), help="target: name, HF id, directory or .gguf"),
              drafter: Optional[str] = typer.Option(None, help="speculate with: truncate:N, ngram, heads:PATH, a model; lookup+SPEC tries prompt lookup first"),
-             gamma: str = typer.Option(default_of(EvalConfig, "gamma"), help="tokens drafted per round, or auto: from this machine's measured "
-                                       "cost by width and the drafter's stored acceptance"),
+             gamma: str = typer.Option(default_of(EvalConfig, "gamma"), help="tokens drafted per round, DEPTHxTOPKxNODES for a draft tree "
+                                       "(e.g. 4x3x12), or auto: a chain from this machine's measured cost by width and "
+                                       "the drafter's stored acceptance"),
              max_new_tokens: int = typer.Option(256, help="longest answer in tokens"),
              temperature: float = typer.Option(default_of(EvalConfig, "temperature"), help="0 = greedy"),
              top_p: float = typer.Option(default_of(EvalConfig, "top_p"), help="nucleus mass"),
@@ -197,8 +198,9 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
              compile: bool = typer.Option(False, "--compile/--no-compile", help="compiled decode steps: faster per "
                                           "token, after a one-off compilation (cached on disk)")):
     """Answer one prompt with the target, streaming tokens; with --drafter, accepted drafts show in green."""
-    from koala.engine.calibrate import auto_gamma, parse_gamma
+    from koala.engine.calibrate import auto_gamma, parse_draft
     from koala.engine.compile import compile_seconds
+    from koala.engine.tree import TreeBudget
     from koala.engine.session import Session
 
     try:
@@ -212,7 +214,9 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
         validated(EvalConfig, "koala generate", temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                   gamma=gamma)
         check_run_options(target, dtype, device, drafter)
-        g = parse_gamma(gamma)
+        g = parse_draft(gamma)
+        tree = g if isinstance(g, TreeBudget) else None
+        g = tree.depth if tree else g
         s = Session.open(target, dtype=dtype, device=device, compile=compile)
         typer.echo(f"[{s.describe()}]", err=True)
         d = s.drafter(drafter) if drafter else None
@@ -221,17 +225,17 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
             typer.echo(f"[gamma auto: {g} ({why})]", err=True)
         if compile:  # compile (or load) every graph before the timed answer
             typer.echo("[compiling the decode steps: minutes on a small CPU, once per process]", err=True)
-            s.chat(prompt, max_new_tokens=8, drafter=d, gamma=g or 1)
+            s.chat(prompt, max_new_tokens=8, drafter=d, gamma=g or 1, tree=tree)
         c0 = compile_seconds()
         result = s.chat(prompt, max_new_tokens=max_new_tokens, drafter=d, gamma=g or 1, temperature=temperature,
-                        top_p=top_p, stream=True)
+                        top_p=top_p, stream=True, tree=tree)
         wall = result.wall_s - (compile_seconds() - c0)  # a graph the warm-up did not reach compiles here
     except KoalaError as e:
         fail(e)
     tps = len(result.tokens) / wall
     line = f"\n\n{len(result.tokens)} tokens in {wall:.2f} s: {tps:.1f} tokens/s"
     if d is not None:
-        line += f", tau {result.tau:.2f} tokens per target forward (gamma {g})"
+        line += f", tau {result.tau:.2f} tokens per target forward ({f'tree {tree}' if tree else f'gamma {g}'})"
     if compile:
         line += f" (compiling took {compile_seconds():.1f} s before, not counted)"
     typer.echo(line)
@@ -242,8 +246,9 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
              target: str = typer.Option(default_of(TargetConfig, "spec"), help="target: name, HF id, directory or .gguf"),
              bench: str = typer.Option(default_of(EvalConfig, "bench"), help="mtbench, humaneval or a JSONL of {prompt, category}"),
              limit: Optional[int] = typer.Option(default_of(EvalConfig, "limit"), help="evaluate at most this many prompts"),
-             gamma: str = typer.Option(default_of(EvalConfig, "gamma"), help="tokens drafted per target forward (at most), or auto: chosen "
-                                       "from the measured cost by width and acceptance by position"),
+             gamma: str = typer.Option(default_of(EvalConfig, "gamma"), help="tokens drafted per target forward (at most), "
+                                       "DEPTHxTOPKxNODES for a draft tree (e.g. 4x3x12), or auto: the chain or tree "
+                                       "chosen from the measured cost by width and the drafter's acceptance"),
              threshold: Optional[float] = typer.Option(default_of(EvalConfig, "threshold"), help="stop drafting below this draft probability"),
              lookup: bool = typer.Option(default_of(EvalConfig, "lookup"), help="prompt lookup first, the drafter where the context has no match"),
              temperature: float = typer.Option(default_of(EvalConfig, "temperature"), help="0 = greedy; > 0 = speculative sampling"),

@@ -159,8 +159,9 @@ class EvalConfig(_Strict):
 
     bench: str = Field("mtbench", description="mtbench, humaneval or a JSONL of {prompt, category}")
     limit: int | None = Field(8, ge=1, description="evaluate at most this many prompts")
-    gamma: int | Literal["auto"] = Field("auto", description="draft length: tokens proposed per target forward (at "
-                                         "most); auto: chosen from the measured cost by width and acceptance")
+    gamma: int | str = Field("auto", description="draft shape: N tokens proposed per target forward (a chain), "
+                             "DEPTHxTOPKxNODES a draft tree (e.g. 4x3x12), or auto: the chain or tree chosen from the "
+                             "measured cost by width and acceptance")
     compile: bool = Field(True, description="compiled decode steps (inductor on a CPU, CUDA graphs on a GPU): "
                           "compiled once per width and cached on disk under $KOALA_CACHE/inductor")
     threshold: float | None = Field(None, ge=0, le=1, description="stop drafting at a token the drafter gives less "
@@ -195,15 +196,15 @@ class EvalConfig(_Strict):
     @field_validator("gamma", mode="before")
     @classmethod
     def _gamma(cls, v):
-        from koala.engine.calibrate import parse_gamma  # the one parser, shared with `koala generate --gamma`
+        from koala.engine.calibrate import parse_draft  # the one parser, shared with `koala generate --gamma`
 
         if isinstance(v, bool) or not isinstance(v, (int, str)):
-            raise ValueError("gamma must be a positive integer or auto")
+            raise ValueError("gamma must be a positive integer, DEPTHxTOPKxNODES or auto")
         try:
-            g = parse_gamma(v)
+            g = parse_draft(v)
         except KoalaError:
-            raise ValueError("gamma must be a positive integer or auto") from None
-        return "auto" if g is None else g
+            raise ValueError("gamma must be a positive integer, DEPTHxTOPKxNODES (e.g. 4x3x12) or auto") from None
+        return "auto" if g is None else g if isinstance(g, int) else str(g)
 
 
 def parse_bench(spec: str) -> tuple[str, int | None]:

@@ -8,6 +8,7 @@ run first and excluded. With greedy decoding every prompt's output is compared t
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -20,11 +21,12 @@ from koala.config import EvalConfig
 from koala.data import prompts as P
 from koala.errors import KoalaError
 from koala.interrupt import check, fault
-from koala.engine.calibrate import (GAMMA_MAX, acceptance_by_position, choose_from_probes, cost_curve,
-                                    drafter_parameter_ratio, memory_bound_speedup)
+from koala.engine.calibrate import (GAMMA_MAX, acceptance_by_position, choose_from_probes, choose_tree, cost_curve,
+                                    drafter_parameter_ratio, memory_bound_speedup, parse_draft, tree_probe_budget)
 from koala.engine.compile import compile_seconds
 from koala.engine.drafters import Drafter, LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
 from koala.engine.session import Session
+from koala.engine.tree import TreeBudget
 from koala.targets import encode_chat
 from koala.threads import cpu_model
 
@@ -67,14 +69,28 @@ def _hf_generate(session: Session, ids: list[int], cfg: EvalConfig, assistant=No
 
 
 NEAR_TIE = 1e-2  # a compiled engine's widths round differently (~1e-3): a flip between logits this close is not a bug
+NEAR_TIE_ULPS = 4  # in bf16/fp16 a verify of many tokens and a step of one round apart by a few units in the last place
+
+
+def near_tie_tolerance(dtype: str, logit: float, compiled: bool) -> float:
+    """The largest logit margin at which two greedy runs may pick different tokens without a bug.
+
+    Eager float32 must be bit-exact: 0. Compiled float32: NEAR_TIE (inductor's kernels for different widths round
+    differently). bf16/fp16: NEAR_TIE_ULPS units in the last place of the logit in that dtype (a bf16 logit near 20
+    is only resolved to 0.125), since a forward of several tokens and one of a single token accumulate differently.
+    """
+    if dtype in ("bfloat16", "float16"):
+        eps = torch.finfo(getattr(torch, dtype)).eps
+        return NEAR_TIE_ULPS * eps * 2.0 ** math.floor(math.log2(max(abs(logit), 1e-30)))
+    return NEAR_TIE if compiled else 0.0
 
 
 def first_difference(session: Session, prompt: list[int], ar: list[int], sp: list[int]) -> dict | None:
     """Where two greedy outputs first differ, and the target's logit margin there between the two tokens.
 
-    Compiled kernels for different widths round differently, so at a near-tie (margin <= NEAR_TIE) the speculative
-    and the plain run may pick different argmaxes; a larger margin means a real bug. The margin comes from an eager
-    float forward over the shared prefix.
+    Kernels for different widths round differently (compiled, or in bf16/fp16), so at a near-tie (margin within
+    `near_tie_tolerance`) the speculative and the plain run may pick different argmaxes; a larger margin means a real
+    bug. The margin comes from an eager forward over the shared prefix.
     """
     i = next((j for j, (a, b) in enumerate(zip(ar, sp)) if a != b), None)
     if i is None:
@@ -86,9 +102,10 @@ def first_difference(session: Session, prompt: list[int], ar: list[int], sp: lis
     with torch.no_grad():
         logits = eng.step(ids, torch.arange(ids.shape[1], device=eng.device), ids.shape[1], eager=True)[0][0, -1]
     margin = float((logits[ar[i]] - logits[sp[i]]).abs())
-    # Only a compiled engine rounds differently by width; the eager float32 engine must be bit-exact.
-    return {"index": i, "ar_token": ar[i], "spec_token": sp[i], "margin": margin,
-            "near_tie": session.compiled and margin <= NEAR_TIE}
+    top = max(abs(float(logits[ar[i]])), abs(float(logits[sp[i]])))
+    tol = near_tie_tolerance(session.target.info.dtype, top, session.compiled)
+    return {"index": i, "ar_token": ar[i], "spec_token": sp[i], "margin": margin, "tolerance": tol,
+            "near_tie": margin <= tol and tol > 0}
 
 
 def hf_assistant(drafter: Drafter):
@@ -127,16 +144,17 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
     drafter, prompts, gmax = _prepare(session, drafter_spec, cfg)
     compile_s0 = compile_seconds()
     cal = _warm_up_and_choose_gamma(session, drafter, prompts, cfg, gmax, stage)
-    gamma = cal["gamma"]
-    stage(f"eval (gamma {gamma})")
-    rows, accept_total, all_rounds, hf_rows = [], [0] * (gamma + 1), [], []
+    gamma, tree = cal["gamma"], cal["tree"]
+    stage(f"eval ({'tree ' + str(tree) if tree else f'gamma {gamma}'})")
+    rows, accept_total, all_rounds, hf_rows, ranks = [], [0] * (gamma + 1), [], [], []
     assistant = hf_assistant(drafter) if cfg.hf_baselines else None
     for i, (rec, ids) in enumerate(prompts):
         check()  # SIGINT/SIGTERM: stop between prompts
         fault("eval.prompt")
-        row, sp = _measure_prompt(session, drafter, cfg, gamma, i, rec, ids, assistant)
+        row, sp = _measure_prompt(session, drafter, cfg, gamma, i, rec, ids, assistant, tree)
         accept_total = [a + b for a, b in zip(accept_total, sp.accept_counts)]
         all_rounds += sp.rounds
+        ranks += sp.ranks
         if cfg.hf_baselines:
             hf_rows.append({k: row[k] for k in ("hf_generate", "hf_assisted") if k in row})
         rows.append(row)
@@ -146,11 +164,13 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
     report = _summarise(session, drafter, cfg, gamma, rows, accept_total, all_rounds, hf_rows, cal["c"],
                         cal["target_step_s"], cal["drafter_step_s"])
     choice = cal["choice"]
-    report.update(gamma_choice=choice or {"auto": False, "chosen": gamma}, mode=session.mode,
+    report.update(tree=None if tree is None else str(tree), accepted_path_histogram=accept_total,
+                  gamma_choice=choice or {"auto": False, "chosen": str(tree) if tree else gamma}, mode=session.mode,
                   compile_s=compile_seconds() - compile_s0,
                   setup_s=cal["setup_s"])  # warm-up, compilation and calibration: never part of a speed-up
     if choice:
         choice["measured_speedup"] = report["speedup"]
+        choice["measured_tokens_per_round"] = sum(k + 1 for _, k in all_rounds) / max(len(all_rounds), 1)
     if out_dir is not None:
         write_report(report, Path(out_dir))
     return report
@@ -170,51 +190,79 @@ def _prepare(session: Session, drafter_spec: str, cfg: EvalConfig):
     if not prompts:
         raise KoalaError(f"benchmark {cfg.bench!r} has no prompts")
     gmax = min(GAMMA_MAX, getattr(drafter, "max_gamma", None) or GAMMA_MAX)  # Medusa: at most one per head
-    longest = max(len(ids) for _, ids in prompts) + cfg.max_new_tokens + max(gmax, _fixed(cfg) or 0) + 1
+    probe = tree_probe_budget(getattr(drafter, "max_gamma", None))
+    fixed = _fixed(cfg)
+    room = max(gmax, probe.nodes, probe.drafter_slots, fixed if isinstance(fixed, int) else 0,
+               max(fixed.nodes, fixed.drafter_slots) if isinstance(fixed, TreeBudget) else 0)
+    longest = max(len(ids) for _, ids in prompts) + cfg.max_new_tokens + room + 1
     session.reserve(longest)
     drafter.reset(longest)
     return drafter, prompts, gmax
 
 
-def _fixed(cfg: EvalConfig) -> int | None:
-    return None if cfg.gamma == "auto" else cfg.gamma
+def _fixed(cfg: EvalConfig) -> "int | TreeBudget | None":
+    """The configured draft: a chain's gamma, a tree, or None for auto."""
+    return None if cfg.gamma == "auto" else parse_draft(cfg.gamma)
 
 
-def _run(session: Session, cfg: EvalConfig, ids, drafter, gamma: int, profile: bool = False):
+def _run(session: Session, cfg: EvalConfig, ids, drafter, gamma: int, profile: bool = False,
+         tree: TreeBudget | None = None):
     return session.run(ids, cfg.max_new_tokens, drafter=drafter, gamma=gamma, temperature=cfg.temperature,
-                       top_p=cfg.top_p, profile=profile, threshold=cfg.threshold if drafter is not None else None)
+                       top_p=cfg.top_p, profile=profile, threshold=cfg.threshold if drafter is not None else None,
+                       tree=tree if drafter is not None else None)
 
 
 def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: int, stage) -> dict:
     """Untimed warm-up (compiling, when compiled) and the profiled probes: the drafter's step cost, the cost ratio c
-    and, for gamma auto, the acceptance by position at the longest draft and the gamma chosen from it."""
+    and, for gamma auto, the draft shape chosen from them: greedy, a chain or a tree (`choose_tree`, from probes of
+    the widest tree); sampling, a chain (`choose_from_probes`, from the acceptance by position at the longest)."""
     t0 = time.perf_counter()
-    gamma = _fixed(cfg) or gmax
+    fixed = _fixed(cfg)
+    tree = fixed if isinstance(fixed, TreeBudget) else None
+    gamma = tree.depth if tree else fixed or gmax
     stage("warm-up" + (" and compilation (once per process)" if session.compiled else ""))
     for _ in range(max(cfg.warmup, 1 if session.compiled else 0)):  # compiled: at least one, to compile
         _run(session, cfg, prompts[0][1], None, gamma)
-        _run(session, cfg, prompts[0][1], drafter, gamma)
+        _run(session, cfg, prompts[0][1], drafter, gamma, tree=tree)
     _run(session, cfg, prompts[0][1], None, gamma)  # the plain decode warm, before the profiled probes
-    probes = [_run(session, cfg, ids, drafter, gamma, profile=True) for _, ids in prompts[:2]]
+    chain_gamma = gamma if tree is None else gmax
+    probes = [_run(session, cfg, ids, drafter, chain_gamma, profile=True) for _, ids in prompts[:2]]
     rounds = [r for p in probes for r in p.rounds]
     target_step_s = cost_curve(session)["ms"][1] / 1e3  # one decode step, measured apart (no prefill in it)
     drafter_step_s = sum(p.draft_s for p in probes) / max(sum(m for m, _ in rounds), 1)
     choice = None
-    if cfg.gamma == "auto":
+    if cfg.gamma == "auto" and cfg.temperature == 0:
+        probe = tree_probe_budget(getattr(drafter, "max_gamma", None))
+        stage(f"draft shape auto: probes of a {probe} tree, the target's cost by width up to {probe.nodes + 1}")
+        _run(session, cfg, prompts[0][1], drafter, probe.depth, tree=probe)  # warm (compiles the drafter's tree step)
+        tprobes = [_run(session, cfg, ids, drafter, probe.depth, profile=True, tree=probe) for _, ids in prompts[:2]]
+        trounds = [r for p in tprobes for r in p.rounds]
+        level_ms = 1e3 * sum(p.draft_s for p in tprobes) / max(len(trounds), 1) / probe.depth
+        curve = cost_curve(session, max_width=probe.nodes + 1)
+        choice = choose_tree(curve["ms"], {1: drafter_step_s * 1e3, **{k: level_ms for k in range(2, probe.topk + 1)}},
+                             [r for p in tprobes for r in p.ranks], [k for _, k in trounds], probe.depth,
+                             probe.topk)
+        choice["curve_cached"] = curve.get("cached")
+        tree = None if choice["topk"] == 1 else TreeBudget(choice["depth"], choice["topk"],
+                                                            choice["depth"] * choice["topk"])
+        gamma = choice["depth"]
+        _run(session, cfg, prompts[0][1], drafter, gamma, tree=tree)  # warm the chosen shape
+    elif cfg.gamma == "auto":
         stage("gamma auto: the target's cost by width")  # measured above already; cached per session
         choice = choose_from_probes(cost_curve(session), rounds, drafter_step_s, gmax)
         gamma = choice["chosen"]
         _run(session, cfg, prompts[0][1], drafter, gamma)  # warm the chosen width
-    return {"gamma": gamma, "choice": choice, "target_step_s": target_step_s, "drafter_step_s": drafter_step_s,
-            "c": drafter_step_s / target_step_s, "setup_s": time.perf_counter() - t0}
+    return {"gamma": gamma, "tree": tree, "choice": choice, "target_step_s": target_step_s,
+            "drafter_step_s": drafter_step_s, "c": drafter_step_s / target_step_s,
+            "setup_s": time.perf_counter() - t0}
 
 
-def _measure_prompt(session, drafter, cfg: EvalConfig, gamma: int, i: int, rec, ids, assistant):
+def _measure_prompt(session, drafter, cfg: EvalConfig, gamma: int, i: int, rec, ids, assistant, tree=None):
     """One prompt, autoregressive then speculative (same seed), optionally HF generate: its report row."""
     torch.manual_seed(i)
     ar = _run(session, cfg, ids, None, gamma)
     torch.manual_seed(i)
-    sp = _run(session, cfg, ids, drafter, gamma)
+    sp = _run(session, cfg, ids, drafter, gamma, tree=tree)
     greedy = cfg.temperature == 0
     row = {
         "id": rec.id, "category": rec.category, "prompt_tokens": len(ids),
@@ -305,7 +353,7 @@ def markdown(r: dict) -> str:
     lines = [
         f"# koala eval: {r['drafter']} on {r['target']}",
         "",
-        f"{r['bench']}, {r['prompts']} prompts, gamma {r['gamma']}"
+        f"{r['bench']}, {r['prompts']} prompts, {_draft_shape(r)}"
         f"{' (auto)' if r.get('gamma_choice', {}).get('auto') else ''}, temperature {r['temperature']}, "
         f"{r['dtype']} on {r['device']}, {r.get('mode', 'eager')} engine (compile {r.get('compile_s', 0):.0f} s, "
         f"not part of any timing)",
@@ -329,7 +377,7 @@ def markdown(r: dict) -> str:
                  else "| lossless | sampling: exact by construction, not checked token by token |")
     for d in ll.get("near_ties", []) + ll.get("differences", []):
         lines.append(f"| differs: {d['id']} | at token {d['index']}, logit margin {d['margin']} "
-                     f"({'near-tie of compiled rounding' if d.get('near_tie') else 'a bug'}) |")
+                     f"({_tie(d)}) |")
     lines += ["", "| draft position | " + " | ".join(str(i + 1) for i in range(r["gamma"])) + " |",
               "|---|" + "---|" * r["gamma"],
               "| acceptance | " + " | ".join(f"{a:.2f}" for a in r["acceptance_by_position"]) + " |",
@@ -339,12 +387,30 @@ def markdown(r: dict) -> str:
     ch = r.get("gamma_choice") or {}
     if ch.get("auto"):
         widths = sorted(ch["cost_by_width_ms"], key=int)
-        lines += ["", f"gamma auto chose {ch['chosen']}: expected {ch['expected_speedup']:.2f}x, measured "
+        lines += ["", f"auto chose {_draft_shape(r)}: expected {ch['expected_speedup']:.2f}x, measured "
                       f"{r['speedup']:.2f}x", "",
                   "| forward width (tokens) | " + " | ".join(str(w) for w in widths) + " |",
                   "|---|" + "---|" * len(widths),
                   "| target forward (ms) | " + " | ".join(f"{ch['cost_by_width_ms'][w]:.1f}" for w in widths) + " |"]
+        if "shapes" in ch:
+            lines += ["", "| draft shape (depth x top-k) | expected tokens per round | ms per round | expected tokens/s |",
+                      "|---|---|---|---|"]
+            lines += [f"| {k} | {v['tokens']:.2f} | {v['ms']:.1f} | {v['rate']:.1f} |" for k, v in ch["shapes"].items()]
+            lines += ["", f"measured tokens per round {ch.get('measured_tokens_per_round', 0):.2f} against "
+                          f"{ch['shapes'][ch['shape']]['tokens']:.2f} expected"]
+    hist = r.get("accepted_path_histogram")
+    if hist:
+        lines += ["", "| drafts accepted in a round | " + " | ".join(str(i) for i in range(len(hist))) + " |",
+                  "|---|" + "---|" * len(hist), "| rounds | " + " | ".join(str(h) for h in hist) + " |"]
     return "\n".join(lines) + "\n"
+
+
+def _tie(d: dict) -> str:
+    return f"near-tie of rounding, within {d.get('tolerance', NEAR_TIE):.3g}" if d.get("near_tie") else "a bug"
+
+
+def _draft_shape(r: dict) -> str:
+    return f"tree {r['tree']}" if r.get("tree") else f"gamma {r['gamma']}"
 
 
 def plot(r: dict, out: Path) -> None:
@@ -365,15 +431,35 @@ def plot(r: dict, out: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
+    hist = r.get("accepted_path_histogram")
+    if hist:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.bar(range(len(hist)), hist, color="#4c8c4a")
+        ax.set(xlabel="drafts accepted in a round", ylabel="rounds", xticks=list(range(len(hist))),
+               title=f"{_draft_shape(r)}: {r['tau']:.2f} tokens per target forward")
+        fig.tight_layout()
+        with atomic_path(out / "accepted_path.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        plt.close(fig)
+
     ch = r.get("gamma_choice") or {}
     if ch.get("auto"):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
         widths = sorted(ch["cost_by_width_ms"], key=int)
         a1.plot([int(w) for w in widths], [ch["cost_by_width_ms"][w] for w in widths], "o-", color="#3a6ea5")
         a1.set(xlabel="tokens in one target forward", ylabel="ms", ylim=(0, None), title="target forward cost")
-        rates = {int(g): v for g, v in ch["expected_tokens_per_s"].items()}
-        a2.bar(list(rates), list(rates.values()), color=["grey"] + ["#4c8c4a"] * (len(rates) - 1))
-        a2.set(xlabel="gamma (0 = no drafting)", ylabel="expected tokens/s", title=f"gamma auto: {ch['chosen']}")
+        if "shapes" in ch:  # chains and trees: the best few shapes by expected rate, plain decoding first
+            top = sorted((k for k in ch["shapes"] if k != "0x0"), key=lambda k: -ch["shapes"][k]["rate"])[:8]
+            names = ["0x0"] + top
+            a2.bar(names, [ch["shapes"][k]["rate"] for k in names],
+                   color=["grey"] + ["#4c8c4a" if k == ch["shape"] else "#9cc59a" for k in top])
+            a2.tick_params(axis="x", rotation=45)
+            a2.set(xlabel="depth x top-k (0x0 = no drafting)", ylabel="expected tokens/s",
+                   title=f"auto: {_draft_shape(r)}")
+        else:
+            rates = {int(g): v for g, v in ch["expected_tokens_per_s"].items()}
+            a2.bar(list(rates), list(rates.values()), color=["grey"] + ["#4c8c4a"] * (len(rates) - 1))
+            a2.set(xlabel="gamma (0 = no drafting)", ylabel="expected tokens/s", title=f"gamma auto: {ch['chosen']}")
         fig.tight_layout()
         with atomic_path(out / "gamma_choice.png") as tmp:
             fig.savefig(tmp, format="png", dpi=120)
@@ -395,7 +481,7 @@ def summary_line(r: dict) -> str:
     ll = r["lossless"]
     loss = f"lossless {ll['identical']}/{ll['total']}" if ll["checked"] else "sampling (exact by construction)"
     if ll.get("near_ties"):
-        loss += f" (+{len(ll['near_ties'])} differing only at a near-tie <= {NEAR_TIE} of compiled rounding)"
+        loss += f" (+{len(ll['near_ties'])} differing only at a near-tie of {r.get('mode', 'eager')} {r['dtype']} rounding)"
     return (f"{r['drafter']}: tau {r['tau']:.2f}, speed-up {r['speedup']:.2f}x "
             f"({r['tokens_per_s']['speculative']:.1f} vs {r['tokens_per_s']['autoregressive']:.1f} tokens/s, "
-            f"{r.get('mode', 'eager')}, gamma {r['gamma']}), {loss}")
+            f"{r.get('mode', 'eager')}, {_draft_shape(r)}), {loss}")

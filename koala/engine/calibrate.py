@@ -1,13 +1,16 @@
-"""The draft length from measurement: the target's forward cost by width, and the drafter's acceptance by position.
+"""The draft shape from measurement: the target's forward cost by width, and the drafter's acceptance.
 
-`gamma: auto` chooses the gamma that maximises expected tokens per second,
+`gamma: auto` chooses the draft (a chain of gamma tokens, or a tree) that maximises expected tokens per second,
 
     E[tokens per round](g) = 1 + sum_{i<=g} prod_{j<=i} a_j        (a_j: acceptance at draft position j, given j-1)
     time per round(g)      = g * drafter step + target forward of g + 1 tokens
 
-so a machine whose wide forwards are cheap (a compiled step, a GPU) drafts long, and one where every extra verified
-token costs a step drafts short or not at all. The cost curve is measured once per target, device, dtype, threads,
-mode and CPU model and cached under $KOALA_CACHE/calibration; no constant here is tuned to one machine.
+for chains, and for a tree of depth D and top-k k (`choose_tree`) the same rate with the accepted length measured on
+probe rounds of the widest tree (where the target's token ranked among the drafter's choices at each depth) and the
+target forward of its D * k + 1 nodes; a chain is the tree of top-k 1. So a machine whose wide forwards are cheap (a
+compiled step, a GPU) drafts long or wide, and one where every extra verified token costs a step drafts short, in a
+chain, or not at all. The cost curve is measured once per target, device, dtype, threads, mode and CPU model and
+cached under $KOALA_CACHE/calibration; no constant here is tuned to one machine.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from koala.errors import KoalaError
 
 GAMMA_MAX = 5  # the longest draft `auto` considers: forwards of up to 6 tokens are measured
+TREE_PROBE = (5, 4)  # the deepest and widest tree `auto` considers (depth, top-k): its probes rank every choice
 
 
 def parse_gamma(value: str | int) -> int | None:
@@ -32,7 +36,18 @@ def parse_gamma(value: str | int) -> int | None:
         return g
     if str(value).strip().lower() == "auto":
         return None
-    raise KoalaError(f"gamma {value!r} is neither a number nor auto: write --gamma 3 or --gamma auto")
+    raise KoalaError(f"gamma {value!r} is neither a number, a tree nor auto: write --gamma 3, --gamma 4x3x12 or "
+                     "--gamma auto")
+
+
+def parse_draft(value: str | int):
+    """`auto` -> None; N -> N (a chain of N drafts); `DEPTHxTOPK[xNODES]` -> a TreeBudget (top-k 1: the chain)."""
+    from koala.engine.tree import parse_tree
+
+    if isinstance(value, str) and "x" in value.lower():
+        t = parse_tree(value)
+        return t.depth if t.is_chain else t
+    return parse_gamma(value)
 
 
 def _key(session, max_width: int) -> dict:
@@ -220,3 +235,55 @@ def drafter_parameter_ratio(drafter, target) -> float:
     if isinstance(drafter, ModelDrafter):
         return step_parameters(drafter.model, rows) / step_parameters(target)
     return 0.0  # prompt lookup reads no weights
+
+
+def tree_probe_budget(max_depth: int | None = None):
+    """The widest tree `auto` measures (every node kept), shallower for drafters with fewer heads (Medusa)."""
+    from koala.engine.tree import TreeBudget
+
+    depth, k = TREE_PROBE
+    depth = min(depth, max_depth or depth)
+    return TreeBudget(depth, k, depth * k)
+
+
+def path_length(ranks: list[list[int]], accepted: list[int], depth: int, topk: int) -> float:
+    """Mean drafts a tree of `depth` x `topk` would have accepted on probe rounds of a wider, deeper tree.
+
+    `ranks[r]`: the rank among its siblings of each node on round r's accepted path; `accepted[r]`: its length. A
+    smaller tree keeps the path up to its first node ranked at or past `topk`, and at most `depth` nodes of it (the
+    drafter's first choices are always in it: koala.engine.tree keeps its chain).
+    """
+    total = 0
+    for rs, k in zip(ranks, accepted):
+        n = 0
+        while n < min(depth, k) and rs[n] < topk:
+            n += 1
+        total += n
+    return total / max(len(ranks), 1)
+
+
+def choose_tree(curve_ms: dict[int, float], draft_ms_per_depth: dict[int, float], ranks: list[list[int]],
+                accepted: list[int], probe_depth: int, probe_topk: int) -> dict:
+    """The draft shape (depth, top-k; every node kept) with the most expected tokens per second.
+
+    `draft_ms_per_depth[k]`: the drafter's measured ms per tree level of top-k k (k 1: a chain's draft step).
+    Shapes whose verify is wider than the measured curve are not considered. Returns the choice with the table it
+    was made from: expected tokens per round and per second for each shape, 0 x 0 being plain decoding.
+    """
+    from koala.engine.tree import TreeBudget
+
+    widest = max(curve_ms)
+    table = {"0x0": {"tokens": 1.0, "ms": curve_ms[1], "rate": 1e3 / curve_ms[1]}}
+    for k in range(1, probe_topk + 1):
+        for d in range(1, probe_depth + 1):
+            if d * k + 1 > widest or k not in draft_ms_per_depth:
+                continue
+            e = 1 + path_length(ranks, accepted, d, k)
+            ms = d * draft_ms_per_depth[k] + curve_ms[d * k + 1]
+            table[f"{d}x{k}"] = {"tokens": e, "ms": ms, "rate": 1e3 * e / ms}
+    best = max((s for s in table if s != "0x0"), key=lambda s: table[s]["rate"])
+    d, k = (int(x) for x in best.split("x"))
+    return {"auto": True, "chosen": str(TreeBudget(d, k, d * k)) if k > 1 else d, "shape": best, "depth": d,
+            "topk": k,
+            "expected_speedup": table[best]["rate"] / table["0x0"]["rate"], "shapes": table,
+            "cost_by_width_ms": curve_ms, "draft_ms_per_depth": draft_ms_per_depth}

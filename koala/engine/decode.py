@@ -7,7 +7,8 @@ every draft is accepted take a bonus token from p. The output is distributed exa
 temperature 0 both distributions are one-hot and the rule becomes exact-match acceptance.
 
 Invariant between rounds: `seq[:n]` is final and the target's cache holds positions 0..n-2, so the next verify
-forward feeds seq[n-1] followed by the drafts.
+forward feeds seq[n-1] followed by the drafts. A round may instead verify a draft tree (koala.engine.tree), which
+keeps the same invariant.
 """
 
 from __future__ import annotations

@@ -97,15 +97,17 @@ class Session:
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, drafter: Drafter | None = None, gamma: int = 4,
             temperature: float = 0.0, top_p: float = 1.0, stream=None, profile: bool = False,
-            threshold: float | None = None) -> GenerationResult:
+            threshold: float | None = None, tree=None) -> GenerationResult:
+        """One generation; `tree` (a koala.engine.tree.TreeBudget) drafts trees instead of gamma-token chains."""
         return generate(self.engine, prompt_ids, max_new_tokens, drafter=drafter, gamma=gamma,
                         params=SamplingParams(temperature, top_p), eos_ids=self.eos_ids,
                         max_context=self.target.info.max_context, stream=stream, profile=profile,
-                        threshold=threshold)
+                        threshold=threshold, tree=tree)
 
     def chat(self, prompt: str, max_new_tokens: int = 256, drafter: Drafter | None = None, gamma: int = 4,
              temperature: float = 0.0, top_p: float = 1.0, stream: bool = False,
-             threshold: float | None = None) -> GenerationResult:
+             threshold: float | None = None, tree=None) -> GenerationResult:
         ids = encode_chat(self.target.tokenizer, [{"role": "user", "content": prompt}])
         fn = TextStream(self.target.tokenizer, color=drafter is not None and sys.stdout.isatty()) if stream else None
-        return self.run(ids, max_new_tokens, drafter, gamma, temperature, top_p, stream=fn, threshold=threshold)
+        return self.run(ids, max_new_tokens, drafter, gamma, temperature, top_p, stream=fn, threshold=threshold,
+                        tree=tree)

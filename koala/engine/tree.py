@@ -248,7 +248,7 @@ def accept_greedy(tree: Tree, target_logits: torch.Tensor) -> tuple[torch.Tensor
     ok = tree.tokens == best_tok[tree.parents]
     ok[0] = True
     accepted = ~(tree.anc & ~ok[None]).any(-1)  # every node on the path agrees
-    best = int(torch.where(accepted, tree.depth, -1).argmax())  # the deepest (unique: siblings differ... or tie-free)
+    best = int(torch.where(accepted, tree.depth, -1).argmax())  # the deepest: siblings differ, so it is unique
     path = tree.anc[best].nonzero().squeeze(-1)  # ascending ids: root to `best`
     return path, best_tok[best]
 

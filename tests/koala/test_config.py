@@ -23,10 +23,11 @@ def test_unknown_key_names_the_field(tmp_path):
 
 
 def test_wrong_type_names_the_field():
-    with pytest.raises(KoalaError, match=r"field eval\.gamma: .*positive integer or auto.*'many'"):
+    with pytest.raises(KoalaError, match=r"field eval\.gamma: .*positive integer, DEPTHxTOPKxNODES .*or auto.*'many'"):
         load_config("smoke", overrides=["eval.gamma=many"])
     assert load_config("smoke", overrides=["eval.gamma=3"]).eval.gamma == 3
     assert load_config("smoke", overrides=["eval.gamma=auto"]).eval.gamma == "auto"
+    assert load_config("smoke", overrides=["eval.gamma=4x3"]).eval.gamma == "4x3x12"  # a tree, normalised
 
 
 def test_bad_literal_names_the_field():

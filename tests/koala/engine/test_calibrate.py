@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from koala.errors import KoalaError
-from koala.engine.calibrate import choose_gamma, cost_curve, expected_tokens, parse_gamma
+from koala.engine.calibrate import (choose_gamma, choose_tree, cost_curve, expected_tokens, parse_draft, parse_gamma,
+                                    path_length)
+from koala.engine.tree import TreeBudget
 from koala.engine.model import Transformer
 from koala.threads import configure_threads, default_threads
 from tests.conftest import tiny_llama
@@ -31,10 +33,40 @@ def test_choice_follows_the_cost_curve_and_the_acceptance():
 
 def test_parse_gamma():
     assert parse_gamma("auto") is None and parse_gamma("3") == 3 and parse_gamma(2) == 2
-    with pytest.raises(KoalaError, match="neither a number nor auto"):
+    with pytest.raises(KoalaError, match="neither a number, a tree nor auto"):
         parse_gamma("many")
     with pytest.raises(KoalaError, match=">= 1"):
         parse_gamma(0)
+
+
+def test_parse_draft():
+    assert parse_draft("auto") is None and parse_draft("4") == 4 and parse_draft("4x1x4") == 4
+    assert parse_draft("4x3x12") == TreeBudget(4, 3, 12)
+
+
+# probe rounds of a 5 x 4 tree: the rank of each accepted node among its siblings (0: the drafter's first choice)
+RANKS = [[0, 1, 0, 2], [1, 0, 0], [2], [0, 0, 0, 0, 0], [3, 1], [0, 2, 1], [1, 1, 0, 0], []]
+ACCEPTED = [len(r) for r in RANKS]
+
+
+def test_path_length_of_a_smaller_tree_from_probe_ranks():
+    assert path_length(RANKS, ACCEPTED, 5, 4) == sum(ACCEPTED) / len(RANKS)  # the probe's own tree
+    assert path_length(RANKS, ACCEPTED, 5, 1) == (1 + 0 + 0 + 5 + 0 + 1 + 0 + 0) / 8  # the chain: first choices
+    assert path_length(RANKS, ACCEPTED, 2, 2) == (2 + 2 + 0 + 2 + 0 + 1 + 2 + 0) / 8
+
+
+def test_the_draft_shape_follows_the_cost_curve():
+    flat = {w: 30.0 + 0.1 * w for w in range(1, 22)}  # verifying many tokens costs about one: a wide tree
+    steep = {w: 30.0 * w for w in range(1, 22)}  # every verified token costs a step: a chain, or a short one
+    draft = {1: 1.0, 2: 1.2, 3: 1.2, 4: 1.2}
+    wide = choose_tree(flat, draft, RANKS, ACCEPTED, 5, 4)
+    assert wide["topk"] > 1 and wide["chosen"] == str(TreeBudget(wide["depth"], wide["topk"], 99))
+    narrow = choose_tree(steep, draft, RANKS, ACCEPTED, 5, 4)
+    assert narrow["topk"] == 1 and narrow["chosen"] == narrow["depth"]
+    assert narrow["shapes"]["0x0"]["rate"] == pytest.approx(1e3 / 30.0)
+    short = {w: 30.0 + 0.1 * w for w in range(1, 8)}  # measured only to width 7: no tree wider is considered
+    assert all(int(d) * int(k) + 1 <= 7 for d, k in (s.split("x") for s in choose_tree(
+        short, draft, RANKS, ACCEPTED, 5, 4)["shapes"]))
 
 
 def test_cost_curve_is_measured_once_per_key(tmp_path, monkeypatch):

@@ -157,6 +157,8 @@ def test_cuda_graph_mode_decodes_as_eager_on_this_device():
     ref = generate(Transformer(hf), PROMPT, 24).tokens
     assert generate(comp, PROMPT, 24).tokens == ref
     assert generate(comp, PROMPT, 24, drafter=d, gamma=3).tokens == ref
+    from koala.engine.tree import TreeBudget
+    assert generate(comp, PROMPT, 24, drafter=d, tree=TreeBudget(3, 3, 7)).tokens == ref
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (the CPU test above runs the code)")
@@ -171,6 +173,9 @@ def test_cuda_graphs_speculative_equals_autoregressive_in_each_dtype(dtype):
     d = ModelDrafter(Transformer(hf, 1).compile())
     ref = generate(comp, PROMPT, 32).tokens  # koala's own CUDA-graph autoregressive decoding, same dtype
     assert generate(comp, PROMPT, 32, drafter=d, gamma=4).tokens == ref
+    from koala.engine.tree import TreeBudget
+    for tree in (TreeBudget(4, 3, 10), TreeBudget(3, 4, 12)):  # one CUDA graph per verify width
+        assert generate(comp, PROMPT, 32, drafter=d, tree=tree).tokens == ref
     if dtype == torch.float32:
         assert ref == generate(Transformer(hf), PROMPT, 32).tokens
 
