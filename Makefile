@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 
 # The serving formats' own loaders, for the export round trips (tests/koala/export): each in a folder of its own,
 # without dependencies, beside the venv (speculators 0.4.0.1 needs transformers 4.x, run in a subprocess; 0.9.0, the
-# release vLLM reads EAGLE-3 speculators with, runs on the venv's own packages plus the two it imports at load).
+# release vLLM reads EAGLE-3 speculators with, runs on the venv's own packages plus the two it imports at load;
+# SpecForge 0.2.0, whose LlamaForCausalLMEagle3 is SGLang's EAGLE-3 layout, imports with the venv's packages alone).
 OVERLAYS := $(VENV)/overlays
 $(OVERLAYS)/.installed: Makefile
 	$(BIN)/python -m pip install -q --no-deps --target $(OVERLAYS)/speculators speculators==0.4.0.1 loguru==0.7.3 \
@@ -27,6 +28,7 @@ $(OVERLAYS)/.installed: Makefile
 	$(BIN)/python -m pip install -q --no-deps --target $(OVERLAYS)/speculators-0.9 speculators==0.9.0 openai==3.63.0 \
 		hs-connectors==0.9.0 loguru==0.7.3
 	$(BIN)/python -m pip install -q --no-deps --target $(OVERLAYS)/medusa medusa-llm==0.1
+	$(BIN)/python -m pip install -q --no-deps --target $(OVERLAYS)/specforge specforge==0.2.0
 	touch $@
 
 test: setup $(OVERLAYS)/.installed

@@ -9,9 +9,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # The same arithmetic on every CI machine (AMX or not): tests that exercise bf16 autocast ask for it themselves.
 os.environ.setdefault("KOALA_COMPUTE_DTYPE", "float32")
+# Under pytest-xdist (`make test` runs one worker per core) each worker and every process it starts gets its share of
+# the cores: OpenMP threads spinning on cores another worker uses slow both by an order of magnitude.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _share = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    os.environ.setdefault("KOALA_THREADS", _share)
+    os.environ.setdefault("OMP_NUM_THREADS", _share)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["KOALA_THREADS"]))
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Drafters where users serve them: `koala export DRAFTER --format hf|gguf|speculators|medusa --out DIR`.
+"""Drafters where users serve them: `koala export DRAFTER --format hf|gguf|speculators|sglang|medusa --out DIR`.
 
 Every export is checked by a round trip before it is put in place: the written files are loaded back with the
 format's own loader (transformers for hf, transformers' GGUF reader for gguf, the Medusa layout for medusa, the
@@ -12,6 +12,7 @@ written; one that passes carries `koala_export.json` (source, format, digests, t
 | gguf        | independent              | llama.cpp `--model-draft` (`-md`)                                 |
 | speculators | EAGLE-3 heads, any K (koala heads --kind eagle3) | vLLM (`--speculative-config`), the speculators package 0.9.0 |
 | speculators | EAGLE heads, K = 1 (koala heads --kind eagle) | the speculators package 0.4.0.1 (vLLM reads eagle3 only) |
+| sglang      | EAGLE-3 heads, K = 1     | SGLang (`--speculative-algorithm EAGLE3`), SpecForge's LlamaForCausalLMEagle3 |
 | medusa      | Medusa heads             | the Medusa repo, vLLM's medusa method, TensorRT-LLM              |
 """
 
@@ -25,10 +26,10 @@ from pathlib import Path
 
 from koala.errors import KoalaError
 
-FORMATS = ("hf", "gguf", "speculators", "medusa")
+FORMATS = ("hf", "gguf", "speculators", "sglang", "medusa")
 EXPORT_JSON = "koala_export.json"
 KIND_OF_FORMAT = {"hf": ("draft_model",), "gguf": ("draft_model",), "speculators": ("eagle", "eagle3"),
-                  "medusa": ("medusa",)}
+                  "sglang": ("eagle3",), "medusa": ("medusa",)}
 
 
 @dataclass(frozen=True)

@@ -150,16 +150,17 @@ def reloaded_logits(out: Path, embed: torch.Tensor, ids: torch.Tensor, aux: torc
     return logits, (torch.arange(K) + w["d2t"] if "d2t" in w else torch.arange(K))
 
 
-def compare(ours: torch.Tensor, theirs: torch.Tensor, to_target: torch.Tensor, vocab, via: str) -> dict:
-    """koala's logits and the speculator's agree over the draft vocabulary, whose d2t mapping is koala's, and so do
-    their greedy drafts."""
+def compare(ours: torch.Tensor, theirs: torch.Tensor, to_target: torch.Tensor, vocab, via: str,
+            fmt: str = "speculators") -> dict:
+    """koala's logits and the exported head's agree over the draft vocabulary, whose d2t mapping is koala's, and so
+    do their greedy drafts."""
     from koala.export import require
 
     cols = torch.arange(ours.shape[-1]) if vocab is None else torch.as_tensor(vocab).long()
-    require(torch.equal(to_target, cols), "speculators", f"{via}: d2t maps the draft vocabulary elsewhere")
+    require(torch.equal(to_target, cols), fmt, f"{via}: d2t maps the draft vocabulary elsewhere")
     d, scale = float((ours[:, cols] - theirs).abs().max()), float(ours.abs().max())
-    require(d <= 1e-4 * max(1.0, scale), "speculators", f"{via}: logits differ by {d:.3g}")
-    require(torch.equal(ours[:, cols].argmax(-1), theirs.argmax(-1)), "speculators", f"{via}: greedy drafts differ")
+    require(d <= 1e-4 * max(1.0, scale), fmt, f"{via}: logits differ by {d:.3g}")
+    require(torch.equal(ours[:, cols].argmax(-1), theirs.argmax(-1)), fmt, f"{via}: greedy drafts differ")
     return {"loaded_with": via, "max_abs_logit_diff": d, "logit_scale": scale,
             "greedy_drafts_identical": int(ours.shape[0]), "d2t_checked": vocab is not None}
 

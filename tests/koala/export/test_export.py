@@ -205,6 +205,38 @@ def test_eagle3_export_loads_with_speculators_0_9_and_drafts_as_koalas(tiny, tmp
     assert got["max_abs_logit_diff"] <= 1e-4 * got["logit_scale"] and got["greedy_drafts_identical"] == len(ids)
 
 
+@pytest.mark.parametrize("vocab", [None, torch.arange(0, 6000, 3)])
+def test_eagle3_export_in_sglangs_layout_loads_with_specforge_and_drafts_as_koalas(tiny, tmp_path, vocab):
+    """An EAGLE-3 head (one layer) in SGLang's / SpecForge's checkpoint layout, loaded back by SpecForge's own
+    LlamaForCausalLMEagle3.from_pretrained and run by its own modules on the target's fused states: its logits equal
+    koala's and its d2t maps the draft vocabulary onto koala's. Two layers are refused, naming speculators."""
+    from koala.export.speculators_eagle3 import compare, koala_inputs
+
+    src = heads_dir(tiny, tmp_path, "eagle3", 1, vocab)
+    m = export(open_drafter(src), "sglang", tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    aux = json.loads((src / "heads.json").read_text())["aux_layers"]
+    assert cfg["architectures"] == ["LlamaForCausalLMEagle3"] and cfg["num_hidden_layers"] == 1
+    assert cfg["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [a - 1 for a in aux]  # outputs of layer a-1
+    w = load_file(tmp_path / "s" / "model.safetensors")
+    assert {"fc.weight", "midlayer.hidden_norm.weight", "midlayer.self_attn.q_proj.weight", "norm.weight",
+            "lm_head.weight", "embed_tokens.weight", "d2t", "t2d"} <= set(w)
+    assert m["round_trip"]["loaded_with"] in ("koala's head, reloaded", "SpecForge 0.2.0 LlamaForCausalLMEagle3")
+    with pytest.raises(KoalaError, match="use --format speculators"):
+        export(open_drafter(heads_dir(tiny, tmp_path / "k2", "eagle3", 2, vocab)), "sglang", tmp_path / "x")
+    overlay = needs_overlay("specforge")
+    ours, _, ids, aux_states, v = koala_inputs(open_drafter(src), tiny.info.source)
+    save_file({"ids": ids.contiguous(), "aux": aux_states.contiguous()}, tmp_path / "in.st")
+    env = {**os.environ, "PYTHONPATH": f"{overlay}:{ROOT}", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "koala.export.sglang", str(tmp_path / "s"), str(tmp_path / "in.st"),
+                        str(tmp_path / "out.st")], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = load_file(tmp_path / "out.st")
+    got = compare(ours, theirs["logits"], theirs["to_target"], v if v is not None else list(range(ours.shape[-1])),
+                  "SpecForge 0.2.0", "sglang")
+    assert got["max_abs_logit_diff"] <= 1e-4 * got["logit_scale"] and got["greedy_drafts_identical"] == len(ids)
+
+
 def test_export_refuses_what_a_format_cannot_hold_and_writes_nothing(tiny, drafter_dir, tmp_path):
     t = tiny
     with pytest.raises(KoalaError, match="use --format hf or gguf"):
