@@ -31,8 +31,11 @@ $(OVERLAYS)/.installed: Makefile
 	$(BIN)/python -m pip install -q --no-deps --target $(OVERLAYS)/specforge specforge==0.2.0
 	touch $@
 
+# One pytest worker per logical core (pytest-xdist), a test file per worker at a time; tests/conftest.py gives each
+# worker and the processes it starts their share of the cores' threads.
 test: setup $(OVERLAYS)/.installed
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -p no:warnings
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -p no:warnings \
+		-n logical --dist loadfile
 
 demo: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/koala run --profile smoke

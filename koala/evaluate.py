@@ -431,16 +431,7 @@ def plot(r: dict, out: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 
-    hist = r.get("accepted_path_histogram")
-    if hist:
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.bar(range(len(hist)), hist, color="#4c8c4a")
-        ax.set(xlabel="drafts accepted in a round", ylabel="rounds", xticks=list(range(len(hist))),
-               title=f"{_draft_shape(r)}: {r['tau']:.2f} tokens per target forward")
-        fig.tight_layout()
-        with atomic_path(out / "accepted_path.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
+    _plot_accepted_paths(r, out)
 
     ch = r.get("gamma_choice") or {}
     if ch.get("auto"):
@@ -473,6 +464,25 @@ def plot(r: dict, out: Path) -> None:
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     with atomic_path(out / "speedup_by_category.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _plot_accepted_paths(r: dict, out: Path) -> None:
+    """accepted_path.png: how many drafts each round accepted (a chain's or a tree's path length)."""
+    import matplotlib.pyplot as plt
+
+    from koala.io import atomic_path
+
+    hist = r.get("accepted_path_histogram")
+    if not hist:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.bar(range(len(hist)), hist, color="#4c8c4a")
+    ax.set(xlabel="drafts accepted in a round", ylabel="rounds", xticks=list(range(len(hist))),
+           title=f"{_draft_shape(r)}: {r['tau']:.2f} tokens per target forward")
+    fig.tight_layout()
+    with atomic_path(out / "accepted_path.png") as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
 

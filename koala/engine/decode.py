@@ -180,12 +180,7 @@ def generate(
     Raises:
         KoalaError: empty prompt, prompt or generation longer than the context, gamma < 1, vocabulary mismatch.
     """
-    if tree is not None and tree.is_chain:
-        gamma, tree = tree.depth, None
-    if tree is not None and drafter is not None:
-        gamma = tree.depth  # the longest accepted path
-    room = gamma if tree is None else max(tree.nodes, tree.drafter_slots) + 1
-    seq = _start(target, drafter, prompt, max_new_tokens, max_context, gamma, room)
+    seq, gamma, tree = _start(target, drafter, prompt, max_new_tokens, max_context, gamma, tree)
     T, hidden = len(prompt), drafter is not None and drafter.needs_hidden
     start = time.perf_counter()
     seq[T], h = prefill(target, seq, T, params, hidden)
@@ -199,25 +194,13 @@ def generate(
 
     while len(emitted) < max_new_tokens and not (eos_ids and emitted[-1] in eos_ids):
         share_cores(target.device)
-        if drafter is None:
-            seq[n] = decode_one_token(target, seq, n, params)
-            new, k = [int(seq[n])], 0
-        elif tree is not None:
-            m, k, t_draft, t_verify, r = tree_round(target, drafter, seq, n, tree, params, hidden,
-                                                    lambda: _clock(seq.device, profile))
+        m, k, t_draft, t_verify, r = _round(target, drafter, seq, n, gamma, tree, params, threshold, hidden, profile)
+        if drafter is not None:
             draft_s, verify_s = draft_s + t_draft, verify_s + t_verify
             accept_counts[k] += 1
             rounds.append((m, k))
-            ranks.append(r)
-            new = seq[n:n + k + 1].tolist()
-        else:
-            m, k, t_draft, t_verify = speculative_round(target, drafter, seq, n, gamma, params, threshold, hidden,
-                                                        profile)
-            draft_s, verify_s = draft_s + t_draft, verify_s + t_verify
-            accept_counts[k] += 1
-            rounds.append((m, k))
-            new = seq[n:n + k + 1].tolist()
-        new = _until_eos(new, eos_ids)[:max_new_tokens - len(emitted)]
+            ranks += [] if r is None else [r]
+        new = _until_eos(seq[n:n + k + 1].tolist(), eos_ids)[:max_new_tokens - len(emitted)]
         emitted += new
         if stream:
             stream(new, k)
@@ -228,13 +211,28 @@ def generate(
     wall, tokens = time.perf_counter() - start, emitted[:max_new_tokens]
     reason = "eos" if eos_ids and tokens[-1] in eos_ids else "length"
     return GenerationResult(tokens, forwards, wall, accept_counts, reason, rounds, draft_s, verify_s,
-                            None if tree is None or drafter is None else str(tree), ranks)
+                            None if tree is None else str(tree), ranks)
+
+
+def _round(target, drafter, seq, n, gamma, tree, params, threshold, hidden, profile):
+    """One round after seq[:n]: a plain step, a chain or a tree. Returns (drafted, accepted k, draft seconds,
+    verify seconds, the accepted nodes' ranks among their siblings or None) and leaves seq[n:n + k + 1] final."""
+    if drafter is None:
+        seq[n] = decode_one_token(target, seq, n, params)
+        return 0, 0, 0.0, 0.0, None
+    if tree is not None:
+        return tree_round(target, drafter, seq, n, tree, params, hidden, lambda: _clock(seq.device, profile))
+    return (*speculative_round(target, drafter, seq, n, gamma, params, threshold, hidden, profile), None)
 
 
 def _start(target: Transformer, drafter: Drafter | None, prompt: list[int], max_new_tokens: int,
-           max_context: int | None, gamma: int, room: int) -> torch.Tensor:
-    """Check the request, size the caches (`room` slots past the last token for drafts), and return the sequence
-    buffer with the prompt written in."""
+           max_context: int | None, gamma: int, tree: TreeBudget | None):
+    """Check the request, size the caches (room past the last token for a chain's or a tree's drafts), and return
+    the sequence buffer with the prompt written in, gamma (a tree's depth) and the tree (None for a chain)."""
+    if tree is not None and (tree.is_chain or drafter is None):
+        gamma, tree = tree.depth, None
+    gamma = tree.depth if tree is not None else gamma  # the longest accepted path
+    room = gamma if tree is None else max(tree.nodes, tree.drafter_slots) + 1
     check_drafter(target, drafter, gamma)
     max_len = _check_lengths(len(prompt), max_new_tokens, max_context or 1 << 30, room if drafter else 0)
     target.setup_caches(max_len)
@@ -242,7 +240,7 @@ def _start(target: Transformer, drafter: Drafter | None, prompt: list[int], max_
         drafter.reset(max_len)
     seq = torch.zeros(max_len, dtype=torch.long, device=target.device)
     seq[:len(prompt)] = torch.tensor(prompt, device=target.device)
-    return seq
+    return seq, gamma, tree
 
 
 def _until_eos(new: list[int], eos_ids) -> list[int]:

@@ -184,6 +184,20 @@ class Transformer(nn.Module):
         sin = (emb.sin() * self.attention_scaling).to(self.dtype)[:, None]
         return cos, sin
 
+    def _positions_and_mask(self, input_pos, tree, B: int, T: int, S: int):
+        """Rotary positions (B, T) and the additive attention mask (B, 1, T, S) of a step.
+
+        Always masked: slots past a query's position hold rejected drafts or an earlier prompt's leftovers, even for
+        a single query (a drafter's step sits below the last slot it will write this round). A tree's nodes have
+        their own positions and see the slots `tree` says. Additive, built once per forward, not in every layer.
+        """
+        pos = input_pos[None, :].expand(B, T) if input_pos.dim() == 1 else input_pos  # (B, T)
+        if tree is None:
+            seen = (torch.arange(S, device=pos.device) <= pos[..., None])[:, None]  # slots up to the query's
+        else:
+            pos, seen = tree[0][None, :].expand(B, T), tree[1][None, None, :, :S].expand(B, 1, T, S)
+        return pos, torch.zeros(seen.shape, dtype=self.dtype, device=pos.device).masked_fill_(~seen, float("-inf"))
+
     def _attention(self, layer, i, x, cos, sin, input_pos, mask, kv_len, rows):
         a, attn = self.args, layer.self_attn
         B, T, _ = x.shape
@@ -231,16 +245,7 @@ class Transformer(nn.Module):
             e, x = x.split(self.args.dim, dim=-1)
         B, T = x.shape[:2]
         S = self.max_seq_len if kv_len is None else kv_len
-        pos = input_pos[None, :].expand(B, T) if input_pos.dim() == 1 else input_pos  # (B, T)
-        if tree is None:
-            mask = (torch.arange(S, device=x.device) <= pos[..., None])[:, None]  # (B, 1, T, S): slots up to the query's
-        else:  # a tree's nodes: their own rotary positions, the slots each sees
-            pos = tree[0][None, :].expand(B, T)
-            mask = tree[1][None, None, :, :S].expand(B, 1, T, S)
-        # Always masked: slots past a query's position hold rejected drafts or an earlier prompt's leftovers, even
-        # for a single query (a drafter's step sits below the last slot it will write this round). An additive mask,
-        # built once per forward rather than converted in every layer.
-        mask = torch.zeros(mask.shape, dtype=self.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        pos, mask = self._positions_and_mask(input_pos, tree, B, T, S)
         cos, sin = self._rope(pos)
         eps = self.args.norm_eps
         aux = {}

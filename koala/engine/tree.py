@@ -109,10 +109,10 @@ class Tree:
 def ancestors(parents: torch.Tensor, depth: torch.Tensor, max_depth: int) -> torch.Tensor:
     """(N, N) bool ancestor-or-self matrix, one vectorised step per depth (parents precede their children)."""
     N = parents.shape[0]
-    anc = torch.eye(N, dtype=torch.bool, device=parents.device)
-    for d in range(1, max_depth + 1):
-        rows = (depth == d).nonzero().squeeze(-1)
-        anc[rows] |= anc[parents[rows]]
+    eye = torch.eye(N, dtype=torch.bool, device=parents.device)
+    anc = eye
+    for d in range(1, max_depth + 1):  # masks, not indices: no host sync
+        anc = torch.where((depth == d)[:, None], anc[parents] | eye, anc)
     return anc
 
 

@@ -19,6 +19,17 @@ def test_flow_builds_and_reuses_shards(tmp_path, tiny_target_dir):  # noqa: F811
         "prompts": {"source": str(tmp_path / "p.jsonl")},
         "sampling": {"out_dir": str(tmp_path / "ds"), "shard_size": 2, "max_new_tokens": 8, "batch_size": 2},
     }))
+    import anyio
+
+    async def sample_runs():
+        async with get_client() as c:
+            return [r for r in await c.read_task_runs() if r.name.startswith("sample-shard")]
+
+    earlier = {r.id for r in anyio.run(sample_runs)}  # other tests' runs on this session's server
+
+    def task_states():
+        return [(r.name, r.state.name) for r in anyio.run(sample_runs) if r.id not in earlier]
+
     out = build_distillation_dataset(config_path=str(cfg))
     assert out == str(tmp_path / "ds")
     assert shards.load(out).num_rows == 5
@@ -29,14 +40,7 @@ def test_flow_builds_and_reuses_shards(tmp_path, tiny_target_dir):  # noqa: F811
     build_distillation_dataset(config_path=str(cfg))
     assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "ds").glob("shard-*.parquet")} == mtimes
 
-    import anyio
-
-    async def task_states():
-        async with get_client() as c:
-            runs = await c.read_task_runs()
-            return [(r.name, r.state.name) for r in runs if r.name.startswith("sample-shard")]
-
-    states = anyio.run(task_states)
+    states = task_states()
     assert len(states) == 6 and sum(s == "Cached" for _, s in states) == 3
 
     # A shard damaged by hand is regenerated despite the cache; the others stay cached.
@@ -44,7 +48,7 @@ def test_flow_builds_and_reuses_shards(tmp_path, tiny_target_dir):  # noqa: F811
     f.write_bytes(b"garbage")
     build_distillation_dataset(config_path=str(cfg))
     assert shards.load(out).num_rows == 5
-    states = anyio.run(task_states)
+    states = task_states()
     assert len(states) == 9 and sum(s == "Cached" for _, s in states) == 5
 
 
