@@ -94,9 +94,11 @@ def koala_pipeline(
 def _headline(report: dict) -> dict:
     """What the summary shows of the candidate's evaluation."""
     auto = " (auto)" if report.get("gamma_choice", {}).get("auto") else ""
-    return {"tau": report["tau"], "speedup": report["speedup"], "tokens_per_s": report["tokens_per_s"],
+    shape = f"tree {report['tree']}" if report.get("tree") else f"gamma {report['gamma']}"
+    return {"tau": report["tau"], "speedup": report["speedup"], "speedup_ci95": report.get("speedup_ci95"),
+            "tokens_per_s": report["tokens_per_s"],
             "lossless": f"{report['lossless']['identical']}/{report['lossless']['total']}",
-            "engine": f"{report.get('mode', 'eager')}, gamma {report['gamma']}{auto}, "
+            "engine": f"{report.get('mode', 'eager')}, {shape}{auto}, "
                       f"compile {report.get('compile_s', 0):.0f} s (not timed), {report['device']}"}
 
 

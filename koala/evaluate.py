@@ -27,6 +27,7 @@ from koala.engine.compile import compile_seconds
 from koala.engine.drafters import Drafter, LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
 from koala.engine.session import Session
 from koala.engine.tree import TreeBudget
+from koala.promotion import speedup_interval
 from koala.targets import encode_chat
 from koala.threads import cpu_model
 
@@ -164,7 +165,9 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
     report = _summarise(session, drafter, cfg, gamma, rows, accept_total, all_rounds, hf_rows, cal["c"],
                         cal["target_step_s"], cal["drafter_step_s"])
     choice = cal["choice"]
-    report.update(tree=None if tree is None else str(tree), accepted_path_histogram=accept_total,
+    iv = speedup_interval(report)
+    report.update(speedup_ci95=None if iv is None else list(iv), tree=None if tree is None else str(tree),
+                  accepted_path_histogram=accept_total,
                   gamma_choice=choice or {"auto": False, "chosen": str(tree) if tree else gamma}, mode=session.mode,
                   compile_s=compile_seconds() - compile_s0,
                   setup_s=cal["setup_s"])  # warm-up, compilation and calibration: never part of a speed-up
@@ -360,7 +363,7 @@ def markdown(r: dict) -> str:
         "",
         "| metric | value |", "|---|---|",
         f"| τ (tokens per target forward) | {r['tau']:.2f} |",
-        f"| speed-up (Spec-Bench) | {r['speedup']:.2f}x |",
+        f"| speed-up (Spec-Bench) | {r['speedup']:.2f}x{_ci(r)} |",
         f"| memory-bound speed-up τ/(γ̄c+1) | {r['memory_bound_speedup']:.2f}x (c = {r['drafter_parameter_ratio']:.3f}, "
         f"parameters; γ̄ = {r['mean_draft_length']:.2f}, the mean draft length used) |",
         f"| latency-model speed-up | {r['latency_model_speedup']:.2f}x (c = {r['drafter_cost_ratio']:.3f}, measured "
@@ -403,6 +406,11 @@ def markdown(r: dict) -> str:
         lines += ["", "| drafts accepted in a round | " + " | ".join(str(i) for i in range(len(hist))) + " |",
                   "|---|" + "---|" * len(hist), "| rounds | " + " | ".join(str(h) for h in hist) + " |"]
     return "\n".join(lines) + "\n"
+
+
+def _ci(r: dict) -> str:
+    iv = r.get("speedup_ci95")
+    return "" if not iv else f" (95% CI {iv[0]:.2f}-{iv[1]:.2f}x, paired bootstrap over prompts)"
 
 
 def _tie(d: dict) -> str:
@@ -492,6 +500,6 @@ def summary_line(r: dict) -> str:
     loss = f"lossless {ll['identical']}/{ll['total']}" if ll["checked"] else "sampling (exact by construction)"
     if ll.get("near_ties"):
         loss += f" (+{len(ll['near_ties'])} differing only at a near-tie of {r.get('mode', 'eager')} {r['dtype']} rounding)"
-    return (f"{r['drafter']}: tau {r['tau']:.2f}, speed-up {r['speedup']:.2f}x "
+    return (f"{r['drafter']}: tau {r['tau']:.2f}, speed-up {r['speedup']:.2f}x{_ci(r)} "
             f"({r['tokens_per_s']['speculative']:.1f} vs {r['tokens_per_s']['autoregressive']:.1f} tokens/s, "
             f"{r.get('mode', 'eager')}, {_draft_shape(r)}), {loss}")

@@ -38,6 +38,8 @@ def _metrics(report: dict) -> dict:
     for i, a in enumerate(report["acceptance_by_position"]):
         m[f"acceptance.pos{i + 1}"] = a
     m["gamma"] = report["gamma"]
+    if report.get("speedup_ci95"):
+        m["speedup_ci95_low"], m["speedup_ci95_high"] = report["speedup_ci95"]
     m["compile_s"], m["setup_s"] = report.get("compile_s", 0.0), report.get("setup_s", 0.0)
     if report.get("gamma_choice", {}).get("auto"):
         m["expected_speedup"] = report["gamma_choice"]["expected_speedup"]
@@ -48,7 +50,8 @@ def _metrics(report: dict) -> dict:
       retry_condition_fn=retry_unless_koala_error)
 def evaluate_drafter(cfg: KoalaConfig, drafter: str, out_dir: str, parent_run_id: str | None = None,
                      run_name: str = "evaluate") -> dict:
-    """Measure a drafter on the benchmark; logs metrics, report and plots; returns the report without per-prompt rows."""
+    """Measure a drafter on the benchmark; logs metrics, report and plots; returns the report with only each prompt's
+    timings of its per-prompt rows (what the promotion rule's interval pairs)."""
     s = session_for(cfg.target, compile=cfg.eval.compile)
     log = get_run_logger()
     log.info("evaluating %s: %s", drafter, s.describe())
@@ -71,7 +74,8 @@ def evaluate_drafter(cfg: KoalaConfig, drafter: str, out_dir: str, parent_run_id
         tr.log_artifact(out_dir, "evaluation")
         report["run_id"] = tr.run_id
     get_run_logger().info(summary_line(report))
-    return {k: v for k, v in report.items() if k != "per_prompt"}
+    timings = [{k: r[k] for k in ("id", "tokens_per_s", "ar_tokens_per_s")} for r in report["per_prompt"]]
+    return {**{k: v for k, v in report.items() if k != "per_prompt"}, "per_prompt": timings}  # the rule's pairs
 
 
 @task(name="register-drafter", retries=2, retry_delay_seconds=[2, 10],
@@ -98,6 +102,8 @@ def register_drafter(cfg: KoalaConfig, drafter_dir: str, report: dict, parent_ru
             "lossless": f"{report['lossless']['identical']}/{report['lossless']['total']}",
             "device": report["device"], "dtype": report["dtype"], "drafter_dir": drafter_dir,
             **{f"eval.{k}": str(v) for k, v in cfg.eval.model_dump().items() if k in EVAL_KEYS}}
+    if report.get("speedup_ci95"):  # what the promotion rule reads: the interval's lower bound
+        tags["speedup_ci95_low"], tags["speedup_ci95_high"] = (f"{x:.4f}" for x in report["speedup_ci95"])
     registry.tag(name, logged["version"], tags)
     get_run_logger().info("registered %s version %s", name, logged["version"])
     return {"name": name, "version": logged["version"], "model_uri": logged["model_uri"]}

@@ -50,19 +50,46 @@ def _variant(drafter: str, dst: Path, delta: float) -> str:
     return str(dst)
 
 
+def _report(speedups, identical=None, **lossless):
+    """An evaluation report with fixed per-prompt timings: prompt i at 30 + i tokens/s alone, speedups[i] x that."""
+    rows = [{"id": f"p{i}", "tokens_per_s": (30.0 + i) * s, "ar_tokens_per_s": 30.0 + i} for i, s in enumerate(speedups)]
+    n = len(rows)
+    return {"lossless": {"identical": n if identical is None else identical, "total": n, "checked": True, **lossless},
+            "speedup": sum(r["tokens_per_s"] for r in rows) / sum(r["ar_tokens_per_s"] for r in rows),
+            "per_prompt": rows}
+
+
+CLEAR = [1.31, 1.26, 1.35, 1.28, 1.33, 1.30, 1.27, 1.34]  # every prompt clearly faster
+NOISY = [0.90, 1.21, 0.94, 1.16, 1.01, 1.12, 0.92, 1.09]  # 1.04x on average, within the prompts' spread
+
+
 def test_decide_rule():
-    ok = {"lossless": {"identical": 4, "total": 4, "checked": True}, "speedup": 1.3}
-    assert decide(ok, None).promote
-    assert not decide({**ok, "speedup": 0.9}, None).promote
-    assert not decide({**ok, "lossless": {"identical": 3, "total": 4, "checked": True}}, None).promote
-    assert decide(ok, {"speedup": 1.2}, "3").promote
-    d = decide(ok, {"speedup": 1.5}, "3")
-    assert not d.promote and "does not beat champion v3's 1.500x" in d.reason
-    tie = {"lossless": {"identical": 3, "total": 4, "checked": True, "near_ties": [{"margin": 4e-4}]}, "speedup": 1.3}
+    assert decide(_report(CLEAR), None).promote
+    assert not decide(_report([0.9] * 8), None).promote
+    assert not decide(_report(CLEAR, identical=7), None).promote
+    tie = _report(CLEAR, identical=7, near_ties=[{"margin": 4e-4}])
     assert decide(tie, None).promote  # a compiled engine's rounding flip at a near-tie is reported, not a failure
-    bug = {"lossless": {"identical": 3, "total": 4, "checked": True, "near_ties": [], "differences": [{"margin": 2.0}]},
-           "speedup": 1.3}
+    bug = _report(CLEAR, identical=7, near_ties=[], differences=[{"margin": 2.0}])
     assert not decide(bug, None).promote
+
+
+def test_a_first_champion_needs_its_interval_above_the_target_alone():
+    d = decide(_report(NOISY), None)
+    assert not d.promote and "not clearly faster than the target alone" in d.reason and "95% CI 0.9" in d.reason
+    d = decide(_report(CLEAR), None)
+    assert d.promote and "first champion: speed-up 1.30" in d.reason and "95% CI 1.2" in d.reason
+    assert not decide(_report([1.5]), None).promote  # one prompt: no interval, no promotion
+
+
+def test_a_challenger_needs_its_interval_against_the_champion_above_one():
+    champion = _report(CLEAR)
+    same = _report([s * f for s, f in zip(CLEAR, [1.03, 0.98, 1.02, 0.99, 1.04, 0.97, 1.01, 1.0])])
+    d = decide(same, champion, "3")
+    assert not d.promote and "does not clearly beat champion v3's 1.30" in d.reason and "95% CI" in d.reason
+    better = _report([s * 1.2 for s in CLEAR])
+    d = decide(better, champion, "3")
+    assert d.promote and "beats champion v3's 1.30" in d.reason and "1.200 times it" in d.reason
+    assert not decide(_report([1.9, 1.9]), _report([1.0, 1.0]) | {"per_prompt": []}, "3").promote  # no shared prompts
 
 
 @pytest.mark.slow
@@ -81,7 +108,7 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
     v = client.get_model_version(s["model"], s["version"])
     assert v.tags["promoted"] == str(s["promoted"]).lower() and v.tags["promotion_reason"] == s["reason"]
     assert s["lossless"] == "2/2"
-    assert s["promoted"] == (s["speedup"] > 1.0)
+    assert s["promoted"] == (s["speedup_ci95"][0] > 1.0)  # the interval's lower bound decides, not the mean
     runs = client.search_runs([client.get_experiment_by_name("koala-test").experiment_id])
     names = {r.info.run_name for r in runs}
     assert {"distill-tvdpp", "evaluate", "register"} <= names
@@ -91,13 +118,20 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
     from koala_tasks.evaluation import register_drafter
 
     client.set_registered_model_alias(s["model"], "champion", s["version"])
+    from koala.evaluate import load_bench
+
+    ids = [r.id for r in load_bench(cfg.eval.bench, cfg.eval.limit)]  # the prompts the champion is re-measured on
+
+    def timed(speedup):  # a report with per-prompt timings on those prompts
+        return [{"id": i, "tokens_per_s": 30.0 * speedup, "ar_tokens_per_s": 30.0} for i in ids]
+
     worse = {"lossless": {"identical": 2, "total": 2, "checked": True}, "speedup": 0.01, "tau": 1.0,
-             "device": "cpu", "dtype": "float32"}
+             "device": "cpu", "dtype": "float32", "per_prompt": timed(0.01)}
     assert register_drafter(cfg, s["drafter"], worse)["version"] == s["version"]  # same weights: same version
     r2 = register_drafter(cfg, _variant(s["drafter"], tmp_path / "v2", 1e-3), worse)
     assert r2["version"] != s["version"]
     d = promote_drafter(cfg, r2, worse, str(tmp_path / "eval2"))
-    assert not d["promoted"] and "does not beat champion v" in d["reason"]
+    assert not d["promoted"] and "does not clearly beat champion v" in d["reason"]
     v2 = client.get_model_version(s["model"], r2["version"])
     assert v2.tags["promoted"] == "false" and "re-measured" in v2.tags["promotion_reason"]
     assert str(client.get_model_version_by_alias(s["model"], "champion").version) == s["version"]
@@ -106,7 +140,7 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
     a = register_drafter(cfg, _variant(s["drafter"], tmp_path / "va", 2e-3), worse)
     b = register_drafter(cfg, _variant(s["drafter"], tmp_path / "vb", 3e-3), worse)
     assert len({r2["version"], a["version"], b["version"]}) == 3  # other weights: other versions
-    better = {**worse, "speedup": 50.0}
+    better = {**worse, "speedup": 50.0, "per_prompt": timed(50.0)}
     results = {}
     threads = [threading.Thread(target=lambda k, r, rep: results.__setitem__(k, promote_drafter(
         cfg, r, rep, str(tmp_path / f"eval-{k}"))), args=(k, r, rep)) for k, r, rep in
@@ -131,7 +165,8 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
         original = getattr(Client, method)
         setattr(Client, method, broken)
         try:
-            d = promote_drafter(cfg, best, {**worse, "speedup": 500.0}, str(tmp_path / f"eval-{method}"))
+            d = promote_drafter(cfg, best, {**worse, "speedup": 500.0, "per_prompt": timed(500.0)},
+                                str(tmp_path / f"eval-{method}"))
         finally:
             setattr(Client, method, original)
         assert not d["promoted"] and "registry error" in d["reason"], d

@@ -49,6 +49,8 @@ def test_eval_writes_report_and_plots(default_session, tmp_path):
     assert saved["gamma"] == 3 and saved["gamma_choice"] == {"auto": False, "chosen": 3} and saved["mode"] == "eager"
     assert len(saved["acceptance_by_position"]) == 3 and saved["tau"] >= 1.0
     assert set(saved["per_category"]) == {"writing", "roleplay"}
+    lo, hi = saved["speedup_ci95"]  # the promotion rule's interval, over the two prompts
+    assert lo <= saved["speedup"] <= hi and "95% CI" in (tmp_path / "report.md").read_text()
     sampled = evaluate(default_session, "truncate:2", EvalConfig(limit=1, max_new_tokens=8, temperature=0.7, warmup=0))
     assert sampled["lossless"]["checked"] is False and sampled["tau"] >= 1.0
 
