@@ -396,8 +396,8 @@ def markdown(r: dict) -> str:
                   "|---|" + "---|" * len(widths),
                   "| target forward (ms) | " + " | ".join(f"{ch['cost_by_width_ms'][w]:.1f}" for w in widths) + " |"]
         if "shapes" in ch:
-            lines += ["", "| draft shape (depth x top-k) | expected tokens per round | ms per round | expected tokens/s |",
-                      "|---|---|---|---|"]
+            lines += ["", "| draft shape (depth x top-k) | expected tokens per round | ms per round "
+                          "| expected tokens/s |", "|---|---|---|---|"]
             lines += [f"| {k} | {v['tokens']:.2f} | {v['ms']:.1f} | {v['rate']:.1f} |" for k, v in ch["shapes"].items()]
             lines += ["", f"measured tokens per round {ch.get('measured_tokens_per_round', 0):.2f} against "
                           f"{ch['shapes'][ch['shape']]['tokens']:.2f} expected"]
@@ -499,7 +499,8 @@ def summary_line(r: dict) -> str:
     ll = r["lossless"]
     loss = f"lossless {ll['identical']}/{ll['total']}" if ll["checked"] else "sampling (exact by construction)"
     if ll.get("near_ties"):
-        loss += f" (+{len(ll['near_ties'])} differing only at a near-tie of {r.get('mode', 'eager')} {r['dtype']} rounding)"
+        loss += (f" (+{len(ll['near_ties'])} differing only at a near-tie of {r.get('mode', 'eager')} {r['dtype']} "
+                 "rounding)")
     return (f"{r['drafter']}: tau {r['tau']:.2f}, speed-up {r['speedup']:.2f}x{_ci(r)} "
             f"({r['tokens_per_s']['speculative']:.1f} vs {r['tokens_per_s']['autoregressive']:.1f} tokens/s, "
             f"{r.get('mode', 'eager')}, {_draft_shape(r)}), {loss}")

@@ -128,8 +128,14 @@ class ChainDrafter:
     def _tree_feed(self, tokens: torch.Tensor, states: torch.Tensor | None, slots: torch.Tensor, end: int,
                    tree: tuple[torch.Tensor, torch.Tensor]) -> tuple:
         """Feed tree nodes `tokens` (W,) at cache `slots` with `tree` (positions, visible); `states` (W, C): the
-        state of each node's parent step (heads), else None."""
+        state of each node's parent step (heads), else None. Call `_tree_step` with the engine's step arguments."""
         raise NotImplementedError
+
+    def _tree_step(self, *args, **kwargs) -> tuple:
+        """A tree level through the drafter's engine: eager on a CPU, where compiling one more graph of a small
+        drafter costs minutes of autotuning for a step of a few milliseconds; compiled (CUDA graphs) on a GPU."""
+        engine = self._engine()
+        return engine.step(*args, **kwargs, eager=engine.device.type == "cpu")
 
     def _tree_base(self, n: int) -> int:
         """The first cache slot (and rotary position) of a tree's depth-1 nodes: the slot after the cached prefix."""
@@ -231,7 +237,7 @@ class ModelDrafter(ChainDrafter):
 
     def _tree_feed(self, tokens, states, slots, end, tree):
         dv = self.draft_vocab
-        return self.model.step(tokens[None], slots, end, hidden=dv is not None, logits=dv is None, tree=tree)
+        return self._tree_step(tokens[None], slots, end, hidden=dv is not None, logits=dv is None, tree=tree)
 
     def commit(self, n_valid, hidden=None, start=0):
         # Cached drafts d1..dk at positions n..n+k-1 were accepted; the token at n_valid - 1 is new to the drafter.
@@ -431,7 +437,7 @@ class EagleDrafter(ChainDrafter):
 
     def _tree_feed(self, tokens, states, slots, end, tree):
         x = self.head.fuse(states[None], self.target.embed(tokens[None]))
-        return self.engine.step(None, slots, end, embeds=x, hidden=True, logits=self.draft_vocab is None, tree=tree)
+        return self._tree_step(None, slots, end, embeds=x, hidden=True, logits=self.draft_vocab is None, tree=tree)
 
     def commit(self, n_valid, hidden=None, start=0):
         if hidden is not None:
@@ -493,7 +499,7 @@ class Eagle3Drafter(EagleDrafter):
 
     def _tree_feed(self, tokens, states, slots, end, tree):
         x = torch.cat([self.target.embed(tokens[None]), states[None]], dim=-1)
-        return self.engine.step(None, slots, end, embeds=x, hidden=True, logits=self.draft_vocab is None, tree=tree)
+        return self._tree_step(None, slots, end, embeds=x, hidden=True, logits=self.draft_vocab is None, tree=tree)
 
 
 HEAD_DRAFTERS = {"medusa": MedusaDrafter, "eagle": EagleDrafter, "eagle3": Eagle3Drafter}

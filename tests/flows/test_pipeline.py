@@ -52,7 +52,8 @@ def _variant(drafter: str, dst: Path, delta: float) -> str:
 
 def _report(speedups, identical=None, **lossless):
     """An evaluation report with fixed per-prompt timings: prompt i at 30 + i tokens/s alone, speedups[i] x that."""
-    rows = [{"id": f"p{i}", "tokens_per_s": (30.0 + i) * s, "ar_tokens_per_s": 30.0 + i} for i, s in enumerate(speedups)]
+    rows = [{"id": f"p{i}", "tokens_per_s": (30.0 + i) * s, "ar_tokens_per_s": 30.0 + i}
+            for i, s in enumerate(speedups)]
     n = len(rows)
     return {"lossless": {"identical": n if identical is None else identical, "total": n, "checked": True, **lossless},
             "speedup": sum(r["tokens_per_s"] for r in rows) / sum(r["ar_tokens_per_s"] for r in rows),

@@ -188,15 +188,19 @@ def test_speculative_sampling_matches_target_distribution(drafter_kind, threshol
         drafter = LookupFirstDrafter(ModelDrafter(tgt.truncated(1)), max_ngram=2)
     else:
         drafter = ModelDrafter(Transformer(tiny_llama(layers=1, vocab=vocab, hidden=16, seed=99, init_std=1.0)))
+    assert sampled_pvalue(tgt, drafter, vocab, steps, runs, gamma=3, threshold=threshold) > 1e-3
+
+
+def sampled_pvalue(tgt, drafter, vocab: int, steps: int = 3, runs: int = 2000, prompt=(2, 4, 1), **kw) -> float:
+    """`runs` speculative samples of `steps` tokens at temperature 1 (`kw`: gamma, threshold, tree) against the
+    target's exact joint distribution: the chi-square test's p-value."""
     params = SamplingParams(temperature=1.0)
-    prompt = [2, 4, 1]
-    exact = _exact_joint(tgt, prompt, params, vocab, steps)
+    exact = _exact_joint(tgt, list(prompt), params, vocab, steps)
     torch.manual_seed(1234)
     counts = dict.fromkeys(exact, 0)
     for _ in range(runs):
-        counts[tuple(generate(tgt, prompt, steps, drafter=drafter, gamma=3, params=params,
-                              threshold=threshold).tokens)] += 1
-    assert chi_square_pvalue(counts, exact, runs) > 1e-3
+        counts[tuple(generate(tgt, list(prompt), steps, drafter=drafter, params=params, **kw).tokens)] += 1
+    return chi_square_pvalue(counts, exact, runs)
 
 
 def chi_square_pvalue(counts: dict, exact: dict, runs: int) -> float:

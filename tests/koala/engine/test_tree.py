@@ -3,12 +3,10 @@ distribution when sampling, and one compiled graph for every tree."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from koala.engine.decode import generate
 from koala.engine.drafters import DraftVocab, LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
 from koala.engine.model import Transformer
-from koala.engine.sampling import SamplingParams
 from koala.engine.tree import Tree, TreeBudget, accept_greedy, accept_sampled, ancestors, parse_tree
 from koala.errors import KoalaError
 from tests.conftest import tiny_llama
@@ -109,22 +107,14 @@ def test_a_tree_accepts_at_least_the_chain_of_its_depth(target):
 def test_sampled_tree_output_is_distributed_as_the_targets(kind):
     """Three tokens sampled 2,000 times with a draft tree (two independent draws per expanded node, three levels):
     the sequences' frequencies match the target's exact joint distribution (chi-square, p > 0.001)."""
-    from tests.koala.engine.test_decode import _exact_joint, chi_square_pvalue
+    from tests.koala.engine.test_decode import sampled_pvalue
 
-    vocab, steps, runs = 6, 3, 2000
+    vocab = 6
     tgt = Transformer(tiny_llama(layers=2, vocab=vocab, hidden=16, seed=1, init_std=0.5))
     other = Transformer(tiny_llama(layers=1, vocab=vocab, hidden=16, seed=99, init_std=1.0))
     dv = DraftVocab(torch.tensor([0, 2, 3, 5]), other.lm_head, vocab) if kind == "vocab" else None
     drafter = ModelDrafter(other, draft_vocab=dv)
-    params = SamplingParams(temperature=1.0)
-    prompt = [2, 4, 1]
-    exact = _exact_joint(tgt, prompt, params, vocab, steps)
-    torch.manual_seed(1234)
-    counts = dict.fromkeys(exact, 0)
-    for _ in range(runs):
-        counts[tuple(generate(tgt, prompt, steps, drafter=drafter, params=params,
-                              tree=TreeBudget(3, 2, 6)).tokens)] += 1
-    assert chi_square_pvalue(counts, exact, runs) > 1e-3
+    assert sampled_pvalue(tgt, drafter, vocab, tree=TreeBudget(3, 2, 6)) > 1e-3
 
 
 # --- compiled: one graph for every tree -----------------------------------------------------------------------------
@@ -137,8 +127,7 @@ def test_compiled_trees_decode_as_eager_with_no_recompilation():
     d = ModelDrafter(Transformer(hf, 1).compile(mode="default"))
     ref = generate(eager, PROMPT, 30).tokens
     assert generate(comp, PROMPT, 30, drafter=d, gamma=3).tokens == ref  # the graphs: one token, 2+ tokens
-    assert generate(comp, PROMPT, 30, drafter=d, tree=TreeBudget(3, 2, 6)).tokens == ref  # the drafter's 2+ tokens
-    before = counters["stats"]["unique_graphs"]
-    for budget in (TreeBudget(4, 3, 12), TreeBudget(2, 4, 5), TreeBudget(5, 2, 9)):
+    before = counters["stats"]["unique_graphs"]  # a tree adds none (on a CPU the drafter's tree levels run eager)
+    for budget in (TreeBudget(3, 2, 6), TreeBudget(4, 3, 12), TreeBudget(2, 4, 5), TreeBudget(5, 2, 9)):
         assert generate(comp, PROMPT, 30, drafter=d, tree=budget).tokens == ref
     assert counters["stats"]["unique_graphs"] == before  # trees of every shape verify in the chain's graph
