@@ -9,14 +9,15 @@
 #     annotated-types==0.7.0 typing-inspection==0.4.2          (the wheels the host lacks, and the target's GGUF)
 # Run there, from the project root, with .bundle carried:  bash bench/gpu_check.sh [OUT_DIR]
 # Environment: DRAFTER (default truncate:4), DTYPES (default bfloat16), MODES (default compile,eager), PROMPTS (8),
-# DEVICE (default cuda; cpu runs the same steps here as a dry run).
+# DEVICE (default cuda; cpu runs the same steps here as a dry run), PYTHON (default python3).
 set -euo pipefail
+py=${PYTHON:-python3}
 out=${1:-${OUT:-runs/gpu-check}}
 device=${DEVICE:-cuda}
 mkdir -p "$out"
 site=${KOALA_SITE:-$HOME/site}
 if [ -d .bundle/whl ]; then
-  python3 -m pip install -q --no-index --no-deps --target "$site" .bundle/whl/*.whl
+  "$py" -m pip install -q --no-index --no-deps --target "$site" .bundle/whl/*.whl
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -30,15 +31,15 @@ if [ -f .bundle/smol.part.aa ]; then
   fi
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 KOALA_CACHE=${KOALA_CACHE:-$out/cache}
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$out/env.txt"
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" | tee "$out/env.txt"
 
 start=$(date +%s)
 echo "== CUDA-only tests"
-python3 -m pytest -q -p no:cacheprovider tests/koala/engine/test_compiled.py tests/koala/engine/test_tree.py \
+"$py" -m pytest -q -p no:cacheprovider tests/koala/engine/test_compiled.py tests/koala/engine/test_tree.py \
   -k "cuda" --junitxml="$out/cuda-tests.xml" 2>&1 | tail -n 15 | tee "$out/cuda-tests.txt" || true
 
 echo "== decode: autoregressive, chain, tree ($device)"
-timeout ${DECODE_TIMEOUT:-330} python3 bench/decode.py --target "$target" --device "$device" \
+timeout ${DECODE_TIMEOUT:-330} "$py" bench/decode.py --target "$target" --device "$device" \
   --dtypes "${DTYPES:-bfloat16}" --modes "${MODES:-compile,eager}" --drafter "${DRAFTER:-truncate:4}" \
   --prompts "${PROMPTS:-8}" --out "$out/decode-$device.json" 2>&1 | tail -n 40 | tee "$out/decode.txt"
 echo "== done in $(( $(date +%s) - start )) s; JSON: $out/decode-$device.json"
