@@ -249,9 +249,10 @@ def tree_probe_budget(max_depth: int | None = None):
 def path_length(ranks: list[list[int]], accepted: list[int], depth: int, topk: int) -> float:
     """Mean drafts a tree of `depth` x `topk` would have accepted on probe rounds of a wider, deeper tree.
 
-    `ranks[r]`: the rank among its siblings of each node on round r's accepted path; `accepted[r]`: its length. A
-    smaller tree keeps the path up to its first node ranked at or past `topk`, and at most `depth` nodes of it (the
-    drafter's first choices are always in it: koala.engine.tree keeps its chain).
+    `ranks[r]`: each accepted node's index among the nodes its depth kept in the probe (best first, 0 the drafter's
+    chain); `accepted[r]`: the path's length. A node within the first `topk` of its depth at every depth of its path
+    is also in the `topk` tree (its candidates are a subset of the probe's), so this is a lower bound of that tree's
+    accepted length, up to `depth` nodes; the chain (top-k 1) is exact.
     """
     total = 0
     for rs, k in zip(ranks, accepted):

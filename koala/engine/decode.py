@@ -181,7 +181,7 @@ def generate(
     Raises:
         KoalaError: empty prompt, prompt or generation longer than the context, gamma < 1, vocabulary mismatch.
     """
-    seq, gamma, tree = _start(target, drafter, prompt, max_new_tokens, max_context, gamma, tree)
+    seq, gamma, tree = _start(target, drafter, prompt, max_new_tokens, max_context, gamma, tree, params.greedy)
     T, hidden = len(prompt), drafter is not None and drafter.needs_hidden
     start = time.perf_counter()
     seq[T], h = prefill(target, seq, T, params, hidden)
@@ -227,11 +227,14 @@ def _round(target, drafter, seq, n, gamma, tree, params, threshold, hidden, prof
 
 
 def _start(target: Transformer, drafter: Drafter | None, prompt: list[int], max_new_tokens: int,
-           max_context: int | None, gamma: int, tree: TreeBudget | None):
+           max_context: int | None, gamma: int, tree: TreeBudget | None, greedy: bool = True):
     """Check the request, size the caches (room past the last token for a chain's or a tree's drafts), and return
-    the sequence buffer with the prompt written in, gamma (a tree's depth) and the tree (None for a chain)."""
+    the sequence buffer with the prompt written in, gamma (a tree's depth) and the tree (None for a chain; sampled,
+    with all its depth x top-k draws, which a sampled tree keeps)."""
     if tree is not None and (tree.is_chain or drafter is None):
         gamma, tree = tree.depth, None
+    if tree is not None and not greedy:
+        tree = TreeBudget(tree.depth, tree.topk, tree.drafter_slots)
     gamma = tree.depth if tree is not None else gamma  # the longest accepted path
     room = gamma if tree is None else max(tree.nodes, tree.drafter_slots) + 1
     check_drafter(target, drafter, gamma)

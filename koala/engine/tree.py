@@ -17,7 +17,7 @@ How the tree is grown (`grow`):
 * **Sampled** (SpecInfer, Miao et al. 2024; Recursive Speculative Decoding, Jeon et al. 2024): each expanded node's
   children are k independent draws from the drafter's q at that node, and all of them are kept; which nodes are
   expanded may depend on tokens already drawn (here: the best-scoring node of each depth), never on the children
-  themselves. Verification walks down from the root, trying a node's children in turn with the rejection rule and
+  themselves; so a sampled tree keeps all its depth x k draws (`TreeBudget.total` does not apply). Verification walks down from the root, trying a node's children in turn with the rejection rule and
   replacing p by the normalised residual max(p - q, 0) after each rejection; when no child is accepted the token is
   drawn from the residual. Every emitted token is then distributed exactly as the target's (multi-candidate
   speculative sampling with replacement).
@@ -91,7 +91,9 @@ class Tree:
 
     tokens (N,), parents (N,) (root: 0), depth (N,) (root: 0), anc (N, N) bool: anc[i, j] when j is i or an
     ancestor of i. q (N, V): for sampled trees, the distribution node i's children were drawn from (None: greedy).
-    rank (N,): a node's rank among its siblings by draft probability (0: the drafter's first choice).
+    rank (N,): a greedy node's index among the nodes its depth kept, best first (0: the drafter's own chain; at
+    depth 1 its rank among the root's children), from which `koala.engine.calibrate.path_length` tells whether a
+    narrower tree would have held it.
     """
 
     tokens: torch.Tensor
@@ -166,21 +168,22 @@ def _grow_greedy(root, root_logits, expand, budget: TreeBudget, to_vocab) -> Tre
         cand = (score[-1][:, None] + top.values).flatten()  # (k * k,)
         keep = cand.clone()
         keep[0] = float("inf")  # the chain's next node (first choice of the first node) always stays, first
-        best = keep.topk(k).indices
+        best = keep.topk(k).indices  # best first, the chain's node at index 0
         tok.append(_ids(to_vocab, top.indices.flatten()[best]))
         score.append(cand[best])
         parent.append(ids[best // k])
-        rank.append(best % k)
+        rank.append(torch.arange(k, device=dev))
         first += k
     tokens, scores = torch.cat(tok), torch.cat(score)
     parents, ranks = torch.cat(parent), torch.cat(rank)
     depth = torch.arange(1, budget.depth + 1, device=dev).repeat_interleave(k)
     n_keep = budget.nodes
     if n_keep < tokens.shape[0]:
-        # The best-scoring nodes, the chain's first (a tree never verifies less than the chain of its depth); a
-        # shallower node wins a tie, so kept nodes keep their parents.
-        chain = torch.zeros_like(scores).index_fill_(0, torch.arange(0, tokens.shape[0], k, device=dev), 1e4)
-        order = (scores + chain - depth * 1e-6).topk(n_keep).indices.sort().values
+        # The best-scoring nodes, the chain's first (a tree never verifies less than the chain of its depth). A
+        # child never outscores its parent (log-probabilities are <= 0) and nodes are in topological order, so a
+        # stable sort keeps every kept node's parent, ties included.
+        key = scores.index_fill(0, torch.arange(0, tokens.shape[0], k, device=dev), float("inf"))
+        order = torch.sort(key, descending=True, stable=True).indices[:n_keep].sort().values
     else:
         order = torch.arange(tokens.shape[0], device=dev)
     return _select(root, tokens, parents, depth, ranks, order, budget.depth, None)

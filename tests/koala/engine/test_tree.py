@@ -7,6 +7,7 @@ import torch
 from koala.engine.decode import generate
 from koala.engine.drafters import DraftVocab, LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
 from koala.engine.model import Transformer
+from koala.engine.sampling import SamplingParams
 from koala.engine.tree import Tree, TreeBudget, accept_greedy, accept_sampled, ancestors, parse_tree
 from koala.errors import KoalaError
 from tests.conftest import tiny_llama
@@ -92,6 +93,21 @@ def test_every_drafter_kind_gives_the_targets_greedy_output(target, budget):
         res = generate(target, PROMPT, 40, drafter=d, eos_ids={1}, tree=budget)
         assert res.tokens == ref, d.name
         assert all(0 <= k <= budget.depth for _, k in res.rounds)
+
+
+def test_pruning_keeps_every_nodes_parent_even_at_ties():
+    """A drafter certain of every token (log-probabilities 0): the chain's nodes all score 0, as do their first
+    children. Kept nodes, fewer than the depth, must be the chain's first ones, each with its parent."""
+    from koala.engine.tree import grow
+
+    certain = torch.full((V,), -1e4)
+    certain[7] = 0.0
+    for total in (2, 3, 5):
+        tree = grow(torch.tensor(1), certain, lambda ids, tokens, parents, d: certain.expand(ids.shape[0], -1),
+                    TreeBudget(4, 3, total), SamplingParams())
+        assert tree.size == total + 1
+        assert bool((tree.depth[1:] == tree.depth[tree.parents[1:]] + 1).all())  # every parent kept, one level up
+        assert int(tree.depth.max()) == min(total, 4) and tree.tokens[1:].tolist().count(7) >= min(total, 4)
 
 
 def test_a_tree_accepts_at_least_the_chain_of_its_depth(target):
