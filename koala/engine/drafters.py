@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from koala.engine.model import Transformer
 from koala.engine.sampling import SamplingParams, logits_to_probs, sample
-from koala.engine.tree import Tree, TreeBudget, chain_tree, grow
+from koala.engine.tree import Tree, TreeBudget, chain_tree, grow, visible
 from koala.errors import KoalaError
 from koala.models.vocab import load_draft_vocab
 
@@ -170,12 +170,9 @@ class ChainDrafter:
             seen = anc[parents]
             seen[torch.arange(W, device=seq.device), own] = True
             anc[ids] = seen
-            vis = torch.zeros(W, width, dtype=torch.bool, device=seq.device)
-            vis[:, :base] = True
-            vis[:, base:base + S] = seen
             pos = torch.full((W,), base + d - 2, dtype=torch.long, device=seq.device)
             o = self._tree_feed(tokens, None if states is None else states[parents], base + own, base + used + W,
-                                (pos, vis))
+                                (pos, visible(seen, base, width)))
             used += W
             if states is not None:
                 states[ids] = self._state(o)

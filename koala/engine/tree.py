@@ -235,13 +235,12 @@ def _select(root, tokens, parents, depth, ranks, order, max_depth, q) -> Tree:
     return Tree(t, p, dp, ancestors(p, dp, max_depth), qq, r)
 
 
-def visible(tree_anc: torch.Tensor, start: int, size: int) -> torch.Tensor:
-    """(N, size) bool attention mask of tree nodes written at slots start..start+N-1: the prefix before `start`, and
-    each node's ancestors and itself."""
-    N = tree_anc.shape[0]
-    vis = torch.zeros(N, size, dtype=torch.bool, device=tree_anc.device)
+def visible(seen: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    """(W, size) bool attention mask of W tree nodes whose tree occupies slots start..start+S-1: the prefix before
+    `start`, and the tree slots `seen` (W, S) marks (each node's ancestors and itself)."""
+    vis = torch.zeros(seen.shape[0], size, dtype=torch.bool, device=seen.device)
     vis[:, :start] = True
-    vis[:, start:start + N] = tree_anc
+    vis[:, start:start + seen.shape[1]] = seen
     return vis
 
 
