@@ -5,7 +5,7 @@ Each compute dtype trains the profile's drafter from the same start on the same 
 (held-out measurements not counted), measuring held-out greedy agreement of drafts 1..unroll every `--every` steps.
 
     python bench/dtype_curve.py --data runs/smoke/teacher --minutes 4 --out bench/results/dtype_curve.json \
-        --png docs/dtype_curve.png
+        --png runs/dtype_curve.png
 """
 
 from __future__ import annotations
@@ -67,13 +67,10 @@ def plot(result: dict, png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from render import draw_dtype_curve  # bench/render.py, beside this script: the docs draw the same plot
+
     fig, ax = plt.subplots(figsize=(7, 4))
-    for (dtype, pts), style in zip(result["curves"].items(), ("--", "-")):
-        for p in range(len(pts[0]["agreement"]) if pts else 0):
-            ax.plot([x["train_s"] / 60 for x in pts], [x["agreement"][p] for x in pts], style, marker="o",
-                    markersize=3, label=f"{dtype}, draft {p + 1}")
-    ax.set_xlabel("training wall time (minutes)")
-    ax.set_ylabel("held-out greedy agreement")
+    draw_dtype_curve(ax, result["curves"])
     ax.set_title(f"{result['kind']} head, {result['cpu']} ({result['threads']} threads)", fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

@@ -507,7 +507,7 @@ def summary(trials: list[dict], bad: list[dict]) -> dict:
 
 
 def markdown(bad: list[dict]) -> str:
-    """The bad-input table for the README: input, message, exit code."""
+    """The bad-input table with what each case printed: input, message, exit code."""
     esc = lambda t: t.replace("|", "\\|")  # noqa: E731
     lines = ["| input | message | exit |", "|---|---|---|"]
     lines += [f"| `{esc(b['input'])}` | {esc(b['message'])} | {b['exit_code']} |" for b in bad]

@@ -1,7 +1,9 @@
-"""Render the committed benchmark results (bench/results/*.json) as the Markdown tables the README quotes.
+"""Render the committed benchmark results (bench/results/*.json) as the Markdown tables and plots the docs quote.
 
-Each table sits in the README between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`; `--write` replaces what is
-between the markers, so a figure in the README is always one a results file holds.
+A table sits between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` in the README or a page under docs/. The
+documentation site fills the pages' blocks when it is built (docs/hooks/koala_docs.py) and draws the plots; `--write`
+rewrites the README's blocks. So a figure in the docs is always one a results file holds, and a results file that no
+page renders fails the build.
 
     python bench/render.py            # print every table
     python bench/render.py --write    # and rewrite the README's blocks
@@ -10,24 +12,42 @@ between the markers, so a figure in the README is always one a results file hold
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+PROVENANCE = ("command", "commit", "date")  # and the machine: `cpu` or `gpu`
+READ: set[str] = set()  # the results files rendered so far: what the orphan check compares against
+BLOCK = re.compile(r"(<!-- bench:([\w-]+) -->\n).*?(<!-- /bench:\2 -->)", re.S)
 
 
 def _load(name: str) -> dict | None:
+    """A results file, checked to say how it was measured (command, commit, date, machine); None if absent."""
     f = RESULTS / name
-    return json.loads(f.read_text()) if f.exists() else None
+    if not f.exists():
+        return None
+    r = json.loads(f.read_text())
+    missing = [k for k in PROVENANCE if not r.get(k)] + ([] if r.get("cpu") or r.get("gpu") else ["cpu or gpu"])
+    if missing:
+        raise ValueError(f"{f}: lacks {', '.join(missing)}: every results file says how and where it was measured "
+                         "(write it with koala.benchinfo.write)")
+    READ.add(name)
+    return r
 
 
 def _machine(r: dict) -> str:
     commit = str(r["commit"])
     commit = commit[:10] + ("+dirty" if commit.endswith("+dirty") else "")
-    return (f"{r['cpu']} ({', '.join(r['cpu_flags']) or 'no matrix-unit flags'}), {r['threads']} threads, torch "
-            f"{r['torch']}, commit {commit}, {r['date'][:10]}")
+    where = f"GPU {r['gpu']}" if r.get("gpu") else \
+        f"{r['cpu']} ({', '.join(r['cpu_flags']) or 'no matrix-unit flags'}), {r['threads']} threads"
+    return f"{where}, torch {r['torch']}, commit {commit}, {r['date'][:10]}"
+
+
+def _missing(name: str, command: str) -> str:
+    return f"Not measured yet: no `bench/results/{name}` is committed. `{command}` writes it."
 
 
 def dtype_table() -> str:
@@ -96,7 +116,7 @@ def curve_table() -> str:
         if last:
             rows.append(f"| {d} | {last['step']} in {last['train_s'] / 60:.1f} min | "
                         f"{' / '.join(f'{x:.3f}' for x in last['agreement'])} |")
-    return "\n".join(rows) + f"\n\n`{c['command']}` on {_machine(c)}; plot: `docs/dtype_curve.png`."
+    return "\n".join(rows) + f"\n\n`{c['command']}` on {_machine(c)}."
 
 
 def load_table() -> str:
@@ -129,26 +149,62 @@ def default_table() -> str:
     return "\n".join(rows) + f"\n\n`{r['command']}` on {_machine(r)}."
 
 
-def eagle3_table() -> str:
-    r = _load("eagle3.json")
+def grid_table(name: str, command: str) -> str:
+    """A `bench/ablation.py --json` grid: mean ± std over seeds per configuration."""
+    r = _load(name)
     if not r:
-        return "(no results)"
+        return _missing(name, command)
 
     def cell(m, key):
         v = m.get(key)
         return "–" if v is None else f"{v['mean']:.3f} ± {v['std']:.3f}"
 
+    def by_draft(m, key):  # drafts 1 / 2 / 3 where the grid measured them, else the overall value
+        per = [f"{key}_pos{p}" for p in (1, 2, 3) if f"{key}_pos{p}" in m]
+        return " / ".join(cell(m, k) for k in per) if per else cell(m, key)
+
     benches = [b.split(":")[0] for b in r["bench"].split(",")]
-    head = ["kind", "seeds", "steps", "train min", "held-out acceptance, drafts 1 / 2 / 3",
-            "greedy agreement, drafts 1 / 2 / 3", *[f"{b}: τ, speed-up" for b in benches]]
+    head = ["configuration", "seeds", "steps", "train min", "held-out acceptance (by draft)",
+            "greedy agreement (by draft)", *[f"{b}: τ, speed-up" for b in benches]]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, m in r["summary"].items():
-        acc = " / ".join(cell(m, f"heldout_expected_acceptance_pos{p}") for p in (1, 2, 3))
-        agr = " / ".join(cell(m, f"heldout_greedy_agreement_pos{p}") for p in (1, 2, 3))
+    for conf, m in r["summary"].items():
         per = [f"{cell(m, f'tau_{b}')}, {cell(m, f'speedup_{b}')}" for b in benches]
-        mins = m["train_s"]["mean"] / 60 if "train_s" in m else float("nan")
-        rows.append(f"| {name} | {len(m['seeds'])} | {m['steps']} | {mins:.1f} | {acc} | {agr} | " + " | ".join(per) + " |")
-    return "\n".join(rows) + f"\n\n`{r['command']}` on {_machine(r)}; gamma {r['gamma']}, greedy, compiled engine."
+        mins = f"{m['train_s']['mean'] / 60:.1f}" if "train_s" in m else "–"
+        rows.append(f"| {conf} | {len(m['seeds'])} | {m['steps']} | {mins} | "
+                    f"{by_draft(m, 'heldout_expected_acceptance')} | {by_draft(m, 'heldout_greedy_agreement')} | "
+                    + " | ".join(per) + " |")
+    return "\n".join(rows) + (f"\n\n`{r['command']}` on {_machine(r)}; gamma {r['gamma']}, greedy, compiled engine, "
+                              f"{r['max_new_tokens']} new tokens, every output checked identical to the target's.")
+
+
+def eagle3_table() -> str:
+    return grid_table("eagle3.json", "python bench/ablation.py --grid eagle3 --json bench/results/eagle3.json")
+
+
+def losses_table() -> str:
+    return grid_table("ablation_losses.json", "python bench/ablation.py --grid losses --seeds 0,1,2 "
+                      "--json bench/results/ablation_losses.json")
+
+
+def heads_table() -> str:
+    return grid_table("ablation_heads.json", "python bench/ablation.py --grid heads --seeds 0,1,2 "
+                      "--json bench/results/ablation_heads.json")
+
+
+def headline_table() -> str:
+    """The figures the README leads with: what the default profile's drafter measured on MT-bench and HumanEval."""
+    rows = ["| what | τ | speed-up | lossless | measured with |", "|---|---|---|---|---|"]
+    notes = []
+    d = _load("default_profile.json")
+    if d:
+        for e in d["evaluations"].values():
+            rows.append(f"| {e['bench']} {e['prompts']}, drafter `{e['drafter']}` ({e['mode']}, {e['dtype']}, gamma "
+                        f"{e['gamma']}) | {e['tau']:.2f} | {e['speedup']:.2f}x | {e['lossless']} | "
+                        "`default_profile.json` |")
+        notes.append(f"* `default_profile.json`: `{d['command']}` on {_machine(d)}")
+    if len(rows) == 2:
+        return "(no results)"
+    return "\n".join(rows) + "\n\n" + "\n".join(notes)
 
 
 def eagle3_data_table() -> str:
@@ -195,23 +251,119 @@ def trees_table() -> str:
                               f"prompts, {r['max_new_tokens']} new tokens, greedy.")
 
 
-TABLES = {"trees": trees_table, "default": default_table, "dtype": dtype_table, "fidelity": fidelity_table, "curve": curve_table, "load": load_table,
-          "eagle3": eagle3_table, "eagle3-data": eagle3_data_table}
+TABLES = {"headline": headline_table, "trees": trees_table, "default": default_table, "dtype": dtype_table,
+          "fidelity": fidelity_table, "curve": curve_table, "load": load_table, "eagle3": eagle3_table,
+          "eagle3-data": eagle3_data_table, "ablation-losses": losses_table, "ablation-heads": heads_table}
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt, *plt.subplots(figsize=(7, 3.6))
+
+
+def _png(plt, fig, ax, title: str) -> bytes:
+    import textwrap
+
+    ax.set_title("\n".join(textwrap.wrap(title, 100)), fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def draw_dtype_curve(ax, curves: dict) -> None:
+    """Held-out agreement of each draft against training minutes, one line style per compute dtype."""
+    for (dtype, pts), style in zip(curves.items(), ("--", "-")):
+        for p in range(len(pts[0]["agreement"]) if pts else 0):
+            ax.plot([x["train_s"] / 60 for x in pts], [x["agreement"][p] for x in pts], style, marker="o",
+                    markersize=3, label=f"{dtype}, draft {p + 1}")
+    ax.set_xlabel("training wall time (minutes)")
+    ax.set_ylabel("held-out greedy agreement")
+    ax.legend(fontsize=7)
+
+
+def plot_dtype_curve() -> bytes | None:
+    """Held-out agreement by draft against training wall time, float32 and bf16 (dtype_curve.json)."""
+    r = _load("dtype_curve.json")
+    if not r:
+        return None
+    plt, fig, ax = _figure()
+    draw_dtype_curve(ax, r["curves"])
+    return _png(plt, fig, ax, f"{r['kind']} head, {_machine(r)}")
+
+
+def plot_acceptance() -> bytes | None:
+    """Acceptance by draft position of each of the default profile's evaluations (default_profile.json)."""
+    r = _load("default_profile.json")
+    if not r:
+        return None
+    plt, fig, ax = _figure()
+    for name, e in r["evaluations"].items():
+        acc = e["acceptance_by_position"]
+        ax.plot(range(1, len(acc) + 1), acc, marker="o", label=f"{e['bench']} {e['prompts']}, {e['drafter']}")
+    ax.set_xlabel("draft position")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("acceptance (given the earlier drafts accepted)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    return _png(plt, fig, ax, f"{r['command']}, {_machine(r)}")
+
+
+def plot_trees() -> bytes | None:
+    """Tokens/s of autoregressive decoding, the best chain and the best tree, per dtype and mode (decode.json)."""
+    r = _load("decode.json")
+    if not r:
+        return None
+    plt, fig, ax = _figure()
+    labels, groups = [], {"autoregressive": [], "best chain": [], "best tree": []}
+    for dtype, by in r["by_dtype"].items():
+        for mode, m in by.items():
+            if isinstance(m, dict) and "tree" in m:
+                labels.append(f"{dtype}, {mode}")
+                groups["autoregressive"].append(m["tokens_per_s"]["autoregressive"])
+                groups["best chain"].append(m["chain"]["tokens_per_s"])
+                groups["best tree"].append(m["tree"]["tokens_per_s"])
+    width = 0.8 / len(groups)
+    for i, (name, ys) in enumerate(groups.items()):
+        ax.bar([x + i * width for x in range(len(labels))], ys, width, label=name)
+    ax.set_xticks([x + width for x in range(len(labels))], labels)
+    ax.set_ylabel("tokens/s")
+    ax.legend(fontsize=7)
+    return _png(plt, fig, ax, f"drafter {r['drafter']}, {r['prompts']} MT-bench prompts, {_machine(r)}")
+
+
+PLOTS = {"dtype_curve.png": plot_dtype_curve, "acceptance.png": plot_acceptance, "trees.png": plot_trees}
+
+
+def fill(text: str, where: str = "text") -> str:
+    """`text` with every `<!-- bench:NAME -->` block holding NAME's table as the results now give it."""
+    def one(m):
+        if m.group(2) not in TABLES:
+            raise ValueError(f"{where}: unknown results block bench:{m.group(2)}: use one of {', '.join(TABLES)}")
+        return m.group(1) + TABLES[m.group(2)]() + "\n" + m.group(3)
+    return BLOCK.sub(one, text)
+
+
+def orphans() -> list[str]:
+    """Results files that nothing rendered since READ was last cleared."""
+    return sorted(f.name for f in RESULTS.glob("*.json") if f.name not in READ)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--write", action="store_true", help="rewrite the README's marked blocks")
     a = ap.parse_args()
-    readme = ROOT / "README.md"
-    text = readme.read_text()
     for name, fn in TABLES.items():
-        body = fn()
-        print(f"<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->\n")
-        pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(<!-- /bench:{name} -->)", re.S)
-        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+        print(f"<!-- bench:{name} -->\n{fn()}\n<!-- /bench:{name} -->\n")
     if a.write:
-        readme.write_text(text)
+        readme = ROOT / "README.md"
+        readme.write_text(fill(readme.read_text(), "README.md"))
 
 
 if __name__ == "__main__":

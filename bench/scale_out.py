@@ -1,4 +1,4 @@
-"""Samples per second of the fanned-out dataset build with 1 worker and with N: prints JSON (README: Scale out).
+"""Samples per second of the fanned-out dataset build with 1 worker and with N: prints JSON (docs/guides/scale-out.md).
 
     python bench/scale_out.py [--workers 1,2] [--prompts 32] [--shard-size 4] [--max-new-tokens 64]
         [--profile smoke] [--out runs/scale_out]

@@ -57,7 +57,7 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
 
             if not PREFECT_API_URL.value():
                 raise KoalaError("--fan-out needs a Prefect server whose work pool has workers: set PREFECT_API_URL "
-                                 "(README: Scale out), or leave --fan-out out to sample here")
+                                 "(docs/guides/scale-out.md), or leave --fan-out out to sample here")
         if source not in SOURCES:
             raise KoalaError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
         if source == "teacher_forced" and n_prompts:  # how many conversations to teacher-force

@@ -162,8 +162,12 @@ class EvalConfig(_Strict):
     gamma: int | str = Field("auto", description="draft shape: N tokens proposed per target forward (a chain), "
                              "DEPTHxTOPKxNODES a draft tree (e.g. 4x3x12), or auto: the chain or tree chosen from the "
                              "measured cost by width and acceptance")
-    compile: bool = Field(True, description="compiled decode steps (inductor on a CPU, CUDA graphs on a GPU): "
-                          "compiled once per width and cached on disk under $KOALA_CACHE/inductor")
+    compile: bool = Field(True, description="compiled decode steps (on a CPU compiled ahead of time once per machine "
+                          "and cached under $KOALA_CACHE/aot; CUDA graphs on a GPU)")
+    dtype: Literal["target", "auto", "float32", "bfloat16", "float16"] = Field(
+        "target", description="the precision the target and drafter decode in, the autoregressive baseline included: "
+        "target (the target's own dtype), auto (bfloat16 where this machine's matrix units measure it faster, as "
+        "compute_dtype decides), or a dtype; losslessness is checked against the target run at this precision")
     threshold: float | None = Field(None, ge=0, le=1, description="stop drafting at a token the drafter gives less "
                                     "probability than this (adaptive draft length); None: always gamma")
     lookup: bool = Field(False, description="prompt lookup first: copy the continuation of an earlier match of the "
@@ -219,7 +223,7 @@ class TrackingConfig(_Strict):
 
 
 class DistributedConfig(_Strict):
-    """The pipeline's training stage as one torchrun job over several workers of the pool (README: Scale out)."""
+    """The pipeline's training stage as one torchrun job over several workers of the pool (docs/guides/scale-out.md)."""
 
     nodes: int = Field(1, ge=1, description="workers (hosts) the training stage runs on; 1 = in the pipeline's run")
     procs_per_node: int = Field(1, ge=1, description="torchrun processes per node (GPUs per host)")

@@ -139,7 +139,7 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
     gamma; measure each prompt with and without the drafter; summarise. `stage` hears each step's name.
 
     Returns:
-        The report dict (see README: target, drafter, tau, speedup, tokens_per_s, lossless, ...).
+        The report dict (see docs/guides/evaluate.md: target, drafter, tau, speedup, tokens_per_s, lossless, ...).
     """
     stage = stage or (lambda _: None)
     drafter, prompts, gmax = _prepare(session, drafter_spec, cfg)
@@ -262,8 +262,7 @@ def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: 
 
 def _measure_prompt(session, drafter, cfg: EvalConfig, gamma: int, i: int, rec, ids, assistant, tree=None):
     """One prompt, autoregressive then speculative (same seed), optionally HF generate: its report row."""
-    torch.manual_seed(i)
-    ar = _run(session, cfg, ids, None, gamma)
+    ar = _autoregressive(session, cfg, ids, i)
     torch.manual_seed(i)
     sp = _run(session, cfg, ids, drafter, gamma, tree=tree)
     greedy = cfg.temperature == 0
@@ -284,6 +283,18 @@ def _measure_prompt(session, drafter, cfg: EvalConfig, gamma: int, i: int, rec, 
                                 gamma=gamma)
             row["hf_assisted"] = n / w
     return row, sp
+
+
+def _autoregressive(session, cfg: EvalConfig, ids: list[int], i: int):
+    """The target alone on one prompt, measured once per session: every drafter evaluated in the same process (the
+    pipeline's candidate, without lookup, the champion re-measured) pairs its timings with the same autoregressive
+    run, so each costs only its speculative decoding. The key holds everything the run depends on (the seed too)."""
+    key = (tuple(ids), cfg.max_new_tokens, cfg.temperature, cfg.top_p, i)
+    cache = session.autoregressive
+    if key not in cache:
+        torch.manual_seed(i)
+        cache[key] = _run(session, cfg, ids, None, 1)
+    return cache[key]
 
 
 def _summarise(session, drafter, cfg, gamma, rows, accept_total, rounds, hf_rows, c, target_step_s,

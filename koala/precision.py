@@ -195,3 +195,16 @@ def for_model(setting: str, model: torch.nn.Module) -> ComputeDtype:
     c = model.config
     return resolve(setting, p.device, c.hidden_size, getattr(c, "intermediate_size", 4 * c.hidden_size),
                    c.vocab_size)
+
+
+def decode_dtype(setting: str, model: torch.nn.Module) -> ComputeDtype:
+    """The dtype an evaluation decodes a target in (`eval.dtype`): the target's own (`target`), a given one, or
+    `auto`: bfloat16 where this machine's matrix units measure bf16 GEMMs at least MIN_SPEEDUP times faster at the
+    target's widths (the measurement `compute_dtype: auto` uses, cached per machine), else the target's own."""
+    own = str(next(model.parameters()).dtype).removeprefix("torch.")
+    if setting == "target":
+        return ComputeDtype(own, "the target's own dtype", autocast_on=False)
+    if setting != "auto":
+        return ComputeDtype(setting, "set by eval.dtype", autocast_on=False)
+    c = for_model("auto", model)
+    return ComputeDtype(c.name if c.is_bf16 else own, c.reason, c.speedup, autocast_on=False)

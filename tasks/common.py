@@ -31,6 +31,18 @@ def session_for(tc: TargetConfig, compile: bool = False) -> Session:
         return _SESSIONS[(key, compile)]
 
 
+def decoding_target(cfg: KoalaConfig) -> TargetConfig:
+    """The target as the evaluation decodes it: `eval.dtype` resolved (auto: measured once per machine)."""
+    from koala.precision import decode_dtype
+
+    if cfg.eval.dtype == "target":
+        return cfg.target
+    name = cfg.eval.dtype
+    if name == "auto":
+        name = decode_dtype("auto", session_for(cfg.target).target.model).name
+    return cfg.target.model_copy(update={"dtype": name})
+
+
 def retry_unless_koala_error(task, task_run, state) -> bool:
     """Prefect's retry condition: a KoalaError (bad input, a refused resume, an interrupt) fails the same way on
     every try, so it is not retried; anything else (a worker lost, a transient I/O error) is."""

@@ -15,7 +15,7 @@ from koala.evaluate import evaluate, summary_line
 from koala.promotion import decide
 from koala.engine.drafter_spec import spec_of_dir
 from koala.tracking import WEIGHTS_TAG, Registry, Tracker, drafter_path, resolve_uri
-from koala_tasks.common import retry_unless_koala_error, session_for
+from koala_tasks.common import decoding_target, retry_unless_koala_error, session_for
 
 EVAL_KEYS = ("bench", "gamma", "threshold", "lookup", "temperature", "top_p", "max_new_tokens", "limit", "compile")
 
@@ -52,8 +52,8 @@ def evaluate_drafter(cfg: KoalaConfig, drafter: str, out_dir: str, parent_run_id
                      run_name: str = "evaluate") -> dict:
     """Measure a drafter on the benchmark; logs metrics, report and plots; returns the report with only each prompt's
     timings of its per-prompt rows (what the promotion rule's interval pairs)."""
-    s = session_for(cfg.target, compile=cfg.eval.compile)
     log = get_run_logger()
+    s = session_for(decoding_target(cfg), compile=cfg.eval.compile)
     log.info("evaluating %s: %s", drafter, s.describe())
     t0 = time.perf_counter()
 

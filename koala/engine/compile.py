@@ -13,13 +13,25 @@ max-autotune picks, per GEMM shape, between MKL and its own small-M micro-kernel
 all rows: verifying gamma + 1 tokens then costs little more than one (bench/decode.py prints the curve). Compiled
 artifacts are cached on disk under $KOALA_CACHE/inductor, so a second run, or another process, loads them instead
 of compiling again; `compile_seconds()` reports the time spent compiling apart from decoding.
+
+On a CPU each step is compiled ahead of time instead (`AotStep`): exported with `torch.export`, compiled by
+AOTInductor with frozen, pre-packed weights into a package under $KOALA_CACHE/aot, and loaded from there (in
+milliseconds) by every later process on the same machine, so a second `koala eval` or `make demo` compiles nothing.
+A package is keyed by everything its code depends on (the model's weights, dtype, cache size, the step's inputs and
+outputs, koala's engine source, torch's version, the CPU model and its flags, threads); a package that fails to
+load, or whose first output differs from the eager forward's on the same inputs, is rebuilt, never trusted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
 import os
+import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -28,11 +40,34 @@ from koala.errors import KoalaError
 
 MAX_STEP_WIDTH = 32  # steps of at most this many tokens (a chain's or a draft tree's) run compiled; a prefill eager
 _compile_s = 0.0
+_aot_steps = 0
+AOT_FORMAT = 1  # bumped when a package's inputs or outputs change meaning
+AOT_CACHE_GB = 8.0  # the packages kept on disk (least recently used first out); KOALA_AOT_CACHE_GB overrides
 
 
 def compile_seconds() -> float:
-    """Seconds spent so far in this process compiling (the first call of each new step shape)."""
+    """Seconds spent so far in this process compiling (the first call of each new step shape; 0 when every step
+    was loaded from the ahead-of-time cache)."""
     return _compile_s
+
+
+def compilations() -> int:
+    """Compiled graphs and ahead-of-time packages this process has built or loaded (a test of no recompilation)."""
+    return _graphs() + _aot_steps
+
+
+def aot_dir() -> Path:
+    """Where the packages live: $KOALA_AOT_DIR, default $KOALA_CACHE/aot (a package holds its model's weights)."""
+    from koala.assets import cache_dir
+
+    return Path(os.environ["KOALA_AOT_DIR"]) if os.environ.get("KOALA_AOT_DIR") else cache_dir() / "aot"
+
+
+def aot_enabled(device: torch.device, mode: str | None = None) -> bool:
+    """Ahead-of-time packages on a CPU unless KOALA_AOT=0 or a CUDA-graph mode is asked for (then inductor compiles
+    in each process, as on CUDA)."""
+    graphs = mode in ("reduce-overhead", "max-autotune")
+    return device.type == "cpu" and not graphs and os.environ.get("KOALA_AOT", "1") != "0"
 
 
 def configure_inductor(device: torch.device) -> None:
@@ -135,3 +170,242 @@ def _graphs() -> int:
     from torch._dynamo.utils import counters
 
     return counters["stats"]["unique_graphs"]
+
+
+class AotStep:
+    """A model's steps compiled ahead of time (AOTInductor), cached on disk per machine, called like `CompiledStep`.
+
+    One package per step signature: one token or 2..MAX_STEP_WIDTH tokens (a symbolic width, as `CompiledStep`'s),
+    token ids or given embeddings, the features and logits asked for, with or without a tree's positions and mask.
+    The KV caches are inputs the package writes in place, so the eager prefill, `move_slots` and the compiled steps
+    share one cache. The first call of each package in a process is checked against the eager forward on copies of
+    the caches; a mismatch (a stale package the key did not catch) deletes it and compiles again.
+    """
+
+    def __init__(self, model, mode: str | None = None):
+        configure_inductor(model.device)
+        self.model = model
+        self.mode = mode or default_mode(model.device)
+        self.graphs = False
+        self.steps: dict[tuple, Callable] = {}
+        self.built = self.loaded = 0  # packages compiled, and loaded from the cache, by this step
+        self._weights: str | None = None
+
+    def __call__(self, idx, input_pos, *, embeds=None, hidden=False, logits=True, tree=None):
+        if hidden is False and logits:  # the features come free with the logits: one package serves plain decoding
+            lg, _ = self(idx, input_pos, embeds=embeds, hidden=True, logits=True, tree=tree)  # and verification
+            return lg, None
+        x = _canonical(idx if embeds is None else embeds)
+        args = [x, _canonical(input_pos)]
+        if tree is not None:
+            args += [_canonical(tree[0]), _canonical(tree[1])]
+        caches = [t for c in self.model.caches for t in (c.k, c.v)]
+        sig = (x.shape[1] > 1, embeds is not None, hidden, logits, tree is not None, input_pos.dim(), x.shape[0],
+               self.model.max_seq_len)
+        step = self.steps.get(sig)
+        if step is None:
+            global _aot_steps
+            step = self.steps[sig] = self._load_or_build(sig, args, caches)
+            _aot_steps += 1
+        return self._unpack(step(*args, *caches), hidden, logits)
+
+    @staticmethod
+    def _unpack(out, hidden, logits) -> tuple:
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        lg = out.pop(0) if logits else None
+        return lg, (out.pop(0) if out else None)
+
+    # -- the package cache ------------------------------------------------------------------------------------------
+    def key(self, sig: tuple) -> dict:
+        """Everything a package's code depends on (its file name is this dict's digest)."""
+        from koala.precision import cpu_flags
+        from koala.threads import cpu_model
+        import transformers
+
+        # the code a package traced: the model's module and the step wrapper (not this file's docstrings or caching)
+        src = Path(sys.modules[type(self.model).__module__].__file__).read_text() + inspect.getsource(_StepModule)
+        wide, embeds, hidden, logits, tree, pos_dim, batch, slots = sig
+        return {
+            "format": AOT_FORMAT, "weights": self.weights_digest(), "dtype": str(self.model.dtype),
+            "features_before_norm": self.model.features_before_norm, "slots": slots, "batch": batch,
+            "width": f"2..{MAX_STEP_WIDTH}" if wide else "1", "embeds": embeds, "hidden": list(hidden) if isinstance(hidden, tuple) else hidden,
+            "logits": logits, "tree": tree, "pos_dim": pos_dim, "mode": self.mode,
+            "engine_source": hashlib.sha256(src.encode()).hexdigest(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
+            "threads": torch.get_num_threads(),
+        }
+
+    def weights_digest(self) -> str:
+        """A digest of the model's weights: names, shapes, dtypes, each tensor's sum and a strided sample of it."""
+        if self._weights is None:
+            h = hashlib.sha256()
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    flat = p.detach().reshape(-1)
+                    sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
+                    h.update(f"{name}{tuple(p.shape)}{p.dtype}{flat.double().sum().item()!r}".encode() + sample)
+            self._weights = h.hexdigest()
+        return self._weights
+
+    def _load_or_build(self, sig: tuple, args: list, caches: list) -> Callable:
+        key = self.key(sig)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        path = aot_dir() / f"{digest}.pt2"
+        if path.exists():
+            step = _load_package(path)
+            if step is not None and self._agrees(step, args, caches, sig):
+                os.utime(path)  # recently used: the last to be pruned
+                self.loaded += 1
+                return step
+            print(f"[koala] compiled step {path.name} is stale or corrupt: rebuilding it", file=sys.stderr)
+            path.unlink(missing_ok=True)
+        step = self._build(sig, args, caches, path, key)
+        self.built += 1
+        _prune(path.parent, keep=path)
+        if not self._agrees(step, args, caches, sig):
+            raise KoalaError(f"the compiled step {path} disagrees with the eager forward: run with --no-compile "
+                             "(eval.compile: false) and report it")
+        return step
+
+    def _agrees(self, step: Callable, args: list, caches: list, sig: tuple) -> bool:
+        """The package's outputs on copies of the caches against the eager forward's on other copies."""
+        from koala.engine.model import CacheView
+
+        _, embeds, hidden, logits, tree, *_ = sig
+        mine = [t.clone() for t in caches]
+        theirs = [t.clone() for t in caches]
+        try:
+            got = self._unpack(step(*[a.clone() for a in args], *mine), hidden, logits)
+        except Exception:  # a package that loads but cannot run (corrupt, or built for other inputs)
+            return False
+        views = [CacheView(theirs[i], theirs[i + 1]) for i in range(0, len(theirs), 2)]
+        with torch.no_grad():
+            want = self.model.forward(None if embeds else args[0], args[1], embeds=args[0] if embeds else None,
+                                      hidden=hidden, logits=logits, tree=(args[2], args[3]) if tree else None,
+                                      caches=views)
+        tol = 2e-3 if self.model.dtype == torch.float32 else 6e-2
+        for g, w in zip(got, want):
+            if (g is None) != (w is None):
+                return False
+            if g is not None and (g.shape != w.shape or
+                                  (g.float() - w.float()).abs().max() > tol * max(1.0, w.float().abs().max().item())):
+                return False
+        return all((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()) for a, b in zip(mine, theirs))
+
+    def _build(self, sig: tuple, args: list, caches: list, path: Path, key: dict) -> Callable:
+        global _compile_s
+        wide = sig[0]
+        what = (f"{'one-token' if not wide else f'2-{MAX_STEP_WIDTH}-token'} step of a {len(self.model.layers)}-layer "
+                f"model ({key['dtype'].removeprefix('torch.')})")
+        t = time.perf_counter()
+        with _progress(f"compiling the {what}, once for this machine"):
+            module = _StepModule(self.model, *sig[1:5])
+            dyn = None
+            if wide:
+                T = torch.export.Dim("width", min=2, max=MAX_STEP_WIDTH)
+                dyn = ({1: T}, {args[1].dim() - 1: T}, tuple(([{0: T}, {0: T}] if sig[4] else []) + [None] * len(caches)))
+            try:
+                with torch.no_grad():
+                    # copies: the model's own cache buffers are module state, and an input aliasing state cannot be mutated
+                    ep = torch.export.export(module, tuple(args + [c.clone() for c in caches]), dynamic_shapes=dyn)
+                    configs = {"freezing": True, "max_autotune": self.mode.startswith("max-autotune")}
+                    tmp = path.with_name(f".{path.stem}.{os.getpid()}.pt2")
+                    tmp.parent.mkdir(parents=True, exist_ok=True)
+                    torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=configs)
+                os.replace(tmp, path)
+                path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
+            except _COMPILE_ERRORS as e:
+                inner = getattr(e, "inner_exception", None) or e
+                first = (str(inner).strip().splitlines() or [""])[0][:200]
+                raise KoalaError(f"the compiled engine could not be built ({type(inner).__name__}: {first}): run with "
+                                 "--no-compile (eval.compile: false)") from e
+            finally:
+                if "tmp" in locals() and tmp.exists():
+                    tmp.unlink()
+        _compile_s += time.perf_counter() - t
+        _after_compiling()
+        step = _load_package(path)
+        if step is None:
+            raise KoalaError(f"the compiled step {path} could not be loaded: run with --no-compile (eval.compile: false)")
+        return step
+
+
+class _StepModule(torch.nn.Module):
+    """One step signature of a Transformer as a module torch.export can trace: caches in, written in place."""
+
+    def __init__(self, model, embeds: bool, hidden, logits: bool, tree: bool):
+        super().__init__()
+        self.model, self.embeds, self.hidden, self.logits, self.tree = model, embeds, hidden, logits, tree
+
+    def forward(self, x, input_pos, *rest):
+        from koala.engine.model import CacheView
+
+        tree = (rest[0], rest[1]) if self.tree else None
+        kv = rest[2:] if self.tree else rest
+        views = [CacheView(kv[i], kv[i + 1]) for i in range(0, len(kv), 2)]
+        lg, feats = self.model.forward(None if self.embeds else x, input_pos, embeds=x if self.embeds else None,
+                                       hidden=self.hidden, logits=self.logits, tree=tree, caches=views)
+        return tuple(t for t in (lg, feats) if t is not None)
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Delete the least recently used packages beyond KOALA_AOT_CACHE_GB (a package holds its model's weights)."""
+    limit = float(os.environ.get("KOALA_AOT_CACHE_GB", AOT_CACHE_GB)) * 2**30
+    packages = sorted(folder.glob("*.pt2"), key=lambda p: p.stat().st_mtime, reverse=True)
+    total = 0
+    for p in packages:
+        total += p.stat().st_size
+        if total > limit and p != keep:
+            p.unlink(missing_ok=True)
+            p.with_suffix(".json").unlink(missing_ok=True)
+
+
+def _after_compiling() -> None:
+    """Stop inductor's compile workers and free the traced graphs: left running, they slow every later step of this
+    process (measured: a quarter of the decoding speed on a 2-core CPU) though the package is the same."""
+    import gc
+
+    from torch._inductor.async_compile import shutdown_compile_workers
+
+    shutdown_compile_workers()
+    gc.collect()
+
+
+def _load_package(path: Path) -> Callable | None:
+    try:
+        return torch._inductor.aoti_load_package(str(path))
+    except Exception:  # a truncated or foreign file: the caller rebuilds it
+        return None
+
+
+def _progress(what: str):
+    """A spinner with the elapsed time on stderr while a step compiles (minutes on a small CPU)."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    return _Announced(Progress(SpinnerColumn(), TextColumn("[koala] {task.description}"), TimeElapsedColumn(),
+                               console=Console(stderr=True), transient=False), what)
+
+
+class _Announced:
+    def __init__(self, progress, what: str):
+        self.progress, self.what = progress, what
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+        self.live = self.progress.console.is_terminal  # a log file gets a line when it starts and one when it ends
+        if self.live:
+            self.progress.start()
+            self.task = self.progress.add_task(self.what, total=None)
+        else:
+            print(f"[koala] {self.what} ...", file=sys.stderr, flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        outcome = "done" if exc[0] is None else "failed"
+        if self.live:
+            self.progress.update(self.task, description=f"{self.what}: {outcome}")
+            self.progress.stop()
+        else:
+            print(f"[koala] {self.what}: {outcome} in {time.perf_counter() - self.t:.0f} s", file=sys.stderr, flush=True)
+        return False

@@ -56,6 +56,15 @@ class KVCache(nn.Module):
         return self.k[rows], self.v[rows]
 
 
+class CacheView:
+    """A layer's cache as two given tensors (k, v), written in place as `KVCache` writes its own buffers."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    update = KVCache.update
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama's RMSNorm, computed in float32 as Hugging Face does (one fused op)."""
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
@@ -135,9 +144,9 @@ class Transformer(nn.Module):
 
     def compile(self, mode: str | None = None) -> "Transformer":
         """Compile the decode steps (see `koala.engine.compile`): later `step` calls of a few tokens run compiled."""
-        from koala.engine.compile import CompiledStep
+        from koala.engine.compile import AotStep, CompiledStep, aot_enabled
 
-        self.compiled = CompiledStep(self.forward, self.device, mode)
+        self.compiled = AotStep(self, mode) if aot_enabled(self.device, mode) else CompiledStep(self.forward, self.device, mode)
         self.max_seq_len, self.caches = 0, nn.ModuleList()  # re-allocated at the compiled size on next use
         return self
 
@@ -198,14 +207,14 @@ class Transformer(nn.Module):
             pos, seen = tree[0][None, :].expand(B, T), tree[1][None, None, :, :S].expand(B, 1, T, S)
         return pos, torch.zeros(seen.shape, dtype=self.dtype, device=pos.device).masked_fill_(~seen, float("-inf"))
 
-    def _attention(self, layer, i, x, cos, sin, input_pos, mask, kv_len, rows):
+    def _attention(self, layer, i, x, cos, sin, input_pos, mask, kv_len, rows, caches):
         a, attn = self.args, layer.self_attn
         B, T, _ = x.shape
         q = attn.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k, v = self.caches[i].update(input_pos, k, v, rows)  # (B, H_kv, S, D): every slot, masked below
+        k, v = caches[i].update(input_pos, k, v, rows)  # (B, H_kv, S, D): every slot, masked below
         if kv_len is not None:
             k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
@@ -221,6 +230,7 @@ class Transformer(nn.Module):
         hidden: bool | tuple[int, ...] = False,
         logits: bool = True,
         tree: tuple[torch.Tensor, torch.Tensor] | None = None,
+        caches: list | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits (B, T, V) float32 or None, features (B, T, C) or None) for tokens `idx` (B, T) written at cache
         slots `input_pos`. Call it through `step`, which decides `kv_len`.
@@ -235,7 +245,9 @@ class Transformer(nn.Module):
         input of each (index n_layers: before the final norm), concatenated (EAGLE-3's fused states); `logits=False` skips
         the LM head (a drafter with its own subset head). `kv_len` (a host int > every input_pos) limits attention
         to the first kv_len slots: faster on a CPU, but a shape change, so None where steps are captured as graphs.
-        `tree` (rotary positions (T,), visible slots (T, S) bool) replaces the causal mask (see `step`).
+        `tree` (rotary positions (T,), visible slots (T, S) bool) replaces the causal mask (see `step`). `caches`
+        (one `CacheView` per layer) stand in for the model's own: an ahead-of-time compiled step takes the caches as
+        inputs it writes in place (koala.engine.compile).
         """
         if self.max_seq_len == 0:  # an int, not the ModuleList's truth value: dynamo traces this without a break
             raise KoalaError("call setup_caches() before the first forward")
@@ -256,7 +268,7 @@ class Transformer(nn.Module):
             if e is not None and i == 0:
                 h = torch.cat([rms_norm(e, layer.input_layernorm.weight, eps), rms_norm(x, layer.hidden_norm.weight, eps)],
                               dim=-1)
-            x = x + self._attention(layer, i, h, cos, sin, input_pos, mask, kv_len, rows)
+            x = x + self._attention(layer, i, h, cos, sin, input_pos, mask, kv_len, rows, caches or self.caches)
             x = x + layer.mlp(rms_norm(x, layer.post_attention_layernorm.weight, eps))
         if isinstance(hidden, tuple):
             aux[len(self.layers)] = x  # index n_layers: the input of the final norm

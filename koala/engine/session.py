@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from koala.engine.decode import GenerationResult, generate
 from koala.engine.drafters import Drafter, drafter_models
@@ -41,6 +41,8 @@ class TextStream:
 class Session:
     target: Target
     engine: Transformer
+    # the target alone per prompt and generation settings, measured once and shared by every drafter evaluated
+    autoregressive: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, spec: str, dtype: str = "float32", device: str = "cpu", compile: bool = False) -> "Session":

@@ -1,4 +1,4 @@
-"""Scale out over a Prefect work pool (README: Scale out), on a real server with two process workers on loopback:
+"""Scale out over a Prefect work pool (docs/guides/scale-out.md), on a real server with two process workers on loopback:
 they sample one dataset together, one of them killed with SIGKILL mid-run, and the dataset still completes, every
 sample once; then the training stage runs as one torchrun job over two workers ("nodes") of two processes each,
 and its weights equal a single process's with the same global batch and seed."""

@@ -55,6 +55,17 @@ def test_eval_writes_report_and_plots(default_session, tmp_path):
     assert sampled["lossless"]["checked"] is False and sampled["tau"] >= 1.0
 
 
+def test_drafters_evaluated_in_one_session_share_the_autoregressive_runs(default_session):
+    cfg = EvalConfig(limit=2, max_new_tokens=8, gamma=2, warmup=0)
+    default_session.autoregressive.clear()
+    a = evaluate(default_session, "ngram", cfg)
+    b = evaluate(default_session, "truncate:2", cfg)
+    assert len(default_session.autoregressive) == 2  # one per prompt, measured once
+    assert [r["ar_wall_s"] for r in a["per_prompt"]] == [r["ar_wall_s"] for r in b["per_prompt"]]
+    other = evaluate(default_session, "ngram", cfg.model_copy(update={"max_new_tokens": 6}))
+    assert len(default_session.autoregressive) == 4 and all(r["ar_new_tokens"] == 6 for r in other["per_prompt"])
+
+
 def test_drafter_spec_errors(default_session):
     from koala.errors import KoalaError
     with pytest.raises(KoalaError, match="truncate:N"):

@@ -136,14 +136,14 @@ def test_sampled_tree_output_is_distributed_as_the_targets(kind):
 # --- compiled: one graph for every tree -----------------------------------------------------------------------------
 
 def test_compiled_trees_decode_as_eager_with_no_recompilation():
-    from torch._dynamo.utils import counters
+    from koala.engine.compile import compilations
 
     hf = tiny_llama(layers=3, vocab=V, seed=0)
     eager, comp = Transformer(hf), Transformer(hf).compile(mode="default")
     d = ModelDrafter(Transformer(hf, 1).compile(mode="default"))
     ref = generate(eager, PROMPT, 30).tokens
     assert generate(comp, PROMPT, 30, drafter=d, gamma=3).tokens == ref  # the graphs: one token, 2+ tokens
-    before = counters["stats"]["unique_graphs"]  # a tree adds none (on a CPU the drafter's tree levels run eager)
+    before = compilations()  # a tree adds none (on a CPU the drafter's tree levels run eager)
     for budget in (TreeBudget(3, 2, 6), TreeBudget(4, 3, 12), TreeBudget(2, 4, 5), TreeBudget(5, 2, 9)):
         assert generate(comp, PROMPT, 30, drafter=d, tree=budget).tokens == ref
-    assert counters["stats"]["unique_graphs"] == before  # trees of every shape verify in the chain's graph
+    assert compilations() == before  # trees of every shape verify in the chain's graph

@@ -1,0 +1,69 @@
+"""Ahead-of-time compiled steps on a CPU: built once per machine, loaded by later engines, never trusted when stale."""
+
+import pytest
+import torch
+
+from koala.engine.compile import AotStep, compile_seconds
+from koala.engine.decode import generate
+from koala.engine.model import Transformer
+from tests.conftest import tiny_llama
+
+V = 64
+PROMPT = [3, 17, 29, 4, 11, 8]
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KOALA_CACHE", str(tmp_path))
+    return tmp_path / "aot"
+
+
+def _one_token(model: Transformer, tok: int = 5) -> torch.Tensor:
+    """One compiled one-token step after an eager prefill: its logits."""
+    model.setup_caches(16)
+    with torch.no_grad():
+        model.step(torch.tensor([PROMPT]), torch.arange(len(PROMPT)), len(PROMPT), eager=True)
+        return model.step(torch.tensor([[tok]]), torch.tensor([len(PROMPT)]), len(PROMPT) + 1)[0]
+
+
+def test_a_second_engine_loads_the_packages_and_compiles_nothing(cache):
+    hf = tiny_llama(layers=2, vocab=V, seed=0)
+    ref = generate(Transformer(hf), PROMPT, 12).tokens
+    first = Transformer(hf).compile(mode="default")
+    assert generate(first, PROMPT, 12).tokens == ref
+    _one_token(first)  # no new package: the same one-token signature
+    assert isinstance(first.compiled, AotStep) and first.compiled.built == 1
+    assert len(list(cache.glob("*.pt2"))) == 1 and len(list(cache.glob("*.json"))) == 1  # the key beside it
+
+    spent = compile_seconds()
+    second = Transformer(hf).compile(mode="default")
+    assert generate(second, PROMPT, 12).tokens == ref
+    assert (second.compiled.built, second.compiled.loaded) == (0, 1)
+    assert compile_seconds() == spent  # loading is not compiling
+
+
+def test_a_corrupt_package_is_rebuilt(cache, capfd):
+    hf = tiny_llama(layers=2, vocab=V, seed=1)
+    want = _one_token(Transformer(hf))
+    _one_token(Transformer(hf).compile(mode="default"))
+    (package,) = cache.glob("*.pt2")
+    package.write_bytes(package.read_bytes()[: 4096])  # a truncated copy, as a killed writer would have left
+    again = Transformer(hf).compile(mode="default")
+    got = _one_token(again)
+    assert again.compiled.built == 1 and "stale or corrupt: rebuilding" in capfd.readouterr().err
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_a_stale_package_under_the_right_name_is_rebuilt(cache, monkeypatch, capfd):
+    """A package whose key missed a change (other weights under the same name) disagrees with the eager forward."""
+    old = Transformer(tiny_llama(layers=2, vocab=V, seed=2)).compile(mode="default")
+    _one_token(old)
+    digest = old.compiled.weights_digest()
+    new_hf = tiny_llama(layers=2, vocab=V, seed=3)
+    want = _one_token(Transformer(new_hf))
+    new = Transformer(new_hf).compile(mode="default")
+    assert new.compiled.weights_digest() != digest  # the key tells the two apart ...
+    monkeypatch.setattr(AotStep, "weights_digest", lambda self: digest)  # ... unless it misses a change
+    got = _one_token(new)
+    assert new.compiled.built == 1 and "stale or corrupt" in capfd.readouterr().err
+    assert torch.allclose(got, want, atol=1e-4)
