@@ -55,6 +55,7 @@ def _key(session, max_width: int) -> dict:
 
     info = session.target.info
     return {"target": info.content_hash, "device": info.device, "dtype": info.dtype, "mode": session.mode,
+            "engine": type(session.engine.compiled).__name__,  # ahead of time or in-process compiled steps
             "threads": torch.get_num_threads(), "cpu": cpu_model() if info.device == "cpu" else
             torch.cuda.get_device_name(), "torch": torch.__version__, "max_width": max_width}
 

@@ -293,11 +293,17 @@ class AotStep:
         return all((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()) for a, b in zip(mine, theirs))
 
     def _build(self, sig: tuple, args: list, caches: list, path: Path, key: dict) -> Callable:
+        """Export the step here (seconds), compile the package in a child process (minutes): compiling in this
+        process would leave it slower for the rest of its life (measured: its weights loaded into a heap the compiler
+        fragmented), and a child frees everything the compiler held when it exits."""
         global _compile_s
         wide = sig[0]
         what = (f"{'one-token' if not wide else f'2-{MAX_STEP_WIDTH}-token'} step of a {len(self.model.layers)}-layer "
                 f"model ({key['dtype'].removeprefix('torch.')})")
         t = time.perf_counter()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        exported = path.with_name(f".{path.stem}.{os.getpid()}.export.pt2")
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.pt2")
         with _progress(f"compiling the {what}, once for this machine"):
             module = _StepModule(self.model, *sig[1:5])
             dyn = None
@@ -305,29 +311,47 @@ class AotStep:
                 T = torch.export.Dim("width", min=2, max=MAX_STEP_WIDTH)
                 dyn = ({1: T}, {args[1].dim() - 1: T}, tuple(([{0: T}, {0: T}] if sig[4] else []) + [None] * len(caches)))
             try:
-                with torch.no_grad():
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # export warns once per cache input about unlifting
                     # copies: the model's own cache buffers are module state, and an input aliasing state cannot be mutated
                     ep = torch.export.export(module, tuple(args + [c.clone() for c in caches]), dynamic_shapes=dyn)
-                    configs = {"freezing": True, "max_autotune": self.mode.startswith("max-autotune")}
-                    tmp = path.with_name(f".{path.stem}.{os.getpid()}.pt2")
-                    tmp.parent.mkdir(parents=True, exist_ok=True)
-                    torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp), inductor_configs=configs)
+                    torch.export.save(ep, str(exported))
+                del ep
+                configs = {"freezing": True, "max_autotune": self.mode.startswith("max-autotune")}
+                _compile_in_child(exported, tmp, configs)
                 os.replace(tmp, path)
                 path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
-            except _COMPILE_ERRORS as e:
-                inner = getattr(e, "inner_exception", None) or e
-                first = (str(inner).strip().splitlines() or [""])[0][:200]
-                raise KoalaError(f"the compiled engine could not be built ({type(inner).__name__}: {first}): run with "
-                                 "--no-compile (eval.compile: false)") from e
             finally:
-                if "tmp" in locals() and tmp.exists():
-                    tmp.unlink()
+                for f in (exported, tmp):
+                    f.unlink(missing_ok=True)
         _compile_s += time.perf_counter() - t
-        _after_compiling()
         step = _load_package(path)
         if step is None:
             raise KoalaError(f"the compiled step {path} could not be loaded: run with --no-compile (eval.compile: false)")
         return step
+
+
+def _compile_in_child(exported: Path, package: Path, configs: dict) -> None:
+    """AOTInductor over a saved ExportedProgram, in a fresh Python process with this one's threads."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    r = subprocess.run([sys.executable, "-m", "koala.engine.compile", str(exported), str(package), json.dumps(configs)],
+                       env=env, capture_output=True, text=True)
+    if r.returncode != 0 or not package.exists():
+        lines = [ln for ln in (r.stderr or "").strip().splitlines() if ln.strip()]
+        last = (lines[-1] if lines else f"exit status {r.returncode}")[:200]
+        raise KoalaError(f"the compiled engine could not be built ({last}): run with --no-compile "
+                         "(eval.compile: false)")
+
+
+def _child_main(exported: str, package: str, configs: str) -> None:
+    """The child: load the exported step and compile it into a package (koala's inductor settings)."""
+    configure_inductor(torch.device("cpu"))
+    with torch.no_grad(), warnings.catch_warnings():  # as exported: no autograd, the caches written in place
+        warnings.simplefilter("ignore")
+        ep = torch.export.load(exported)
+        torch._inductor.aoti_compile_and_package(ep, package_path=package, inductor_configs=json.loads(configs))
 
 
 class _StepModule(torch.nn.Module):
@@ -358,17 +382,6 @@ def _prune(folder: Path, keep: Path) -> None:
         if total > limit and p != keep:
             p.unlink(missing_ok=True)
             p.with_suffix(".json").unlink(missing_ok=True)
-
-
-def _after_compiling() -> None:
-    """Stop inductor's compile workers and free the traced graphs: left running, they slow every later step of this
-    process (measured: a quarter of the decoding speed on a 2-core CPU) though the package is the same."""
-    import gc
-
-    from torch._inductor.async_compile import shutdown_compile_workers
-
-    shutdown_compile_workers()
-    gc.collect()
 
 
 def _load_package(path: Path) -> Callable | None:
@@ -409,3 +422,7 @@ class _Announced:
         else:
             print(f"[koala] {self.what}: {outcome} in {time.perf_counter() - self.t:.0f} s", file=sys.stderr, flush=True)
         return False
+
+
+if __name__ == "__main__":  # the child process of `_compile_in_child`
+    _child_main(*sys.argv[1:4])
