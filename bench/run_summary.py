@@ -25,7 +25,31 @@ def evaluation(report: Path) -> dict:
             "tau": round(r["tau"], 3), "speedup": round(r["speedup"], 3),
             "tokens_per_s": {k: None if v is None else round(v, 2) for k, v in r["tokens_per_s"].items()},
             "acceptance_by_position": [round(a, 3) for a in r["acceptance_by_position"]],
+            "tree": r.get("tree"), "speedup_ci95": [round(x, 3) for x in r.get("speedup_ci95") or []] or None,
+            "compile_s": round(r.get("compile_s", 0.0), 1), "setup_s": round(r.get("setup_s", 0.0), 1),
             "lossless": f"{lossless['identical']}/{lossless['total']}", "near_ties": len(lossless["near_ties"])}
+
+
+LOG_LINE = re.compile(r"(\d\d):(\d\d):(\d\d\.\d+) \| \w+\s+\| Task run '([\w.-]+)-(\w{3})'")
+
+
+def stage_wall_s(log: str) -> dict:
+    """Seconds per task of the pipeline, from the first to the last line each task run logged (Prefect's own log
+    lines: `Finished in state` is each run's last), summed over the runs of one task."""
+    spans: dict[tuple, list[float]] = {}
+    for m in LOG_LINE.finditer(log):
+        h, mi, sec, task, run = m.groups()  # a task's runs are told apart by Prefect's suffix
+        spans.setdefault((task, run), []).append(int(h) * 3600 + int(mi) * 60 + float(sec))
+    out: dict[str, float] = {}
+    for (task, _), ts in spans.items():
+        d = max(ts) - min(ts)
+        out[task] = round(out.get(task, 0.0) + (d if d >= 0 else d + 86400), 1)
+    return out
+
+
+def promotion(log: str) -> dict | None:
+    m = re.search(r"'promoted': (True|False), 'reason': ('[^']*'|\"[^\"]*\")", log)
+    return None if not m else {"promoted": m.group(1) == "True", "reason": m.group(2)[1:-1]}
 
 
 def main():
@@ -51,7 +75,7 @@ def main():
     header = benchinfo.header()
     out = {**header, "command": a.command, "commit": a.commit,
            "wall_s": round(int(real[-1][0]) * 60 + float(real[-1][1]), 1) if real else None,
-           "stages": stages,
+           "stages": stages, "stage_wall_s": stage_wall_s(log), "promotion": promotion(log),
            "evaluations": {p.parent.name: evaluation(p) for p in sorted(run.glob("eval/*/report.json"))}}
     benchinfo.write(out, a.out)
 

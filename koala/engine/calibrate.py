@@ -265,27 +265,33 @@ def path_length(ranks: list[list[int]], accepted: list[int], depth: int, topk: i
 
 
 def choose_tree(curve_ms: dict[int, float], draft_ms_per_depth: dict[int, float], ranks: list[list[int]],
-                accepted: list[int], probe_depth: int, probe_topk: int) -> dict:
+                accepted: list[int], probe_depth: int, probe_topk: int, round_ms: float = 0.0,
+                plain_ms: float | None = None) -> dict:
     """The draft shape (depth, top-k; every node kept) with the most expected tokens per second.
 
     `draft_ms_per_depth[k]`: the drafter's measured ms per tree level of top-k k (k 1: a chain's draft step).
+    `round_ms`: what a speculative round costs beyond its drafting and its verify forward (acceptance, the drafter
+    catching up, bookkeeping), measured on the probes; `plain_ms`: plain decoding's measured ms per token, loop
+    included (default: the curve's one-token forward). Once a forward costs a few milliseconds these are not small.
     Shapes whose verify is wider than the measured curve are not considered. Returns the choice with the table it
     was made from: expected tokens per round and per second for each shape, 0 x 0 being plain decoding.
     """
     from koala.engine.tree import TreeBudget
 
     widest = max(curve_ms)
-    table = {"0x0": {"tokens": 1.0, "ms": curve_ms[1], "rate": 1e3 / curve_ms[1]}}
+    plain = plain_ms or curve_ms[1]
+    table = {"0x0": {"tokens": 1.0, "ms": plain, "rate": 1e3 / plain}}
     for k in range(1, probe_topk + 1):
         for d in range(1, probe_depth + 1):
             if d * k + 1 > widest or k not in draft_ms_per_depth:
                 continue
             e = 1 + path_length(ranks, accepted, d, k)
-            ms = d * draft_ms_per_depth[k] + curve_ms[d * k + 1]
+            ms = d * draft_ms_per_depth[k] + curve_ms[d * k + 1] + round_ms
             table[f"{d}x{k}"] = {"tokens": e, "ms": ms, "rate": 1e3 * e / ms}
     best = max((s for s in table if s != "0x0"), key=lambda s: table[s]["rate"])
     d, k = (int(x) for x in best.split("x"))
     return {"auto": True, "chosen": str(TreeBudget(d, k, d * k)) if k > 1 else d, "shape": best, "depth": d,
             "topk": k,
             "expected_speedup": table[best]["rate"] / table["0x0"]["rate"], "shapes": table,
-            "cost_by_width_ms": curve_ms, "draft_ms_per_depth": draft_ms_per_depth}
+            "cost_by_width_ms": curve_ms, "draft_ms_per_depth": draft_ms_per_depth, "round_ms": round_ms,
+            "plain_ms": plain}

@@ -69,6 +69,21 @@ def test_the_draft_shape_follows_the_cost_curve():
         short, draft, RANKS, ACCEPTED, 5, 4)["shapes"]))
 
 
+
+def test_a_rounds_own_cost_counts_against_short_drafts():
+    """What a round costs beyond its forwards (acceptance, bookkeeping) is paid once per round: with it, a shape must
+    bring more tokens per round to pay, and the expected speed-up falls; plain decoding's measured cost is its rate."""
+    steep = {w: 10.0 * w for w in range(1, 22)}
+    draft = {1: 1.0, 2: 1.2, 3: 1.2, 4: 1.2}
+    free = choose_tree(steep, draft, RANKS, ACCEPTED, 5, 4)
+    costly = choose_tree(steep, draft, RANKS, ACCEPTED, 5, 4, round_ms=20.0, plain_ms=12.0)
+    assert costly["shapes"]["0x0"]["ms"] == 12.0 and costly["round_ms"] == 20.0
+    assert costly["expected_speedup"] < free["expected_speedup"]
+    for shape, row in costly["shapes"].items():
+        if shape != "0x0":
+            assert row["ms"] == pytest.approx(free["shapes"][shape]["ms"] + 20.0)
+
+
 def test_cost_curve_is_measured_once_per_key(tmp_path, monkeypatch):
     monkeypatch.setenv("KOALA_CACHE", str(tmp_path))
     info = SimpleNamespace(content_hash="abc", device="cpu", dtype="float32")
