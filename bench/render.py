@@ -202,6 +202,21 @@ def headline_table() -> str:
                         f"{e['gamma']}) | {e['tau']:.2f} | {e['speedup']:.2f}x | {e['lossless']} | "
                         "`default_profile.json` |")
         notes.append(f"* `default_profile.json`: `{d['command']}` on {_machine(d)}")
+    m = _load("demo.json")
+    if m:
+        f = m["run"]
+        lo, hi = f["speedup_ci95"] or (float("nan"), float("nan"))
+        rows.append(f"| `make demo` (smoke profile, mtbench 8; {f['engine'].split(', compile ')[0]}) | {f['tau']:.2f} | "
+                    f"{f['speedup']:.2f}x (95% CI {lo:.2f}-{hi:.2f}) | {f['lossless']} | `demo.json` |")
+        notes.append(f"* `demo.json`: `{m['command']}` on {_machine(m)}")
+    lc = _load("llamacpp.json")
+    if lc:
+        for dtype, name in (("bfloat16", "BF16"), ("float32", "F32")):
+            k = lc["koala"][dtype]
+            rows.append(f"| koala's engine vs llama.cpp at {name}, autoregressive: {k['autoregressive_tokens_per_s']:.0f} "
+                        f"vs {lc['llama_cpp'][name]['tokens_per_s']:.0f} tokens/s | | "
+                        f"{lc['ratios'][dtype]['koala_ar_over_llamacpp_ar']:.2f}x | | `llamacpp.json` |")
+        notes.append(f"* `llamacpp.json`: `{lc['command']}` on {_machine(lc)}")
     if len(rows) == 2:
         return "(no results)"
     return "\n".join(rows) + "\n\n" + "\n".join(notes)
@@ -251,7 +266,46 @@ def trees_table() -> str:
                               f"prompts, {r['max_new_tokens']} new tokens, greedy.")
 
 
-TABLES = {"headline": headline_table, "trees": trees_table, "default": default_table, "dtype": dtype_table,
+def demo_table() -> str:
+    """`make demo` twice on one fresh clone: the first on an empty cache, the second with everything compiled."""
+    r = _load("demo.json")
+    if not r:
+        return _missing("demo.json", "bench/run_summary.py runs/smoke --log SECOND.log --before FIRST.log")
+    rows = ["| run | wall time | compile | τ | speed-up (95% CI) | tokens/s spec / AR | lossless | promoted |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, f in (("first, empty cache", r.get("first_run")), ("second", r["run"])):
+        if not f:
+            continue
+        lo, hi = f["speedup_ci95"] or (float("nan"), float("nan"))
+        tps = f["tokens_per_s"]
+        rows.append(f"| {name} | {f['wall_s'] / 60:.1f} min | {f['compile_s']} s | {f['tau']:.2f} | {f['speedup']:.2f}x "
+                    f"({lo:.2f}-{hi:.2f}) | {tps['speculative']:.1f} / {tps['autoregressive']:.1f} | {f['lossless']} | "
+                    f"{'yes' if f['promoted'] else 'no'} |")
+    return "\n".join(rows) + f"\n\nDraft shape and engine: {r['run']['engine']}. `{r['command']}` on {_machine(r)}."
+
+
+def llamacpp_table() -> str:
+    """koala's engine beside llama.cpp on the same prompts, threads and weights (bench/llamacpp.py)."""
+    r = _load("llamacpp.json")
+    if not r:
+        return _missing("llamacpp.json", "python bench/llamacpp.py --json bench/results/llamacpp.json")
+    rows = ["| weights | llama.cpp tokens/s (decode only) | koala autoregressive | koala speculative (τ) | "
+            "koala AR / llama.cpp | koala speculative / llama.cpp |", "|---|---|---|---|---|---|"]
+    pairs = {"F32": "float32", "BF16": "bfloat16"}
+    for name, lc in r["llama_cpp"].items():
+        k = r["koala"].get(pairs.get(name, ""), None)
+        ratio = r["ratios"].get(pairs.get(name, ""), {})
+        rows.append(f"| {name} | {lc['tokens_per_s']:.1f} ({lc['decode_tokens_per_s']:.1f}) | "
+                    + (f"{k['autoregressive_tokens_per_s']:.1f} | {k['speculative_tokens_per_s']:.1f} ({k['tau']:.2f}) | "
+                       f"{ratio['koala_ar_over_llamacpp_ar']:.2f}x | {ratio['koala_speculative_over_llamacpp_ar']:.2f}x |"
+                       if k else "— | — | — | — |"))
+    return "\n".join(rows) + (f"\n\nllama-cpp-python {r['llama_cpp_python']}; koala's drafter `lookup+"
+                              f"{r['drafter']}`, draft shape auto; the first {r['prompts']} MT-bench prompts, "
+                              f"{r['max_new_tokens']} new tokens, greedy, {r['reps']} repetitions. `{r['command']}` on "
+                              f"{_machine(r)}.")
+
+
+TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_table, "trees": trees_table, "default": default_table, "dtype": dtype_table,
           "fidelity": fidelity_table, "curve": curve_table, "load": load_table, "eagle3": eagle3_table,
           "eagle3-data": eagle3_data_table, "ablation-losses": losses_table, "ablation-heads": heads_table}
 

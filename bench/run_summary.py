@@ -47,9 +47,27 @@ def stage_wall_s(log: str) -> dict:
     return out
 
 
-def promotion(log: str) -> dict | None:
-    m = re.search(r"'promoted': (True|False), 'reason': ('[^']*'|\"[^\"]*\")", log)
-    return None if not m else {"promoted": m.group(1) == "True", "reason": m.group(2)[1:-1]}
+def pipeline_summary(log: str) -> dict | None:
+    """The pipeline's own summary line (`pipeline summary: {...}`), as the flow logged it."""
+    import ast
+
+    m = re.search(r"pipeline summary: (\{.*\})\s*$", log, re.M)
+    return None if not m else ast.literal_eval(m.group(1))
+
+
+def run_figures(log: str) -> dict:
+    """What one run's log says: wall time, the candidate's headline figures, compile time, the promotion decision."""
+    real = re.findall(r"real\s+(\d+)m([\d.]+)s", log)
+    s = pipeline_summary(log) or {}
+    compile_s = re.search(r"compile (\d+) s", s.get("engine", ""))
+    return {"wall_s": round(int(real[-1][0]) * 60 + float(real[-1][1]), 1) if real else None,
+            "tau": round(s["tau"], 3) if "tau" in s else None,
+            "speedup": round(s["speedup"], 3) if "speedup" in s else None,
+            "speedup_ci95": [round(x, 3) for x in s.get("speedup_ci95") or []] or None,
+            "tokens_per_s": {k: round(v, 1) for k, v in s.get("tokens_per_s", {}).items() if v is not None},
+            "lossless": s.get("lossless"), "engine": s.get("engine"),
+            "compile_s": int(compile_s.group(1)) if compile_s else None,
+            "promoted": s.get("promoted"), "reason": s.get("reason"), "stage_wall_s": stage_wall_s(log)}
 
 
 def main():
@@ -59,6 +77,8 @@ def main():
     ap.add_argument("--commit", required=True)
     ap.add_argument("--command", default="koala run --profile default")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--before", default=None, help="the log of an earlier run of the same command (e.g. the first "
+                    "`make demo` on an empty cache, when this is the second): its figures go under `first_run`")
     a = ap.parse_args()
     run = Path(a.run_dir)
     log = Path(a.log).read_text(errors="replace")
@@ -75,7 +95,8 @@ def main():
     header = benchinfo.header()
     out = {**header, "command": a.command, "commit": a.commit,
            "wall_s": round(int(real[-1][0]) * 60 + float(real[-1][1]), 1) if real else None,
-           "stages": stages, "stage_wall_s": stage_wall_s(log), "promotion": promotion(log),
+           "stages": stages, "run": run_figures(log),
+           "first_run": run_figures(Path(a.before).read_text(errors="replace")) if a.before else None,
            "evaluations": {p.parent.name: evaluation(p) for p in sorted(run.glob("eval/*/report.json"))}}
     benchinfo.write(out, a.out)
 

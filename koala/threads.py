@@ -118,6 +118,11 @@ class CoreShare:
 _share: CoreShare | None = None
 
 
+def configured() -> int:
+    """The thread count koala decodes with when no other process is busy (CoreShare may run fewer for a while)."""
+    return _share.max_threads if _share is not None else torch.get_num_threads()
+
+
 def share_cores(device: torch.device | None = None) -> None:
     """Let the decoding loop give cores to other busy processes (see CoreShare); a no-op unless koala chose the count,
     and on a GPU."""

@@ -51,12 +51,12 @@ def parse_draft(value: str | int):
 
 
 def _key(session, max_width: int) -> dict:
-    from koala.threads import cpu_model
+    from koala.threads import configured, cpu_model
 
     info = session.target.info
     return {"target": info.content_hash, "device": info.device, "dtype": info.dtype, "mode": session.mode,
             "engine": type(session.engine.compiled).__name__,  # ahead of time or in-process compiled steps
-            "threads": torch.get_num_threads(), "cpu": cpu_model() if info.device == "cpu" else
+            "threads": configured(), "cpu": cpu_model() if info.device == "cpu" else
             torch.cuda.get_device_name(), "torch": torch.__version__, "max_width": max_width}
 
 

@@ -219,7 +219,7 @@ class AotStep:
     def key(self, sig: tuple) -> dict:
         """Everything a package's code depends on (its file name is this dict's digest)."""
         from koala.precision import cpu_flags
-        from koala.threads import cpu_model
+        from koala.threads import configured as configured_threads, cpu_model
         import transformers
 
         # the code a package traced: the model's module and the step wrapper (not this file's docstrings or caching)
@@ -232,7 +232,7 @@ class AotStep:
             "logits": logits, "tree": tree, "pos_dim": pos_dim, "mode": self.mode,
             "engine_source": hashlib.sha256(src.encode()).hexdigest(), "torch": torch.__version__,
             "transformers": transformers.__version__, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
-            "threads": torch.get_num_threads(),
+            "threads": configured_threads(),  # not the momentary count CoreShare may have lowered
         }
 
     def weights_digest(self) -> str:
@@ -335,7 +335,9 @@ def _compile_in_child(exported: Path, package: Path, configs: dict) -> None:
     """AOTInductor over a saved ExportedProgram, in a fresh Python process with this one's threads."""
     import subprocess
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    from koala.threads import configured
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(configured())}
     r = subprocess.run([sys.executable, "-m", "koala.engine.compile", str(exported), str(package), json.dumps(configs)],
                        env=env, capture_output=True, text=True)
     if r.returncode != 0 or not package.exists():
