@@ -273,7 +273,7 @@ def demo_table() -> str:
         return _missing("demo.json", "bench/run_summary.py runs/smoke --log SECOND.log --before FIRST.log")
     rows = ["| run | wall time | compile | τ | speed-up (95% CI) | tokens/s spec / AR | lossless | promoted |",
             "|---|---|---|---|---|---|---|---|"]
-    for name, f in (("first, empty cache", r.get("first_run")), ("second", r["run"])):
+    for name, f in (("first, empty cache", r.get("first_run")), ("again, same clone", r["run"])):
         if not f:
             continue
         lo, hi = f["speedup_ci95"] or (float("nan"), float("nan"))
