@@ -213,7 +213,8 @@ def headline_table() -> str:
     if lc:
         for dtype, name in (("bfloat16", "BF16"), ("float32", "F32")):
             k = lc["koala"][dtype]
-            rows.append(f"| koala's engine vs llama.cpp at {name}, autoregressive: {k['autoregressive_tokens_per_s']:.0f} "
+            ar = k["autoregressive_tokens_per_s"]
+            rows.append(f"| koala's engine vs llama.cpp at {name}, autoregressive: {ar:.0f} "
                         f"vs {lc['llama_cpp'][name]['tokens_per_s']:.0f} tokens/s | | "
                         f"{lc['ratios'][dtype]['koala_ar_over_llamacpp_ar']:.2f}x | | `llamacpp.json` |")
         notes.append(f"* `llamacpp.json`: `{lc['command']}` on {_machine(lc)}")
@@ -295,17 +296,19 @@ def llamacpp_table() -> str:
     for name, lc in r["llama_cpp"].items():
         k = r["koala"].get(pairs.get(name, ""), None)
         ratio = r["ratios"].get(pairs.get(name, ""), {})
-        rows.append(f"| {name} | {lc['tokens_per_s']:.1f} ({lc['decode_tokens_per_s']:.1f}) | "
-                    + (f"{k['autoregressive_tokens_per_s']:.1f} | {k['speculative_tokens_per_s']:.1f} ({k['tau']:.2f}) | "
-                       f"{ratio['koala_ar_over_llamacpp_ar']:.2f}x | {ratio['koala_speculative_over_llamacpp_ar']:.2f}x |"
-                       if k else "— | — | — | — |"))
+        cells = "— | — | — | — |"
+        if k:
+            cells = (f"{k['autoregressive_tokens_per_s']:.1f} | {k['speculative_tokens_per_s']:.1f} ({k['tau']:.2f}) | "
+                     f"{ratio['koala_ar_over_llamacpp_ar']:.2f}x | {ratio['koala_speculative_over_llamacpp_ar']:.2f}x |")
+        rows.append(f"| {name} | {lc['tokens_per_s']:.1f} ({lc['decode_tokens_per_s']:.1f}) | {cells}")
     return "\n".join(rows) + (f"\n\nllama-cpp-python {r['llama_cpp_python']}; koala's drafter `lookup+"
                               f"{r['drafter']}`, draft shape auto; the first {r['prompts']} MT-bench prompts, "
                               f"{r['max_new_tokens']} new tokens, greedy, {r['reps']} repetitions. `{r['command']}` on "
                               f"{_machine(r)}.")
 
 
-TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_table, "trees": trees_table, "default": default_table, "dtype": dtype_table,
+TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_table, "trees": trees_table,
+          "default": default_table, "dtype": dtype_table,
           "fidelity": fidelity_table, "curve": curve_table, "load": load_table, "eagle3": eagle3_table,
           "eagle3-data": eagle3_data_table, "ablation-losses": losses_table, "ablation-heads": heads_table}
 

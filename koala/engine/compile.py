@@ -228,7 +228,8 @@ class AotStep:
         return {
             "format": AOT_FORMAT, "weights": self.weights_digest(), "dtype": str(self.model.dtype),
             "features_before_norm": self.model.features_before_norm, "slots": slots, "batch": batch,
-            "width": f"2..{MAX_STEP_WIDTH}" if wide else "1", "embeds": embeds, "hidden": list(hidden) if isinstance(hidden, tuple) else hidden,
+            "width": f"2..{MAX_STEP_WIDTH}" if wide else "1", "embeds": embeds,
+            "hidden": list(hidden) if isinstance(hidden, tuple) else hidden,
             "logits": logits, "tree": tree, "pos_dim": pos_dim, "mode": self.mode,
             "engine_source": hashlib.sha256(src.encode()).hexdigest(), "torch": torch.__version__,
             "transformers": transformers.__version__, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
@@ -293,9 +294,9 @@ class AotStep:
         return all((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()) for a, b in zip(mine, theirs))
 
     def _build(self, sig: tuple, args: list, caches: list, path: Path, key: dict) -> Callable:
-        """Export the step here (seconds), compile the package in a child process (minutes): compiling in this
-        process would leave it slower for the rest of its life (measured: its weights loaded into a heap the compiler
-        fragmented), and a child frees everything the compiler held when it exits."""
+        """Export the step here (seconds), compile the package in a child process (minutes): a process that had
+        compiled its own packages measured half the decoding speed of a fresh one loading the same packages, and a
+        child takes the compiler's memory, workers and threads with it when it exits."""
         global _compile_s
         wide = sig[0]
         what = (f"{'one-token' if not wide else f'2-{MAX_STEP_WIDTH}-token'} step of a {len(self.model.layers)}-layer "
@@ -309,11 +310,12 @@ class AotStep:
             dyn = None
             if wide:
                 T = torch.export.Dim("width", min=2, max=MAX_STEP_WIDTH)
-                dyn = ({1: T}, {args[1].dim() - 1: T}, tuple(([{0: T}, {0: T}] if sig[4] else []) + [None] * len(caches)))
+                rest = ([{0: T}, {0: T}] if sig[4] else []) + [None] * len(caches)  # tree positions, mask; caches
+                dyn = ({1: T}, {args[1].dim() - 1: T}, tuple(rest))
             try:
                 with torch.no_grad(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # export warns once per cache input about unlifting
-                    # copies: the model's own cache buffers are module state, and an input aliasing state cannot be mutated
+                    # copies: the model's own cache buffers are module state; an input aliasing state cannot be mutated
                     ep = torch.export.export(module, tuple(args + [c.clone() for c in caches]), dynamic_shapes=dyn)
                     torch.export.save(ep, str(exported))
                 del ep

@@ -14,7 +14,7 @@ PROMPT = [3, 17, 29, 4, 11, 8]
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("KOALA_CACHE", str(tmp_path))
+    monkeypatch.setenv("KOALA_AOT_DIR", str(tmp_path / "aot"))
     return tmp_path / "aot"
 
 
