@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.koala-installed
 
-.PHONY: setup test demo docs bench clean
+.PHONY: setup test demo docs bench bench-llamacpp clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,12 @@ docs: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python bench/decode.py
+
+# llama.cpp beside koala's engine (builds llama-cpp-python into $KOALA_CACHE/llamacpp once: minutes), then the GGUF
+# export decoded by llama.cpp itself (`make test` skips that test until the build exists).
+bench-llamacpp: setup
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python bench/llamacpp.py
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -p no:warnings tests/koala/export/test_export.py -k llama_cpp
 
 clean:
 	rm -rf $(VENV) .pytest_cache site

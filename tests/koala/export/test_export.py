@@ -299,3 +299,61 @@ def test_a_killed_export_leaves_no_debris_once_run_again(drafter_dir, tmp_path):
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "config.json").exists() and not list(tmp_path.glob(".exported.*"))
+
+
+LLAMA_CPP_CHECK = r'''
+import json, sys
+import numpy as np
+import llama_cpp
+path, ids, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+llm = llama_cpp.Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False)
+llm.eval(ids)
+last = np.asarray(llm.scores[len(ids) - 1], dtype=np.float64)
+toks = []
+for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+    toks.append(int(t))
+    if len(toks) == n:
+        break
+print(json.dumps({"logits": last.tolist(), "tokens": toks}))
+'''
+
+
+def llama_cpp_python() -> Path:
+    """The python of the llama-cpp-python venv `bench/llamacpp.py` builds (minutes: not within the suite's budget)."""
+    import subprocess
+
+    from koala.assets import cache_dir
+
+    for py in sorted((cache_dir() / "llamacpp").glob("venv-*/bin/python")):
+        if subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode == 0:
+            return py
+    pytest.skip("llama.cpp is not built on this machine (building it takes minutes): `make bench-llamacpp` "
+                "builds it into $KOALA_CACHE/llamacpp, and this test then runs")
+
+
+def test_gguf_export_decodes_in_llama_cpp_as_in_koala(drafter_dir, tmp_path):
+    """llama.cpp itself loads the exported drafter: its logits match the export's own reload, and its greedy tokens
+    are the same."""
+    import subprocess
+
+    from transformers import AutoModelForCausalLM
+
+    from koala.export.gguf import FILE
+
+    py = llama_cpp_python()
+    export(open_drafter(drafter_dir), "gguf", tmp_path / "g")
+    ids = [1, 504, 3458, 314, 253, 1345, 28, 2]
+    r = subprocess.run([str(py), "-c", LLAMA_CPP_CHECK, str(tmp_path / "g" / FILE), json.dumps(ids), "12"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file=FILE).eval()
+    seq, want = list(ids), []
+    with torch.no_grad():
+        logits = ref(torch.tensor([ids])).logits[0, -1].double()
+        for _ in range(12):  # greedy, through end-of-sequence tokens as llama.cpp's generate does
+            want.append(int(ref(torch.tensor([seq])).logits[0, -1].argmax()))
+            seq.append(want[-1])
+    diff = (torch.tensor(got["logits"]) - logits).abs().max().item()
+    assert diff <= 1e-3 * max(1.0, logits.abs().max().item()), diff
+    assert got["tokens"] == want, (got["tokens"], want)
