@@ -73,6 +73,7 @@ print(json.dumps(out))
 # masks (AMX tiles the kernel has not granted), which stop llama.cpp with SIGILL on its first matrix product.
 PORTABLE = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
             "-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON")
+DECODES = "koala-decodes"  # written into a build's venv once it has decoded on this CPU
 SMOKE = "import llama_cpp, sys; llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=64, verbose=False); " \
         "next(iter(llm.generate([1, 2, 3], top_k=1, temp=0.0)))"
 
@@ -95,6 +96,7 @@ def llamacpp_python(cache: Path, gguf: Path, build: str = "auto") -> tuple[Path,
                            env=env)
         r = subprocess.run([str(py), "-c", SMOKE, str(gguf)], capture_output=True)
         if r.returncode == 0:
+            (venv / DECODES).write_text(flags or "native")  # what the tests look for
             return py, flags or "native"
         print(f"the {name} build cannot decode here (exit status {r.returncode}); trying the next", file=sys.stderr)
     raise SystemExit("llama-cpp-python could not be built to decode on this CPU")

@@ -324,7 +324,8 @@ def llama_cpp_python() -> Path:
 
     from koala.assets import cache_dir
 
-    for py in sorted((cache_dir() / "llamacpp").glob("venv-*/bin/python")):
+    for marker in sorted((cache_dir() / "llamacpp").glob("venv-*/koala-decodes")):  # a build that decodes here
+        py = marker.parent / "bin" / "python"
         if subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode == 0:
             return py
     pytest.skip("llama.cpp is not built on this machine (building it takes minutes): `make bench-llamacpp` "
