@@ -63,7 +63,7 @@ def sha256_text(text: str) -> str:
 STALE_TMP_S = 24 * 3600  # a temporary sibling from another host (or an unnamed writer) this old is abandoned
 
 
-def _tmp_prefix(final: Path) -> str:
+def tmp_prefix(final: Path) -> str:
     """`.NAME.HOST-PID-`: a temporary sibling says who writes it, so a later run can tell a dead writer's leftovers."""
     import socket
 
@@ -111,7 +111,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale_tmp(final)
-    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(final), suffix=".tmp", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(final), suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -141,7 +141,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         for left in final.parent.glob(f".{final.name}.old-*"):
             shutil.rmtree(left, ignore_errors=True)
     sweep_stale_tmp(final)
-    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), suffix=".tmp", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(final), suffix=".tmp", dir=final.parent))
     try:
         try:
             yield tmp

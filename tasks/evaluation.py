@@ -17,7 +17,8 @@ from koala.engine.drafter_spec import spec_of_dir
 from koala.tracking import WEIGHTS_TAG, Registry, Tracker, drafter_path, resolve_uri
 from koala_tasks.common import decoding_target, retry_unless_koala_error, session_for
 
-EVAL_KEYS = ("bench", "gamma", "threshold", "lookup", "temperature", "top_p", "max_new_tokens", "limit", "compile")
+EVAL_KEYS = ("bench", "gamma", "threshold", "lookup", "temperature", "top_p", "max_new_tokens", "limit", "compile",
+             "dtype")
 
 
 def model_name(cfg: KoalaConfig) -> str:

@@ -15,20 +15,24 @@ artifacts are cached on disk under $KOALA_CACHE/inductor, so a second run, or an
 of compiling again; `compile_seconds()` reports the time spent compiling apart from decoding.
 
 On a CPU each step is compiled ahead of time instead (`AotStep`): exported with `torch.export`, compiled by
-AOTInductor with frozen, pre-packed weights into a package under $KOALA_CACHE/aot, and loaded from there (in
-milliseconds) by every later process on the same machine, so a second `koala eval` or `make demo` compiles nothing.
-A package is keyed by everything its code depends on (the model's weights, dtype, cache size, the step's inputs and
-outputs, koala's engine source, torch's version, the CPU model and its flags, threads); a package that fails to
-load, or whose first output differs from the eager forward's on the same inputs, is rebuilt, never trusted.
+AOTInductor (in a child process) with frozen, pre-packed weights into a package under $KOALA_CACHE/aot, and loaded
+from there (about a second for the default target) by every later process on the same machine, so a second
+`koala eval` or `make demo` compiles nothing. A package is keyed by everything its code depends on (the model's
+weights, dtype, cache size, the step's inputs and outputs, the engine's source, torch's and transformers' versions,
+the CPU model and its flags, the configured threads); a package that fails to load, or whose first output differs
+from the eager forward's on the same inputs, is rebuilt, never trusted. The inductor cache above serves the CUDA
+path and `KOALA_AOT=0`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +41,7 @@ from typing import Callable
 import torch
 
 from koala.errors import KoalaError
+from koala.io import tmp_prefix, atomic_path
 
 MAX_STEP_WIDTH = 32  # steps of at most this many tokens (a chain's or a draft tree's) run compiled; a prefill eager
 _compile_s = 0.0
@@ -244,7 +249,8 @@ class AotStep:
                 for name, p in self.model.named_parameters():
                     flat = p.detach().reshape(-1)
                     sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
-                    h.update(f"{name}{tuple(p.shape)}{p.dtype}{flat.double().sum().item()!r}".encode() + sample)
+                    total = flat.sum(dtype=torch.float64).item()
+                    h.update(f"{name}{tuple(p.shape)}{p.dtype}{total!r}".encode() + sample)
             self._weights = h.hexdigest()
         return self._weights
 
@@ -302,9 +308,6 @@ class AotStep:
         what = (f"{'one-token' if not wide else f'2-{MAX_STEP_WIDTH}-token'} step of a {len(self.model.layers)}-layer "
                 f"model ({key['dtype'].removeprefix('torch.')})")
         t = time.perf_counter()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        exported = path.with_name(f".{path.stem}.{os.getpid()}.export.pt2")
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.pt2")
         with _progress(f"compiling the {what}, once for this machine"):
             module = _StepModule(self.model, *sig[1:5])
             dyn = None
@@ -312,20 +315,18 @@ class AotStep:
                 T = torch.export.Dim("width", min=2, max=MAX_STEP_WIDTH)
                 rest = ([{0: T}, {0: T}] if sig[4] else []) + [None] * len(caches)  # tree positions, mask; caches
                 dyn = ({1: T}, {args[1].dim() - 1: T}, tuple(rest))
-            try:
+            # temporary siblings named as koala.io names them, so a killed build's leftovers are swept like any other
+            with atomic_path(path) as package, tempfile.NamedTemporaryFile(
+                    dir=path.parent, prefix=tmp_prefix(path), suffix=".tmp") as exported:
                 with torch.no_grad(), warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # export warns once per cache input about unlifting
                     # copies: the model's own cache buffers are module state; an input aliasing state cannot be mutated
                     ep = torch.export.export(module, tuple(args + [c.clone() for c in caches]), dynamic_shapes=dyn)
-                    torch.export.save(ep, str(exported))
+                    torch.export.save(ep, exported.name)
                 del ep
                 configs = {"freezing": True, "max_autotune": self.mode.startswith("max-autotune")}
-                _compile_in_child(exported, tmp, configs)
-                os.replace(tmp, path)
-                path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
-            finally:
-                for f in (exported, tmp):
-                    f.unlink(missing_ok=True)
+                _compile_in_child(Path(exported.name), package, configs)
+            path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
         _compile_s += time.perf_counter() - t
         step = _load_package(path)
         if step is None:
@@ -342,7 +343,7 @@ def _compile_in_child(exported: Path, package: Path, configs: dict) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(configured())}
     r = subprocess.run([sys.executable, "-m", "koala.engine.compile", str(exported), str(package), json.dumps(configs)],
                        env=env, capture_output=True, text=True)
-    if r.returncode != 0 or not package.exists():
+    if r.returncode != 0 or not package.stat().st_size:
         lines = [ln for ln in (r.stderr or "").strip().splitlines() if ln.strip()]
         last = (lines[-1] if lines else f"exit status {r.returncode}")[:200]
         raise KoalaError(f"the compiled engine could not be built ({last}): run with --no-compile "
@@ -355,7 +356,9 @@ def _child_main(exported: str, package: str, configs: str) -> None:
     with torch.no_grad(), warnings.catch_warnings():  # as exported: no autograd, the caches written in place
         warnings.simplefilter("ignore")
         ep = torch.export.load(exported)
-        torch._inductor.aoti_compile_and_package(ep, package_path=package, inductor_configs=json.loads(configs))
+        buf = io.BytesIO()  # AOTInductor names its file *.pt2; the caller's temporary sibling is not
+        torch._inductor.aoti_compile_and_package(ep, package_path=buf, inductor_configs=json.loads(configs))
+    Path(package).write_bytes(buf.getbuffer())
 
 
 class _StepModule(torch.nn.Module):

@@ -146,7 +146,8 @@ class Transformer(nn.Module):
         """Compile the decode steps (see `koala.engine.compile`): later `step` calls of a few tokens run compiled."""
         from koala.engine.compile import AotStep, CompiledStep, aot_enabled
 
-        self.compiled = AotStep(self, mode) if aot_enabled(self.device, mode) else CompiledStep(self.forward, self.device, mode)
+        aot = aot_enabled(self.device, mode)
+        self.compiled = AotStep(self, mode) if aot else CompiledStep(self.forward, self.device, mode)
         self.max_seq_len, self.caches = 0, nn.ModuleList()  # re-allocated at the compiled size on next use
         return self
 

@@ -1,5 +1,8 @@
 """Ahead-of-time compiled steps on a CPU: built once per machine, loaded by later engines, never trusted when stale."""
 
+import socket
+import subprocess
+
 import pytest
 import torch
 
@@ -48,10 +51,20 @@ def test_a_corrupt_package_is_rebuilt(cache, capfd):
     _one_token(Transformer(hf).compile(mode="default"))
     (package,) = cache.glob("*.pt2")
     package.write_bytes(package.read_bytes()[: 4096])  # a truncated copy, as a killed writer would have left
+    dead = _dead_pid()
+    leftover = package.parent / f".{package.name}.{socket.gethostname()}-{dead}-x.tmp"  # a killed build's half
+    leftover.write_bytes(b"half a package")
     again = Transformer(hf).compile(mode="default")
     got = _one_token(again)
     assert again.compiled.built == 1 and "stale or corrupt: rebuilding" in capfd.readouterr().err
     assert torch.allclose(got, want, atol=1e-4)
+    assert not leftover.exists() and not list(package.parent.glob(".*.tmp"))  # swept, and none of its own left
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
 
 
 def test_a_stale_package_under_the_right_name_is_rebuilt(cache, monkeypatch, capfd):
