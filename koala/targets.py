@@ -50,6 +50,13 @@ class Target:
     info: TargetInfo
 
 
+def target_facts(target: Target) -> dict:
+    """What a dataset or a drafter records of the target it was made with (checked again when read)."""
+    i = target.info
+    return {"name": i.name, "content_hash": i.content_hash, "tokenizer_hash": i.tokenizer_hash,
+            "chat_template_hash": i.chat_template_hash, "vocab_size": i.vocab_size}
+
+
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype

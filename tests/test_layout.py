@@ -47,3 +47,45 @@ def test_profiles_ship_inside_the_package():
     assert CONFIG_DIR.parent == ROOT / "koala"
     for name in PROFILES:
         load_config(name)
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _koala_imports(path: Path, known: set[str]) -> set[str]:
+    """The koala modules a file imports, at the top or inside a function (a lazy import is still a dependency)."""
+    name, out = _module(path), set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.Import):
+            out |= {a.name for a in n.names}
+        elif isinstance(n, ast.ImportFrom):
+            base = n.module or ""
+            if n.level:
+                pkg = name.split(".")[: len(name.split(".")) - n.level + (path.name == "__init__.py")]
+                base = ".".join(pkg + ([n.module] if n.module else []))
+            out |= {base} | {f"{base}.{a.name}" for a in n.names}
+    return {m for m in out if m in known and m != name}
+
+
+def test_no_import_cycle_inside_the_library():
+    graph = {_module(p): set() for p in LIBRARY}
+    for p in LIBRARY:
+        graph[_module(p)] = _koala_imports(p, set(graph))
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> list[str] | None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                return path + [m, d]
+            if d not in state and (cycle := visit(d, path + [m])):
+                return cycle
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            cycle = visit(m, [])
+            assert cycle is None, " -> ".join(cycle[cycle.index(cycle[-1]):])

@@ -23,7 +23,7 @@ from koala.errors import KoalaError
 from koala.data.generate import generate_batch
 from koala.data.teacher import teacher_force_shard, tokenize
 from koala.engine.sampling import SamplingParams
-from koala.targets import Target, encode_chat
+from koala.targets import Target, encode_chat, target_facts
 
 
 @dataclass
@@ -34,12 +34,6 @@ class Plan:
     records: dict[str, P.PromptRecord]  # prompt id -> record, for the shards in todo
     skipped: dict = field(default_factory=dict)  # prompts left out, by reason
     recovered: int | None = None  # ShareGPT: complete conversations read
-
-
-def target_facts(target: Target) -> dict:
-    i = target.info
-    return {"name": i.name, "content_hash": i.content_hash, "tokenizer_hash": i.tokenizer_hash,
-            "chat_template_hash": i.chat_template_hash, "vocab_size": i.vocab_size}
 
 
 def _settings(cfg: KoalaConfig, source: str) -> dict:

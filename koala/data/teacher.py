@@ -24,7 +24,7 @@ from koala.data import prompts as P
 from koala.data import shards as S
 from koala import precision
 from koala.interrupt import check
-from koala.targets import Target, encode_chat
+from koala.targets import Target, encode_chat, target_facts
 
 
 @dataclass
@@ -87,8 +87,6 @@ def force_batch(model, seqs: list[tuple[list[int], int]], topk: int, features: b
 def teacher_force_shard(cfg: KoalaConfig, target: Target, spec: S.ShardSpec, records: dict[str, P.PromptRecord],
                         out_dir: str | Path, progress: bool = True) -> dict:
     """Teacher-force every conversation of one shard and write it; returns its manifest entry with tokens/s."""
-    from koala.data.build import target_facts
-
     tc = cfg.teacher_forced
     h = S.settings_hash(tc.model_dump(), "teacher_forced")
     compute = precision.for_model(cfg.compute_dtype, target.model)

@@ -223,12 +223,14 @@ class AotStep:
     # -- the package cache ------------------------------------------------------------------------------------------
     def key(self, sig: tuple) -> dict:
         """Everything a package's code depends on (its file name is this dict's digest)."""
+        from koala.engine.kv_cache import CacheView, KVCache
         from koala.precision import cpu_flags
         from koala.threads import configured as configured_threads, cpu_model
         import transformers
 
         # the code a package traced: the model's module and the step wrapper (not this file's docstrings or caching)
-        src = Path(sys.modules[type(self.model).__module__].__file__).read_text() + inspect.getsource(_StepModule)
+        src = (Path(sys.modules[type(self.model).__module__].__file__).read_text() + inspect.getsource(KVCache)
+               + inspect.getsource(CacheView) + inspect.getsource(_StepModule))
         wide, embeds, hidden, logits, tree, pos_dim, batch, slots = sig
         return {
             "format": AOT_FORMAT, "weights": self.weights_digest(), "dtype": str(self.model.dtype),
@@ -276,7 +278,7 @@ class AotStep:
 
     def _agrees(self, step: Callable, args: list, caches: list, sig: tuple) -> bool:
         """The package's outputs on copies of the caches against the eager forward's on other copies."""
-        from koala.engine.model import CacheView
+        from koala.engine.kv_cache import CacheView
 
         _, embeds, hidden, logits, tree, *_ = sig
         mine = [t.clone() for t in caches]
@@ -369,7 +371,7 @@ class _StepModule(torch.nn.Module):
         self.model, self.embeds, self.hidden, self.logits, self.tree = model, embeds, hidden, logits, tree
 
     def forward(self, x, input_pos, *rest):
-        from koala.engine.model import CacheView
+        from koala.engine.kv_cache import CacheView
 
         tree = (rest[0], rest[1]) if self.tree else None
         kv = rest[2:] if self.tree else rest

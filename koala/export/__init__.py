@@ -117,7 +117,9 @@ def export(src: DrafterSource, fmt: str, out: str | Path, target_spec: str | Non
     target = target_spec or src.target_name
     if target is None:
         raise KoalaError(f"{src.path} does not name its target: pass --target")
-    module = importlib.import_module(f"koala.export.{fmt}")  # each format's write(src, dir, target) and check(...)
+    # each format's write(src, dir, target) and check(...); EAGLE-3 heads are speculators 0.9.0's `eagle3`
+    name = "speculators_eagle3" if fmt == "speculators" and src.kind == "eagle3" else fmt
+    module = importlib.import_module(f"koala.export.{name}")
     with atomic_dir(out) as tmp:
         try:
             manifest = module.write(src, tmp, target)

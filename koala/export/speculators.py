@@ -89,10 +89,6 @@ def speculators_section(algorithm: str, t) -> dict:
 
 
 def write(src, out: Path, target: str) -> dict:
-    if src.kind == "eagle3":  # speculators 0.9.0's eagle3 speculator
-        from koala.export import speculators_eagle3
-
-        return speculators_eagle3.write(src, out, target)
     head, t, vocab = _head_and_target(src, target)
     save_file(state_dict(head), out / WEIGHTS)
     (out / "config.json").write_text(json.dumps(config(head, t), indent=2) + "\n")
@@ -171,10 +167,6 @@ def compare(ours: torch.Tensor, theirs: torch.Tensor, vocab, via: str) -> dict:
 
 @torch.no_grad()
 def check(src, out: Path, target: str) -> dict:
-    if src.kind == "eagle3":
-        from koala.export import speculators_eagle3
-
-        return speculators_eagle3.check(src, out, target)
     ours, embed, lm, ids, feats, vocab = koala_inputs(src, target)
     from importlib.metadata import PackageNotFoundError, version
 
