@@ -87,8 +87,7 @@ def run_one(session, name: str, overrides: list[str], seed: int, a) -> dict:
         r = evaluate(session, spec, EvalConfig(bench=b, limit=limit, gamma=GAMMA, max_new_tokens=a.max_new_tokens,
                                                warmup=0, compile=True))
         key = Path(b.removeprefix("hf:")).stem
-        row.update({f"tau_{key}": r["tau"], f"speedup_{key}": r["speedup"],
-                    f"lossless_{key}": f"{r['lossless']['identical']}/{r['lossless']['total']}"})
+        row.update({f"tau_{key}": r.tau, f"speedup_{key}": r.speedup, f"lossless_{key}": r.lossless.text})
     return row
 
 

@@ -136,14 +136,13 @@ def run_koala(dtype: str, drafter: str, limit: int, max_new: int, reps: int) -> 
     for _ in range(reps):
         s.autoregressive.clear()  # each repetition measures the target alone again
         r = evaluate(s, drafter, cfg)
-        ar.append(r["tokens_per_s"]["autoregressive"])
-        sp.append(r["tokens_per_s"]["speculative"])
-        taus.append(r["tau"])
-        shapes.append(r["tree"] or f"chain {r['gamma']}")
+        ar.append(r.tokens_per_s.autoregressive)
+        sp.append(r.tokens_per_s.speculative)
+        taus.append(r.tau)
+        shapes.append(r.tree or f"chain {r.gamma}")
     return {"engine": s.describe(), "autoregressive_tokens_per_s": round(sum(ar) / reps, 2),
             "speculative_tokens_per_s": round(sum(sp) / reps, 2), "tau": round(sum(taus) / reps, 3),
-            "draft_shapes": shapes, "lossless": f"{r['lossless']['identical']}/{r['lossless']['total']}",
-            "near_ties": len(r["lossless"]["near_ties"]), "compile_s": round(compile_seconds(), 1)}
+            "draft_shapes": shapes, "lossless": r.lossless.text, "near_ties": len(r.lossless.near_ties), "compile_s": round(compile_seconds(), 1)}
 
 
 def main() -> None:

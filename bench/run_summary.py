@@ -15,19 +15,18 @@ import re
 from pathlib import Path
 
 from koala import benchinfo
+from koala.report import EvalReport
 
 
 def evaluation(report: Path) -> dict:
-    r = json.loads(report.read_text())
-    lossless = r["lossless"]  # {identical, total, near_ties, differences}
-    return {"bench": r["bench"], "prompts": r["prompts"], "drafter": r["drafter"], "mode": r["mode"],
-            "dtype": r["dtype"], "max_new_tokens": r["max_new_tokens"], "gamma": r["gamma"],
-            "tau": round(r["tau"], 3), "speedup": round(r["speedup"], 3),
-            "tokens_per_s": {k: None if v is None else round(v, 2) for k, v in r["tokens_per_s"].items()},
-            "acceptance_by_position": [round(a, 3) for a in r["acceptance_by_position"]],
-            "tree": r.get("tree"), "speedup_ci95": [round(x, 3) for x in r.get("speedup_ci95") or []] or None,
-            "compile_s": round(r.get("compile_s", 0.0), 1), "setup_s": round(r.get("setup_s", 0.0), 1),
-            "lossless": f"{lossless['identical']}/{lossless['total']}", "near_ties": len(lossless["near_ties"])}
+    r = EvalReport.load(report)
+    return {"bench": r.bench, "prompts": r.prompts, "drafter": r.drafter, "mode": r.mode, "dtype": r.dtype,
+            "max_new_tokens": r.max_new_tokens, "gamma": r.gamma, "tau": round(r.tau, 3), "speedup": round(r.speedup, 3),
+            "tokens_per_s": {k: None if v is None else round(v, 2) for k, v in r.tokens_per_s.model_dump().items()},
+            "acceptance_by_position": [round(a, 3) for a in r.acceptance_by_position], "tree": r.tree,
+            "speedup_ci95": [round(x, 3) for x in r.speedup_ci95] if r.speedup_ci95 else None,
+            "compile_s": round(r.compile_s, 1), "setup_s": round(r.setup_s, 1), "lossless": r.lossless.text,
+            "near_ties": len(r.lossless.near_ties)}
 
 
 LOG_LINE = re.compile(r"(\d\d):(\d\d):(\d\d\.\d+) \| \w+\s+\| Task run '([\w.-]+)-(\w{3})'")

@@ -15,6 +15,7 @@ from koala.cli import (COMPUTE_DTYPE_HELP, app, at_least_one, check_prompt_sourc
                        with_compute_dtype, writable_dir)
 from koala.config import DEFAULT_PROFILE, LOSS_NAMES
 from koala.errors import KoalaError
+from koala.report import RunSummary
 
 
 def in_prefect(call):
@@ -112,31 +113,29 @@ def run(profile: str = typer.Option(DEFAULT_PROFILE, help="smoke (a CPU in minut
     _print_summary(s)
 
 
-def _print_summary(s: dict) -> None:
+def _print_summary(s: RunSummary) -> None:
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title="koala pipeline", show_header=False)
-    tps = s["tokens_per_s"]
-    rows = [("data", s["data"]), ("drafter", s["drafter"]), ("tau", f"{s['tau']:.2f} tokens per target forward"),
-            ("speed-up", f"{s['speedup']:.2f}x ({tps['speculative']:.1f} vs {tps['autoregressive']:.1f} tokens/s)"),
-            ("lossless", s["lossless"]), ("engine", s.get("engine", ""))]
-    for i, st in enumerate(s.get("stages", []), 1):  # what each training stage added, on the same held-out prompts
-        acc = ", ".join(f"{st[k]:.2f}" for k in sorted(st) if k.startswith("heldout_greedy_agreement_pos")) or (
-            f"{st['heldout_greedy_agreement']:.2f}" if "heldout_greedy_agreement" in st else "n/a")
-        dtype = f" in {st['compute_dtype']}" if st.get("compute_dtype") else ""
-        rows.append((f"stage {i}", f"{st['steps']} steps on {st['data']}{dtype}: held-out agreement by draft {acc}"))
-    for name, m in s.get("more", {}).items():
-        rows.append((name, f"{m['bench']} x{m['prompts']}{'' if m['lookup'] else ' (no prompt lookup)'}: tau "
-                           f"{m['tau']:.2f}, speed-up {m['speedup']:.2f}x, lossless {m['lossless']}"))
-    rows += [("registered", f"{s['model']} version {s['version']}"),
-             ("promoted", f"{'yes' if s['promoted'] else 'no'}: {s['reason']}")]
+    tps = s.tokens_per_s
+    rows = [("data", s.data), ("drafter", s.drafter), ("tau", f"{s.tau:.2f} tokens per target forward"),
+            ("speed-up", f"{s.speedup:.2f}x ({tps.speculative:.1f} vs {tps.autoregressive:.1f} tokens/s)"),
+            ("lossless", s.lossless), ("engine", s.engine)]
+    for i, st in enumerate(s.stages, 1):  # what each training stage added, on the same held-out prompts
+        acc = ", ".join(f"{a:.2f}" for a in st.agreement_by_draft()) or "n/a"
+        dtype = f" in {st.compute_dtype}" if st.compute_dtype else ""
+        rows.append((f"stage {i}", f"{st.steps} steps on {st.data}{dtype}: held-out agreement by draft {acc}"))
+    for name, m in s.more.items():
+        rows.append((name, f"{m.bench} x{m.prompts}{'' if m.lookup else ' (no prompt lookup)'}: tau "
+                           f"{m.tau:.2f}, speed-up {m.speedup:.2f}x, lossless {m.lossless}"))
+    rows += [("registered", f"{s.model} version {s.version}"),
+             ("promoted", f"{'yes' if s.promoted else 'no'}: {s.reason}")]
     for k, v in rows:
         t.add_row(k, str(v))
     Console().print(t)
-    uri = s["mlflow_uri"]
-    typer.echo(f"MLflow UI:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000   "
-               f"(experiment {s['experiment']}, run {s['mlflow_run_id']})")
+    typer.echo(f"MLflow UI:  mlflow ui --backend-store-uri {s.mlflow_uri} --host 127.0.0.1 --port 5000   "
+               f"(experiment {s.experiment}, run {s.mlflow_run_id})")
     typer.echo("Prefect UI: prefect server start --host 127.0.0.1   (then open http://127.0.0.1:4200)")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from koala.engine.drafter_spec import spec_of_dir
+from koala.report import EvalReport
 from koala.tracking import Tracker, drafter_path, resolve_uri
 from koala_tasks.common import resolve_config
 from koala_tasks.evaluation import evaluate_drafter, model_name
@@ -14,7 +15,7 @@ from koala_tasks.evaluation import evaluate_drafter, model_name
 
 @flow(name="evaluate-registered-drafter", log_prints=True)
 def evaluate_registered(profile: str = "smoke", config_path: str | None = None, version: str | None = None,
-                        alias: str = "champion", overrides: list[str] | None = None) -> dict:
+                        alias: str = "champion", overrides: list[str] | None = None) -> EvalReport:
     """Evaluate `koala-drafter-<target>` at `version` (or `alias`) with the profile's eval settings.
 
     Args:
@@ -32,6 +33,5 @@ def evaluate_registered(profile: str = "smoke", config_path: str | None = None, 
     with Tracker.start(uri, cfg.tracking.experiment, f"evaluate-{name}-{version or alias}") as parent:
         report = evaluate_drafter(cfg, str(path), str(Path(cfg.run_dir) / "eval" / f"{version or alias}"),
                                   parent.run_id)
-    print(f"{ref}: tau {report['tau']:.2f}, speed-up {report['speedup']:.2f}x, lossless "
-          f"{report['lossless']['identical']}/{report['lossless']['total']}")
+    print(f"{ref}: tau {report.tau:.2f}, speed-up {report.speedup:.2f}x, lossless {report.lossless.text}")
     return report

@@ -11,11 +11,12 @@ from prefect.runtime import flow_run
 
 from koala_flows.build_dataset import build_distillation_dataset
 from koala.config import HEAD_KINDS, LossName, parse_bench
+from koala.report import Headline, RunSummary, StageSummary, TrainedDrafter
 from koala.tracking import Tracker, check_reachable, resolve_uri
 from koala_tasks.common import resolve_config
 from koala_tasks.evaluation import evaluate_drafter, promote_drafter, register_drafter
 from koala_flows.train_nodes import distill_on_nodes
-from koala_tasks.training import distill_drafter, pretrain_drafter, train_heads_task
+from koala_tasks.training import train_drafter
 
 Profile = Literal["smoke", "default", "gpu"]
 Loss = LossName
@@ -30,7 +31,7 @@ def koala_pipeline(
     loss: Loss | None = None,
     steps: int | None = None,
     overrides: list[str] | None = None,
-) -> dict:
+) -> RunSummary:
     """Build (or extend) the distillation set, train a drafter, evaluate it, register it, promote it if it wins.
 
     Args:
@@ -65,46 +66,36 @@ def koala_pipeline(
         out = run_dir / "drafter"
         # A training task whose output has since gone (deleted, or another clone at the same path) runs again
         # rather than returning the cached path.
-        init = (pretrain_drafter.with_options(refresh_cache=_gone(out / "pretrain" / "drafter"))(
-            cfg, str(out / "pretrain"), pid) if cfg.training.pretrain_steps > 0 else None)
+        init = (train_drafter.with_options(refresh_cache=_gone(out / "pretrain" / "drafter"))(
+            cfg, "pretrain", str(out / "pretrain"), parent_run_id=pid).dir if cfg.training.pretrain_steps > 0 else None)
 
         # Step 3: train on teacher-forced data, then fine-tune on the target's own answers (or one stage).
         trained, stages = _train(cfg, data_dir, forced_dir, out, init, pid)
 
         # Step 4: measure it: tau, speed-up, losslessness (and on more benchmarks, and without prompt lookup).
-        report = evaluate_drafter(cfg, trained["drafter"], str(run_dir / "eval" / "candidate"), pid)
-        extra = _more_evaluations(cfg, trained["drafter"], run_dir / "eval", pid)
+        report = evaluate_drafter(cfg, trained.spec, str(run_dir / "eval" / "candidate"), pid)
+        extra = _more_evaluations(cfg, trained.spec, run_dir / "eval", pid)
 
         # Step 5: register it in MLflow.
-        registered = register_drafter(cfg, trained["dir"], report, pid)
+        registered = register_drafter(cfg, trained.dir, report, pid)
 
         # Step 6: promote it to `champion` if it is lossless and beats the champion, re-measured here.
         decision = promote_drafter(cfg, registered, report, str(run_dir / "eval"), pid)
-        parent.set_tags({"promoted": decision["promoted"], "promotion_reason": decision["reason"]})
-        parent.log_metrics({"tau": report["tau"], "speedup": report["speedup"]})
+        parent.set_tags({"promoted": decision.promoted, "promotion_reason": decision.reason})
+        parent.log_metrics({"tau": report.tau, "speedup": report.speedup})
 
-    summary = {"data": data_dir, "drafter": trained["drafter"], **_headline(report), "stages": stages, "more": extra,
-               "model": registered["name"], "version": registered["version"], "promoted": decision["promoted"],
-               "reason": decision["reason"], "mlflow_uri": uri, "mlflow_run_id": pid,
-               "experiment": cfg.tracking.experiment}
-    log.info("pipeline summary: %s", summary)
+    summary = RunSummary.of(report, data=data_dir, drafter=trained.spec, stages=stages, more=extra,
+                            model=registered["name"], version=registered["version"], promoted=decision.promoted,
+                            reason=decision.reason, mlflow_uri=uri, mlflow_run_id=pid,
+                            experiment=cfg.tracking.experiment)
+    log.info("pipeline summary: %s", summary.model_dump(mode="json"))
     return summary
 
 
-def _headline(report: dict) -> dict:
-    """What the summary shows of the candidate's evaluation."""
-    auto = " (auto)" if report.get("gamma_choice", {}).get("auto") else ""
-    shape = f"tree {report['tree']}" if report.get("tree") else f"gamma {report['gamma']}"
-    return {"tau": report["tau"], "speedup": report["speedup"], "speedup_ci95": report.get("speedup_ci95"),
-            "tokens_per_s": report["tokens_per_s"],
-            "lossless": f"{report['lossless']['identical']}/{report['lossless']['total']}",
-            "engine": f"{report.get('mode', 'eager')}, {shape}{auto}, "
-                      f"compile {report.get('compile_s', 0):.0f} s (not timed), {report['device']}"}
-
-
-def _train(cfg, data_dir: str, forced_dir: str | None, out: Path, init: str | None, pid: str) -> tuple[dict, list]:
+def _train(cfg, data_dir: str, forced_dir: str | None, out: Path, init: str | None,
+           pid: str) -> tuple[TrainedDrafter, list[StageSummary]]:
     """The drafter's training stages: on teacher-forced data (when there is some), then on the sampled data for
-    training.finetune_steps; returns the final {drafter, dir, ...} and each stage's held-out metrics."""
+    training.finetune_steps; returns the last stage's drafter and what each stage scored held out."""
     heads = cfg.drafter.kind in HEAD_KINDS
     plan = [(forced_dir, cfg)] if forced_dir else []
     if not forced_dir or cfg.training.finetune_steps:
@@ -116,20 +107,16 @@ def _train(cfg, data_dir: str, forced_dir: str | None, out: Path, init: str | No
         last = i == len(plan) - 1
         name = ("heads" if heads else "distill") + ("" if last else "-" + (
             "teacher_forced" if data == forced_dir else "generated"))
-        if heads:
-            trained = train_heads_task.with_options(refresh_cache=_gone(out / name / "heads"))(
-                c, data, str(out / name), pid, init_from=prev, heldout_dir=data_dir)
-        elif c.distributed.nodes > 1:  # one torchrun job over that many workers of the pool
+        if not heads and c.distributed.nodes > 1:  # one torchrun job over that many workers of the pool
             trained = distill_on_nodes(data, str(out / name), profile=None, overrides=_as_overrides(c),
                                        init_from=prev or init)
         else:
-            trained = distill_drafter.with_options(refresh_cache=_gone(out / name / "drafter"))(
-                c, data, str(out / name), init_from=prev or init, parent_run_id=pid)
-            trained["dir"] = trained["drafter"]
-        prev = trained["dir"]
-        stages.append({"data": data, "steps": c.training.steps, "drafter": trained["drafter"],
-                       "compute_dtype": _recorded(trained["dir"], "compute_dtype"),
-                       **{k: v for k, v in trained.get("metrics", {}).items() if k.startswith("heldout")}})
+            trained = train_drafter.with_options(refresh_cache=_gone(out / name / ("heads" if heads else "drafter")))(
+                c, "heads" if heads else "distill", str(out / name), data_dir=data,
+                init_from=prev if heads else prev or init, heldout_dir=data_dir if heads else None, parent_run_id=pid)
+        prev = trained.dir
+        stages.append(StageSummary(data=data, steps=c.training.steps, drafter=trained.spec,
+                                   compute_dtype=_recorded(trained.dir, "compute_dtype"), heldout=trained.heldout()))
     return trained, stages
 
 
@@ -143,7 +130,7 @@ def _recorded(drafter_dir: str, key: str):
     return None
 
 
-def _more_evaluations(cfg, drafter: str, out: Path, pid: str) -> dict:
+def _more_evaluations(cfg, drafter: str, out: Path, pid: str) -> dict[str, Headline]:
     """eval.alone (the drafter without prompt lookup) and eval.also (more benchmarks): their tau and speed-up."""
     runs = {}
     if cfg.eval.alone and cfg.eval.lookup:
@@ -157,8 +144,8 @@ def _more_evaluations(cfg, drafter: str, out: Path, pid: str) -> dict:
     for name, ev in runs.items():
         r = evaluate_drafter(cfg.model_copy(update={"eval": ev}), drafter, str(out / f"candidate-{name}"), pid,
                              run_name=f"evaluate-{name}")
-        results[name] = {"bench": ev.bench, "prompts": r["prompts"], "lookup": ev.lookup, "tau": r["tau"],
-                         "speedup": r["speedup"], "lossless": f"{r['lossless']['identical']}/{r['lossless']['total']}"}
+        results[name] = Headline(bench=ev.bench, prompts=r.prompts, lookup=ev.lookup, tau=r.tau, speedup=r.speedup,
+                                 lossless=r.lossless.text)
     return results
 
 

@@ -23,6 +23,7 @@ import yaml
 from prefect import flow
 
 from koala.errors import KoalaError
+from koala.report import TrainedDrafter
 from koala_tasks.common import resolve_config
 
 
@@ -43,9 +44,9 @@ def train_on_node(argv: list[str], nnodes: int, procs_per_node: int, rdzv_endpoi
 @flow(name="distill-on-nodes", log_prints=True)
 def distill_on_nodes(data_dir: str, out_dir: str, profile: str | None = "smoke", config_path: str | None = None,
                      overrides: list[str] | None = None, init_from: str | None = None, loss: str | None = None,
-                     steps: int | None = None) -> dict:
-    """Distil the drafter as one torchrun job over `distributed.nodes` workers of the pool; returns {drafter, dir,
-    metrics} as the one-node training task does (the drafter is out_dir/drafter, written by rank 0)."""
+                     steps: int | None = None) -> TrainedDrafter:
+    """Distil the drafter as one torchrun job over `distributed.nodes` workers of the pool; returns what the one-node
+    training task does (the drafter is out_dir/drafter, written by rank 0)."""
     cfg = resolve_config(profile, config_path, overrides)
     d = cfg.distributed
     out = Path(out_dir)
@@ -72,8 +73,7 @@ def distill_on_nodes(data_dir: str, out_dir: str, profile: str | None = "smoke",
         raise KoalaError(f"the training stage failed on {sorted(failed)} ({failed}): see those flow runs' logs; a rerun "
                          f"resumes from the last checkpoint in {out}")
     info = json.loads((out / "drafter" / "koala.json").read_text())
-    return {"drafter": str(out / "drafter"), "dir": str(out / "drafter"), "run_id": None,
-            "metrics": info.get("metrics", {})}
+    return TrainedDrafter(spec=str(out / "drafter"), dir=str(out / "drafter"), metrics=info.get("metrics", {}))
 
 
 @contextmanager

@@ -265,7 +265,8 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from koala.evaluate import evaluate, summary_line
+    from koala.evaluate import evaluate
+    from koala.render import summary_line
     from koala.engine.session import Session
 
     try:
@@ -287,7 +288,7 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
             task = bar.add_task("eval", total=None, info="")
 
             def progress(i, n, row):
-                bar.update(task, total=n, completed=i, info=f"tau {row['tau']:.2f}, {row['tokens_per_s']:.1f} tok/s")
+                bar.update(task, total=n, completed=i, info=f"tau {row.tau:.2f}, {row.tokens_per_s:.1f} tok/s")
 
             report = evaluate(s, drafter, cfg, out_dir=out_dir, progress=progress,
                               stage=lambda text: bar.update(task, description=text))

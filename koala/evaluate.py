@@ -28,6 +28,8 @@ from koala.engine.drafters import Drafter, LookupFirstDrafter, ModelDrafter, Pro
 from koala.engine.session import Session
 from koala.engine.tree import TreeBudget
 from koala.promotion import speedup_interval
+from koala.render import write_report
+from koala.report import CategoryStats, Difference, EvalReport, Lossless, PromptRow, TokensPerS
 from koala.targets import encode_chat
 from koala.threads import cpu_model
 
@@ -86,7 +88,7 @@ def near_tie_tolerance(dtype: str, logit: float, compiled: bool) -> float:
     return NEAR_TIE if compiled else 0.0
 
 
-def first_difference(session: Session, prompt: list[int], ar: list[int], sp: list[int]) -> dict | None:
+def first_difference(session: Session, prompt: list[int], ar: list[int], sp: list[int]) -> Difference | None:
     """Where two greedy outputs first differ, and the target's logit margin there between the two tokens.
 
     Kernels for different widths round differently (compiled, or in bf16/fp16), so at a near-tie (margin within
@@ -95,8 +97,7 @@ def first_difference(session: Session, prompt: list[int], ar: list[int], sp: lis
     """
     i = next((j for j, (a, b) in enumerate(zip(ar, sp)) if a != b), None)
     if i is None:
-        return None if len(ar) == len(sp) else {"index": min(len(ar), len(sp)), "margin": None,
-                                                 "reason": "lengths differ"}
+        return None if len(ar) == len(sp) else Difference(index=min(len(ar), len(sp)), reason="lengths differ")
     eng = session.engine
     ids = torch.tensor([prompt + ar[:i]], device=eng.device)
     eng.setup_caches(ids.shape[1] + 1)
@@ -105,8 +106,8 @@ def first_difference(session: Session, prompt: list[int], ar: list[int], sp: lis
     margin = float((logits[ar[i]] - logits[sp[i]]).abs())
     top = max(abs(float(logits[ar[i]])), abs(float(logits[sp[i]])))
     tol = near_tie_tolerance(session.target.info.dtype, top, session.compiled)
-    return {"index": i, "ar_token": ar[i], "spec_token": sp[i], "margin": margin, "tolerance": tol,
-            "near_tie": margin <= tol and tol > 0}
+    return Difference(index=i, ar_token=ar[i], spec_token=sp[i], margin=margin, tolerance=tol,
+                      near_tie=margin <= tol and tol > 0)
 
 
 def hf_assistant(drafter: Drafter):
@@ -132,14 +133,12 @@ def hf_assistant(drafter: Drafter):
 
 
 def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str | Path | None = None,
-             progress: ProgressFn | None = None, stage: Callable[[str], None] | None = None) -> dict:
+             progress: ProgressFn | None = None, stage: Callable[[str], None] | None = None) -> EvalReport:
     """Run the benchmark with and without the drafter and write report.json, report.md and plots into out_dir.
 
     Steps: load the drafter and prompts and size every cache once; warm up (compiling, when compiled) and choose
-    gamma; measure each prompt with and without the drafter; summarise. `stage` hears each step's name.
-
-    Returns:
-        The report dict (see docs/guides/evaluate.md: target, drafter, tau, speedup, tokens_per_s, lossless, ...).
+    gamma; measure each prompt with and without the drafter; summarise. `stage` hears each step's name, `progress`
+    each prompt's row as it is measured.
     """
     stage = stage or (lambda _: None)
     drafter, prompts, gmax = _prepare(session, drafter_spec, cfg)
@@ -147,7 +146,7 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
     cal = _warm_up_and_choose_gamma(session, drafter, prompts, cfg, gmax, stage)
     gamma, tree = cal["gamma"], cal["tree"]
     stage(f"eval ({'tree ' + str(tree) if tree else f'gamma {gamma}'})")
-    rows, accept_total, all_rounds, hf_rows, ranks = [], [0] * (gamma + 1), [], [], []
+    rows, accept_total, all_rounds, ranks = [], [0] * (gamma + 1), [], []
     assistant = hf_assistant(drafter) if cfg.hf_baselines else None
     for i, (rec, ids) in enumerate(prompts):
         check()  # SIGINT/SIGTERM: stop between prompts
@@ -156,23 +155,18 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
         accept_total = [a + b for a, b in zip(accept_total, sp.accept_counts)]
         all_rounds += sp.rounds
         ranks += sp.ranks
-        if cfg.hf_baselines:
-            hf_rows.append({k: row[k] for k in ("hf_generate", "hf_assisted") if k in row})
         rows.append(row)
         if progress:
             progress(i + 1, len(prompts), row)
 
-    report = _summarise(session, drafter, cfg, gamma, rows, accept_total, all_rounds, hf_rows, cal["c"],
-                        cal["target_step_s"], cal["drafter_step_s"])
     choice = cal["choice"]
-    iv = speedup_interval(report)
-    report.update(speedup_ci95=None if iv is None else list(iv), tree=None if tree is None else str(tree),
-                  accepted_path_histogram=accept_total,
-                  gamma_choice=choice or {"auto": False, "chosen": str(tree) if tree else gamma}, mode=session.mode,
-                  compile_s=compile_seconds() - compile_s0,
-                  setup_s=cal["setup_s"])  # warm-up, compilation and calibration: never part of a speed-up
+    report = _summarise(session, drafter, cfg, rows, all_rounds, cal)
+    report.accept_counts = report.accepted_path_histogram = accept_total
+    report.speedup_ci95 = speedup_interval(report)
+    report.gamma_choice = choice or {"auto": False, "chosen": str(tree) if tree else gamma}
+    report.compile_s = compile_seconds() - compile_s0
     if choice:
-        choice["measured_speedup"] = report["speedup"]
+        choice["measured_speedup"] = report.speedup
         choice["measured_tokens_per_round"] = sum(k + 1 for _, k in all_rounds) / max(len(all_rounds), 1)
     if out_dir is not None:
         write_report(report, Path(out_dir))
@@ -269,22 +263,20 @@ def _measure_prompt(session, drafter, cfg: EvalConfig, gamma: int, i: int, rec, 
     torch.manual_seed(i)
     sp = _run(session, cfg, ids, drafter, gamma, tree=tree)
     greedy = cfg.temperature == 0
-    row = {
-        "id": rec.id, "category": rec.category, "prompt_tokens": len(ids),
-        "new_tokens": len(sp.tokens), "wall_s": sp.wall_s, "target_forwards": sp.target_forwards,
-        "tau": sp.tau, "tokens_per_s": len(sp.tokens) / sp.wall_s,
-        "ar_new_tokens": len(ar.tokens), "ar_wall_s": ar.wall_s, "ar_tokens_per_s": len(ar.tokens) / ar.wall_s,
-        "identical": sp.tokens == ar.tokens if greedy else None,
-        "first_difference": first_difference(session, ids, ar.tokens, sp.tokens) if greedy else None,
-        "accept_counts": sp.accept_counts,
-    }
+    row = PromptRow(
+        id=rec.id, category=rec.category, prompt_tokens=len(ids), new_tokens=len(sp.tokens), wall_s=sp.wall_s,
+        target_forwards=sp.target_forwards, tau=sp.tau, tokens_per_s=len(sp.tokens) / sp.wall_s,
+        ar_new_tokens=len(ar.tokens), ar_wall_s=ar.wall_s, ar_tokens_per_s=len(ar.tokens) / ar.wall_s,
+        identical=sp.tokens == ar.tokens if greedy else None,
+        first_difference=first_difference(session, ids, ar.tokens, sp.tokens) if greedy else None,
+        accept_counts=sp.accept_counts)
     if cfg.hf_baselines:
         n, w = _hf_generate(session, ids, cfg)
-        row["hf_generate"] = n / w
+        row.hf_generate = n / w
         if assistant is not None or isinstance(drafter, PromptLookupDrafter):
             n, w = _hf_generate(session, ids, cfg, assistant, lookup=isinstance(drafter, PromptLookupDrafter),
                                 gamma=gamma)
-            row["hf_assisted"] = n / w
+            row.hf_assisted = n / w
     return row, sp
 
 
@@ -300,49 +292,37 @@ def _autoregressive(session, cfg: EvalConfig, ids: list[int], i: int):
     return cache[key]
 
 
-def _summarise(session, drafter, cfg, gamma, rows, accept_total, rounds, hf_rows, c, target_step_s,
-               drafter_step_s) -> dict:
+def _summarise(session, drafter, cfg: EvalConfig, rows: list[PromptRow], rounds: list, cal: dict) -> EvalReport:
+    """The report from every prompt's row: means over prompts (Spec-Bench), τ over all, per category."""
     info = session.target.info
-    spec_tps = mean(r["tokens_per_s"] for r in rows)
-    ar_tps = mean(r["ar_tokens_per_s"] for r in rows)
-    tau = sum(r["new_tokens"] for r in rows) / sum(r["target_forwards"] for r in rows)
-    identical = [r["identical"] for r in rows if r["identical"] is not None]
-    per_cat = {}
-    by = defaultdict(list)
+    spec_tps, ar_tps = mean(r.tokens_per_s for r in rows), mean(r.ar_tokens_per_s for r in rows)
+    tau = sum(r.new_tokens for r in rows) / sum(r.target_forwards for r in rows)
+    by: dict[str, list[PromptRow]] = defaultdict(list)
     for r in rows:
-        by[r["category"]].append(r)
-    for cat, rs in sorted(by.items()):
-        per_cat[cat] = {
-            "prompts": len(rs),
-            "tau": sum(r["new_tokens"] for r in rs) / sum(r["target_forwards"] for r in rs),
-            "speedup": mean(r["tokens_per_s"] for r in rs) / mean(r["ar_tokens_per_s"] for r in rs),
-            "tokens_per_s": mean(r["tokens_per_s"] for r in rs),
-        }
-    return {
-        "target": info.name, "target_hash": info.content_hash, "drafter": drafter.name,
-        "device": info.device if info.device != "cpu" else f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)",
-        "dtype": info.dtype, "gamma": gamma, "temperature": cfg.temperature, "top_p": cfg.top_p,
-        "bench": cfg.bench, "prompts": len(rows), "max_new_tokens": cfg.max_new_tokens,
-        "tau": tau, "speedup": spec_tps / ar_tps,
-        **_speedup_models(session, drafter, tau, rounds, c),
-        "target_step_ms": target_step_s * 1e3, "drafter_step_ms": drafter_step_s * 1e3,
-        "tokens_per_s": {
-            "speculative": spec_tps, "autoregressive": ar_tps,
-            "hf_generate": mean(h["hf_generate"] for h in hf_rows) if hf_rows else None,
-            "hf_assisted": mean(h["hf_assisted"] for h in hf_rows if "hf_assisted" in h)
-            if any("hf_assisted" in h for h in hf_rows) else None,
-        },
-        "lossless": {"identical": sum(identical), "total": len(identical), "checked": cfg.temperature == 0,
-                     "near_ties": [{"id": r["id"], **r["first_difference"]} for r in rows
-                                   if r["first_difference"] and r["first_difference"].get("near_tie")],
-                     "differences": [{"id": r["id"], **r["first_difference"]} for r in rows
-                                     if r["first_difference"] and not r["first_difference"].get("near_tie")]},
-        "acceptance_by_position": acceptance_by_position(rounds, gamma),
-        "threshold": cfg.threshold, "mean_draft_length": sum(m for m, _ in rounds) / max(len(rounds), 1),
-        "accept_counts": accept_total,
-        "per_category": per_cat,
-        "per_prompt": rows,
-    }
+        by[r.category].append(r)
+    per_cat = {cat: CategoryStats(prompts=len(rs), tau=sum(r.new_tokens for r in rs) / sum(r.target_forwards for r in rs),
+                                  speedup=mean(r.tokens_per_s for r in rs) / mean(r.ar_tokens_per_s for r in rs),
+                                  tokens_per_s=mean(r.tokens_per_s for r in rs))
+               for cat, rs in sorted(by.items())}
+    diffs = [r.first_difference.model_copy(update={"id": r.id}) for r in rows if r.first_difference]
+    hf = [r.hf_generate for r in rows if r.hf_generate is not None]
+    assisted = [r.hf_assisted for r in rows if r.hf_assisted is not None]
+    return EvalReport(
+        target=info.name, target_hash=info.content_hash, drafter=drafter.name,
+        device=info.device if info.device != "cpu" else f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)",
+        dtype=info.dtype, mode=session.mode, gamma=cal["gamma"], tree=None if cal["tree"] is None else str(cal["tree"]),
+        temperature=cfg.temperature, top_p=cfg.top_p, bench=cfg.bench,
+        prompts=len(rows), max_new_tokens=cfg.max_new_tokens, tau=tau, speedup=spec_tps / ar_tps,
+        **_speedup_models(session, drafter, tau, rounds, cal["c"]),
+        target_step_ms=cal["target_step_s"] * 1e3, drafter_step_ms=cal["drafter_step_s"] * 1e3,
+        tokens_per_s=TokensPerS(speculative=spec_tps, autoregressive=ar_tps, hf_generate=mean(hf) if hf else None,
+                                hf_assisted=mean(assisted) if assisted else None),
+        lossless=Lossless(identical=sum(bool(r.identical) for r in rows), total=sum(r.identical is not None for r in rows),
+                          checked=cfg.temperature == 0, near_ties=[d for d in diffs if d.near_tie],
+                          differences=[d for d in diffs if not d.near_tie]),
+        acceptance_by_position=acceptance_by_position(rounds, cal["gamma"]), threshold=cfg.threshold,
+        mean_draft_length=sum(m for m, _ in rounds) / max(len(rounds), 1), per_category=per_cat, per_prompt=rows,
+        setup_s=cal["setup_s"])  # warm-up, compilation and calibration: never part of a speed-up
 
 
 def _speedup_models(session, drafter, tau: float, rounds: list, c_time: float) -> dict:
@@ -352,169 +332,3 @@ def _speedup_models(session, drafter, tau: float, rounds: list, c_time: float) -
     c = drafter_parameter_ratio(drafter, session.engine)
     return {"memory_bound_speedup": memory_bound_speedup(tau, m, c), "drafter_parameter_ratio": c,
             "latency_model_speedup": memory_bound_speedup(tau, m, c_time), "drafter_cost_ratio": c_time}
-
-
-def write_report(report: dict, out: Path) -> None:
-    """report.json, report.md and two PNG plots; each file written whole or not at all."""
-    from koala.io import atomic_path, write_json_atomic
-
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "report.json", report)
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(markdown(report))
-    plot(report, out)
-
-
-def markdown(r: dict) -> str:
-    tps = r["tokens_per_s"]
-    lines = [
-        f"# koala eval: {r['drafter']} on {r['target']}",
-        "",
-        f"{r['bench']}, {r['prompts']} prompts, {_draft_shape(r)}"
-        f"{' (auto)' if r.get('gamma_choice', {}).get('auto') else ''}, temperature {r['temperature']}, "
-        f"{r['dtype']} on {r['device']}, {r.get('mode', 'eager')} engine (compile {r.get('compile_s', 0):.0f} s, "
-        f"not part of any timing)",
-        "",
-        "| metric | value |", "|---|---|",
-        f"| τ (tokens per target forward) | {r['tau']:.2f} |",
-        f"| speed-up (Spec-Bench) | {r['speedup']:.2f}x{_ci(r)} |",
-        f"| memory-bound speed-up τ/(γ̄c+1) | {r['memory_bound_speedup']:.2f}x (c = {r['drafter_parameter_ratio']:.3f}, "
-        f"parameters; γ̄ = {r['mean_draft_length']:.2f}, the mean draft length used) |",
-        f"| latency-model speed-up | {r['latency_model_speedup']:.2f}x (c = {r['drafter_cost_ratio']:.3f}, measured "
-        "time of a draft over a target step) |",
-        f"| tokens/s speculative | {tps['speculative']:.1f} |",
-        f"| tokens/s autoregressive | {tps['autoregressive']:.1f} |",
-    ]
-    if tps.get("hf_generate"):
-        lines.append(f"| tokens/s HF generate | {tps['hf_generate']:.1f} |")
-    if tps.get("hf_assisted"):
-        lines.append(f"| tokens/s HF assisted generate | {tps['hf_assisted']:.1f} |")
-    ll = r["lossless"]
-    lines.append(f"| lossless (identical to target) | {ll['identical']}/{ll['total']} |" if ll["checked"]
-                 else "| lossless | sampling: exact by construction, not checked token by token |")
-    for d in ll.get("near_ties", []) + ll.get("differences", []):
-        lines.append(f"| differs: {d['id']} | at token {d['index']}, logit margin {d['margin']} "
-                     f"({_tie(d)}) |")
-    lines += ["", "| draft position | " + " | ".join(str(i + 1) for i in range(r["gamma"])) + " |",
-              "|---|" + "---|" * r["gamma"],
-              "| acceptance | " + " | ".join(f"{a:.2f}" for a in r["acceptance_by_position"]) + " |",
-              "", "| category | prompts | τ | speed-up |", "|---|---|---|---|"]
-    for cat, c in r["per_category"].items():
-        lines.append(f"| {cat} | {c['prompts']} | {c['tau']:.2f} | {c['speedup']:.2f}x |")
-    ch = r.get("gamma_choice") or {}
-    if ch.get("auto"):
-        widths = sorted(ch["cost_by_width_ms"], key=int)
-        lines += ["", f"auto chose {_draft_shape(r)}: expected {ch['expected_speedup']:.2f}x, measured "
-                      f"{r['speedup']:.2f}x", "",
-                  "| forward width (tokens) | " + " | ".join(str(w) for w in widths) + " |",
-                  "|---|" + "---|" * len(widths),
-                  "| target forward (ms) | " + " | ".join(f"{ch['cost_by_width_ms'][w]:.1f}" for w in widths) + " |"]
-        if "shapes" in ch:
-            lines += ["", "| draft shape (depth x top-k) | expected tokens per round | ms per round "
-                          "| expected tokens/s |", "|---|---|---|---|"]
-            lines += [f"| {k} | {v['tokens']:.2f} | {v['ms']:.1f} | {v['rate']:.1f} |" for k, v in ch["shapes"].items()]
-            lines += ["", f"measured tokens per round {ch.get('measured_tokens_per_round', 0):.2f} against "
-                          f"{ch['shapes'][ch['shape']]['tokens']:.2f} expected"]
-    hist = r.get("accepted_path_histogram")
-    if hist:
-        lines += ["", "| drafts accepted in a round | " + " | ".join(str(i) for i in range(len(hist))) + " |",
-                  "|---|" + "---|" * len(hist), "| rounds | " + " | ".join(str(h) for h in hist) + " |"]
-    return "\n".join(lines) + "\n"
-
-
-def _ci(r: dict) -> str:
-    iv = r.get("speedup_ci95")
-    return "" if not iv else f" (95% CI {iv[0]:.2f}-{iv[1]:.2f}x, paired bootstrap over prompts)"
-
-
-def _tie(d: dict) -> str:
-    return f"near-tie of rounding, within {d.get('tolerance', NEAR_TIE):.3g}" if d.get("near_tie") else "a bug"
-
-
-def _draft_shape(r: dict) -> str:
-    return f"tree {r['tree']}" if r.get("tree") else f"gamma {r['gamma']}"
-
-
-def plot(r: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from koala.io import atomic_path
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    pos = list(range(1, r["gamma"] + 1))
-    ax.bar(pos, r["acceptance_by_position"], color="#4c8c4a")
-    ax.set(xlabel="draft position", ylabel="acceptance rate", ylim=(0, 1), xticks=pos,
-           title=f"{r['drafter']}: τ = {r['tau']:.2f}")
-    fig.tight_layout()
-    with atomic_path(out / "acceptance_by_position.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-    _plot_accepted_paths(r, out)
-
-    ch = r.get("gamma_choice") or {}
-    if ch.get("auto"):
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
-        widths = sorted(ch["cost_by_width_ms"], key=int)
-        a1.plot([int(w) for w in widths], [ch["cost_by_width_ms"][w] for w in widths], "o-", color="#3a6ea5")
-        a1.set(xlabel="tokens in one target forward", ylabel="ms", ylim=(0, None), title="target forward cost")
-        if "shapes" in ch:  # chains and trees: the best few shapes by expected rate, plain decoding first
-            top = sorted((k for k in ch["shapes"] if k != "0x0"), key=lambda k: -ch["shapes"][k]["rate"])[:8]
-            names = ["0x0"] + top
-            a2.bar(names, [ch["shapes"][k]["rate"] for k in names],
-                   color=["grey"] + ["#4c8c4a" if k == ch["shape"] else "#9cc59a" for k in top])
-            a2.tick_params(axis="x", rotation=45)
-            a2.set(xlabel="depth x top-k (0x0 = no drafting)", ylabel="expected tokens/s",
-                   title=f"auto: {_draft_shape(r)}")
-        else:
-            rates = {int(g): v for g, v in ch["expected_tokens_per_s"].items()}
-            a2.bar(list(rates), list(rates.values()), color=["grey"] + ["#4c8c4a"] * (len(rates) - 1))
-            a2.set(xlabel="gamma (0 = no drafting)", ylabel="expected tokens/s", title=f"gamma auto: {ch['chosen']}")
-        fig.tight_layout()
-        with atomic_path(out / "gamma_choice.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
-
-    cats = list(r["per_category"])
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.bar(cats, [r["per_category"][c]["speedup"] for c in cats], color="#3a6ea5")
-    ax.axhline(1.0, color="grey", lw=1, ls="--")
-    ax.set(ylabel="speed-up vs autoregressive", title=f"{r['drafter']}: {r['speedup']:.2f}x overall")
-    ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    with atomic_path(out / "speedup_by_category.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
-def _plot_accepted_paths(r: dict, out: Path) -> None:
-    """accepted_path.png: how many drafts each round accepted (a chain's or a tree's path length)."""
-    import matplotlib.pyplot as plt
-
-    from koala.io import atomic_path
-
-    hist = r.get("accepted_path_histogram")
-    if not hist:
-        return
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(range(len(hist)), hist, color="#4c8c4a")
-    ax.set(xlabel="drafts accepted in a round", ylabel="rounds", xticks=list(range(len(hist))),
-           title=f"{_draft_shape(r)}: {r['tau']:.2f} tokens per target forward")
-    fig.tight_layout()
-    with atomic_path(out / "accepted_path.png") as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-
-
-def summary_line(r: dict) -> str:
-    ll = r["lossless"]
-    loss = f"lossless {ll['identical']}/{ll['total']}" if ll["checked"] else "sampling (exact by construction)"
-    if ll.get("near_ties"):
-        loss += (f" (+{len(ll['near_ties'])} differing only at a near-tie of {r.get('mode', 'eager')} {r['dtype']} "
-                 "rounding)")
-    return (f"{r['drafter']}: tau {r['tau']:.2f}, speed-up {r['speedup']:.2f}x{_ci(r)} "
-            f"({r['tokens_per_s']['speculative']:.1f} vs {r['tokens_per_s']['autoregressive']:.1f} tokens/s, "
-            f"{r.get('mode', 'eager')}, {_draft_shape(r)}), {loss}")

@@ -18,9 +18,16 @@ the same report always gets the same decision.
 
 from __future__ import annotations
 
+import fcntl
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from koala.report import EvalReport
+    from koala.tracking import Registry
 
 LEVEL = 0.95
 SAMPLES = 4000
@@ -33,9 +40,19 @@ class Decision:
     reason: str
 
 
-def _rows(report: dict) -> dict[str, tuple[float, float]]:
+@dataclass(frozen=True)
+class Promotion:
+    """What happened to a registered candidate: promoted or not, why, and the champion it was measured against."""
+
+    promoted: bool
+    reason: str
+    champion_speedup: float | None = None
+    previous_champion: str | None = None
+
+
+def _rows(report: "EvalReport") -> dict[str, tuple[float, float]]:
     """{prompt id: (speculative tokens/s, autoregressive tokens/s)} from a report's per-prompt rows."""
-    return {str(r["id"]): (float(r["tokens_per_s"]), float(r["ar_tokens_per_s"])) for r in report.get("per_prompt", [])}
+    return {r.id: (r.tokens_per_s, r.ar_tokens_per_s) for r in report.per_prompt}
 
 
 def _bounds(stats: np.ndarray) -> tuple[float, float]:
@@ -44,7 +61,7 @@ def _bounds(stats: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def speedup_interval(report: dict, samples: int = SAMPLES, seed: int = SEED) -> tuple[float, float] | None:
+def speedup_interval(report: "EvalReport", samples: int = SAMPLES, seed: int = SEED) -> tuple[float, float] | None:
     """The 95% interval of mean speculative / mean autoregressive tokens/s (the report's speed-up), prompts
     resampled in pairs; None without per-prompt timings (or with a single prompt)."""
     rows = list(_rows(report).values())
@@ -55,7 +72,7 @@ def speedup_interval(report: dict, samples: int = SAMPLES, seed: int = SEED) -> 
     return _bounds(x[idx, 0].mean(1) / x[idx, 1].mean(1))
 
 
-def relative_interval(candidate: dict, champion: dict, samples: int = SAMPLES,
+def relative_interval(candidate: "EvalReport", champion: "EvalReport", samples: int = SAMPLES,
                       seed: int = SEED) -> tuple[float, float] | None:
     """The 95% interval of (candidate's speed-up / champion's), over the prompts both measured, each resample taking
     the same prompts for both; None when they share fewer than two prompts."""
@@ -73,15 +90,14 @@ def _ci(iv: tuple[float, float]) -> str:
     return f"95% CI {iv[0]:.3f}-{iv[1]:.3f}x"
 
 
-def decide(candidate: dict, champion: dict | None, champion_version: str | None = None) -> Decision:
+def decide(candidate: "EvalReport", champion: "EvalReport | None", champion_version: str | None = None) -> Decision:
     """Compare two evaluation reports (see koala.evaluate) measured in the same run."""
-    ll = candidate["lossless"]
-    if not ll.get("checked"):
+    ll = candidate.lossless
+    if not ll.checked:
         return Decision(False, "not evaluated greedily: losslessness was not checked token by token")
-    ties = len(ll.get("near_ties", []))
-    if ll["identical"] + ties != ll["total"]:
-        return Decision(False, f"not lossless: {ll['identical']}/{ll['total']} prompts identical to the target")
-    s = candidate["speedup"]
+    if not ll.holds:
+        return Decision(False, f"not lossless: {ll.text} prompts identical to the target")
+    s = candidate.speedup
     if champion is None:
         iv = speedup_interval(candidate)
         if iv is None:
@@ -89,10 +105,10 @@ def decide(candidate: dict, champion: dict | None, champion_version: str | None 
                                    "from noise (evaluate more prompts)")
         if iv[0] > 1.0:
             return Decision(True, f"first champion: speed-up {s:.3f}x ({_ci(iv)}) over the target alone, lossless "
-                                  f"{ll['total']}/{ll['total']}")
+                                  f"{ll.total}/{ll.total}")
         return Decision(False, f"speed-up {s:.3f}x ({_ci(iv)}) is not clearly faster than the target alone: the "
                                "interval's lower bound must exceed 1.0")
-    c = champion["speedup"]
+    c = champion.speedup
     iv = relative_interval(candidate, champion)
     if iv is None:
         return Decision(False, f"speed-up {s:.3f}x against champion v{champion_version}'s {c:.3f}x: fewer than two "
@@ -103,3 +119,36 @@ def decide(candidate: dict, champion: dict | None, champion_version: str | None 
     return Decision(False, f"speed-up {s:.3f}x does not clearly beat champion v{champion_version}'s {c:.3f}x "
                            f"(re-measured in this run): {s / c:.3f} times it, {_ci(iv)}, whose lower bound must "
                            "exceed 1.0")
+
+
+def promote(registry: "Registry", name: str, version: str, report: "EvalReport", lock_path: str | Path,
+            remeasure: Callable[[str, str], "EvalReport"], fault: Callable[[str], None] = lambda _: None) -> Promotion:
+    """Read the champion, re-measure it (`remeasure(drafter_dir, champion_version)`), decide, and move the alias,
+    all under an exclusive lock on `lock_path`: two runs promoting at once leave one champion, the better one.
+
+    The decision is tagged on the candidate before the alias moves, so a registry error in between leaves the
+    champion as it was and the reason recorded.
+    """
+    from koala.tracking import drafter_path
+
+    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        champ = registry.champion(name)
+        if champ is not None and str(champ.version) == str(version):  # a rerun handed back the champion itself
+            return Promotion(True, "already champion (the same weights were registered and promoted before)",
+                             previous_champion=str(version))
+        champ_report = None
+        if champ is not None:
+            path = champ.tags.get("drafter_dir")
+            if not path or not Path(path).exists():
+                path = str(drafter_path(f"models:/{name}@champion", registry.uri))
+            champ_report = remeasure(path, str(champ.version))
+        d = decide(report, champ_report, None if champ is None else str(champ.version))
+        registry.record_decision(name, version, None, d.reason)
+        fault("registry.promote")
+        if d.promote:  # a registry error before this leaves the champion as it was
+            registry.make_champion(name, version)
+        registry.tag(name, version, {"promoted": str(d.promote).lower()})
+    return Promotion(d.promote, d.reason, None if champ_report is None else champ_report.speedup,
+                     None if champ is None else str(champ.version))

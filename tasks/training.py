@@ -1,119 +1,93 @@
-"""Prefect tasks of drafter training: retries resume from the last checkpoint instead of starting over."""
+"""The Prefect task of drafter training: one task, parameterised by recipe; a retry resumes from the last checkpoint.
+
+Its cache key is Prefect's own `INPUTS + TASK_SOURCE` (the config, the recipe, the directories, this task's code) plus
+what the inputs name but do not hold (`TrainingData`): the data's manifest, the starting drafter's weights, the output
+directory as an absolute path, and koala's version (new training code: a new drafter). The same key hands back the
+drafter already trained; the flow refreshes it when that drafter's files have since gone.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.utilities.hashing import hash_objects
 
 from koala import __version__
 from koala.config import KoalaConfig
 from koala.data import shards
-from koala.training.recipes import distill, pretrain
 from koala.plots import training_curves
+from koala.report import TrainedDrafter
 from koala.tracking import Tracker, resolve_uri
 from koala.training.checkpoints import weights_digest
 from koala_tasks.common import retry_unless_koala_error, session_for
 
-
-def _key(*parts) -> str:
-    """A cache key from the stage's inputs and koala's version (new training code: a new drafter)."""
-    return hashlib.sha256(json.dumps([__version__, *parts], sort_keys=True, default=str).encode()).hexdigest()[:32]
+Recipe = Literal["pretrain", "distill", "heads"]
 
 
-def distill_cache_key(context, p) -> str:
-    """Same config, data (by manifest) and starting point: the same drafter."""
-    cfg: KoalaConfig = p["cfg"]
-    manifest = shards.read_manifest(Path(p["data_dir"])) or {}
-    return "distill-" + _key(cfg.target.model_dump(), cfg.drafter.model_dump(), cfg.training.model_dump(),
-                             manifest.get("done"), str(Path(p["out_dir"]).resolve()), p.get("init_from"), p.get("loss"),
-                             weights_digest(p.get("init_from")))
+@dataclass
+class TrainingData(CachePolicy):
+    """The part of a training stage's identity that lives on disk: data manifests and starting weights."""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
+        def done(d):
+            return (shards.read_manifest(Path(d)) or {}).get("done") if d else None
+
+        return hash_objects({"koala": __version__, "data": done(inputs.get("data_dir")),
+                             "heldout": done(inputs.get("heldout_dir")), "init": weights_digest(inputs.get("init_from")),
+                             "out": str(Path(inputs["out_dir"]).resolve())}, raise_on_failure=True)
 
 
-def pretrain_cache_key(context, p) -> str:
-    cfg: KoalaConfig = p["cfg"]
-    return "pretrain-" + _key(cfg.target.model_dump(), cfg.drafter.model_dump(), cfg.training.model_dump(),
-                              str(Path(p["out_dir"]).resolve()))
+TRAINING_CACHE = (INPUTS - "parent_run_id") + TASK_SOURCE + TrainingData()
 
 
-def _logged(tracker: Tracker, history: list):
+@task(name="train-drafter", task_run_name="train-{recipe}", tags=["gpu"], retries=2, retry_delay_seconds=[10, 60],
+      retry_condition_fn=retry_unless_koala_error, cache_policy=TRAINING_CACHE, persist_result=True)
+def train_drafter(cfg: KoalaConfig, recipe: Recipe, out_dir: str, data_dir: str | None = None,
+                  init_from: str | None = None, heldout_dir: str | None = None,
+                  parent_run_id: str | None = None) -> TrainedDrafter:
+    """Train a drafter by `recipe`: pretrain (a small LM on text), distill (on the target's samples, from `init_from`
+    when given) or heads (KOALA / EAGLE draft heads on the target's features, held out on `heldout_dir`)."""
+    from koala.training import recipes
+
+    s = session_for(cfg.target)
+    history: list = []
+    uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
+
     def on_log(step: int, metrics: dict) -> None:
         history.append((step, metrics))
-        tracker.log_metrics(metrics, step=step)
-    return on_log
+        tr.log_metrics(metrics, step=step)
 
-
-@task(name="pretrain-drafter", tags=["gpu"], retries=2, retry_delay_seconds=[10, 60],
-      retry_condition_fn=retry_unless_koala_error, cache_key_fn=pretrain_cache_key, persist_result=True)
-def pretrain_drafter(cfg: KoalaConfig, out_dir: str, parent_run_id: str | None = None) -> str:
-    """Pretrain the drafter on text; returns the drafter directory."""
-    s = session_for(cfg.target)
-    history: list = []
-    uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
-    with Tracker.start(uri, cfg.tracking.experiment, "pretrain", parent_run_id=parent_run_id) as tr:
-        tr.log_params({"training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump()})
-        path = pretrain(cfg, s.target, out_dir, resume="auto", on_log=_logged(tr, history), progress=False)
-        tr.log_artifact(training_curves(history, Path(out_dir) / "pretrain_curves.png", "pretraining loss"))
-    get_run_logger().info("pretrained drafter: %s", path)
-    return str(path)
-
-
-@task(name="distill-drafter", tags=["gpu"], retries=2, retry_delay_seconds=[10, 60],
-      retry_condition_fn=retry_unless_koala_error, cache_key_fn=distill_cache_key, persist_result=True)
-def distill_drafter(cfg: KoalaConfig, data_dir: str, out_dir: str, init_from: str | None = None,
-                    loss: str | None = None, parent_run_id: str | None = None) -> dict:
-    """Distil the drafter on the target's samples; returns {drafter, run_id, metrics}."""
-    s = session_for(cfg.target)
-    history: list = []
-    uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
-    with Tracker.start(uri, cfg.tracking.experiment, f"distill-{loss or cfg.training.loss}",
-                       parent_run_id=parent_run_id) as tr:
-        tr.log_params({"training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump(),
-                       "data_dir": data_dir, "init_from": init_from})
-        path = distill(cfg, s.target, data_dir, out_dir, loss=loss, resume="auto", init_from=init_from,
-                       on_log=_logged(tr, history), progress=False)
-        tr.log_artifact(training_curves(history, Path(out_dir) / "distill_curves.png", f"{loss or cfg.training.loss}"))
-        tr.log_artifact(path / "koala.json")
-        run_id = tr.run_id
-    get_run_logger().info("distilled drafter: %s", path)
-    return {"drafter": str(path), "run_id": run_id, "metrics": history[-1][1] if history else {}}
-
-
-def heads_cache_key(context, p) -> str:
-    cfg: KoalaConfig = p["cfg"]
-    manifest = shards.read_manifest(Path(p["data_dir"])) or {}
-    held = (shards.read_manifest(Path(p["heldout_dir"])) or {}).get("done") if p.get("heldout_dir") else None
-    return "heads-" + _key(cfg.target.model_dump(), cfg.drafter.model_dump(), cfg.training.model_dump(),
-                           manifest.get("done"), str(Path(p["out_dir"]).resolve()), p.get("init_from"),
-                           weights_digest(p.get("init_from")), held)
-
-
-@task(name="train-heads", tags=["gpu"], retries=1, retry_delay_seconds=[10],
-      retry_condition_fn=retry_unless_koala_error, cache_key_fn=heads_cache_key,
-      persist_result=True)
-def train_heads_task(cfg: KoalaConfig, data_dir: str, out_dir: str, parent_run_id: str | None = None,
-                     init_from: str | None = None, heldout_dir: str | None = None) -> dict:
-    """Train KOALA draft heads (Medusa or EAGLE, K layers, adversarial when configured); returns {drafter, run_id}.
-
-    A retry resumes from the last checkpoint; `init_from` continues earlier heads (a second stage on other data).
-    """
-    from koala.training.recipes import train_heads
-
-    s = session_for(cfg.target)
-    history: list = []
-    uri = resolve_uri(cfg.tracking.uri, cfg.run_dir)
-    name = f"heads-{cfg.drafter.kind}-K{cfg.drafter.layers}{'-adv' if cfg.training.adversarial else ''}"
-    name += f"-{(shards.read_manifest(Path(data_dir)) or {}).get('source', 'generated')}"
+    name = _run_name(cfg, recipe, data_dir)
     with Tracker.start(uri, cfg.tracking.experiment, name, parent_run_id=parent_run_id) as tr:
         tr.log_params({"training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump(),
                        "data_dir": data_dir, "init_from": init_from})
-        path = train_heads(cfg, s.target, data_dir, out_dir, on_log=_logged(tr, history), progress=False,
-                           init_from=init_from, heldout_dir=heldout_dir, resume="auto")
-        tr.log_artifact(training_curves(history, Path(out_dir) / "heads_curves.png", name))
-        tr.log_artifact(path / "heads.json")
+        if recipe == "pretrain":
+            path = recipes.pretrain(cfg, s.target, out_dir, resume="auto", on_log=on_log, progress=False)
+        elif recipe == "distill":
+            path = recipes.distill(cfg, s.target, data_dir, out_dir, resume="auto", init_from=init_from,
+                                   on_log=on_log, progress=False)
+        else:
+            path = recipes.train_heads(cfg, s.target, data_dir, out_dir, on_log=on_log, progress=False,
+                                       init_from=init_from, heldout_dir=heldout_dir, resume="auto")
+        tr.log_artifact(training_curves(history, Path(out_dir) / f"{recipe}_curves.png", name))
+        info = path / ("heads.json" if recipe == "heads" else "koala.json")
+        if info.exists():
+            tr.log_artifact(info)
         run_id = tr.run_id
-    get_run_logger().info("draft heads: %s", path)
-    return {"drafter": f"heads:{path}", "dir": str(path), "run_id": run_id,
-            "metrics": history[-1][1] if history else {}}
+    get_run_logger().info("%s: %s", name, path)
+    return TrainedDrafter(spec=f"heads:{path}" if recipe == "heads" else str(path), dir=str(path), run_id=run_id,
+                          metrics=history[-1][1] if history else {})
+
+
+def _run_name(cfg: KoalaConfig, recipe: Recipe, data_dir: str | None) -> str:
+    """The MLflow run's name: pretrain, distill-LOSS, or heads-KIND-K<layers>[-adv]-<data source>."""
+    if recipe == "pretrain":
+        return "pretrain"
+    if recipe == "distill":
+        return f"distill-{cfg.training.loss}"
+    source = (shards.read_manifest(Path(data_dir)) or {}).get("source", "generated")
+    return f"heads-{cfg.drafter.kind}-K{cfg.drafter.layers}{'-adv' if cfg.training.adversarial else ''}-{source}"

@@ -9,6 +9,7 @@ import yaml
 
 from koala.config import load_config
 from koala.promotion import decide
+from koala.report import EvalReport
 from tests.koala.data.test_shards import tiny_target_dir, write_prompts  # noqa: F401 - fixture reuse
 
 
@@ -55,9 +56,10 @@ def _report(speedups, identical=None, **lossless):
     rows = [{"id": f"p{i}", "tokens_per_s": (30.0 + i) * s, "ar_tokens_per_s": 30.0 + i}
             for i, s in enumerate(speedups)]
     n = len(rows)
-    return {"lossless": {"identical": n if identical is None else identical, "total": n, "checked": True, **lossless},
-            "speedup": sum(r["tokens_per_s"] for r in rows) / sum(r["ar_tokens_per_s"] for r in rows),
-            "per_prompt": rows}
+    return EvalReport.model_validate({
+        "drafter": "d", "tau": 2.0, "per_prompt": rows,
+        "lossless": {"identical": n if identical is None else identical, "total": n, "checked": True, **lossless},
+        "speedup": sum(r["tokens_per_s"] for r in rows) / sum(r["ar_tokens_per_s"] for r in rows)})
 
 
 CLEAR = [1.31, 1.26, 1.35, 1.28, 1.33, 1.30, 1.27, 1.34]  # every prompt clearly faster
@@ -68,9 +70,9 @@ def test_decide_rule():
     assert decide(_report(CLEAR), None).promote
     assert not decide(_report([0.9] * 8), None).promote
     assert not decide(_report(CLEAR, identical=7), None).promote
-    tie = _report(CLEAR, identical=7, near_ties=[{"margin": 4e-4}])
+    tie = _report(CLEAR, identical=7, near_ties=[{"index": 3, "margin": 4e-4, "near_tie": True}])
     assert decide(tie, None).promote  # a compiled engine's rounding flip at a near-tie is reported, not a failure
-    bug = _report(CLEAR, identical=7, near_ties=[], differences=[{"margin": 2.0}])
+    bug = _report(CLEAR, identical=7, near_ties=[], differences=[{"index": 3, "margin": 2.0}])
     assert not decide(bug, None).promote
 
 
@@ -90,7 +92,8 @@ def test_a_challenger_needs_its_interval_against_the_champion_above_one():
     better = _report([s * 1.2 for s in CLEAR])
     d = decide(better, champion, "3")
     assert d.promote and "beats champion v3's 1.30" in d.reason and "1.200 times it" in d.reason
-    assert not decide(_report([1.9, 1.9]), _report([1.0, 1.0]) | {"per_prompt": []}, "3").promote  # no shared prompts
+    unpaired = _report([1.0, 1.0]).model_copy(update={"per_prompt": []})
+    assert not decide(_report([1.9, 1.9]), unpaired, "3").promote  # no shared prompts
 
 
 @pytest.mark.slow
@@ -106,59 +109,62 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
     cfg = load_config(path=cfg_path)
     uri = resolve_uri(None, cfg.run_dir)
     client = MlflowClient(uri)
-    v = client.get_model_version(s["model"], s["version"])
-    assert v.tags["promoted"] == str(s["promoted"]).lower() and v.tags["promotion_reason"] == s["reason"]
-    assert s["lossless"] == "2/2"
-    assert s["promoted"] == (s["speedup_ci95"][0] > 1.0)  # the interval's lower bound decides, not the mean
+    v = client.get_model_version(s.model, s.version)
+    assert v.tags["promoted"] == str(s.promoted).lower() and v.tags["promotion_reason"] == s.reason
+    assert s.lossless == "2/2"
+    assert s.promoted == (s.speedup_ci95[0] > 1.0)  # the interval's lower bound decides, not the mean
     runs = client.search_runs([client.get_experiment_by_name("koala-test").experiment_id])
     names = {r.info.run_name for r in runs}
     assert {"distill-tvdpp", "evaluate", "register"} <= names
-    assert any(r.data.tags.get("mlflow.parentRunId") == s["mlflow_run_id"] for r in runs)
+    assert any(r.data.tags.get("mlflow.parentRunId") == s.mlflow_run_id for r in runs)
 
     # Make v1 the champion by hand, then a worse candidate is registered but not promoted, with the reason tagged.
     from koala_tasks.evaluation import register_drafter
 
-    client.set_registered_model_alias(s["model"], "champion", s["version"])
+    client.set_registered_model_alias(s.model, "champion", s.version)
     from koala.evaluate import load_bench
 
     ids = [r.id for r in load_bench(cfg.eval.bench, cfg.eval.limit)]  # the prompts the champion is re-measured on
 
     def timed(speedup):  # a report with per-prompt timings on those prompts
-        return [{"id": i, "tokens_per_s": 30.0 * speedup, "ar_tokens_per_s": 30.0} for i in ids]
+        return EvalReport.model_validate({
+            "drafter": "d", "tau": 1.0, "speedup": speedup, "device": "cpu", "dtype": "float32",
+            "lossless": {"identical": 2, "total": 2, "checked": True},
+            "per_prompt": [{"id": i, "tokens_per_s": 30.0 * speedup, "ar_tokens_per_s": 30.0} for i in ids]})
 
-    worse = {"lossless": {"identical": 2, "total": 2, "checked": True}, "speedup": 0.01, "tau": 1.0,
-             "device": "cpu", "dtype": "float32", "per_prompt": timed(0.01)}
-    assert register_drafter(cfg, s["drafter"], worse)["version"] == s["version"]  # same weights: same version
-    r2 = register_drafter(cfg, _variant(s["drafter"], tmp_path / "v2", 1e-3), worse)
-    assert r2["version"] != s["version"]
+    worse = timed(0.01)
+    drafter_dir = s.drafter
+    assert register_drafter(cfg, drafter_dir, worse)["version"] == s.version  # same weights: same version
+    r2 = register_drafter(cfg, _variant(drafter_dir, tmp_path / "v2", 1e-3), worse)
+    assert r2["version"] != s.version
     d = promote_drafter(cfg, r2, worse, str(tmp_path / "eval2"))
-    assert not d["promoted"] and "does not clearly beat champion v" in d["reason"]
-    v2 = client.get_model_version(s["model"], r2["version"])
+    assert not d.promoted and "does not clearly beat champion v" in d.reason
+    v2 = client.get_model_version(s.model, r2["version"])
     assert v2.tags["promoted"] == "false" and "re-measured" in v2.tags["promotion_reason"]
-    assert str(client.get_model_version_by_alias(s["model"], "champion").version) == s["version"]
+    assert str(client.get_model_version_by_alias(s.model, "champion").version) == s.version
 
     # Two promotions at once: one champion, the better one, and a decision recorded for both.
-    a = register_drafter(cfg, _variant(s["drafter"], tmp_path / "va", 2e-3), worse)
-    b = register_drafter(cfg, _variant(s["drafter"], tmp_path / "vb", 3e-3), worse)
+    a = register_drafter(cfg, _variant(drafter_dir, tmp_path / "va", 2e-3), worse)
+    b = register_drafter(cfg, _variant(drafter_dir, tmp_path / "vb", 3e-3), worse)
     assert len({r2["version"], a["version"], b["version"]}) == 3  # other weights: other versions
-    better = {**worse, "speedup": 50.0, "per_prompt": timed(50.0)}
+    better = timed(50.0)
     results = {}
     threads = [threading.Thread(target=lambda k, r, rep: results.__setitem__(k, promote_drafter(
         cfg, r, rep, str(tmp_path / f"eval-{k}"))), args=(k, r, rep)) for k, r, rep in
         (("a", a, worse), ("b", b, better))]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    assert results["b"]["promoted"] and not results["a"]["promoted"]
-    assert str(client.get_model_version_by_alias(s["model"], "champion").version) == b["version"]
+    assert results["b"].promoted and not results["a"].promoted
+    assert str(client.get_model_version_by_alias(s.model, "champion").version) == b["version"]
     for r in (a, b):
-        assert "promotion_reason" in client.get_model_version(s["model"], r["version"]).tags
+        assert "promotion_reason" in client.get_model_version(s.model, r["version"]).tags
 
     # The registry failing while the champion is read, or while the alias moves: no promotion, the champion
     # untouched, the reason tagged on the candidate.
     from mlflow import MlflowClient as Client
     from mlflow.exceptions import MlflowException
 
-    best = register_drafter(cfg, _variant(s["drafter"], tmp_path / "vc", 4e-3), worse)
+    best = register_drafter(cfg, _variant(drafter_dir, tmp_path / "vc", 4e-3), worse)
     for method in ("get_model_version_by_alias", "set_registered_model_alias"):
         def broken(*a, **k):
             raise MlflowException("database is locked", error_code="INTERNAL_ERROR")
@@ -166,20 +172,19 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
         original = getattr(Client, method)
         setattr(Client, method, broken)
         try:
-            d = promote_drafter(cfg, best, {**worse, "speedup": 500.0, "per_prompt": timed(500.0)},
-                                str(tmp_path / f"eval-{method}"))
+            d = promote_drafter(cfg, best, timed(500.0), str(tmp_path / f"eval-{method}"))
         finally:
             setattr(Client, method, original)
-        assert not d["promoted"] and "registry error" in d["reason"], d
-        assert str(client.get_model_version_by_alias(s["model"], "champion").version) == b["version"]
-        assert "registry error" in client.get_model_version(s["model"], best["version"]).tags["promotion_reason"]
+        assert not d.promoted and "registry error" in d.reason, d
+        assert str(client.get_model_version_by_alias(s.model, "champion").version) == b["version"]
+        assert "registry error" in client.get_model_version(s.model, best["version"]).tags["promotion_reason"]
 
     # A cached stage whose output has since been deleted runs again instead of handing on a path that is gone.
     import shutil
 
-    shutil.rmtree(s["drafter"])
+    shutil.rmtree(s.drafter)
     s3 = koala_pipeline(config_path=str(cfg_path))
-    assert s3["drafter"] == s["drafter"] and (Path(s3["drafter"]) / "koala.json").exists()
+    assert s3.drafter == s.drafter and (Path(s3.drafter) / "koala.json").exists()
 
 
 @pytest.mark.slow
@@ -199,17 +204,17 @@ def test_two_stage_recipe_teacher_forced_then_sampled(tmp_path, tiny_target_dir)
         drafter__kind="eagle", training__finetune_steps=2, training__unroll=2, training__feature_noise=0.1,
         eval__alone=True, eval__lookup=True, eval__also=[str(tmp_path / "bench.jsonl") + ":1"])
     s = koala_pipeline(config_path=str(cfg_path))
-    assert [st["steps"] for st in s["stages"]] == [3, 2]
-    assert s["stages"][0]["data"].endswith("teacher") and s["stages"][1]["data"].endswith("data")
-    assert "heldout_greedy_agreement_pos2" in s["stages"][0]
-    assert s["drafter"].startswith("heads:") and s["lossless"] == "2/2"
-    assert set(s["more"]) == {"alone", "bench-1"}
-    assert s["more"]["alone"]["lookup"] is False and s["more"]["alone"]["lossless"] == "2/2"
+    assert [st.steps for st in s.stages] == [3, 2]
+    assert s.stages[0].data.endswith("teacher") and s.stages[1].data.endswith("data")
+    assert "heldout_greedy_agreement_pos2" in s.stages[0].heldout and len(s.stages[0].agreement_by_draft()) == 2
+    assert s.drafter.startswith("heads:") and s.lossless == "2/2"
+    assert set(s.more) == {"alone", "bench-1"}
+    assert s.more["alone"].lookup is False and s.more["alone"].lossless == "2/2"
     rows = shards.load(tmp_path / "run" / "teacher", columns=["source"]).to_pylist()
     assert len(rows) == 6 and {r["source"] for r in rows} == {"teacher_forced"}
     import json
 
-    info = json.loads((Path(s["drafter"].removeprefix("heads:")) / "heads.json").read_text())
+    info = json.loads((Path(s.drafter.removeprefix("heads:")) / "heads.json").read_text())
     assert info["init_from"] and info["data_source"] == "generated"
 
 

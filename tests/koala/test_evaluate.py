@@ -6,6 +6,7 @@ from koala.config import EvalConfig
 from koala.data import prompts as P
 from koala.evaluate import acceptance_by_position, evaluate, interleave_categories
 from koala.engine.drafter_spec import load_drafter
+from koala.report import EvalReport
 from koala.targets import encode_chat
 
 
@@ -51,8 +52,10 @@ def test_eval_writes_report_and_plots(default_session, tmp_path):
     assert set(saved["per_category"]) == {"writing", "roleplay"}
     lo, hi = saved["speedup_ci95"]  # the promotion rule's interval, over the two prompts
     assert lo <= saved["speedup"] <= hi and "95% CI" in (tmp_path / "report.md").read_text()
+    again = EvalReport.load(tmp_path / "report.json")  # what the returned report says is what the file says
+    assert again.model_dump() == EvalReport.model_validate(report.model_dump(mode="json")).model_dump()
     sampled = evaluate(default_session, "truncate:2", EvalConfig(limit=1, max_new_tokens=8, temperature=0.7, warmup=0))
-    assert sampled["lossless"]["checked"] is False and sampled["tau"] >= 1.0
+    assert sampled.lossless.checked is False and sampled.tau >= 1.0
 
 
 def test_drafters_evaluated_in_one_session_share_the_autoregressive_runs(default_session):
@@ -61,9 +64,9 @@ def test_drafters_evaluated_in_one_session_share_the_autoregressive_runs(default
     a = evaluate(default_session, "ngram", cfg)
     b = evaluate(default_session, "truncate:2", cfg)
     assert len(default_session.autoregressive) == 2  # one per prompt, measured once
-    assert [r["ar_wall_s"] for r in a["per_prompt"]] == [r["ar_wall_s"] for r in b["per_prompt"]]
+    assert [r.ar_wall_s for r in a.per_prompt] == [r.ar_wall_s for r in b.per_prompt]
     other = evaluate(default_session, "ngram", cfg.model_copy(update={"max_new_tokens": 6}))
-    assert len(default_session.autoregressive) == 4 and all(r["ar_new_tokens"] == 6 for r in other["per_prompt"])
+    assert len(default_session.autoregressive) == 4 and all(r.ar_new_tokens == 6 for r in other.per_prompt)
 
 
 def test_drafter_spec_errors(default_session):
@@ -83,7 +86,7 @@ def test_first_difference_reports_the_target_margin(default_session):
     assert first_difference(s, ids, ar, list(ar)) is None
     other = ar[:3] + [(ar[3] + 1) % s.engine.args.vocab_size] + ar[4:]
     d = first_difference(s, ids, ar, other)
-    assert d["index"] == 3 and d["ar_token"] == ar[3] and d["margin"] > 1e-2 and not d["near_tie"]
+    assert d.index == 3 and d.ar_token == ar[3] and d.margin > 1e-2 and not d.near_tie
 
 
 def test_near_tie_tolerance_by_dtype_and_mode():
@@ -99,11 +102,11 @@ def test_near_tie_tolerance_by_dtype_and_mode():
 def test_eval_gamma_auto_records_the_choice(default_session, tmp_path):
     report = evaluate(default_session, "ngram", EvalConfig(limit=1, max_new_tokens=24, gamma="auto", warmup=0),
                       out_dir=tmp_path)
-    ch = report["gamma_choice"]
+    ch = report.gamma_choice
     # greedy: chains and trees up to the probe's 5 x 4, ranked on the measured curve to its 21 tokens
     assert ch["auto"] and ch["shape"] in ch["shapes"] and set(ch["cost_by_width_ms"]) == set(range(1, 22))
     assert ch["shapes"][ch["shape"]]["rate"] == max(v["rate"] for k, v in ch["shapes"].items() if k != "0x0")
-    assert report["gamma"] == ch["depth"] and (report["tree"] is None) == (ch["topk"] == 1)
+    assert report.gamma == ch["depth"] and (report.tree is None) == (ch["topk"] == 1)
     assert "measured_speedup" in ch and (tmp_path / "gamma_choice.png").stat().st_size > 0
-    assert sum(report["accepted_path_histogram"]) > 0 and (tmp_path / "accepted_path.png").stat().st_size > 0
-    assert report["lossless"]["identical"] == 1
+    assert sum(report.accepted_path_histogram) > 0 and (tmp_path / "accepted_path.png").stat().st_size > 0
+    assert report.lossless.identical == 1
