@@ -241,8 +241,8 @@ def partial_ok(data: Path) -> dict:
     """An interrupted dataset, not run again: what is recorded as done is whole (checksums), none twice."""
     from koala.data import shards
 
-    m = shards.read_manifest(data) or {}
-    bad = [f for f, e in m.get("done", {}).items() if not shards.shard_valid(data, e)]
+    m = shards.read_manifest(data) or shards.DatasetManifest()
+    bad = [f for f, e in m.done.items() if not shards.shard_valid(data, e)]
     return {"corrupt": len(bad), "lost": 0, "duplicates": 0, "different": 0}
 
 
@@ -406,7 +406,7 @@ def pipeline_kill(c: Campaign, stage: str, fault: str) -> dict:
     orphans = orphans_after(r.pid)
     from koala.data import shards
 
-    done = (shards.read_manifest(run_dir / "data") or {}).get("done", {}) if (run_dir / "data").exists() else {}
+    done = (shards.read_manifest(run_dir / "data") or shards.DatasetManifest()).done if (run_dir / "data").exists() else {}
     stamps = {f"data/{f}": (run_dir / "data" / f).stat().st_mtime_ns for f in done}  # finished: must be reused
     drafter = run_dir / "drafter" / "distill" / "drafter" / "model.safetensors"
     trained = drafter.stat().st_mtime_ns if drafter.exists() else None

@@ -79,8 +79,8 @@ def one(a, workers: int) -> dict:
 
         t = shards.load(data, columns=["sample_id", "response_len"])
         by: dict[str, int] = {}
-        for e in shards.read_manifest(data)["done"].values():
-            by[e.get("worker", "?")] = by.get(e.get("worker", "?"), 0) + 1
+        for e in shards.read_manifest(data).done.values():
+            by[e.worker or "?"] = by.get(e.worker or "?", 0) + 1
         return {"workers": workers, "samples": t.num_rows, "new_tokens": sum(t.column("response_len").to_pylist()),
                 "wall_s": round(wall, 1), "samples_per_s": round(t.num_rows / wall, 3),
                 "tokens_per_s": round(sum(t.column("response_len").to_pylist()) / wall, 1), "shards_by_worker": by}

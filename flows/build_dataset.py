@@ -12,7 +12,7 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm.auto import tqdm
 
-from koala.data import shards
+from koala.data import claims, shards
 from koala.errors import KoalaError
 from koala_tasks.common import resolve_config
 from koala_tasks.sampling import plan_shards, sample_shard
@@ -96,12 +96,12 @@ def _sample_here(cfg, out: str, plan: dict, source: str) -> dict[str, str]:
     with tqdm(total=len(todo), desc="shards", unit="shard") as bar:  # the shards sampled now, not the kept ones
         for spec, f in zip(plan["shards"], futures):
             entry = f.result()
-            if "claimed_by" in entry:
-                held[entry["file"]] = entry["claimed_by"] or "another worker"
+            if entry.claimed_by:
+                held[entry.file] = entry.claimed_by
             if spec["index"] not in todo:
                 continue
-            if not entry.get("skipped") and "new_tokens" in entry:
-                samples, tokens = samples + entry["rows"], tokens + entry["new_tokens"]
+            if not entry.skipped and entry.new_tokens is not None:
+                samples, tokens = samples + entry.rows, tokens + entry.new_tokens
                 dt = time.perf_counter() - t0
                 bar.set_postfix(samples_s=f"{samples / dt:.1f}", tokens_s=f"{tokens / dt:.0f}")
             bar.update(1)
@@ -132,14 +132,14 @@ def _fan_out(plan: dict, n: int, deployment: str, params: dict) -> None:
     out = Path(params["out_dir"])
     before = _entries(out)  # a to-do shard already has an entry only if it is damaged: done once it changes
     ended = wait_runs(runs, lambda: (_done(out, plan, before), len(plan["shards"])), desc="shards",
-                      stall_s=2 * shards.CLAIM_LEASE_S)
+                      stall_s=2 * claims.CLAIM_LEASE_S)
     failed = {n: s for n, s in ended.items() if s != "Completed"}
     if failed:
         print(f"runs that did not complete: {failed} (their shards are checked below; a rerun finishes them)")
 
 
-def _entries(out: Path) -> dict:
-    return (shards.read_manifest(out) or {}).get("done", {})
+def _entries(out: Path) -> dict[str, shards.ShardEntry]:
+    return (shards.read_manifest(out) or shards.DatasetManifest()).done
 
 
 def _done(out: Path, plan: dict, before: dict) -> int:
@@ -167,7 +167,7 @@ def sample_shards(
     unfinished shard of the plan that no live worker holds (a dead worker's range, a slower worker's tail).
     Returns what this run wrote.
     """
-    from koala.data.shards import worker_id
+    from koala.data.claims import worker_id
 
     cfg = resolve_config(profile, config_path, overrides)
     out = out_dir or (cfg.sampling.out_dir if source == "generated" else cfg.teacher_forced.out_dir)
@@ -183,8 +183,8 @@ def sample_shards(
         entries.append(sample_shard.with_options(refresh_cache=True).submit(
             cfg, out, spec, {pid: plan["records"][pid] for pid in spec["prompt_ids"] if pid in plan["records"]},
             source).result())
-    wrote = [e["file"] for e in entries if not e.get("skipped")]
-    left = {e["file"]: e["claimed_by"] for e in entries if e.get("claimed_by")}
+    wrote = [e.file for e in entries if not e.skipped]
+    left = {e.file: e.claimed_by for e in entries if e.claimed_by}
     print(f"{worker_id()}: wrote {len(wrote)} shards ({len(mine)} in its range)"
           + (f"; held by others: {left}" if left else ""))
     return {"worker": worker_id(), "wrote": wrote, "held_by_others": left}

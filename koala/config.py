@@ -149,6 +149,12 @@ class TrainingConfig(_Strict):
                         "predicted features of draft i (EAGLE-3's training-time test); 1 = teacher-forced only")
     feature_noise: float = Field(0.0, ge=0, description="EAGLE: uniform noise on the input features, as a fraction "
                                  "of their RMS (EAGLE's robustness to its own feature errors)")
+    medusa_decay: float = Field(0.8, gt=0, le=1, description="Medusa: head i's loss weighted decay^i (Cai et al. "
+                                "2024: 0.8)")
+    eagle_ce_weight: float = Field(0.1, ge=0, description="EAGLE-1: weight of the cross-entropy beside the feature "
+                                   "regression, shared by the unrolled drafts (Li et al. 2024: 0.1)")
+    eagle3_decay: float = Field(0.8, gt=0, le=1, description="EAGLE-3: draft p's loss weighted decay^(p-1) (the "
+                                "reference training's 0.8)")
     adversarial: bool = Field(False, description="add the KOALA adversarial loss from a discriminator")
     adv_lambda: float = Field(0.1, ge=0, description="weight of the adversarial term")
     adv_warmup_steps: int = Field(20, ge=0, description="steps before the adversarial term is switched on")

@@ -60,6 +60,20 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+DIGEST_CHARS = 16  # 64 bits: the cache keys and fingerprints of one machine's or one run's files never collide
+
+
+def digest(*parts) -> str:
+    """The short name of what `parts` describe (a cache entry, a training): sha256 of their canonical JSON (sorted
+    keys; other objects by str), DIGEST_CHARS hex characters. Every cache key and fingerprint in koala is one.
+
+    Identities stored inside datasets (prompt ids, sample ids, settings hashes) keep the lengths they were written
+    with, so that datasets made by earlier versions stay readable and extendable (koala.data).
+    """
+    blob = json.dumps(parts[0] if len(parts) == 1 else list(parts), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:DIGEST_CHARS]
+
+
 STALE_TMP_S = 24 * 3600  # a temporary sibling from another host (or an unnamed writer) this old is abandoned
 
 

@@ -138,9 +138,10 @@ def _cache_key(shapes) -> dict:
 def cache_path(shapes):
     from koala.assets import cache_dir
 
+    from koala.io import digest
+
     key = _cache_key(shapes)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir() / "calibration" / f"dtype-{digest}.json", key
+    return cache_dir() / "calibration" / f"dtype-{digest(key)}.json", key
 
 
 def cpu_speedup(shapes: list[tuple[int, int, int]], refresh: bool = False) -> dict:

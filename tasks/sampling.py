@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
 
 from koala.config import KoalaConfig
-from koala.data import build, shards
+from koala.data import build, claims, shards
 from koala.data.prompts import PromptRecord
+from koala.data.shards import ShardEntry
+from koala.io import digest
 from koala_tasks.common import retry_unless_koala_error, session_for
 
 
@@ -39,40 +40,41 @@ def plan_shards(cfg: KoalaConfig, out_dir: str, source: str = "generated") -> di
 
 
 def shard_cache_key(context, parameters) -> str:
-    """The shard's spec, the sampling settings and the target: the same inputs give the same shard.
+    """The shard's spec, the sampling settings and the target: the same inputs give the same shard (the rest of the
+    config, training or evaluation, does not change a sample, so it is not hashed as Prefect's INPUTS would).
 
     A shard whose file was since damaged is run with refresh_cache=True by the flow (the plan knows which).
     """
     cfg, out_dir, spec = parameters["cfg"], parameters["out_dir"], parameters["spec"]
     source = parameters.get("source", "generated")
     settings = cfg.sampling if source == "generated" else cfg.teacher_forced
-    blob = json.dumps([str(Path(out_dir).resolve()), spec, cfg.target.model_dump(), settings.model_dump(), source,
-                       cfg.compute_dtype], sort_keys=True)
-    return "sample-shard-" + hashlib.sha256(blob.encode()).hexdigest()[:32]
+    return "sample-shard-" + digest([str(Path(out_dir).resolve()), spec, cfg.target.model_dump(),
+                                     settings.model_dump(), source, cfg.compute_dtype])
 
 
 @task(name="sample-shard", tags=["gpu"], retries=2, retry_delay_seconds=[5, 30],
-      retry_condition_fn=retry_unless_koala_error, cache_key_fn=shard_cache_key,
+      retry_condition_fn=retry_unless_koala_error,
+      cache_policy=TASK_SOURCE + CachePolicy.from_cache_key_fn(shard_cache_key),
       persist_result=True)
-def sample_shard(cfg: KoalaConfig, out_dir: str, spec: dict, records: dict, source: str = "generated") -> dict:
+def sample_shard(cfg: KoalaConfig, out_dir: str, spec: dict, records: dict, source: str = "generated") -> ShardEntry:
     """Sample (or teacher-force) one shard under its claim, skipped when the manifest already vouches for it or
     another live worker holds it; returns its entry."""
     spec_ = shards.ShardSpec(spec["index"], tuple(spec["prompt_ids"]))
-    with shards.claim(Path(out_dir), spec_.file) as holder:
+    with claims.claim(Path(out_dir), spec_.file) as holder:
         if holder is not None:
             get_run_logger().info("%s is being sampled by %s: left to it", spec_.file, holder.get("worker"))
-            return {"file": spec_.file, "index": spec_.index, "skipped": True, "claimed_by": holder.get("worker")}
-        done = (shards.read_manifest(Path(out_dir)) or {}).get("done", {}).get(spec_.file)
+            return ShardEntry(file=spec_.file, index=spec_.index, skipped=True,
+                              claimed_by=holder.get("worker") or "another worker")
+        done = (shards.read_manifest(Path(out_dir)) or shards.DatasetManifest()).done.get(spec_.file)
         if done and shards.shard_valid(Path(out_dir), done):
-            return {**done, "skipped": True}
+            return done.model_copy(update={"skipped": True})
         s = session_for(cfg.target, compile=sampling_compiled(cfg) and source == "generated")
-        recs = {pid: PromptRecord(r["id"], r["source"], r["category"], tuple(r["messages"]), (), r.get("response"))
-                for pid, r in records.items() if pid in set(spec_.prompt_ids)}
+        recs = {pid: PromptRecord.from_dict(r) for pid, r in records.items() if pid in set(spec_.prompt_ids)}
         if source == "teacher_forced":
             from koala.data.teacher import teacher_force_shard
 
             entry = teacher_force_shard(cfg, s.target, spec_, recs, out_dir, progress=False)
         else:
             entry = build.sample_shard(cfg, s.target, s.engine, spec_, recs, out_dir, s.eos_ids)
-    get_run_logger().info("%s: %d rows, %.1f tokens/s", entry["file"], entry["rows"], entry["tokens_per_s"])
+    get_run_logger().info("%s: %d rows, %.1f tokens/s", entry.file, entry.rows, entry.tokens_per_s)
     return entry

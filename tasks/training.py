@@ -34,7 +34,8 @@ class TrainingData(CachePolicy):
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> str | None:
         def done(d):
-            return (shards.read_manifest(Path(d)) or {}).get("done") if d else None
+            m = shards.read_manifest(Path(d)) if d else None
+            return None if m is None else m.done_json()
 
         return hash_objects({"koala": __version__, "data": done(inputs.get("data_dir")),
                              "heldout": done(inputs.get("heldout_dir")), "init": weights_digest(inputs.get("init_from")),
@@ -89,5 +90,5 @@ def _run_name(cfg: KoalaConfig, recipe: Recipe, data_dir: str | None) -> str:
         return "pretrain"
     if recipe == "distill":
         return f"distill-{cfg.training.loss}"
-    source = (shards.read_manifest(Path(data_dir)) or {}).get("source", "generated")
+    source = (shards.read_manifest(Path(data_dir)) or shards.DatasetManifest()).source
     return f"heads-{cfg.drafter.kind}-K{cfg.drafter.layers}{'-adv' if cfg.training.adversarial else ''}-{source}"

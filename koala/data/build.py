@@ -90,7 +90,7 @@ def plan(cfg: KoalaConfig, target: Target, out_dir: str | Path | None = None, so
     out = Path(out_dir or settings["out_dir"])
     facts = target_facts(target)
     h = S.settings_hash(settings, source)
-    S.check_compatible(S.read_manifest(out) or {}, facts, h, out)
+    S.check_compatible(S.read_manifest(out) or S.DatasetManifest(), facts, h, out)
     skipped: dict = {}
     stats = P.ShareGPTStats()
     records = select_prompts(cfg, target, skipped, stats, source)
@@ -100,22 +100,20 @@ def plan(cfg: KoalaConfig, target: Target, out_dir: str | Path | None = None, so
     by_id = {r.id: r for r in records}
     with S.locked_manifest(out) as m:
         S.check_compatible(m, facts, h, out)
-        planned = [S.ShardSpec(s["index"], tuple(s["prompt_ids"])) for s in m.get("plan", [])]
+        planned = [S.ShardSpec(s.index, tuple(s.prompt_ids)) for s in m.plan]
         S.check_plan(m, out)
         have = {pid for s in planned for pid in s.prompt_ids}
         new = [r.id for r in records if r.id not in have]
         size = settings["shard_size"]
         # new shards never reuse a number: not a planned one, not one recorded as done, not a file on disk
-        start = 1 + max([s.index for s in planned] + [e.get("index", -1) for e in m.get("done", {}).values()]
+        start = 1 + max([s.index for s in planned] + [e.index for e in m.done.values()]
                         + [int(hit[1]) for f in out.glob("shard-*.parquet")
                            if (hit := re.fullmatch(r"shard-(\d+)\.parquet", f.name))], default=-1)
         planned += [S.ShardSpec(start + i, tuple(new[j:j + size])) for i, j in enumerate(range(0, len(new), size))]
-        m.update({"koala_version": S.__version__, "target": facts, "source": source,
-                  "sampling": {**settings, "out_dir": str(out)},  # the directory written, not the profile's default
-                  "settings_hash": h,
-                  "plan": [{"file": s.file, "index": s.index, "prompt_ids": list(s.prompt_ids)} for s in planned],
-                  "skipped": skipped})
-        done = dict(m.get("done", {}))
+        m.koala_version, m.target, m.source, m.settings_hash, m.skipped = S.__version__, facts, source, h, skipped
+        m.sampling = {**settings, "out_dir": str(out)}  # the directory written, not the profile's default
+        m.plan = [S.PlannedShard(file=s.file, index=s.index, prompt_ids=list(s.prompt_ids)) for s in planned]
+        done = dict(m.done)
     todo = [s for s in planned if s.file not in done or not S.shard_valid(out, done[s.file])]
     missing = [pid for s in todo for pid in s.prompt_ids if pid not in by_id]
     if missing:
@@ -132,7 +130,7 @@ def plan(cfg: KoalaConfig, target: Target, out_dir: str | Path | None = None, so
 
 
 def sample_shard(cfg: KoalaConfig, target: Target, engine, spec: S.ShardSpec, records: dict[str, P.PromptRecord],
-                 out_dir: str | Path, eos_ids: frozenset[int], progress: bool = True) -> dict:
+                 out_dir: str | Path, eos_ids: frozenset[int], progress: bool = True) -> S.ShardEntry:
     """Sample every prompt of one shard and write it; returns its manifest entry (with samples/s, tokens/s)."""
     sc = cfg.sampling
     h = S.settings_hash(sc.model_dump())
@@ -174,8 +172,8 @@ def sample_shard(cfg: KoalaConfig, target: Target, engine, spec: S.ShardSpec, re
             "draws": "counter_uniform"}  # per-sample draws (koala.engine.sampling); earlier shards: torch.Generator
     entry = S.write_shard(Path(out_dir), spec, [rows[i] for i in range(len(jobs))], meta, topk=sc.topk_logprobs > 0)
     wall = time.perf_counter() - t0
-    return {**entry, "wall_s": wall, "new_tokens": new_tokens, "tokens_per_s": new_tokens / wall,
-            "compute_dtype": compute.name}
+    return entry.model_copy(update={"wall_s": wall, "new_tokens": new_tokens, "tokens_per_s": new_tokens / wall,
+                                    "compute_dtype": compute.name})
 
 
 def build(cfg: KoalaConfig, session, out_dir: str | Path | None = None, progress: bool = True,

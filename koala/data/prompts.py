@@ -33,6 +33,12 @@ class PromptRecord:
         return {"id": self.id, "source": self.source, "category": self.category, "messages": list(self.messages),
                 "followups": list(self.followups), "response": self.response}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "PromptRecord":
+        """The record `to_dict` gave (a task's parameters are plain data)."""
+        return cls(d["id"], d["source"], d["category"], tuple(d["messages"]), tuple(d.get("followups", ())),
+                   d.get("response"))
+
 
 def prompt_id(messages: Iterable[dict]) -> str:
     """Content hash of a chat: 16 hex characters of sha256 over roles and texts."""

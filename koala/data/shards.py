@@ -13,10 +13,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
-import socket
-import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +20,10 @@ from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from koala import __version__
+from koala.data.claims import worker_id
 from koala.errors import KoalaError
 from koala.interrupt import fault
 from koala.io import atomic_path, sha256_file, write_json_atomic
@@ -104,44 +102,92 @@ def settings_hash(settings: dict, source: str = "generated") -> str:
 
 # --- manifest ---------------------------------------------------------------------------------------------------
 
+class _Json(BaseModel):
+    model_config = ConfigDict(extra="allow")  # keys written by other versions are kept on the next write
+
+
+class PlannedShard(_Json):
+    file: str
+    index: int
+    prompt_ids: list[str]
+
+
+class ShardEntry(_Json):
+    """A finished shard as the manifest vouches for it; a task's entry adds how it went (rate, skipped, held)."""
+
+    file: str
+    index: int = -1
+    rows: int = 0
+    sha256: str = ""
+    worker: str | None = None
+    new_tokens: int | None = None  # the task's report: tokens written and their rate (not stored in the manifest)
+    tokens_per_s: float | None = None
+    skipped: bool = False  # the task's report: done before, or left to the live worker that holds its claim
+    claimed_by: str | None = None
+
+
+class DatasetManifest(_Json):
+    """manifest.json: what the dataset was made from (target, settings), its plan, and the shards done."""
+
+    koala_version: str = ""
+    source: str = "generated"
+    target: dict = {}  # koala.targets.target_facts of the target that made it
+    sampling: dict = {}  # the settings (sampling or teacher_forced section) and the directory written
+    settings_hash: str = ""
+    plan: list[PlannedShard] = []
+    done: dict[str, ShardEntry] = {}
+    skipped: dict = {}  # prompts left out, by reason
+
+    def as_json(self) -> dict:
+        """The manifest as the file holds it: the keys it was read with or given, no defaults added."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+    def done_json(self) -> dict:
+        """`done` as the file holds it (what training fingerprints and cache keys hash)."""
+        return {f: e.model_dump(mode="json", exclude_unset=True) for f, e in self.done.items()}
+
+
 @contextmanager
-def locked_manifest(out_dir: Path) -> Iterator[dict]:
+def locked_manifest(out_dir: Path) -> Iterator[DatasetManifest]:
     """Read-modify-write the manifest under an exclusive lock (workers may share the directory)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".manifest.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        m = read_manifest(out_dir) or {}
+        m = read_manifest(out_dir) or DatasetManifest()
         yield m
         fault("manifest.update")  # the lock held, the manifest not yet replaced
-        write_json_atomic(out_dir / MANIFEST, m)
+        write_json_atomic(out_dir / MANIFEST, m.as_json())
 
 
-def read_manifest(out_dir: Path) -> dict | None:
+def read_manifest(out_dir: Path) -> DatasetManifest | None:
     f = Path(out_dir) / MANIFEST
     if not f.exists():
         return None
     try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise KoalaError(f"{f} is corrupt ({e.msg}): restore it or start a new --out directory") from e
+        return DatasetManifest.model_validate_json(f.read_text())
+    except ValidationError as e:  # not JSON, or not a manifest's shape
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise KoalaError(f"{f} is corrupt ({where + ': ' if where else ''}{err['msg']}): restore it or start a new "
+                         "--out directory") from None
 
 
-def check_compatible(m: dict, target: dict, sampling_hash: str, out_dir: Path) -> None:
+def check_compatible(m: DatasetManifest, target: dict, sampling_hash: str, out_dir: Path) -> None:
     """Refuse to mix another target's, tokenizer's or settings' samples into one dataset."""
-    if not m:
+    if not m.model_fields_set:  # no manifest yet: a new dataset
         return
-    t = m.get("target", {})
+    t = m.target
     if t.get("content_hash") != target["content_hash"] or t.get("tokenizer_hash") != target["tokenizer_hash"]:
         raise KoalaError(
             f"{out_dir} holds data made with target {t.get('name')} ({str(t.get('content_hash'))[:12]}...), not "
             f"{target['name']} ({target['content_hash'][:12]}...): choose another --out directory"
         )
-    if m.get("settings_hash") != sampling_hash:
+    if m.settings_hash != sampling_hash:
         raise KoalaError(f"{out_dir} was sampled with other settings (temperature, top-p, max_new_tokens, seed ...): "
                          "use the same sampling settings or another --out directory")
 
 
-def check_plan(m: dict, out_dir: Path) -> None:
+def check_plan(m: DatasetManifest, out_dir: Path) -> None:
     """Refuse a manifest whose plan cannot have been written by koala: a prompt planned twice, a shard planned twice,
     or a finished shard the plan does not list (its samples would be sampled again: duplicates).
 
@@ -151,114 +197,29 @@ def check_plan(m: dict, out_dir: Path) -> None:
     seen: dict[str, str] = {}
     files = set()
     fix = f"the manifest was edited or damaged: restore {Path(out_dir) / MANIFEST} or start a new --out directory"
-    for s in m.get("plan", []):
-        if s["file"] in files:
-            raise KoalaError(f"{out_dir}: {MANIFEST} plans {s['file']} twice; {fix}")
-        files.add(s["file"])
-        for pid in s["prompt_ids"]:
+    for s in m.plan:
+        if s.file in files:
+            raise KoalaError(f"{out_dir}: {MANIFEST} plans {s.file} twice; {fix}")
+        files.add(s.file)
+        for pid in s.prompt_ids:
             if pid in seen:
-                raise KoalaError(f"{out_dir}: {MANIFEST} plans prompt {pid} in {seen[pid]} and {s['file']}; {fix}")
-            seen[pid] = s["file"]
-    orphans = sorted(set(m.get("done", {})) - files)
+                raise KoalaError(f"{out_dir}: {MANIFEST} plans prompt {pid} in {seen[pid]} and {s.file}; {fix}")
+            seen[pid] = s.file
+    orphans = sorted(set(m.done) - files)
     if orphans:
         raise KoalaError(f"{out_dir}: {MANIFEST} records {orphans[0]} as done but its plan has no such shard; {fix}")
 
 
-def shard_valid(out_dir: Path, entry: dict) -> bool:
+def shard_valid(out_dir: Path, entry: ShardEntry) -> bool:
     """A shard counts as done when the manifest records it and the file's sha256 matches."""
-    f = Path(out_dir) / entry["file"]
-    return bool(entry.get("sha256")) and f.exists() and sha256_file(f) == entry["sha256"]
-
-
-# --- claims: one writer per shard across workers ------------------------------------------------------------------
-
-CLAIM_LEASE_S = 120.0  # a claim whose holder is on another host and has not touched it for this long is stale
-
-
-def worker_id() -> str:
-    """Who writes: $KOALA_WORKER (set it per worker), else host:pid."""
-    return os.environ.get("KOALA_WORKER") or f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _claim_live(holder: dict, path: Path, lease_s: float) -> bool:
-    """A claim is live while its heartbeat (the file's mtime) is fresh and, on this host, its process runs (a pid
-    gone or a zombie is dead at once; a reused pid is caught by the stale heartbeat)."""
-    try:
-        fresh = time.time() - path.stat().st_mtime < lease_s
-    except FileNotFoundError:
-        return False
-    if not fresh or holder.get("host") != socket.gethostname():
-        return fresh
-    pid = int(holder["pid"])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-@contextmanager
-def claim(out_dir: Path, file: str, lease_s: float = CLAIM_LEASE_S) -> Iterator[dict | None]:
-    """Hold shard `file` of `out_dir` while sampling it: yields None when this process holds it, else the live
-    holder's claim ({worker, host, pid, since}), and then the shard is left to that holder.
-
-    The claim is a file `.FILE.claim` taken under a lock, refreshed by a heartbeat thread every lease_s / 4 and
-    removed on exit; a holder killed (even by SIGKILL) leaves a stale claim that the next worker takes over: its
-    pid is gone (same host) or its heartbeat older than lease_s (another host). The shard itself is written
-    atomically (write_shard), so a dead holder leaves no half-written shard, only one to redo.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f".{file}.claim"
-    me = {"worker": worker_id(), "host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-    with open(out_dir / ".claims.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            holder = json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            holder = None
-        live = holder is not None and _claim_live(holder, path, lease_s)
-        if not live:
-            write_json_atomic(path, me)
-    if live:
-        yield holder
-        return
-    for pattern in (f".{file}.*.tmp", f"..{file}.claim.*.tmp"):  # a dead holder's partial writes: never a shard
-        for left in out_dir.glob(pattern):
-            left.unlink(missing_ok=True)
-    stop = threading.Event()
-
-    def beat():  # until released, or until the claim is no longer ours (taken over after a stall)
-        while not stop.wait(lease_s / 4):
-            try:
-                if json.loads(path.read_text()) != me:  # floats survive JSON exactly
-                    return
-                os.utime(path)
-            except (FileNotFoundError, json.JSONDecodeError):
-                return
-
-    threading.Thread(target=beat, daemon=True, name=f"claim-{file}").start()
-    try:
-        yield None
-    finally:
-        stop.set()
-        with open(out_dir / ".claims.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                if json.loads(path.read_text()) == me:
-                    path.unlink()
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
+    f = Path(out_dir) / entry.file
+    return bool(entry.sha256) and f.exists() and sha256_file(f) == entry.sha256
 
 
 # --- writing and reading -----------------------------------------------------------------------------------------
 
 def write_shard(out_dir: Path, spec: ShardSpec, rows: list[dict], metadata: dict, topk: bool,
-                features: bool = False) -> dict:
+                features: bool = False) -> ShardEntry:
     """Write one shard atomically and record it in the manifest; returns its manifest entry.
 
     Raises:
@@ -276,9 +237,9 @@ def write_shard(out_dir: Path, spec: ShardSpec, rows: list[dict], metadata: dict
         raise KoalaError(f"could not write {final} ({e.strerror or e}): free disk space under {out_dir} and run "
                          "again; finished shards are kept") from e
     fault("shard.rename")  # renamed, not yet in the manifest
-    entry = {"file": spec.file, "index": spec.index, "rows": table.num_rows, "sha256": digest, "worker": worker_id()}
+    entry = ShardEntry(file=spec.file, index=spec.index, rows=table.num_rows, sha256=digest, worker=worker_id())
     with locked_manifest(out_dir) as m:
-        m.setdefault("done", {})[spec.file] = entry
+        m.done = {**m.done, spec.file: entry}  # assigned, not mutated: a field set is a field written
     return entry
 
 
@@ -313,8 +274,8 @@ def load(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     if not m:
         raise KoalaError(f"{out_dir} has no {MANIFEST}: build it with `koala sample --out {out_dir}`")
     check_plan(m, out_dir)
-    planned = [s["file"] for s in m.get("plan", [])]
-    done = m.get("done", {})
+    planned = [s.file for s in m.plan]
+    done = m.done
     bad = [f for f in planned if f not in done or not shard_valid(out_dir, done[f])]
     if bad:
         raise KoalaError(f"{out_dir}: {len(bad)} of {len(planned)} shards are missing or corrupt (first: {bad[0]}): "
@@ -326,32 +287,32 @@ def load(path: str | Path, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default")
 
 
-def _check_rows(out_dir: Path, m: dict) -> None:
+def _check_rows(out_dir: Path, m: DatasetManifest) -> None:
     """Every shard holds the rows its manifest entry counts, of the prompts its plan lists, and no sample twice."""
     owner: dict[str, str] = {}
     fix = "rebuild it: delete the directory (or the shard and its manifest entry) and run `koala sample` again"
-    for s in m.get("plan", []):
-        t = pq.read_table(Path(out_dir) / s["file"], columns=["sample_id", "prompt_id"])
-        if t.num_rows != m["done"][s["file"]].get("rows", t.num_rows):
-            raise KoalaError(f"{out_dir}/{s['file']} holds {t.num_rows} rows, its manifest entry says "
-                             f"{m['done'][s['file']]['rows']}: {fix}")
-        stray = set(t.column("prompt_id").to_pylist()) - set(s["prompt_ids"])
+    for s in m.plan:
+        t = pq.read_table(Path(out_dir) / s.file, columns=["sample_id", "prompt_id"])
+        entry = m.done[s.file]
+        if "rows" in entry.model_fields_set and t.num_rows != entry.rows:
+            raise KoalaError(f"{out_dir}/{s.file} holds {t.num_rows} rows, its manifest entry says {entry.rows}: {fix}")
+        stray = set(t.column("prompt_id").to_pylist()) - set(s.prompt_ids)
         if stray:
-            raise KoalaError(f"{out_dir}/{s['file']} holds prompt {sorted(stray)[0]}, which its plan does not "
+            raise KoalaError(f"{out_dir}/{s.file} holds prompt {sorted(stray)[0]}, which its plan does not "
                              f"list: {fix}")
         for sid in t.column("sample_id").to_pylist():
             if sid in owner:
-                raise KoalaError(f"{out_dir}: sample {sid} is in both {owner[sid]} and {s['file']}: {fix}")
-            owner[sid] = s["file"]
+                raise KoalaError(f"{out_dir}: sample {sid} is in both {owner[sid]} and {s.file}: {fix}")
+            owner[sid] = s.file
 
 
 def metadata(path: str | Path) -> dict:
     """The schema metadata of the first shard (koala version, target, tokenizer, sampling)."""
-    m = read_manifest(Path(path)) or {}
-    first = next(iter(m.get("done", {}).values()), None)
+    m = read_manifest(Path(path)) or DatasetManifest()
+    first = next(iter(m.done.values()), None)
     if first is None:
         return {}
-    raw = pq.read_schema(Path(path) / first["file"]).metadata or {}
+    raw = pq.read_schema(Path(path) / first.file).metadata or {}
     return {k.decode(): json.loads(v) for k, v in raw.items()}
 
 

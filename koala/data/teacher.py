@@ -85,7 +85,7 @@ def force_batch(model, seqs: list[tuple[list[int], int]], topk: int, features: b
 
 
 def teacher_force_shard(cfg: KoalaConfig, target: Target, spec: S.ShardSpec, records: dict[str, P.PromptRecord],
-                        out_dir: str | Path, progress: bool = True) -> dict:
+                        out_dir: str | Path, progress: bool = True) -> S.ShardEntry:
     """Teacher-force every conversation of one shard and write it; returns its manifest entry with tokens/s."""
     tc = cfg.teacher_forced
     h = S.settings_hash(tc.model_dump(), "teacher_forced")
@@ -128,8 +128,8 @@ def teacher_force_shard(cfg: KoalaConfig, target: Target, spec: S.ShardSpec, rec
     entry = S.write_shard(Path(out_dir), spec, [rows[i] for i in range(len(jobs))], meta, topk=True,
                           features=tc.features)
     wall = time.perf_counter() - t0
-    return {**entry, "wall_s": wall, "new_tokens": tokens, "tokens_per_s": tokens / wall,
-            "compute_dtype": compute.name}
+    return entry.model_copy(update={"wall_s": wall, "new_tokens": tokens, "tokens_per_s": tokens / wall,
+                                    "compute_dtype": compute.name})
 
 
 def features_of(row: dict, hidden: int, max_len: int | None = None, width: int | None = None) -> torch.Tensor:

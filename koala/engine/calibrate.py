@@ -87,11 +87,10 @@ def cost_curve(session, max_width: int = GAMMA_MAX + 1, position: int = 256, rep
                refresh: bool = False) -> dict:
     """{"ms": {width: ms}, ...} for this target/device/dtype/threads/mode/CPU, from the cache or measured now."""
     from koala.assets import cache_dir as cache_root
-    from koala.io import cached_json
+    from koala.io import cached_json, digest
 
     key = _key(session, max_width)
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = cache_root() / "calibration" / f"{digest}.json"
+    path = cache_root() / "calibration" / f"{digest(key)}.json"
     return cached_json(path, lambda: {**key, "position": position,
                                       "ms": _measure(session.engine, max_width, position, reps)},
                        lambda d: {**d, "ms": {int(w): float(v) for w, v in d["ms"].items()}}, refresh)

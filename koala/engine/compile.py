@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 
 from koala.errors import KoalaError
-from koala.io import tmp_prefix, atomic_path
+from koala.io import atomic_path, digest, tmp_prefix
 
 MAX_STEP_WIDTH = 32  # steps of at most this many tokens (a chain's or a draft tree's) run compiled; a prefill eager
 _compile_s = 0.0
@@ -258,8 +258,7 @@ class AotStep:
 
     def _load_or_build(self, sig: tuple, args: list, caches: list) -> Callable:
         key = self.key(sig)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-        path = aot_dir() / f"{digest}.pt2"
+        path = aot_dir() / f"{digest(key)}.pt2"
         if path.exists():
             step = _load_package(path)
             if step is not None and self._agrees(step, args, caches, sig):

@@ -39,3 +39,11 @@ def load_draft_vocab(directory) -> torch.Tensor | None:
             raise KoalaError(f"{d} lacks {DRAFT_VOCAB} (its {name} says it drafts over {info['draft_vocab_size']} "
                              "tokens): copy the whole drafter directory again")
     return None
+
+
+def over_full_vocabulary(logits: torch.Tensor, vocab_ids: torch.Tensor | None, vocab: int) -> torch.Tensor:
+    """(N, K) logits over the draft vocabulary as (N, vocab) ones, -1e4 (probability 0) outside it: what the engine
+    drafts from. Full-vocabulary logits (`vocab_ids` None) are returned as they are."""
+    if vocab_ids is None:
+        return logits
+    return logits.new_full((logits.shape[0], vocab), -1e4).index_copy_(-1, vocab_ids, logits)

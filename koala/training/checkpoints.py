@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from koala.errors import KoalaError
 from koala.interrupt import fault
-from koala.io import sha256_file, write_text_atomic
+from koala.io import digest, sha256_file, write_text_atomic
 
 def save_checkpoint(out_dir: Path, step: int, model, opt, sched, data_pos: dict, stateful: dict | None = None,
                     keep: int = 2) -> Path:
@@ -140,7 +140,7 @@ def unwrap(model):
 
 def training_fingerprint(*parts) -> str:
     """A short digest of what a training is: pass its config sections, data manifest and starting weights' digest."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return digest(list(parts))
 
 
 def weights_digest(directory: str | Path | None) -> str | None:

@@ -45,6 +45,11 @@ class SequenceData:
     def __len__(self) -> int:
         return len(self.rows)
 
+    def drop(self, column: str) -> None:
+        """Forget one column of every row (a large one whose contents were copied elsewhere)."""
+        for r in self.rows:
+            r.pop(column, None)
+
     def batch(self, idx: list[int], device) -> Batch:
         rows = [self.rows[i] for i in idx]
         T = min(self.max_len, max(len(r["input_ids"]) for r in rows))
@@ -114,7 +119,7 @@ def split_heldout(rows: list[dict], fraction: float) -> tuple[list[dict], list[d
     return [r for r in rows if r["prompt_id"] not in ids], held
 
 
-def load_distillation_rows(data_dir: str | Path, target: Target, features: bool = False) -> tuple[list[dict], dict]:
+def load_distillation_rows(data_dir: str | Path, target: Target, features: bool = False) -> tuple[list[dict], shards.DatasetManifest]:
     """The shards' rows after checking they were made by this target and tokenizer.
 
     With `features` (draft heads), the target's stored features where the shards have them, instead of its top-k
@@ -122,8 +127,8 @@ def load_distillation_rows(data_dir: str | Path, target: Target, features: bool 
     """
     cols = ["prompt_id", "input_ids", "prompt_len"] + (["features"] if features else ["topk_ids", "topk_logprobs"])
     table = shards.load(data_dir, columns=cols)
-    meta = shards.read_manifest(Path(data_dir)) or {}
-    t = meta.get("target", {})
+    meta = shards.read_manifest(Path(data_dir)) or shards.DatasetManifest()
+    t = meta.target
     if t.get("tokenizer_hash") != target.info.tokenizer_hash or t.get("content_hash") != target.info.content_hash:
         raise KoalaError(
             f"{data_dir} was sampled from target {t.get('name')} ({str(t.get('content_hash'))[:12]}...), not from "
@@ -171,7 +176,7 @@ def pretraining_rows(cfg: KoalaConfig, target: Target, limit: int = 2000) -> lis
 class TrainingData:
     train: SequenceData
     heldout: SequenceData | None
-    manifest: dict  # the distillation set's manifest ({} for pretraining text)
+    manifest: shards.DatasetManifest  # the distillation set's manifest (empty for pretraining text)
 
 
 def training_data(cfg: KoalaConfig, target: Target, data_dir: str | Path | None = None, *, features: bool = False,
@@ -186,7 +191,7 @@ def training_data(cfg: KoalaConfig, target: Target, data_dir: str | Path | None 
         online_teacher: drop the stored top-k: the target is run on every batch instead.
     """
     if data_dir is None:
-        rows, manifest = pretraining_rows(cfg, target), {}
+        rows, manifest = pretraining_rows(cfg, target), shards.DatasetManifest()
     else:
         rows, manifest = load_distillation_rows(data_dir, target, features=features)
     if online_teacher:

@@ -26,7 +26,9 @@ from koala.targets import Target
 from koala.training.checkpoints import training_fingerprint, weights_digest
 from koala.training.data import draft_vocab_for, training_data
 from koala.training.loop import LogFn, train, world
-from koala.training.objectives import Distill, FeatureSource, HeadsObjective, NextToken, adversarial_if
+from koala.training.features import FeatureSource
+from koala.training.heads_objectives import HeadsObjective, heads_objective
+from koala.training.objectives import Distill, NextToken, adversarial_if
 
 FINAL = "drafter"
 
@@ -69,7 +71,7 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
         vocab_ids = draft_vocab_for(cfg, data.train.rows, target.info.vocab_size)
     compute = _compute(cfg, target, "distillation")
     fp = training_fingerprint("distill", target.info.content_hash, loss, steps, cfg.training.model_dump(),
-                              _drafter_fields(cfg), data.manifest.get("done"), weights_digest(init_from),
+                              _drafter_fields(cfg), data.manifest.done_json(), weights_digest(init_from),
                               online_teacher, *_dtype_part(compute, target))
     objective = adversarial_if(Distill(model, loss, target.model, vocab_ids, cfg.training), cfg.training,
                                target.model.device)
@@ -109,11 +111,12 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
         objective = adversarial_if(_heads_objective(tcfg, target, kind, heads, data, data_dir, heldout_dir,
                                                     vocab_ids), tcfg, target.model.device)
     steps = steps or tcfg.steps
-    held_manifest = (shards.read_manifest(Path(heldout_dir)) or {}).get("done") if heldout_dir else None
+    held = shards.read_manifest(Path(heldout_dir)) if heldout_dir else None
     embed_norm = getattr(heads, "embed_norm", None) is not None
     drafter_fields = {**_drafter_fields(cfg), **({"embed_norm": True} if embed_norm else {})}
     fp = training_fingerprint(kind, target.info.content_hash, layers, steps, tcfg.model_dump(), drafter_fields,
-                              data.manifest.get("done"), held_manifest, weights_digest(init_from),
+                              data.manifest.done_json(), None if held is None else held.done_json(),
+                              weights_digest(init_from),
                               *_dtype_part(compute, target))
     metrics = train(objective, data.train, tcfg, out_dir, steps, heldout=data.heldout, resume=resume, fingerprint=fp,
                     on_log=on_log, progress=progress, desc=f"heads-{kind}", compute=compute)
@@ -175,12 +178,15 @@ def _heads_objective(tcfg, target: Target, kind: str, heads, data, data_dir, hel
     """Heads' objective over the target's features, cached beside the data (a later training skips the target)."""
     h, m = target.info.content_hash, target.model
     aux = getattr(heads, "aux_layers", None)  # EAGLE-3 reads the target's states at these layers
-    stored = (data.manifest.get("sampling") or {}).get("aux_layers")  # teacher-forced shards may hold them
+    stored = data.manifest.sampling.get("aux_layers")  # teacher-forced shards may hold them
     feats = FeatureSource(m, data.train, tcfg.cache_features, "train", data_dir, h, aux_layers=aux,
-                          stored_layers=stored)
+                          stored_layers=stored, log=print)
     held = (FeatureSource(m, data.heldout, tcfg.cache_features, "heldout", heldout_dir or data_dir, h, aux_layers=aux,
-                          stored_layers=stored) if data.heldout else None)
-    objective = HeadsObjective(kind, heads, m, feats, held, tcfg.unroll, tcfg.feature_noise, vocab_ids)
+                          stored_layers=stored, log=print) if data.heldout else None)
+    for split in (data.train, data.heldout):  # the rows' stored features now live in the sources: free them
+        if split is not None:
+            split.drop("features")
+    objective = heads_objective(kind, heads, m, feats, held, tcfg.unroll, tcfg.feature_noise, vocab_ids, tcfg)
     if tcfg.compile:  # shapes vary with each batch's length: compiled for dynamic shapes, once
         objective.module = torch.compile(heads, dynamic=True)
     return objective
@@ -193,8 +199,9 @@ def _info(cfg: KoalaConfig, target: Target, stage: str, metrics: dict, data=None
                        "tokenizer_hash": target.info.tokenizer_hash},
             "training": cfg.training.model_dump(), "metrics": metrics, **more}
     if data is not None:
-        info.update(data_manifest_sha256=hashlib.sha256(json.dumps(data.manifest, sort_keys=True).encode()).hexdigest(),
-                    data_dir=str(data_dir), data_source=data.manifest.get("source", "generated"),
+        manifest = json.dumps(data.manifest.as_json(), sort_keys=True)
+        info.update(data_manifest_sha256=hashlib.sha256(manifest.encode()).hexdigest(),
+                    data_dir=str(data_dir), data_source=data.manifest.source,
                     train_rows=len(data.train), heldout_rows=len(data.heldout) if data.heldout else 0)
     return info
 

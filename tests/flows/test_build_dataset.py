@@ -78,6 +78,6 @@ def test_a_shard_another_process_writes_is_named_and_the_manifest_records_the_ou
             build_distillation_dataset(config_path=str(cfg), out_dir=str(out))
     finally:
         other.kill()
-    assert shards.read_manifest(out)["sampling"]["out_dir"] == str(out)
+    assert shards.read_manifest(out).sampling["out_dir"] == str(out)
     build_distillation_dataset(config_path=str(cfg), out_dir=str(out))  # the other is gone: its shard is taken over
     assert shards.load(out).num_rows == 2

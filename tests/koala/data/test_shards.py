@@ -195,16 +195,16 @@ def test_sigkill_mid_run_then_resume(tmp_path, tiny_target_dir):
     deadline = time.time() + 120
     while time.time() < deadline:
         m = shards.read_manifest(tmp_path / "ds") if manifest.exists() else None
-        if m and len(m.get("done", {})) >= 2:
+        if m and len(m.done) >= 2:
             break
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_at_kill = len(shards.read_manifest(tmp_path / "ds")["done"])
+    done_at_kill = len(shards.read_manifest(tmp_path / "ds").done)
     assert 2 <= done_at_kill < 12, "the kill must land in the middle of the run"
     subprocess.run([sys.executable, "-c", KILL_SCRIPT, cfg.model_dump_json()], env=env, check=True)
     m = shards.read_manifest(tmp_path / "ds")
-    assert len(m["plan"]) == 12 and len(m["done"]) == 12
+    assert len(m.plan) == 12 and len(m.done) == 12
     rows = shards.load(tmp_path / "ds").to_pylist()  # verifies every checksum
     assert len(rows) == 24 and len({r["sample_id"] for r in rows}) == 24
     assert not list((tmp_path / "ds").glob(".*.tmp"))
@@ -269,7 +269,7 @@ def test_new_shards_never_reuse_a_number(tmp_path, session, tiny_target_dir):
 HOLD = """
 import sys, time
 from pathlib import Path
-from koala.data.shards import claim
+from koala.data.claims import claim
 with claim(Path(sys.argv[1]), "shard-00000.parquet") as holder:
     print("held" if holder is None else "taken", flush=True)
     time.sleep(120)
@@ -280,7 +280,7 @@ def test_one_process_holds_a_shard_and_a_killed_holders_shard_is_taken_over(tmp_
     import subprocess
     import sys
 
-    from koala.data.shards import claim
+    from koala.data.claims import claim
 
     p = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -302,7 +302,7 @@ def test_a_claim_from_another_host_is_live_while_its_heartbeat_is_fresh(tmp_path
     import os
     import time
 
-    from koala.data.shards import claim
+    from koala.data.claims import claim
 
     path = tmp_path / ".shard-00001.parquet.claim"
     path.write_text(json.dumps({"worker": "w9", "host": "another-host", "pid": 1, "since": 0}))

@@ -40,7 +40,7 @@ def test_schema_topk_and_features_equal_a_direct_forward(tmp_path, session, tiny
     assert len(files) == 2
     t = pq.read_table(files[0])
     assert t.column_names == [f.name for f in shards.SCHEMA] + ["topk_ids", "topk_logprobs", "features"]
-    assert shards.read_manifest(tmp_path / "tf")["source"] == "teacher_forced"
+    assert shards.read_manifest(tmp_path / "tf").source == "teacher_forced"
     model = session.target.model
     rows = shards.load(tmp_path / "tf").to_pylist()
     assert len(rows) == 5
@@ -75,7 +75,7 @@ def test_a_failure_mid_run_resumes_with_the_shards_already_written(tmp_path, ses
     monkeypatch.setattr(teacher, "force_batch", dies_on_the_second_shard)
     with pytest.raises(KeyboardInterrupt):
         build.build(cfg, session, progress=False, source="teacher_forced")
-    done = shards.read_manifest(tmp_path / "tf")["done"]
+    done = shards.read_manifest(tmp_path / "tf").done
     assert list(done) == ["shard-00000.parquet"]
     first = (tmp_path / "tf" / "shard-00000.parquet").stat().st_mtime_ns
     monkeypatch.setattr(teacher, "force_batch", real)

@@ -11,7 +11,8 @@ from koala.engine.model import Transformer, rms_norm
 from koala.errors import KoalaError
 from koala.models.heads import Eagle3Head, aux_states, build_heads, reference_aux_layers, save_heads
 from koala.training.data import SequenceData
-from koala.training.objectives import FeatureSource, HeadsObjective
+from koala.training.features import FeatureSource
+from koala.training.heads_objectives import heads_objective
 from tests.conftest import tiny_llama
 from tests.koala.training.test_loop import synthetic_rows
 
@@ -99,7 +100,7 @@ def test_the_loss_is_masked_and_decayed(target):
     head = build_heads("eagle3", target, layers=1)
     vocab = torch.arange(0, V, 2)
     feats = FeatureSource(target, data, cache=True, aux_layers=head.aux_layers)
-    obj = HeadsObjective("eagle3", head, target, feats, unroll=3, vocab_ids=vocab)
+    obj = heads_objective("eagle3", head, target, feats, unroll=3, vocab_ids=vocab)
     b = data.batch([0, 1, 2, 3], "cpu")
     f = feats(b)
     top = target.lm_head(f[:, 1:, -32:]).argmax(-1)
@@ -126,7 +127,7 @@ def test_a_source_for_other_layers_is_refused(target):
     data = SequenceData(synthetic_rows(n=2), 32, 0)
     head = build_heads("eagle3", target, layers=1)
     with pytest.raises(KoalaError, match="build it with aux_layers=heads.aux_layers"):
-        HeadsObjective("eagle3", head, target, FeatureSource(target, data, cache=True), unroll=3)
+        heads_objective("eagle3", head, target, FeatureSource(target, data, cache=True), unroll=3)
 
 
 def _eagle3_drafter(tmp_path, target, vocab=None):

@@ -9,7 +9,9 @@ from koala.config import TrainingConfig
 from koala.models.heads import EagleHead, MedusaHeads, build_heads, load_heads, save_heads
 from koala.engine.drafters import load_heads_drafter
 from koala.errors import KoalaError
-from koala.training.objectives import FeatureSource, HeadsObjective, adversarial_if
+from koala.training.features import FeatureSource
+from koala.training.heads_objectives import heads_objective
+from koala.training.objectives import adversarial_if
 from koala.engine.decode import generate
 from koala.engine.model import Transformer
 from koala.training.data import SequenceData
@@ -51,7 +53,7 @@ def test_one_step_decreases_the_loss_on_a_fixed_batch(target, kind, adversarial)
         for p in heads.parameters():
             torch.nn.init.normal_(p, std=0.05)
     cfg = TrainingConfig(adversarial=adversarial, adv_warmup_steps=0, adv_lambda=0.1, lr=1e-3)
-    obj = adversarial_if(HeadsObjective(kind, heads, target, _features(target, data, heads)), cfg, "cpu")
+    obj = adversarial_if(heads_objective(kind, heads, target, _features(target, data, heads)), cfg, "cpu")
     b = data.batch([0, 1, 2, 3], "cpu")
     opt = torch.optim.Adam(heads.parameters(), lr=1e-3)
     before, extra = obj.loss(b, step=0)
@@ -93,7 +95,7 @@ def test_the_adversarial_term_reaches_every_medusa_head(target):
     heads = build_heads("medusa", target, layers=1, n_heads=3)
     for p in heads.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    obj = HeadsObjective("medusa", heads, target, FeatureSource(target, data, cache=True))
+    obj = heads_objective("medusa", heads, target, FeatureSource(target, data, cache=True))
     b = data.batch([0, 1, 2, 3], "cpu")
     _, t, s = obj.supervised(b, logp=True)
     per_head = [int(x[0].shape[0]) for x in obj._predictions(b, obj.features(b))]
@@ -220,7 +222,7 @@ def test_a_head_trained_on_its_own_features_reproduces_the_target(tmp_path):
     head = build_heads("eagle", target, layers=1)
     cfg = TrainingConfig(steps=120, batch_size=8, lr=3e-3, warmup_steps=10, unroll=3, feature_noise=0.1,
                          checkpoint_every=1000, eval_every=1000)
-    obj = HeadsObjective("eagle", head, target, FeatureSource(target, data, cache=True), unroll=3, noise=0.1)
+    obj = heads_objective("eagle", head, target, FeatureSource(target, data, cache=True), unroll=3, noise=0.1)
     train(obj, data, cfg, tmp_path / "run", cfg.steps, progress=False)
     save_heads(head.eval(), tmp_path / "h", {"kind": "eagle", "layers": 1, "hidden_size": 32, "vocab_size": V})
     drafter = load_heads_drafter(str(tmp_path / "h"), engine)
@@ -250,7 +252,7 @@ def test_heads_under_bf16_autocast_learn_and_resume_bitwise(tmp_path, target, ki
     def run(out, on_log=None, resume=False, seed=0):
         torch.manual_seed(seed)
         heads = build_heads(kind, target, layers=1, n_heads=2)
-        obj = HeadsObjective(kind, heads, target, _features(target, data, heads), unroll=2,
+        obj = heads_objective(kind, heads, target, _features(target, data, heads), unroll=2,
                              vocab_ids=torch.arange(0, V, 2))
         with torch.no_grad(), bf16.autocast("cpu"):
             losses.append(obj.loss(fixed, 0)[0].item())

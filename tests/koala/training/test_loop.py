@@ -272,7 +272,9 @@ if log:
 import hashlib
 from koala.models.heads import build_heads
 from koala.training.loop import train, world
-from koala.training.objectives import FeatureSource, HeadsObjective, adversarial_if
+from koala.training.features import FeatureSource
+from koala.training.heads_objectives import heads_objective
+from koala.training.objectives import adversarial_if
 target = tiny_llama(layers=2, vocab=64, hidden=32, seed=0)
 target.requires_grad_(False)
 data = SequenceData(synthetic_rows(n=16), 32, 0)
@@ -280,7 +282,7 @@ torch.manual_seed(0)
 head = build_heads("eagle", target, layers=2)
 cfg = TrainingConfig(steps=4, lr=3e-3, warmup_steps=1, batch_size=4, grad_accum=2, max_seq_len=32, unroll=2,
                      adversarial=True, adv_warmup_steps=0, adv_lambda=0.1, checkpoint_every=100, eval_every=100)
-obj = adversarial_if(HeadsObjective("eagle", head, target, FeatureSource(target, data, cache=True), unroll=2),
+obj = adversarial_if(heads_objective("eagle", head, target, FeatureSource(target, data, cache=True), unroll=2),
                      cfg, "cpu")
 log = []
 train(obj, data, cfg, sys.argv[2] + "/heads", cfg.steps, progress=False, on_log=lambda s, m: log.append(m["loss"]))
