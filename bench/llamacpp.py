@@ -142,7 +142,8 @@ def run_koala(dtype: str, drafter: str, limit: int, max_new: int, reps: int) -> 
         shapes.append(r.tree or f"chain {r.gamma}")
     return {"engine": s.describe(), "autoregressive_tokens_per_s": round(sum(ar) / reps, 2),
             "speculative_tokens_per_s": round(sum(sp) / reps, 2), "tau": round(sum(taus) / reps, 3),
-            "draft_shapes": shapes, "lossless": r.lossless.text, "near_ties": len(r.lossless.near_ties), "compile_s": round(compile_seconds(), 1)}
+            "draft_shapes": shapes, "lossless": r.lossless.text, "near_ties": len(r.lossless.near_ties),
+            "compile_s": round(compile_seconds(), 1)}
 
 
 def main() -> None:

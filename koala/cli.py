@@ -3,11 +3,13 @@ export.
 
 The `koala` script is koala_flows.cli, which adds `run` and `sample` (they start Prefect flows); on a host with
 torch alone (a GPU worker), `python -m koala.cli` (and `torchrun -m koala.cli distill`) runs these commands.
-Option defaults come from the config models (`default_of`), so a default is written once.
+An option that sets a config field takes its default and help from the field (`option`), so both are written once;
+the checks of what a user gave live in koala.checks; a KoalaError from any command is one red line and exit code 1.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -15,13 +17,10 @@ from typing import Optional
 
 import typer
 
-from koala.config import DEFAULT_PROFILE, LOSS_NAMES, EvalConfig, PromptsConfig, TargetConfig, default_of
+from koala.checks import (at_least_one, check_run_options, check_training_paths, one_of,
+                          validated, with_compute_dtype, writable_dir)
+from koala.config import DEFAULT_PROFILE, LOSS_NAMES, EvalConfig, PromptsConfig, TargetConfig
 from koala.errors import KoalaError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train drafters for a chat LLM and measure the "
-                  "lossless speed-up of speculative decoding.")
-assets_app = typer.Typer(no_args_is_help=True, help="The embedded default assets (target, prompts, benchmarks).")
-app.add_typer(assets_app, name="assets")
 
 
 def fail(e: Exception) -> None:
@@ -29,78 +28,39 @@ def fail(e: Exception) -> None:
     raise typer.Exit(1)
 
 
-def one_of(option: str, value: str | None, choices: tuple[str, ...]) -> None:
-    """A choice given on the command line (None: not given) is one of `choices`."""
-    if value is not None and value not in choices:
-        raise KoalaError(f"{option} must be one of {', '.join(choices)}; got {value!r}")
+def reports_errors(fn):
+    """The one error handler of every command: a KoalaError (bad input, a refused resume) is printed, exit code 1."""
+    @functools.wraps(fn)
+    def command(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KoalaError as e:
+            fail(e)
+    return command
 
 
-def at_least_one(**options) -> None:
-    """Counts given on the command line (None: not given) must be >= 1."""
-    for name, v in options.items():
-        if v is not None and v < 1:
-            raise KoalaError(f"--{name.replace('_', '-')} {v}: must be at least 1 (leave it out for the profile's value)")
+class App(typer.Typer):
+    """A Typer app whose commands all report KoalaErrors through `reports_errors`."""
+
+    def command(self, *args, **kwargs):
+        register = super().command(*args, **kwargs)
+        return lambda fn: register(reports_errors(fn)) and fn
+
+
+def option(model, field: str, *decls: str, help: str | None = None, **kw):
+    """A typer option for the config field `model.field`: its default and (unless given) its help are the field's."""
+    f = model.model_fields[field]
+    return typer.Option(f.default, *decls, help=help or f.description, **kw)
+
+
+app = App(add_completion=False, no_args_is_help=True, help="Train drafters for a chat LLM and measure the "
+          "lossless speed-up of speculative decoding.")
+assets_app = App(no_args_is_help=True, help="The embedded default assets (target, prompts, benchmarks).")
+app.add_typer(assets_app, name="assets")
 
 
 COMPUTE_DTYPE_HELP = ("auto (bf16 autocast where this machine measures it faster), float32 or bfloat16; "
                       "$KOALA_COMPUTE_DTYPE overrides it")
-
-
-def with_compute_dtype(set_: list[str] | None, compute_dtype: str | None) -> list[str]:
-    """--compute-dtype as the override it stands for."""
-    from koala.precision import COMPUTE_DTYPES
-
-    import os
-
-    from koala.precision import ENV
-
-    if compute_dtype is not None and compute_dtype not in COMPUTE_DTYPES:
-        raise KoalaError(f"--compute-dtype {compute_dtype!r}: use {', '.join(COMPUTE_DTYPES)}")
-    forced = os.environ.get(ENV, "").strip().lower()
-    if forced and forced not in COMPUTE_DTYPES:
-        raise KoalaError(f"{ENV}={forced!r} is not one of {', '.join(COMPUTE_DTYPES)}: set it to one, or unset it")
-    return [*(set_ or []), *([f"compute_dtype={compute_dtype}"] if compute_dtype is not None else [])]
-
-
-def check_run_options(target: str, dtype: str, device: str, drafter: str | None = None) -> None:
-    """What can be checked before the target loads: dtype, device, and the drafter spec and its files."""
-    from koala.engine.drafter_spec import check_drafter_spec
-    from koala.targets import check_device, parse_dtype
-
-    parse_dtype(dtype)
-    check_device(device)
-    if drafter is not None:
-        check_drafter_spec(drafter)
-
-
-def check_prompt_source(source: str) -> None:
-    """A prompt file or log directory named in the config exists (the built-in sources and hf: are checked when
-    read)."""
-    from pathlib import Path
-
-    if source in ("sharegpt", "mtbench", "humaneval") or source.startswith("hf:"):
-        return
-    if not Path(source).exists():
-        raise KoalaError(f"prompts.source {source}: no such file or directory: check the path (or use sharegpt, "
-                         "mtbench, humaneval, hf:NAME)")
-
-
-def writable_dir(directory, option: str = "--out") -> None:
-    """The directory a command will write its results to can be written, checked before hours of work."""
-    import tempfile
-    from pathlib import Path
-
-    d = Path(directory)
-    probe = d
-    while not probe.exists():  # the nearest existing ancestor must let us create the rest
-        probe = probe.parent
-    try:
-        if not probe.is_dir():
-            raise NotADirectoryError(f"{probe} is a file")
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise KoalaError(f"{option} {d}: cannot write there ({e.strerror or e}): choose a writable directory") from None
 
 
 def tracking_available() -> bool:
@@ -114,31 +74,16 @@ def tracking_available() -> bool:
     return True
 
 
-def validated(model, origin: str, **values):
-    """A config section from command-line values; a bad value is a one-line KoalaError naming the option."""
-    from pydantic import ValidationError
-
-    try:
-        return model(**values)
-    except ValidationError as e:
-        err = e.errors()[0]
-        field = str(err["loc"][0]).replace("_", "-")
-        raise KoalaError(f"{origin}: --{field} {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}") from None
-
-
 @assets_app.command("fetch")
 def assets_fetch(names: Optional[list[str]] = typer.Argument(None, help="assets to fetch (default: all)"),
                  force: bool = typer.Option(False, help="download again even if cached")):
     """Download, extract and verify the default assets into $KOALA_CACHE (default ~/.cache/koala)."""
     from koala import assets
 
-    try:
-        for name in names or list(assets.ASSETS):
-            t = time.perf_counter()
-            path = assets.fetch(name, force=force)
-            typer.echo(f"{name:24s} {path}  ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t:.1f} s)")
-    except KoalaError as e:
-        fail(e)
+    for name in names or list(assets.ASSETS):
+        t = time.perf_counter()
+        path = assets.fetch(name, force=force)
+        typer.echo(f"{name:24s} {path}  ({path.stat().st_size / 1e6:.1f} MB, {time.perf_counter() - t:.1f} s)")
 
 
 @assets_app.command("list")
@@ -152,23 +97,20 @@ def assets_list():
 
 
 @app.command()
-def prompts(source: str = typer.Option(default_of(PromptsConfig, "source"), help="sharegpt, mtbench, humaneval, hf:NAME or a file path"),
+def prompts(source: str = option(PromptsConfig, "source"),
             limit: int = typer.Option(5, help="how many records to show"),
             as_json: bool = typer.Option(False, "--json", help="one JSON record per line"),
-            turns: int = typer.Option(default_of(PromptsConfig, "sharegpt_turns"), help="ShareGPT: keep the chat up to this human turn"),
+            turns: int = option(PromptsConfig, "sharegpt_turns"),
             both_turns: bool = typer.Option(False, help="MT-bench: include the second turn as a follow-up"),
-            prompt_col: str = typer.Option(default_of(PromptsConfig, "prompt_col"), help="files: column with the prompt"),
-            category_col: Optional[str] = typer.Option(default_of(PromptsConfig, "category_col"), help="files: column with the category"),
+            prompt_col: str = option(PromptsConfig, "prompt_col"),
+            category_col: Optional[str] = option(PromptsConfig, "category_col"),
             messages_col: Optional[str] = typer.Option(None, help="files: column with a whole chat")):
     """Print prompt records from a source (and, for ShareGPT, how many conversations were recovered)."""
     from koala.data import prompts as P
 
     stats = P.ShareGPTStats()
-    try:
-        records = P.load(source, limit=limit, sharegpt_turns=turns, both_turns=both_turns, prompt_col=prompt_col,
-                         category_col=category_col, messages_col=messages_col, stats=stats)
-    except KoalaError as e:
-        fail(e)
+    records = P.load(source, limit=limit, sharegpt_turns=turns, both_turns=both_turns, prompt_col=prompt_col,
+                     category_col=category_col, messages_col=messages_col, stats=stats)
     for r in records:
         if as_json:
             typer.echo(json.dumps(r.to_dict(), ensure_ascii=False))
@@ -185,16 +127,16 @@ def prompts(source: str = typer.Option(default_of(PromptsConfig, "source"), help
 
 @app.command()
 def generate(prompt: str = typer.Argument(..., help="the user message"),
-             target: str = typer.Option(default_of(TargetConfig, "spec"), help="target: name, HF id, directory or .gguf"),
+             target: str = option(TargetConfig, "spec"),
              drafter: Optional[str] = typer.Option(None, help="speculate with: truncate:N, ngram, heads:PATH, a model; lookup+SPEC tries prompt lookup first"),
-             gamma: str = typer.Option(default_of(EvalConfig, "gamma"), help="tokens drafted per round, DEPTHxTOPKxNODES for a draft tree "
-                                       "(e.g. 4x3x12), or auto: a chain from this machine's measured cost by width and "
-                                       "the drafter's stored acceptance"),
-             max_new_tokens: int = typer.Option(256, help="longest answer in tokens"),
-             temperature: float = typer.Option(default_of(EvalConfig, "temperature"), help="0 = greedy"),
-             top_p: float = typer.Option(default_of(EvalConfig, "top_p"), help="nucleus mass"),
-             dtype: str = typer.Option(default_of(TargetConfig, "dtype"), help="float32, bfloat16 or float16"),
-             device: str = typer.Option(default_of(TargetConfig, "device"), help="cpu or cuda"),
+             gamma: str = option(EvalConfig, "gamma", help="draft shape: N tokens proposed per round (a chain), "
+                                 "DEPTHxTOPKxNODES a draft tree (e.g. 4x3x12), or auto: a chain from this machine's "
+                                 "measured cost by width and the drafter's stored acceptance"),
+             max_new_tokens: int = option(EvalConfig, "max_new_tokens"),
+             temperature: float = option(EvalConfig, "temperature"),
+             top_p: float = option(EvalConfig, "top_p"),
+             dtype: str = option(TargetConfig, "dtype"),
+             device: str = option(TargetConfig, "device"),
              compile: bool = typer.Option(False, "--compile/--no-compile", help="compiled decode steps: faster per "
                                           "token, after a one-off compilation (cached on disk)")):
     """Answer one prompt with the target, streaming tokens; with --drafter, accepted drafts show in green."""
@@ -203,35 +145,32 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
     from koala.engine.tree import TreeBudget
     from koala.engine.session import Session
 
-    try:
-        from koala.data.prompts import has_visible
+    from koala.data.prompts import has_visible
 
-        if not prompt.strip():
-            raise KoalaError("the prompt is empty: give the user message, e.g. koala generate \"Tell me a joke\"")
-        if not has_visible(prompt):
-            raise KoalaError(f"the prompt {prompt[:20]!r} has no visible character (only whitespace or zero-width "
-                             "characters): give the user message")
-        validated(EvalConfig, "koala generate", temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                  gamma=gamma)
-        check_run_options(target, dtype, device, drafter)
-        g = parse_draft(gamma)
-        tree = g if isinstance(g, TreeBudget) else None
-        g = tree.depth if tree else g
-        s = Session.open(target, dtype=dtype, device=device, compile=compile)
-        typer.echo(f"[{s.describe()}]", err=True)
-        d = s.drafter(drafter) if drafter else None
-        if d is not None and g is None:
-            g, why = auto_gamma(s, d)
-            typer.echo(f"[gamma auto: {g} ({why})]", err=True)
-        if compile:  # compile (or load) every graph before the timed answer
-            typer.echo("[compiling the decode steps: minutes on a small CPU, once per process]", err=True)
-            s.chat(prompt, max_new_tokens=8, drafter=d, gamma=g or 1, tree=tree)
-        c0 = compile_seconds()
-        result = s.chat(prompt, max_new_tokens=max_new_tokens, drafter=d, gamma=g or 1, temperature=temperature,
-                        top_p=top_p, stream=True, tree=tree)
-        wall = result.wall_s - (compile_seconds() - c0)  # a graph the warm-up did not reach compiles here
-    except KoalaError as e:
-        fail(e)
+    if not prompt.strip():
+        raise KoalaError("the prompt is empty: give the user message, e.g. koala generate \"Tell me a joke\"")
+    if not has_visible(prompt):
+        raise KoalaError(f"the prompt {prompt[:20]!r} has no visible character (only whitespace or zero-width "
+                         "characters): give the user message")
+    validated(EvalConfig, "koala generate", temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+              gamma=gamma)
+    check_run_options(target, dtype, device, drafter)
+    g = parse_draft(gamma)
+    tree = g if isinstance(g, TreeBudget) else None
+    g = tree.depth if tree else g
+    s = Session.open(target, dtype=dtype, device=device, compile=compile)
+    typer.echo(f"[{s.describe()}]", err=True)
+    d = s.drafter(drafter) if drafter else None
+    if d is not None and g is None:
+        g, why = auto_gamma(s, d)
+        typer.echo(f"[gamma auto: {g} ({why})]", err=True)
+    if compile:  # compile (or load) every graph before the timed answer
+        typer.echo("[compiling the decode steps: minutes on a small CPU, once per process]", err=True)
+        s.chat(prompt, max_new_tokens=8, drafter=d, gamma=g or 1, tree=tree)
+    c0 = compile_seconds()
+    result = s.chat(prompt, max_new_tokens=max_new_tokens, drafter=d, gamma=g or 1, temperature=temperature,
+                    top_p=top_p, stream=True, tree=tree)
+    wall = result.wall_s - (compile_seconds() - c0)  # a graph the warm-up did not reach compiles here
     tps = len(result.tokens) / wall
     line = f"\n\n{len(result.tokens)} tokens in {wall:.2f} s: {tps:.1f} tokens/s"
     if d is not None:
@@ -243,22 +182,19 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
 
 @app.command("eval")
 def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads:PATH, or a causal LM (dir, id, .gguf); lookup+SPEC: prompt lookup first"),
-             target: str = typer.Option(default_of(TargetConfig, "spec"), help="target: name, HF id, directory or .gguf"),
-             bench: str = typer.Option(default_of(EvalConfig, "bench"), help="mtbench, humaneval or a JSONL of {prompt, category}"),
-             limit: Optional[int] = typer.Option(default_of(EvalConfig, "limit"), help="evaluate at most this many prompts"),
-             gamma: str = typer.Option(default_of(EvalConfig, "gamma"), help="tokens drafted per target forward (at most), "
-                                       "DEPTHxTOPKxNODES for a draft tree (e.g. 4x3x12), or auto: the chain or tree "
-                                       "chosen from the measured cost by width and the drafter's acceptance"),
-             threshold: Optional[float] = typer.Option(default_of(EvalConfig, "threshold"), help="stop drafting below this draft probability"),
-             lookup: bool = typer.Option(default_of(EvalConfig, "lookup"), help="prompt lookup first, the drafter where the context has no match"),
-             temperature: float = typer.Option(default_of(EvalConfig, "temperature"), help="0 = greedy; > 0 = speculative sampling"),
-             top_p: float = typer.Option(default_of(EvalConfig, "top_p"), help="nucleus mass, identical for target and drafter"),
-             max_new_tokens: int = typer.Option(default_of(EvalConfig, "max_new_tokens"), help="new tokens per prompt"),
-             dtype: str = typer.Option(default_of(TargetConfig, "dtype"), help="float32, bfloat16 or float16"),
-             device: str = typer.Option(default_of(TargetConfig, "device"), help="cpu or cuda"),
-             hf: bool = typer.Option(default_of(EvalConfig, "hf_baselines"), "--hf/--no-hf", help="also time HF generate, plain and assisted"),
-             compile: bool = typer.Option(default_of(EvalConfig, "compile"), "--compile/--no-compile", help="compiled decode steps for both "
-                                          "the speculative and the autoregressive runs (compile time reported apart)"),
+             target: str = option(TargetConfig, "spec"),
+             bench: str = option(EvalConfig, "bench"),
+             limit: Optional[int] = option(EvalConfig, "limit"),
+             gamma: str = option(EvalConfig, "gamma"),
+             threshold: Optional[float] = option(EvalConfig, "threshold"),
+             lookup: bool = option(EvalConfig, "lookup"),
+             temperature: float = option(EvalConfig, "temperature"),
+             top_p: float = option(EvalConfig, "top_p"),
+             max_new_tokens: int = option(EvalConfig, "max_new_tokens"),
+             dtype: str = option(EvalConfig, "dtype"),
+             device: str = option(TargetConfig, "device"),
+             hf: bool = option(EvalConfig, "hf_baselines", "--hf/--no-hf"),
+             compile: bool = option(EvalConfig, "compile", "--compile/--no-compile"),
              out: str = typer.Option("report.json", help="report path; .md and PNG plots go beside it")):
     """Measure a drafter: tau, acceptance by position, speed-up vs autoregressive, and losslessness."""
     from pathlib import Path
@@ -269,36 +205,51 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
     from koala.render import summary_line
     from koala.engine.session import Session
 
-    try:
-        cfg = validated(EvalConfig, "koala eval", bench=bench, limit=limit, gamma=gamma, temperature=temperature,
-                        top_p=top_p, max_new_tokens=max_new_tokens, hf_baselines=hf, threshold=threshold,
-                        lookup=lookup, compile=compile)
-        check_run_options(target, dtype, device, drafter)
-        out_path = Path(out)
-        out_dir = out_path.parent if out_path.suffix == ".json" else out_path
-        writable_dir(out_dir)
-        if cfg.bench not in ("mtbench", "humaneval") and not cfg.bench.startswith("hf:"):
-            from koala.data.prompts import load as load_prompts
+    cfg = validated(EvalConfig, "koala eval", bench=bench, limit=limit, gamma=gamma, temperature=temperature,
+                    top_p=top_p, max_new_tokens=max_new_tokens, hf_baselines=hf, threshold=threshold,
+                    lookup=lookup, compile=compile, dtype=dtype)
+    own = TargetConfig.model_fields["dtype"].default  # the target as stored: what `target` and `auto` start from
+    check_run_options(target, own if dtype in ("target", "auto") else dtype, device, drafter)
+    out_path = Path(out)
+    out_dir = out_path.parent if out_path.suffix == ".json" else out_path
+    writable_dir(out_dir)
+    if cfg.bench not in ("mtbench", "humaneval") and not cfg.bench.startswith("hf:"):
+        from koala.data.prompts import load as load_prompts
 
-            load_prompts(cfg.bench, limit=cfg.limit)  # a missing or malformed file fails now, not after the target loads
-        s = Session.open(target, dtype=dtype, device=device, compile=compile)
-        typer.echo(f"[{s.describe()}]", err=True)
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[info]}"), TimeRemainingColumn()) as bar:
-            task = bar.add_task("eval", total=None, info="")
+        load_prompts(cfg.bench, limit=cfg.limit)  # a missing or malformed file fails now, not after the target loads
+    s = _decoding_session(target, cfg.dtype, own, device, compile)
+    typer.echo(f"[{s.describe()}]", err=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn()) as bar:
+        task = bar.add_task("eval", total=None, info="")
 
-            def progress(i, n, row):
-                bar.update(task, total=n, completed=i, info=f"tau {row.tau:.2f}, {row.tokens_per_s:.1f} tok/s")
+        def progress(i, n, row):
+            bar.update(task, total=n, completed=i, info=f"tau {row.tau:.2f}, {row.tokens_per_s:.1f} tok/s")
 
-            report = evaluate(s, drafter, cfg, out_dir=out_dir, progress=progress,
-                              stage=lambda text: bar.update(task, description=text))
-        if out_path.suffix == ".json" and out_path.name != "report.json":
-            (out_dir / "report.json").rename(out_path)
-    except KoalaError as e:
-        fail(e)
+        report = evaluate(s, drafter, cfg, out_dir=out_dir, progress=progress,
+                          stage=lambda text: bar.update(task, description=text))
+    if out_path.suffix == ".json" and out_path.name != "report.json":
+        (out_dir / "report.json").rename(out_path)
     typer.echo(summary_line(report))
     typer.echo(f"report: {out_path if out_path.suffix == '.json' else out_dir / 'report.json'} (+ report.md, "
                "acceptance_by_position.png, speedup_by_category.png)")
+
+
+def _decoding_session(target: str, setting: str, own: str, device: str, compile: bool):
+    """The target loaded in the dtype `eval.dtype` names (auto: measured once per machine, as the pipeline does)."""
+    from koala.engine.session import Session
+    from koala.precision import decode_dtype
+
+    if setting not in ("target", "auto"):
+        return Session.open(target, dtype=setting, device=device, compile=compile)
+    s = Session.open(target, dtype=own, device=device)
+    chosen = decode_dtype(setting, s.target.model)
+    typer.echo(f"[decoding in {chosen.name}: {chosen.reason}]", err=True)
+    if chosen.name != own:
+        return Session.open(target, dtype=chosen.name, device=device, compile=compile)
+    if compile:
+        s.compile()
+    return s
 
 
 def _train_cmd(stage: str, config, profile, data, loss, steps, out, resume, init, track, set_, compute_dtype=None):
@@ -313,70 +264,43 @@ def _train_cmd(stage: str, config, profile, data, loss, steps, out, resume, init
     from koala.training.loop import init_distributed, world
 
     history: list = []
-    try:
-        at_least_one(steps=steps)
-        cfg = load_config(None if config else profile, config, with_compute_dtype(set_, compute_dtype))
-        out_dir = Path(out or Path(cfg.training.out_dir) / stage)
-        _check_training_paths(out_dir, resume is True, init=init, data=None if stage == "pretrain" else
-                              (data or cfg.sampling.out_dir))
-        check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
-        init_distributed()
-        lead = world()[0] == 0
-        target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device, cfg.target.trust_remote_code)
-        with ExitStack() as stack:
-            tracker = None
-            if track and lead and not tracking_available():
-                typer.echo("[MLflow is not installed: tracking off (pip install 'koala[orchestration]' to log runs)]",
-                           err=True)
-            elif track and lead:
-                from koala.tracking import Tracker, resolve_uri
+    at_least_one(steps=steps)
+    cfg = load_config(None if config else profile, config, with_compute_dtype(set_, compute_dtype))
+    out_dir = Path(out or Path(cfg.training.out_dir) / stage)
+    check_training_paths(out_dir, resume is True, init=init, data=None if stage == "pretrain" else
+                          (data or cfg.sampling.out_dir))
+    check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
+    init_distributed()
+    lead = world()[0] == 0
+    target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device, cfg.target.trust_remote_code)
+    with ExitStack() as stack:
+        tracker = None
+        if track and lead and not tracking_available():
+            typer.echo("[MLflow is not installed: tracking off (pip install 'koala[orchestration]' to log runs)]",
+                       err=True)
+        elif track and lead:
+            from koala.tracking import Tracker, resolve_uri
 
-                tracker = stack.enter_context(
-                    Tracker.start(resolve_uri(cfg.tracking.uri, cfg.run_dir), cfg.tracking.experiment, stage))
-                tracker.log_params({"training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump()})
+            tracker = stack.enter_context(
+                Tracker.start(resolve_uri(cfg.tracking.uri, cfg.run_dir), cfg.tracking.experiment, stage))
+            tracker.log_params({"training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump()})
 
-            def on_log(step, metrics):
-                history.append((step, metrics))
-                if tracker:
-                    tracker.log_metrics(metrics, step=step)
+        def on_log(step, metrics):
+            history.append((step, metrics))
+            if tracker:
+                tracker.log_metrics(metrics, step=step)
 
-            if stage == "pretrain":
-                path = pretrain(cfg, target, out_dir, steps=steps, resume=resume, on_log=on_log)
-            else:
-                path = distill(cfg, target, data or cfg.sampling.out_dir, out_dir, loss=loss, steps=steps,
-                               resume=resume, init_from=init, on_log=on_log)
-            if history and lead:
-                png = training_curves(history, out_dir / f"{stage}_curves.png", stage)
-                if tracker:
-                    tracker.log_artifact(png)
-                    tracker.log_artifact(path / "koala.json")
-    except KoalaError as e:
-        fail(e)
+        if stage == "pretrain":
+            path = pretrain(cfg, target, out_dir, steps=steps, resume=resume, on_log=on_log)
+        else:
+            path = distill(cfg, target, data or cfg.sampling.out_dir, out_dir, loss=loss, steps=steps,
+                           resume=resume, init_from=init, on_log=on_log)
+        if history and lead:
+            png = training_curves(history, out_dir / f"{stage}_curves.png", stage)
+            if tracker:
+                tracker.log_artifact(png)
+                tracker.log_artifact(path / "koala.json")
     _print_result(f"drafter: {path}", history)
-
-
-def _check_training_paths(out_dir, resume: bool, init: str | None = None, data: str | None = None,
-                          heads: bool = False) -> None:
-    """Before the target loads: --out writable, --resume has a checkpoint to continue, --init and --data exist."""
-    from pathlib import Path
-
-    from koala.data.shards import MANIFEST
-    from koala.training.checkpoints import latest_checkpoint
-
-    writable_dir(out_dir)
-    if resume and latest_checkpoint(Path(out_dir)) is None:
-        raise KoalaError(f"--resume: {out_dir} holds no checkpoint to continue: drop --resume to start a new "
-                         "training there")
-    if init is not None:
-        p = Path(init.removeprefix("heads:"))
-        need = "heads.json" if heads else "config.json"
-        if not (p / need).exists():
-            raise KoalaError(f"--init {init}: no {'draft heads' if heads else 'drafter'} there (no {need}): pass the "
-                             f"{'OUT/heads directory of `koala heads`' if heads else 'OUT/drafter directory of a '}"
-                             f"{'' if heads else 'training (koala pretrain or koala distill)'}")
-    if data is not None and not (Path(data) / MANIFEST).exists():
-        raise KoalaError(f"--data {data}: no distillation set there (no {MANIFEST}): build it with "
-                         f"`koala sample --out {data}`")
 
 
 def _print_result(line: str, history: list) -> None:
@@ -417,10 +341,7 @@ def distill(config: Optional[str] = typer.Option(None, help="YAML config (defaul
     """Distil a drafter on the target's samples with a KD loss; runs under torchrun for DDP."""
     from koala.config import LOSS_NAMES
 
-    try:
-        one_of("--loss", loss, LOSS_NAMES)
-    except KoalaError as e:
-        fail(e)
+    one_of("--loss", loss, LOSS_NAMES)
     _train_cmd("distill", config, profile, data, loss, steps, out, "auto" if auto_resume and not resume else resume,
                init, track, set_, compute_dtype)
 
@@ -452,23 +373,20 @@ def heads(kind: str = typer.Option(..., help="medusa, eagle or eagle3"),
     from koala.targets import load_target
 
     history: list = []
-    try:
-        from koala.config import HEAD_KINDS
+    from koala.config import HEAD_KINDS
 
-        one_of("--kind", kind, HEAD_KINDS)
-        at_least_one(layers=layers, steps=steps)
-        cfg = load_config(None if config else profile, config, with_compute_dtype(set_, compute_dtype))
-        _check_training_paths(out, resume, init=init, data=data or cfg.sampling.out_dir, heads=True)
-        check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
-        init_distributed()
-        target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device, cfg.target.trust_remote_code)
-        path = train_heads(cfg, target, data or cfg.sampling.out_dir, out, kind=kind, layers=layers,
-                           adversarial=adversarial, steps=steps, on_log=lambda s, m: history.append((s, m)),
-                           init_from=init, heldout_dir=heldout_data, resume=resume)
-        if history:  # on rank 0 only: the loop logs there
-            training_curves(history, Path(out) / "heads_curves.png", f"{kind} K={json.loads((path / 'heads.json').read_text())['layers']}")
-    except KoalaError as e:
-        fail(e)
+    one_of("--kind", kind, HEAD_KINDS)
+    at_least_one(layers=layers, steps=steps)
+    cfg = load_config(None if config else profile, config, with_compute_dtype(set_, compute_dtype))
+    check_training_paths(out, resume, init=init, data=data or cfg.sampling.out_dir, heads=True)
+    check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
+    init_distributed()
+    target = load_target(cfg.target.spec, cfg.target.dtype, cfg.target.device, cfg.target.trust_remote_code)
+    path = train_heads(cfg, target, data or cfg.sampling.out_dir, out, kind=kind, layers=layers,
+                       adversarial=adversarial, steps=steps, on_log=lambda s, m: history.append((s, m)),
+                       init_from=init, heldout_dir=heldout_data, resume=resume)
+    if history:  # on rank 0 only: the loop logs there
+        training_curves(history, Path(out) / "heads_curves.png", f"{kind} K={json.loads((path / 'heads.json').read_text())['layers']}")
     _print_result(f"heads: {path}  (evaluate: koala eval --drafter heads:{path})", history)
 
 
@@ -484,13 +402,10 @@ def promote(model: str = typer.Option(..., help="registered model name, e.g. koa
     from koala.config import load_config
     from koala.tracking import Registry, check_reachable, resolve_uri
 
-    try:
-        cfg = load_config(profile)
-        uri = resolve_uri(tracking_uri or cfg.tracking.uri, cfg.run_dir, create=False)
-        check_reachable(uri)
-        Registry(uri).set_champion(model, version, reason, promoted_by=getpass.getuser())
-    except KoalaError as e:
-        fail(e)
+    cfg = load_config(profile)
+    uri = resolve_uri(tracking_uri or cfg.tracking.uri, cfg.run_dir, create=False)
+    check_reachable(uri)
+    Registry(uri).set_champion(model, version, reason, promoted_by=getpass.getuser())
     typer.echo(f"{model} version {version} is now champion (manual override: {reason})")
 
 
@@ -526,8 +441,10 @@ def export(drafter: str = typer.Argument(..., help="a drafter directory, heads:P
         manifest = write_export(src, format, out, target, check, source_ref=drafter)
         if registered is not None:
             manifest["logged"] = _log_export(registered, out, format)
-    except KoalaError as e:
-        fail(KoalaError(str(e).replace(str(path), drafter)) if registered is not None else e)
+    except KoalaError as e:  # a registry download's temporary path means nothing to the user: name the reference
+        if registered is None:
+            raise
+        raise KoalaError(str(e).replace(str(path), drafter)) from None
     finally:
         if registered is not None:  # the registry's download, in a temporary folder of its own
             shutil.rmtree(Path(path).parents[1], ignore_errors=True)

@@ -2,8 +2,8 @@
 `a.b=value` overrides.
 
 Unknown keys and wrong types are errors that name the field (`extra="forbid"` everywhere); settings that contradict
-each other across sections (gamma against the Medusa heads) are errors too. The command line takes its defaults
-from these models (`default_of`), so a default is written once.
+each other across sections (gamma against the Medusa heads) are errors too. The command line takes its options'
+defaults and help from these models (koala.cli.option), so each is written once.
 """
 
 from __future__ import annotations
@@ -265,11 +265,6 @@ class KoalaConfig(_Strict):
             raise ValueError(f"distributed.nodes {self.distributed.nodes} trains the independent drafter (draft_model) "
                              f"only; {d.kind} heads train on one node: set distributed.nodes to 1")
         return self
-
-
-def default_of(section: type[BaseModel], name: str):
-    """A field's default, for the command line's options: one source for every default."""
-    return section.model_fields[name].default
 
 
 def _format_error(e: ValidationError, origin: str) -> str:

@@ -113,7 +113,7 @@ def test_the_readme_is_short_and_its_figures_are_the_results(monkeypatch):
 
 
 def test_no_lab_notes_in_the_project():
-    files = [ROOT / "README.md"] + [p for d in ("docs", "koala", "flows", "tasks", "bench") for p in (ROOT / d).rglob("*")
+    files = [ROOT / "README.md"] + [p for d in ("docs", "koala", "koala_flows", "koala_tasks", "bench") for p in (ROOT / d).rglob("*")
                                     if p.is_file() and p.suffix in (".md", ".py", ".yaml", ".yml", ".json", ".sh")]
     hits = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for p in files
             for i, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if LAB_NOTES.search(line)]

@@ -89,7 +89,7 @@ def _param_row(p) -> str:
 
 def cli_page() -> str:
     out = ["# Command line", "",
-           "Generated from the `koala` typer app (`koala/cli.py`, `flows/cli.py`) when the site is built: every "
+           "Generated from the `koala` typer app (`koala/cli.py`, `koala_flows/cli.py`) when the site is built: every "
            "command and option, with the help `koala COMMAND --help` prints. Options that a profile also sets take "
            "their default from the config ([configuration](config.md)); `--set section.field=value` overrides any "
            "config field.", ""]

@@ -11,8 +11,9 @@ from typing import Optional
 
 import typer
 
-from koala.cli import (COMPUTE_DTYPE_HELP, app, at_least_one, check_prompt_source, check_run_options, fail, one_of,
-                       with_compute_dtype, writable_dir)
+from koala.checks import (at_least_one, check_prompt_source, check_run_options, one_of, with_compute_dtype,
+                          writable_dir)
+from koala.cli import COMPUTE_DTYPE_HELP, app
 from koala.config import DEFAULT_PROFILE, LOSS_NAMES
 from koala.errors import KoalaError
 from koala.report import RunSummary
@@ -48,34 +49,31 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
     from koala.config import load_config
     from koala.data.shards import SOURCES
 
-    try:
-        set_ = with_compute_dtype(set_, compute_dtype)
-        at_least_one(n_prompts=n_prompts, max_new_tokens=max_new_tokens)
-        if fan_out < 0:
-            raise KoalaError(f"--fan-out {fan_out}: must be 0 (sample here) or the number of shard ranges")
-        if fan_out:
-            from prefect.settings import PREFECT_API_URL
+    set_ = with_compute_dtype(set_, compute_dtype)
+    at_least_one(n_prompts=n_prompts, max_new_tokens=max_new_tokens)
+    if fan_out < 0:
+        raise KoalaError(f"--fan-out {fan_out}: must be 0 (sample here) or the number of shard ranges")
+    if fan_out:
+        from prefect.settings import PREFECT_API_URL
 
-            if not PREFECT_API_URL.value():
-                raise KoalaError("--fan-out needs a Prefect server whose work pool has workers: set PREFECT_API_URL "
-                                 "(docs/guides/scale-out.md), or leave --fan-out out to sample here")
-        if source not in SOURCES:
-            raise KoalaError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
-        if source == "teacher_forced" and n_prompts:  # how many conversations to teacher-force
-            set_ = [*(set_ or []), f"teacher_forced.limit={n_prompts}"]
-        cfg = load_config(None if config else profile, config, set_ or [])  # fail fast on a bad config
-        if source == "teacher_forced" and cfg.teacher_forced.limit == 0:
-            raise KoalaError("teacher_forced.limit is 0 in this profile: say how many conversations with "
-                             "--n-prompts N (or --set teacher_forced.limit=N)")
-        check_prompt_source(cfg.prompts.source)
-        writable_dir(out or (cfg.sampling.out_dir if source == "generated" else cfg.teacher_forced.out_dir))
-        from koala_flows.build_dataset import build_distillation_dataset  # Prefect: imported only when needed
+        if not PREFECT_API_URL.value():
+            raise KoalaError("--fan-out needs a Prefect server whose work pool has workers: set PREFECT_API_URL "
+                             "(docs/guides/scale-out.md), or leave --fan-out out to sample here")
+    if source not in SOURCES:
+        raise KoalaError(f"--source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if source == "teacher_forced" and n_prompts:  # how many conversations to teacher-force
+        set_ = [*(set_ or []), f"teacher_forced.limit={n_prompts}"]
+    cfg = load_config(None if config else profile, config, set_ or [])  # fail fast on a bad config
+    if source == "teacher_forced" and cfg.teacher_forced.limit == 0:
+        raise KoalaError("teacher_forced.limit is 0 in this profile: say how many conversations with "
+                         "--n-prompts N (or --set teacher_forced.limit=N)")
+    check_prompt_source(cfg.prompts.source)
+    writable_dir(out or (cfg.sampling.out_dir if source == "generated" else cfg.teacher_forced.out_dir))
+    from koala_flows.build_dataset import build_distillation_dataset  # Prefect: imported only when needed
 
-        out_dir = in_prefect(lambda: build_distillation_dataset(
-            profile=profile, config_path=config, out_dir=out, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
-            overrides=set_ or [], source=source, fan_out=fan_out, deployment=deployment))
-    except KoalaError as e:
-        fail(e)
+    out_dir = in_prefect(lambda: build_distillation_dataset(
+        profile=profile, config_path=config, out_dir=out, n_prompts=n_prompts, max_new_tokens=max_new_tokens,
+        overrides=set_ or [], source=source, fan_out=fan_out, deployment=deployment))
     typer.echo(f"dataset: {out_dir} (read it with koala.data.shards.load or pyarrow.parquet.read_table)")
 
 
@@ -92,24 +90,21 @@ def run(profile: str = typer.Option(DEFAULT_PROFILE, help="smoke (a CPU in minut
     from koala.config import load_config
     from koala.tracking import resolve_uri, check_reachable
 
-    try:
-        set_ = with_compute_dtype(set_, compute_dtype)
-        at_least_one(n_prompts=n_prompts, steps=steps)
-        from koala.config import LOSS_NAMES
+    set_ = with_compute_dtype(set_, compute_dtype)
+    at_least_one(n_prompts=n_prompts, steps=steps)
+    from koala.config import LOSS_NAMES
 
-        one_of("--loss", loss, LOSS_NAMES)
-        cfg = load_config(None if config else profile, config, set_ or [])  # a bad profile fails here, not in Prefect
-        check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
-        check_prompt_source(prompt_source or cfg.prompts.source)
-        writable_dir(cfg.run_dir, "run_dir")
-        check_reachable(resolve_uri(cfg.tracking.uri, cfg.run_dir))
-        from koala_flows.pipeline import koala_pipeline  # Prefect: imported only when needed
+    one_of("--loss", loss, LOSS_NAMES)
+    cfg = load_config(None if config else profile, config, set_ or [])  # a bad profile fails here, not in Prefect
+    check_run_options(cfg.target.spec, cfg.target.dtype, cfg.target.device)
+    check_prompt_source(prompt_source or cfg.prompts.source)
+    writable_dir(cfg.run_dir, "run_dir")
+    check_reachable(resolve_uri(cfg.tracking.uri, cfg.run_dir))
+    from koala_flows.pipeline import koala_pipeline  # Prefect: imported only when needed
 
-        s = in_prefect(lambda: koala_pipeline(profile=profile if config is None else DEFAULT_PROFILE, config_path=config,
-                                              prompt_source=prompt_source, n_prompts=n_prompts, loss=loss,
-                                              steps=steps, overrides=set_ or []))
-    except KoalaError as e:
-        fail(e)
+    s = in_prefect(lambda: koala_pipeline(profile=profile if config is None else DEFAULT_PROFILE, config_path=config,
+                                          prompt_source=prompt_source, n_prompts=n_prompts, loss=loss,
+                                          steps=steps, overrides=set_ or []))
     _print_summary(s)
 
 
