@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from koala.data import claims, shards
 from koala.errors import KoalaError
 from koala_tasks.common import resolve_config
-from koala_tasks.sampling import plan_shards, sample_shard
+from koala_tasks.sampling import DatasetPlan, plan_shards, sample_shard
 
 
 @flow(name="build-distillation-dataset", task_runner=ThreadPoolTaskRunner(max_workers=1), log_prints=True)
@@ -55,10 +55,10 @@ def build_distillation_dataset(
 
     # Step 1: plan the shards (keeps the shards already there, adds shards for new prompts).
     plan = plan_shards(cfg, out, source)
-    if plan["skipped"]:
-        print(f"skipped prompts: {plan['skipped']}")
-    if plan["recovered"] is not None:
-        print(f"ShareGPT: recovered {plan['recovered']} complete conversations")
+    if plan.skipped:
+        print(f"skipped prompts: {plan.skipped}")
+    if plan.recovered is not None:
+        print(f"ShareGPT: recovered {plan.recovered} complete conversations")
 
     # Step 2: sample every shard (here, or fanned out over the pool); finished ones are cached or skipped.
     if fan_out:
@@ -78,27 +78,26 @@ def build_distillation_dataset(
                          f"{f' and {len(busy) - 1} more shards' if len(busy) > 1 else ''}: let it finish (a killed "
                          "one's claim lapses by itself), then run again to check the dataset")
     table = shards.load(out, columns=["sample_id"])
-    print(f"{out}: {table.num_rows} samples in {len(plan['shards'])} shards")
+    print(f"{out}: {table.num_rows} samples in {len(plan.shards)} shards")
     return out
 
 
-def _sample_here(cfg, out: str, plan: dict, source: str) -> dict[str, str]:
+def _sample_here(cfg, out: str, plan: DatasetPlan, source: str) -> dict[str, str]:
     """Every shard of the plan in this flow run, with a progress bar (rate and ETA); returns the shards another live
     process held (file -> its worker) and were left to it."""
-    todo = set(plan["todo"])
-    futures = [sample_shard.with_options(refresh_cache=spec["index"] in todo).submit(
-                   cfg, out, spec, {pid: plan["records"][pid] for pid in spec["prompt_ids"] if pid in plan["records"]},
-                   source)
-               for spec in plan["shards"]]
+    todo = set(plan.todo)
+    futures = [sample_shard.with_options(refresh_cache=shard.index in todo).submit(
+                   cfg, out, _spec(shard), plan.records_of(shard), source)
+               for shard in plan.shards]
     if len(todo) < len(futures):
         print(f"{len(futures) - len(todo)} of {len(futures)} shards already done: kept")
     t0, samples, tokens, held = time.perf_counter(), 0, 0, {}
     with tqdm(total=len(todo), desc="shards", unit="shard") as bar:  # the shards sampled now, not the kept ones
-        for spec, f in zip(plan["shards"], futures):
+        for shard, f in zip(plan.shards, futures):
             entry = f.result()
             if entry.claimed_by:
                 held[entry.file] = entry.claimed_by
-            if spec["index"] not in todo:
+            if shard.index not in todo:
                 continue
             if not entry.skipped and entry.new_tokens is not None:
                 samples, tokens = samples + entry.rows, tokens + entry.new_tokens
@@ -106,6 +105,11 @@ def _sample_here(cfg, out: str, plan: dict, source: str) -> dict[str, str]:
                 bar.set_postfix(samples_s=f"{samples / dt:.1f}", tokens_s=f"{tokens / dt:.0f}")
             bar.update(1)
     return held
+
+
+def _spec(shard) -> dict:
+    """A shard as the sampling task takes it (its cache key's part): index and prompt ids."""
+    return {"index": shard.index, "prompt_ids": list(shard.prompt_ids)}
 
 
 def ranges(todo: list[int], n: int) -> list[list[int]]:
@@ -119,19 +123,19 @@ def ranges(todo: list[int], n: int) -> list[list[int]]:
     return [x for x in out if x]
 
 
-def _fan_out(plan: dict, n: int, deployment: str, params: dict) -> None:
+def _fan_out(plan: DatasetPlan, n: int, deployment: str, params: dict) -> None:
     """One child flow run of `deployment` per range of the shards to sample; wait until the dataset is complete or
     every child has ended (a child whose worker died stays Running on the server: the others take its shards over)."""
     from koala_flows.fanout import start_runs, wait_runs
 
-    parts = ranges(sorted(plan["todo"]), n)
+    parts = ranges(sorted(plan.todo), n)
     runs = start_runs(deployment, [{**params, "shards": part} for part in parts],
                       [f"shards-{part[0]}-{part[-1]}" for part in parts])
-    print(f"{len(plan['todo'])} shards in {len(runs)} runs of {deployment}: "
+    print(f"{len(plan.todo)} shards in {len(runs)} runs of {deployment}: "
           + ", ".join(f"{r.name} ({len(p)})" for r, p in zip(runs, parts)))
     out = Path(params["out_dir"])
     before = _entries(out)  # a to-do shard already has an entry only if it is damaged: done once it changes
-    ended = wait_runs(runs, lambda: (_done(out, plan, before), len(plan["shards"])), desc="shards",
+    ended = wait_runs(runs, lambda: (_done(out, plan, before), len(plan.shards)), desc="shards",
                       stall_s=2 * claims.CLAIM_LEASE_S)
     failed = {n: s for n, s in ended.items() if s != "Completed"}
     if failed:
@@ -142,13 +146,12 @@ def _entries(out: Path) -> dict[str, shards.ShardEntry]:
     return (shards.read_manifest(out) or shards.DatasetManifest()).done
 
 
-def _done(out: Path, plan: dict, before: dict) -> int:
+def _done(out: Path, plan: DatasetPlan, before: dict) -> int:
     """Planned shards done: those not to do, and the to-do ones whose manifest entry appeared or changed."""
-    now, todo = _entries(out), set(plan["todo"])
+    now, todo = _entries(out), set(plan.todo)
     n = 0
-    for spec in plan["shards"]:
-        f = f"shard-{spec['index']:05d}.parquet"
-        n += spec["index"] not in todo or (f in now and now[f] != before.get(f))
+    for shard in plan.shards:
+        n += shard.index not in todo or (shard.file in now and now[shard.file] != before.get(shard.file))
     return n
 
 
@@ -172,17 +175,16 @@ def sample_shards(
     cfg = resolve_config(profile, config_path, overrides)
     out = out_dir or (cfg.sampling.out_dir if source == "generated" else cfg.teacher_forced.out_dir)
     plan = plan_shards(cfg, out, source)  # the parent's plan, read back (idempotent); records for the shards to do
-    todo = set(plan["todo"])
+    todo = set(plan.todo)
     mine = [i for i in shards if i in todo]
-    rest = set(plan["todo"]) - set(shards)
+    rest = todo - set(shards)
     order = mine + (sorted(rest, reverse=True) if take_over else [])  # others' tails first: their heads are busy
-    by_index = {spec["index"]: spec for spec in plan["shards"]}
+    by_index = {shard.index: shard for shard in plan.shards}
     entries = []
     for i in order:
         spec = by_index[i]
         entries.append(sample_shard.with_options(refresh_cache=True).submit(
-            cfg, out, spec, {pid: plan["records"][pid] for pid in spec["prompt_ids"] if pid in plan["records"]},
-            source).result())
+            cfg, out, _spec(spec), plan.records_of(spec), source).result())
     wrote = [e.file for e in entries if not e.skipped]
     left = {e.file: e.claimed_by for e in entries if e.claimed_by}
     print(f"{worker_id()}: wrote {len(wrote)} shards ({len(mine)} in its range)"

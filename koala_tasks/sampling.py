@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from pydantic import BaseModel
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 
 from koala.config import KoalaConfig
@@ -23,9 +24,23 @@ def sampling_compiled(cfg: KoalaConfig) -> bool:
     return compiled_by_default(cfg.target.device) if c is None else c
 
 
+class DatasetPlan(BaseModel):
+    """The shards of a dataset as `plan_shards` hands them to the flow: every shard, which to sample, their prompts."""
+
+    out_dir: str
+    shards: list[shards.PlannedShard]  # every shard of the dataset, old and new
+    todo: list[int]  # the indexes of those not yet present and valid
+    records: dict[str, dict]  # prompt id -> PromptRecord.to_dict(), for the shards to sample (task parameters: data)
+    skipped: dict = {}  # prompts left out, by reason
+    recovered: int | None = None  # ShareGPT: complete conversations read
+
+    def records_of(self, shard: shards.PlannedShard) -> dict[str, dict]:
+        return {pid: self.records[pid] for pid in shard.prompt_ids if pid in self.records}
+
+
 @task(name="plan-shards", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_unless_koala_error)
-def plan_shards(cfg: KoalaConfig, out_dir: str, source: str = "generated") -> dict:
-    """Plan (or extend) the shards; returns the plan as plain data (paths and ids, never tensors)."""
+def plan_shards(cfg: KoalaConfig, out_dir: str, source: str = "generated") -> DatasetPlan:
+    """Plan (or extend) the shards; returns the plan (paths and ids, never tensors)."""
     s = session_for(cfg.target)
     p = build.plan(cfg, s.target, out_dir, source)
     log = get_run_logger()
@@ -34,9 +49,11 @@ def plan_shards(cfg: KoalaConfig, out_dir: str, source: str = "generated") -> di
         log.info("ShareGPT: recovered %d complete conversations", p.recovered)
     if p.skipped:
         log.warning("prompts skipped: %s", p.skipped)
-    return {"out_dir": str(p.out_dir), "shards": [{"index": s.index, "prompt_ids": list(s.prompt_ids)} for s in p.shards],
-            "records": {pid: r.to_dict() for pid, r in p.records.items()}, "skipped": p.skipped,
-            "recovered": p.recovered, "todo": [s.index for s in p.todo]}
+    return DatasetPlan(out_dir=str(p.out_dir), shards=[shards.PlannedShard(file=s.file, index=s.index,
+                                                                          prompt_ids=list(s.prompt_ids))
+                                                       for s in p.shards],
+                       todo=[s.index for s in p.todo], records={pid: r.to_dict() for pid, r in p.records.items()},
+                       skipped=p.skipped, recovered=p.recovered)
 
 
 def shard_cache_key(context, parameters) -> str:
