@@ -76,6 +76,19 @@ def accept_drafts(
     return n_accepted, sample(residual)
 
 
+def accept_greedy_chain(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding's rejection rule, on token ids: the drafts that match the target's argmax in order, then the
+    target's argmax after them. What `accept_drafts` returns for one-hot p and q, without building either.
+
+    Args:
+        draft_tokens: (gamma,) proposed tokens.
+        target_logits: (gamma + 1, V) the target's logits at each draft position plus the bonus position.
+    """
+    best = target_logits.argmax(-1)  # (gamma + 1,): as logits_to_probs picks the one-hot's token
+    n_accepted = (draft_tokens == best[:-1]).long().cumprod(0).sum()
+    return n_accepted, best[n_accepted]
+
+
 def _check_lengths(prompt_len: int, max_new_tokens: int, max_context: int, gamma: int) -> int:
     if prompt_len == 0:
         raise KoalaError("empty prompt: give at least one token")
@@ -128,7 +141,10 @@ def verify(target: Transformer, seq: torch.Tensor, n: int, m: int, drafts: torch
     """
     logits, h = target.step(seq[None, n - 1:n + m], torch.arange(n - 1, n + m, device=seq.device), n + m,
                             hidden=hidden)
-    k, nxt = accept_drafts(drafts, q, logits_to_probs(logits[0], params))
+    if params.greedy:  # one-hot p and q: the rule reduces to matching argmaxes (no (m + 1) x V tensors)
+        k, nxt = accept_greedy_chain(drafts, logits[0])
+    else:
+        k, nxt = accept_drafts(drafts, q, logits_to_probs(logits[0], params))
     return k, nxt, None if h is None else h[0]
 
 

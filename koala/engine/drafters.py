@@ -87,6 +87,15 @@ class DraftVocab:
         return {"to_vocab": lambda i: self.ids[i], "full_probs": self.full}
 
 
+def wide_eager(engine: Transformer) -> bool:
+    """Whether a drafter's feed of several tokens (a catch-up after a round, a tree level) runs eager. Not where the
+    engine's steps are compiled ahead of time: its one wide step serves every width and is built once per machine.
+    On a CPU otherwise yes: compiling one more graph per process costs minutes for a step of a few milliseconds."""
+    from koala.engine.compile import AotStep
+
+    return engine.device.type == "cpu" and not isinstance(engine.compiled, AotStep)
+
+
 def confident(logits: torch.Tensor, threshold: float | None) -> torch.Tensor | bool:
     """Whether to draft from these logits: the drafter's top probability (temperature 1) reaches `threshold`.
 
@@ -132,10 +141,9 @@ class ChainDrafter:
         raise NotImplementedError
 
     def _tree_step(self, *args, **kwargs) -> tuple:
-        """A tree level through the drafter's engine: eager on a CPU, where compiling one more graph of a small
-        drafter costs minutes of autotuning for a step of a few milliseconds; compiled (CUDA graphs) on a GPU."""
+        """A tree level through the drafter's engine: compiled where the engine is (see `wide_eager`)."""
         engine = self._engine()
-        return engine.step(*args, **kwargs, eager=engine.device.type == "cpu")
+        return engine.step(*args, **kwargs, eager=wide_eager(engine))
 
     def _tree_base(self, n: int) -> int:
         """The first cache slot (and rotary position) of a tree's depth-1 nodes: the slot after the cached prefix."""
@@ -219,11 +227,11 @@ class ModelDrafter(ChainDrafter):
 
     def _catch_up(self, seq, n):
         # Feed what the cache lacks: the prompt at first, then 1 token (a correction) or 2 (last draft + bonus);
-        # a feed of varying width runs eager, the one-token draft steps compiled when the model is.
+        # the one-token draft steps run compiled when the model is, a wider feed as `wide_eager` says.
         pos = torch.arange(self.n_cached, n, device=seq.device)
         dv = self.draft_vocab
         out = self.model.step(seq[self.n_cached:n][None], pos, n, hidden=dv is not None, logits=dv is None,
-                              eager=n - self.n_cached != 1)
+                              eager=n - self.n_cached != 1 and wide_eager(self.model))
         self.n_cached = n
         return out
 
@@ -414,7 +422,7 @@ class EagleDrafter(ChainDrafter):
         js = torch.arange(self.n_cached, n - 1, device=seq.device)
         x = self.head.fuse(self.feat[js], self.target.embed(seq[js + 1]))[None]
         out = self.engine.step(None, js, n - 1, embeds=x, hidden=True, logits=self.draft_vocab is None,
-                               eager=js.numel() != 1)
+                               eager=js.numel() != 1 and wide_eager(self.engine))
         self.n_cached = n - 1
         return out
 
@@ -485,7 +493,7 @@ class Eagle3Drafter(EagleDrafter):
         js = torch.arange(self.n_cached, n - 1, device=seq.device)
         x = torch.cat([self.target.embed(seq[js + 1]), self.head.fc(self.feat[js])], dim=-1)[None]
         out = self.engine.step(None, js, n - 1, embeds=x, hidden=True, logits=self.draft_vocab is None,
-                               eager=js.numel() != 1)
+                               eager=js.numel() != 1 and wide_eager(self.engine))
         self.n_cached = n - 1
         return out
 

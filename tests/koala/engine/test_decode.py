@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from koala.errors import KoalaError
-from koala.engine.decode import accept_drafts, generate
+from koala.engine.decode import accept_drafts, accept_greedy_chain, generate
 from koala.engine.drafters import LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
 from koala.engine.model import Transformer
 from koala.engine.sampling import SamplingParams, logits_to_probs
@@ -68,6 +68,24 @@ def test_bonus_token_when_all_accepted():
     p = F.one_hot(torch.tensor([5, 6, 7, 42]), V).float()
     k, nxt = accept_drafts(torch.tensor([5, 6, 7]), p[:3], p)
     assert int(k) == 3 and int(nxt) == 42
+
+
+def test_greedy_chain_rule_is_the_one_hot_rule():
+    """Greedy verification on token ids gives what the general rule gives on one-hot p and q, at every number of
+    matching drafts (none, some, all: the bonus), ties in the logits included."""
+    torch.manual_seed(0)
+    greedy = SamplingParams(0.0)
+    for trial in range(40):
+        logits = torch.randn(4, V)
+        if trial % 5 == 0:
+            logits[1, :] = 0.0  # an all-tie row: both rules take argmax's first index
+        best = logits.argmax(-1)
+        matched = trial % 4  # 0..3 drafts equal the target's argmax, the next differs
+        drafts = torch.stack([best[i] if i < matched else (best[i] + 1) % V for i in range(3)])
+        want = accept_drafts(drafts, logits_to_probs(torch.zeros(3, V).scatter_(-1, drafts[:, None], 1.0), greedy),
+                             logits_to_probs(logits, greedy))
+        got = accept_greedy_chain(drafts, logits)
+        assert (int(got[0]), int(got[1])) == (int(want[0]), int(want[1])) == (matched, int(best[matched]))
 
 
 def test_residual_excludes_the_rejected_token():
