@@ -29,7 +29,8 @@ def evaluation(report: Path) -> dict:
             "near_ties": len(r.lossless.near_ties)}
 
 
-LOG_LINE = re.compile(r"(\d\d):(\d\d):(\d\d\.\d+) \| \w+\s+\| Task run '([\w.-]+)-(\w{3})'")
+# Prefect names a task run after its task plus a 3-hex suffix, or by the task's own `task_run_name` (train-heads)
+LOG_LINE = re.compile(r"(\d\d):(\d\d):(\d\d\.\d+) \| \w+\s+\| Task run '([\w.-]+?)(?:-([0-9a-f]{3}))?'")
 
 
 def stage_wall_s(log: str) -> dict:

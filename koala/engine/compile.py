@@ -323,7 +323,10 @@ class AotStep:
                     warnings.simplefilter("ignore")  # export warns once per cache input about unlifting
                     # copies: the model's own cache buffers are module state; an input aliasing state cannot be mutated
                     ep = torch.export.export(module, tuple(args + [c.clone() for c in caches]), dynamic_shapes=dyn)
-                    torch.export.save(ep, exported.name)
+                    buf = io.BytesIO()  # torch names its archives *.pt2; the temporary sibling is *.tmp
+                    torch.export.save(ep, buf)
+                Path(exported.name).write_bytes(buf.getbuffer())
+                del buf
                 del ep
                 configs = {"freezing": True, "max_autotune": self.mode.startswith("max-autotune")}
                 _compile_in_child(Path(exported.name), package, configs)
