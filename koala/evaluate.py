@@ -88,26 +88,49 @@ def near_tie_tolerance(dtype: str, logit: float, compiled: bool) -> float:
     return NEAR_TIE if compiled else 0.0
 
 
+KERNEL_WIDTHS = (1, 2, 4, 8)  # the last token fed alone, or with the tokens before it, as a round's verify feeds it
+
+
 def first_difference(session: Session, prompt: list[int], ar: list[int], sp: list[int]) -> Difference | None:
     """Where two greedy outputs first differ, and the target's logit margin there between the two tokens.
 
-    Kernels for different widths round differently (compiled, or in bf16/fp16), so at a near-tie (margin within
-    `near_tie_tolerance`) the speculative and the plain run may pick different argmaxes; a larger margin means a real
-    bug. The margin comes from an eager forward over the shared prefix.
+    Kernels for different widths round differently (compiled, or in bf16/fp16), so the speculative run (its verify
+    forwards several tokens) and the plain run (one at a time) may pick different argmaxes where two logits nearly
+    tie; in eager float32 they may not differ at all. A difference counts as a near-tie of rounding when the target's
+    own steps over the same prefix disagree about it (`kernel_margins`: the margin when the last token is fed alone
+    or with 1, 3, 7 tokens before it, as the engine runs them; margins of both signs mean the target itself picks
+    either token there), or when the margin of an eager forward is within `near_tie_tolerance`. Anything else is a
+    bug.
     """
     i = next((j for j, (a, b) in enumerate(zip(ar, sp)) if a != b), None)
     if i is None:
         return None if len(ar) == len(sp) else Difference(index=min(len(ar), len(sp)), reason="lengths differ")
     eng = session.engine
     ids = torch.tensor([prompt + ar[:i]], device=eng.device)
-    eng.setup_caches(ids.shape[1] + 1)
+    L = ids.shape[1]
+    eng.setup_caches(L + 1)
     with torch.no_grad():
-        logits = eng.step(ids, torch.arange(ids.shape[1], device=eng.device), ids.shape[1], eager=True)[0][0, -1]
+        logits = eng.step(ids, torch.arange(L, device=eng.device), L, eager=True)[0][0, -1]
     margin = float((logits[ar[i]] - logits[sp[i]]).abs())
     top = max(abs(float(logits[ar[i]])), abs(float(logits[sp[i]])))
     tol = near_tie_tolerance(session.target.info.dtype, top, session.compiled)
+    kernels = kernel_margins(session, ids, ar[i], sp[i]) if tol > 0 else []
+    flips = any(m > 0 for m in kernels) and any(m < 0 for m in kernels)
     return Difference(index=i, ar_token=ar[i], spec_token=sp[i], margin=margin, tolerance=tol,
-                      near_tie=margin <= tol and tol > 0)
+                      near_tie=tol > 0 and (margin <= tol or flips), kernel_margins=kernels)
+
+
+@torch.no_grad()
+def kernel_margins(session: Session, ids: torch.Tensor, a: int, b: int) -> list[float]:
+    """logit[a] - logit[b] at the last position of `ids` (1, L), the last token fed with the w - 1 before it for each
+    width w of KERNEL_WIDTHS (the rest of the prefix prefilled first), through the engine's own steps."""
+    eng, L, out = session.engine, ids.shape[1], []
+    for w in (w for w in KERNEL_WIDTHS if w < L):
+        dev = ids.device
+        eng.step(ids[:, :L - w], torch.arange(L - w, device=dev), L - w, eager=True)
+        logits = eng.step(ids[:, L - w:], torch.arange(L - w, L, device=dev), L)[0][0, -1].float()
+        out.append(float(logits[a] - logits[b]))
+    return out
 
 
 def hf_assistant(drafter: Drafter):

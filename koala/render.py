@@ -84,7 +84,12 @@ def _ci(r: EvalReport) -> str:
 
 
 def _tie(d: Difference) -> str:
-    return f"near-tie of rounding, within {d.tolerance or 0:.3g}" if d.near_tie else "a bug"
+    if not d.near_tie:
+        return "a bug"
+    if d.margin is not None and d.tolerance is not None and d.margin > d.tolerance:
+        return ("near-tie of rounding: the target's own steps of 1, 2, 4, 8 tokens disagree there (margins "
+                + ", ".join(f"{m:+.3f}" for m in d.kernel_margins) + ")")
+    return f"near-tie of rounding, within {d.tolerance or 0:.3g}"
 
 
 def summary_line(r: EvalReport) -> str:

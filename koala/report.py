@@ -26,7 +26,9 @@ class Difference(_Record):
     spec_token: int | None = None
     margin: float | None = Field(None, description="the target's logit margin between the two tokens there")
     tolerance: float | None = Field(None, description="the largest margin that rounding may flip in this mode")
-    near_tie: bool = Field(False, description="margin within tolerance: rounding, not a bug")
+    near_tie: bool = Field(False, description="rounding, not a bug: margin within tolerance, or the target's own "
+                           "kernels disagree there")
+    kernel_margins: list[float] = Field([], description="the margin under the target's steps of 1, 2, 4, 8 tokens")
     reason: str | None = None
 
 

@@ -78,7 +78,9 @@ def test_drafter_spec_errors(default_session):
 
 
 def test_first_difference_reports_the_target_margin(default_session):
-    from koala.evaluate import first_difference
+    import torch
+
+    from koala.evaluate import first_difference, kernel_margins
 
     s = default_session
     ids = encode_chat(s.target.tokenizer, [{"role": "user", "content": "Count to five."}])
@@ -87,6 +89,10 @@ def test_first_difference_reports_the_target_margin(default_session):
     other = ar[:3] + [(ar[3] + 1) % s.engine.args.vocab_size] + ar[4:]
     d = first_difference(s, ids, ar, other)
     assert d.index == 3 and d.ar_token == ar[3] and d.margin > 1e-2 and not d.near_tie
+    assert d.kernel_margins == []  # eager float32 must be bit-exact: no kernel may excuse a difference
+    ids_ = torch.tensor([ids + ar[:3]])
+    margins = kernel_margins(s, ids_, ar[3], other[3])  # the same margin through steps of 1, 2, 4, 8 tokens
+    assert len(margins) == 4 and all(abs(m - d.margin) < 1e-3 for m in margins)
 
 
 def test_near_tie_tolerance_by_dtype_and_mode():
