@@ -104,8 +104,9 @@ def decide(candidate: "EvalReport", champion: "EvalReport | None", champion_vers
             return Decision(False, f"speed-up {s:.3f}x measured on fewer than two prompts: no interval to tell it "
                                    "from noise (evaluate more prompts)")
         if iv[0] > 1.0:
+            ties = f", {len(ll.near_ties)} at a near-tie of rounding" if ll.near_ties else ""
             return Decision(True, f"first champion: speed-up {s:.3f}x ({_ci(iv)}) over the target alone, lossless "
-                                  f"{ll.total}/{ll.total}")
+                                  f"{ll.total}/{ll.total}{ties}")
         return Decision(False, f"speed-up {s:.3f}x ({_ci(iv)}) is not clearly faster than the target alone: the "
                                "interval's lower bound must exceed 1.0")
     c = champion.speedup
