@@ -38,6 +38,12 @@ def _load(name: str) -> dict | None:
     return r
 
 
+def _lossless(e: dict) -> str:
+    """Identical prompts of the total, and how many more differ only at a near-tie of rounding."""
+    ties = e.get("near_ties") or 0
+    return e["lossless"] + (f" (+{ties} near-ties)" if ties else "")
+
+
 def _machine(r: dict) -> str:
     commit = str(r["commit"])
     commit = commit[:10] + ("+dirty" if commit.endswith("+dirty") else "")
@@ -144,7 +150,7 @@ def default_table() -> str:
         tps = e["tokens_per_s"]
         rows.append(f"| {e['bench']} {e['prompts']}, `{e['drafter']}` ({e['mode']}, {e['dtype']}, gamma {e['gamma']}) | "
                     f"tau {e['tau']:.2f}, speed-up {e['speedup']:.2f}x ({tps['speculative']:.1f} vs "
-                    f"{tps['autoregressive']:.1f} tokens/s), lossless {e['lossless']}, first-draft acceptance "
+                    f"{tps['autoregressive']:.1f} tokens/s), lossless {_lossless(e)}, first-draft acceptance "
                     f"{e['acceptance_by_position'][0]:.2f} |")
     return "\n".join(rows) + f"\n\n`{r['command']}` on {_machine(r)}."
 
@@ -199,7 +205,7 @@ def headline_table() -> str:
     if d:
         for e in d["evaluations"].values():
             rows.append(f"| {e['bench']} {e['prompts']}, drafter `{e['drafter']}` ({e['mode']}, {e['dtype']}, gamma "
-                        f"{e['gamma']}) | {e['tau']:.2f} | {e['speedup']:.2f}x | {e['lossless']} | "
+                        f"{e['gamma']}) | {e['tau']:.2f} | {e['speedup']:.2f}x | {_lossless(e)} | "
                         "`default_profile.json` |")
         notes.append(f"* `default_profile.json`: `{d['command']}` on {_machine(d)}")
     m = _load("demo.json")
