@@ -46,6 +46,11 @@ class Lossless(_Record):
         return f"{self.identical}/{self.total}"
 
     @property
+    def summary(self) -> str:
+        """`text`, and how many more prompts differ only at a near-tie of rounding."""
+        return self.text + (f" (+{len(self.near_ties)} at near-ties of rounding)" if self.near_ties else "")
+
+    @property
     def holds(self) -> bool:
         """Checked, and every prompt identical or differing only at a near-tie of rounding."""
         return self.checked and self.identical + len(self.near_ties) == self.total
@@ -212,4 +217,4 @@ class RunSummary(_Record):
         engine = (f"{report.mode}, {report.draft_shape}{' (auto)' if report.auto else ''}, "
                   f"compile {report.compile_s:.0f} s (not timed), {report.device}")
         return cls(tau=report.tau, speedup=report.speedup, speedup_ci95=report.speedup_ci95,
-                   tokens_per_s=report.tokens_per_s, lossless=report.lossless.text, engine=engine, **fields)
+                   tokens_per_s=report.tokens_per_s, lossless=report.lossless.summary, engine=engine, **fields)

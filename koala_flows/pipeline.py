@@ -145,7 +145,7 @@ def _more_evaluations(cfg, drafter: str, out: Path, pid: str) -> dict[str, Headl
         r = evaluate_drafter(cfg.model_copy(update={"eval": ev}), drafter, str(out / f"candidate-{name}"), pid,
                              run_name=f"evaluate-{name}")
         results[name] = Headline(bench=ev.bench, prompts=r.prompts, lookup=ev.lookup, tau=r.tau, speedup=r.speedup,
-                                 lossless=r.lossless.text)
+                                 lossless=r.lossless.summary)
     return results
 
 

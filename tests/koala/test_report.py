@@ -66,6 +66,6 @@ def test_the_run_summary_carries_the_candidate_and_each_stage():
                       heldout={"heldout_greedy_agreement_pos2": 0.3, "heldout_greedy_agreement_pos1": 0.4, "loss": 1})
     s = RunSummary.of(r, data="d", drafter="heads:x", stages=[st], model="m", version="1", promoted=False,
                       reason="why", mlflow_uri="sqlite:///x", mlflow_run_id="abc", experiment="e")
-    assert s.lossless == "1/2" and s.engine.startswith("compile, gamma 1 (auto), compile 365 s")
+    assert s.lossless == "1/2 (+1 at near-ties of rounding)" and s.engine.startswith("compile, gamma 1 (auto), compile 365 s")
     assert s.stages[0].agreement_by_draft() == [0.4, 0.3]
     assert RunSummary.model_validate(s.model_dump(mode="json")) == s  # what the flow logs parses back
