@@ -44,7 +44,12 @@ class App(typer.Typer):
 
     def command(self, *args, **kwargs):
         register = super().command(*args, **kwargs)
-        return lambda fn: register(reports_errors(fn)) and fn
+
+        def decorator(fn):
+            register(reports_errors(fn))
+            return fn  # the plain function stays importable and callable as it was written
+
+        return decorator
 
 
 def option(model, field: str, *decls: str, help: str | None = None, **kw):
@@ -203,7 +208,6 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
 
     from koala.evaluate import evaluate
     from koala.render import summary_line
-    from koala.engine.session import Session
 
     cfg = validated(EvalConfig, "koala eval", bench=bench, limit=limit, gamma=gamma, temperature=temperature,
                     top_p=top_p, max_new_tokens=max_new_tokens, hf_baselines=hf, threshold=threshold,

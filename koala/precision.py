@@ -14,8 +14,6 @@ machine (tests, comparisons); it overrides the config.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time

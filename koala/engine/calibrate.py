@@ -15,8 +15,6 @@ cached under $KOALA_CACHE/calibration; no constant here is tuned to one machine.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 
 import torch

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from koala.engine.compile import AotStep
 from koala.engine.model import Transformer
 from koala.engine.sampling import SamplingParams, logits_to_probs, sample
 from koala.engine.tree import Tree, TreeBudget, chain_tree, grow, visible
@@ -91,8 +92,6 @@ def wide_eager(engine: Transformer) -> bool:
     """Whether a drafter's feed of several tokens (a catch-up after a round, a tree level) runs eager. Not where the
     engine's steps are compiled ahead of time: its one wide step serves every width and is built once per machine.
     On a CPU otherwise yes: compiling one more graph per process costs minutes for a step of a few milliseconds."""
-    from koala.engine.compile import AotStep
-
     return engine.device.type == "cpu" and not isinstance(engine.compiled, AotStep)
 
 

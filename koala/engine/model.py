@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from koala.engine.kv_cache import CacheView, KVCache  # noqa: F401 - CacheView: part of this module's API
+from koala.engine.kv_cache import KVCache
 from koala.errors import KoalaError
 
 SUPPORTED = {"llama", "mistral", "qwen2", "smollm3"}

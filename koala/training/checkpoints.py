@@ -9,7 +9,6 @@ discriminator), so a resumed training continues bitwise as if never stopped.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from pathlib import Path

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from koala.config import TrainingConfig
 from koala.errors import KoalaError

@@ -80,3 +80,30 @@ def test_a_stale_package_under_the_right_name_is_rebuilt(cache, monkeypatch, cap
     got = _one_token(new)
     assert new.compiled.built == 1 and "stale or corrupt" in capfd.readouterr().err
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_an_eagle_drafter_runs_its_wide_steps_ahead_of_time_and_stays_lossless(cache, tmp_path):
+    """Where steps are compiled ahead of time, an EAGLE head's tree levels and its catch-up after a round run its
+    compiled wide step (one package for every width), not eager; chains and trees still decode exactly what the
+    compiled target decodes alone."""
+    from koala.engine.drafters import drafter_models, load_heads_drafter, wide_eager
+    from koala.engine.tree import TreeBudget
+    from koala.models.heads import build_heads, save_heads
+
+    hf = tiny_llama(layers=2, vocab=V, seed=4)
+    torch.manual_seed(0)
+    head = build_heads("eagle", hf, layers=1)
+    save_heads(head.eval(), tmp_path / "h", {"kind": "eagle", "layers": 1, "hidden_size": hf.config.hidden_size,
+                                             "vocab_size": V})
+    target = Transformer(hf).compile(mode="default")
+    ref = generate(target, PROMPT, 16).tokens
+    d = load_heads_drafter(str(tmp_path / "h"), target)
+    (engine,) = drafter_models(d)
+    assert wide_eager(engine)  # eager engine: a wide feed runs eager
+    engine.compile(mode="default")
+    assert not wide_eager(engine)
+    d.reset(64)
+    assert generate(target, PROMPT, 16, drafter=d, gamma=3).tokens == ref
+    d.reset(64)
+    assert generate(target, PROMPT, 16, drafter=d, tree=TreeBudget(2, 2, 4)).tokens == ref
+    assert engine.compiled.built + engine.compiled.loaded == 2  # the one-token step and the wide step (tree levels)
