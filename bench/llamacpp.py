@@ -37,20 +37,21 @@ WORKER = r'''
 import json, sys, time
 import llama_cpp
 job = json.load(sys.stdin)
-out = {"version": llama_cpp.__version__, "models": {}}
+sys.path.insert(0, job["root"])  # koala.export.llamacpp_draft: numpy and llama_cpp only
+out = {"version": llama_cpp.__version__, "models": {}, "speculative": {}}
 for name, src in job["convert"].items():
     p = llama_cpp.llama_model_quantize_default_params()
     p.ftype = job["ftypes"][name]
     p.allow_requantize = True
     if llama_cpp.llama_model_quantize(src["from"].encode(), src["to"].encode(), p) != 0:
         raise SystemExit(f"llama.cpp could not convert {src['from']} to {name}")
-for name, path in job["models"].items():
-    llm = llama_cpp.Llama(model_path=path, n_ctx=job["n_ctx"], n_threads=job["threads"],
-                          n_threads_batch=job["threads"], verbose=False)
+
+def measure(llm):
     eos = llm.token_eos()
     rows = []
     for ids in job["prompts"]:
         for _ in range(job["reps"]):
+            llm.reset()  # every repetition prefills its prompt, as koala's does (no prefix reused from the last)
             t0 = time.perf_counter()
             t1, toks = None, []
             for tok in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
@@ -63,8 +64,24 @@ for name, path in job["models"].items():
                     break
             t2 = time.perf_counter()
             rows.append({"new_tokens": len(toks), "wall_s": t2 - t0, "decode_s": t2 - t1, "tokens": toks})
-    out["models"][name] = rows
+    return rows
+
+def model(path, draft=None):
+    return llama_cpp.Llama(model_path=path, n_ctx=job["n_ctx"], n_threads=job["threads"],
+                           n_threads_batch=job["threads"], verbose=False, draft_model=draft)
+
+for name, path in job["models"].items():
+    llm = model(path)
+    out["models"][name] = measure(llm)
     del llm
+if job.get("drafter"):
+    from koala.export.llamacpp_draft import GGUFDraftModel
+    for name in job["draft_on"]:
+        for k in job["draft_tokens"]:
+            draft = GGUFDraftModel(job["drafter"], num_pred_tokens=k, n_ctx=job["n_ctx"], n_threads=job["threads"])
+            llm = model(job["models"][name], draft)
+            out["speculative"][f"{name} k={k}"] = measure(llm)
+            del llm, draft
 print(json.dumps(out))
 '''
 
@@ -103,24 +120,47 @@ def llamacpp_python(cache: Path, gguf: Path, build: str = "auto") -> tuple[Path,
 
 
 def run_llamacpp(py: Path, gguf: Path, work: Path, prompts: list[list[int]], threads: int, max_new: int,
-                 reps: int) -> dict:
+                 reps: int, drafter: Path | None = None, draft_tokens: tuple[int, ...] = ()) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     convert = {n: {"from": str(gguf), "to": str(work / f"target-{n}.gguf")} for n in FTYPES
                if not (work / f"target-{n}.gguf").exists()}
     models = {"Q4_1": str(gguf), **{n: str(work / f"target-{n}.gguf") for n in FTYPES}}
     job = {"convert": convert, "ftypes": FTYPES, "models": models, "prompts": prompts, "threads": threads,
-           "max_new_tokens": max_new, "reps": reps, "n_ctx": 1024}
+           "max_new_tokens": max_new, "reps": reps, "n_ctx": 1024, "root": str(ROOT),
+           "drafter": str(drafter) if drafter else None, "draft_on": list(FTYPES), "draft_tokens": list(draft_tokens)}
     r = subprocess.run([str(py), "-c", WORKER], input=json.dumps(job), capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"llama.cpp's run failed: {r.stderr.strip().splitlines()[-1:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def summarise_llamacpp(rows: list[dict]) -> dict:
+def summarise_llamacpp(rows: list[dict], plain: list[dict] | None = None) -> dict:
+    """Tokens/s end to end (each repetition prefills its prompt) and decoding alone (after the first new token);
+    with `plain`, whether every repetition's tokens are those of llama.cpp's plain decoding at that precision."""
     n = sum(r["new_tokens"] for r in rows)
-    return {"tokens_per_s": round(n / sum(r["wall_s"] for r in rows), 2),
-            "decode_tokens_per_s": round(sum(r["new_tokens"] - 1 for r in rows) / sum(r["decode_s"] for r in rows), 2),
-            "new_tokens": n}
+    out = {"tokens_per_s": round(n / sum(r["wall_s"] for r in rows), 2),
+           "decode_tokens_per_s": round(sum(r["new_tokens"] - 1 for r in rows) / sum(r["decode_s"] for r in rows), 2),
+           "new_tokens": n}
+    if plain is not None:
+        same = sum(r["tokens"] == p["tokens"] for r, p in zip(rows, plain))
+        out["identical_to_plain"] = f"{same}/{len(rows)}"
+    return out
+
+
+def export_gguf(spec: str, work: Path) -> Path:
+    """An independent koala drafter (a directory) exported to GGUF, or a GGUF file as it is."""
+    from koala.export import export, open_drafter
+    from koala.export.gguf import FILE
+
+    if spec.endswith(".gguf"):
+        return Path(spec)
+    out = work / "drafter-gguf"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    export(open_drafter(Path(spec)), "gguf", out)
+    return out / FILE
 
 
 def run_koala(dtype: str, drafter: str, limit: int, max_new: int, reps: int) -> dict:
@@ -132,7 +172,7 @@ def run_koala(dtype: str, drafter: str, limit: int, max_new: int, reps: int) -> 
     s = Session.open("smollm2-135m-instruct", dtype=dtype, compile=True)
     cfg = EvalConfig(bench="mtbench", limit=limit, max_new_tokens=max_new, gamma="auto", lookup=True, threshold=0.5,
                      compile=True)
-    ar, sp, taus, shapes = [], [], [], []
+    ar, sp, taus, shapes, rows = [], [], [], [], []
     for _ in range(reps):
         s.autoregressive.clear()  # each repetition measures the target alone again
         r = evaluate(s, drafter, cfg)
@@ -140,8 +180,13 @@ def run_koala(dtype: str, drafter: str, limit: int, max_new: int, reps: int) -> 
         sp.append(r.tokens_per_s.speculative)
         taus.append(r.tau)
         shapes.append(r.tree or f"chain {r.gamma}")
+        rows += r.per_prompt
+    # decoding alone, as llama.cpp's decode_tokens_per_s: the tokens after the first over the time after it
+    ar_decode = sum(p.ar_new_tokens - 1 for p in rows) / sum(p.ar_wall_s - p.ar_prefill_s for p in rows)
+    sp_decode = sum(p.new_tokens - 1 for p in rows) / sum(p.wall_s - p.prefill_s for p in rows)
     return {"engine": s.describe(), "autoregressive_tokens_per_s": round(sum(ar) / reps, 2),
-            "speculative_tokens_per_s": round(sum(sp) / reps, 2), "tau": round(sum(taus) / reps, 3),
+            "speculative_tokens_per_s": round(sum(sp) / reps, 2), "autoregressive_decode_tokens_per_s":
+            round(ar_decode, 2), "speculative_decode_tokens_per_s": round(sp_decode, 2), "tau": round(sum(taus) / reps, 3),
             "draft_shapes": shapes, "lossless": r.lossless.text, "near_ties": len(r.lossless.near_ties),
             "compile_s": round(compile_seconds(), 1)}
 
@@ -156,6 +201,10 @@ def main() -> None:
     ap.add_argument("--build", choices=("auto", "native", "portable"), default="auto",
                     help="llama.cpp's build: native (this CPU's every instruction), portable (its vector units "
                     "without GGML_NATIVE), auto (native, else portable)")
+    ap.add_argument("--gguf-drafter", default=None,
+                    help="an independent koala drafter (its directory, exported here with `--format gguf`) or a GGUF "
+                    "file: llama.cpp also decodes with it as its draft model (koala.export.llamacpp_draft)")
+    ap.add_argument("--draft-tokens", default="2,4", help="tokens the GGUF drafter drafts per round, each measured")
     ap.add_argument("--json", default=None, help="write the result here")
     a = ap.parse_args()
 
@@ -172,8 +221,15 @@ def main() -> None:
     t0 = time.perf_counter()
     py, flags = llamacpp_python(assets.cache_dir(), gguf, a.build)
     build_s = time.perf_counter() - t0
-    lc = run_llamacpp(py, gguf, assets.cache_dir() / "llamacpp" / "models", prompts, threads, a.max_new_tokens, a.reps)
+    work = assets.cache_dir() / "llamacpp" / "models"
+    drafter = export_gguf(a.gguf_drafter, work) if a.gguf_drafter else None
+    k = tuple(int(x) for x in a.draft_tokens.split(",")) if drafter else ()
+    lc = run_llamacpp(py, gguf, work, prompts, threads, a.max_new_tokens, a.reps, drafter, k)
     llama = {name: summarise_llamacpp(rows) for name, rows in lc["models"].items()}
+    llama_spec = {name: {**summarise_llamacpp(rows, lc["models"][name.split()[0]]),
+                         "over_plain": round(summarise_llamacpp(rows)["tokens_per_s"] /
+                                             llama[name.split()[0]]["tokens_per_s"], 3)}
+                  for name, rows in lc["speculative"].items()}
     koala = {dtype: run_koala(dtype, a.drafter, a.prompts, a.max_new_tokens, a.reps)
              for dtype in ("float32", "bfloat16")}
     pairs = {"float32": "F32", "bfloat16": "BF16"}
@@ -181,11 +237,15 @@ def main() -> None:
            "llama_cpp_python": lc["version"], "llama_cpp_build": flags, "llama_cpp_build_s": round(build_s, 1),
            "threads": threads,
            "prompts": a.prompts, "max_new_tokens": a.max_new_tokens, "reps": a.reps, "drafter": a.drafter,
-           "llama_cpp": llama, "koala": koala,
+           "llama_cpp": llama, "gguf_drafter": a.gguf_drafter, "llama_cpp_speculative": llama_spec, "koala": koala,
            "ratios": {d: {"koala_ar_over_llamacpp_ar": round(k["autoregressive_tokens_per_s"] /
                                                             llama[pairs[d]]["tokens_per_s"], 3),
                           "koala_speculative_over_llamacpp_ar": round(k["speculative_tokens_per_s"] /
-                                                                    llama[pairs[d]]["tokens_per_s"], 3)}
+                                                                    llama[pairs[d]]["tokens_per_s"], 3),
+                          "decode_koala_ar_over_llamacpp_ar": round(k["autoregressive_decode_tokens_per_s"] /
+                                                                   llama[pairs[d]]["decode_tokens_per_s"], 3),
+                          "decode_koala_speculative_over_llamacpp_ar": round(
+                              k["speculative_decode_tokens_per_s"] / llama[pairs[d]]["decode_tokens_per_s"], 3)}
                       for d, k in koala.items()}}
     benchinfo.write(out, a.json)
 

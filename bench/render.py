@@ -292,25 +292,41 @@ def demo_table() -> str:
 
 
 def llamacpp_table() -> str:
-    """koala's engine beside llama.cpp on the same prompts, threads and weights (bench/llamacpp.py)."""
+    """koala's engine beside llama.cpp on the same prompts, threads and weights (bench/llamacpp.py); llama.cpp with
+    a koala drafter as its draft model where the run had one."""
     r = _load("llamacpp.json")
     if not r:
         return _missing("llamacpp.json", "python bench/llamacpp.py --json bench/results/llamacpp.json")
-    rows = ["| weights | llama.cpp tokens/s (decode only) | koala autoregressive | koala speculative (τ) | "
-            "koala AR / llama.cpp | koala speculative / llama.cpp |", "|---|---|---|---|---|---|"]
+    rows = ["| weights | llama.cpp tokens/s (decode only) | koala autoregressive (decode only) | koala speculative "
+            "(decode only), τ | koala AR / llama.cpp | koala speculative / llama.cpp |", "|---|---|---|---|---|---|"]
     pairs = {"F32": "float32", "BF16": "bfloat16"}
+
+    def both(d, key):
+        dec = d.get(key.replace("_tokens_per_s", "_decode_tokens_per_s"))
+        return f"{d[key]:.1f}" + (f" ({dec:.1f})" if dec is not None else "")
+
     for name, lc in r["llama_cpp"].items():
         k = r["koala"].get(pairs.get(name, ""), None)
         ratio = r["ratios"].get(pairs.get(name, ""), {})
         cells = "— | — | — | — |"
         if k:
-            cells = (f"{k['autoregressive_tokens_per_s']:.1f} | {k['speculative_tokens_per_s']:.1f} ({k['tau']:.2f}) | "
-                     f"{ratio['koala_ar_over_llamacpp_ar']:.2f}x | {ratio['koala_speculative_over_llamacpp_ar']:.2f}x |")
+            cells = (f"{both(k, 'autoregressive_tokens_per_s')} | {both(k, 'speculative_tokens_per_s')}, "
+                     f"{k['tau']:.2f} | {ratio['koala_ar_over_llamacpp_ar']:.2f}x | "
+                     f"{ratio['koala_speculative_over_llamacpp_ar']:.2f}x |")
         rows.append(f"| {name} | {lc['tokens_per_s']:.1f} ({lc['decode_tokens_per_s']:.1f}) | {cells}")
-    return "\n".join(rows) + (f"\n\nllama-cpp-python {r['llama_cpp_python']}; koala's drafter `lookup+"
+    text = "\n".join(rows) + (f"\n\nllama-cpp-python {r['llama_cpp_python']}; koala's drafter `lookup+"
                               f"{r['drafter']}`, draft shape auto; the first {r['prompts']} MT-bench prompts, "
-                              f"{r['max_new_tokens']} new tokens, greedy, {r['reps']} repetitions. `{r['command']}` on "
-                              f"{_machine(r)}.")
+                              f"{r['max_new_tokens']} new tokens, greedy, {r['reps']} repetitions, every one "
+                              f"prefilling its prompt. `{r['command']}` on {_machine(r)}.")
+    spec = r.get("llama_cpp_speculative") or {}
+    if spec:
+        text += ("\n\nllama.cpp with koala's independent drafter `" + str(r["gguf_drafter"]) + "` (exported to GGUF) as "
+                 "its draft model (`koala.export.llamacpp_draft.GGUFDraftModel`, k tokens drafted per round):\n\n"
+                 "| weights, k | tokens/s (decode only) | over llama.cpp alone | greedy tokens identical to its own |\n"
+                 "|---|---|---|---|\n" + "\n".join(
+                     f"| {name} | {s['tokens_per_s']:.1f} ({s['decode_tokens_per_s']:.1f}) | {s['over_plain']:.2f}x | "
+                     f"{s['identical_to_plain']} |" for name, s in spec.items()))
+    return text
 
 
 TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_table, "trees": trees_table,

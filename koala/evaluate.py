@@ -290,6 +290,7 @@ def _measure_prompt(session, drafter, cfg: EvalConfig, gamma: int, i: int, rec, 
         id=rec.id, category=rec.category, prompt_tokens=len(ids), new_tokens=len(sp.tokens), wall_s=sp.wall_s,
         target_forwards=sp.target_forwards, tau=sp.tau, tokens_per_s=len(sp.tokens) / sp.wall_s,
         ar_new_tokens=len(ar.tokens), ar_wall_s=ar.wall_s, ar_tokens_per_s=len(ar.tokens) / ar.wall_s,
+        prefill_s=sp.prefill_s, ar_prefill_s=ar.prefill_s,
         identical=sp.tokens == ar.tokens if greedy else None,
         first_difference=first_difference(session, ids, ar.tokens, sp.tokens) if greedy else None,
         accept_counts=sp.accept_counts)

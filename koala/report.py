@@ -84,6 +84,8 @@ class PromptRow(_Record):
     tau: float = 0.0
     ar_new_tokens: int = 0
     ar_wall_s: float = 0.0
+    prefill_s: float = 0.0  # of wall_s, the prompt's forward up to the first new token
+    ar_prefill_s: float = 0.0
     identical: bool | None = None
     first_difference: Difference | None = None
     accept_counts: list[int] = []

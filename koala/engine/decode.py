@@ -42,6 +42,7 @@ class GenerationResult:
     verify_s: float = 0.0  # time in the target's verify forwards (measured when profile=True)
     tree: str | None = None  # the draft tree's shape (DEPTHxTOPKxNODES) when rounds verified trees
     ranks: list[list[int]] = field(default_factory=list)  # per tree round: each accepted node's rank among siblings
+    prefill_s: float = 0.0  # of wall_s, the prompt's forward up to the first new token (decoding is the rest)
 
     @property
     def tau(self) -> float:
@@ -205,7 +206,7 @@ def generate(
     if h is not None:
         drafter.commit(n, h[0], 0)
     accept_counts, rounds, ranks = [0] * ((gamma if drafter is not None else 0) + 1), [], []
-    emitted = [int(seq[T])]
+    emitted, prefill_s = [int(seq[T])], time.perf_counter() - start  # the first token read, then the clock
     if stream:
         stream(emitted[:], 0)
 
@@ -228,7 +229,7 @@ def generate(
     wall, tokens = time.perf_counter() - start, emitted[:max_new_tokens]
     reason = "eos" if eos_ids and tokens[-1] in eos_ids else "length"
     return GenerationResult(tokens, forwards, wall, accept_counts, reason, rounds, draft_s, verify_s,
-                            None if tree is None else str(tree), ranks)
+                            None if tree is None else str(tree), ranks, prefill_s)
 
 
 def _round(target, drafter, seq, n, gamma, tree, params, threshold, hidden, profile):

@@ -8,6 +8,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+# A compiled step attends to the slots below its end rounded up to a multiple of this; a model's caches hold this
+# many slots more than it attends to at most (koala.engine.model.Transformer.setup_caches).
+SLOT_ROUND = 16
+
 
 class KVCache(nn.Module):
     def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype, device):
@@ -22,8 +26,10 @@ class KVCache(nn.Module):
         Under autocast (a sampler in bf16) k and v come in the compute dtype and are stored in the cache's."""
         k, v = k.to(self.k.dtype), v.to(self.v.dtype)
         if input_pos.dim() == 1 and rows is None:
-            self.k.index_copy_(2, input_pos, k)
-            self.v.index_copy_(2, input_pos, v)
+            # index_put_, not index_copy_: a compiled step writes the T slots in place (inductor re-inplaces it),
+            # where index_copy_ became a pass over the whole cache of every layer
+            self.k[:, :, input_pos] = k
+            self.v[:, :, input_pos] = v
             return self.k, self.v
         B, T = k.shape[0], k.shape[2]
         r = (torch.arange(B, device=k.device) if rows is None else rows)[:, None]  # (B, 1)

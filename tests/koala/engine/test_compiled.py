@@ -125,6 +125,9 @@ def test_no_recompilation_across_buffers_and_widths(compiled_pair):
             seq = torch.zeros(buf_len, dtype=torch.long)
             for w in (1, 3, 4, 2):
                 comp.step(seq[None, 6:6 + w], torch.arange(6, 6 + w), 6 + w)
+        for end in (37, 300, 512):  # later in a sequence: the slots attended grow, the graphs stay (a symbolic size)
+            for w in (1, 4):
+                comp.step(torch.zeros(1, w, dtype=torch.long), torch.arange(end - w, end), end)
     assert compilations() == before
 
 

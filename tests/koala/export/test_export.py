@@ -358,3 +358,78 @@ def test_gguf_export_decodes_in_llama_cpp_as_in_koala(drafter_dir, tmp_path):
     diff = (torch.tensor(got["logits"]) - logits).abs().max().item()
     assert diff <= 1e-3 * max(1.0, logits.abs().max().item()), diff
     assert got["tokens"] == want, (got["tokens"], want)
+
+
+LLAMA_CPP_SPECULATIVE = r"""
+import json, sys
+import numpy as np
+import llama_cpp
+sys.path.insert(0, sys.argv[1])
+from koala.export.llamacpp_draft import GGUFDraftModel
+source, target, drafters, prompts, n = sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5]), int(sys.argv[6])
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype, p.allow_requantize = 0, True  # LLAMA_FTYPE_ALL_F32
+assert llama_cpp.llama_model_quantize(source.encode(), target.encode(), p) == 0
+
+def decode(llm, ids):
+    llm.reset()
+    evals = [0]
+    eval_ = llm.eval
+    def counted(tokens):
+        evals[0] += 1
+        return eval_(tokens)
+    llm.eval = counted
+    toks = []
+    for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        toks.append(int(t))
+        if len(toks) == n:
+            break
+    llm.eval = eval_
+    return toks, evals[0]
+
+out = {"plain": [decode(llama_cpp.Llama(model_path=target, n_ctx=512, verbose=False), ids) for ids in prompts]}
+for name, path in drafters.items():
+    llm = llama_cpp.Llama(model_path=target, n_ctx=512, verbose=False,
+                          draft_model=GGUFDraftModel(path or target, num_pred_tokens=4, n_ctx=512))
+    out[name] = [decode(llm, ids) for ids in prompts]
+# the drafter's cache across rounds: its drafts after a context that grew, was cut back (rejected drafts) and grew
+# again are what a fresh drafter drafts from the whole context
+d, fresh = GGUFDraftModel(drafters["export"], 4, n_ctx=512), GGUFDraftModel(drafters["export"], 4, n_ctx=512)
+ctx, checks = list(prompts[0]), []
+for step in range(8):
+    got = [int(t) for t in d(np.asarray(ctx, dtype=np.intc))]
+    fresh.llm.reset()
+    checks.append((got, [int(t) for t in fresh(np.asarray(ctx, dtype=np.intc))]))
+    ctx = ctx + got[:step % 3] + [1000 + step, 2000 + step] if step % 4 != 3 else ctx[:-3]
+out["checks"] = checks
+print(json.dumps(out))
+"""
+
+
+def test_gguf_export_drafts_for_llama_cpp_and_keeps_its_greedy_tokens(drafter_dir, tmp_path):
+    """llama.cpp decodes the default target (F32, converted by llama.cpp from its Q4_1 GGUF) with the exported
+    drafter as its draft model (koala.export.llamacpp_draft): greedy tokens identical to its plain decoding, both with
+    a drafter it mostly rejects (the random export) and with one it mostly accepts (the target drafting for itself:
+    its drafts accepted, so the target runs far fewer times than it emits tokens); and the drafter's own cache, kept
+    across rounds, drafts what a fresh one drafts from the whole context. F32: at Q4_1 llama.cpp's batched
+    verification and its one-token steps can order a near-tie differently (docs/guides/export.md)."""
+    import subprocess
+
+    from koala import assets
+    from koala.export.gguf import FILE
+
+    py = llama_cpp_python()
+    export(open_drafter(drafter_dir), "gguf", tmp_path / "g")
+    prompts = [[1, 504, 3458, 314, 253, 1345, 28, 2], [1, 9690, 198, 2683, 339, 253, 2115]]
+    drafters = {"export": str(tmp_path / "g" / FILE), "self": ""}
+    r = subprocess.run([str(py), "-c", LLAMA_CPP_SPECULATIVE, str(ROOT), str(assets.path("smollm2-135m-instruct")),
+                        str(tmp_path / "target-F32.gguf"), json.dumps(drafters), json.dumps(prompts), "40"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    plain = [toks for toks, _ in got["plain"]]
+    assert all(len(t) == 40 for t in plain)
+    for name in drafters:
+        assert [toks for toks, _ in got[name]] == plain, name
+    assert all(evals < 0.5 * 40 for _, evals in got["self"]), got["self"]
+    assert all(len(g) == 4 and g == w for g, w in got["checks"]), got["checks"]

@@ -1,0 +1,59 @@
+"""What one compiled step of the target costs by width, at a given context in a given cache: the engine's floor.
+
+    python bench/step_cost.py [--dtype bfloat16] [--slots 1024] [--context 300] [--widths 1,2,4,8,16] [--json OUT]
+
+The default target's compiled steps (ahead of time on a CPU), after an eager prefill of `--context` random tokens
+into caches sized for `--slots`; each width's step is timed over `--reps` calls after a warm-up, rewriting the same
+slots. Run it at two commits in turn (a worktree and `PYTHONPATH`, each with its own `KOALA_AOT_DIR`) to compare
+engines: this machine's timings drift by up to 15% between processes, so compare runs taken back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--slots", type=int, default=1024, help="the cache the run sizes (a compiled one: a power of two)")
+    ap.add_argument("--context", type=int, default=300, help="tokens already in the cache")
+    ap.add_argument("--widths", default="1,2,4,8,16")
+    ap.add_argument("--reps", type=int, default=60)
+    ap.add_argument("--json", default=None, help="write the result here")
+    a = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from koala import benchinfo
+    from koala.engine.session import Session
+
+    s = Session.open("smollm2-135m-instruct", dtype=a.dtype, compile=True)
+    e = s.engine
+    e.setup_caches(a.slots)
+    torch.manual_seed(0)
+    widths = [int(w) for w in a.widths.split(",")]
+    ms = {}
+    with torch.no_grad():
+        e.step(torch.randint(0, 40000, (1, a.context)), torch.arange(a.context), a.context, eager=True)
+        for w in widths:
+            pos, x = torch.arange(a.context, a.context + w), torch.randint(0, 40000, (1, w))
+            for _ in range(5):  # the first call loads (or compiles) the package
+                e.step(x, pos, a.context + w, hidden=True)
+            t = time.perf_counter()
+            for _ in range(a.reps):
+                e.step(x, pos, a.context + w, hidden=True)
+            ms[w] = round(1e3 * (time.perf_counter() - t) / a.reps, 3)
+            print(f"width {w}: {ms[w]:.2f} ms", flush=True)
+    benchinfo.write({**benchinfo.header(), "engine": s.describe(), "slots": e.max_seq_len, "context": a.context,
+                     "reps": a.reps, "ms_by_width": ms}, a.json)
+
+
+if __name__ == "__main__":
+    main()
