@@ -54,8 +54,21 @@ def _key(session, max_width: int) -> dict:
     info = session.target.info
     return {"target": info.content_hash, "device": info.device, "dtype": info.dtype, "mode": session.mode,
             "engine": type(session.engine.compiled).__name__,  # ahead of time or in-process compiled steps
+            "engine_source": engine_source(),  # a step's cost changes with the engine's code
             "threads": configured(), "cpu": cpu_model() if info.device == "cpu" else
             torch.cuda.get_device_name(), "torch": torch.__version__, "max_width": max_width}
+
+
+def engine_source() -> str:
+    """A digest of the code a decode step runs (the model, its cache, how steps are compiled): a cost curve measured
+    under other code is measured again, not reused."""
+    import importlib
+    from pathlib import Path
+
+    from koala.io import digest
+
+    return digest([Path(importlib.import_module(m).__file__).read_text() for m in
+                   ("koala.engine.model", "koala.engine.kv_cache", "koala.engine.compile")])
 
 
 def _measure(engine, max_width: int, position: int, reps: int) -> dict[int, float]:

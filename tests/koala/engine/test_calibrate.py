@@ -167,3 +167,17 @@ def test_decoding_shares_the_cores_with_busy_processes(monkeypatch):
     finally:
         threads._share = None
         torch.set_num_threads(before)
+
+
+def test_a_cost_curve_is_measured_again_when_the_engines_code_changes(monkeypatch):
+    """The curve's cache key names the engine's source: a curve measured under other code is not reused."""
+    from types import SimpleNamespace
+
+    import koala.engine.calibrate as cal
+
+    info = SimpleNamespace(content_hash="t", device="cpu", dtype="float32")
+    session = SimpleNamespace(target=SimpleNamespace(info=info), mode="compile", engine=SimpleNamespace(compiled=None))
+    before = cal._key(session, 8)
+    assert before == cal._key(session, 8) and before["engine_source"] == cal.engine_source()
+    monkeypatch.setattr(cal, "engine_source", lambda: "other code")
+    assert cal._key(session, 8) != before
