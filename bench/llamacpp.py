@@ -8,9 +8,13 @@ never touches koala's venv or pulls torch), converts the default target's shippe
 llama.cpp's own quantizer (so every precision holds the same weights koala decodes: the Q4_1 values, dequantised),
 and measures, on the first prompts of MT-bench (one per category, chat-templated by the target's tokenizer), greedy:
 
-* llama.cpp's plain decoding at Q4_1, BF16 and F32: end-to-end tokens/s (prefill included) and decode-only;
+* llama.cpp's plain decoding at Q4_1, BF16 and F32: end-to-end tokens/s (every repetition prefills its prompt, as
+  koala's does) and decode-only (after the first new token);
 * koala's compiled engine, autoregressive and speculative (the drafter given, prompt lookup in front, draft shape
-  `auto`), at float32 and bfloat16, through `koala.evaluate` (the same measurement as `koala eval`).
+  `auto`), at float32 and bfloat16, through `koala.evaluate` (the same measurement as `koala eval`), end to end and
+  decode-only;
+* with `--gguf-drafter`, llama.cpp decoding F32 and BF16 with a koala independent drafter as its draft model
+  (`koala.export.llamacpp_draft.GGUFDraftModel`, k tokens per round), and whether its tokens are its plain decoding's.
 
 Every figure is a mean over `--reps` repetitions of every prompt. The JSON records the CPU model and its matrix-unit
 flags, threads, torch and llama-cpp-python versions, and the commit.
