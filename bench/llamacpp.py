@@ -190,7 +190,8 @@ def run_koala(dtype: str, drafter: str, limit: int, max_new: int, reps: int) -> 
     sp_decode = sum(p.new_tokens - 1 for p in rows) / sum(p.wall_s - p.prefill_s for p in rows)
     return {"engine": s.describe(), "autoregressive_tokens_per_s": round(sum(ar) / reps, 2),
             "speculative_tokens_per_s": round(sum(sp) / reps, 2), "autoregressive_decode_tokens_per_s":
-            round(ar_decode, 2), "speculative_decode_tokens_per_s": round(sp_decode, 2), "tau": round(sum(taus) / reps, 3),
+            round(ar_decode, 2), "speculative_decode_tokens_per_s": round(sp_decode, 2),
+            "tau": round(sum(taus) / reps, 3),
             "draft_shapes": shapes, "lossless": r.lossless.text, "near_ties": len(r.lossless.near_ties),
             "compile_s": round(compile_seconds(), 1)}
 
@@ -230,10 +231,10 @@ def main() -> None:
     k = tuple(int(x) for x in a.draft_tokens.split(",")) if drafter else ()
     lc = run_llamacpp(py, gguf, work, prompts, threads, a.max_new_tokens, a.reps, drafter, k)
     llama = {name: summarise_llamacpp(rows) for name, rows in lc["models"].items()}
-    llama_spec = {name: {**summarise_llamacpp(rows, lc["models"][name.split()[0]]),
-                         "over_plain": round(summarise_llamacpp(rows)["tokens_per_s"] /
-                                             llama[name.split()[0]]["tokens_per_s"], 3)}
+    llama_spec = {name: summarise_llamacpp(rows, lc["models"][name.split()[0]])
                   for name, rows in lc["speculative"].items()}
+    for name, s in llama_spec.items():
+        s["over_plain"] = round(s["tokens_per_s"] / llama[name.split()[0]]["tokens_per_s"], 3)
     koala = {dtype: run_koala(dtype, a.drafter, a.prompts, a.max_new_tokens, a.reps)
              for dtype in ("float32", "bfloat16")}
     pairs = {"float32": "F32", "bfloat16": "BF16"}

@@ -250,7 +250,7 @@ class AotStep:
 
     def inductor_configs(self) -> dict:
         """AOTInductor's settings: frozen weights, autotuned GEMMs, and linears that read one input concatenated
-        (q, k, v; gate and up): fewer, wider GEMMs, each a parallel region less per layer (a bf16 step 5% faster)."""
+        (q, k, v; gate and up): fewer, wider GEMMs, a parallel region less for each group."""
         return {"freezing": True, "max_autotune": self.mode.startswith("max-autotune"), "cpp.enable_concat_linear": True}
 
     def weights_digest(self) -> str:
