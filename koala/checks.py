@@ -64,11 +64,13 @@ def check_prompt_source(source: str) -> None:
     read)."""
     from pathlib import Path
 
-    if source in ("sharegpt", "mtbench", "humaneval") or source.startswith("hf:"):
+    from koala.data.prompts import NAMED
+
+    if source in NAMED or source.startswith("hf:"):
         return
     if not Path(source).exists():
-        raise KoalaError(f"prompts.source {source}: no such file or directory: check the path (or use sharegpt, "
-                         "mtbench, humaneval, hf:NAME)")
+        raise KoalaError(f"prompts.source {source}: no such file or directory: check the path (or use "
+                         f"{', '.join(NAMED)}, hf:NAME)")
 
 
 def writable_dir(directory, option: str = "--out") -> None:

@@ -217,9 +217,9 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
     out_path = Path(out)
     out_dir = out_path.parent if out_path.suffix == ".json" else out_path
     writable_dir(out_dir)
-    if cfg.bench not in ("mtbench", "humaneval") and not cfg.bench.startswith("hf:"):
-        from koala.data.prompts import load as load_prompts
+    from koala.data.prompts import BENCHES, load as load_prompts
 
+    if cfg.bench not in BENCHES and not cfg.bench.startswith("hf:"):
         load_prompts(cfg.bench, limit=cfg.limit)  # a missing or malformed file fails now, not after the target loads
     s = _decoding_session(target, cfg.dtype, own, device, compile)
     typer.echo(f"[{s.describe()}]", err=True)

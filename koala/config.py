@@ -40,7 +40,8 @@ class TargetConfig(_Strict):
 
 
 class PromptsConfig(_Strict):
-    source: str = Field("sharegpt", description="sharegpt, mtbench, humaneval, hf:NAME, a file or a directory of logs")
+    source: str = Field("sharegpt", description="sharegpt (its training split), sharegpt-heldout, mtbench, humaneval, "
+                        "hf:NAME, a file or a directory of logs")
     limit: int | None = Field(None, ge=1, description="use at most this many prompts (after de-duplication)")
     sharegpt_turns: int = Field(1, ge=1, description="ShareGPT: keep the chat up to this human turn")
     min_prompt_tokens: int = Field(4, ge=1, description="drop prompts shorter than this (templated, in tokens)")
@@ -163,7 +164,8 @@ class TrainingConfig(_Strict):
 class EvalConfig(_Strict):
     """How a drafter is measured; `koala eval` and the pipeline's evaluation share these defaults."""
 
-    bench: str = Field("mtbench", description="mtbench, humaneval or a JSONL of {prompt, category}")
+    bench: str = Field("mtbench", description="mtbench, humaneval, sharegpt-heldout (ShareGPT's held-out split, never "
+                       "trained on) or a JSONL of {prompt, category}")
     limit: int | None = Field(8, ge=1, description="evaluate at most this many prompts")
     gamma: int | str = Field("auto", description="draft shape: N tokens proposed per target forward (a chain), "
                              "DEPTHxTOPKxNODES a draft tree (e.g. 4x3x12), or auto: the chain or tree chosen from the "
@@ -196,9 +198,11 @@ class EvalConfig(_Strict):
     @field_validator("also")
     @classmethod
     def _also(cls, v: list[str]) -> list[str]:
+        from koala.data.prompts import BENCHES
+
         for spec in v:
             bench, limit = parse_bench(spec)
-            named = bench in ("mtbench", "humaneval") or bench.startswith("hf:") or "/" in bench or "." in bench
+            named = bench in BENCHES or bench.startswith("hf:") or "/" in bench or "." in bench
             if not named or limit == 0:
                 raise ValueError(f"{spec!r} is not BENCH or BENCH:LIMIT (e.g. humaneval:40)")
         return v

@@ -36,9 +36,15 @@ from koala.threads import cpu_model
 ProgressFn = Callable[[int, int, dict], None]
 
 
+HELDOUT_MAX_CHARS = 2000  # sharegpt-heldout's prompts, at most (about 500 tokens)
+
+
 def load_bench(bench: str, limit: int | None) -> list[P.PromptRecord]:
-    """mtbench, humaneval, or a JSONL/Parquet/CSV of {prompt, category}; a limit takes categories in turn."""
-    if bench in ("mtbench", "humaneval"):
+    """mtbench, humaneval, sharegpt-heldout (ShareGPT's held-out split, never trained on), or a JSONL/Parquet/CSV
+    of {prompt, category}; a limit takes categories in turn."""
+    if bench == "sharegpt-heldout":  # chat prompts; a long paste would measure prefill rather than decoding
+        return [r for r in P.load(bench) if len(r.messages[-1]["content"]) <= HELDOUT_MAX_CHARS][:limit]
+    if bench in P.BENCHES:
         return interleave_categories(P.load(bench), limit)
     return P.load(bench, limit=limit, prompt_col="prompt", category_col="category")
 

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Literal
 
 from koala import assets
 from koala.errors import KoalaError
@@ -81,8 +81,25 @@ def read_json_array_prefix(text: str) -> tuple[list, bool]:
         items.append(obj)
 
 
-def sharegpt(path: str | Path | None = None, turns: int = 1, stats: ShareGPTStats | None = None) -> Iterator[PromptRecord]:
-    """ShareGPT conversations: the first human turn (turns=1) or the chat up to the `turns`-th human turn."""
+HELDOUT_EVERY = 64  # one ShareGPT conversation in 64 is held out of every training set, for evaluation
+
+
+def is_heldout(first_user_turn: str) -> bool:
+    """Whether a ShareGPT conversation belongs to the held-out split: a hash of its first user turn, so the split
+    is the same at every `turns`, every `limit` and in every copy of the file, and duplicates fall on one side."""
+    digest = hashlib.sha256(first_user_turn.encode("utf-8")).hexdigest()
+    return int(digest[:8], 16) % HELDOUT_EVERY == 0
+
+
+def sharegpt(path: str | Path | None = None, turns: int = 1, stats: ShareGPTStats | None = None,
+             split: Literal["train", "heldout", "all"] = "train") -> Iterator[PromptRecord]:
+    """ShareGPT conversations: the first human turn (turns=1) or the chat up to the `turns`-th human turn.
+
+    `split="train"` (what training reads) leaves out the held-out split that `sharegpt-heldout` evaluates on
+    (`is_heldout`); `"heldout"` gives only that split, `"all"` both.
+    """
+    if split not in ("train", "heldout", "all"):
+        raise KoalaError(f"ShareGPT split {split!r} is unknown: use train, heldout or all")
     file = Path(path) if path else assets.path("sharegpt")
     text = _read_text(file)
     convs, truncated = read_json_array_prefix(text)
@@ -94,6 +111,8 @@ def sharegpt(path: str | Path | None = None, turns: int = 1, stats: ShareGPTStat
         human_idx = [i for i, m in enumerate(msgs) if m["role"] == "user"]
         if not human_idx or not msgs[human_idx[0]]["content"].strip():
             stats.skipped += 1
+            continue
+        if split != "all" and is_heldout(msgs[human_idx[0]]["content"]) != (split == "heldout"):
             continue
         cut = human_idx[min(turns, len(human_idx)) - 1]
         answer = msgs[cut + 1]["content"] if cut + 1 < len(msgs) and msgs[cut + 1]["role"] == "assistant" else None
@@ -267,12 +286,18 @@ def filter_by_length(records: Iterable[PromptRecord], tokenizer, min_tokens: int
         yield r
 
 
+NAMED = ("sharegpt", "sharegpt-heldout", "mtbench", "humaneval")  # the built-in sources, fetched as assets
+BENCHES = ("mtbench", "humaneval", "sharegpt-heldout")  # the built-in evaluation sets
+
+
 def iter_source(source: str, sharegpt_turns: int = 1, both_turns: bool = False, prompt_col: str = "prompt",
                 category_col: str | None = "category", messages_col: str | None = None,
                 stats: ShareGPTStats | None = None, response_col: str = "response") -> Iterator[PromptRecord]:
-    """Records from a named source (sharegpt, mtbench, humaneval, hf:NAME), a file, or a directory of prompt logs."""
+    """Records from a named source (`NAMED`, hf:NAME), a file, or a directory of prompt logs."""
     if source == "sharegpt":
         it = sharegpt(turns=sharegpt_turns, stats=stats)
+    elif source == "sharegpt-heldout":
+        it = sharegpt(turns=sharegpt_turns, stats=stats, split="heldout")
     elif source == "mtbench":
         it = mtbench(both_turns=both_turns)
     elif source == "humaneval":
@@ -287,14 +312,15 @@ def iter_source(source: str, sharegpt_turns: int = 1, both_turns: bool = False, 
         else:
             it = from_file(p, prompt_col, category_col, messages_col, response_col)
     else:
-        raise KoalaError(f"unknown prompt source {source!r}: use sharegpt, mtbench, humaneval, hf:NAME or a file path")
+        raise KoalaError(f"unknown prompt source {source!r}: use sharegpt, sharegpt-heldout, mtbench, humaneval, "
+                         "hf:NAME or a file path")
     return it
 
 
 def load(source: str, limit: int | None = None, sharegpt_turns: int = 1, both_turns: bool = False,
          prompt_col: str = "prompt", category_col: str | None = "category", messages_col: str | None = None,
          stats: ShareGPTStats | None = None) -> list[PromptRecord]:
-    """Prompts from a named source (sharegpt, mtbench, humaneval, hf:NAME) or a file path, de-duplicated.
+    """Prompts from a named source (`NAMED`, hf:NAME) or a file path, de-duplicated.
 
     Raises:
         KoalaError: unknown source, unreadable file, missing column, or no prompts at all.

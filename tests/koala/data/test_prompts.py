@@ -81,3 +81,30 @@ def test_length_filter_counts(default_target):
     counts = {}
     kept = list(P.filter_by_length(recs, default_target.tokenizer, min_tokens=1, max_tokens=120, counts=counts))
     assert len(kept) == 2 and counts == {"too_long": 1}
+
+
+def test_sharegpt_heldout_split_is_disjoint_from_training_and_stable(tmp_path):
+    convs = [_conv(i) for i in range(400)]
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(convs))
+    train = {r.messages[0]["content"] for r in P.sharegpt(f)}
+    held = {r.messages[0]["content"] for r in P.sharegpt(f, split="heldout")}
+    assert held and not train & held
+    assert train | held == {r.messages[0]["content"] for r in P.sharegpt(f, split="all")}
+    assert len(held) < len(convs) / 16  # about one in HELDOUT_EVERY
+    # the split follows the conversation, not its position, its turns or the file's length
+    f.write_text(json.dumps(convs[::-1][:200]))
+    assert {r.messages[0]["content"] for r in P.sharegpt(f, turns=2, split="heldout")} == {
+        t for t in held if int(t.split()[1]) >= 200}
+    with pytest.raises(KoalaError, match="split"):
+        list(P.sharegpt(f, split="test"))
+
+
+def test_sharegpt_heldout_is_a_bench_and_a_source():
+    from koala.config import EvalConfig
+    from koala.evaluate import load_bench
+
+    recs = load_bench("sharegpt-heldout", 5)
+    assert len(recs) == 5 and all(P.is_heldout(r.messages[0]["content"]) and len(r.messages[0]["content"]) <= 2000
+                                  for r in recs)
+    assert EvalConfig(also=["sharegpt-heldout:40"]).also == ["sharegpt-heldout:40"]
