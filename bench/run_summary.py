@@ -55,12 +55,18 @@ def pipeline_summary(log: str) -> dict | None:
     return None if not m else ast.literal_eval(m.group(1))
 
 
+def wall_s(log: str) -> float | None:
+    """The run's wall time: the shell's `time` (`real 74m43.1s`) or GNU time's `-f "wall %e s"`, the last one."""
+    found = [int(m) * 60 + float(s) if m else float(w)
+             for m, s, w in re.findall(r"^(?:real\s+(\d+)m([\d.]+)s|wall ([\d.]+) s)\s*$", log, re.M)]
+    return round(found[-1], 1) if found else None
+
+
 def run_figures(log: str) -> dict:
     """What one run's log says: wall time, the candidate's headline figures, compile time, the promotion decision."""
-    real = re.findall(r"real\s+(\d+)m([\d.]+)s", log)
     s = pipeline_summary(log) or {}
     compile_s = re.search(r"compile (\d+) s", s.get("engine", ""))
-    return {"wall_s": round(int(real[-1][0]) * 60 + float(real[-1][1]), 1) if real else None,
+    return {"wall_s": wall_s(log),
             "tau": round(s["tau"], 3) if "tau" in s else None,
             "speedup": round(s["speedup"], 3) if "speedup" in s else None,
             "speedup_ci95": [round(x, 3) for x in s.get("speedup_ci95") or []] or None,
@@ -73,7 +79,8 @@ def run_figures(log: str) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("run_dir")
-    ap.add_argument("--log", required=True, help="the run's output, with `time`'s real line at the end")
+    ap.add_argument("--log", required=True, help="the run's output, with `time`'s real line (or GNU time's "
+                    "`wall %%e s`) at the end")
     ap.add_argument("--commit", required=True)
     ap.add_argument("--command", default="koala run --profile default")
     ap.add_argument("--out", default=None)
@@ -82,7 +89,6 @@ def main():
     a = ap.parse_args()
     run = Path(a.run_dir)
     log = Path(a.log).read_text(errors="replace")
-    real = re.findall(r"real\s+(\d+)m([\d.]+)s", log)
     heads = sorted(run.glob("drafter/*/heads/heads.json"))
     stages = {}
     for h in heads:
@@ -94,7 +100,7 @@ def main():
                                                   if k.startswith("heldout_greedy_agreement_pos")]}
     header = benchinfo.header()
     out = {**header, "command": a.command, "commit": a.commit,
-           "wall_s": round(int(real[-1][0]) * 60 + float(real[-1][1]), 1) if real else None,
+           "wall_s": wall_s(log),
            "stages": stages, "run": run_figures(log),
            "first_run": run_figures(Path(a.before).read_text(errors="replace")) if a.before else None,
            "evaluations": {p.parent.name: evaluation(p) for p in sorted(run.glob("eval/*/report.json"))}}
