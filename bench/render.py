@@ -44,6 +44,11 @@ def _lossless(e: dict) -> str:
     return e["lossless"] + (f" (+{ties} near-ties)" if ties else "")
 
 
+def _shape(e: dict) -> str:
+    """The draft shape an evaluation ran: its tree, or its chain's length."""
+    return f"tree {e['tree']}" if e.get("tree") else f"gamma {e['gamma']}"
+
+
 def _machine(r: dict) -> str:
     commit = str(r["commit"])
     commit = commit[:10] + ("+dirty" if commit.endswith("+dirty") else "")
@@ -148,7 +153,7 @@ def default_table() -> str:
         rows.append(f"| {name}: {st['steps']} steps on `{st['data']}` | held-out agreement by draft {agree} |")
     for name, e in r["evaluations"].items():
         tps = e["tokens_per_s"]
-        rows.append(f"| {e['bench']} {e['prompts']}, `{e['drafter']}` ({e['mode']}, {e['dtype']}, gamma {e['gamma']}) | "
+        rows.append(f"| {e['bench']} {e['prompts']}, `{e['drafter']}` ({e['mode']}, {e['dtype']}, {_shape(e)}) | "
                     f"tau {e['tau']:.2f}, speed-up {e['speedup']:.2f}x ({tps['speculative']:.1f} vs "
                     f"{tps['autoregressive']:.1f} tokens/s), lossless {_lossless(e)}, first-draft acceptance "
                     f"{e['acceptance_by_position'][0]:.2f} |")
@@ -204,8 +209,9 @@ def headline_table() -> str:
     d = _load("default_profile.json")
     if d:
         for e in d["evaluations"].values():
-            rows.append(f"| {e['bench']} {e['prompts']}, drafter `{e['drafter']}` ({e['mode']}, {e['dtype']}, gamma "
-                        f"{e['gamma']}) | {e['tau']:.2f} | {e['speedup']:.2f}x | {_lossless(e)} | "
+            ci = f" (95% CI {e['speedup_ci95'][0]:.2f}-{e['speedup_ci95'][1]:.2f})" if e.get("speedup_ci95") else ""
+            rows.append(f"| {e['bench']} {e['prompts']}, drafter `{e['drafter']}` ({e['mode']}, {e['dtype']}, "
+                        f"{_shape(e)}) | {e['tau']:.2f} | {e['speedup']:.2f}x{ci} | {_lossless(e)} | "
                         "`default_profile.json` |")
         notes.append(f"* `default_profile.json`: `{d['command']}` on {_machine(d)}")
     m = _load("demo.json")
