@@ -22,7 +22,8 @@ from koala.data import prompts as P
 from koala.errors import KoalaError
 from koala.interrupt import check, fault
 from koala.engine.calibrate import (GAMMA_MAX, acceptance_by_position, choose_from_probes, choose_tree, cost_curve,
-                                    drafter_parameter_ratio, memory_bound_speedup, parse_draft, tree_probe_budget)
+                                    drafter_parameter_ratio, memory_bound_speedup, parse_draft, round_overhead_ms,
+                                    tree_probe_budget)
 from koala.engine.compile import compile_seconds
 from koala.engine.drafters import Drafter, LookupFirstDrafter, ModelDrafter, PromptLookupDrafter
 from koala.engine.session import Session
@@ -266,8 +267,7 @@ def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: 
         trounds = [r for p in tprobes for r in p.rounds]
         level_ms = 1e3 * sum(p.draft_s for p in tprobes) / max(len(trounds), 1) / probe.depth
         curve = cost_curve(session, max_width=probe.nodes + 1)
-        per_round = 1e3 * sum(p.wall_s for p in tprobes) / max(len(trounds), 1)  # the prefill included, as plain_ms
-        round_ms = max(0.0, per_round - probe.depth * level_ms - curve["ms"][probe.nodes + 1])
+        round_ms = round_overhead_ms(probes + tprobes)
         choice = choose_tree(curve["ms"], {1: drafter_step_s * 1e3, **{k: level_ms for k in range(2, probe.topk + 1)}},
                              [r for p in tprobes for r in p.ranks], [k for _, k in trounds], probe.depth,
                              probe.topk, round_ms=round_ms, plain_ms=plain_ms)

@@ -23,6 +23,7 @@ from koala.errors import KoalaError
 
 GAMMA_MAX = 5  # the longest draft `auto` considers: forwards of up to 6 tokens are measured
 TREE_PROBE = (5, 4)  # the deepest and widest tree `auto` considers (depth, top-k): its probes rank every choice
+CURVE_FORMAT = 2  # how `_measure` times a width: a curve measured another way is measured again
 
 
 def parse_gamma(value: str | int) -> int | None:
@@ -55,6 +56,7 @@ def _key(session, max_width: int) -> dict:
     return {"target": info.content_hash, "device": info.device, "dtype": info.dtype, "mode": session.mode,
             "engine": type(session.engine.compiled).__name__,  # ahead of time or in-process compiled steps
             "engine_source": engine_source(),  # a step's cost changes with the engine's code
+            "format": CURVE_FORMAT,
             "threads": configured(), "cpu": cpu_model() if info.device == "cpu" else
             torch.cuda.get_device_name(), "torch": torch.__version__, "max_width": max_width}
 
@@ -72,25 +74,35 @@ def engine_source() -> str:
 
 
 def _measure(engine, max_width: int, position: int, reps: int) -> dict[int, float]:
-    """Median ms of a forward of 1..max_width tokens at `position`, widths interleaved so drift hits all alike."""
+    """Median ms of a forward of 1..max_width tokens at `position`.
+
+    Each width is timed in a run of consecutive calls, as decoding calls it: a round's verify follows the last
+    round's, with only the drafter's small steps between, and plain decoding repeats the one-token step. Calling the
+    widths in turn instead would time each against a cache the other widths' packages just filled (each compiled
+    package holds its own copy of the weights), which read a one-token step about a third dearer than plain decoding
+    pays for it, and so every wider verify as cheaper than it is. Two passes, widths ascending then descending, so drift hits every width alike.
+    """
     dev = engine.device
     engine.setup_caches(position + max_width + 1)
     steps = {w: (torch.zeros(1, w, dtype=torch.long, device=dev), torch.arange(position, position + w, device=dev))
              for w in range(1, max_width + 1)}
     times: dict[int, list[float]] = {w: [] for w in steps}
+    order = list(steps)
     with torch.no_grad():
-        for w, (ids, pos) in steps.items():  # compile (when compiled) and warm every width first
+        for w, (ids, pos) in steps.items():  # compile (when compiled) every width first
             engine.step(ids, pos, position + w)
-            engine.step(ids, pos, position + w)
-        for _ in range(reps):
-            for w, (ids, pos) in steps.items():
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                engine.step(ids, pos, position + w)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                times[w].append((time.perf_counter() - t) * 1e3)
+        for run in (order, order[::-1]):
+            for w in run:
+                ids, pos = steps[w]
+                for i in range(2 + (reps + 1) // 2):  # two untimed calls bring this width's step in, as decoding has
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    engine.step(ids, pos, position + w)
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize()
+                    if i >= 2:
+                        times[w].append((time.perf_counter() - t) * 1e3)
     return {w: sorted(ts)[len(ts) // 2] for w, ts in times.items()}
 
 
@@ -272,6 +284,15 @@ def path_length(ranks: list[list[int]], accepted: list[int], depth: int, topk: i
             n += 1
         total += n
     return total / max(len(ranks), 1)
+
+
+def round_overhead_ms(results) -> float:
+    """What a speculative round costs beyond its drafting and its verify forward, in ms, from runs profiled with
+    `generate(profile=True)`: the loop, acceptance, the drafter catching up on the accepted tokens, moving a tree's
+    accepted path into place. Measured rather than modelled: on a CPU it is a sizeable part of a round."""
+    rounds = sum(len(r.rounds) for r in results)
+    extra = sum(r.wall_s - r.prefill_s - r.draft_s - r.verify_s for r in results)
+    return max(0.0, 1e3 * extra / max(rounds, 1))
 
 
 def choose_tree(curve_ms: dict[int, float], draft_ms_per_depth: dict[int, float], ranks: list[list[int]],

@@ -181,3 +181,42 @@ def test_a_cost_curve_is_measured_again_when_the_engines_code_changes(monkeypatc
     assert before == cal._key(session, 8) and before["engine_source"] == cal.engine_source()
     monkeypatch.setattr(cal, "engine_source", lambda: "other code")
     assert cal._key(session, 8) != before
+
+
+def test_each_width_is_timed_in_a_run_of_its_own_calls():
+    """Decoding repeats a width's step (plain decoding the one-token step, rounds their verify): the curve times each
+    width in consecutive calls, not in turn with the others, whose packages would have just filled the cache."""
+    import itertools
+
+    import torch
+
+    import koala.engine.calibrate as cal
+
+    class Engine:
+        device = torch.device("cpu")
+        calls: list[int] = []
+
+        def setup_caches(self, n):
+            pass
+
+        def step(self, ids, pos, end):
+            self.calls.append(ids.shape[1])
+
+    e = Engine()
+    ms = cal._measure(e, max_width=3, position=8, reps=4)
+    assert sorted(ms) == [1, 2, 3]
+    timed = e.calls[3:]  # after one compiling call of each width
+    runs = [(w, len(list(g))) for w, g in itertools.groupby(timed)]
+    assert runs == [(1, 4), (2, 4), (3, 8), (2, 4), (1, 4)]  # ascending then descending: each width 2 warm + 2 timed
+
+
+def test_a_rounds_overhead_is_what_its_runs_spent_beyond_prefill_drafting_and_verifying():
+    from koala.engine.calibrate import round_overhead_ms
+    from koala.engine.decode import GenerationResult
+
+    runs = [GenerationResult([1] * 9, 5, wall_s=0.100, rounds=[(3, 1)] * 4, draft_s=0.020, verify_s=0.060,
+                             prefill_s=0.012),
+            GenerationResult([1] * 5, 3, wall_s=0.050, rounds=[(3, 2)] * 2, draft_s=0.010, verify_s=0.030,
+                             prefill_s=0.004)]
+    assert abs(round_overhead_ms(runs) - 1e3 * (0.008 + 0.006) / 6) < 1e-9
+    assert round_overhead_ms([GenerationResult([1], 1, wall_s=0.01, prefill_s=0.01)]) == 0.0  # no rounds
