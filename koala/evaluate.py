@@ -252,7 +252,8 @@ def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: 
         _run(session, cfg, prompts[0][1], None, gamma)
         _run(session, cfg, prompts[0][1], drafter, gamma, tree=tree)
     plain = _run(session, cfg, prompts[0][1], None, gamma)  # the plain decode warm, before the profiled probes
-    plain_ms = 1e3 * plain.wall_s / max(len(plain.tokens), 1)  # per token, the loop and prefill included
+    # per decoded token, the loop included and the prefill not, as the rounds it is compared with are costed
+    plain_ms = 1e3 * (plain.wall_s - plain.prefill_s) / max(len(plain.tokens) - 1, 1)
     chain_gamma = gamma if tree is None else gmax
     probes = [_run(session, cfg, ids, drafter, chain_gamma, profile=True) for _, ids in prompts[:2]]
     rounds = [r for p in probes for r in p.rounds]
@@ -267,10 +268,10 @@ def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: 
         trounds = [r for p in tprobes for r in p.rounds]
         level_ms = 1e3 * sum(p.draft_s for p in tprobes) / max(len(trounds), 1) / probe.depth
         curve = cost_curve(session, max_width=probe.nodes + 1)
-        round_ms = round_overhead_ms(probes + tprobes)
+        round_ms, chain_round_ms = round_overhead_ms(tprobes), round_overhead_ms(probes)  # a tree's path moves
         choice = choose_tree(curve["ms"], {1: drafter_step_s * 1e3, **{k: level_ms for k in range(2, probe.topk + 1)}},
                              [r for p in tprobes for r in p.ranks], [k for _, k in trounds], probe.depth,
-                             probe.topk, round_ms=round_ms, plain_ms=plain_ms)
+                             probe.topk, round_ms=round_ms, plain_ms=plain_ms, chain_round_ms=chain_round_ms)
         choice["curve_cached"] = curve.get("cached")
         tree = None if choice["topk"] == 1 else TreeBudget(choice["depth"], choice["topk"],
                                                             choice["depth"] * choice["topk"])

@@ -80,7 +80,8 @@ def sample(config: Optional[str] = typer.Option(None, help="YAML config (default
 @app.command()
 def run(profile: str = typer.Option(DEFAULT_PROFILE, help="smoke (a CPU in minutes), default or gpu"),
         config: Optional[str] = typer.Option(None, help="YAML config instead of a profile"),
-        prompt_source: Optional[str] = typer.Option(None, help="sharegpt, mtbench, a file or a prompt-log directory"),
+        prompt_source: Optional[str] = typer.Option(None, help="sharegpt, sharegpt-heldout, mtbench, a file or a "
+                                                      "prompt-log directory"),
         n_prompts: Optional[int] = typer.Option(None, help="use at most this many prompts"),
         loss: Optional[str] = typer.Option(None, help=", ".join(LOSS_NAMES)),
         steps: Optional[int] = typer.Option(None, help="distillation steps"),

@@ -37,7 +37,7 @@ def koala_pipeline(
     Args:
         profile: koala/profiles/NAME.yaml: smoke (a CPU in minutes), default or gpu.
         config_path: a YAML config file instead of a profile.
-        prompt_source: sharegpt, mtbench, a file, or a directory of prompt logs (incremental runs).
+        prompt_source: sharegpt, sharegpt-heldout, mtbench, a file, or a directory of prompt logs (incremental runs).
         n_prompts: use at most this many prompts.
         loss: distillation loss (default: the profile's).
         steps: distillation steps (default: the profile's).

@@ -87,7 +87,7 @@ HELDOUT_EVERY = 64  # one ShareGPT conversation in 64 is held out of every train
 def is_heldout(first_user_turn: str) -> bool:
     """Whether a ShareGPT conversation belongs to the held-out split: a hash of its first user turn, so the split
     is the same at every `turns`, every `limit` and in every copy of the file, and duplicates fall on one side."""
-    digest = hashlib.sha256(first_user_turn.encode("utf-8")).hexdigest()
+    digest = hashlib.sha256(first_user_turn.strip().encode("utf-8")).hexdigest()
     return int(digest[:8], 16) % HELDOUT_EVERY == 0
 
 

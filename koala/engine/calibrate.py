@@ -77,10 +77,10 @@ def _measure(engine, max_width: int, position: int, reps: int) -> dict[int, floa
     """Median ms of a forward of 1..max_width tokens at `position`.
 
     Each width is timed in a run of consecutive calls, as decoding calls it: a round's verify follows the last
-    round's, with only the drafter's small steps between, and plain decoding repeats the one-token step. Calling the
-    widths in turn instead would time each against a cache the other widths' packages just filled (each compiled
-    package holds its own copy of the weights), which read a one-token step about a third dearer than plain decoding
-    pays for it, and so every wider verify as cheaper than it is. Two passes, widths ascending then descending, so drift hits every width alike.
+    round's, with only the drafter's small steps between, and plain decoding repeats the one-token step. Timed in
+    turn instead, each width would run right after other widths' packages (each holds its own copy of the weights)
+    had filled the cache, and a one-token step would cost more than plain decoding pays for it. Two passes, widths
+    ascending then descending, so drift hits every width alike.
     """
     dev = engine.device
     engine.setup_caches(position + max_width + 1)
@@ -297,13 +297,14 @@ def round_overhead_ms(results) -> float:
 
 def choose_tree(curve_ms: dict[int, float], draft_ms_per_depth: dict[int, float], ranks: list[list[int]],
                 accepted: list[int], probe_depth: int, probe_topk: int, round_ms: float = 0.0,
-                plain_ms: float | None = None) -> dict:
+                plain_ms: float | None = None, chain_round_ms: float | None = None) -> dict:
     """The draft shape (depth, top-k; every node kept) with the most expected tokens per second.
 
     `draft_ms_per_depth[k]`: the drafter's measured ms per tree level of top-k k (k 1: a chain's draft step).
     `round_ms`: what a speculative round costs beyond its drafting and its verify forward (acceptance, the drafter
-    catching up, bookkeeping), measured on the probes; `plain_ms`: plain decoding's measured ms per token, loop
-    included (default: the curve's one-token forward). Once a forward costs a few milliseconds these are not small.
+    catching up, bookkeeping, moving a tree's accepted path), measured on the tree probes, and `chain_round_ms` the
+    same for chains (default: `round_ms`); `plain_ms`: plain decoding's measured ms per token, loop included
+    (default: the curve's one-token forward). Once a forward costs a few milliseconds these are not small.
     Shapes whose verify is wider than the measured curve are not considered. Returns the choice with the table it
     was made from: expected tokens per round and per second for each shape, 0 x 0 being plain decoding.
     """
@@ -317,7 +318,8 @@ def choose_tree(curve_ms: dict[int, float], draft_ms_per_depth: dict[int, float]
             if d * k + 1 > widest or k not in draft_ms_per_depth:
                 continue
             e = 1 + path_length(ranks, accepted, d, k)
-            ms = d * draft_ms_per_depth[k] + curve_ms[d * k + 1] + round_ms
+            overhead = chain_round_ms if k == 1 and chain_round_ms is not None else round_ms
+            ms = d * draft_ms_per_depth[k] + curve_ms[d * k + 1] + overhead
             table[f"{d}x{k}"] = {"tokens": e, "ms": ms, "rate": 1e3 * e / ms}
     best = max((s for s in table if s != "0x0"), key=lambda s: table[s]["rate"])
     d, k = (int(x) for x in best.split("x"))
@@ -325,4 +327,5 @@ def choose_tree(curve_ms: dict[int, float], draft_ms_per_depth: dict[int, float]
             "topk": k,
             "expected_speedup": table[best]["rate"] / table["0x0"]["rate"], "shapes": table,
             "cost_by_width_ms": curve_ms, "draft_ms_per_depth": draft_ms_per_depth, "round_ms": round_ms,
+            "chain_round_ms": round_ms if chain_round_ms is None else chain_round_ms,
             "plain_ms": plain}

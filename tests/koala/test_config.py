@@ -48,7 +48,8 @@ def test_more_evaluations_and_teacher_forcing_validate():
     from koala.config import load_config
 
     cfg = load_config("default")
-    assert cfg.teacher_forced.limit > 0 and cfg.training.finetune_steps > 0 and cfg.eval.also == ["humaneval:40", "sharegpt-heldout:40"]
+    assert cfg.teacher_forced.limit > 0 and cfg.training.finetune_steps > 0
+    assert cfg.eval.also == ["humaneval:40", "sharegpt-heldout:40"]
     with pytest.raises(KoalaError, match="field eval.also.*BENCH:LIMIT"):
         load_config("smoke", overrides=["eval.also=[humaneval:forty]"])
     from koala.config import parse_bench

@@ -104,7 +104,12 @@ def test_sharegpt_heldout_is_a_bench_and_a_source():
     from koala.config import EvalConfig
     from koala.evaluate import load_bench
 
+    from koala.checks import check_prompt_source
+
     recs = load_bench("sharegpt-heldout", 5)
-    assert len(recs) == 5 and all(P.is_heldout(r.messages[0]["content"]) and len(r.messages[0]["content"]) <= 2000
+    assert len(recs) == 5 and all(P.is_heldout(r.messages[0]["content"]) and len(r.messages[-1]["content"]) <= 2000
                                   for r in recs)
+    check_prompt_source("sharegpt-heldout")  # a named source, not a missing file
+    first = next(P.iter_source("sharegpt-heldout"))
+    assert P.is_heldout(first.messages[0]["content"])
     assert EvalConfig(also=["sharegpt-heldout:40"]).also == ["sharegpt-heldout:40"]

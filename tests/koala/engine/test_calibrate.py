@@ -181,6 +181,9 @@ def test_a_cost_curve_is_measured_again_when_the_engines_code_changes(monkeypatc
     assert before == cal._key(session, 8) and before["engine_source"] == cal.engine_source()
     monkeypatch.setattr(cal, "engine_source", lambda: "other code")
     assert cal._key(session, 8) != before
+    changed = cal._key(session, 8)
+    monkeypatch.setattr(cal, "CURVE_FORMAT", cal.CURVE_FORMAT + 1)  # a curve timed another way is not reused either
+    assert cal._key(session, 8) != changed
 
 
 def test_each_width_is_timed_in_a_run_of_its_own_calls():
@@ -220,3 +223,14 @@ def test_a_rounds_overhead_is_what_its_runs_spent_beyond_prefill_drafting_and_ve
                              prefill_s=0.004)]
     assert abs(round_overhead_ms(runs) - 1e3 * (0.008 + 0.006) / 6) < 1e-9
     assert round_overhead_ms([GenerationResult([1], 1, wall_s=0.01, prefill_s=0.01)]) == 0.0  # no rounds
+
+
+def test_chains_and_trees_are_charged_their_own_round_overhead():
+    curve = {w: 10.0 for w in range(1, 22)}
+    ranks, accepted = [[0, 0, 0]] * 4, [3] * 4  # every probe round accepted 3 drafts, each the drafter's first choice
+    base = choose_tree(curve, {1: 1.0, 2: 1.0}, ranks, accepted, 3, 2, round_ms=2.0, plain_ms=10.0)
+    split = choose_tree(curve, {1: 1.0, 2: 1.0}, ranks, accepted, 3, 2, round_ms=2.0, plain_ms=10.0,
+                        chain_round_ms=0.5)
+    assert split["shapes"]["3x1"]["ms"] == base["shapes"]["3x1"]["ms"] - 1.5  # chains: their own overhead
+    assert split["shapes"]["3x2"]["ms"] == base["shapes"]["3x2"]["ms"]  # trees: the tree probes'
+    assert split["chain_round_ms"] == 0.5 and base["chain_round_ms"] == 2.0
