@@ -19,6 +19,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+def time_widths(engine, context: int, widths: list[int], reps: int, label: str = "") -> dict[int, float]:
+    """Mean ms of the engine's compiled step at each width, after an eager prefill of `context` random tokens."""
+    import torch
+
+    torch.manual_seed(0)
+    ms = {}
+    with torch.no_grad():
+        engine.step(torch.randint(0, 40000, (1, context)), torch.arange(context), context, eager=True)
+        for w in widths:
+            pos, x = torch.arange(context, context + w), torch.randint(0, 40000, (1, w))
+            for _ in range(5):  # the first call loads (or compiles) the package
+                engine.step(x, pos, context + w, hidden=True)
+            t = time.perf_counter()
+            for _ in range(reps):
+                engine.step(x, pos, context + w, hidden=True)
+            ms[w] = round(1e3 * (time.perf_counter() - t) / reps, 3)
+            print(f"{label}width {w}: {ms[w]:.2f} ms", flush=True)
+    return ms
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="bfloat16")
@@ -29,28 +49,13 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the result here")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
     from koala import benchinfo
     from koala.engine.session import Session
 
     s = Session.open("smollm2-135m-instruct", dtype=a.dtype, compile=True)
     e = s.engine
     e.setup_caches(a.slots)
-    torch.manual_seed(0)
-    widths = [int(w) for w in a.widths.split(",")]
-    ms = {}
-    with torch.no_grad():
-        e.step(torch.randint(0, 40000, (1, a.context)), torch.arange(a.context), a.context, eager=True)
-        for w in widths:
-            pos, x = torch.arange(a.context, a.context + w), torch.randint(0, 40000, (1, w))
-            for _ in range(5):  # the first call loads (or compiles) the package
-                e.step(x, pos, a.context + w, hidden=True)
-            t = time.perf_counter()
-            for _ in range(a.reps):
-                e.step(x, pos, a.context + w, hidden=True)
-            ms[w] = round(1e3 * (time.perf_counter() - t) / a.reps, 3)
-            print(f"width {w}: {ms[w]:.2f} ms", flush=True)
+    ms = time_widths(e, a.context, [int(w) for w in a.widths.split(",")], a.reps)
     benchinfo.write({**benchinfo.header(), "engine": s.describe(), "slots": e.max_seq_len, "context": a.context,
                      "reps": a.reps, "ms_by_width": ms}, a.json)
 

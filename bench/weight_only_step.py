@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 
 def int8_linear(lin):
@@ -50,8 +49,6 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
     from koala import benchinfo
     from koala.engine.session import Session
     from koala.threads import configure_threads
@@ -65,20 +62,10 @@ def main() -> None:
                 for n in names:
                     setattr(mod, n, int8_linear(getattr(mod, n)))
         s.engine.lm_head = int8_linear(s.target.model.lm_head)  # the embedding table stays bf16 (a row lookup)
-    e = s.engine
-    e.setup_caches(1024)
-    ms = {}
-    with torch.no_grad():
-        e.step(torch.randint(0, 40000, (1, a.context)), torch.arange(a.context), a.context, eager=True)
-        for w in (int(x) for x in a.widths.split(",")):
-            pos, x = torch.arange(a.context, a.context + w), torch.randint(0, 40000, (1, w))
-            for _ in range(5):  # the first call loads (or compiles) the package
-                e.step(x, pos, a.context + w, hidden=True)
-            t = time.perf_counter()
-            for _ in range(a.reps):
-                e.step(x, pos, a.context + w, hidden=True)
-            ms[w] = round(1e3 * (time.perf_counter() - t) / a.reps, 3)
-            print(f"{a.precision} width {w}: {ms[w]:.2f} ms", flush=True)
+    from step_cost import time_widths
+
+    s.engine.setup_caches(1024)
+    ms = time_widths(s.engine, a.context, [int(x) for x in a.widths.split(",")], a.reps, f"{a.precision} ")
     benchinfo.write({**benchinfo.header(), "precision": a.precision, "context": a.context, "reps": a.reps,
                      "ms_by_width": ms}, a.json)
 
