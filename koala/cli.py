@@ -124,7 +124,7 @@ def prompts(source: str = option(PromptsConfig, "source"),
             for m in r.messages:
                 text = m["content"] if len(m["content"]) < 400 else m["content"][:400] + " ..."
                 typer.echo(f"  {m['role']}: {text}")
-    if source in ("sharegpt", "sharegpt-heldout"):
+    if source in P.SHAREGPT:
         msg = (f"ShareGPT: recovered {stats.recovered} complete conversations"
                f"{' from a cut-off file' if stats.truncated else ''}")
         typer.echo(msg, err=as_json)

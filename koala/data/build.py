@@ -126,7 +126,7 @@ def plan(cfg: KoalaConfig, target: Target, out_dir: str | Path | None = None, so
         raise KoalaError(f"{out}: {len(lost)} planned prompts are no longer in {cfg.prompts.source!r} (first "
                          f"{lost[0]}): restore the prompt logs or start a new --out directory")
     return Plan(out, planned, todo, {pid: by_id[pid] for s in todo for pid in s.prompt_ids}, skipped,
-                stats.recovered if cfg.prompts.source in ("sharegpt", "sharegpt-heldout") else None)
+                stats.recovered if cfg.prompts.source in P.SHAREGPT else None)
 
 
 def sample_shard(cfg: KoalaConfig, target: Target, engine, spec: S.ShardSpec, records: dict[str, P.PromptRecord],

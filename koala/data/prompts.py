@@ -286,7 +286,8 @@ def filter_by_length(records: Iterable[PromptRecord], tokenizer, min_tokens: int
         yield r
 
 
-NAMED = ("sharegpt", "sharegpt-heldout", "mtbench", "humaneval")  # the built-in sources, fetched as assets
+SHAREGPT = ("sharegpt", "sharegpt-heldout")  # ShareGPT's two splits, as prompt sources
+NAMED = (*SHAREGPT, "mtbench", "humaneval")  # the built-in sources, fetched as assets
 BENCHES = ("mtbench", "humaneval", "sharegpt-heldout")  # the built-in evaluation sets
 
 
@@ -312,8 +313,7 @@ def iter_source(source: str, sharegpt_turns: int = 1, both_turns: bool = False, 
         else:
             it = from_file(p, prompt_col, category_col, messages_col, response_col)
     else:
-        raise KoalaError(f"unknown prompt source {source!r}: use sharegpt, sharegpt-heldout, mtbench, humaneval, "
-                         "hf:NAME or a file path")
+        raise KoalaError(f"unknown prompt source {source!r}: use {', '.join(NAMED)}, hf:NAME or a file path")
     return it
 
 

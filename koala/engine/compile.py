@@ -2,8 +2,8 @@
 
 On CUDA the default mode is `reduce-overhead`: inductor's kernels captured as CUDA graphs (cudagraph trees), one
 graph per step shape, i.e. per verify width and per sampler batch. Nothing in a step synchronises with the host
-(the cache is written by position with `index_put_`; the mask is built from
-the input positions on the device; the rejection rule runs on the device after it), so a replay is one launch. A
+(the cache is written by position with `index_put_`; the mask is built from the input positions on the device;
+the rejection rule runs on the device after it), so a replay is one launch. A
 replay reuses its output memory, so each call marks a new step and returns copies of its outputs (logits of a few
 tokens: a negligible copy) that later steps cannot overwrite.
 
@@ -16,8 +16,7 @@ of compiling again; `compile_seconds()` reports the time spent compiling apart f
 
 On a CPU each step is compiled ahead of time instead (`AotStep`), with the slots it attends to a symbolic size
 (those below the step's end: `Transformer.step`), so attention reads the sequence, not the whole cache. Exported
-with `torch.export`, compiled by
-AOTInductor (in a child process) with frozen, pre-packed weights into a package under $KOALA_CACHE/aot, and loaded
+with `torch.export`, compiled by AOTInductor (in a child process) with frozen, pre-packed weights into a package under $KOALA_CACHE/aot, and loaded
 from there (about a second for the default target) by every later process on the same machine, so a second
 `koala eval` or `make demo` compiles nothing. A package is keyed by everything its code depends on (the model's
 weights, dtype, cache size, the step's inputs and outputs, the engine's source, torch's and transformers' versions,
@@ -42,6 +41,7 @@ from typing import Callable
 
 import torch
 
+from koala.engine.kv_cache import SLOT_ROUND
 from koala.errors import KoalaError
 from koala.io import atomic_path, digest, tmp_prefix
 
@@ -321,8 +321,6 @@ class AotStep:
         t = time.perf_counter()
         with _progress(f"compiling the {what}, once for this machine"):
             module = _StepModule(self.model, *sig[1:5])
-            from koala.engine.kv_cache import SLOT_ROUND
-
             dyn = None
             if wide or sig[4]:
                 T = torch.export.Dim("width", min=2, max=MAX_STEP_WIDTH) if wide else None
