@@ -182,7 +182,7 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
         check()  # SIGINT/SIGTERM: stop between prompts
         fault("eval.prompt")
         row, sp = _measure_prompt(session, drafter, cfg, gamma, i, rec, ids, assistant, tree)
-        accept_total = [a + b for a, b in zip(accept_total, sp.accept_counts)]
+        accept_total = [a + b for a, b in itertools.zip_longest(accept_total, sp.accept_counts, fillvalue=0)]
         all_rounds += sp.rounds
         ranks += sp.ranks
         rows.append(row)

@@ -275,10 +275,16 @@ def path_length(ranks: list[list[int]], accepted: list[int], depth: int, topk: i
     `ranks[r]`: each accepted node's index among the nodes its depth kept in the probe (best first, 0 the drafter's
     chain); `accepted[r]`: the path's length. A node within the first `topk` of its depth at every depth of its path
     is also in the `topk` tree (its candidates are a subset of the probe's), so this is a lower bound of that tree's
-    accepted length, up to `depth` nodes; the chain (top-k 1) is exact.
+    accepted length, up to `depth` nodes; the chain (top-k 1) is exact. A prompt-lookup round (ranks
+    `LOOKUP_RANK`) fills every verify slot of the shape with its match, so it holds up to `depth * topk` nodes.
     """
+    from koala.engine.tree import LOOKUP_RANK
+
     total = 0
     for rs, k in zip(ranks, accepted):
+        if rs and rs[0] == LOOKUP_RANK:
+            total += min(k, depth * topk)
+            continue
         n = 0
         while n < min(depth, k) and rs[n] < topk:
             n += 1

@@ -215,6 +215,7 @@ def generate(
         m, k, t_draft, t_verify, r = _round(target, drafter, seq, n, gamma, tree, params, threshold, hidden, profile)
         if drafter is not None:
             draft_s, verify_s = draft_s + t_draft, verify_s + t_verify
+            accept_counts += [0] * (k + 1 - len(accept_counts))  # a lookup match fills a tree's every slot
             accept_counts[k] += 1
             rounds.append((m, k))
             ranks += [] if r is None else [r]

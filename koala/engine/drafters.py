@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from koala.engine.compile import AotStep
 from koala.engine.model import Transformer
 from koala.engine.sampling import SamplingParams, logits_to_probs, sample
-from koala.engine.tree import Tree, TreeBudget, chain_tree, grow, visible
+from koala.engine.tree import LOOKUP_RANK, Tree, TreeBudget, chain_tree, grow, visible
 from koala.errors import KoalaError
 from koala.models.vocab import load_draft_vocab
 
@@ -283,9 +283,11 @@ class PromptLookupDrafter:
         return tokens, F.one_hot(tokens, self.target_vocab).float()
 
     def propose_tree(self, seq, n, budget, params):
-        """The match as a one-branch tree of up to `budget.depth` tokens (nothing to branch on)."""
-        tokens, q = self.propose(seq, n, budget.depth, params)
-        return chain_tree(seq[n - 1], tokens, None if params.greedy else q)
+        """The match as a one-branch tree filling the shape's verify slots: up to `budget.nodes` tokens, not just its
+        depth. A match is copied text, and where the context repeats itself it goes on agreeing far past a drafter's
+        depth, while each verify slot costs what the shape was chosen to spend."""
+        tokens, q = self.propose(seq, n, max(budget.depth, budget.nodes), params)
+        return chain_tree(seq[n - 1], tokens, None if params.greedy else q, rank=LOOKUP_RANK)
 
     def commit(self, n_valid, hidden=None, start=0):
         pass

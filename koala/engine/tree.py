@@ -92,8 +92,8 @@ class Tree:
     tokens (N,), parents (N,) (root: 0), depth (N,) (root: 0), anc (N, N) bool: anc[i, j] when j is i or an
     ancestor of i. q (N, V): for sampled trees, the distribution node i's children were drawn from (None: greedy).
     rank (N,): a greedy node's index among the nodes its depth kept, best first (0: the drafter's own chain; at
-    depth 1 its rank among the root's children), from which `koala.engine.calibrate.path_length` tells whether a
-    narrower tree would have held it.
+    depth 1 its rank among the root's children; `LOOKUP_RANK` for a prompt-lookup match), from which
+    `koala.engine.calibrate.path_length` tells whether a narrower tree would have held it.
     """
 
     tokens: torch.Tensor
@@ -118,8 +118,13 @@ def ancestors(parents: torch.Tensor, depth: torch.Tensor, max_depth: int) -> tor
     return anc
 
 
-def chain_tree(root: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None) -> Tree:
-    """A chain of drafts as a tree (each node the one child of the one before): prompt lookup's match, k = 1."""
+LOOKUP_RANK = -1  # the rank of a prompt-lookup chain's nodes: copied text, held by any shape up to its node count
+
+
+def chain_tree(root: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None, rank: int = 0) -> Tree:
+    """A chain of drafts as a tree (each node the one child of the one before): prompt lookup's match, k = 1.
+    `rank`: its nodes' rank (`LOOKUP_RANK` for a lookup match, which `koala.engine.calibrate.path_length` counts
+    against a shape's node count rather than its depth)."""
     m, dev = drafts.shape[0], drafts.device
     tokens = torch.cat([root.view(1), drafts])
     idx = torch.arange(m + 1, device=dev)
@@ -127,7 +132,7 @@ def chain_tree(root: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None)
     if q is not None:
         qq = torch.cat([q, q.new_zeros(1, q.shape[-1])])  # row i: node i's one child was drawn from q[i]
     return Tree(tokens, (idx - 1).clamp_min(0), idx, torch.ones(m + 1, m + 1, dtype=torch.bool, device=dev).tril(),
-                qq, torch.zeros(m + 1, dtype=torch.long, device=dev))
+                qq, torch.full((m + 1,), rank, dtype=torch.long, device=dev))
 
 
 # expand(frontier node ids (W,), their tokens (W,), their parents' ids (W,), depth d of their children)

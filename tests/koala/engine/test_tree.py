@@ -92,7 +92,27 @@ def test_every_drafter_kind_gives_the_targets_greedy_output(target, budget):
               LookupFirstDrafter(ModelDrafter(target.truncated(1)))):
         res = generate(target, PROMPT, 40, drafter=d, eos_ids={1}, tree=budget)
         assert res.tokens == ref, d.name
-        assert all(0 <= k <= budget.depth for _, k in res.rounds)
+        lookup = isinstance(d, (PromptLookupDrafter, LookupFirstDrafter))
+        assert all(0 <= k <= (budget.nodes if lookup else budget.depth) for _, k in res.rounds)
+        if lookup:  # its matches verified past the tree's depth, and stayed lossless
+            assert any(m > budget.depth for m, _ in res.rounds), res.rounds
+
+
+def test_a_lookup_match_fills_the_shapes_verify_slots():
+    """Copied text goes on agreeing past a drafter's depth: a match drafts up to the shape's node count, and the
+    calibration counts a lookup round against a shape's nodes, a drafter's against its depth and top-k."""
+    from koala.engine.calibrate import path_length
+    from koala.engine.tree import LOOKUP_RANK
+
+    seq = torch.tensor([3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 3, 4, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    for d in (PromptLookupDrafter(vocab_size=V), LookupFirstDrafter(ModelDrafter(Transformer(tiny_llama(vocab=V))))):
+        d.reset(32)
+        tree = d.propose_tree(seq, 15, TreeBudget(2, 4, 8), SamplingParams())
+        assert tree.tokens.tolist() == [5, 6, 7, 8, 9, 10, 11, 12, 13] and tree.depth.tolist() == list(range(9))
+        assert tree.rank[1:].tolist() == [LOOKUP_RANK] * 8
+    lookup, drafted = [LOOKUP_RANK] * 7, [0, 1, 0]  # a lookup round of 7 and a drafter's round of 3
+    assert path_length([lookup, drafted], [7, 3], 2, 4) == (7 + 2) / 2  # 2 x 4 verifies 8 slots, 2 levels
+    assert path_length([lookup, drafted], [7, 3], 2, 1) == (2 + 1) / 2  # a chain of 2: 2 slots
 
 
 def test_pruning_keeps_every_nodes_parent_even_at_ties():
