@@ -335,10 +335,30 @@ def llamacpp_table() -> str:
     return text
 
 
+def wide_builds_table() -> str:
+    """The target's wide step by width: autotuned, untuned, and as the engine runs it (bench/wide_builds.py)."""
+    r = _load("wide_builds.json")
+    if not r:
+        return _missing("wide_builds.json", "python bench/wide_builds.py --json bench/results/wide_builds.json")
+    last = r["passes"][-1]
+    widths = list(last["engine"])
+    rows = ["| ms by width | " + " | ".join(widths) + " |", "|---" * (len(widths) + 1) + "|"]
+    for name in ("autotuned", "untuned", "engine"):
+        rows.append(f"| {name} | " + " | ".join(f"{last[name][w]:.1f}" if w in last[name] else "" for w in widths)
+                    + " |")
+    chosen = r["engine_builds"]
+    if isinstance(chosen, dict):
+        untuned = [w for w, b in chosen.items() if b == "untuned"]
+        chosen = f"the untuned build at widths {', '.join(untuned)}" if untuned else "the autotuned build throughout"
+    return ("\n".join(rows) + f"\n\nThe engine runs {chosen}. {r['dtype']}, the last of {len(r['passes'])} passes; "
+            f"`{r['command']}` on {_machine(r)}.")
+
+
 TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_table, "trees": trees_table,
           "default": default_table, "dtype": dtype_table,
           "fidelity": fidelity_table, "curve": curve_table, "load": load_table, "eagle3": eagle3_table,
-          "eagle3-data": eagle3_data_table, "ablation-losses": losses_table, "ablation-heads": heads_table}
+          "eagle3-data": eagle3_data_table, "ablation-losses": losses_table, "ablation-heads": heads_table,
+          "wide-builds": wide_builds_table}
 
 
 def _figure():

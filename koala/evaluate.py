@@ -233,10 +233,29 @@ def _fixed(cfg: EvalConfig) -> "int | TreeBudget | None":
 
 
 def _run(session: Session, cfg: EvalConfig, ids, drafter, gamma: int, profile: bool = False,
-         tree: TreeBudget | None = None):
-    return session.run(ids, cfg.max_new_tokens, drafter=drafter, gamma=gamma, temperature=cfg.temperature,
+         tree: TreeBudget | None = None, max_new_tokens: int | None = None):
+    return session.run(ids, max_new_tokens or cfg.max_new_tokens, drafter=drafter, gamma=gamma, temperature=cfg.temperature,
                        top_p=cfg.top_p, profile=profile, threshold=cfg.threshold if drafter is not None else None,
                        tree=tree if drafter is not None else None)
+
+
+PROBE_PROMPTS = 6  # prompts the draft shape is measured on: one repetitive prompt's long lookup rounds must not set it
+PROBE_TOKENS = 64  # new tokens per probe (at most the evaluation's)
+
+
+def _probes(session, cfg: EvalConfig, prompts, drafter, gamma: int, tree: TreeBudget | None = None) -> list:
+    """Profiled runs on the first PROBE_PROMPTS prompts, PROBE_TOKENS new tokens each. A run during which a step was
+    built (a wide step's first use, its builds timed) is run again: its times would price the compilation."""
+    out = []
+    for _, ids in prompts[:PROBE_PROMPTS]:
+        for _ in range(2):
+            before = compile_seconds()
+            r = _run(session, cfg, ids, drafter, gamma, profile=True, tree=tree,
+                     max_new_tokens=min(PROBE_TOKENS, cfg.max_new_tokens))
+            if compile_seconds() == before:
+                break
+        out.append(r)
+    return out
 
 
 def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: int, stage) -> dict:
@@ -255,7 +274,7 @@ def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: 
     # per decoded token, the loop included and the prefill not, as the rounds it is compared with are costed
     plain_ms = 1e3 * (plain.wall_s - plain.prefill_s) / max(len(plain.tokens) - 1, 1)
     chain_gamma = gamma if tree is None else gmax
-    probes = [_run(session, cfg, ids, drafter, chain_gamma, profile=True) for _, ids in prompts[:2]]
+    probes = _probes(session, cfg, prompts, drafter, chain_gamma)
     rounds = [r for p in probes for r in p.rounds]
     target_step_s = cost_curve(session)["ms"][1] / 1e3  # one decode step, measured apart (no prefill in it)
     drafter_step_s = sum(p.draft_s for p in probes) / max(sum(m for m, _ in rounds), 1)
@@ -264,7 +283,7 @@ def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: 
         probe = tree_probe_budget(getattr(drafter, "max_gamma", None))
         stage(f"draft shape auto: probes of a {probe} tree, the target's cost by width up to {probe.nodes + 1}")
         _run(session, cfg, prompts[0][1], drafter, probe.depth, tree=probe)  # warm (compiles the drafter's tree step)
-        tprobes = [_run(session, cfg, ids, drafter, probe.depth, profile=True, tree=probe) for _, ids in prompts[:2]]
+        tprobes = _probes(session, cfg, prompts, drafter, probe.depth, tree=probe)
         trounds = [r for p in tprobes for r in p.rounds]
         level_ms = 1e3 * sum(p.draft_s for p in tprobes) / max(len(trounds), 1) / probe.depth
         curve = cost_curve(session, max_width=probe.nodes + 1)

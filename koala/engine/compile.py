@@ -21,7 +21,9 @@ from there (about a second for the default target) by every later process on the
 `koala eval` or `make demo` compiles nothing. A package is keyed by everything its code depends on (the model's
 weights, dtype, cache size, the step's inputs and outputs, the engine's source, torch's and transformers' versions,
 the CPU model and its flags, the configured threads); a package that fails to load, or whose first output differs
-from the eager forward's on the same inputs, is rebuilt, never trusted. The inductor cache above serves the CUDA
+from the eager forward's on the same inputs, is rebuilt, never trusted. Where the autotuned wide step costs in
+proportion to its width, it is built a second time without autotuning and each width runs the faster build
+(`AotStep._by_width`). The inductor cache above serves the CUDA
 path and `KOALA_AOT=0`.
 """
 
@@ -50,6 +52,14 @@ _compile_s = 0.0
 _aot_steps = 0
 AOT_FORMAT = 2  # bumped when a package's inputs or outputs change meaning
 AOT_CACHE_GB = 8.0  # the packages kept on disk (least recently used first out); KOALA_AOT_CACHE_GB overrides
+# A wide step whose widest call costs more than this many of its narrowest is built a second time without
+# autotuning, and each width then runs the build that measured faster at it (`AotStep._by_width`). Autotuned
+# micro-kernels that fit their width read the weights once for 32 rows as for 2; ones that do not cost 10-15 times
+# as much at 32 (the default target on an AMD EPYC without AMX); a 1-layer head's attention and overheads alone
+# make it about 3.
+WIDE_SCALING = 4.0
+TIMED_WIDTHS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 24, 32)  # where the two builds of a wide step are compared
+UNTUNED = "default"  # inductor's mode without autotuning: the linears run oneDNN's (MKL's) GEMMs at every width
 
 
 def compile_seconds() -> float:
@@ -214,8 +224,11 @@ class AotStep:
         step = self.steps.get(sig)
         if step is None:
             global _aot_steps
-            step = self.steps[sig] = self._load_or_build(sig, args, caches)
+            step = self._load_or_build(sig, args, caches, self.mode)
             _aot_steps += 1
+            if sig[0] and self.mode != UNTUNED:
+                step = self._by_width(sig, args, caches, step)
+            self.steps[sig] = step
         return self._unpack(step(*args, *caches), hidden, logits)
 
     @staticmethod
@@ -225,8 +238,9 @@ class AotStep:
         return lg, (out.pop(0) if out else None)
 
     # -- the package cache ------------------------------------------------------------------------------------------
-    def key(self, sig: tuple) -> dict:
-        """Everything a package's code depends on (its file name is this dict's digest)."""
+    def key(self, sig: tuple, mode: str | None = None) -> dict:
+        """Everything a package's code depends on (its file name is this dict's digest); `mode`: inductor's, by
+        default the step's own."""
         from koala.engine.kv_cache import CacheView, KVCache
         from koala.precision import cpu_flags
         from koala.threads import configured as configured_threads, cpu_model
@@ -236,22 +250,24 @@ class AotStep:
         src = (Path(sys.modules[type(self.model).__module__].__file__).read_text() + inspect.getsource(KVCache)
                + inspect.getsource(CacheView) + inspect.getsource(_StepModule))
         wide, embeds, hidden, logits, tree, pos_dim, batch, slots = sig
+        mode = mode or self.mode
         return {
             "format": AOT_FORMAT, "weights": self.weights_digest(), "dtype": str(self.model.dtype),
             "features_before_norm": self.model.features_before_norm, "slots": slots, "batch": batch,
             "width": f"2..{MAX_STEP_WIDTH}" if wide else "1", "embeds": embeds,
             "hidden": list(hidden) if isinstance(hidden, tuple) else hidden,
-            "logits": logits, "tree": tree, "pos_dim": pos_dim, "mode": self.mode,
+            "logits": logits, "tree": tree, "pos_dim": pos_dim, "mode": mode,
             "engine_source": hashlib.sha256(src.encode()).hexdigest(), "torch": torch.__version__,
             "transformers": transformers.__version__, "cpu": cpu_model(), "cpu_flags": cpu_flags(),
             "threads": configured_threads(),  # not the momentary count CoreShare may have lowered
-            "inductor": self.inductor_configs(),
+            "inductor": self.inductor_configs(mode),
         }
 
-    def inductor_configs(self) -> dict:
-        """AOTInductor's settings: frozen weights, autotuned GEMMs, and linears that read one input concatenated
-        (q, k, v; gate and up): fewer, wider GEMMs, a parallel region less for each group."""
-        return {"freezing": True, "max_autotune": self.mode.startswith("max-autotune"), "cpp.enable_concat_linear": True}
+    def inductor_configs(self, mode: str | None = None) -> dict:
+        """AOTInductor's settings: frozen weights, autotuned GEMMs (max-autotune modes), and linears that read one
+        input concatenated (q, k, v; gate and up): fewer, wider GEMMs, a parallel region less for each group."""
+        return {"freezing": True, "max_autotune": (mode or self.mode).startswith("max-autotune"),
+                "cpp.enable_concat_linear": True}
 
     def weights_digest(self) -> str:
         """A digest of the model's weights: names, shapes, dtypes, each tensor's sum and a strided sample of it."""
@@ -266,8 +282,8 @@ class AotStep:
             self._weights = h.hexdigest()
         return self._weights
 
-    def _load_or_build(self, sig: tuple, args: list, caches: list) -> Callable:
-        key = self.key(sig)
+    def _load_or_build(self, sig: tuple, args: list, caches: list, mode: str) -> Callable:
+        key = self.key(sig, mode)
         path = aot_dir() / f"{digest(key)}.pt2"
         if path.exists():
             step = _load_package(path)
@@ -277,7 +293,7 @@ class AotStep:
                 return step
             print(f"[koala] compiled step {path.name} is stale or corrupt: rebuilding it", file=sys.stderr)
             path.unlink(missing_ok=True)
-        step = self._build(sig, args, caches, path, key)
+        step = self._build(sig, args, caches, path, key, mode)
         self.built += 1
         _prune(path.parent, keep=path)
         if not self._agrees(step, args, caches, sig):
@@ -310,14 +326,76 @@ class AotStep:
                 return False
         return all((a - b).abs().max() <= tol * max(1.0, b.abs().max().item()) for a, b in zip(mine, theirs))
 
-    def _build(self, sig: tuple, args: list, caches: list, path: Path, key: dict) -> Callable:
+    def _by_width(self, sig: tuple, args: list, caches: list, tuned: Callable) -> Callable:
+        """The wide step, or the faster of two builds at each width where autotuning fits its width poorly.
+
+        Autotuning picks each GEMM's kernel at one width, and the symbolic width then runs it at all of them: on a
+        CPU without AMX the micro-kernels chosen for a few rows cost in proportion to the rows (a 20-token verify
+        at 7 times a 2-token one), where oneDNN's GEMMs read the weights once for any width. So the tuned step is
+        timed at its narrowest and widest widths; where the widest costs more than WIDE_SCALING of the narrowest,
+        the step is built again without autotuning, both are timed at TIMED_WIDTHS and each width runs the build
+        faster at the nearest timed width at or below it. The choice is stored beside the packages (once per
+        machine, under the same key)."""
+        key = {**self.key(sig), "by_width": list(TIMED_WIDTHS), "scaling": WIDE_SCALING, "untuned": UNTUNED}
+        path = aot_dir() / f"{digest(key)}.widths.json"
+        try:
+            choice = {int(w): int(i) for w, i in json.loads(path.read_text())["build_by_width"].items()}
+        except (OSError, ValueError, KeyError, AttributeError):
+            choice = None
+        untuned = None
+        if choice is None:
+            global _compile_s
+            t = time.perf_counter()
+            ends = self._time_widths(tuned, args, caches, (TIMED_WIDTHS[0], TIMED_WIDTHS[-1]))
+            ms: dict = {"tuned": ends}
+            if ends[TIMED_WIDTHS[-1]] <= WIDE_SCALING * ends[TIMED_WIDTHS[0]]:
+                choice = {w: 0 for w in TIMED_WIDTHS}
+            else:
+                untuned = self._load_or_build(sig, args, caches, UNTUNED)
+                ms = {"tuned": self._time_widths(tuned, args, caches, TIMED_WIDTHS),
+                      "untuned": self._time_widths(untuned, args, caches, TIMED_WIDTHS)}
+                choice = {w: int(ms["untuned"][w] < ms["tuned"][w]) for w in TIMED_WIDTHS}
+                print("[koala] wide steps, ms by width, autotuned / not: " + ", ".join(
+                    f"{w}: {ms['tuned'][w]:.1f} / {ms['untuned'][w]:.1f}" for w in TIMED_WIDTHS), file=sys.stderr)
+            with atomic_path(path) as tmp:
+                Path(tmp).write_text(json.dumps({"key": key, "ms": ms, "build_by_width": choice}, indent=1))
+            _compile_s += time.perf_counter() - t  # building a step includes choosing its builds
+        if not any(choice.values()):
+            return tuned
+        return _ByWidth([tuned, untuned or self._load_or_build(sig, args, caches, UNTUNED)], choice)
+
+    def _time_widths(self, step: Callable, args: list, caches: list, widths) -> dict[int, float]:
+        """Median ms of the step at each width, on inputs shaped like `args` (the first token's, repeated) and on
+        copies of the caches; each width in a run of its own calls, as decoding makes them."""
+        x, pos = args[0], args[1]
+        slots, out = self.model.max_seq_len, {}
+        p0 = max(0, min(256, slots - MAX_STEP_WIDTH - 1))
+        kv = [c.clone() for c in caches]
+        with torch.no_grad():
+            for w in widths:
+                p = torch.arange(p0, p0 + w, device=pos.device)
+                a = [x[:, :1].expand(x.shape[0], w, *x.shape[2:]).contiguous(),
+                     p if pos.dim() == 1 else p.expand(pos.shape[0], w).contiguous()]
+                if len(args) > 2:  # a tree's positions and the slots each node sees (a chain's, here)
+                    S = min(slots, -(-(p0 + w) // SLOT_ROUND) * SLOT_ROUND)
+                    a += [p, torch.arange(S, device=pos.device) <= p[:, None]]
+                ts = []
+                for i in range(7):  # two untimed calls bring this width's step in
+                    t = time.perf_counter()
+                    step(*a, *kv)
+                    if i >= 2:
+                        ts.append((time.perf_counter() - t) * 1e3)
+                out[w] = sorted(ts)[len(ts) // 2]
+        return out
+
+    def _build(self, sig: tuple, args: list, caches: list, path: Path, key: dict, mode: str) -> Callable:
         """Export the step here (seconds), compile the package in a child process (minutes): a process that had
         compiled its own packages measured half the decoding speed of a fresh one loading the same packages, and a
         child takes the compiler's memory, workers and threads with it when it exits."""
         global _compile_s
         wide = sig[0]
         what = (f"{'one-token' if not wide else f'2-{MAX_STEP_WIDTH}-token'} step of a {len(self.model.layers)}-layer "
-                f"model ({key['dtype'].removeprefix('torch.')})")
+                f"model ({key['dtype'].removeprefix('torch.')}{', without autotuning' if mode == UNTUNED else ''})")
         t = time.perf_counter()
         with _progress(f"compiling the {what}, once for this machine"):
             module = _StepModule(self.model, *sig[1:5])
@@ -340,7 +418,7 @@ class AotStep:
                 Path(exported.name).write_bytes(buf.getbuffer())
                 del buf
                 del ep
-                configs = self.inductor_configs()
+                configs = self.inductor_configs(mode)
                 _compile_in_child(Path(exported.name), package, configs)
             path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
         _compile_s += time.perf_counter() - t
@@ -375,6 +453,18 @@ def _child_main(exported: str, package: str, configs: str) -> None:
         buf = io.BytesIO()  # AOTInductor names its file *.pt2; the caller's temporary sibling is not
         torch._inductor.aoti_compile_and_package(ep, package_path=buf, inductor_configs=json.loads(configs))
     Path(package).write_bytes(buf.getbuffer())
+
+
+class _ByWidth:
+    """Two builds of one wide step, each width run by the build `AotStep._by_width` measured faster at it."""
+
+    def __init__(self, steps: list[Callable], choice: dict[int, int]):
+        self.steps = steps
+        timed = sorted(choice)
+        self.build = {w: choice[max([t for t in timed if t <= w] or timed[:1])] for w in range(2, MAX_STEP_WIDTH + 1)}
+
+    def __call__(self, x, *rest):
+        return self.steps[self.build[x.shape[1]]](x, *rest)
 
 
 class _StepModule(torch.nn.Module):

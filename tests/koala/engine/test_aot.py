@@ -107,3 +107,56 @@ def test_an_eagle_drafter_runs_its_wide_steps_ahead_of_time_and_stays_lossless(c
     d.reset(64)
     assert generate(target, PROMPT, 16, drafter=d, tree=TreeBudget(2, 2, 4)).tokens == ref
     assert engine.compiled.built + engine.compiled.loaded == 2  # the one-token step and the wide step (tree levels)
+
+
+def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_width(cache, monkeypatch):
+    """Autotuned kernels fit to a few rows: where the tuned wide step's widest call costs more than WIDE_SCALING of
+    its narrowest, the step is built again without autotuning and each width runs the build timed faster at it;
+    the choice is stored once per machine, and both builds decode what the eager forward does. (Timings fixed here:
+    which build is faster is the machine's to say.)"""
+    import koala.engine.compile as C
+
+    hf = tiny_llama(layers=2, vocab=V, seed=5)
+    eager = Transformer(hf)
+    timed = []
+
+    def fixed(costs):
+        def time_widths(self, step, args, caches, widths):
+            timed.append(step)
+            return {w: costs[len(timed) - 1](w) for w in widths}
+        return time_widths
+
+    def wide_steps(model):
+        (step,) = [s for sig, s in model.compiled.steps.items() if sig[0]]
+        return step
+
+    def decode(model):  # a prefill, then steps of 2, 3 and 8 tokens: their logits
+        model.setup_caches(32)
+        with torch.no_grad():
+            model.step(torch.tensor([PROMPT]), torch.arange(6), 6, eager=True)
+            return [model.step(torch.tensor([PROMPT[:w] + [5] * (w - 6)]) if w > 6 else torch.tensor([PROMPT[:w]]),
+                               torch.arange(6, 6 + w), 6 + w)[0] for w in (2, 3, 8)]
+
+    want = decode(eager)
+    # the tuned step costs about the same at every width: it is kept, alone
+    monkeypatch.setattr(AotStep, "_time_widths", fixed([lambda w: 10.0 + 0.1 * w]))
+    flat = Transformer(hf).compile()
+    decode(flat)
+    assert not isinstance(wide_steps(flat), C._ByWidth) and flat.compiled.built == 1  # the tuned wide step only
+    (choice,) = cache.glob("*.widths.json")
+    choice.unlink()
+    # the tuned step costs in proportion to its width: built again untuned, which serves the widths it is faster at
+    timed.clear()
+    monkeypatch.setattr(AotStep, "_time_widths", fixed([lambda w: 10.0 * w, lambda w: 10.0 * w, lambda w: 25.0]))
+    steep = Transformer(hf).compile()
+    got = decode(steep)
+    step = wide_steps(steep)
+    assert isinstance(step, C._ByWidth) and (steep.compiled.built, steep.compiled.loaded) == (1, 1)
+    assert step.build[2] == 0 and step.build[3] == step.build[8] == step.build[C.MAX_STEP_WIDTH] == 1
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-4)
+    # a later engine on this machine reads the choice: nothing timed, nothing built
+    monkeypatch.setattr(AotStep, "_time_widths", lambda *a: pytest.fail("timed again"))
+    again = Transformer(hf).compile()
+    decode(again)
+    assert isinstance(wide_steps(again), C._ByWidth) and (again.compiled.built, again.compiled.loaded) == (0, 2)
