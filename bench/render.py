@@ -354,11 +354,27 @@ def wide_builds_table() -> str:
             f"`{r['command']}` on {_machine(r)}.")
 
 
+def lookup_depth_table() -> str:
+    """Prompt lookup's accepted length by the n-gram it matched, from a run's greedy samples (bench/lookup_depth.py)."""
+    r = _load("lookup_depth.json")
+    if not r:
+        return _missing("lookup_depth.json", "python bench/lookup_depth.py runs/smoke/data --json "
+                                             "bench/results/lookup_depth.json")
+    depths = [d for d in (1, 2, 4, 8, 12) if str(d) in next(iter(r["by_ngram"].values()))["accepted_at_least"]]
+    rows = ["| n-gram matched | share of positions | mean accepted of " + str(r["depth"]) + " | "
+            + " | ".join(f"P(accepted >= {d})" for d in depths) + " |", "|---" * (3 + len(depths)) + "|"]
+    for size, e in r["by_ngram"].items():
+        rows.append(f"| {size if size != '0' else 'none'} | {e['share_of_positions']:.1%} | {e['mean_accepted']:.2f} | "
+                    + " | ".join(f"{e['accepted_at_least'][str(d)]:.2f}" for d in depths) + " |")
+    return ("\n".join(rows) + f"\n\n{r['answers']} greedy answers of the target ({r['positions']} positions) in "
+            f"`{r['data']}`; `{r['command']}` on {_machine(r)}.")
+
+
 TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_table, "trees": trees_table,
           "default": default_table, "dtype": dtype_table,
           "fidelity": fidelity_table, "curve": curve_table, "load": load_table, "eagle3": eagle3_table,
           "eagle3-data": eagle3_data_table, "ablation-losses": losses_table, "ablation-heads": heads_table,
-          "wide-builds": wide_builds_table}
+          "wide-builds": wide_builds_table, "lookup-depth": lookup_depth_table}
 
 
 def _figure():

@@ -205,7 +205,7 @@ def generate(
     n, forwards, draft_s, verify_s = T + 1, 1, 0.0, 0.0
     if h is not None:
         drafter.commit(n, h[0], 0)
-    accept_counts, rounds, ranks = [0] * ((gamma if drafter is not None else 0) + 1), [], []
+    accept_counts, rounds, ranks = [0] * (_longest_round(drafter, gamma, tree) + 1), [], []
     emitted, prefill_s = [int(seq[T])], time.perf_counter() - start  # the first token read, then the clock
     if stream:
         stream(emitted[:], 0)
@@ -215,7 +215,6 @@ def generate(
         m, k, t_draft, t_verify, r = _round(target, drafter, seq, n, gamma, tree, params, threshold, hidden, profile)
         if drafter is not None:
             draft_s, verify_s = draft_s + t_draft, verify_s + t_verify
-            accept_counts += [0] * (k + 1 - len(accept_counts))  # a lookup match fills a tree's every slot
             accept_counts[k] += 1
             rounds.append((m, k))
             ranks += [] if r is None else [r]
@@ -263,6 +262,12 @@ def _start(target: Transformer, drafter: Drafter | None, prompt: list[int], max_
     seq = torch.zeros(max_len, dtype=torch.long, device=target.device)
     seq[:len(prompt)] = torch.tensor(prompt, device=target.device)
     return seq, gamma, tree
+
+
+def _longest_round(drafter: Drafter | None, gamma: int, tree: TreeBudget | None) -> int:
+    """The most drafts one round can accept: a chain's gamma, a tree's node count (a prompt-lookup match fills every
+    verify slot of the shape), none without a drafter."""
+    return 0 if drafter is None else gamma if tree is None else max(gamma, tree.nodes)
 
 
 def _until_eos(new: list[int], eos_ids) -> list[int]:

@@ -267,17 +267,20 @@ class PromptLookupDrafter:
     def reset(self, max_seq_len: int) -> None:
         pass
 
-    def propose(self, seq, n, gamma, params, threshold=None):
-        ids = seq[:n].tolist()  # host-side search: this baseline has no device work to keep on the device
-        draft: list[int] = []
+    def match(self, ids: list[int], gamma: int) -> tuple[int, list[int]]:
+        """(size of the longest n-gram ending `ids` that occurred before, up to `gamma` tokens that followed its
+        latest earlier occurrence); (0, []) when even the last token is new."""
+        n = len(ids)
         for size in range(min(self.max_ngram, n - 1), 0, -1):
             tail = ids[n - size:]
             for start in range(n - size - 1, -1, -1):
                 if ids[start:start + size] == tail:
-                    draft = ids[start + size:start + size + gamma]
-                    break
-            if draft:
-                break
+                    return size, ids[start + size:start + size + gamma]
+        return 0, []
+
+    def propose(self, seq, n, gamma, params, threshold=None):
+        # host-side search: this baseline has no device work to keep on the device
+        _, draft = self.match(seq[:n].tolist(), gamma)
         tokens = torch.tensor(draft, dtype=torch.long, device=seq.device)
         # q is one-hot: the rejection rule then accepts token x with probability p(x), which keeps sampling exact.
         return tokens, F.one_hot(tokens, self.target_vocab).float()

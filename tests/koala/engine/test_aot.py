@@ -119,6 +119,7 @@ def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_w
     hf = tiny_llama(layers=2, vocab=V, seed=5)
     eager = Transformer(hf)
     timed = []
+    monkeypatch.setattr(C, "UNTUNED", "default-second")  # two quick builds stand for the tuned and untuned ones
 
     def fixed(costs):
         def time_widths(self, step, args, caches, widths):
@@ -140,7 +141,7 @@ def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_w
     want = decode(eager)
     # the tuned step costs about the same at every width: it is kept, alone
     monkeypatch.setattr(AotStep, "_time_widths", fixed([lambda w: 10.0 + 0.1 * w]))
-    flat = Transformer(hf).compile()
+    flat = Transformer(hf).compile(mode="default")
     decode(flat)
     assert not isinstance(wide_steps(flat), C._ByWidth) and flat.compiled.built == 1  # the tuned wide step only
     (choice,) = cache.glob("*.widths.json")
@@ -148,7 +149,7 @@ def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_w
     # the tuned step costs in proportion to its width: built again untuned, which serves the widths it is faster at
     timed.clear()
     monkeypatch.setattr(AotStep, "_time_widths", fixed([lambda w: 10.0 * w, lambda w: 10.0 * w, lambda w: 25.0]))
-    steep = Transformer(hf).compile()
+    steep = Transformer(hf).compile(mode="default")
     got = decode(steep)
     step = wide_steps(steep)
     assert isinstance(step, C._ByWidth) and (steep.compiled.built, steep.compiled.loaded) == (1, 1)
@@ -157,6 +158,6 @@ def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_w
         assert torch.allclose(g, w, atol=1e-4)
     # a later engine on this machine reads the choice: nothing timed, nothing built
     monkeypatch.setattr(AotStep, "_time_widths", lambda *a: pytest.fail("timed again"))
-    again = Transformer(hf).compile()
+    again = Transformer(hf).compile(mode="default")
     decode(again)
     assert isinstance(wide_steps(again), C._ByWidth) and (again.compiled.built, again.compiled.loaded) == (0, 2)
