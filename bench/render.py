@@ -280,10 +280,15 @@ def trees_table() -> str:
 
 
 def demo_table() -> str:
-    """`make demo` twice on one fresh clone: the first on an empty cache, the second with everything compiled."""
-    r = _load("demo.json")
-    if not r:
+    """`make demo` twice on one fresh clone: the first on an empty cache, the second with everything compiled; one
+    table per machine (demo.json, demo-*.json)."""
+    names = sorted(f.name for f in RESULTS.glob("demo*.json"))
+    if not names:
         return _missing("demo.json", "bench/run_summary.py runs/smoke --log SECOND.log --before FIRST.log")
+    return "\n\n".join(_demo(_load(name)) for name in names)
+
+
+def _demo(r: dict) -> str:
     rows = ["| run | wall time | compile | τ | speed-up (95% CI) | tokens/s spec / AR | lossless | promoted |",
             "|---|---|---|---|---|---|---|---|"]
     for name, f in (("first, empty cache", r.get("first_run")), ("again, same clone", r["run"])):
