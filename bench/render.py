@@ -304,10 +304,15 @@ def _demo(r: dict) -> str:
 
 def llamacpp_table() -> str:
     """koala's engine beside llama.cpp on the same prompts, threads and weights (bench/llamacpp.py); llama.cpp with
-    a koala drafter as its draft model where the run had one."""
-    r = _load("llamacpp.json")
-    if not r:
+    a koala drafter as its draft model where the run had one. One table per machine (llamacpp.json,
+    llamacpp-*.json)."""
+    names = sorted(f.name for f in RESULTS.glob("llamacpp*.json"))
+    if not names:
         return _missing("llamacpp.json", "python bench/llamacpp.py --json bench/results/llamacpp.json")
+    return "\n\n".join(_llamacpp(_load(name)) for name in names)
+
+
+def _llamacpp(r: dict) -> str:
     rows = ["| weights | llama.cpp tokens/s (decode only) | koala autoregressive (decode only) | koala speculative "
             "(decode only), τ | koala AR / llama.cpp | koala speculative / llama.cpp |", "|---|---|---|---|---|---|"]
     pairs = {"F32": "float32", "BF16": "bfloat16"}
