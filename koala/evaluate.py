@@ -176,7 +176,7 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
     cal = _warm_up_and_choose_gamma(session, drafter, prompts, cfg, gmax, stage)
     gamma, tree = cal["gamma"], cal["tree"]
     stage(f"eval ({'tree ' + str(tree) if tree else f'gamma {gamma}'})")
-    rows, accept_total, all_rounds, ranks = [], [0] * (gamma + 1), [], []
+    rows, accept_total, all_rounds = [], [0] * (gamma + 1), []
     assistant = hf_assistant(drafter) if cfg.hf_baselines else None
     for i, (rec, ids) in enumerate(prompts):
         check()  # SIGINT/SIGTERM: stop between prompts
@@ -184,7 +184,6 @@ def evaluate(session: Session, drafter_spec: str, cfg: EvalConfig, out_dir: str 
         row, sp = _measure_prompt(session, drafter, cfg, gamma, i, rec, ids, assistant, tree)
         accept_total = [a + b for a, b in itertools.zip_longest(accept_total, sp.accept_counts, fillvalue=0)]
         all_rounds += sp.rounds
-        ranks += sp.ranks
         rows.append(row)
         if progress:
             progress(i + 1, len(prompts), row)
@@ -234,8 +233,9 @@ def _fixed(cfg: EvalConfig) -> "int | TreeBudget | None":
 
 def _run(session: Session, cfg: EvalConfig, ids, drafter, gamma: int, profile: bool = False,
          tree: TreeBudget | None = None, max_new_tokens: int | None = None):
-    return session.run(ids, max_new_tokens or cfg.max_new_tokens, drafter=drafter, gamma=gamma, temperature=cfg.temperature,
-                       top_p=cfg.top_p, profile=profile, threshold=cfg.threshold if drafter is not None else None,
+    return session.run(ids, max_new_tokens or cfg.max_new_tokens, drafter=drafter, gamma=gamma,
+                       temperature=cfg.temperature, top_p=cfg.top_p, profile=profile,
+                       threshold=cfg.threshold if drafter is not None else None,
                        tree=tree if drafter is not None else None)
 
 

@@ -23,8 +23,7 @@ weights, dtype, cache size, the step's inputs and outputs, the engine's source, 
 the CPU model and its flags, the configured threads); a package that fails to load, or whose first output differs
 from the eager forward's on the same inputs, is rebuilt, never trusted. Where the autotuned wide step costs in
 proportion to its width, it is built a second time without autotuning and each width runs the faster build
-(`AotStep._by_width`). The inductor cache above serves the CUDA
-path and `KOALA_AOT=0`.
+(`AotStep._by_width`). The inductor cache above serves the CUDA path and `KOALA_AOT=0`.
 """
 
 from __future__ import annotations
