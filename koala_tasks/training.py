@@ -63,23 +63,24 @@ def train_drafter(cfg: KoalaConfig, recipe: Recipe, out_dir: str, data_dir: str 
         tr.log_metrics(metrics, step=step)
 
     name = _run_name(cfg, recipe, data_dir)
+    log = get_run_logger()  # a progress line (rate, ETA) every few seconds: a worker's log is not a terminal
     with Tracker.start(uri, cfg.tracking.experiment, name, parent_run_id=parent_run_id) as tr:
         tr.log_params({"training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump(),
                        "data_dir": data_dir, "init_from": init_from})
         if recipe == "pretrain":
-            path = recipes.pretrain(cfg, s.target, out_dir, resume="auto", on_log=on_log, progress=False)
+            path = recipes.pretrain(cfg, s.target, out_dir, resume="auto", on_log=on_log, progress=log.info)
         elif recipe == "distill":
             path = recipes.distill(cfg, s.target, data_dir, out_dir, resume="auto", init_from=init_from,
-                                   on_log=on_log, progress=False)
+                                   on_log=on_log, progress=log.info)
         else:
-            path = recipes.train_heads(cfg, s.target, data_dir, out_dir, on_log=on_log, progress=False,
+            path = recipes.train_heads(cfg, s.target, data_dir, out_dir, on_log=on_log, progress=log.info,
                                        init_from=init_from, heldout_dir=heldout_dir, resume="auto")
         tr.log_artifact(training_curves(history, Path(out_dir) / f"{recipe}_curves.png", name))
         info = path / ("heads.json" if recipe == "heads" else "koala.json")
         if info.exists():
             tr.log_artifact(info)
         run_id = tr.run_id
-    get_run_logger().info("%s: %s", name, path)
+    log.info("%s: %s", name, path)
     return TrainedDrafter(spec=f"heads:{path}" if recipe == "heads" else str(path), dir=str(path), run_id=run_id,
                           metrics=history[-1][1] if history else {})
 

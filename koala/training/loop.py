@@ -31,6 +31,7 @@ from koala.training.data import DataOrder, SequenceData, len_positions
 from koala.training.objectives import Objective, heldout_metrics
 
 LogFn = Callable[[int, dict], None]
+LogLine = Callable[[str], None]  # a run's logger: progress lines go there when training runs unattended
 
 
 def schedule(cfg: TrainingConfig, steps: int):
@@ -60,7 +61,7 @@ def init_distributed() -> None:
 
 def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir: str | Path, steps: int, *,
           heldout: SequenceData | None = None, resume: bool | str = False, fingerprint: str | None = None,
-          on_log: LogFn | None = None, progress: bool = True, desc: str = "train",
+          on_log: LogFn | None = None, progress: bool | LogLine = True, desc: str = "train",
           compute: precision.ComputeDtype | None = None) -> dict:
     """Minimise `objective` over `data` for `steps` optimizer steps; returns the last logged metrics.
 
@@ -74,6 +75,8 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
             training's); "auto": continue it if there is one; False: start over (see claim_checkpoints).
         fingerprint: what this training is (config, data, starting weights); checkpoints of another are not resumed.
         on_log: called with (step, metrics) every step, on rank 0.
+        progress: a bar on the terminal (True), none (False), or a line with the bar's rate and ETA passed to this
+            function (a run's logger) at most every PROGRESS_LOG_S seconds, and at the end.
         compute: the forward and loss under bf16 autocast or in float32 (koala.precision.for_model); None: bf16 on
             CUDA, float32 on a CPU. Part of the fingerprint a resume checks: bitwise resume holds within one dtype.
 
@@ -93,7 +96,7 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
         compute = precision.ComputeDtype("bfloat16" if device.type == "cuda" else "float32", "the loop's default")
     autocast = compute.autocast(device)
     metrics: dict = {}
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=desc, disable=not progress or rank != 0)
+    bar = _bar(range(start, steps), start, steps, desc, progress if rank == 0 else False)
     for step in bar:
         check()  # SIGINT/SIGTERM: stop between optimizer steps (the last checkpoint is kept)
         t0 = time.perf_counter()
@@ -105,7 +108,7 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
                    "tokens_per_s": tokens / (time.perf_counter() - t0), **extra}
         if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
             metrics.update(heldout_metrics(objective, heldout, device))
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
         if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps) and rank == 0:
             save_checkpoint(out, step + 1, objective.model, opt, sched, order.state(), objective.stateful())
             fault("train.checkpoint")
@@ -116,6 +119,32 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
     if world_size > 1:  # no rank goes on to save the result before rank 0 has written the last checkpoint
         dist.barrier()
     return metrics
+
+
+PROGRESS_LOG_S = 20.0  # seconds between progress lines written to a log
+
+
+class _LogLines:
+    """A file for tqdm that hands each of its refreshed lines, whole, to a log function."""
+
+    def __init__(self, log: LogLine):
+        self.log = log
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            self.log(line)
+
+    def flush(self) -> None:
+        pass
+
+
+def _bar(steps_left, start: int, steps: int, desc: str, progress: bool | LogLine):
+    """The steps to run, with the progress `train` was asked for (see its `progress`)."""
+    if callable(progress):
+        return tqdm(steps_left, initial=start, total=steps, desc=desc, unit="step", file=_LogLines(progress),
+                    mininterval=PROGRESS_LOG_S, ascii=True, ncols=100)
+    return tqdm(steps_left, initial=start, total=steps, desc=desc, unit="step", disable=not progress)
 
 
 def _optimizer(objective: Objective, cfg: TrainingConfig, steps: int, world_size: int):

@@ -25,7 +25,7 @@ from koala.models.vocab import load_draft_vocab
 from koala.targets import Target
 from koala.training.checkpoints import training_fingerprint, weights_digest
 from koala.training.data import draft_vocab_for, training_data
-from koala.training.loop import LogFn, train, world
+from koala.training.loop import LogFn, LogLine, train, world
 from koala.training.features import FeatureSource
 from koala.training.heads_objectives import HeadsObjective, heads_objective
 from koala.training.objectives import Distill, NextToken, adversarial_if
@@ -34,7 +34,7 @@ FINAL = "drafter"
 
 
 def pretrain(cfg: KoalaConfig, target: Target, out_dir: str | Path, steps: int | None = None, resume: bool | str = False,
-             on_log: LogFn | None = None, progress: bool = True) -> Path:
+             on_log: LogFn | None = None, progress: bool | LogLine = True) -> Path:
     """Pretrain a drafter with the next-token loss on text; returns out_dir/drafter."""
     steps = steps or cfg.training.pretrain_steps
     if steps < 1:
@@ -54,7 +54,7 @@ def pretrain(cfg: KoalaConfig, target: Target, out_dir: str | Path, steps: int |
 
 def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str | Path, loss: str | None = None,
             steps: int | None = None, resume: bool | str = False, init_from: str | Path | None = None,
-            on_log: LogFn | None = None, online_teacher: bool = False, progress: bool = True) -> Path:
+            on_log: LogFn | None = None, online_teacher: bool = False, progress: bool | LogLine = True) -> Path:
     """Distil a drafter on the target's samples; returns the saved drafter directory (out_dir/drafter).
 
     Raises:
@@ -85,7 +85,7 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
 
 def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str | Path, kind: str | None = None,
                 layers: int | None = None, adversarial: bool | None = None, steps: int | None = None,
-                on_log: LogFn | None = None, progress: bool = True, init_from: str | Path | None = None,
+                on_log: LogFn | None = None, progress: bool | LogLine = True, init_from: str | Path | None = None,
                 heldout_dir: str | Path | None = None, resume: bool | str = False) -> Path:
     """Train Medusa or EAGLE heads on a distillation set; returns out_dir/heads (load with `heads:PATH`).
 

@@ -347,3 +347,23 @@ def test_saved_drafter_reloads_and_is_a_lossless_assistant(default_session, tmp_
     engine_drafter = s.drafter(str(path))
     ar = s.run(ids[0].tolist(), 20)
     assert s.run(ids[0].tolist(), 20, drafter=engine_drafter, gamma=3).tokens == ar.tokens
+
+
+
+def test_unattended_training_logs_its_rate_and_eta(tmp_path, monkeypatch):
+    """A worker's log is not a terminal: given a log function, the loop writes the bar's line to it (steps done, rate,
+    time left) at most every PROGRESS_LOG_S seconds, and once at the end."""
+    import koala.training.loop as L
+
+    rows = [{**r, "prompt_len": 1} for r in synthetic_rows()]
+    monkeypatch.setattr(L, "PROGRESS_LOG_S", 0.0)
+    lines: list[str] = []
+    fit(tiny_llama(layers=1, vocab=V), SequenceData(rows, 32, 0), cfg(), tmp_path, mode="pretrain",
+        progress=lines.append)
+    assert len(lines) > 2 and all("\r" not in ln for ln in lines)
+    assert "6/6" in lines[-1] and "step" in lines[-1] and "<" in lines[-1]  # done of total, rate, elapsed<left
+    monkeypatch.setattr(L, "PROGRESS_LOG_S", 3600.0)
+    quiet: list[str] = []
+    fit(tiny_llama(layers=1, vocab=V), SequenceData(rows, 32, 0), cfg(), tmp_path / "again", mode="pretrain",
+        progress=quiet.append)
+    assert len(quiet) <= 2  # the first line and the last
