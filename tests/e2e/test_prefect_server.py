@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,27 @@ from tests.koala.data.test_shards import tiny_target_dir  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
+STOP_GRACE_S = 5.0  # a Prefect worker asked to stop can take longer than its test; by then its work is checked
+
+
+def stop_all(procs: list[subprocess.Popen], group: bool = False) -> None:
+    """SIGTERM every process (its process group with `group`), one shared grace period, then SIGKILL the rest."""
+    def send(p, sig):
+        try:
+            os.killpg(p.pid, sig) if group else p.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+    for p in procs:
+        if p.poll() is None:
+            send(p, signal.SIGTERM)
+    end = time.monotonic() + STOP_GRACE_S
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            send(p, signal.SIGKILL)
+            p.wait()
 
 
 STATUS_SCRIPT = """
@@ -35,7 +58,8 @@ def test_worker_runs_the_deployed_pipeline(tmp_path, tiny_target_dir):  # noqa: 
     env = server_env(tmp_path, api, KOALA_HOME=str(ROOT), PYTHONPATH=str(ROOT), PATH=f"{BIN}:{os.environ['PATH']}")
     prefect = str(BIN / "prefect")
     server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
-                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT)
+                              stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)  # stopped with the processes it starts
     worker = None
     try:
         wait_healthy(api)
@@ -46,7 +70,8 @@ def test_worker_runs_the_deployed_pipeline(tmp_path, tiny_target_dir):  # noqa: 
         r = run(prefect, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml", "--name", "on-demand")
         assert r.returncode == 0, r.stdout + r.stderr
         worker = subprocess.Popen([prefect, "worker", "start", "--pool", "gpu", "--name", "test-worker"], env=env,
-                                  cwd=ROOT, stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT)
+                                  cwd=ROOT, stdout=open(tmp_path / "worker.log", "w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
         cfg = tiny_config(tmp_path, tiny_target_dir)
         params = json.dumps({"config_path": str(cfg)})
         r = run(prefect, "deployment", "run", "koala-pipeline/on-demand", "--params", params, "--watch",
@@ -73,10 +98,4 @@ def test_worker_runs_the_deployed_pipeline(tmp_path, tiny_target_dir):  # noqa: 
         if promoted:
             assert str(client.get_model_version_by_alias(name, "champion").version) == str(v.version)
     finally:
-        for p in (worker, server):
-            if p is not None:
-                p.terminate()
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_all([p for p in (worker, server) if p is not None], group=True)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from koala_flows.server import free_port, server_env, wait_healthy
-from tests.e2e.test_prefect_server import BIN, ROOT
+from tests.e2e.test_prefect_server import BIN, ROOT, stop_all
 from tests.flows.test_pipeline import tiny_config
 from tests.koala.data.test_shards import tiny_target_dir  # noqa: F401 - fixture reuse
 
@@ -170,11 +170,4 @@ def test_two_workers_sample_one_dataset_then_train_as_two_nodes(tmp_path, tiny_t
     finally:
         for w in ("w1", "w2"):
             signal_all(w, signal.SIGCONT)  # a paused worker takes no SIGTERM
-        for name, p in procs.items():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_all(list(procs.values()), group=True)

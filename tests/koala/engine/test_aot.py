@@ -1,7 +1,10 @@
 """Ahead-of-time compiled steps on a CPU: built once per machine, loaded by later engines, never trusted when stale."""
 
+import shutil
 import socket
 import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +24,36 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "aot"
 
 
+@dataclass
+class Built:
+    """One engine's first use on a machine: the one-token package it built, once for this module."""
+
+    folder: Path
+    hf: object
+    ref: list[int]  # the eager engine's greedy tokens after PROMPT
+    built: int
+    packages: int
+    keys: int
+
+    def copy_to(self, cache: Path) -> None:
+        """The package and its key into a test's own cache, as a later process on this machine finds them."""
+        shutil.copytree(self.folder, cache)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("built") / "aot"
+    hf = tiny_llama(layers=2, vocab=V, seed=0)
+    ref = generate(Transformer(hf), PROMPT, 12).tokens
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KOALA_AOT_DIR", str(folder))
+        first = Transformer(hf).compile(mode="default")
+        assert generate(first, PROMPT, 12).tokens == ref
+        _one_token(first)  # no new package: the same one-token signature
+    return Built(folder, hf, ref, first.compiled.built, len(list(folder.glob("*.pt2"))),
+                 len(list(folder.glob("*.json"))))
+
+
 def _one_token(model: Transformer, tok: int = 5) -> torch.Tensor:
     """One compiled one-token step after an eager prefill: its logits."""
     model.setup_caches(16)
@@ -29,26 +62,21 @@ def _one_token(model: Transformer, tok: int = 5) -> torch.Tensor:
         return model.step(torch.tensor([[tok]]), torch.tensor([len(PROMPT)]), len(PROMPT) + 1)[0]
 
 
-def test_a_second_engine_loads_the_packages_and_compiles_nothing(cache):
-    hf = tiny_llama(layers=2, vocab=V, seed=0)
-    ref = generate(Transformer(hf), PROMPT, 12).tokens
-    first = Transformer(hf).compile(mode="default")
-    assert generate(first, PROMPT, 12).tokens == ref
-    _one_token(first)  # no new package: the same one-token signature
-    assert isinstance(first.compiled, AotStep) and first.compiled.built == 1
-    assert len(list(cache.glob("*.pt2"))) == 1 and len(list(cache.glob("*.json"))) == 1  # the key beside it
-
+def test_a_second_engine_loads_the_packages_and_compiles_nothing(built, cache):
+    assert (built.built, built.packages, built.keys) == (1, 1, 1)  # one package, its key beside it
+    built.copy_to(cache)
     spent = compile_seconds()
-    second = Transformer(hf).compile(mode="default")
-    assert generate(second, PROMPT, 12).tokens == ref
+    second = Transformer(built.hf).compile(mode="default")
+    assert isinstance(second.compiled, AotStep)
+    assert generate(second, PROMPT, 12).tokens == built.ref
     assert (second.compiled.built, second.compiled.loaded) == (0, 1)
     assert compile_seconds() == spent  # loading is not compiling
 
 
-def test_a_corrupt_package_is_rebuilt(cache, capfd):
-    hf = tiny_llama(layers=2, vocab=V, seed=1)
+def test_a_corrupt_package_is_rebuilt(built, cache, capfd):
+    hf = built.hf
     want = _one_token(Transformer(hf))
-    _one_token(Transformer(hf).compile(mode="default"))
+    built.copy_to(cache)
     (package,) = cache.glob("*.pt2")
     package.write_bytes(package.read_bytes()[: 4096])  # a truncated copy, as a killed writer would have left
     dead = _dead_pid()
@@ -67,11 +95,10 @@ def _dead_pid() -> int:
     return p.pid
 
 
-def test_a_stale_package_under_the_right_name_is_rebuilt(cache, monkeypatch, capfd):
+def test_a_stale_package_under_the_right_name_is_rebuilt(built, cache, monkeypatch, capfd):
     """A package whose key missed a change (other weights under the same name) disagrees with the eager forward."""
-    old = Transformer(tiny_llama(layers=2, vocab=V, seed=2)).compile(mode="default")
-    _one_token(old)
-    digest = old.compiled.weights_digest()
+    built.copy_to(cache)
+    digest = Transformer(built.hf).compile(mode="default").compiled.weights_digest()
     new_hf = tiny_llama(layers=2, vocab=V, seed=3)
     want = _one_token(Transformer(new_hf))
     new = Transformer(new_hf).compile(mode="default")
@@ -82,7 +109,7 @@ def test_a_stale_package_under_the_right_name_is_rebuilt(cache, monkeypatch, cap
     assert torch.allclose(got, want, atol=1e-4)
 
 
-def test_an_eagle_drafter_runs_its_wide_steps_ahead_of_time_and_stays_lossless(cache, tmp_path):
+def test_an_eagle_drafter_runs_its_wide_steps_ahead_of_time_and_stays_lossless(built, cache, tmp_path):
     """Where steps are compiled ahead of time, an EAGLE head's tree levels and its catch-up after a round run its
     compiled wide step (one package for every width), not eager; chains and trees still decode exactly what the
     compiled target decodes alone."""
@@ -90,7 +117,8 @@ def test_an_eagle_drafter_runs_its_wide_steps_ahead_of_time_and_stays_lossless(c
     from koala.engine.tree import TreeBudget
     from koala.models.heads import build_heads, save_heads
 
-    hf = tiny_llama(layers=2, vocab=V, seed=4)
+    hf = built.hf
+    built.copy_to(cache)  # the target's one-token step; its wide step and the head's two are built here
     torch.manual_seed(0)
     head = build_heads("eagle", hf, layers=1)
     save_heads(head.eval(), tmp_path / "h", {"kind": "eagle", "layers": 1, "hidden_size": hf.config.hidden_size,
