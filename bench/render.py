@@ -380,11 +380,27 @@ def lookup_depth_table() -> str:
             f"`{r['data']}`; `{r['command']}` on {_machine(r)}.")
 
 
+def round_cost_table() -> str:
+    """A speculative round's time against a plain step, by draft shape (bench/round_cost.py)."""
+    r = _load("round_cost.json")
+    if not r:
+        return _missing("round_cost.json", "python bench/round_cost.py --json bench/results/round_cost.json")
+    rows = ["| shape | tau | tokens/s | ms per round: draft / verify / rest / total | round in plain steps | "
+            "speed-up |", "|---|---|---|---|---|---|"]
+    for name, e in r["shapes"].items():
+        ms = e["ms_per_round"]
+        rows.append(f"| {name} | {e['tau']:.2f} | {e['tokens_per_s']:.1f} | {ms['draft']:.2f} / {ms['verify']:.2f} / "
+                    f"{ms['rest']:.2f} / {ms['total']:.2f} | {e['round_over_step']:.2f} | {e['speedup']:.2f}x |")
+    return ("\n".join(rows) + f"\n\n`{r['drafter']}` on {r['prompts']} {r['bench']} prompts, {r['max_new_tokens']} new "
+            f"tokens, decoding only (the prefill left out); {r['engine']}; `{r['command']}` at {r['commit']}.")
+
+
 TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_table, "trees": trees_table,
           "default": default_table, "dtype": dtype_table,
           "fidelity": fidelity_table, "curve": curve_table, "load": load_table, "eagle3": eagle3_table,
           "eagle3-data": eagle3_data_table, "ablation-losses": losses_table, "ablation-heads": heads_table,
-          "wide-builds": wide_builds_table, "lookup-depth": lookup_depth_table}
+          "wide-builds": wide_builds_table, "lookup-depth": lookup_depth_table,
+          "round-cost": round_cost_table}
 
 
 def _figure():
