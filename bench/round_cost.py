@@ -4,10 +4,10 @@
     python bench/round_cost.py [--drafter heads:runs/smoke/drafter/heads/heads] [--bench mtbench] [--limit 8]
                                [--dtype bfloat16] [--shapes 3,1x3x3,2x4x8] [--max-new-tokens 96] [--json OUT]
 
-Every shape is decoded over the same prompts (prompt lookup in front of the drafter, as the profiles run it), with
-the target alone first. A round costs `round / step` plain steps and yields tau tokens, so the speed-up over the
-target alone is about tau divided by that ratio: this shows which of the two limits a drafter on this CPU. Prints
-JSON with the CPU model and flags.
+Every shape is decoded over the same prompts, in turn prompt by prompt (prompt lookup in front of the drafter, as
+the profiles run it), the target alone among them. A round costs `round / step` plain steps and yields tau tokens,
+so the speed-up over the target alone is about tau divided by that ratio: this shows which of the two limits a
+drafter on this CPU. Prints JSON with the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -20,24 +20,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def measure(session, drafter, prompts: list[list[int]], max_new_tokens: int, shape) -> dict:
-    """Decode every prompt with `shape` (None: the target alone; an int: a chain; a TreeBudget), profiled."""
+def measure(session, drafter, prompts: list[list[int]], max_new_tokens: int, shapes: dict) -> dict:
+    """Decode every prompt with each shape in turn (None: the target alone; an int: a chain; a TreeBudget),
+    profiled; shapes interleaved prompt by prompt, so this machine's drift between minutes weighs on all alike."""
     from koala.engine.tree import TreeBudget
 
-    tree = shape if isinstance(shape, TreeBudget) else None
-    gamma = shape if isinstance(shape, int) else 1
-    wall = draft = verify = 0.0
-    tokens = rounds = 0
+    sums = {name: dict(wall=0.0, draft=0.0, verify=0.0, tokens=0, rounds=0) for name in shapes}
     for ids in prompts:
-        r = session.run(ids, max_new_tokens, drafter=drafter if shape is not None else None, gamma=gamma,
-                        tree=tree, profile=True)
-        wall += r.wall_s - r.prefill_s  # decoding only: the prefill is the same for every shape
-        draft, verify = draft + r.draft_s, verify + r.verify_s
-        tokens, rounds = tokens + len(r.tokens) - 1, rounds + r.target_forwards - 1
-    ms = lambda s: round(1e3 * s / max(rounds, 1), 3)  # noqa: E731
-    return {"tokens_per_s": round(tokens / wall, 2), "tau": round(tokens / max(rounds, 1), 3),
-            "ms_per_round": {"draft": ms(draft), "verify": ms(verify), "rest": ms(wall - draft - verify),
-                             "total": ms(wall)}}
+        for name, shape in shapes.items():
+            r = session.run(ids, max_new_tokens, drafter=drafter if shape is not None else None,
+                            gamma=shape if isinstance(shape, int) else 1,
+                            tree=shape if isinstance(shape, TreeBudget) else None, profile=True)
+            t = sums[name]
+            t["wall"] += r.wall_s - r.prefill_s  # decoding only: the prefill is the same for every shape
+            t["draft"], t["verify"] = t["draft"] + r.draft_s, t["verify"] + r.verify_s
+            t["tokens"], t["rounds"] = t["tokens"] + len(r.tokens) - 1, t["rounds"] + r.target_forwards - 1
+    out = {}
+    for name, t in sums.items():
+        ms = lambda s: round(1e3 * s / max(t["rounds"], 1), 3)  # noqa: E731
+        out[name] = {"tokens_per_s": round(t["tokens"] / t["wall"], 2),
+                     "tau": round(t["tokens"] / max(t["rounds"], 1), 3),
+                     "ms_per_round": {"draft": ms(t["draft"]), "verify": ms(t["verify"]),
+                                      "rest": ms(t["wall"] - t["draft"] - t["verify"]), "total": ms(t["wall"])}}
+    return out
 
 
 def main() -> None:
@@ -68,7 +73,7 @@ def main() -> None:
     for shape in shapes.values():  # every step built or loaded, and warm, before anything is timed
         s.run(prompts[0], 16, drafter=drafter if shape is not None else None, gamma=shape if isinstance(shape, int)
               else 1, tree=None if shape is None or isinstance(shape, int) else shape)
-    out = {name: measure(s, drafter, prompts, a.max_new_tokens, shape) for name, shape in shapes.items()}
+    out = measure(s, drafter, prompts, a.max_new_tokens, shapes)
     step = out["target alone"]["ms_per_round"]["total"]
     for name, r in out.items():
         r["round_over_step"] = round(r["ms_per_round"]["total"] / step, 3)
