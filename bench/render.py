@@ -390,10 +390,12 @@ def round_cost_table() -> str:
     for name, e in r["shapes"].items():
         ms = e["ms_per_round"]
         shape = f"chain of {name}" if name.isdigit() else f"tree {name}" if "x" in name else name
-        rows.append(f"| {shape} | {e['tau']:.2f} | {e['tokens_per_s']:.1f} | {ms['draft']:.2f} / {ms['verify']:.2f} / "
-                    f"{ms['rest']:.2f} / {ms['total']:.2f} | {e['round_over_step']:.2f} | {e['speedup']:.2f}x |")
+        split = (f"{ms['draft']:.2f} / {ms['verify']:.2f} / {ms['rest']:.2f} / " if e["tau"] > 1 or ms["draft"]
+                 else "- / - / - / ")  # the target alone: a plain step, all of it
+        rows.append(f"| {shape} | {e['tau']:.2f} | {e['tokens_per_s']:.1f} | {split}{ms['total']:.2f} | "
+                    f"{e['round_over_step']:.2f} | {e['speedup']:.2f}x |")
     return ("\n".join(rows) + f"\n\n`{r['drafter']}` on {r['prompts']} {r['bench']} prompts, {r['max_new_tokens']} new "
-            f"tokens, decoding only (the prefill left out); {r['engine']}; `{r['command']}` at {r['commit'][:7]}.")
+            f"tokens, decoding only (the prefill left out), {r['engine']}; `{r['command']}` on {_machine(r)}.")
 
 
 TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_table, "trees": trees_table,

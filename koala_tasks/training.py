@@ -63,7 +63,7 @@ def train_drafter(cfg: KoalaConfig, recipe: Recipe, out_dir: str, data_dir: str 
         tr.log_metrics(metrics, step=step)
 
     name = _run_name(cfg, recipe, data_dir)
-    log = get_run_logger()  # a progress line (rate, ETA) every few seconds: a worker's log is not a terminal
+    log = get_run_logger()  # progress lines (rate, ETA) every PROGRESS_LOG_S: a worker's log is not a terminal
     with Tracker.start(uri, cfg.tracking.experiment, name, parent_run_id=parent_run_id) as tr:
         tr.log_params({"training": cfg.training.model_dump(), "drafter": cfg.drafter.model_dump(),
                        "data_dir": data_dir, "init_from": init_from})

@@ -143,7 +143,7 @@ def _bar(steps_left, start: int, steps: int, desc: str, progress: bool | LogLine
     """The steps to run, with the progress `train` was asked for (see its `progress`)."""
     if callable(progress):
         return tqdm(steps_left, initial=start, total=steps, desc=desc, unit="step", file=_LogLines(progress),
-                    mininterval=PROGRESS_LOG_S, ascii=True, ncols=100)
+                    mininterval=PROGRESS_LOG_S, miniters=1, position=0, ascii=True, ncols=100)
     return tqdm(steps_left, initial=start, total=steps, desc=desc, unit="step", disable=not progress)
 
 

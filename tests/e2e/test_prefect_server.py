@@ -28,7 +28,7 @@ def stop_all(procs: list[subprocess.Popen], group: bool = False) -> None:
             pass
 
     for p in procs:
-        if p.poll() is None:
+        if group or p.poll() is None:  # a group outlives its leader: what it started may still run
             send(p, signal.SIGTERM)
     end = time.monotonic() + STOP_GRACE_S
     for p in procs:
@@ -37,6 +37,9 @@ def stop_all(procs: list[subprocess.Popen], group: bool = False) -> None:
         except subprocess.TimeoutExpired:
             send(p, signal.SIGKILL)
             p.wait()
+        else:
+            if group:
+                send(p, signal.SIGKILL)  # the rest of its group, if any
 
 
 STATUS_SCRIPT = """

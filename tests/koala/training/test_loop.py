@@ -349,7 +349,6 @@ def test_saved_drafter_reloads_and_is_a_lossless_assistant(default_session, tmp_
     assert s.run(ids[0].tolist(), 20, drafter=engine_drafter, gamma=3).tokens == ar.tokens
 
 
-
 def test_unattended_training_logs_its_rate_and_eta(tmp_path, monkeypatch):
     """A worker's log is not a terminal: given a log function, the loop writes the bar's line to it (steps done, rate,
     time left) at most every PROGRESS_LOG_S seconds, and once at the end."""
