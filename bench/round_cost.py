@@ -20,17 +20,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def measure(session, drafter, prompts: list[list[int]], max_new_tokens: int, shapes: dict) -> dict:
-    """Decode every prompt with each shape in turn (None: the target alone; an int: a chain; a TreeBudget),
-    profiled; shapes interleaved prompt by prompt, so this machine's drift between minutes weighs on all alike."""
-    from koala.engine.tree import TreeBudget
+def decode(session, drafter, ids: list[int], max_new_tokens: int, shape, profile: bool = False):
+    """One generation with `shape`: None (the target alone), an int (a chain of that many drafts) or a TreeBudget."""
+    return session.run(ids, max_new_tokens, drafter=None if shape is None else drafter,
+                       gamma=shape if isinstance(shape, int) else 1,
+                       tree=None if shape is None or isinstance(shape, int) else shape, profile=profile)
 
+
+def measure(session, drafter, prompts: list[list[int]], max_new_tokens: int, shapes: dict) -> dict:
+    """Decode every prompt with each shape in turn, profiled; shapes interleaved prompt by prompt, so this machine's
+    drift between minutes weighs on all alike."""
     sums = {name: dict(wall=0.0, draft=0.0, verify=0.0, tokens=0, rounds=0) for name in shapes}
     for ids in prompts:
         for name, shape in shapes.items():
-            r = session.run(ids, max_new_tokens, drafter=drafter if shape is not None else None,
-                            gamma=shape if isinstance(shape, int) else 1,
-                            tree=shape if isinstance(shape, TreeBudget) else None, profile=True)
+            r = decode(session, drafter, ids, max_new_tokens, shape, profile=True)
             t = sums[name]
             t["wall"] += r.wall_s - r.prefill_s  # decoding only: the prefill is the same for every shape
             t["draft"], t["verify"] = t["draft"] + r.draft_s, t["verify"] + r.verify_s
@@ -67,12 +70,12 @@ def main() -> None:
     drafter = LookupFirstDrafter(s.drafter(a.drafter))
     prompts = [encode_chat(s.target.tokenizer, list(r.messages)) for r in load_bench(a.bench, a.limit)]
     shapes = {"target alone": None, **{x: int(x) if x.isdigit() else parse_tree(x) for x in a.shapes.split(",")}}
-    room = max(len(p) for p in prompts) + a.max_new_tokens + 64
+    drafts = max(x if isinstance(x, int) else max(x.nodes, x.drafter_slots) for x in shapes.values() if x)
+    room = max(len(p) for p in prompts) + a.max_new_tokens + drafts + 1  # one cache size for every shape
     s.reserve(room)
     drafter.reset(room)
     for shape in shapes.values():  # every step built or loaded, and warm, before anything is timed
-        s.run(prompts[0], 16, drafter=drafter if shape is not None else None, gamma=shape if isinstance(shape, int)
-              else 1, tree=None if shape is None or isinstance(shape, int) else shape)
+        decode(s, drafter, prompts[0], 16, shape)
     out = measure(s, drafter, prompts, a.max_new_tokens, shapes)
     step = out["target alone"]["ms_per_round"]["total"]
     for name, r in out.items():

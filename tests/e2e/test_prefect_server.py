@@ -19,27 +19,25 @@ BIN = Path(sys.executable).parent
 STOP_GRACE_S = 5.0  # a Prefect worker asked to stop can take longer than its test; by then its work is checked
 
 
-def stop_all(procs: list[subprocess.Popen], group: bool = False) -> None:
-    """SIGTERM every process (its process group with `group`), one shared grace period, then SIGKILL the rest."""
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process's group (each started with start_new_session), one shared grace period, then SIGKILL
+    every group: a leader that exited may leave what it started running."""
     def send(p, sig):
         try:
-            os.killpg(p.pid, sig) if group else p.send_signal(sig)
+            os.killpg(p.pid, sig)
         except ProcessLookupError:
             pass
 
     for p in procs:
-        if group or p.poll() is None:  # a group outlives its leader: what it started may still run
-            send(p, signal.SIGTERM)
+        send(p, signal.SIGTERM)
     end = time.monotonic() + STOP_GRACE_S
     for p in procs:
         try:
             p.wait(timeout=max(0.0, end - time.monotonic()))
         except subprocess.TimeoutExpired:
-            send(p, signal.SIGKILL)
-            p.wait()
-        else:
-            if group:
-                send(p, signal.SIGKILL)  # the rest of its group, if any
+            pass
+        send(p, signal.SIGKILL)
+        p.wait()
 
 
 STATUS_SCRIPT = """
@@ -101,4 +99,4 @@ def test_worker_runs_the_deployed_pipeline(tmp_path, tiny_target_dir):  # noqa: 
         if promoted:
             assert str(client.get_model_version_by_alias(name, "champion").version) == str(v.version)
     finally:
-        stop_all([p for p in (worker, server) if p is not None], group=True)
+        stop_all([p for p in (worker, server) if p is not None])

@@ -170,4 +170,4 @@ def test_two_workers_sample_one_dataset_then_train_as_two_nodes(tmp_path, tiny_t
     finally:
         for w in ("w1", "w2"):
             signal_all(w, signal.SIGCONT)  # a paused worker takes no SIGTERM
-        stop_all(list(procs.values()), group=True)
+        stop_all(list(procs.values()))
