@@ -11,12 +11,14 @@ setup: $(STAMP)
 
 # torch first, from this machine's CPU build: letting another package pull torch in downloads a multi-GB CUDA build.
 # Then uv (from PyPI) installs the rest, downloads in parallel, in seconds where pip takes over a minute; the torch
-# already installed satisfies the project's range, so uv keeps it.
+# already installed satisfies the project's range, so uv keeps it. --compile-bytecode: uv, unlike pip, writes no .pyc
+# files, and where PYTHONDONTWRITEBYTECODE is set no process ever would, so every process the tests and flows start
+# would compile transformers, Prefect and MLflow from source again (seconds each).
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0 uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -e '.[dev]'
 	touch $(STAMP)
 
 # The serving formats' own loaders, for the export round trips (tests/koala/export): each in a folder of its own,
@@ -24,13 +26,13 @@ $(STAMP): pyproject.toml
 # release vLLM reads EAGLE-3 speculators with, runs on the venv's own packages plus the two it imports at load;
 # SpecForge 0.2.0, whose LlamaForCausalLMEagle3 is SGLang's EAGLE-3 layout, imports with the venv's packages alone).
 OVERLAYS := $(VENV)/overlays
-$(OVERLAYS)/.installed: Makefile
-	$(BIN)/python -m pip install -q --no-deps --target $(OVERLAYS)/speculators speculators==0.4.0.1 loguru==0.7.3 \
-		transformers==4.57.6 huggingface_hub==0.36.2 tokenizers==0.22.2
-	$(BIN)/python -m pip install -q --no-deps --target $(OVERLAYS)/speculators-0.9 speculators==0.9.0 openai==3.63.0 \
-		hs-connectors==0.9.0 loguru==0.7.3
-	$(BIN)/python -m pip install -q --no-deps --target $(OVERLAYS)/medusa medusa-llm==0.1
-	$(BIN)/python -m pip install -q --no-deps --target $(OVERLAYS)/specforge specforge==0.2.0
+OVERLAY := $(BIN)/uv pip install -q --python $(BIN)/python --no-deps --compile-bytecode --target
+$(OVERLAYS)/.installed: Makefile | $(STAMP)
+	$(OVERLAY) $(OVERLAYS)/speculators speculators==0.4.0.1 loguru==0.7.3 transformers==4.57.6 huggingface_hub==0.36.2 \
+		tokenizers==0.22.2
+	$(OVERLAY) $(OVERLAYS)/speculators-0.9 speculators==0.9.0 openai==3.63.0 hs-connectors==0.9.0 loguru==0.7.3
+	$(OVERLAY) $(OVERLAYS)/medusa medusa-llm==0.1
+	$(OVERLAY) $(OVERLAYS)/specforge specforge==0.2.0
 	touch $@
 
 # One pytest worker per logical core (pytest-xdist), a test file per worker at a time; tests/conftest.py gives each
