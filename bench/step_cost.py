@@ -1,6 +1,10 @@
 """What one compiled step of the target costs by width, at a given context in a given cache: the engine's floor.
 
     python bench/step_cost.py [--dtype bfloat16] [--slots 1024] [--context 300] [--widths 1,2,4,8,16] [--json OUT]
+    python bench/step_cost.py --one-token-package [--rounds 6]
+
+The second form compares the two ways to run a one-token step: the wide package at width 2 (the engine's) and a
+one-token package of its own, in turns, each over `--reps` calls per round.
 
 The default target's compiled steps (ahead of time on a CPU), after an eager prefill of `--context` random tokens
 into caches sized for `--slots`; each width's step is timed over `--reps` calls after a warm-up, rewriting the same
@@ -47,6 +51,9 @@ def main() -> None:
     ap.add_argument("--widths", default="1,2,4,8,16")
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--json", default=None, help="write the result here")
+    ap.add_argument("--one-token-package", action="store_true",
+                    help="time a one-token step through the wide package and through a one-token package, in turns")
+    ap.add_argument("--rounds", type=int, default=6, help="turns of each (--one-token-package)")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from koala import benchinfo
@@ -55,9 +62,19 @@ def main() -> None:
     s = Session.open("smollm2-135m-instruct", dtype=a.dtype, compile=True)
     e = s.engine
     e.setup_caches(a.slots)
+    head = {**benchinfo.header(), "engine": s.describe(), "slots": e.max_seq_len, "context": a.context, "reps": a.reps}
+    if a.one_token_package:
+        runs = {"wide package at width 2": [], "one-token package": []}
+        for r in range(a.rounds):
+            for name in runs:
+                e.compiled.one_as_two = name.startswith("wide")
+                runs[name].append(time_widths(e, a.context, [1], a.reps, f"round {r + 1}, {name}: ")[1])
+        med = {k: sorted(v)[len(v) // 2] for k, v in runs.items()}
+        print("median ms: " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()))
+        benchinfo.write({**head, "rounds": a.rounds, "one_token_ms": runs, "median_ms": med}, a.json)
+        return
     ms = time_widths(e, a.context, [int(w) for w in a.widths.split(",")], a.reps)
-    benchinfo.write({**benchinfo.header(), "engine": s.describe(), "slots": e.max_seq_len, "context": a.context,
-                     "reps": a.reps, "ms_by_width": ms}, a.json)
+    benchinfo.write({**head, "ms_by_width": ms}, a.json)
 
 
 if __name__ == "__main__":

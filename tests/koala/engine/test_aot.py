@@ -26,7 +26,8 @@ def cache(tmp_path, monkeypatch):
 
 @dataclass
 class Built:
-    """One engine's first use on a machine: the one-token package it built, once for this module."""
+    """One engine's first use on a machine: the package it built (its steps of 2..32 tokens, which run its one-token
+    steps too), once for this module."""
 
     folder: Path
     hf: object
@@ -49,7 +50,7 @@ def built(tmp_path_factory):
         mp.setenv("KOALA_AOT_DIR", str(folder))
         first = Transformer(hf).compile(mode="default")
         assert generate(first, PROMPT, 12).tokens == ref
-        _one_token(first)  # no new package: the same one-token signature
+        _one_token(first)  # no new package: a one-token step runs the same one
     return Built(folder, hf, ref, first.compiled.built, len(list(folder.glob("*.pt2"))),
                  len(list(folder.glob("*.json"))))
 
@@ -71,6 +72,27 @@ def test_a_second_engine_loads_the_packages_and_compiles_nothing(built, cache):
     assert generate(second, PROMPT, 12).tokens == built.ref
     assert (second.compiled.built, second.compiled.loaded) == (0, 1)
     assert compile_seconds() == spent  # loading is not compiling
+
+
+def test_one_token_steps_run_the_wide_package_up_to_the_caches_last_slot(built, cache):
+    """A one-token step runs the wide package at width 2, its second row written to the next slot (at the cache's
+    last slot, a spare one attention never reads): no one-token package, and every step decodes as the eager
+    forward, the last slot's included."""
+    built.copy_to(cache)
+    eager, comp = Transformer(built.hf), Transformer(built.hf).compile(mode="default")
+    for m in (eager, comp):
+        m.setup_caches(512)  # a compiled cache's least size
+    last = comp.max_seq_len - 1
+    torch.manual_seed(0)
+    context = torch.randint(2, V, (1, last - 2))
+    with torch.no_grad():
+        for m in (eager, comp):
+            m.step(context, torch.arange(last - 2), last - 2, eager=True)
+        for p in range(last - 2, last + 1):
+            x, pos = torch.tensor([[PROMPT[p % len(PROMPT)]]]), torch.tensor([p])
+            want, got = (m.step(x, pos, p + 1)[0] for m in (eager, comp))
+            assert torch.allclose(got, want, atol=1e-4), p
+    assert (comp.compiled.built, comp.compiled.loaded) == (0, 1)
 
 
 def test_a_corrupt_package_is_rebuilt(built, cache, capfd):
@@ -118,7 +140,7 @@ def test_an_eagle_drafter_runs_its_wide_steps_ahead_of_time_and_stays_lossless(b
     from koala.models.heads import build_heads, save_heads
 
     hf = built.hf
-    built.copy_to(cache)  # the target's one-token step; its wide step and the head's two are built here
+    built.copy_to(cache)  # the target's step; the head's is built here
     torch.manual_seed(0)
     head = build_heads("eagle", hf, layers=1)
     save_heads(head.eval(), tmp_path / "h", {"kind": "eagle", "layers": 1, "hidden_size": hf.config.hidden_size,
@@ -134,7 +156,7 @@ def test_an_eagle_drafter_runs_its_wide_steps_ahead_of_time_and_stays_lossless(b
     assert generate(target, PROMPT, 16, drafter=d, gamma=3).tokens == ref
     d.reset(64)
     assert generate(target, PROMPT, 16, drafter=d, tree=TreeBudget(2, 2, 4)).tokens == ref
-    assert engine.compiled.built + engine.compiled.loaded == 2  # the one-token step and the wide step (tree levels)
+    assert engine.compiled.built + engine.compiled.loaded == 1  # one package: its drafts, tree levels and catch-up
 
 
 def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_width(cache, monkeypatch):
