@@ -398,12 +398,26 @@ def round_cost_table() -> str:
             f"tokens, decoding only (the prefill left out), {r['engine']}; `{r['command']}` on {_machine(r)}.")
 
 
+def one_token_table() -> str:
+    """A one-token step through the wide package at width 2 against a one-token package (bench/step_cost.py)."""
+    r = _load("one_token_step.json")
+    if not r:
+        return _missing("one_token_step.json", "python bench/step_cost.py --one-token-package --json "
+                                               "bench/results/one_token_step.json")
+    rows = ["| one-token step runs | median ms | " + " | ".join(f"round {i + 1}" for i in range(r["rounds"])) + " |",
+            "|---" * (2 + r["rounds"]) + "|"]
+    for name, ms in r["one_token_ms"].items():
+        rows.append(f"| {name} | {r['median_ms'][name]:.2f} | " + " | ".join(f"{m:.2f}" for m in ms) + " |")
+    return ("\n".join(rows) + f"\n\nThe default target, {r['engine']}, {r['context']} tokens of context in "
+            f"{r['slots']} slots, {r['reps']} steps a round, the two in turns; `{r['command']}` on {_machine(r)}.")
+
+
 TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_table, "trees": trees_table,
           "default": default_table, "dtype": dtype_table,
           "fidelity": fidelity_table, "curve": curve_table, "load": load_table, "eagle3": eagle3_table,
           "eagle3-data": eagle3_data_table, "ablation-losses": losses_table, "ablation-heads": heads_table,
           "wide-builds": wide_builds_table, "lookup-depth": lookup_depth_table,
-          "round-cost": round_cost_table}
+          "round-cost": round_cost_table, "one-token": one_token_table}
 
 
 def _figure():
