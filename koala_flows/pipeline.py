@@ -102,6 +102,10 @@ def _train(cfg, data_dir: str, forced_dir: str | None, out: Path, init: str | No
         ft = cfg if not forced_dir else cfg.model_copy(
             update={"training": cfg.training.model_copy(update={"steps": cfg.training.finetune_steps})})
         plan.append((data_dir, ft))
+    if cfg.training.max_minutes and len(plan) > 1:  # the stage's minutes, shared in proportion to the steps
+        total = sum(c.training.steps for _, c in plan)
+        plan = [(d, c.model_copy(update={"training": c.training.model_copy(
+            update={"max_minutes": cfg.training.max_minutes * c.training.steps / total})})) for d, c in plan]
     trained, stages, prev = None, [], None
     for i, (data, c) in enumerate(plan):
         last = i == len(plan) - 1
@@ -115,7 +119,8 @@ def _train(cfg, data_dir: str, forced_dir: str | None, out: Path, init: str | No
                 c, "heads" if heads else "distill", str(out / name), data_dir=data,
                 init_from=prev if heads else prev or init, heldout_dir=data_dir if heads else None, parent_run_id=pid)
         prev = trained.dir
-        stages.append(StageSummary(data=data, steps=c.training.steps, drafter=trained.spec,
+        ran = (_recorded(trained.dir, "metrics") or {}).get("steps_run", c.training.steps)  # fewer under a budget
+        stages.append(StageSummary(data=data, steps=ran, drafter=trained.spec,
                                    compute_dtype=_recorded(trained.dir, "compute_dtype"), heldout=trained.heldout()))
     return trained, stages
 

@@ -34,12 +34,15 @@ LogFn = Callable[[int, dict], None]
 LogLine = Callable[[str], None]  # a run's logger: progress lines go there when training runs unattended
 
 
-def schedule(cfg: TrainingConfig, steps: int):
-    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+def schedule(cfg: TrainingConfig, steps: int | Callable[[], int]):
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate over `steps` (a count, or a function giving
+    the count a budgeted training planned)."""
+    total = steps if callable(steps) else (lambda: steps)
+
     def f(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(steps - cfg.warmup_steps, 1)
+        t = (step - cfg.warmup_steps) / max(total() - cfg.warmup_steps, 1)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
     return f
 
@@ -63,7 +66,7 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
           heldout: SequenceData | None = None, resume: bool | str = False, fingerprint: str | None = None,
           on_log: LogFn | None = None, progress: bool | LogLine = True, desc: str = "train",
           compute: precision.ComputeDtype | None = None) -> dict:
-    """Minimise `objective` over `data` for `steps` optimizer steps; returns the last logged metrics.
+    """Minimise `objective` over `data` for `steps` optimizer steps; returns the last logged metrics and `steps_run`.
 
     Args:
         objective: what a step minimises, and the model it trains (parameters with requires_grad=False stay frozen).
@@ -75,6 +78,10 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
             training's); "auto": continue it if there is one; False: start over (see claim_checkpoints).
         fingerprint: what this training is (config, data, starting weights); checkpoints of another are not resumed.
         on_log: called with (step, metrics) every step, on rank 0.
+        steps: the optimizer steps to run; under cfg.max_minutes at most this many: the first PLAN_TIMED steps after
+            two (compilation, warm caches) are timed, and the training then runs the steps that fit in the minutes
+            left (at least one more), its schedule's decay planned over them. The plan is written beside the
+            checkpoints (PLAN_FILE), so a resumed training runs the same steps under the same schedule.
         progress: a bar on the terminal (True), none (False), or a line with the bar's rate and ETA passed to this
             function (a run's logger) at most every PROGRESS_LOG_S seconds, and at the end.
         compute: the forward and loss under bf16 autocast or in float32 (koala.precision.for_model); None: bf16 on
@@ -90,14 +97,18 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
                          f"to at least {world_size} (ranks split each micro-batch)")
     device = next(objective.model.parameters()).device
     torch.manual_seed(cfg.seed)
-    params, opt, sched = _optimizer(objective, cfg, steps, world_size)
+    plan = [steps]  # the steps this training runs: `steps`, or those a budget plans (the schedule reads it)
+    params, opt, sched = _optimizer(objective, cfg, lambda: plan[0], world_size)
     start, order = _starting_point(out, resume, fingerprint, objective, opt, sched, len(data), cfg.seed)
+    budget = _Budget(cfg.max_minutes, out, steps, start, progress if rank == 0 else False)
+    plan[0] = budget.planned or steps
     if compute is None:
         compute = precision.ComputeDtype("bfloat16" if device.type == "cuda" else "float32", "the loop's default")
     autocast = compute.autocast(device)
     metrics: dict = {}
-    bar = _bar(range(start, steps), start, steps, desc, progress if rank == 0 else False)
-    for step in bar:
+    bar = _bar(start, plan[0], desc, progress if rank == 0 else False)
+    step = start
+    while step < plan[0]:
         check()  # SIGINT/SIGTERM: stop between optimizer steps (the last checkpoint is kept)
         t0 = time.perf_counter()
         micro = [order.take(cfg.batch_size) for _ in range(cfg.grad_accum)]  # the global batch of this step
@@ -106,19 +117,25 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
         fault("train.step")
         metrics = {"loss": total / max(tokens, 1), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                    "tokens_per_s": tokens / (time.perf_counter() - t0), **extra}
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
+        if budget.due(step + 1):
+            plan[0] = budget.plan(step + 1)
+            bar.total = plan[0]
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == plan[0]:
             metrics.update(heldout_metrics(objective, heldout, device))
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
-        if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps) and rank == 0:
+        if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == plan[0]) and rank == 0:
             save_checkpoint(out, step + 1, objective.model, opt, sched, order.state(), objective.stateful())
             fault("train.checkpoint")
         if on_log and rank == 0:
             on_log(step + 1, metrics)
-    if start >= steps:  # resumed a finished training: its held-out metrics again, not nothing
+        step += 1
+        bar.update(1)
+    bar.close()
+    if start >= plan[0]:  # resumed a finished training: its held-out metrics again, not nothing
         metrics = heldout_metrics(objective, heldout, device)
     if world_size > 1:  # no rank goes on to save the result before rank 0 has written the last checkpoint
         dist.barrier()
-    return metrics
+    return {**metrics, "steps_run": plan[0]}
 
 
 PROGRESS_LOG_S = 20.0  # seconds between progress lines written to a log
@@ -139,15 +156,75 @@ class _LogLines:
         pass
 
 
-def _bar(steps_left, start: int, steps: int, desc: str, progress: bool | LogLine):
-    """The steps to run, with the progress `train` was asked for (see its `progress`)."""
+def _bar(start: int, steps: int, desc: str, progress: bool | LogLine):
+    """A bar over the steps to run, with the progress `train` was asked for (see its `progress`)."""
     if callable(progress):
-        return tqdm(steps_left, initial=start, total=steps, desc=desc, unit="step", file=_LogLines(progress),
+        return tqdm(initial=start, total=steps, desc=desc, unit="step", file=_LogLines(progress),
                     mininterval=PROGRESS_LOG_S, miniters=1, position=0, ascii=True, ncols=100)
-    return tqdm(steps_left, initial=start, total=steps, desc=desc, unit="step", disable=not progress)
+    return tqdm(initial=start, total=steps, desc=desc, unit="step", disable=not progress)
 
 
-def _optimizer(objective: Objective, cfg: TrainingConfig, steps: int, world_size: int):
+PLAN_TIMED = 6  # steps a budgeted training times (after its first two) before it plans
+PLAN_FILE = "plan.json"  # beside the checkpoints: the steps a budgeted training planned
+
+
+class _Budget:
+    """training.max_minutes: when a training plans its steps, how many fit, and the plan a resumed one keeps."""
+
+    def __init__(self, minutes: float | None, out: Path, steps: int, start: int, progress: bool | LogLine):
+        self.seconds = minutes * 60 if minutes else None
+        self.path, self.steps, self.start, self.progress = out / "checkpoints" / PLAN_FILE, steps, start, progress
+        self.t0 = time.perf_counter()
+        self.mark: float | None = None
+        self.planned = self._stored() if self.seconds else None
+
+    def _stored(self) -> int | None:
+        import json
+
+        try:
+            plan = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return int(plan["planned"]) if plan.get("steps") == self.steps else None
+
+    def due(self, done: int) -> bool:
+        """Whether the training plans after its `done`-th step (timing the steps before it)."""
+        if not self.seconds or self.planned is not None:
+            return False
+        if done == self.start + 2:
+            self.mark = time.perf_counter()
+        return done == self.start + 2 + PLAN_TIMED and done < self.steps
+
+    def plan(self, done: int) -> int:
+        """The steps that fit in the minutes left at the rate of the steps just timed (rank 0's, under DDP)."""
+        import json
+
+        from koala.io import write_text_atomic
+
+        now = time.perf_counter()
+        rate = (now - self.mark) / PLAN_TIMED
+        fit = done + int((self.seconds - (now - self.t0)) / rate)
+        planned = max(done + 1, min(self.steps, fit))
+        rank, world_size = world()
+        if world_size > 1:
+            box = [planned]
+            dist.broadcast_object_list(box, src=0)
+            planned = box[0]
+        self.planned = planned
+        if rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.path, json.dumps({"steps": self.steps, "planned": planned, "s_per_step": rate,
+                                                     "max_minutes": self.seconds / 60}))
+            line = (f"training.max_minutes {self.seconds / 60:g}: {rate:.2f} s/step, {planned} of {self.steps} "
+                    f"steps fit" + ("" if planned < self.steps else " (all of them)"))
+            if callable(self.progress):
+                self.progress(line)
+            elif self.progress:
+                tqdm.write(line)
+        return planned
+
+
+def _optimizer(objective: Objective, cfg: TrainingConfig, steps: Callable[[], int], world_size: int):
     """The trainable parameters, AdamW and the schedule (the objective's module wrapped in DDP under torchrun)."""
     if world_size > 1:
         objective.module = torch.nn.parallel.DistributedDataParallel(objective.module)

@@ -233,6 +233,69 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     assert latest_checkpoint(tmp_path).name == "step-0000003"
 
 
+def _clocked(monkeypatch, seconds_per_step: list[float]):
+    """A clock that advances seconds_per_step[0] per training step (one micro-batch: one loss call)."""
+    import types
+
+    import koala.training.loop as loop
+
+    clock = [0.0]
+    real = losses.LOSSES["fkl"]
+
+    def timed(s, t):
+        clock[0] += seconds_per_step[0]
+        return real(s, t)
+
+    monkeypatch.setitem(losses.LOSSES, "fkl", timed)
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+
+def test_a_budgeted_training_runs_the_steps_that_fit_under_a_schedule_planned_over_them(tmp_path, monkeypatch):
+    """training.max_minutes: 2 steps, then PLAN_TIMED timed; at 1 s a step 8 s are spent and 22 more steps fit in
+    30 s; the cosine decay then ends at the 30th step, not the 100th, and a resumed training (on a machine three
+    times slower) keeps the plan: bitwise the straight run."""
+    from koala.training.loop import PLAN_FILE
+
+    speed = [1.0]
+    _clocked(monkeypatch, speed)
+    data = SequenceData(synthetic_rows(topk=4), 32, 0)
+    c = cfg(steps=100, max_minutes=0.5, warmup_steps=2)
+    lrs = {}
+    got = fit(tiny_llama(layers=1, vocab=V, seed=3), data, c, tmp_path / "straight", loss="fkl", progress=False,
+              on_log=lambda step, m: lrs.__setitem__(step, m["lr"]))
+    assert got["steps_run"] == 30 and max(lrs) == 30
+    assert latest_checkpoint(tmp_path / "straight").name == "step-0000030"
+    plan = json.loads((tmp_path / "straight" / "checkpoints" / PLAN_FILE).read_text())
+    assert (plan["steps"], plan["planned"], plan["s_per_step"]) == (100, 30, 1.0)
+    assert lrs[30] == pytest.approx(0.1 * c.lr, rel=1e-3) and lrs[10] > 0.6 * c.lr  # decayed over the 30
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_12(step, m):
+        if step == 12:
+            speed[0] = 3.0  # slower from here on: a re-plan would fit fewer steps
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(tiny_llama(layers=1, vocab=V, seed=3), data, c, tmp_path / "resumed", loss="fkl", progress=False,
+            on_log=kill_at_12)
+    again = fit(tiny_llama(layers=1, vocab=V, seed=99), data, c, tmp_path / "resumed", loss="fkl", resume=True,
+                progress=False)
+    assert again["steps_run"] == 30
+    a = load_file(latest_checkpoint(tmp_path / "straight") / "model.safetensors")
+    b = load_file(latest_checkpoint(tmp_path / "resumed") / "model.safetensors")
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-0000030"
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_budget_that_fits_every_step_runs_them_all(tmp_path, monkeypatch):
+    _clocked(monkeypatch, [1.0])
+    got = fit(tiny_llama(layers=1, vocab=V, seed=3), SequenceData(synthetic_rows(topk=4), 32, 0),
+              cfg(steps=12, max_minutes=10), tmp_path, loss="fkl", progress=False)
+    assert got["steps_run"] == 12 and latest_checkpoint(tmp_path).name == "step-0000012"
+
+
 def test_empty_dataset_is_an_error():
     with pytest.raises(KoalaError, match="training set is empty"):
         SequenceData([], 32, 0)
