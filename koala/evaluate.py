@@ -276,9 +276,8 @@ def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: 
     chain_gamma = gamma if tree is None else gmax
     probes = _probes(session, cfg, prompts, drafter, chain_gamma)
     rounds = [r for p in probes for r in p.rounds]
-    target_step_s = cost_curve(session)["ms"][1] / 1e3  # one decode step, measured apart (no prefill in it)
     drafter_step_s = sum(p.draft_s for p in probes) / max(sum(m for m, _ in rounds), 1)
-    choice = None
+    choice, curve = None, None
     if cfg.gamma == "auto" and cfg.temperature == 0:
         probe = tree_probe_budget(getattr(drafter, "max_gamma", None))
         stage(f"draft shape auto: probes of a {probe} tree, the target's cost by width up to {probe.nodes + 1}")
@@ -297,10 +296,13 @@ def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: 
         gamma = choice["depth"]
         _run(session, cfg, prompts[0][1], drafter, gamma, tree=tree)  # warm the chosen shape
     elif cfg.gamma == "auto":
-        stage("gamma auto: the target's cost by width")  # measured above already; cached per session
-        choice = choose_from_probes(cost_curve(session), rounds, drafter_step_s, gmax)
+        stage("gamma auto: the target's cost by width")
+        curve = cost_curve(session)
+        choice = choose_from_probes(curve, rounds, drafter_step_s, gmax)
         gamma = choice["chosen"]
         _run(session, cfg, prompts[0][1], drafter, gamma)  # warm the chosen width
+    # one decode step, measured apart (no prefill in it): from the curve measured for the choice, if there is one
+    target_step_s = (curve or cost_curve(session))["ms"][1] / 1e3
     return {"gamma": gamma, "tree": tree, "choice": choice, "target_step_s": target_step_s,
             "drafter_step_s": drafter_step_s, "c": drafter_step_s / target_step_s,
             "setup_s": time.perf_counter() - t0}

@@ -17,7 +17,7 @@ import torch
 
 from koala import assets
 from koala.errors import KoalaError
-from koala.io import sha256_file
+from koala.io import file_lock, sha256_file
 
 DEFAULT_TARGET = "smollm2-135m-instruct"
 KNOWN_TARGETS = {DEFAULT_TARGET: DEFAULT_TARGET}  # koala name -> asset name of its GGUF
@@ -138,13 +138,22 @@ def _converted_dir(content_hash: str) -> Path:
 
 
 def _load_hf(source, gguf, dtype, trust_remote_code, role: str = "target"):
+    if gguf is not None:
+        # Dequantising a GGUF takes ~30 s on a small CPU; the result is cached once as safetensors, by one process
+        # while the others wait for it (the workers of one machine starting together).
+        conv = _converted_dir(_content_hash(source, gguf))
+        with file_lock(conv.parent / f".{conv.name}.lock"):
+            if not (conv / "config.json").exists():
+                model, tok = _from_pretrained(source, gguf, dtype, trust_remote_code, role)
+                _save_converted(model, tok, conv)
+                return model, tok
+        source, gguf = conv, None
+    return _from_pretrained(source, gguf, dtype, trust_remote_code, role)
+
+
+def _from_pretrained(source, gguf, dtype, trust_remote_code, role: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if gguf is not None:
-        # Dequantising a GGUF takes ~30 s on a small CPU; the result is cached once as safetensors.
-        conv = _converted_dir(_content_hash(source, gguf))
-        if (conv / "config.json").exists():
-            source, gguf = conv, None
     kw = dict(gguf_file=gguf) if gguf else {}
     try:
         tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code, **kw)
@@ -155,8 +164,6 @@ def _load_hf(source, gguf, dtype, trust_remote_code, role: str = "target"):
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise KoalaError(f"could not load {role} {source}{'/' + gguf if gguf else ''} ({first[:200]}): "
                          f"{FIX[role]}") from e
-    if gguf is not None:
-        _save_converted(model, tok, _converted_dir(_content_hash(source, gguf)))
     return model, tok
 
 

@@ -64,3 +64,22 @@ def test_an_unreadable_file_is_one_line_naming_it(tmp_path, monkeypatch):
     with pytest.raises(KoalaError, match=r"shard-00000.parquet may not be read \(permission denied\): give this user "
                                          r"read access \(chmod u\+r"):
         sha256_file(f)
+
+
+def test_a_file_lock_holds_another_process_off_until_it_is_released(tmp_path):
+    """Two processes that would make the same thing (a download, a conversion): the second waits for the first."""
+    from koala.io import file_lock
+
+    log = tmp_path / "log"
+    code = ("import sys, time; from koala.io import file_lock\n"
+            "with file_lock(sys.argv[1]):\n"
+            "    open(sys.argv[2], 'a').write('held\\n'); time.sleep(1.0); open(sys.argv[2], 'a').write('released\\n')\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / ".x.lock"), str(log)])
+    try:
+        end = time.time() + 60
+        while not (log.exists() and "held" in log.read_text()) and time.time() < end:
+            time.sleep(0.02)
+        with file_lock(tmp_path / ".x.lock"):
+            assert log.read_text() == "held\nreleased\n"
+    finally:
+        child.wait(timeout=60)
