@@ -130,10 +130,11 @@ class TrainingConfig(_Strict):
                        "teacher_forced.limit > 0, else on the sampled data)")
     finetune_steps: int = Field(0, ge=0, description="then this many steps on the target's sampled answers "
                                 "(Direct Alignment's stage 2); 0 = one stage")
-    max_minutes: float | None = Field(None, gt=0, description="wall-clock minutes the training stage may take "
-                                      "(steps and finetune_steps together, shared in proportion): each training times "
-                                      "its first steps and runs no more steps than fit, its schedule planned over "
-                                      "those; a resumed training keeps its plan. None: the step counts exactly")
+    max_minutes: float | None = Field(None, gt=0, description="about how many wall-clock minutes the drafter's "
+                                      "training may take (steps and finetune_steps together, shared in proportion; "
+                                      "not pretrain_steps): each training times its first steps and runs no more "
+                                      "steps than fit, its schedule planned over those; a resumed training keeps its "
+                                      "plan. None (null): the step counts exactly")
     pretrain_steps: int = Field(0, ge=0, description="next-token pretraining steps before distillation (0 = skip)")
     pretrain_corpus: str = Field("sharegpt", description="pretraining text: sharegpt, hf:NAME or a .jsonl/.parquet file")
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")

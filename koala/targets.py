@@ -6,6 +6,7 @@ target's prompts exactly as the target would.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -142,13 +143,24 @@ def _load_hf(source, gguf, dtype, trust_remote_code, role: str = "target"):
         # Dequantising a GGUF takes ~30 s on a small CPU; the result is cached once as safetensors, by one process
         # while the others wait for it (the workers of one machine starting together).
         conv = _converted_dir(_content_hash(source, gguf))
-        with file_lock(conv.parent / f".{conv.name}.lock"):
-            if not (conv / "config.json").exists():
-                model, tok = _from_pretrained(source, gguf, dtype, trust_remote_code, role)
-                _save_converted(model, tok, conv)
-                return model, tok
+        if not (conv / "config.json").exists():
+            with _lock_if_writable(conv.parent / f".{conv.name}.lock"):
+                if not (conv / "config.json").exists():
+                    model, tok = _from_pretrained(source, gguf, dtype, trust_remote_code, role)
+                    _save_converted(model, tok, conv)
+                    return model, tok
         source, gguf = conv, None
     return _from_pretrained(source, gguf, dtype, trust_remote_code, role)
+
+
+def _lock_if_writable(path: Path) -> contextlib.ExitStack:
+    """`file_lock`, or no lock where the cache cannot hold one (read-only): each process then converts for itself."""
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(file_lock(path))
+    except OSError:
+        pass
+    return stack
 
 
 def _from_pretrained(source, gguf, dtype, trust_remote_code, role: str):
@@ -172,9 +184,10 @@ def _save_converted(model, tok, conv: Path) -> None:
     import shutil
     import tempfile
 
-    conv.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".conv-", dir=conv.parent))
+    tmp = None
     try:
+        conv.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".conv-", dir=conv.parent))
         # save_pretrained refuses a GGUF-quantised model; the weights are plain tensors once dequantised.
         from safetensors.torch import save_model
 
@@ -186,9 +199,10 @@ def _save_converted(model, tok, conv: Path) -> None:
         tok.save_pretrained(tmp)
         tmp.rename(conv)
     except OSError:
-        pass  # another process won the race, or the disk is full: the GGUF path still works
+        pass  # a full disk or a read-only cache: the model loaded from the GGUF still works
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=32)

@@ -115,7 +115,6 @@ class _Batch:
         """The next waiting prompts into rows `take`: right-padded forwards of at most PREFILL_TOKENS tokens (a pad
         writes past its row's prompt, into slots the row's own tokens overwrite before anything attends to them),
         the LM head run at each prompt's last position only."""
-        dev = self.dev
         js = [self.waiting.popleft() for _ in take]
         lens = [len(self.prompts[j]) for j in js]
         for b, j, n in zip(take, js, lens):

@@ -34,15 +34,19 @@ LogFn = Callable[[int, dict], None]
 LogLine = Callable[[str], None]  # a run's logger: progress lines go there when training runs unattended
 
 
-def schedule(cfg: TrainingConfig, steps: int | Callable[[], int]):
-    """Linear warm-up, then cosine decay to 10% of the peak learning rate over `steps` (a count, or a function giving
-    the count a budgeted training planned)."""
+def schedule(cfg: TrainingConfig, steps: int | Callable[[], int | None]):
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate over `steps`: a count, or a function giving
+    the count a budgeted training planned (None until it has: the peak holds until then, so the decay starts from it
+    whatever the plan)."""
     total = steps if callable(steps) else (lambda: steps)
 
     def f(step: int) -> float:
+        n = total()
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(total() - cfg.warmup_steps, 1)
+        if n is None:
+            return 1.0
+        t = (step - cfg.warmup_steps) / max(n - cfg.warmup_steps, 1)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
     return f
 
@@ -78,10 +82,7 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
             training's); "auto": continue it if there is one; False: start over (see claim_checkpoints).
         fingerprint: what this training is (config, data, starting weights); checkpoints of another are not resumed.
         on_log: called with (step, metrics) every step, on rank 0.
-        steps: the optimizer steps to run; under cfg.max_minutes at most this many: the first PLAN_TIMED steps after
-            two (compilation, warm caches) are timed, and the training then runs the steps that fit in the minutes
-            left (at least one more), its schedule's decay planned over them. The plan is written beside the
-            checkpoints (PLAN_FILE), so a resumed training runs the same steps under the same schedule.
+        steps: the optimizer steps to run; under cfg.max_minutes at most this many, those that fit (`_Budget`).
         progress: a bar on the terminal (True), none (False), or a line with the bar's rate and ETA passed to this
             function (a run's logger) at most every PROGRESS_LOG_S seconds, and at the end.
         compute: the forward and loss under bf16 autocast or in float32 (koala.precision.for_model); None: bf16 on
@@ -92,50 +93,56 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
     """
     out = Path(out_dir)
     rank, world_size = world()
-    if cfg.batch_size < world_size:  # a rank would get an empty micro-batch
-        raise KoalaError(f"training.batch_size {cfg.batch_size} is smaller than the {world_size} DDP ranks: raise it "
-                         f"to at least {world_size} (ranks split each micro-batch)")
+    _check_batch(cfg, world_size)
     device = next(objective.model.parameters()).device
     torch.manual_seed(cfg.seed)
-    plan = [steps]  # the steps this training runs: `steps`, or those a budget plans (the schedule reads it)
-    params, opt, sched = _optimizer(objective, cfg, lambda: plan[0], world_size)
+    budget = _Budget(cfg.max_minutes, out, steps)  # the steps this training runs (the schedule decays over them)
+    params, opt, sched = _optimizer(objective, cfg, budget.total, world_size)
     start, order = _starting_point(out, resume, fingerprint, objective, opt, sched, len(data), cfg.seed)
-    budget = _Budget(cfg.max_minutes, out, steps, start, progress if rank == 0 else False)
-    plan[0] = budget.planned or steps
-    if compute is None:
-        compute = precision.ComputeDtype("bfloat16" if device.type == "cuda" else "float32", "the loop's default")
+    budget.begin(start, progress if rank == 0 else False)
+    compute = compute or precision.ComputeDtype("bfloat16" if device.type == "cuda" else "float32", "the loop's default")
     autocast = compute.autocast(device)
     metrics: dict = {}
-    bar = _bar(start, plan[0], desc, progress if rank == 0 else False)
-    step = start
-    while step < plan[0]:
-        check()  # SIGINT/SIGTERM: stop between optimizer steps (the last checkpoint is kept)
-        t0 = time.perf_counter()
-        micro = [order.take(cfg.batch_size) for _ in range(cfg.grad_accum)]  # the global batch of this step
-        total, tokens, extra = _backward(objective, data, micro, step, autocast, out, device, desc)
-        grad_norm = _optimizer_step(opt, sched, params, cfg.grad_clip)
-        fault("train.step")
-        metrics = {"loss": total / max(tokens, 1), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                   "tokens_per_s": tokens / (time.perf_counter() - t0), **extra}
-        if budget.due(step + 1):
-            plan[0] = budget.plan(step + 1)
-            bar.total = plan[0]
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == plan[0]:
-            metrics.update(heldout_metrics(objective, heldout, device))
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
-        if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == plan[0]) and rank == 0:
-            save_checkpoint(out, step + 1, objective.model, opt, sched, order.state(), objective.stateful())
-            fault("train.checkpoint")
-        if on_log and rank == 0:
-            on_log(step + 1, metrics)
-        step += 1
-        bar.update(1)
-    bar.close()
-    if start >= plan[0]:  # resumed a finished training: its held-out metrics again, not nothing
+    with _bar(start, budget.steps, desc, progress if rank == 0 else False) as bar:
+        for step in range(start, steps):
+            if step >= budget.steps:  # fewer under a budget
+                break
+            check()  # SIGINT/SIGTERM: stop between optimizer steps (the last checkpoint is kept)
+            metrics = _step(objective, data, cfg, order.take, step, autocast, out, device, desc, opt, sched, params)
+            if budget.due(step + 1):
+                bar.total = budget.plan(step + 1)
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == budget.steps:
+                metrics.update(heldout_metrics(objective, heldout, device))
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+            if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == budget.steps) and rank == 0:
+                save_checkpoint(out, step + 1, objective.model, opt, sched, order.state(), objective.stateful())
+                fault("train.checkpoint")
+            if on_log and rank == 0:
+                on_log(step + 1, metrics)
+            bar.update(1)
+    if start >= budget.steps:  # resumed a finished training: its held-out metrics again, not nothing
         metrics = heldout_metrics(objective, heldout, device)
     if world_size > 1:  # no rank goes on to save the result before rank 0 has written the last checkpoint
         dist.barrier()
-    return {**metrics, "steps_run": plan[0]}
+    return {**metrics, "steps_run": budget.steps}
+
+
+def _check_batch(cfg: TrainingConfig, world_size: int) -> None:
+    if cfg.batch_size < world_size:  # a rank would get an empty micro-batch
+        raise KoalaError(f"training.batch_size {cfg.batch_size} is smaller than the {world_size} DDP ranks: raise it "
+                         f"to at least {world_size} (ranks split each micro-batch)")
+
+
+def _step(objective: Objective, data: SequenceData, cfg: TrainingConfig, take, step: int, autocast, out: Path, device,
+          desc: str, opt, sched, params) -> dict:
+    """One optimizer step over the next global batch (`take` hands out each micro-batch's sequences); its metrics."""
+    t0 = time.perf_counter()
+    micro = [take(cfg.batch_size) for _ in range(cfg.grad_accum)]  # the global batch of this step
+    loss_sum, tokens, extra = _backward(objective, data, micro, step, autocast, out, device, desc)
+    grad_norm = _optimizer_step(opt, sched, params, cfg.grad_clip)
+    fault("train.step")
+    return {"loss": loss_sum / max(tokens, 1), "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens / (time.perf_counter() - t0), **extra}
 
 
 PROGRESS_LOG_S = 20.0  # seconds between progress lines written to a log
@@ -169,14 +176,37 @@ PLAN_FILE = "plan.json"  # beside the checkpoints: the steps a budgeted training
 
 
 class _Budget:
-    """training.max_minutes: when a training plans its steps, how many fit, and the plan a resumed one keeps."""
+    """The steps a training runs: `steps`, or under training.max_minutes those that fit. The first PLAN_TIMED steps
+    after two (compilation, warm caches) are timed, and the training then runs the steps that fit in the minutes left
+    (at least one more), its schedule's decay planned over them (the learning rate holds at its peak until then).
+    The plan is written beside the checkpoints (PLAN_FILE), so a training resumed from a later checkpoint runs the
+    same steps under the same schedule."""
 
-    def __init__(self, minutes: float | None, out: Path, steps: int, start: int, progress: bool | LogLine):
+    def __init__(self, minutes: float | None, out: Path, steps: int):
         self.seconds = minutes * 60 if minutes else None
-        self.path, self.steps, self.start, self.progress = out / "checkpoints" / PLAN_FILE, steps, start, progress
-        self.t0 = time.perf_counter()
-        self.mark: float | None = None
-        self.planned = self._stored() if self.seconds else None
+        self.path, self.asked = out / "checkpoints" / PLAN_FILE, steps
+        self.planned: int | None = None
+        self.start, self.progress, self.t0, self.mark = 0, False, time.perf_counter(), None
+
+    @property
+    def steps(self) -> int:
+        return self.planned or self.asked
+
+    def total(self) -> int | None:
+        """The steps the schedule decays over: None while a budgeted training has yet to plan."""
+        return None if self.seconds and self.planned is None else self.steps
+
+    def begin(self, start: int, progress: bool | LogLine) -> None:
+        """The training starts at `start`: a resumed one (start > 0) runs the plan stored beside its checkpoints, if
+        it made one; from step 0 it times and plans afresh. Under DDP every rank runs rank 0's plan."""
+        self.start, self.progress, self.t0 = start, progress, time.perf_counter()
+        if not self.seconds:
+            return
+        self.planned = self._stored() if start > 0 and world()[0] == 0 else None
+        if world()[1] > 1:
+            box = [self.planned]
+            dist.broadcast_object_list(box, src=0)
+            self.planned = box[0]
 
     def _stored(self) -> int | None:
         import json
@@ -185,7 +215,7 @@ class _Budget:
             plan = json.loads(self.path.read_text())
         except (OSError, ValueError):
             return None
-        return int(plan["planned"]) if plan.get("steps") == self.steps else None
+        return int(plan["planned"]) if plan.get("steps") == self.asked else None
 
     def due(self, done: int) -> bool:
         """Whether the training plans after its `done`-th step (timing the steps before it)."""
@@ -193,7 +223,7 @@ class _Budget:
             return False
         if done == self.start + 2:
             self.mark = time.perf_counter()
-        return done == self.start + 2 + PLAN_TIMED and done < self.steps
+        return done == self.start + 2 + PLAN_TIMED and done < self.asked
 
     def plan(self, done: int) -> int:
         """The steps that fit in the minutes left at the rate of the steps just timed (rank 0's, under DDP)."""
@@ -204,7 +234,7 @@ class _Budget:
         now = time.perf_counter()
         rate = (now - self.mark) / PLAN_TIMED
         fit = done + int((self.seconds - (now - self.t0)) / rate)
-        planned = max(done + 1, min(self.steps, fit))
+        planned = max(done + 1, min(self.asked, fit))
         rank, world_size = world()
         if world_size > 1:
             box = [planned]
@@ -213,10 +243,10 @@ class _Budget:
         self.planned = planned
         if rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.path, json.dumps({"steps": self.steps, "planned": planned, "s_per_step": rate,
+            write_text_atomic(self.path, json.dumps({"steps": self.asked, "planned": planned, "s_per_step": rate,
                                                      "max_minutes": self.seconds / 60}))
-            line = (f"training.max_minutes {self.seconds / 60:g}: {rate:.2f} s/step, {planned} of {self.steps} "
-                    f"steps fit" + ("" if planned < self.steps else " (all of them)"))
+            line = (f"training.max_minutes {self.seconds / 60:g}: {rate:.2f} s/step, {planned} of {self.asked} "
+                    f"steps fit" + ("" if planned < self.asked else " (all of them)"))
             if callable(self.progress):
                 self.progress(line)
             elif self.progress:

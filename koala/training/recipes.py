@@ -42,9 +42,10 @@ def pretrain(cfg: KoalaConfig, target: Target, out_dir: str | Path, steps: int |
     data = training_data(cfg, target)
     model = build_drafter(target, cfg.drafter, seed=cfg.training.seed)
     compute = _compute(cfg, target, "pretraining")
-    fp = training_fingerprint("pretrain", target.info.content_hash, steps, cfg.training.model_dump(),
+    fp = training_fingerprint("pretrain", target.info.content_hash, steps, _fingerprinted(cfg.training),
                               _drafter_fields(cfg), *_dtype_part(compute, target))
-    metrics = train(NextToken(model), data.train, cfg.training, out_dir, steps, heldout=data.heldout, resume=resume,
+    unbudgeted = cfg.training.model_copy(update={"max_minutes": None})  # max_minutes bounds distillation, not this
+    metrics = train(NextToken(model), data.train, unbudgeted, out_dir, steps, heldout=data.heldout, resume=resume,
                     fingerprint=fp, on_log=on_log, progress=progress, desc="pretrain", compute=compute)
     info = _info(cfg, target, "pretrain", metrics, corpus=cfg.training.pretrain_corpus, drafter=cfg.drafter.model_dump(),
                  compute_dtype=compute.name)
@@ -70,7 +71,7 @@ def distill(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir: str
     if vocab_ids is None:
         vocab_ids = draft_vocab_for(cfg, data.train.rows, target.info.vocab_size)
     compute = _compute(cfg, target, "distillation")
-    fp = training_fingerprint("distill", target.info.content_hash, loss, steps, cfg.training.model_dump(),
+    fp = training_fingerprint("distill", target.info.content_hash, loss, steps, _fingerprinted(cfg.training),
                               _drafter_fields(cfg), data.manifest.done_json(), weights_digest(init_from),
                               online_teacher, *_dtype_part(compute, target))
     objective = adversarial_if(Distill(model, loss, target.model, vocab_ids, cfg.training), cfg.training,
@@ -114,7 +115,7 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
     held = shards.read_manifest(Path(heldout_dir)) if heldout_dir else None
     embed_norm = getattr(heads, "embed_norm", None) is not None
     drafter_fields = {**_drafter_fields(cfg), **({"embed_norm": True} if embed_norm else {})}
-    fp = training_fingerprint(kind, target.info.content_hash, layers, steps, tcfg.model_dump(), drafter_fields,
+    fp = training_fingerprint(kind, target.info.content_hash, layers, steps, _fingerprinted(tcfg), drafter_fields,
                               data.manifest.done_json(), None if held is None else held.done_json(),
                               weights_digest(init_from),
                               *_dtype_part(compute, target))
@@ -127,6 +128,12 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
                  train_tokens=sum(max(len(r["input_ids"]) - r.get("prompt_len", 1), 0) for r in data.train.rows))
     final = Path(out_dir) / "heads"
     return _on_rank0(lambda: save_heads(heads.eval(), final, info, vocab_ids), final)
+
+
+def _fingerprinted(tcfg) -> dict:
+    """The training settings that make a training what it is: all but its time budget (a resumed training keeps the
+    steps it planned, whatever the budget says now)."""
+    return tcfg.model_dump(exclude={"max_minutes"})
 
 
 def _compute(cfg: KoalaConfig, target: Target, what: str) -> precision.ComputeDtype:

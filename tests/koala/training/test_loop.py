@@ -252,8 +252,8 @@ def _clocked(monkeypatch, seconds_per_step: list[float]):
 
 def test_a_budgeted_training_runs_the_steps_that_fit_under_a_schedule_planned_over_them(tmp_path, monkeypatch):
     """training.max_minutes: 2 steps, then PLAN_TIMED timed; at 1 s a step 8 s are spent and 22 more steps fit in
-    30 s; the cosine decay then ends at the 30th step, not the 100th, and a resumed training (on a machine three
-    times slower) keeps the plan: bitwise the straight run."""
+    30 s; the learning rate holds at its peak until then and its cosine decay ends at the 30th step, not the 100th;
+    a resumed training (on a machine three times slower) keeps the plan: bitwise the straight run."""
     from koala.training.loop import PLAN_FILE
 
     speed = [1.0]
@@ -267,6 +267,7 @@ def test_a_budgeted_training_runs_the_steps_that_fit_under_a_schedule_planned_ov
     assert latest_checkpoint(tmp_path / "straight").name == "step-0000030"
     plan = json.loads((tmp_path / "straight" / "checkpoints" / PLAN_FILE).read_text())
     assert (plan["steps"], plan["planned"], plan["s_per_step"]) == (100, 30, 1.0)
+    assert lrs[8] == pytest.approx(c.lr) and lrs[9] < c.lr  # the peak holds until the plan, after step 8
     assert lrs[30] == pytest.approx(0.1 * c.lr, rel=1e-3) and lrs[10] > 0.6 * c.lr  # decayed over the 30
 
     class Killed(Exception):
