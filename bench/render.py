@@ -399,17 +399,22 @@ def round_cost_table() -> str:
 
 
 def one_token_table() -> str:
-    """A one-token step through the wide package at width 2 against a one-token package (bench/step_cost.py)."""
-    r = _load("one_token_step.json")
-    if not r:
+    """A one-token step through the wide package at width 2 against a one-token package (bench/step_cost.py), in
+    each dtype measured."""
+    runs = [r for r in (_load("one_token_step.json"), _load("one_token_step_float32.json")) if r]
+    if not runs:
         return _missing("one_token_step.json", "python bench/step_cost.py --one-token-package --json "
                                                "bench/results/one_token_step.json")
-    rows = ["| one-token step runs | median ms | " + " | ".join(f"round {i + 1}" for i in range(r["rounds"])) + " |",
-            "|---" * (2 + r["rounds"]) + "|"]
-    for name, ms in r["one_token_ms"].items():
-        rows.append(f"| {name} | {r['median_ms'][name]:.2f} | " + " | ".join(f"{m:.2f}" for m in ms) + " |")
-    return ("\n".join(rows) + f"\n\nThe default target, {r['engine']}, {r['context']} tokens of context in "
-            f"{r['slots']} slots, {r['reps']} steps a round, the two in turns; `{r['command']}` on {_machine(r)}.")
+    rounds = max(r["rounds"] for r in runs)
+    rows = ["| engine | one-token step runs | median ms | " + " | ".join(f"round {i + 1}" for i in range(rounds)) + " |",
+            "|---" * (3 + rounds) + "|"]
+    for r in runs:
+        for name, ms in r["one_token_ms"].items():
+            rows.append(f"| {r['engine']} | {name} | {r['median_ms'][name]:.2f} | " + " | ".join(f"{m:.2f}" for m in ms)
+                        + " |")
+    notes = "; ".join(f"`{r['command']}`: {r['context']} tokens of context in {r['slots']} slots, {r['reps']} steps a "
+                      f"round, on {_machine(r)}" for r in runs)
+    return "\n".join(rows) + f"\n\nThe default target, the two ways in turns in one process. {notes}."
 
 
 TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_table, "trees": trees_table,

@@ -196,7 +196,7 @@ class AotStep:
     given embeddings, the features and logits asked for, with or without a tree's positions and mask. A one-token
     step runs the wide package at width 2 (`_one_as_two`): one package less to compile per model (minutes for a
     target on a 2-core CPU), and on a CPU a GEMM over two rows reads the weights once as over one (the default
-    target's bf16 step measured faster at two tokens than its one-token package on an AMD EPYC).
+    target's step costs about what its one-token package's does: bench/results/one_token_step*.json).
     The KV caches are inputs the package writes in place, so the eager prefill, `move_slots` and the compiled steps
     share one cache. The first call of each package in a process is checked against the eager forward on copies of
     the caches; a mismatch (a stale package the key did not catch) deletes it and compiles again.
