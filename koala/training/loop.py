@@ -186,7 +186,7 @@ class _Budget:
         self.seconds = minutes * 60 if minutes else None
         self.path, self.asked = out / "checkpoints" / PLAN_FILE, steps
         self.planned: int | None = None
-        self.start, self.progress, self.t0, self.mark = 0, False, time.perf_counter(), None
+        self.start, self.progress, self.t0, self.mark = 0, False, 0.0, None  # set by begin() and due()
 
     @property
     def steps(self) -> int:
@@ -227,9 +227,7 @@ class _Budget:
 
     def plan(self, done: int) -> int:
         """The steps that fit in the minutes left at the rate of the steps just timed (rank 0's, under DDP)."""
-        import json
-
-        from koala.io import write_text_atomic
+        from koala.io import write_json_atomic
 
         now = time.perf_counter()
         rate = (now - self.mark) / PLAN_TIMED
@@ -242,9 +240,8 @@ class _Budget:
             planned = box[0]
         self.planned = planned
         if rank == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(self.path, json.dumps({"steps": self.asked, "planned": planned, "s_per_step": rate,
-                                                     "max_minutes": self.seconds / 60}))
+            write_json_atomic(self.path, {"steps": self.asked, "planned": planned, "s_per_step": rate,
+                                          "max_minutes": self.seconds / 60})
             line = (f"training.max_minutes {self.seconds / 60:g}: {rate:.2f} s/step, {planned} of {self.asked} "
                     f"steps fit" + ("" if planned < self.asked else " (all of them)"))
             if callable(self.progress):
