@@ -59,6 +59,8 @@ AOT_CACHE_GB = 8.0  # the packages kept on disk (least recently used first out);
 WIDE_SCALING = 4.0
 TIMED_WIDTHS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 24, 32)  # where the two builds of a wide step are compared
 UNTUNED = "default"  # inductor's mode without autotuning: the linears run oneDNN's (MKL's) GEMMs at every width
+WIDTH_ROUNDS = 5  # rounds of `AotStep._time_widths`: each width's cost is its median over them
+WIDTH_TIMING = 2  # bumped when `_time_widths` measures differently: every machine then times its builds again
 
 
 def compile_seconds() -> float:
@@ -354,7 +356,8 @@ class AotStep:
         the step is built again without autotuning, both are timed at TIMED_WIDTHS and each width runs the build
         faster at the nearest timed width at or below it. The choice is stored beside the packages (once per
         machine, under the same key)."""
-        key = {**self.key(sig), "by_width": list(TIMED_WIDTHS), "scaling": WIDE_SCALING, "untuned": UNTUNED}
+        key = {**self.key(sig), "by_width": list(TIMED_WIDTHS), "scaling": WIDE_SCALING, "untuned": UNTUNED,
+               "timing": WIDTH_TIMING}
         path = aot_dir() / f"{digest(key)}.widths.json"
         try:
             choice = {int(w): int(i) for w, i in json.loads(path.read_text())["build_by_width"].items()}
@@ -364,14 +367,13 @@ class AotStep:
         if choice is None:
             global _compile_s
             t, before = time.perf_counter(), _compile_s
-            ends = self._time_widths(tuned, args, caches, (TIMED_WIDTHS[0], TIMED_WIDTHS[-1]))
+            (ends,) = self._time_widths([tuned], args, caches, (TIMED_WIDTHS[0], TIMED_WIDTHS[-1]))
             ms: dict = {"tuned": ends}
             if ends[TIMED_WIDTHS[-1]] <= WIDE_SCALING * ends[TIMED_WIDTHS[0]]:
                 choice = {w: 0 for w in TIMED_WIDTHS}
             else:
                 untuned = self._load_or_build(sig, args, caches, UNTUNED)
-                ms = {"tuned": self._time_widths(tuned, args, caches, TIMED_WIDTHS),
-                      "untuned": self._time_widths(untuned, args, caches, TIMED_WIDTHS)}
+                ms = dict(zip(("tuned", "untuned"), self._time_widths([tuned, untuned], args, caches, TIMED_WIDTHS)))
                 choice = {w: int(ms["untuned"][w] < ms["tuned"][w]) for w in TIMED_WIDTHS}
                 print("[koala] wide steps, ms by width, autotuned / not: " + ", ".join(
                     f"{w}: {ms['tuned'][w]:.1f} / {ms['untuned'][w]:.1f}" for w in TIMED_WIDTHS), file=sys.stderr)
@@ -382,29 +384,37 @@ class AotStep:
             return tuned
         return _ByWidth([tuned, untuned or self._load_or_build(sig, args, caches, UNTUNED)], choice)
 
-    def _time_widths(self, step: Callable, args: list, caches: list, widths) -> dict[int, float]:
-        """Median ms of the step at each width, on inputs shaped like `args` (the first token's, repeated) and on
-        copies of the caches; each width in a run of its own calls, as decoding makes them."""
+    def _time_widths(self, steps: list[Callable], args: list, caches: list, widths) -> list[dict[int, float]]:
+        """Each build's ms at each width, on inputs shaped like `args` (the first token's, repeated) and on copies
+        of the caches. Timed in WIDTH_ROUNDS rounds, each running every width on every build in turn (one untimed call
+        brings the width's step in, the faster of two timed calls counts), and each width's median over the rounds
+        kept: builds compared at one width are timed seconds apart, so this machine's drift weighs on both alike (a
+        build timed whole after the other was seen to lose at widths where it is a fifth faster)."""
         x, pos = args[0], args[1]
-        slots, out = self.model.max_seq_len, {}
+        slots = self.model.max_seq_len
         p0 = max(0, min(256, slots - MAX_STEP_WIDTH - 1))
         kv = [c.clone() for c in caches]
+        inputs = {}
+        for w in widths:
+            p = torch.arange(p0, p0 + w, device=pos.device)
+            a = [x[:, :1].expand(x.shape[0], w, *x.shape[2:]).contiguous(),
+                 p if pos.dim() == 1 else p.expand(pos.shape[0], w).contiguous()]
+            if len(args) > 2:  # a tree's positions and the slots each node sees (a chain's, here)
+                S = min(slots, -(-(p0 + w) // SLOT_ROUND) * SLOT_ROUND)
+                a += [p, torch.arange(S, device=pos.device) <= p[:, None]]
+            inputs[w] = a
+        ts: list[dict[int, list[float]]] = [{w: [] for w in widths} for _ in steps]
         with torch.no_grad():
-            for w in widths:
-                p = torch.arange(p0, p0 + w, device=pos.device)
-                a = [x[:, :1].expand(x.shape[0], w, *x.shape[2:]).contiguous(),
-                     p if pos.dim() == 1 else p.expand(pos.shape[0], w).contiguous()]
-                if len(args) > 2:  # a tree's positions and the slots each node sees (a chain's, here)
-                    S = min(slots, -(-(p0 + w) // SLOT_ROUND) * SLOT_ROUND)
-                    a += [p, torch.arange(S, device=pos.device) <= p[:, None]]
-                ts = []
-                for i in range(7):  # two untimed calls bring this width's step in
-                    t = time.perf_counter()
-                    step(*a, *kv)
-                    if i >= 2:
-                        ts.append((time.perf_counter() - t) * 1e3)
-                out[w] = sorted(ts)[len(ts) // 2]
-        return out
+            for _ in range(WIDTH_ROUNDS):
+                for w in widths:
+                    for step, got in zip(steps, ts):
+                        calls = []
+                        for i in range(3):
+                            t = time.perf_counter()
+                            step(*inputs[w], *kv)
+                            calls.append((time.perf_counter() - t) * 1e3)
+                        got[w].append(min(calls[1:]))
+        return [{w: sorted(v)[len(v) // 2] for w, v in got.items()} for got in ts]
 
     def _build(self, sig: tuple, args: list, caches: list, path: Path, key: dict, mode: str) -> Callable:
         """Export the step here (seconds), compile the package in a child process (minutes): a process that had

@@ -171,10 +171,12 @@ def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_w
     timed = []
     monkeypatch.setattr(C, "UNTUNED", "default-second")  # two quick builds stand for the tuned and untuned ones
 
-    def fixed(costs):
-        def time_widths(self, step, args, caches, widths):
-            timed.append(step)
-            return {w: costs[len(timed) - 1](w) for w in widths}
+    def fixed(costs):  # each build's cost by width, in the order the builds are first timed
+        def time_widths(self, steps, args, caches, widths):
+            for step in steps:
+                if step not in timed:
+                    timed.append(step)
+            return [{w: costs[timed.index(step)](w) for w in widths} for step in steps]
         return time_widths
 
     def wide_steps(model):
@@ -198,7 +200,7 @@ def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_w
     choice.unlink()
     # the tuned step costs in proportion to its width: built again untuned, which serves the widths it is faster at
     timed.clear()
-    monkeypatch.setattr(AotStep, "_time_widths", fixed([lambda w: 10.0 * w, lambda w: 10.0 * w, lambda w: 25.0]))
+    monkeypatch.setattr(AotStep, "_time_widths", fixed([lambda w: 10.0 * w, lambda w: 25.0]))
     steep = Transformer(hf).compile(mode="default")
     got = decode(steep)
     step = wide_steps(steep)
