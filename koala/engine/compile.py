@@ -389,7 +389,8 @@ class AotStep:
         of the caches. Timed in WIDTH_ROUNDS rounds, each running every width on every build in turn (one untimed call
         brings the width's step in, the faster of two timed calls counts), and each width's median over the rounds
         kept: builds compared at one width are timed seconds apart, so this machine's drift weighs on both alike (a
-        build timed whole after the other was seen to lose at widths where it is a fifth faster)."""
+        build timed whole after the other was seen to lose at widths where it is a fifth faster). A width whose
+        builds differ by half or more in a round is not timed again."""
         x, pos = args[0], args[1]
         slots = self.model.max_seq_len
         p0 = max(0, min(256, slots - MAX_STEP_WIDTH - 1))
@@ -404,9 +405,10 @@ class AotStep:
                 a += [p, torch.arange(S, device=pos.device) <= p[:, None]]
             inputs[w] = a
         ts: list[dict[int, list[float]]] = [{w: [] for w in widths} for _ in steps]
+        close = list(widths)
         with torch.no_grad():
             for _ in range(WIDTH_ROUNDS):
-                for w in widths:
+                for w in close:
                     for step, got in zip(steps, ts):
                         calls = []
                         for i in range(3):
@@ -414,6 +416,8 @@ class AotStep:
                             step(*inputs[w], *kv)
                             calls.append((time.perf_counter() - t) * 1e3)
                         got[w].append(min(calls[1:]))
+                # a width where one build costs half as much again as another is decided: not timed again
+                close = [w for w in close if max(got[w][-1] for got in ts) < 1.5 * min(got[w][-1] for got in ts)]
         return [{w: sorted(v)[len(v) // 2] for w, v in got.items()} for got in ts]
 
     def _build(self, sig: tuple, args: list, caches: list, path: Path, key: dict, mode: str) -> Callable:
