@@ -60,7 +60,7 @@ WIDE_SCALING = 4.0
 TIMED_WIDTHS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 24, 32)  # where the two builds of a wide step are compared
 UNTUNED = "default"  # inductor's mode without autotuning: the linears run oneDNN's (MKL's) GEMMs at every width
 WIDTH_ROUNDS = 5  # rounds of `AotStep._time_widths`: each width's cost is its median over them
-WIDTH_TIMING = 2  # bumped when `_time_widths` measures differently: every machine then times its builds again
+WIDTH_TIMING = 3  # bumped when `_time_widths` measures differently: every machine then times its builds again
 
 
 def compile_seconds() -> float:
@@ -386,11 +386,11 @@ class AotStep:
 
     def _time_widths(self, steps: list[Callable], args: list, caches: list, widths) -> list[dict[int, float]]:
         """Each build's ms at each width, on inputs shaped like `args` (the first token's, repeated) and on copies
-        of the caches. Timed in WIDTH_ROUNDS rounds, each running every width on every build in turn (one untimed call
-        brings the width's step in, the faster of two timed calls counts), and each width's median over the rounds
-        kept: builds compared at one width are timed seconds apart, so this machine's drift weighs on both alike (a
-        build timed whole after the other was seen to lose at widths where it is a fifth faster). A width whose
-        builds differ by half or more in a round is not timed again."""
+        of the caches. Timed in WIDTH_ROUNDS rounds, each running every width on every build in turn, the builds'
+        order reversed every other round (one untimed call brings the width's step in, the faster of two timed calls
+        counts); each width's cost is its median over the rounds it was timed in. Builds compared at one width are
+        timed moments apart, so a drift in the machine's speed weighs on both alike. A width where one build costs
+        1.5 times another or more in a round is decided: it is not timed again."""
         x, pos = args[0], args[1]
         slots = self.model.max_seq_len
         p0 = max(0, min(256, slots - MAX_STEP_WIDTH - 1))
@@ -407,16 +407,16 @@ class AotStep:
         ts: list[dict[int, list[float]]] = [{w: [] for w in widths} for _ in steps]
         close = list(widths)
         with torch.no_grad():
-            for _ in range(WIDTH_ROUNDS):
+            for r in range(WIDTH_ROUNDS):
                 for w in close:
-                    for step, got in zip(steps, ts):
+                    for step, got in list(zip(steps, ts))[::-1 if r % 2 else 1]:
                         calls = []
                         for i in range(3):
                             t = time.perf_counter()
                             step(*inputs[w], *kv)
                             calls.append((time.perf_counter() - t) * 1e3)
                         got[w].append(min(calls[1:]))
-                # a width where one build costs half as much again as another is decided: not timed again
+                # a width where one build costs 1.5 times another or more is decided: not timed again
                 close = [w for w in close if max(got[w][-1] for got in ts) < 1.5 * min(got[w][-1] for got in ts)]
         return [{w: sorted(v)[len(v) // 2] for w, v in got.items()} for got in ts]
 

@@ -173,6 +173,7 @@ def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_w
 
     def fixed(costs):  # each build's cost by width, in the order the builds are first timed
         def time_widths(self, steps, args, caches, widths):
+            assert len(steps) == (2 if tuple(widths) == C.TIMED_WIDTHS else 1)  # the two builds timed in turns
             for step in steps:
                 if step not in timed:
                     timed.append(step)
@@ -213,3 +214,34 @@ def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_w
     again = Transformer(hf).compile(mode="default")
     decode(again)
     assert isinstance(wide_steps(again), C._ByWidth) and (again.compiled.built, again.compiled.loaded) == (0, 2)
+
+
+def test_two_builds_are_timed_in_turns_and_a_decided_width_is_not_timed_again(monkeypatch):
+    """`_time_widths` on two stub builds and a clock that advances by each call's cost: every round runs each width
+    on both builds back to back (the order reversed every other round), a width where one build costs 1.5 times the
+    other is timed in the first round only, and each build's costs come back in the order the builds were given."""
+    from types import SimpleNamespace
+
+    import koala.engine.compile as C
+
+    now, calls = [0.0], []
+
+    class Build:
+        def __init__(self, name, ms):
+            self.name, self.ms = name, ms
+
+        def __call__(self, x, pos, *caches):
+            calls.append((self.name, x.shape[1]))
+            now[0] += self.ms(x.shape[1]) / 1e3
+
+    monkeypatch.setattr(C.time, "perf_counter", lambda: now[0])
+    tuned, untuned = Build("tuned", lambda w: 10.0 * (1 + (w > 4))), Build("untuned", lambda w: 12.0)
+    me = SimpleNamespace(model=SimpleNamespace(max_seq_len=64))
+    args = [torch.zeros(1, 2, dtype=torch.long), torch.arange(2)]
+    got = AotStep._time_widths(me, [tuned, untuned], args, [], (2, 4, 8))
+    assert got == [pytest.approx({2: 10.0, 4: 10.0, 8: 20.0}), pytest.approx({2: 12.0, 4: 12.0, 8: 12.0})]
+    assert [c for c in calls if c[1] == 8] == [("tuned", 8)] * 3 + [("untuned", 8)] * 3  # decided in round one
+    at_two = [name for name, w in calls if w == 2]
+    assert len(at_two) == 2 * 3 * C.WIDTH_ROUNDS
+    rounds = [at_two[i:i + 6] for i in range(0, len(at_two), 6)]  # one untimed and two timed calls per build
+    assert rounds[0] == ["tuned"] * 3 + ["untuned"] * 3 and rounds[1] == ["untuned"] * 3 + ["tuned"] * 3
