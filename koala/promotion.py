@@ -18,12 +18,13 @@ the same report always gets the same decision.
 
 from __future__ import annotations
 
-import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+
+from koala.io import file_lock
 
 if TYPE_CHECKING:
     from koala.report import EvalReport
@@ -132,9 +133,7 @@ def promote(registry: "Registry", name: str, version: str, report: "EvalReport",
     """
     from koala.tracking import drafter_path
 
-    Path(lock_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(lock_path):
         champ = registry.champion(name)
         if champ is not None and str(champ.version) == str(version):  # a rerun handed back the champion itself
             return Promotion(True, "already champion (the same weights were registered and promoted before)",
