@@ -10,15 +10,21 @@ STAMP := $(VENV)/.koala-installed
 setup: $(STAMP)
 
 # torch first, from this machine's CPU build: letting another package pull torch in downloads a multi-GB CUDA build.
-# Then uv (from PyPI) installs the rest, downloads in parallel, in seconds where pip takes over a minute; the torch
-# already installed satisfies the project's range, so uv keeps it. --compile-bytecode: uv, unlike pip, writes no .pyc
-# files, and where PYTHONDONTWRITEBYTECODE is set no process ever would, so every process the tests and flows start
-# would compile transformers, Prefect and MLflow from source again (seconds each).
+# uv (from PyPI) installs it from the wheel in pip's find-links folder where there is one (in seconds where pip
+# takes half a minute), otherwise pip installs torch as pip's own configuration finds it. Then uv installs the rest,
+# downloads in parallel; the torch already installed satisfies the project's range, so uv keeps it.
+# --compile-bytecode: uv, unlike pip, writes no .pyc files, and where PYTHONDONTWRITEBYTECODE is set no process ever
+# would, so every process the tests and flows start would compile torch, transformers, Prefect and MLflow from source
+# again (seconds each).
+TORCH := torch==2.13.0
+PYTAG := $(shell $(PY) -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
+TORCH_WHEEL := $(firstword $(wildcard $(addsuffix /torch-2.13.0+cpu-$(PYTAG)-*.whl,$(PIP_FIND_LINKS))))
+UV := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0 uv
-	$(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode -e '.[dev]'
+	$(BIN)/python -m pip install -q uv
+	$(if $(TORCH_WHEEL),$(UV) '$(TORCH_WHEEL)',$(BIN)/python -m pip install -q $(TORCH))
+	$(UV) -e '.[dev]'
 	touch $(STAMP)
 
 # The serving formats' own loaders, for the export round trips (tests/koala/export): each in a folder of its own,
@@ -26,7 +32,7 @@ $(STAMP): pyproject.toml
 # release vLLM reads EAGLE-3 speculators with, runs on the venv's own packages plus the two it imports at load;
 # SpecForge 0.2.0, whose LlamaForCausalLMEagle3 is SGLang's EAGLE-3 layout, imports with the venv's packages alone).
 OVERLAYS := $(VENV)/overlays
-OVERLAY := $(BIN)/uv pip install -q --python $(BIN)/python --no-deps --compile-bytecode --target
+OVERLAY := $(UV) --no-deps --target
 $(OVERLAYS)/.installed: Makefile | $(STAMP)
 	$(OVERLAY) $(OVERLAYS)/speculators speculators==0.4.0.1 loguru==0.7.3 transformers==4.57.6 huggingface_hub==0.36.2 \
 		tokenizers==0.22.2

@@ -159,14 +159,15 @@ def test_an_eagle_drafter_runs_its_wide_steps_ahead_of_time_and_stays_lossless(b
     assert engine.compiled.built + engine.compiled.loaded == 1  # one package: its drafts, tree levels and catch-up
 
 
-def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_width(cache, monkeypatch):
+def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_width(built, cache, monkeypatch):
     """Autotuned kernels fit to a few rows: where the tuned wide step's widest call costs more than WIDE_SCALING of
     its narrowest, the step is built again without autotuning and each width runs the build timed faster at it;
     the choice is stored once per machine, and both builds decode what the eager forward does. (Timings fixed here:
-    which build is faster is the machine's to say.)"""
+    which build is faster is the machine's to say; the module's package stands for the tuned build.)"""
     import koala.engine.compile as C
 
-    hf = tiny_llama(layers=2, vocab=V, seed=5)
+    hf = built.hf
+    built.copy_to(cache)
     eager = Transformer(hf)
     timed = []
     monkeypatch.setattr(C, "UNTUNED", "default-second")  # two quick builds stand for the tuned and untuned ones
@@ -196,7 +197,8 @@ def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_w
     monkeypatch.setattr(AotStep, "_time_widths", fixed([lambda w: 10.0 + 0.1 * w]))
     flat = Transformer(hf).compile(mode="default")
     decode(flat)
-    assert not isinstance(wide_steps(flat), C._ByWidth) and flat.compiled.built == 1  # the tuned wide step only
+    assert not isinstance(wide_steps(flat), C._ByWidth)  # the tuned wide step only
+    assert (flat.compiled.built, flat.compiled.loaded) == (0, 1)
     (choice,) = cache.glob("*.widths.json")
     choice.unlink()
     # the tuned step costs in proportion to its width: built again untuned, which serves the widths it is faster at
