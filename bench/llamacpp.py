@@ -4,15 +4,17 @@
 
 llama.cpp is what a CPU user would run instead of koala's engine. This bench builds `llama-cpp-python` from PyPI's
 source distribution into a venv of its own under $KOALA_CACHE/llamacpp (once per machine and Python; minutes; it
-never touches koala's venv or pulls torch), converts the default target's shipped Q4_1 GGUF to BF16 and F32 with
-llama.cpp's own quantizer (so every precision holds the same weights koala decodes: the Q4_1 values, dequantised),
-and measures, on the first prompts of MT-bench (one per category, chat-templated by the target's tokenizer), greedy:
+never touches koala's venv or pulls torch), converts the default target's shipped Q4_1 GGUF to BF16, F32 and Q8_0
+with llama.cpp's own quantizer (so BF16 and F32 hold the same weights koala decodes: the Q4_1 values, dequantised;
+Q8_0 requantises them to 8 bits in blocks of 32), and measures, on the first prompts of MT-bench (one per category,
+chat-templated by the target's tokenizer), greedy:
 
-* llama.cpp's plain decoding at Q4_1, BF16 and F32: end-to-end tokens/s (every repetition prefills its prompt, as
-  koala's does) and decode-only (after the first new token);
+* llama.cpp's plain decoding at Q4_1, BF16, F32 and Q8_0: end-to-end tokens/s (every repetition prefills its prompt,
+  as koala's does) and decode-only (after the first new token);
 * koala's compiled engine, autoregressive and speculative (the drafter given, prompt lookup in front, draft shape
-  `auto`), at float32 and bfloat16, through `koala.evaluate` (the same measurement as `koala eval`), end to end and
-  decode-only;
+  `auto`), at float32, bfloat16, and int8 weights on bfloat16 activations (`eval.weights: int8`: 8 bits per weight
+  and a scale per output channel, set beside Q8_0), through `koala.evaluate` (the same measurement as `koala eval`),
+  end to end and decode-only;
 * with `--gguf-drafter`, llama.cpp decoding F32 and BF16 with a koala independent drafter as its draft model
   (`koala.export.llamacpp_draft.GGUFDraftModel`, k tokens per round), and whether its tokens are its plain decoding's.
 
@@ -34,7 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-FTYPES = {"F32": 0, "BF16": 32}  # llama.cpp's LLAMA_FTYPE_ALL_F32, LLAMA_FTYPE_MOSTLY_BF16
+FTYPES = {"F32": 0, "BF16": 32, "Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32, _MOSTLY_BF16, _MOSTLY_Q8_0
+# koala's precision (its key in the JSON) -> (eval dtype, eval weights, the llama.cpp precision it is set beside)
+KOALA = {"float32": ("float32", "full", "F32"), "bfloat16": ("bfloat16", "full", "BF16"),
+         "int8": ("bfloat16", "int8", "Q8_0")}
 
 # Runs inside llama.cpp's venv: reads a job on stdin, prints one JSON line.
 WORKER = r'''
@@ -167,13 +172,13 @@ def export_gguf(spec: str, work: Path) -> Path:
     return out / FILE
 
 
-def run_koala(dtype: str, drafter: str, limit: int, max_new: int, reps: int) -> dict:
+def run_koala(dtype: str, weights: str, drafter: str, limit: int, max_new: int, reps: int) -> dict:
     from koala.config import EvalConfig
     from koala.engine.compile import compile_seconds
     from koala.engine.session import Session
     from koala.evaluate import evaluate
 
-    s = Session.open("smollm2-135m-instruct", dtype=dtype, compile=True)
+    s = Session.open("smollm2-135m-instruct", dtype=dtype, compile=True, weights=weights)
     cfg = EvalConfig(bench="mtbench", limit=limit, max_new_tokens=max_new, gamma="auto", lookup=True, threshold=0.5,
                      compile=True)
     ar, sp, taus, shapes, rows = [], [], [], [], []
@@ -235,9 +240,9 @@ def main() -> None:
                   for name, rows in lc["speculative"].items()}
     for name, s in llama_spec.items():
         s["over_plain"] = round(s["tokens_per_s"] / llama[name.split()[0]]["tokens_per_s"], 3)
-    koala = {dtype: run_koala(dtype, a.drafter, a.prompts, a.max_new_tokens, a.reps)
-             for dtype in ("float32", "bfloat16")}
-    pairs = {"float32": "F32", "bfloat16": "BF16"}
+    koala = {name: run_koala(dtype, weights, a.drafter, a.prompts, a.max_new_tokens, a.reps)
+             for name, (dtype, weights, _) in KOALA.items()}
+    pairs = {name: lc_name for name, (_, _, lc_name) in KOALA.items()}
     out = {**benchinfo.header(), "command": "python bench/llamacpp.py " + " ".join(sys.argv[1:]),
            "llama_cpp_python": lc["version"], "llama_cpp_build": flags, "llama_cpp_build_s": round(build_s, 1),
            "threads": threads,

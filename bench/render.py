@@ -315,7 +315,7 @@ def llamacpp_table() -> str:
 def _llamacpp(r: dict) -> str:
     rows = ["| weights | llama.cpp tokens/s (decode only) | koala autoregressive (decode only) | koala speculative "
             "(decode only), τ | koala AR / llama.cpp | koala speculative / llama.cpp |", "|---|---|---|---|---|---|"]
-    pairs = {"F32": "float32", "BF16": "bfloat16"}
+    pairs = {"F32": "float32", "BF16": "bfloat16", "Q8_0": "int8"}  # koala's int8: int8 weights, bf16 activations
 
     def both(d, key):
         dec = d.get(key.replace("_tokens_per_s", "_decode_tokens_per_s"))
@@ -329,7 +329,8 @@ def _llamacpp(r: dict) -> str:
             cells = (f"{both(k, 'autoregressive_tokens_per_s')} | {both(k, 'speculative_tokens_per_s')}, "
                      f"{k['tau']:.2f} | {ratio['koala_ar_over_llamacpp_ar']:.2f}x | "
                      f"{ratio['koala_speculative_over_llamacpp_ar']:.2f}x |")
-        rows.append(f"| {name} | {lc['tokens_per_s']:.1f} ({lc['decode_tokens_per_s']:.1f}) | {cells}")
+        label = f"{name} (koala: int8 weights)" if pairs.get(name) == "int8" and k else name
+        rows.append(f"| {label} | {lc['tokens_per_s']:.1f} ({lc['decode_tokens_per_s']:.1f}) | {cells}")
     text = "\n".join(rows) + (f"\n\nllama-cpp-python {r['llama_cpp_python']}; koala's drafter `lookup+"
                               f"{r['drafter']}`, draft shape auto; the first {r['prompts']} MT-bench prompts, "
                               f"{r['max_new_tokens']} new tokens, greedy, {r['reps']} repetitions, every one "

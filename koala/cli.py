@@ -197,6 +197,7 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
              top_p: float = option(EvalConfig, "top_p"),
              max_new_tokens: int = option(EvalConfig, "max_new_tokens"),
              dtype: str = option(EvalConfig, "dtype"),
+             weights: str = option(EvalConfig, "weights"),
              device: str = option(TargetConfig, "device"),
              hf: bool = option(EvalConfig, "hf_baselines", "--hf/--no-hf"),
              compile: bool = option(EvalConfig, "compile", "--compile/--no-compile"),
@@ -211,7 +212,7 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
 
     cfg = validated(EvalConfig, "koala eval", bench=bench, limit=limit, gamma=gamma, temperature=temperature,
                     top_p=top_p, max_new_tokens=max_new_tokens, hf_baselines=hf, threshold=threshold,
-                    lookup=lookup, compile=compile, dtype=dtype)
+                    lookup=lookup, compile=compile, dtype=dtype, weights=weights)
     own = TargetConfig.model_fields["dtype"].default  # the target as stored: what `target` and `auto` start from
     check_run_options(target, own if dtype in ("target", "auto") else dtype, device, drafter)
     out_path = Path(out)
@@ -221,7 +222,7 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
 
     if cfg.bench not in BENCHES and not cfg.bench.startswith("hf:"):
         load_prompts(cfg.bench, limit=cfg.limit)  # a missing or malformed file fails now, not after the target loads
-    s = _decoding_session(target, cfg.dtype, own, device, compile)
+    s = _decoding_session(target, cfg.dtype, own, device, compile, cfg.weights)
     typer.echo(f"[{s.describe()}]", err=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn()) as bar:
@@ -239,18 +240,24 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
                "acceptance_by_position.png, speedup_by_category.png)")
 
 
-def _decoding_session(target: str, setting: str, own: str, device: str, compile: bool):
-    """The target loaded in the dtype `eval.dtype` names (auto: measured once per machine, as the pipeline does)."""
+def _decoding_session(target: str, setting: str, own: str, device: str, compile: bool, weights: str = "full"):
+    """The target loaded in the dtype `eval.dtype` names (auto: measured once per machine, as the pipeline does),
+    its linear layers as `eval.weights` says."""
+    from koala.engine.quantize import quantize_weights
     from koala.engine.session import Session
     from koala.precision import decode_dtype
 
     if setting not in ("target", "auto"):
-        return Session.open(target, dtype=setting, device=device, compile=compile)
+        return Session.open(target, dtype=setting, device=device, compile=compile, weights=weights)
     s = Session.open(target, dtype=own, device=device)
     chosen = decode_dtype(setting, s.target.model)
     typer.echo(f"[decoding in {chosen.name}: {chosen.reason}]", err=True)
     if chosen.name != own:
-        return Session.open(target, dtype=chosen.name, device=device, compile=compile)
+        return Session.open(target, dtype=chosen.name, device=device, compile=compile, weights=weights)
+    if quantize_weights(s.target.model, weights):
+        from koala.engine.model import Transformer
+
+        s.engine = Transformer(s.target.model)  # over the int8 layers
     if compile:
         s.compile()
     return s

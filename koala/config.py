@@ -181,6 +181,11 @@ class EvalConfig(_Strict):
         "target", description="the precision the target and drafter decode in, the autoregressive baseline included: "
         "target (the target's own dtype), auto (bfloat16 where this machine's matrix units measure it faster, as "
         "compute_dtype decides), or a dtype; losslessness is checked against the target run at this precision")
+    weights: Literal["full", "int8"] = Field(
+        "full", description="the target's linear layers as loaded (full) or int8 weight-only (per output channel, "
+        "torch's CPU kernel, on bfloat16 activations: a CPU's option, fewer bytes per step; with float32 activations the "
+        "kernel is slower than full weights); the int8 target is another model, so losslessness and the "
+        "autoregressive baseline are the int8 target's own")
     threshold: float | None = Field(None, ge=0, le=1, description="stop drafting at a token the drafter gives less "
                                     "probability than this (adaptive draft length); None: always gamma")
     lookup: bool = Field(False, description="prompt lookup first: copy the continuation of an earlier match of the "

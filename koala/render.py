@@ -99,4 +99,4 @@ def summary_line(r: EvalReport) -> str:
         loss += f" (+{len(ll.near_ties)} differing only at a near-tie of {r.mode} {r.dtype} rounding)"
     return (f"{r.drafter}: tau {r.tau:.2f}, speed-up {r.speedup:.2f}x{_ci(r)} "
             f"({r.tokens_per_s.speculative:.1f} vs {r.tokens_per_s.autoregressive:.1f} tokens/s, "
-            f"{r.mode}, {r.draft_shape}), {loss}")
+            f"{r.mode}{', int8 weights' if r.weights == 'int8' else ''}, {r.draft_shape}), {loss}")

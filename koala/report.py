@@ -104,6 +104,7 @@ class EvalReport(_Record):
     target_hash: str = ""
     device: str = ""
     dtype: str = ""
+    weights: str = Field("full", description="the target's linear layers: full, or int8 weight-only")
     mode: str = Field("eager", description="eager or compile")
     bench: str = ""
     prompts: int = 0

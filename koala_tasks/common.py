@@ -13,20 +13,23 @@ _SESSIONS: dict[tuple, Session] = {}
 _LOCK = threading.Lock()
 
 
-def session_for(tc: TargetConfig, compile: bool = False) -> Session:
+def session_for(tc: TargetConfig, compile: bool = False, weights: str = "full") -> Session:
     """The target and its engine (eager, or compiled), loaded on first use in this process and reused by every later
-    task: the target's weights are loaded once, and a compiled engine compiles once per process."""
-    key = (tc.spec, tc.dtype, tc.device, tc.trust_remote_code)
+    task: the target's weights are loaded once, and a compiled engine compiles once per process. `weights` int8: a
+    target of its own, its linear layers int8 weight-only (eval.weights; koala.engine.quantize)."""
+    key = (tc.spec, tc.dtype, tc.device, tc.trust_remote_code, weights)
     with _LOCK:
         if (key, compile) not in _SESSIONS:
             if (key, not compile) in _SESSIONS:
                 t = _SESSIONS[(key, not compile)].target
             else:
+                from koala.engine.quantize import quantize_weights
                 from koala.targets import load_target
                 from koala.threads import configure_threads
 
                 configure_threads()
                 t = load_target(tc.spec, dtype=tc.dtype, device=tc.device, trust_remote_code=tc.trust_remote_code)
+                quantize_weights(t.model, weights)
             _SESSIONS[(key, compile)] = Session(t, Transformer(t.model).compile() if compile else Transformer(t.model))
         return _SESSIONS[(key, compile)]
 

@@ -53,7 +53,7 @@ def evaluate_drafter(cfg: KoalaConfig, drafter: str, out_dir: str, parent_run_id
                      run_name: str = "evaluate") -> EvalReport:
     """Measure a drafter on the benchmark; logs metrics, report and plots; returns the report."""
     log = get_run_logger()
-    s = session_for(decoding_target(cfg), compile=cfg.eval.compile)
+    s = session_for(decoding_target(cfg), compile=cfg.eval.compile, weights=cfg.eval.weights)
     log.info("evaluating %s: %s", drafter, s.describe())
     t0 = time.perf_counter()
 

@@ -290,11 +290,16 @@ class AotStep:
                 "cpp.enable_concat_linear": True}
 
     def weights_digest(self) -> str:
-        """A digest of the model's weights: names, shapes, dtypes, each tensor's sum and a strided sample of it."""
+        """A digest of the model's weights: names, shapes, dtypes, each tensor's sum and a strided sample of it (an
+        int8 layer's weights and scales included: koala.engine.quantize)."""
+        from koala.engine.quantize import Int8Linear
+
         if self._weights is None:
             h = hashlib.sha256()
+            int8 = [(f"{m}.{b}", t) for m, mod in self.model.named_modules() if isinstance(mod, Int8Linear)
+                    for b, t in mod.named_buffers()]
             with torch.no_grad():
-                for name, p in self.model.named_parameters():
+                for name, p in [*self.model.named_parameters(), *int8]:
                     flat = p.detach().reshape(-1)
                     sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy().tobytes()
                     total = flat.sum(dtype=torch.float64).item()

@@ -45,12 +45,16 @@ class Session:
     autoregressive: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, spec: str, dtype: str = "float32", device: str = "cpu", compile: bool = False) -> "Session":
-        """Load a target; with `compile`, its decode steps (and every drafter's) run compiled (koala.engine.compile)."""
+    def open(cls, spec: str, dtype: str = "float32", device: str = "cpu", compile: bool = False,
+             weights: str = "full") -> "Session":
+        """Load a target; with `compile`, its decode steps (and every drafter's) run compiled (koala.engine.compile);
+        `weights` int8: its linear layers quantised to int8 weight-only (koala.engine.quantize), a CPU's option."""
+        from koala.engine.quantize import quantize_weights
         from koala.threads import configure_threads
 
         configure_threads()
         t = load_target(spec, dtype=dtype, device=device)
+        quantize_weights(t.model, weights)
         s = cls(t, Transformer(t.model))
         if compile:
             s.compile()
@@ -72,7 +76,15 @@ class Session:
 
         info = self.target.info
         where = f"CPU {cpu_model()}" if info.device == "cpu" else torch.cuda.get_device_name()
-        return f"{self.mode} engine, {info.dtype}, {where}, {torch.get_num_threads()} threads"
+        weights = ", int8 weights" if self.weights == "int8" else ""
+        return f"{self.mode} engine, {info.dtype}{weights}, {where}, {torch.get_num_threads()} threads"
+
+    @property
+    def weights(self) -> str:
+        """full, or int8 where the target's linear layers run int8 weight-only (koala.engine.quantize)."""
+        from koala.engine.quantize import weights_of
+
+        return weights_of(self.target.model)
 
     def compile(self) -> None:
         self.engine.compile()
