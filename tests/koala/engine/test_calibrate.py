@@ -87,7 +87,8 @@ def test_a_rounds_own_cost_counts_against_short_drafts():
 def test_cost_curve_is_measured_once_per_key(tmp_path, monkeypatch):
     monkeypatch.setenv("KOALA_CACHE", str(tmp_path))
     info = SimpleNamespace(content_hash="abc", device="cpu", dtype="float32")
-    s = SimpleNamespace(target=SimpleNamespace(info=info), engine=Transformer(tiny_llama()), mode="eager")
+    s = SimpleNamespace(target=SimpleNamespace(info=info), engine=Transformer(tiny_llama()), mode="eager",
+                        weights="full")
     first = cost_curve(s, max_width=3, reps=2)
     assert not first["cached"] and set(first["ms"]) == {1, 2, 3} and all(v > 0 for v in first["ms"].values())
     again = cost_curve(s, max_width=3, reps=2)
@@ -176,8 +177,10 @@ def test_a_cost_curve_is_measured_again_when_the_engines_code_changes(monkeypatc
     import koala.engine.calibrate as cal
 
     info = SimpleNamespace(content_hash="t", device="cpu", dtype="float32")
-    session = SimpleNamespace(target=SimpleNamespace(info=info), mode="compile", engine=SimpleNamespace(compiled=None))
+    session = SimpleNamespace(target=SimpleNamespace(info=info), mode="compile", engine=SimpleNamespace(compiled=None),
+                              weights="full")
     before = cal._key(session, 8)
+    assert cal._key(SimpleNamespace(**{**vars(session), "weights": "int8"}), 8) != before  # int8 weights: another curve
     assert before == cal._key(session, 8) and before["engine_source"] == cal.engine_source()
     monkeypatch.setattr(cal, "engine_source", lambda: "other code")
     assert cal._key(session, 8) != before
