@@ -141,6 +141,7 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
              temperature: float = option(EvalConfig, "temperature"),
              top_p: float = option(EvalConfig, "top_p"),
              dtype: str = option(TargetConfig, "dtype"),
+             weights: str = option(EvalConfig, "weights"),
              device: str = option(TargetConfig, "device"),
              compile: bool = typer.Option(False, "--compile/--no-compile", help="compiled decode steps: faster per "
                                           "token, after a one-off compilation (cached on disk)")):
@@ -158,12 +159,12 @@ def generate(prompt: str = typer.Argument(..., help="the user message"),
         raise KoalaError(f"the prompt {prompt[:20]!r} has no visible character (only whitespace or zero-width "
                          "characters): give the user message")
     validated(EvalConfig, "koala generate", temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-              gamma=gamma)
+              gamma=gamma, weights=weights)
     check_run_options(target, dtype, device, drafter)
     g = parse_draft(gamma)
     tree = g if isinstance(g, TreeBudget) else None
     g = tree.depth if tree else g
-    s = Session.open(target, dtype=dtype, device=device, compile=compile)
+    s = Session.open(target, dtype=dtype, device=device, compile=compile, weights=weights)
     typer.echo(f"[{s.describe()}]", err=True)
     d = s.drafter(drafter) if drafter else None
     if d is not None and g is None:

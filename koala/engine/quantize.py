@@ -2,7 +2,9 @@
 
 `quantize_weights(model, "int8")` replaces every linear layer of the decoder and the output head with an
 `Int8Linear`: its weight stored as int8 per output channel (symmetric; the scale is the row's largest magnitude
-/ 127) and run by torch's CPU weight-only kernel `aten._weight_int8pack_mm` on activations in the model's own dtype.
+/ 127) and run by torch's CPU weight-only kernel `aten._weight_int8pack_mm` on activations in the model's own dtype
+(bfloat16: the kernel's float32 path is slower than full float32 weights); a prefill wider than any compiled step
+runs the dense GEMM on the dequantised weight instead.
 Norms, attention, the KV cache and the embedding table (a row lookup) keep that dtype. Eager, compiled and ahead-of-time
 steps all run the same kernel, so the quantised target is one model wherever koala runs it.
 
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from koala.engine.compile import MAX_STEP_WIDTH
 from koala.errors import KoalaError
 
 WEIGHTS = ("full", "int8")
@@ -46,7 +50,12 @@ class Int8Linear(nn.Module):
         return self._source[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scales)
+        rows = x.numel() // self.in_features
+        # wider than any compiled step (a prefill): the dense GEMM on the dequantised weight, as the weight-only
+        # kernel's cost grows with the rows far faster than a dense GEMM's; compiled steps always run the kernel
+        if rows > MAX_STEP_WIDTH:
+            return F.linear(x, self.qweight.to(x.dtype) * self.scales[:, None], self.bias)
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, self.in_features), self.qweight, self.scales)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

@@ -23,8 +23,8 @@ def test_an_int8_layer_is_its_dequantised_weight_within_half_a_step():
     assert q.qweight.dtype == torch.int8 and q.qweight.abs().max() == 127  # every row spans the int8 range
     deq = q.qweight.float() * q.scales[:, None]
     assert ((deq - lin.weight).abs() <= q.scales[:, None] / 2 + 1e-7).all()  # rounding: at most half a step
-    x = torch.randn(2, 5, 48)
-    torch.testing.assert_close(q(x), x @ deq.T + lin.bias, atol=1e-4, rtol=1e-4)
+    for x in (torch.randn(2, 5, 48), torch.randn(1, 40, 48)):  # the int8 kernel; a prefill's width, dense
+        torch.testing.assert_close(q(x), x @ deq.T + lin.bias, atol=1e-4, rtol=1e-4)
     with pytest.raises(AttributeError):
         q.weight  # noqa: B018 - a layer that keeps no full-precision weight says so
 
