@@ -54,7 +54,7 @@ class Int8Linear(nn.Module):
         # wider than any compiled step (a prefill): the dense GEMM on the dequantised weight, as the weight-only
         # kernel's cost grows with the rows far faster than a dense GEMM's; compiled steps always run the kernel
         if rows > MAX_STEP_WIDTH:
-            return F.linear(x, self.qweight.to(x.dtype) * self.scales[:, None], self.bias)
+            return F.linear(x, self.qweight * self.scales[:, None], self.bias)  # one bf16 temporary, not two
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, self.in_features), self.qweight, self.scales)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
