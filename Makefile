@@ -16,14 +16,15 @@ setup: $(STAMP)
 # --compile-bytecode: uv, unlike pip, writes no .pyc files, and where PYTHONDONTWRITEBYTECODE is set no process ever
 # would, so every process the tests and flows start would compile torch, transformers, Prefect and MLflow from source
 # again (seconds each).
-TORCH := torch==2.13.0
+TORCH_VERSION := 2.13.0
 PYTAG := $(shell $(PY) -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
-TORCH_WHEEL := $(firstword $(wildcard $(addsuffix /torch-2.13.0+cpu-$(PYTAG)-*.whl,$(PIP_FIND_LINKS))))
+TORCH_WHEEL := $(firstword $(wildcard $(addsuffix /torch-$(TORCH_VERSION)+cpu-$(PYTAG)-*_$(shell uname -m).whl,\
+	$(PIP_FIND_LINKS))))
 UV := $(BIN)/uv pip install -q --python $(BIN)/python --compile-bytecode
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q uv
-	$(if $(TORCH_WHEEL),$(UV) '$(TORCH_WHEEL)',$(BIN)/python -m pip install -q $(TORCH))
+	$(if $(TORCH_WHEEL),$(UV) '$(TORCH_WHEEL)',$(BIN)/python -m pip install -q torch==$(TORCH_VERSION))
 	$(UV) -e '.[dev]'
 	touch $(STAMP)
 

@@ -19,7 +19,7 @@ from koala.tracking import WEIGHTS_TAG, Registry, Tracker, resolve_uri
 from koala_tasks.common import decoding_target, retry_unless_koala_error, session_for
 
 EVAL_KEYS = ("bench", "gamma", "threshold", "lookup", "temperature", "top_p", "max_new_tokens", "limit", "compile",
-             "dtype")
+             "dtype", "weights")
 
 
 def model_name(cfg: KoalaConfig) -> str:

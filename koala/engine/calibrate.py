@@ -71,7 +71,7 @@ def engine_source() -> str:
     from koala.io import digest
 
     return digest([Path(importlib.import_module(m).__file__).read_text() for m in
-                   ("koala.engine.model", "koala.engine.kv_cache", "koala.engine.compile")])
+                   ("koala.engine.model", "koala.engine.kv_cache", "koala.engine.compile", "koala.engine.quantize")])
 
 
 def _measure(engine, max_width: int, position: int, reps: int) -> dict[int, float]:
@@ -236,7 +236,10 @@ def memory_bound_speedup(tau: float, mean_draft_length: float, c: float) -> floa
 def step_parameters(model, head_rows: int | None = None) -> int:
     """The parameters one decode step of an engine model reads: its layers, final norm and LM head (`head_rows` rows
     of it for a draft vocabulary); an embedding lookup reads one row, counted as nothing."""
+    from koala.engine.quantize import Int8Linear
+
     layers = sum(p.numel() for layer in model.layers for p in layer.parameters())
+    layers += sum(m.qweight.numel() for layer in model.layers for m in layer.modules() if isinstance(m, Int8Linear))
     rows = model.args.vocab_size if head_rows is None else head_rows
     return layers + model.norm.weight.numel() + rows * model.args.dim
 

@@ -269,6 +269,7 @@ class AotStep:
         # the code a package traced: the model's module and the step wrapper (not this file's docstrings or caching)
         src = (Path(sys.modules[type(self.model).__module__].__file__).read_text() + inspect.getsource(KVCache)
                + inspect.getsource(CacheView) + inspect.getsource(_StepModule))
+        src += "".join(sorted({inspect.getsource(type(m)) for _, m in _weight_only_layers(self.model)}))  # traced too
         wide, embeds, hidden, logits, tree, pos_dim, batch, slots = sig
         mode = mode or self.mode
         return {
@@ -290,14 +291,11 @@ class AotStep:
                 "cpp.enable_concat_linear": True}
 
     def weights_digest(self) -> str:
-        """A digest of the model's weights: names, shapes, dtypes, each tensor's sum and a strided sample of it (an
-        int8 layer's weights and scales included: koala.engine.quantize)."""
-        from koala.engine.quantize import Int8Linear
-
+        """A digest of the model's weights: names, shapes, dtypes, each tensor's sum and a strided sample of it (a
+        weight-only layer's int8 weights and scales included: they are buffers, koala.engine.quantize)."""
         if self._weights is None:
             h = hashlib.sha256()
-            int8 = [(f"{m}.{b}", t) for m, mod in self.model.named_modules() if isinstance(mod, Int8Linear)
-                    for b, t in mod.named_buffers()]
+            int8 = [(f"{m}.{b}", t) for m, mod in _weight_only_layers(self.model) for b, t in mod.named_buffers()]
             with torch.no_grad():
                 for name, p in [*self.model.named_parameters(), *int8]:
                     flat = p.detach().reshape(-1)
@@ -463,6 +461,11 @@ class AotStep:
         if step is None:
             raise KoalaError(f"the compiled step {path} could not be loaded: run with --no-compile (eval.compile: false)")
         return step
+
+
+def _weight_only_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    """The model's weight-only quantised layers (koala.engine.quantize.Int8Linear: int8 weights kept as buffers)."""
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "qweight")]
 
 
 def _compile_in_child(exported: Path, package: Path, configs: dict) -> None:

@@ -5,8 +5,9 @@
 / 127) and run by torch's CPU weight-only kernel `aten._weight_int8pack_mm` on activations in the model's own dtype
 (bfloat16: the kernel's float32 path is slower than full float32 weights); a prefill wider than any compiled step
 runs the dense GEMM on the dequantised weight instead.
-Norms, attention, the KV cache and the embedding table (a row lookup) keep that dtype. Eager, compiled and ahead-of-time
-steps all run the same kernel, so the quantised target is one model wherever koala runs it.
+Norms, attention, the KV cache and the embedding table (a row lookup) keep that dtype. Every step of up to 32 tokens,
+eager, compiled or ahead of time, runs the same kernel; a longer prefill runs the dense GEMM on the dequantised weight
+(the same weights, rounded as a dense GEMM rounds).
 
 The int8 target is another model than the one it was made from: its greedy output can differ from the full-precision
 target's. koala's guarantee holds against the target as it is run: speculative decoding of the int8 target produces

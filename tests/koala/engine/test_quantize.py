@@ -30,13 +30,16 @@ def test_an_int8_layer_is_its_dequantised_weight_within_half_a_step():
 
 
 def test_the_int8_target_decodes_its_own_output_with_chains_trees_and_a_draft_vocabulary():
+    from koala.engine.calibrate import step_parameters
+
     hf = tiny_llama(layers=3, vocab=V, seed=0)
     full = generate(Transformer(hf), PROMPT, 30).tokens
+    read = step_parameters(Transformer(hf))
     embed = hf.model.embed_tokens.weight
     assert quantize_weights(hf, "int8") == 3 * 7 + 1 and weights_of(hf) == "int8"  # 7 per layer, and the head
     assert hf.lm_head.weight is embed  # a tied head's full weight stays readable (a draft vocabulary's rows)
     target = Transformer(hf)
-    assert weights_of(target) == "int8"
+    assert weights_of(target) == "int8" and step_parameters(target) == read  # a step reads as many weights
     ref = generate(target, PROMPT, 30).tokens
     assert len(ref) == len(full) == 30
     d = ModelDrafter(target.truncated(1))
@@ -47,7 +50,7 @@ def test_the_int8_target_decodes_its_own_output_with_chains_trees_and_a_draft_vo
     torch.testing.assert_close(vocab.weight, embed.detach()[::2])
 
 
-def test_the_compiled_int8_step_decodes_as_eager_and_is_keyed_apart_from_the_full_one(tmp_path, monkeypatch):
+def test_the_compiled_int8_step_decodes_as_eager_and_is_keyed_by_its_int8_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("KOALA_AOT_DIR", str(tmp_path / "aot"))
     hf = tiny_llama(layers=2, vocab=V, seed=1)
     full_digest = Transformer(hf).compile(mode="default").compiled.weights_digest()
@@ -58,6 +61,9 @@ def test_the_compiled_int8_step_decodes_as_eager_and_is_keyed_apart_from_the_ful
     assert generate(comp, PROMPT, 24).tokens == ref
     assert generate(comp, PROMPT, 24, drafter=ModelDrafter(eager.truncated(1)), gamma=3).tokens == ref
     assert comp.compiled.built == 1
+    q = hf.model.layers[0].self_attn.q_proj.qweight
+    q[0, 0] = 1 if q[0, 0] != 1 else 2  # other int8 weights: another package
+    assert Transformer(hf).compile(mode="default").compiled.weights_digest() != comp.compiled.weights_digest()
 
 
 def test_unknown_weights_are_refused_with_the_choices():
@@ -81,8 +87,8 @@ def test_the_real_target_at_int8_is_measured_against_itself(tmp_path):
 
     s = Session.open("smollm2-135m-instruct", dtype="bfloat16", weights="int8")  # int8's activations: bf16
     assert s.weights == "int8" and "int8 weights" in s.describe()
-    report = evaluate(s, "truncate:4", EvalConfig(limit=2, max_new_tokens=12, gamma=3, warmup=0, lookup=True),
+    report = evaluate(s, "truncate:4", EvalConfig(limit=1, max_new_tokens=12, gamma=3, warmup=0, lookup=True),
                       out_dir=tmp_path)
     ll = report.lossless
-    assert report.weights == "int8" and ll.identical + len(ll.near_ties) == 2 and not ll.differences, ll
-    assert "int8 weights" in summary_line(report)
+    assert report.weights == "int8" and ll.identical + len(ll.near_ties) == 1 and not ll.differences, ll
+    assert "int8 weights" in summary_line(report) and "int8 weights" in (tmp_path / "report.md").read_text()
