@@ -136,7 +136,8 @@ def run_llamacpp(py: Path, gguf: Path, work: Path, prompts: list[list[int]], thr
     models = {"Q4_1": str(gguf), **{n: str(work / f"target-{n}.gguf") for n in FTYPES}}
     job = {"convert": convert, "ftypes": FTYPES, "models": models, "prompts": prompts, "threads": threads,
            "max_new_tokens": max_new, "reps": reps, "n_ctx": 1024, "root": str(ROOT),
-           "drafter": str(drafter) if drafter else None, "draft_on": ["F32", "BF16"], "draft_tokens": list(draft_tokens)}
+           "drafter": str(drafter) if drafter else None, "draft_on": ["F32", "BF16"],
+           "draft_tokens": list(draft_tokens)}
     r = subprocess.run([str(py), "-c", WORKER], input=json.dumps(job), capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"llama.cpp's run failed: {r.stderr.strip().splitlines()[-1:]}")

@@ -362,7 +362,8 @@ def _summarise(session, drafter, cfg: EvalConfig, rows: list[PromptRow], rounds:
     return EvalReport(
         target=info.name, target_hash=info.content_hash, drafter=drafter.name,
         device=info.device if info.device != "cpu" else f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)",
-        dtype=info.dtype, weights=session.weights, mode=session.mode, gamma=cal["gamma"], tree=None if cal["tree"] is None else str(cal["tree"]),
+        dtype=info.dtype, weights=session.weights, mode=session.mode, gamma=cal["gamma"],
+        tree=None if cal["tree"] is None else str(cal["tree"]),
         temperature=cfg.temperature, top_p=cfg.top_p, bench=cfg.bench,
         prompts=len(rows), max_new_tokens=cfg.max_new_tokens, tau=tau, speedup=spec_tps / ar_tps,
         **_speedup_models(session, drafter, tau, rounds, cal["c"]),

@@ -25,7 +25,8 @@ def markdown(r: EvalReport) -> str:
         f"# koala eval: {r.drafter} on {r.target}",
         "",
         f"{r.bench}, {r.prompts} prompts, {r.draft_shape}{' (auto)' if r.auto else ''}, temperature {r.temperature}, "
-        f"{r.dtype}{', int8 weights' if r.weights == 'int8' else ''} on {r.device}, {r.mode} engine (compile {r.compile_s:.0f} s, not part of any timing)",
+        f"{r.dtype}{', int8 weights' if r.weights == 'int8' else ''} on {r.device}, {r.mode} engine "
+        f"(compile {r.compile_s:.0f} s, not part of any timing)",
         "",
         "| metric | value |", "|---|---|",
         f"| τ (tokens per target forward) | {r.tau:.2f} |",

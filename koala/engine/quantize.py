@@ -3,11 +3,10 @@
 `quantize_weights(model, "int8")` replaces every linear layer of the decoder and the output head with an
 `Int8Linear`: its weight stored as int8 per output channel (symmetric; the scale is the row's largest magnitude
 / 127) and run by torch's CPU weight-only kernel `aten._weight_int8pack_mm` on activations in the model's own dtype
-(bfloat16: the kernel's float32 path is slower than full float32 weights); a prefill wider than any compiled step
-runs the dense GEMM on the dequantised weight instead.
-Norms, attention, the KV cache and the embedding table (a row lookup) keep that dtype. Every step of up to 32 tokens,
-eager, compiled or ahead of time, runs the same kernel; a longer prefill runs the dense GEMM on the dequantised weight
-(the same weights, rounded as a dense GEMM rounds).
+(bfloat16: the kernel's float32 path is slower than full float32 weights). Norms, attention, the KV cache and the
+embedding table (a row lookup) keep that dtype. Every step of up to 32 tokens, eager, compiled or ahead of time, runs
+the same kernel; a longer prefill runs the dense GEMM on the dequantised weight (the same weights, rounded as a dense
+GEMM rounds).
 
 The int8 target is another model than the one it was made from: its greedy output can differ from the full-precision
 target's. koala's guarantee holds against the target as it is run: speculative decoding of the int8 target produces
@@ -91,6 +90,7 @@ def quantize_weights(hf_model: nn.Module, weights: str) -> int:
 
 
 def weights_of(model: nn.Module) -> str:
-    """`int8` for a model `quantize_weights` quantised (a Hugging Face model or koala's engine over one), else `full`."""
+    """`int8` for a model `quantize_weights` quantised (a Hugging Face model, or koala's engine over one); else
+    `full`."""
     hf = model.hf_model[0] if hasattr(model, "hf_model") else model
     return getattr(hf, "koala_weights", "full")
