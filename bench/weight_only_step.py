@@ -1,13 +1,15 @@
-"""The default target's compiled step with int8 weight-only linears, against its bfloat16 step: what an int8 target
-precision would buy koala's engine (not a koala feature yet: the quantised target is built here).
+"""The default target's step with int8 weight-only linears (`eval.weights: int8`, koala.engine.quantize) against its
+full-weight step, in one precision per run: what int8 weights buy koala's engine on this machine.
 
-    python bench/weight_only_step.py --precision int8|bfloat16 [--context 300] [--widths 1,4,8] [--reps 60] [--json OUT]
+    python bench/weight_only_step.py --precision int8|bfloat16 [--context 300] [--widths 1,4,8] [--reps 60]
+                                     [--prefill 80] [--json OUT]
 
-int8: every projection of every layer and the output head quantised per output channel (symmetric, the scale the
-row's largest weight / 127) and run by torch's CPU kernel `aten._weight_int8pack_mm` inside the ahead-of-time
-compiled step; activations, norms, attention and the KV cache stay bfloat16. Run the two precisions back to back,
-each with its own `KOALA_AOT_DIR` (the int8 packages compile once, minutes): this machine's timings drift between
-processes.
+int8: every projection of every layer and the output head quantised per output channel and run by torch's CPU kernel
+`aten._weight_int8pack_mm`, on bfloat16 activations; bfloat16: the target's full weights. The compiled step is timed
+at each of `--widths` after a prefill of `--context` tokens; `--prefill N` also times an eager prefill of N tokens
+(the path a prompt takes: wider than any compiled step, int8 layers run the dense GEMM on the dequantised weight).
+`--widths ""` times the prefill alone, compiling nothing. Run the two precisions back to back: this machine's timings
+drift between processes. The int8 packages compile once per machine (minutes).
 """
 
 from __future__ import annotations
@@ -15,29 +17,24 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 
-def int8_linear(lin):
+def time_prefill(engine, n: int, reps: int = 5) -> float:
+    """Mean ms of an eager prefill of n random tokens into an empty cache."""
     import torch
-    import torch.nn as nn
 
-    class Int8Linear(nn.Module):
-        def __init__(self):
-            super().__init__()
-            w = lin.weight.detach().float()
-            s = w.abs().amax(1).clamp(min=1e-8) / 127
-            self.register_buffer("w", torch.round(w / s[:, None]).to(torch.int8))
-            self.register_buffer("s", s.to(lin.weight.dtype))
-            self.out_features = w.shape[0]
-
-        def forward(self, x):
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.w, self.s)
-            return y.view(*x.shape[:-1], self.out_features)
-
-    return Int8Linear()
+    torch.manual_seed(0)
+    ids = torch.randint(0, 40000, (1, n))
+    with torch.no_grad():
+        for i in range(2 + reps):  # two untimed
+            if i == 2:
+                t = time.perf_counter()
+            engine.step(ids, torch.arange(n), n, eager=True)
+    return round(1e3 * (time.perf_counter() - t) / reps, 3)
 
 
 def main() -> None:
@@ -46,28 +43,27 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--widths", default="1,4,8")
     ap.add_argument("--reps", type=int, default=60)
+    ap.add_argument("--prefill", type=int, default=0, help="also time an eager prefill of this many tokens")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from koala import benchinfo
     from koala.engine.session import Session
-    from koala.threads import configure_threads
 
-    configure_threads()
-    s = Session.open("smollm2-135m-instruct", dtype="bfloat16", compile=True)
-    if a.precision == "int8":
-        for layer in s.target.model.model.layers:
-            for mod, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                               (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
-                for n in names:
-                    setattr(mod, n, int8_linear(getattr(mod, n)))
-        s.engine.lm_head = int8_linear(s.target.model.lm_head)  # the embedding table stays bf16 (a row lookup)
-    from step_cost import time_widths
-
+    widths = [int(x) for x in a.widths.split(",") if x]
+    s = Session.open("smollm2-135m-instruct", dtype="bfloat16", compile=bool(widths),
+                     weights="int8" if a.precision == "int8" else "full")
     s.engine.setup_caches(1024)
-    ms = time_widths(s.engine, a.context, [int(x) for x in a.widths.split(",")], a.reps, f"{a.precision} ")
-    benchinfo.write({**benchinfo.header(), "precision": a.precision, "context": a.context, "reps": a.reps,
-                     "ms_by_width": ms}, a.json)
+    out = {**benchinfo.header(), "precision": a.precision, "engine": s.describe(), "context": a.context,
+           "reps": a.reps}
+    if a.prefill:
+        out["prefill_tokens"], out["prefill_ms"] = a.prefill, time_prefill(s.engine, a.prefill)
+        print(f"{a.precision} prefill of {a.prefill} tokens: {out['prefill_ms']:.1f} ms", flush=True)
+    if widths:
+        from step_cost import time_widths
+
+        out["ms_by_width"] = time_widths(s.engine, a.context, widths, a.reps, f"{a.precision} ")
+    benchinfo.write(out, a.json)
 
 
 if __name__ == "__main__":

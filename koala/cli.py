@@ -244,21 +244,16 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
 def _decoding_session(target: str, setting: str, own: str, device: str, compile: bool, weights: str = "full"):
     """The target loaded in the dtype `eval.dtype` names (auto: measured once per machine, as the pipeline does),
     its linear layers as `eval.weights` says."""
-    from koala.engine.quantize import quantize_weights
     from koala.engine.session import Session
     from koala.precision import decode_dtype
 
     if setting not in ("target", "auto"):
         return Session.open(target, dtype=setting, device=device, compile=compile, weights=weights)
-    s = Session.open(target, dtype=own, device=device)
+    s = Session.open(target, dtype=own, device=device, weights=weights)
     chosen = decode_dtype(setting, s.target.model)
     typer.echo(f"[decoding in {chosen.name}: {chosen.reason}]", err=True)
     if chosen.name != own:
         return Session.open(target, dtype=chosen.name, device=device, compile=compile, weights=weights)
-    if quantize_weights(s.target.model, weights):
-        from koala.engine.model import Transformer
-
-        s.engine = Transformer(s.target.model)  # over the int8 layers
     if compile:
         s.compile()
     return s

@@ -85,7 +85,6 @@ def quantize_weights(hf_model: nn.Module, weights: str) -> int:
         if isinstance(hf_model.lm_head, nn.Linear):
             hf_model.lm_head = Int8Linear(hf_model.lm_head, keep_source=True)
             n += 1
-    hf_model.koala_weights = weights  # what `weights_of` reads back
     return n
 
 
@@ -93,4 +92,4 @@ def weights_of(model: nn.Module) -> str:
     """`int8` for a model `quantize_weights` quantised (a Hugging Face model, or koala's engine over one); else
     `full`."""
     hf = model.hf_model[0] if hasattr(model, "hf_model") else model
-    return getattr(hf, "koala_weights", "full")
+    return "int8" if any(isinstance(m, Int8Linear) for m in hf.model.layers.modules()) else "full"
