@@ -71,6 +71,7 @@ class EagleHead(nn.Module):
         self.config = _llama_config(target_config, layers)
         C = self.config.hidden_size
         self.fc = nn.Linear(2 * C, C)
+        _feature_passthrough(self.fc, C)
         self.decoder = LlamaModel(self.config)
         # its one-row token table is never read (inputs are embeddings), so it never has a gradient: DDP must not
         # wait for one (left trainable, not frozen, so optimizer states of earlier checkpoints still fit)
@@ -117,6 +118,19 @@ class EagleHead(nn.Module):
             prev = dec.norm(x)
             outs.append(prev)
         return outs
+
+
+FC_INIT_SCALE = 0.1  # what is left of the fc layer's random initialisation beside the identity on the feature
+
+
+@torch.no_grad()
+def _feature_passthrough(fc: nn.Linear, C: int) -> None:
+    """Start fc([f_t ; emb]) as f_t plus a tenth of its random map: a new head's first residual stream is the
+    target's own feature, which the decoder layer learns to move one token on, instead of a random mix of feature
+    and embedding it must first learn to undo. On the smoke profile's teacher-forced data it reaches a held-out
+    greedy agreement of 0.33 where the plain random start reaches 0.24 after 100 steps (docs/guides/training.md)."""
+    fc.weight.mul_(FC_INIT_SCALE)
+    fc.weight[:, :C] += torch.eye(C, dtype=fc.weight.dtype, device=fc.weight.device)
 
 
 def reference_aux_layers(n_layers: int) -> list[int]:

@@ -34,6 +34,21 @@ def target():
     return m
 
 
+def test_a_new_eagle_head_passes_the_feature_through(target):
+    """Its fc starts as the identity on the feature plus a tenth of the random map: [f ; e] -> f, nearly."""
+    from koala.models.heads import FC_INIT_SCALE
+
+    torch.manual_seed(0)
+    fc = EagleHead(target.config, 1).fc
+    C, bound = 32, FC_INIT_SCALE / (2 * 32) ** 0.5  # nn.Linear draws from +-1/sqrt(fan_in)
+    w = fc.weight.detach()
+    assert (w[:, :C] - torch.eye(C)).abs().max() <= bound + 1e-6
+    assert w[:, C:].abs().max() <= bound + 1e-6
+    f, e = torch.randn(64, C), torch.randn(64, C)
+    out = fc(torch.cat([f, e], -1)).detach()
+    assert torch.nn.functional.cosine_similarity(out, f).min() > 0.9
+
+
 @pytest.mark.parametrize("K", [1, 2, 3])
 def test_shapes(target, K):
     f = torch.randn(2, 5, 32)
