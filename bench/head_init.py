@@ -5,10 +5,11 @@ random one, several seeds each, trained by koala's own recipe (`train_heads`); p
         [--out runs/head_init] [--json bench/results/head_init.json]
 
 The pass-through start (`koala.models.heads._feature_passthrough`, what every new EAGLE head gets) sets the fc layer
-to the identity on the target's feature plus a tenth of its random map; the random start is the same head with that
+to the identity on the target's feature plus a tenth of its random weights; the random start is the same head with that
 step skipped. Both read the same data, seed by seed, and are measured on the data's held-out rows: greedy agreement
-with the target by draft position (drafts 2 and 3 on the head's own predicted features, as it drafts). Finished
-runs are kept under OUT: the same command goes on where it stopped.
+with the target by draft position (drafts 2 and 3 on the head's own predicted features, as it drafts). The two
+starts cost the same per step. Finished runs are kept under OUT, by settings: the same command goes on where it
+stopped.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def run_one(session, start: str, seed: int, a) -> dict:
 
     cfg = load_config(a.profile, overrides=["drafter.kind=eagle", f"training.seed={seed}",
                                             f"training.steps={a.steps}", "training.eval_every=1000000"])
-    out = Path(a.out) / start / f"seed{seed}"
+    out = Path(a.out) / f"{a.profile}-{Path(a.data).name}-{a.steps}" / start / f"seed{seed}"
     keep = heads._feature_passthrough
     if start == "random":
         heads._feature_passthrough = lambda fc, C: None
@@ -59,20 +60,32 @@ def main() -> None:
     from koala import benchinfo
     from koala.engine.session import Session
 
-    if not (Path(a.data) / "manifest.json").exists():
-        sys.exit(f"--data {a.data}: no shards there: run `koala run --profile {a.profile}` (or `koala sample`) first")
-    log = Path(a.out) / "runs.jsonl"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["start"], r["seed"]): r for r in map(json.loads, log.read_text().splitlines())} if log.exists() else {}
     from koala.config import load_config
 
-    session = Session.open(load_config(a.profile).target.spec)
+    if not (Path(a.data) / "manifest.json").exists():
+        sys.exit(f"--data {a.data}: no shards there: run `koala run --profile {a.profile}` first (it writes "
+                 f"runs/{a.profile}/teacher), or `koala sample` and pass its --out as --data")
+    log = Path(a.out) / "runs.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    setting = {"profile": a.profile, "data": a.data, "steps": a.steps}
+    done = {}  # runs of these settings finished earlier (a line cut short by a kill is skipped)
+    for line in log.read_text().splitlines() if log.exists() else []:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if all(r.get(k) == v for k, v in setting.items()):
+            done[(r["start"], r["seed"])] = r
+    tc = load_config(a.profile).target
+    session = Session.open(tc.spec, dtype=tc.dtype, device=tc.device)
     seeds = [int(s) for s in a.seeds.split(",")]
     for seed in seeds:  # the two starts of one seed side by side: a stop leaves pairs, not one start's seeds
         for start in STARTS:
             if (start, seed) in done:
                 continue
-            r = done[(start, seed)] = run_one(session, start, seed, a)
+            r = done[(start, seed)] = {**setting, **run_one(session, start, seed, a)}
+            if "heldout_greedy_agreement_pos1" not in r:
+                sys.exit(f"--data {a.data}: no held-out rows to measure on: use a larger set")
             print(json.dumps(r), flush=True)
             with log.open("a") as f:
                 f.write(json.dumps(r) + "\n")

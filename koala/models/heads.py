@@ -125,10 +125,10 @@ FC_INIT_SCALE = 0.1  # what is left of the fc layer's random initialisation besi
 
 @torch.no_grad()
 def _feature_passthrough(fc: nn.Linear, C: int) -> None:
-    """Start fc([f_t ; emb]) as f_t plus a tenth of its random map: a new head's first residual stream is the
-    target's own feature, which the decoder layer learns to move one token on, instead of a random mix of feature
-    and embedding it must first learn to undo. A short training reaches a higher held-out agreement from it
-    (`bench/head_init.py`, both starts on the same data and seeds: bench/results/head_init.json)."""
+    """Start fc([f_t ; emb]) as f_t plus a tenth of its random weights (the bias as drawn): a new head's first
+    residual stream is the target's own feature, which the decoder layer learns to move one token on, instead of a
+    random mix of feature and embedding it must first learn to undo. A short training reaches a higher held-out
+    agreement from it (`bench/head_init.py`, both starts on the same data and seeds: bench/results/head_init.json)."""
     fc.weight.mul_(FC_INIT_SCALE)
     fc.weight[:, :C] += torch.eye(C, dtype=fc.weight.dtype, device=fc.weight.device)
 

@@ -49,7 +49,7 @@ def drafter_dir(tiny, tmp_path_factory):
 
 
 def heads_dir(t, root: Path, kind: str, layers: int, vocab=None, embed_norm: bool = True) -> Path:
-    """Heads for the default target with random (not identity) weights, saved as koala saves them."""
+    """Heads for the default target with every weight perturbed at random, saved as koala saves them."""
     heads = build_heads(kind, t.model, layers, n_heads=3, embed_norm=embed_norm)
     torch.manual_seed(1)
     with torch.no_grad():

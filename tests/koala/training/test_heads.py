@@ -35,7 +35,7 @@ def target():
 
 
 def test_a_new_eagle_head_passes_the_feature_through(target):
-    """Its fc starts as the identity on the feature plus a tenth of the random map: [f ; e] -> f, nearly."""
+    """Its fc starts as the identity on the feature plus a tenth of its random weights: [f ; e] -> f, nearly."""
     from koala.models.heads import FC_INIT_SCALE
 
     torch.manual_seed(0)
