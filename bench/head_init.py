@@ -5,8 +5,8 @@ random one, several seeds each, trained by koala's own recipe (`train_heads`); p
         [--out runs/head_init] [--json bench/results/head_init.json]
 
 The pass-through start (`koala.models.heads._feature_passthrough`, what every new EAGLE head gets) sets the fc layer
-to the identity on the target's feature plus a tenth of its random weights; the random start is the same head with that
-step skipped. Both read the same data, seed by seed, and are measured on the data's held-out rows: greedy agreement
+to the identity on the target's feature plus a tenth of its random weights; the random start is the same head with
+that step skipped. Both read the same data, seed by seed, and are measured on the data's held-out rows: greedy agreement
 with the target by draft position (drafts 2 and 3 on the head's own predicted features, as it drafts). The two
 starts cost the same per step. Finished runs are kept under OUT, by settings: the same command goes on where it
 stopped.
@@ -58,9 +58,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the summary here")
     a = ap.parse_args()
     from koala import benchinfo
-    from koala.engine.session import Session
-
     from koala.config import load_config
+    from koala.engine.session import Session
 
     if not (Path(a.data) / "manifest.json").exists():
         sys.exit(f"--data {a.data}: no shards there: run `koala run --profile {a.profile}` first (it writes "
