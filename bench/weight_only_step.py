@@ -28,7 +28,7 @@ def time_prefill(engine, n: int, reps: int = 5) -> float:
     import torch
 
     torch.manual_seed(0)
-    ids = torch.randint(0, 40000, (1, n))
+    ids = torch.randint(0, engine.args.vocab_size, (1, n))
     with torch.no_grad():
         for i in range(2 + reps):  # two untimed
             if i == 2:

@@ -249,10 +249,10 @@ def _decoding_session(target: str, setting: str, own: str, device: str, compile:
 
     if setting not in ("target", "auto"):
         return Session.open(target, dtype=setting, device=device, compile=compile, weights=weights)
-    s = Session.open(target, dtype=own, device=device, weights=weights)
+    s = Session.open(target, dtype=own, device=device)  # full weights: the dtype is chosen by the layers' widths
     chosen = decode_dtype(setting, s.target.model)
     typer.echo(f"[decoding in {chosen.name}: {chosen.reason}]", err=True)
-    if chosen.name != own:
+    if chosen.name != own or weights != "full":  # int8 weights are quantised from the target loaded at that dtype
         return Session.open(target, dtype=chosen.name, device=device, compile=compile, weights=weights)
     if compile:
         s.compile()
