@@ -264,6 +264,25 @@ def head_init_table() -> str:
                               f"{r['steps']} steps on `{r['data']}`, seeds {', '.join(map(str, r['seeds']))}.")
 
 
+def unroll_table() -> str:
+    r = _load("unroll.json")
+    if not r:
+        return _missing("unroll.json", "python bench/unroll.py --json bench/results/unroll.json")
+    sets = [("heldout", "teacher-forced held-out rows")] + ([("own", "the target's own answers")] if r.get("own_data")
+                                                            else [])
+    rows = ["| unroll | steps in the budget | " + " | ".join(
+        f"{name}: agreement by draft 1 / 2 / 3, tokens per 3-draft round" for _, name in sets) + " |",
+        "|---|---|" + "---|" * len(sets)]
+    for unroll, m in r["summary"].items():
+        cells = [f"{m[k]['pos1']:.3f} / {m[k]['pos2']:.3f} / {m[k]['pos3']:.3f}, {m[k]['chain3_tokens']:.2f}"
+                 for k, _ in sets]
+        rows.append(f"| {unroll} | {m['steps']:.0f} | " + " | ".join(cells) + " |")
+    own = f" and on the held-out rows of `{r['own_data']}`" if r.get("own_data") else ""
+    return "\n".join(rows) + (f"\n\n`{r['command']}` on {_machine(r)}: the {r['profile']} profile's recipe, "
+                              f"{r['minutes']:g} minutes each on `{r['data']}`, measured three drafts deep on its "
+                              f"held-out rows{own}; seeds {', '.join(map(str, r['seeds']))}.")
+
+
 def trees_table() -> str:
     """Chain against tree in one run per dtype and mode (bench/decode.py)."""
     r = _load("decode.json")
@@ -434,7 +453,7 @@ def one_token_table() -> str:
 TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_table, "trees": trees_table,
           "default": default_table, "dtype": dtype_table,
           "fidelity": fidelity_table, "curve": curve_table, "load": load_table, "eagle3": eagle3_table,
-          "eagle3-data": eagle3_data_table, "head-init": head_init_table,
+          "eagle3-data": eagle3_data_table, "head-init": head_init_table, "unroll": unroll_table,
           "ablation-losses": losses_table, "ablation-heads": heads_table,
           "wide-builds": wide_builds_table, "lookup-depth": lookup_depth_table,
           "round-cost": round_cost_table, "one-token": one_token_table}

@@ -1,0 +1,135 @@
+"""How many drafts an EAGLE head should be trained to unroll when its training has a time budget: the same minutes
+of koala's own recipe (`train_heads` under `training.max_minutes`) at each unroll, measured by draft position;
+prints JSON.
+
+    python bench/unroll.py [--profile smoke] [--data runs/smoke/teacher] [--minutes 2.75] [--unrolls 1,2,3]
+        [--own runs/exp/data200] [--seeds 0] [--out runs/unroll] [--json bench/results/unroll.json]
+
+Training draft p on the head's own prediction from draft p-1 (training-time test) costs a forward and a backward
+of the head per unrolled draft, so within a fixed budget unroll 1 runs about three times the steps of unroll 3.
+Every head is measured as the engine drafts, three drafts deep, whatever it was trained to unroll: greedy agreement
+with the target by draft position on the data's held-out rows (teacher-forced answers) and, with --own, on the
+held-out rows of a set of the target's own answers (`koala sample`), where acceptance in decoding is what this
+measures (the engine's acceptance of a drafter on those prompts matches it). The budget is wall-clock minutes on
+this machine: the steps each unroll fits are recorded. Finished runs are kept under OUT by settings: the same
+command goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DRAFTS = 3  # how deep every head is measured
+
+
+def agreement(session, cfg, heads_dir: Path, data: str) -> dict:
+    """Held-out greedy agreement of the heads by draft position (1..DRAFTS) on `data`'s held-out rows."""
+    import torch
+
+    from koala.models.heads import load_heads
+    from koala.models.vocab import load_draft_vocab
+    from koala.precision import for_model
+    from koala.training import recipes
+    from koala.training.data import training_data
+    from koala.training.objectives import heldout_metrics
+
+    ecfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"unroll": DRAFTS})})
+    model = session.target.model
+    heads, prior = load_heads(heads_dir, model)
+    split = training_data(ecfg, session.target, data, features=True)
+    if not split.heldout:
+        sys.exit(f"{data}: no held-out rows to measure on: use a larger set")
+    compute = for_model(cfg.compute_dtype, model)
+    with torch.no_grad(), compute.autocast(model.device):
+        objective = recipes._heads_objective(ecfg.training, session.target, prior["kind"], heads.eval(), split, data,
+                                             None, load_draft_vocab(heads_dir))
+        m = heldout_metrics(objective, split.heldout, model.device)
+    return {f"pos{p}": round(m[f"heldout_greedy_agreement_pos{p}"], 4) for p in range(1, DRAFTS + 1)}
+
+
+def run_one(session, unroll: int, seed: int, a) -> dict:
+    from koala.config import load_config
+    from koala.training.recipes import train_heads
+
+    cfg = load_config(a.profile, overrides=[
+        "drafter.kind=eagle", f"training.seed={seed}", f"training.unroll={unroll}", "training.steps=100000",
+        f"training.max_minutes={a.minutes}", "training.eval_every=1000000", "training.checkpoint_every=1000000"])
+    out = Path(a.out) / f"{a.profile}-{Path(a.data).name}-{a.minutes}m" / f"unroll{unroll}" / f"seed{seed}"
+    t0 = time.perf_counter()
+    path = train_heads(cfg, session.target, a.data, out, resume="auto", progress=False)
+    train_s = time.perf_counter() - t0
+    plan = json.loads((out / "checkpoints" / "plan.json").read_text())
+    r = {"unroll": unroll, "seed": seed, "steps": plan["planned"], "s_per_step": round(plan["s_per_step"], 3),
+         "train_s": round(train_s, 1), "heldout": agreement(session, cfg, path, a.data)}
+    if a.own:
+        r["own"] = agreement(session, cfg, path, a.own)
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="smoke")
+    ap.add_argument("--data", default="runs/smoke/teacher", help="teacher-forced or sampled shards to train on")
+    ap.add_argument("--minutes", type=float, default=2.75, help="each training's wall-clock budget")
+    ap.add_argument("--unrolls", default="1,2,3")
+    ap.add_argument("--own", default=None, help="also measure on this set of the target's own answers (koala sample)")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--out", default="runs/unroll")
+    ap.add_argument("--json", default=None, help="also write the summary here")
+    a = ap.parse_args()
+    from koala import benchinfo
+    from koala.config import load_config
+    from koala.engine.session import Session
+
+    for flag, d in (("--data", a.data), ("--own", a.own)):
+        if d and not (Path(d) / "manifest.json").exists():
+            sys.exit(f"{flag} {d}: no shards there: run `koala run --profile {a.profile}` first (it writes "
+                     f"runs/{a.profile}/teacher), or `koala sample` and pass its --out")
+    log = Path(a.out) / "runs.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    setting = {"profile": a.profile, "data": a.data, "minutes": a.minutes, "own_data": a.own}
+    done = {}  # runs of these settings finished earlier (a line cut short by a kill is skipped)
+    for line in log.read_text().splitlines() if log.exists() else []:
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if all(r.get(k) == v for k, v in setting.items()):
+            done[(r["unroll"], r["seed"])] = r
+    tc = load_config(a.profile).target
+    session = Session.open(tc.spec, dtype=tc.dtype, device=tc.device)
+    unrolls, seeds = [int(u) for u in a.unrolls.split(",")], [int(s) for s in a.seeds.split(",")]
+    for seed in seeds:
+        for unroll in unrolls:
+            if (unroll, seed) in done:
+                continue
+            r = done[(unroll, seed)] = {**setting, **run_one(session, unroll, seed, a)}
+            print(json.dumps(r), flush=True)
+            with log.open("a") as f:
+                f.write(json.dumps(r) + "\n")
+    summary = {}
+    for unroll in unrolls:
+        runs = [done[(unroll, s)] for s in seeds]
+        summary[unroll] = {"steps": statistics.mean(r["steps"] for r in runs)}
+        for where in ("heldout", "own") if a.own else ("heldout",):
+            summary[unroll][where] = {p: round(statistics.mean(r[where][p] for r in runs), 4) for p in runs[0][where]}
+            # tokens a 3-draft chain yields per round, from the acceptance by position
+            m, acc, tokens = summary[unroll][where], 1.0, 1.0
+            for p in range(1, DRAFTS + 1):
+                acc *= m[f"pos{p}"]
+                tokens += acc
+            m["chain3_tokens"] = round(tokens, 3)
+    benchinfo.write({**benchinfo.header(), **setting, "unrolls": unrolls, "seeds": seeds, "summary": summary,
+                     "runs": [done[(u, s)] for s in seeds for u in unrolls]}, a.json)
+
+
+if __name__ == "__main__":
+    main()
