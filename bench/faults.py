@@ -81,7 +81,8 @@ class Campaign:
         cfg["drafter"] = {"kind": "draft_model", "layers": 1, "draft_vocab": 1024}
         cfg["training"].update(out_dir=str(self.out / "run" / "drafter"), steps=self.train_steps, finetune_steps=0,
                                batch_size=2, max_seq_len=96, checkpoint_every=self.checkpoint_every,
-                               eval_every=self.train_steps, warmup_steps=1, unroll=1, feature_noise=0.0)
+                               eval_every=self.train_steps, warmup_steps=1, unroll=1, feature_noise=0.0,
+                               max_minutes=None)
         cfg["eval"].update(limit=2, max_new_tokens=16, compile=False, gamma=2, threshold=None, warmup=0)
         cfg["tracking"] = {"experiment": "koala-faults"}
         path = self.out / "campaign.yaml"

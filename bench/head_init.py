@@ -7,9 +7,9 @@ random one, several seeds each, trained by koala's own recipe (`train_heads`); p
 The pass-through start (`koala.models.heads._feature_passthrough`, what every new EAGLE head gets) sets the fc layer
 to the identity on the target's feature plus a tenth of its random weights; the random start is the same head with
 that step skipped. Both read the same data, seed by seed, and are measured on the data's held-out rows: greedy agreement
-with the target by draft position (drafts 2 and 3 on the head's own predicted features, as it drafts). The two
-starts cost the same per step. Finished runs are kept under OUT, by settings: the same command goes on where it
-stopped.
+with the target by draft position (drafts 2 and 3 on the head's own predicted features, as it drafts), each head
+trained three drafts deep for exactly --steps. The two starts cost the same per step. Finished runs are kept under
+OUT, by settings: the same command goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ def run_one(session, start: str, seed: int, a) -> dict:
     from koala.models import heads
     from koala.training.recipes import train_heads
 
-    cfg = load_config(a.profile, overrides=["drafter.kind=eagle", f"training.seed={seed}",
-                                            f"training.steps={a.steps}", "training.eval_every=1000000"])
+    cfg = load_config(a.profile, overrides=["drafter.kind=eagle", f"training.seed={seed}", "training.unroll=3",
+                                            f"training.steps={a.steps}", "training.max_minutes=null",
+                                            "training.eval_every=1000000"])
     out = Path(a.out) / f"{a.profile}-{Path(a.data).name}-{a.steps}" / start / f"seed{seed}"
     keep = heads._feature_passthrough
     if start == "random":

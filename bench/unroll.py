@@ -2,17 +2,17 @@
 of koala's own recipe (`train_heads` under `training.max_minutes`) at each unroll, measured by draft position;
 prints JSON.
 
-    python bench/unroll.py [--profile smoke] [--data runs/smoke/teacher] [--minutes 2.75] [--unrolls 1,2,3]
-        [--own runs/exp/data200] [--seeds 0] [--out runs/unroll] [--json bench/results/unroll.json]
+    python bench/unroll.py [--profile smoke] [--data runs/smoke/teacher] [--minutes M] [--unrolls 1,2,3]
+        [--own runs/exp/data200] [--seeds 0,1] [--out runs/unroll] [--json bench/results/unroll.json]
 
 Training draft p on the head's own prediction from draft p-1 (training-time test) costs a forward and a backward
-of the head per unrolled draft, so within a fixed budget unroll 1 runs about three times the steps of unroll 3.
-Every head is measured as the engine drafts, three drafts deep, whatever it was trained to unroll: greedy agreement
-with the target by draft position on the data's held-out rows (teacher-forced answers) and, with --own, on the
-held-out rows of a set of the target's own answers (`koala sample`), where acceptance in decoding is what this
-measures (the engine's acceptance of a drafter on those prompts matches it). The budget is wall-clock minutes on
-this machine: the steps each unroll fits are recorded. Finished runs are kept under OUT by settings: the same
-command goes on where it stopped.
+of the head per unrolled draft, so within a fixed budget unroll 1 runs several times the steps of unroll 3 (the
+steps each fits on this machine are recorded). Every head is measured three drafts deep, as the engine drafts,
+whatever it was trained to unroll: greedy agreement with the target by draft position on the data's held-out rows
+(teacher-forced answers) and, with --own, on the held-out rows of a set of the target's own answers (`koala
+sample`): the answers greedy decoding verifies drafts against. The budget defaults to the profile's first training
+stage's share of `training.max_minutes`. Finished runs are kept under OUT by settings (the data's digest among
+them): the same command goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -55,6 +55,16 @@ def agreement(session, cfg, heads_dir: Path, data: str) -> dict:
     return {f"pos{p}": round(m[f"heldout_greedy_agreement_pos{p}"], 4) for p in range(1, DRAFTS + 1)}
 
 
+def _digest(data: str) -> str:
+    """The shards a data directory holds (its manifest's record of them): a grown set is another setting."""
+    import hashlib
+
+    from koala.data import shards
+
+    done = shards.read_manifest(Path(data)).done_json()
+    return hashlib.sha256(json.dumps(done, sort_keys=True).encode()).hexdigest()
+
+
 def run_one(session, unroll: int, seed: int, a) -> dict:
     from koala.config import load_config
     from koala.training.recipes import train_heads
@@ -62,13 +72,15 @@ def run_one(session, unroll: int, seed: int, a) -> dict:
     cfg = load_config(a.profile, overrides=[
         "drafter.kind=eagle", f"training.seed={seed}", f"training.unroll={unroll}", "training.steps=100000",
         f"training.max_minutes={a.minutes}", "training.eval_every=1000000", "training.checkpoint_every=1000000"])
-    out = Path(a.out) / f"{a.profile}-{Path(a.data).name}-{a.minutes}m" / f"unroll{unroll}" / f"seed{seed}"
+    out = Path(a.out) / f"{a.profile}-{a.data_digest[:12]}-{a.minutes}m" / f"unroll{unroll}" / f"seed{seed}"
     t0 = time.perf_counter()
     path = train_heads(cfg, session.target, a.data, out, resume="auto", progress=False)
     train_s = time.perf_counter() - t0
-    plan = json.loads((out / "checkpoints" / "plan.json").read_text())
-    r = {"unroll": unroll, "seed": seed, "steps": plan["planned"], "s_per_step": round(plan["s_per_step"], 3),
-         "train_s": round(train_s, 1), "heldout": agreement(session, cfg, path, a.data)}
+    info = json.loads((path / "heads.json").read_text())
+    steps = info["metrics"]["steps_run"]
+    r = {"unroll": unroll, "seed": seed, "steps": steps, "s_per_step": round(train_s / steps, 3),
+         "train_s": round(train_s, 1), "train_rows": info["train_rows"], "heldout_rows": info["heldout_rows"],
+         "heldout": agreement(session, cfg, path, a.data)}
     if a.own:
         r["own"] = agreement(session, cfg, path, a.own)
     return r
@@ -78,10 +90,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="smoke")
     ap.add_argument("--data", default="runs/smoke/teacher", help="teacher-forced or sampled shards to train on")
-    ap.add_argument("--minutes", type=float, default=2.75, help="each training's wall-clock budget")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="each training's wall-clock budget (default: the profile's first stage's share)")
     ap.add_argument("--unrolls", default="1,2,3")
     ap.add_argument("--own", default=None, help="also measure on this set of the target's own answers (koala sample)")
-    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--out", default="runs/unroll")
     ap.add_argument("--json", default=None, help="also write the summary here")
     a = ap.parse_args()
@@ -93,9 +106,16 @@ def main() -> None:
         if d and not (Path(d) / "manifest.json").exists():
             sys.exit(f"{flag} {d}: no shards there: run `koala run --profile {a.profile}` first (it writes "
                      f"runs/{a.profile}/teacher), or `koala sample` and pass its --out")
+    t = load_config(a.profile).training
+    if a.minutes is None:
+        if not t.max_minutes:
+            sys.exit(f"profile {a.profile} sets no training.max_minutes: pass --minutes")
+        a.minutes = round(t.max_minutes * t.steps / (t.steps + t.finetune_steps), 2)
+    a.data_digest = _digest(a.data)
     log = Path(a.out) / "runs.jsonl"
     log.parent.mkdir(parents=True, exist_ok=True)
-    setting = {"profile": a.profile, "data": a.data, "minutes": a.minutes, "own_data": a.own}
+    setting = {"profile": a.profile, "data": a.data, "data_digest": a.data_digest, "minutes": a.minutes,
+               "own_data": a.own, "own_digest": _digest(a.own) if a.own else None}
     done = {}  # runs of these settings finished earlier (a line cut short by a kill is skipped)
     for line in log.read_text().splitlines() if log.exists() else []:
         try:
@@ -121,6 +141,8 @@ def main() -> None:
         summary[unroll] = {"steps": statistics.mean(r["steps"] for r in runs)}
         for where in ("heldout", "own") if a.own else ("heldout",):
             summary[unroll][where] = {p: round(statistics.mean(r[where][p] for r in runs), 4) for p in runs[0][where]}
+            summary[unroll][where]["std"] = {p: round(statistics.stdev(r[where][p] for r in runs), 4) if len(runs) > 1
+                                             else 0.0 for p in runs[0][where]}
             # tokens a 3-draft chain yields per round, from the acceptance by position
             m, acc, tokens = summary[unroll][where], 1.0, 1.0
             for p in range(1, DRAFTS + 1):

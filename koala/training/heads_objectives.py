@@ -30,6 +30,7 @@ from koala.training.objectives import Supervised
 # One draft position's training pairs: (student feature (N, C), the target's feature it predicts (N, C), the loss
 # weight, the rows of draft 1's targets these are (EAGLE: each draft's targets are a subset of draft 1's) or None).
 Prediction = tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]
+MEASURED_DRAFTS = 3  # an EAGLE head's held-out metrics cover at least this many draft positions
 
 
 class HeadsObjective(Supervised):
@@ -53,7 +54,9 @@ class HeadsObjective(Supervised):
         self.head_weight = w if self.vocab_ids is None else w[self.vocab_ids]
         self._cast: dict[torch.dtype, torch.Tensor] = {}
 
-    def _predictions(self, b: Batch, f: torch.Tensor, train: bool = False, source=None) -> list[Prediction]:
+    def _predictions(self, b: Batch, f: torch.Tensor, train: bool = False, source=None,
+                     unroll: int | None = None) -> list[Prediction]:
+        """Each draft position's training pairs; EAGLE unrolls `unroll` drafts (default: the trained depth)."""
         raise NotImplementedError
 
     def _regression(self, preds: list[Prediction]) -> torch.Tensor | float:
@@ -108,20 +111,25 @@ class HeadsObjective(Supervised):
         return linear_soft_cross_entropy(torch.cat([s for s, _, _, _ in preds]), teacher, rows, weights,
                                          self._weight(True))
 
+    def measured_drafts(self) -> int:
+        """How many draft positions the held-out metrics measure."""
+        return self.unroll
+
     @torch.no_grad()
     def metrics(self, b: Batch) -> dict:
         """Over the full vocabulary, as the engine drafts (q is zero outside the draft vocabulary); `_pos{p}` is the
-        acceptance of draft p given drafts 1..p-1 were accepted (EAGLE with unroll > 1)."""
-        preds = self._predictions(b, (self.heldout_features or self.features)(b))
+        acceptance of draft p given drafts 1..p-1 were accepted (EAGLE: `measured_drafts()` deep)."""
+        depth = self.measured_drafts()
+        preds = self._predictions(b, (self.heldout_features or self.features)(b), unroll=depth)
         out = {}
-        for p, (s, t, _, _) in enumerate(preds[:self.unroll], 1):
+        for p, (s, t, _, _) in enumerate(preds[:depth], 1):
             logits = over_full_vocabulary(self._logits(s), self.vocab_ids, self.lm_head.weight.shape[0])
             teacher = Teacher.from_logits(self._logits(t, subset=False))
             m = {"heldout_expected_acceptance": float(expected_acceptance(logits, teacher)),
                  "heldout_greedy_agreement": float(greedy_agreement(logits, teacher))}
             if p == 1:
                 out.update(m)
-            if self.unroll > 1:
+            if depth > 1:
                 out.update({f"{k}_pos{p}": v for k, v in m.items()})
         return out
 
@@ -134,7 +142,8 @@ class MedusaObjective(HeadsObjective):
         super().__init__(heads, target_model, features, heldout_features, 1, vocab_ids)
         self.decay = decay
 
-    def _predictions(self, b: Batch, f: torch.Tensor, train: bool = False, source=None) -> list[Prediction]:
+    def _predictions(self, b: Batch, f: torch.Tensor, train: bool = False, source=None,
+                     unroll: int | None = None) -> list[Prediction]:
         pos = b.positions  # (B, T): position t predicts token t+1
         hs = self.module(f)  # (n, B, T, C): head i on f_t predicts token t+1+i
         out = []
@@ -161,7 +170,8 @@ class EagleObjective(HeadsObjective):
             self._in_vocab = torch.zeros(self.lm_head.weight.shape[0], dtype=torch.bool, device=self.vocab_ids.device)
             self._in_vocab[self.vocab_ids] = True
 
-    def _predictions(self, b: Batch, f: torch.Tensor, train: bool = False, source=None) -> list[Prediction]:
+    def _predictions(self, b: Batch, f: torch.Tensor, train: bool = False, source=None,
+                     unroll: int | None = None) -> list[Prediction]:
         # slot t reads (f_t, emb(x_{t+1})) and predicts f_{t+1}; draft p's slot t reads draft p-1's f_t. EAGLE-3: f
         # holds the target's states at its fused layers (read at slot t), then its features (predicted).
         pos = b.positions  # (B, T): position t predicts token t+1
@@ -177,12 +187,17 @@ class EagleObjective(HeadsObjective):
         if self.eagle3 and train and self.vocab_ids is not None:
             first = first & self._top_inside(b, f_out, source)
         out = []
-        for p, pred in enumerate(self.module(f_in, emb, unroll=self.unroll), 1):
+        for p, pred in enumerate(self.module(f_in, emb, unroll=unroll or self.unroll), 1):
             valid = first & (slot >= p - 1)[None]  # f_{t+1} at a trained position, with draft p's context
             rows = None if p == 1 else (slot >= p - 1)[None].expand_as(first)[first]  # (N1,) bool
             w = self.decay ** (p - 1) if self.eagle3 else self.ce_weight / self.unroll
             out.append((pred[valid], f_out[valid], w, rows))
         return out
+
+    def measured_drafts(self) -> int:
+        """At least MEASURED_DRAFTS: a head trained one draft deep drafts deeper all the same, and its stored
+        acceptance by position is what `gamma: auto` reads (koala.engine.calibrate.stored_acceptance)."""
+        return max(self.unroll, MEASURED_DRAFTS)
 
     def _regression(self, preds: list[Prediction]) -> torch.Tensor | float:
         if self.eagle3:  # EAGLE-3 drops the feature regression: its fused input is not the feature it predicts

@@ -206,7 +206,8 @@ def test_two_stage_recipe_teacher_forced_then_sampled(tmp_path, tiny_target_dir)
     s = koala_pipeline(config_path=str(cfg_path))
     assert [st.steps for st in s.stages] == [3, 2]
     assert s.stages[0].data.endswith("teacher") and s.stages[1].data.endswith("data")
-    assert "heldout_greedy_agreement_pos2" in s.stages[0].heldout and len(s.stages[0].agreement_by_draft()) == 2
+    # trained two drafts deep, measured three deep (koala.training.heads_objectives.MEASURED_DRAFTS)
+    assert "heldout_greedy_agreement_pos2" in s.stages[0].heldout and len(s.stages[0].agreement_by_draft()) == 3
     assert s.drafter.startswith("heads:") and s.lossless == "2/2"
     assert set(s.more) == {"alone", "bench-1"}
     assert s.more["alone"].lookup is False and s.more["alone"].lossless == "2/2"

@@ -182,6 +182,20 @@ def test_unrolled_drafts_see_what_drafting_sees(target):
         assert torch.allclose(head.decoder(inputs_embeds=x).last_hidden_state[:, -1], d3[:, j], atol=1e-5)
 
 
+def test_a_head_trained_one_draft_deep_is_measured_three_deep(target):
+    """The held-out metrics of an EAGLE head cover drafts 1-3 whatever it is trained to unroll (they are what `gamma:
+    auto` reads), and do not depend on the trained depth: the same head measures the same at unroll 1 and 3."""
+    torch.manual_seed(0)
+    head = build_heads("eagle", target, layers=1).eval()
+    data = SequenceData(synthetic_rows(n=4), 32, 0)
+    b = data.batch(list(range(4)), torch.device("cpu"))
+    one = heads_objective("eagle", head, target, FeatureSource(target, data, cache=True), unroll=1).metrics(b)
+    three = heads_objective("eagle", head, target, FeatureSource(target, data, cache=True), unroll=3).metrics(b)
+    assert {f"heldout_greedy_agreement_pos{p}" for p in (1, 2, 3)} <= set(one)
+    assert "heldout_greedy_agreement_pos4" not in one
+    assert one == pytest.approx(three)
+
+
 def _greedy_rows(engine, n: int, seed: int, length: int = 24) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
     rows = []
