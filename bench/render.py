@@ -268,19 +268,22 @@ def unroll_table() -> str:
     r = _load("unroll.json")
     if not r:
         return _missing("unroll.json", "python bench/unroll.py --json bench/results/unroll.json")
-    sets = [("heldout", "teacher-forced held-out rows")] + ([("own", "the target's own answers")] if r.get("own_data")
-                                                            else [])
+    sets = [("heldout", "teacher-forced held-out rows")]
+    if r.get("own_data"):
+        sets.append(("own", "the target's own answers"))
     rows = ["| unroll | steps in the budget | " + " | ".join(
-        f"{name}: agreement by draft 1 / 2 / 3, tokens per 3-draft round" for _, name in sets) + " |",
+        f"{name}: agreement by draft 1 (± std) / 2 / 3, tokens per 3-draft round" for _, name in sets) + " |",
         "|---|---|" + "---|" * len(sets)]
     for unroll, m in r["summary"].items():
-        cells = [f"{m[k]['pos1']:.3f} / {m[k]['pos2']:.3f} / {m[k]['pos3']:.3f}, {m[k]['chain3_tokens']:.2f}"
-                 for k, _ in sets]
+        cells = [f"{m[k]['pos1']:.3f} ± {m[k]['std']['pos1']:.3f} / {m[k]['pos2']:.3f} / {m[k]['pos3']:.3f}, "
+                 f"{m[k]['chain3_tokens']:.2f}" for k, _ in sets]
         rows.append(f"| {unroll} | {m['steps']:.0f} | " + " | ".join(cells) + " |")
+    run = r["runs"][0]
     own = f" and on the held-out rows of `{r['own_data']}`" if r.get("own_data") else ""
     return "\n".join(rows) + (f"\n\n`{r['command']}` on {_machine(r)}: the {r['profile']} profile's recipe, "
-                              f"{r['minutes']:g} minutes each on `{r['data']}`, measured three drafts deep on its "
-                              f"held-out rows{own}; seeds {', '.join(map(str, r['seeds']))}.")
+                              f"{r['minutes']:g} minutes each on `{r['data']}` ({run['train_rows']} training rows), "
+                              f"measured three drafts deep on its {run['heldout_rows']} held-out rows{own}; means "
+                              f"over seeds {', '.join(map(str, r['seeds']))}.")
 
 
 def trees_table() -> str:
