@@ -65,17 +65,9 @@ def main() -> None:
     if not (Path(a.data) / "manifest.json").exists():
         sys.exit(f"--data {a.data}: no shards there: run `koala run --profile {a.profile}` first (it writes "
                  f"runs/{a.profile}/teacher), or `koala sample` and pass its --out as --data")
-    log = Path(a.out) / "runs.jsonl"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    setting = {"profile": a.profile, "data": a.data, "steps": a.steps}
-    done = {}  # runs of these settings finished earlier (a line cut short by a kill is skipped)
-    for line in log.read_text().splitlines() if log.exists() else []:
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if all(r.get(k) == v for k, v in setting.items()):
-            done[(r["start"], r["seed"])] = r
+    log = benchinfo.RunLog(a.out, {"profile": a.profile, "data": a.data, "steps": a.steps},
+                           key=lambda r: (r["start"], r["seed"]))
+    done = log.done
     tc = load_config(a.profile).target
     session = Session.open(tc.spec, dtype=tc.dtype, device=tc.device)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -83,12 +75,10 @@ def main() -> None:
         for start in STARTS:
             if (start, seed) in done:
                 continue
-            r = done[(start, seed)] = {**setting, **run_one(session, start, seed, a)}
+            r = run_one(session, start, seed, a)
             if "heldout_greedy_agreement_pos1" not in r:
                 sys.exit(f"--data {a.data}: no held-out rows to measure on: use a larger set")
-            print(json.dumps(r), flush=True)
-            with log.open("a") as f:
-                f.write(json.dumps(r) + "\n")
+            log.add(r)
     summary = {}
     for start in STARTS:
         runs = [done[(start, s)] for s in seeds]

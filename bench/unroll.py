@@ -112,18 +112,10 @@ def main() -> None:
             sys.exit(f"profile {a.profile} sets no training.max_minutes: pass --minutes")
         a.minutes = round(t.max_minutes * t.steps / (t.steps + t.finetune_steps), 2)
     a.data_digest = _digest(a.data)
-    log = Path(a.out) / "runs.jsonl"
-    log.parent.mkdir(parents=True, exist_ok=True)
     setting = {"profile": a.profile, "data": a.data, "data_digest": a.data_digest, "minutes": a.minutes,
                "own_data": a.own, "own_digest": _digest(a.own) if a.own else None}
-    done = {}  # runs of these settings finished earlier (a line cut short by a kill is skipped)
-    for line in log.read_text().splitlines() if log.exists() else []:
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if all(r.get(k) == v for k, v in setting.items()):
-            done[(r["unroll"], r["seed"])] = r
+    log = benchinfo.RunLog(a.out, setting, key=lambda r: (r["unroll"], r["seed"]))
+    done = log.done
     tc = load_config(a.profile).target
     session = Session.open(tc.spec, dtype=tc.dtype, device=tc.device)
     unrolls, seeds = [int(u) for u in a.unrolls.split(",")], [int(s) for s in a.seeds.split(",")]
@@ -131,10 +123,7 @@ def main() -> None:
         for unroll in unrolls:
             if (unroll, seed) in done:
                 continue
-            r = done[(unroll, seed)] = {**setting, **run_one(session, unroll, seed, a)}
-            print(json.dumps(r), flush=True)
-            with log.open("a") as f:
-                f.write(json.dumps(r) + "\n")
+            log.add(run_one(session, unroll, seed, a))
     summary = {}
     for unroll in unrolls:
         runs = [done[(unroll, s)] for s in seeds]

@@ -47,3 +47,35 @@ def write(result: dict, out: str | None) -> None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(Path(out)) as tmp:
             Path(tmp).write_text(text + "\n")
+
+
+class RunLog:
+    """A resumable bench's finished runs, one JSON line each in OUT/runs.jsonl, kept by the bench's settings: the same
+    command goes on where it stopped, and runs of other settings (another profile, another data set) are not reused.
+    A line cut short by a kill is skipped."""
+
+    def __init__(self, out: str | Path, setting: dict, key):
+        """`key(run)`: what identifies a run within its settings (e.g. its seed and variant)."""
+        import json
+
+        self.path, self.setting, self.key = Path(out) / "runs.jsonl", setting, key
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done: dict = {}
+        for line in self.path.read_text().splitlines() if self.path.exists() else []:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if all(r.get(k) == v for k, v in setting.items()):
+                self.done[key(r)] = r
+
+    def add(self, run: dict) -> dict:
+        """Record a finished run (with the settings it ran under), print it and return it."""
+        import json
+
+        r = {**self.setting, **run}
+        self.done[self.key(r)] = r
+        print(json.dumps(r), flush=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(r) + "\n")
+        return r
