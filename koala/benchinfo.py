@@ -76,6 +76,7 @@ class RunLog:
         r = {**self.setting, **run}
         self.done[self.key(r)] = r
         print(json.dumps(r), flush=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(r) + "\n")
+        cut = self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
+        with self.path.open("a") as f:  # after a line cut short by a kill, on a line of its own
+            f.write(("\n" if cut else "") + json.dumps(r) + "\n")
         return r
