@@ -271,13 +271,13 @@ def unroll_table() -> str:
     sets = [("heldout", "teacher-forced held-out rows")]
     if r.get("own_data"):
         sets.append(("own", "the target's own answers"))
-    rows = ["| unroll | steps in the budget | " + " | ".join(
+    rows = ["| unroll | steps in the budget (mean) | " + " | ".join(
         f"{name}: agreement by draft 1 (± std) / 2 / 3, tokens per 3-draft round" for _, name in sets) + " |",
         "|---|---|" + "---|" * len(sets)]
     for unroll, m in r["summary"].items():
         cells = [f"{m[k]['pos1']:.3f} ± {m[k]['std']['pos1']:.3f} / {m[k]['pos2']:.3f} / {m[k]['pos3']:.3f}, "
                  f"{m[k]['chain3_tokens']:.2f}" for k, _ in sets]
-        rows.append(f"| {unroll} | {m['steps']:.0f} | " + " | ".join(cells) + " |")
+        rows.append(f"| {unroll} | {m['steps']:g} | " + " | ".join(cells) + " |")
     run = r["runs"][0]
     own = f" and on the held-out rows of `{r['own_data']}`" if r.get("own_data") else ""
     return "\n".join(rows) + (f"\n\n`{r['command']}` on {_machine(r)}: the {r['profile']} profile's recipe, "
