@@ -27,32 +27,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DRAFTS = 3  # how deep every head is measured
-
+from koala.training.heads_objectives import MEASURED_DRAFTS  # noqa: E402 - how deep every head is measured
 
 def agreement(session, cfg, heads_dir: Path, data: str) -> dict:
-    """Held-out greedy agreement of the heads by draft position (1..DRAFTS) on `data`'s held-out rows."""
+    """Held-out greedy agreement of the heads by draft position on `data`'s held-out rows (the target's features for
+    those rows only), `MEASURED_DRAFTS` deep, in the profile's compute dtype as decoding runs."""
     import torch
 
     from koala.models.heads import load_heads
     from koala.models.vocab import load_draft_vocab
     from koala.precision import for_model
-    from koala.training import recipes
     from koala.training.data import training_data
+    from koala.training.features import FeatureSource
+    from koala.training.heads_objectives import heads_objective
     from koala.training.objectives import heldout_metrics
 
-    ecfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"unroll": DRAFTS})})
     model = session.target.model
     heads, prior = load_heads(heads_dir, model)
-    split = training_data(ecfg, session.target, data, features=True)
+    split = training_data(cfg, session.target, data, features=True)
     if not split.heldout:
         sys.exit(f"{data}: no held-out rows to measure on: use a larger set")
     compute = for_model(cfg.compute_dtype, model)
     with torch.no_grad(), compute.autocast(model.device):
-        objective = recipes._heads_objective(ecfg.training, session.target, prior["kind"], heads.eval(), split, data,
-                                             None, load_draft_vocab(heads_dir))
+        held = FeatureSource(model, split.heldout, True, "heldout", data, session.target.info.content_hash,
+                             aux_layers=getattr(heads, "aux_layers", None),
+                             stored_layers=split.manifest.sampling.get("aux_layers"))
+        objective = heads_objective(prior["kind"], heads.eval(), model, held, held,
+                                    vocab_ids=load_draft_vocab(heads_dir))
         m = heldout_metrics(objective, split.heldout, model.device)
-    return {f"pos{p}": round(m[f"heldout_greedy_agreement_pos{p}"], 4) for p in range(1, DRAFTS + 1)}
+    return {f"pos{p}": round(m[f"heldout_greedy_agreement_pos{p}"], 4) for p in range(1, MEASURED_DRAFTS + 1)}
 
 
 def _digest(data: str) -> str:
@@ -80,7 +83,7 @@ def run_one(session, unroll: int, seed: int, a) -> dict:
     steps = info["metrics"]["steps_run"]
     r = {"unroll": unroll, "seed": seed, "steps": steps, "s_per_step": round(train_s / steps, 3),
          "train_s": round(train_s, 1), "train_rows": info["train_rows"], "heldout_rows": info["heldout_rows"],
-         "heldout": agreement(session, cfg, path, a.data)}
+         "heldout": agreement(session, cfg, path, a.data)}  # in the compute dtype (the training's own is float32)
     if a.own:
         r["own"] = agreement(session, cfg, path, a.own)
     return r
@@ -134,7 +137,7 @@ def main() -> None:
                                              else 0.0 for p in runs[0][where]}
             # tokens a 3-draft chain yields per round, from the acceptance by position
             m, acc, tokens = summary[unroll][where], 1.0, 1.0
-            for p in range(1, DRAFTS + 1):
+            for p in range(1, MEASURED_DRAFTS + 1):
                 acc *= m[f"pos{p}"]
                 tokens += acc
             m["chain3_tokens"] = round(tokens, 3)

@@ -76,7 +76,7 @@ class RunLog:
         r = {**self.setting, **run}
         self.done[self.key(r)] = r
         print(json.dumps(r), flush=True)
-        cut = self.path.exists() and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n")
-        with self.path.open("a") as f:  # after a line cut short by a kill, on a line of its own
-            f.write(("\n" if cut else "") + json.dumps(r) + "\n")
+        with self.path.open("a+b") as f:  # after a line cut short by a kill, on a line of its own
+            cut = f.tell() > 0 and (f.seek(-1, 2), f.read(1))[1] != b"\n"
+            f.write((("\n" if cut else "") + json.dumps(r) + "\n").encode())
         return r
