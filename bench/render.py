@@ -453,13 +453,28 @@ def one_token_table() -> str:
     return "\n".join(rows) + f"\n\nThe default target, the two ways in turns in one process. {notes}."
 
 
+def threshold_table() -> str:
+    """Chains at each confidence threshold, the first draft always proposed or thresholded like the others
+    (bench/threshold.py)."""
+    r = _load("threshold.json")
+    if not r:
+        return _missing("threshold.json", "python bench/threshold.py --drafter heads:runs/smoke/drafter/heads/heads "
+                                          "--json bench/results/threshold.json")
+    rows = ["| decoding | ms per token | tokens per target forward | speed-up |", "|---|---|---|---|"]
+    for name, e in r["variants"].items():
+        rows.append(f"| {name} | {e['ms_per_token']:.2f} | {e['tokens_per_forward']:.3f} | {e['speedup']:.3f}x |")
+    return ("\n".join(rows) + f"\n\n`lookup+{r['drafter']}`, {r['prompts']} prompts ({r['bench']}) x {r['reps']}, "
+            f"{r['max_new_tokens']} new tokens, greedy, {r['dtype']}, {r['mode']}d; decoding only (the prefill left "
+            f"out), every variant in turn on each prompt; `{r['command']}` on {_machine(r)}.")
+
+
 TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_table, "trees": trees_table,
           "default": default_table, "dtype": dtype_table,
           "fidelity": fidelity_table, "curve": curve_table, "load": load_table, "eagle3": eagle3_table,
           "eagle3-data": eagle3_data_table, "head-init": head_init_table, "unroll": unroll_table,
           "ablation-losses": losses_table, "ablation-heads": heads_table,
           "wide-builds": wide_builds_table, "lookup-depth": lookup_depth_table,
-          "round-cost": round_cost_table, "one-token": one_token_table}
+          "round-cost": round_cost_table, "one-token": one_token_table, "threshold": threshold_table}
 
 
 def _figure():

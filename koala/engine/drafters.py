@@ -88,6 +88,9 @@ class DraftVocab:
         return {"to_vocab": lambda i: self.ids[i], "full_probs": self.full}
 
 
+FIRST_DRAFT_FREE = True  # `confident`: a threshold never drops a chain's first draft (False: it may; bench/threshold.py)
+
+
 def wide_eager(engine: Transformer) -> bool:
     """Whether a drafter's feed of several tokens (a catch-up after a round, a tree level) runs eager. Not where the
     engine's steps are compiled ahead of time: its one wide step serves every width and is built once per machine.
@@ -99,7 +102,10 @@ def confident(logits: torch.Tensor, threshold: float | None) -> torch.Tensor | b
     """Whether to draft from these logits: the drafter's top probability (temperature 1) reaches `threshold`.
 
     Decided from the distribution before drawing, never from the drawn token, so the draft stays a draw from q
-    and the rejection rule stays exact.
+    and the rejection rule stays exact. A chain's first draft is proposed whatever its probability: verifying one
+    token more than a plain step reads the same weights (a compiled CPU engine runs both through its 2-token step,
+    `koala.engine.compile`), and the drafter's step that made it has already run, so dropping it saves nothing; the
+    threshold decides from the second draft on, where each draft costs one more drafter step.
     """
     if threshold is None:
         return True
@@ -195,8 +201,8 @@ class ChainDrafter:
         tokens, probs = [], []
         for i in range(gamma):
             logits = self._dist(out)[-1]
-            if not bool(confident(logits, threshold)):
-                break  # not confident: verifying a draft here would likely waste its slot
+            if (i or not FIRST_DRAFT_FREE) and not bool(confident(logits, threshold)):
+                break  # not confident: verifying a draft here would likely waste its slot (the first one's is free)
             if dv is None:
                 q = logits_to_probs(logits, params)
                 t = sample(q, greedy=params.greedy)
@@ -377,8 +383,10 @@ class MedusaDrafter:
         hs = self.heads(self.feat[n - 2])[:gamma]  # (gamma, C)
         dv = self.draft_vocab
         logits = self.target.lm_head(hs).float() if dv is None else dv.logits(hs)
-        if threshold is not None:  # keep the chain up to the first head that is not confident
-            m = int(torch.as_tensor(confident(logits, threshold)).long().cumprod(0).sum())
+        if threshold is not None:  # keep the chain up to the first head after the first that is not confident
+            sure = torch.as_tensor(confident(logits, threshold)).clone()
+            sure[0] = sure[0] or FIRST_DRAFT_FREE  # the first draft's verify slot is free (`confident`)
+            m = int(sure.long().cumprod(0).sum())
             logits = logits[:m]
         if dv is not None:
             return dv.pick(logits, params)

@@ -179,6 +179,19 @@ def test_prompt_lookup_drafts_only_on_a_match_and_the_drafter_fills_in(target):
     assert hybrid.name == "lookup+model" and 0 < inner.calls < len(res.rounds)  # lookup took some rounds
 
 
+def test_a_threshold_stops_a_chain_from_its_second_draft_never_before(target, monkeypatch):
+    """The first draft's verify slot is free, so no threshold drops it; later unconfident drafts are dropped."""
+    from koala.engine import drafters
+
+    ref = generate(target, PROMPT, 40).tokens
+    res = generate(target, PROMPT, 40, drafter=ModelDrafter(target.truncated(1)), gamma=3, threshold=1.0)
+    assert res.tokens == ref and {m for m, _ in res.rounds} == {1}  # nothing is that confident: one draft a round
+    assert generate(target, PROMPT, 40, drafter=ModelDrafter(target.truncated(1)), gamma=3, threshold=0.0).rounds[0][0] == 3
+    monkeypatch.setattr(drafters, "FIRST_DRAFT_FREE", False)  # the rule that drops a first draft like any other
+    res = generate(target, PROMPT, 40, drafter=ModelDrafter(target.truncated(1)), gamma=3, threshold=1.0)
+    assert res.tokens == ref and {m for m, _ in res.rounds} == {0}
+
+
 # --- sampling preserves the target's distribution --------------------------------------------------------------
 
 def _exact_joint(target, prompt, params, vocab, steps):

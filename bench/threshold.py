@@ -1,0 +1,90 @@
+"""What a confidence threshold buys a drafting chain, and what proposing the first draft whatever its probability
+buys it: the target alone and speculative chains at each threshold, in one process, prompts interleaved.
+
+    python bench/threshold.py --drafter heads:runs/smoke/drafter/heads/heads [--gammas 1,3] [--thresholds 0.3,0.5]
+                              [--bench mtbench:12,sharegpt-heldout:12] [--reps 2] [--json OUT]
+
+For each chain length: plain decoding, the chain with no threshold, and with each threshold under both rules for
+the first draft (`koala.engine.drafters.FIRST_DRAFT_FREE`: proposed whatever its probability, or dropped like any
+other when unconfident). Prompt lookup goes first, as the profiles evaluate. Every variant decodes every prompt
+in turn (the order reversed every other prompt, so this machine's drift weighs on all alike); each figure is
+decode time only (the prefill left out), summed over prompts and repetitions. Greedy, the precision `eval.dtype:
+auto` picks, compiled steps. Prints JSON with the CPU model and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--drafter", required=True, help="a drafter spec (heads:PATH, ...); prompt lookup goes first")
+    ap.add_argument("--gammas", default="1,3")
+    ap.add_argument("--thresholds", default="0.3,0.5")
+    ap.add_argument("--bench", default="mtbench:12,sharegpt-heldout:12", help="BENCH:N,... prompts from each")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--json", default=None, help="write the result here too")
+    a = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from koala import benchinfo
+    from koala.cli import _decoding_session
+    from koala.engine import drafters as D
+    from koala.evaluate import load_bench
+    from koala.targets import encode_chat
+    from koala.threads import configure_threads
+
+    configure_threads()
+    s = _decoding_session("smollm2-135m-instruct", "auto", "float32", "cpu", compile=True)  # as `koala eval` opens it
+    drafter = D.LookupFirstDrafter(s.drafter(a.drafter))
+    tok = s.target.tokenizer
+    prompts = [encode_chat(tok, list(r.messages)) for spec in a.bench.split(",")
+               for r in load_bench(spec.split(":")[0], int(spec.split(":")[1]))]
+    longest = max(len(p) for p in prompts) + a.max_new_tokens + max(int(g) for g in a.gammas.split(",")) + 1
+    s.reserve(longest)
+    drafter.reset(longest)
+
+    variants = {"target alone": None}
+    for g in (int(x) for x in a.gammas.split(",")):
+        variants[f"chain {g}, no threshold"] = (g, None, True)
+        for t in (float(x) for x in a.thresholds.split(",")):
+            for free in (True, False):
+                variants[f"chain {g}, threshold {t}, first draft {'always' if free else 'thresholded'}"] = (g, t, free)
+
+    def run(v, ids):
+        if v is None:
+            return s.run(ids, a.max_new_tokens)
+        g, t, free = v
+        D.FIRST_DRAFT_FREE = free
+        return s.run(ids, a.max_new_tokens, drafter=drafter, gamma=g, threshold=t)
+
+    for v in variants.values():  # warm: every step shape loaded (or compiled) before anything is timed
+        run(v, prompts[0])
+    tot = {name: {"decode_s": 0.0, "tokens": 0, "forwards": 0} for name in variants}
+    for r in range(a.reps):
+        for i, ids in enumerate(prompts):
+            names = list(variants)[::1 if (i + r) % 2 == 0 else -1]
+            for name in names:
+                res = run(variants[name], ids)
+                t = tot[name]
+                t["decode_s"] += res.wall_s - res.prefill_s
+                t["tokens"] += len(res.tokens) - 1  # the first token comes with the prefill
+                t["forwards"] += res.target_forwards - 1
+    D.FIRST_DRAFT_FREE = True
+    base = tot["target alone"]["decode_s"]
+    rows = {name: {"ms_per_token": round(1e3 * t["decode_s"] / t["tokens"], 3),
+                   "tokens_per_forward": round(t["tokens"] / t["forwards"], 3),
+                   "speedup": round(base / t["decode_s"], 3)} for name, t in tot.items()}
+    benchinfo.write({**benchinfo.header(), "drafter": a.drafter, "lookup": True, "dtype": s.target.info.dtype,
+                     "mode": "compile", "bench": a.bench, "max_new_tokens": a.max_new_tokens, "reps": a.reps,
+                     "prompts": len(prompts), "variants": rows}, a.json)
+
+
+if __name__ == "__main__":
+    main()
