@@ -463,9 +463,9 @@ def threshold_table() -> str:
     rows = ["| decoding | ms per token | tokens per target forward | speed-up |", "|---|---|---|---|"]
     for name, e in r["variants"].items():
         rows.append(f"| {name} | {e['ms_per_token']:.2f} | {e['tokens_per_forward']:.3f} | {e['speedup']:.3f}x |")
-    return ("\n".join(rows) + f"\n\n`lookup+{r['drafter']}`, {r['prompts']} prompts ({r['bench']}) x {r['reps']}, "
-            f"{r['max_new_tokens']} new tokens, greedy, {r['dtype']}, {r['mode']}d; decoding only (the prefill left "
-            f"out), every variant in turn on each prompt; `{r['command']}` on {_machine(r)}.")
+    return ("\n".join(rows) + f"\n\n`{r['drafter']}`, {r['prompts']} prompts ({r['bench']}) x {r['reps']}, "
+            f"{r['max_new_tokens']} new tokens, greedy, {r['dtype']}, {r['mode']} engine; decoding only (the prefill "
+            f"left out), every variant in turn on each prompt; `{r['command']}` on {_machine(r)}.")
 
 
 TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_table, "trees": trees_table,

@@ -186,9 +186,10 @@ class EvalConfig(_Strict):
         "torch's CPU kernel, on bfloat16 activations: a CPU's option, fewer bytes per step; with float32 activations the "
         "kernel is slower than full weights); the int8 target is another model, so losslessness and the "
         "autoregressive baseline are the int8 target's own")
-    threshold: float | None = Field(None, ge=0, le=1, description="stop a chain at a draft after the first that the "
-                                    "drafter gives less probability than this (adaptive draft length; the first "
-                                    "draft's verify slot is free); None: always gamma")
+    threshold: float | None = Field(None, ge=0, le=1, description="from the second draft on, stop a chain at the first "
+                                    "draft the drafter gives less probability than this (adaptive draft length; the "
+                                    "first draft is always proposed, so with gamma 1 this changes nothing); None: "
+                                    "always gamma")
     lookup: bool = Field(False, description="prompt lookup first: copy the continuation of an earlier match of the "
                          "last n-gram, and ask the drafter only where the context has none")
     temperature: float = Field(0.0, ge=0, description="0 = greedy (exact match); > 0 = speculative sampling")

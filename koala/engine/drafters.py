@@ -88,7 +88,11 @@ class DraftVocab:
         return {"to_vocab": lambda i: self.ids[i], "full_probs": self.full}
 
 
-FIRST_DRAFT_FREE = True  # `confident`: a threshold never drops a chain's first draft (False: it may; bench/threshold.py)
+# A threshold never drops a chain's first draft: verifying it beside the target's own token costs about a plain
+# step (exactly one on a compiled CPU engine, whose one-token step runs its 2-token package), and the drafter step
+# that gave its distribution runs every round anyway. An unconfident first draft is proposed alone: no drafter step
+# is spent on the draft after it. False restores a first draft dropped like any other (bench/threshold.py).
+FIRST_DRAFT_FREE = True
 
 
 def wide_eager(engine: Transformer) -> bool:
@@ -102,10 +106,7 @@ def confident(logits: torch.Tensor, threshold: float | None) -> torch.Tensor | b
     """Whether to draft from these logits: the drafter's top probability (temperature 1) reaches `threshold`.
 
     Decided from the distribution before drawing, never from the drawn token, so the draft stays a draw from q
-    and the rejection rule stays exact. A chain's first draft is proposed whatever its probability: verifying one
-    token more than a plain step reads the same weights (a compiled CPU engine runs both through its 2-token step,
-    `koala.engine.compile`), and the drafter's step that made it has already run, so dropping it saves nothing; the
-    threshold decides from the second draft on, where each draft costs one more drafter step.
+    and the rejection rule stays exact. A chain's first draft is kept whatever its probability (`FIRST_DRAFT_FREE`).
     """
     if threshold is None:
         return True
@@ -198,11 +199,12 @@ class ChainDrafter:
     def propose(self, seq, n, gamma, params, threshold=None):
         dv = self.draft_vocab
         out = self._catch_up(seq, n)
-        tokens, probs = [], []
+        tokens, probs, fed = [], [], 0
         for i in range(gamma):
             logits = self._dist(out)[-1]
-            if (i or not FIRST_DRAFT_FREE) and not bool(confident(logits, threshold)):
-                break  # not confident: verifying a draft here would likely waste its slot (the first one's is free)
+            sure = bool(confident(logits, threshold))
+            if not sure and (i or not FIRST_DRAFT_FREE):
+                break  # not confident: verifying a draft here would likely waste its slot
             if dv is None:
                 q = logits_to_probs(logits, params)
                 t = sample(q, greedy=params.greedy)
@@ -210,9 +212,12 @@ class ChainDrafter:
                 t, q = dv.pick(logits, params)
             tokens.append(t)
             probs.append(q)
+            if not sure:
+                break  # an unconfident first draft goes alone (`FIRST_DRAFT_FREE`): no drafter step for a second
             if i < gamma - 1:
                 out = self._feed(t, out, n, i)
-        self.n_cached += min(len(tokens), gamma - 1)  # the drafts fed: commit() drops those rejected
+                fed += 1
+        self.n_cached += fed  # the drafts fed: commit() drops those rejected
         return _stack(tokens, probs, self.vocab_size, seq.device)
 
 
@@ -383,11 +388,9 @@ class MedusaDrafter:
         hs = self.heads(self.feat[n - 2])[:gamma]  # (gamma, C)
         dv = self.draft_vocab
         logits = self.target.lm_head(hs).float() if dv is None else dv.logits(hs)
-        if threshold is not None:  # keep the chain up to the first head after the first that is not confident
-            sure = torch.as_tensor(confident(logits, threshold)).clone()
-            sure[0] = sure[0] or FIRST_DRAFT_FREE  # the first draft's verify slot is free (`confident`)
-            m = int(sure.long().cumprod(0).sum())
-            logits = logits[:m]
+        if threshold is not None:  # keep the chain up to the first head that is not confident
+            m = int(torch.as_tensor(confident(logits, threshold)).long().cumprod(0).sum())
+            logits = logits[:max(m, 1) if FIRST_DRAFT_FREE else m]  # an unconfident first draft goes alone
         if dv is not None:
             return dv.pick(logits, params)
         q = logits_to_probs(logits, params)

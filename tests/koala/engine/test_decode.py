@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from koala.errors import KoalaError
@@ -180,16 +181,43 @@ def test_prompt_lookup_drafts_only_on_a_match_and_the_drafter_fills_in(target):
 
 
 def test_a_threshold_stops_a_chain_from_its_second_draft_never_before(target, monkeypatch):
-    """The first draft's verify slot is free, so no threshold drops it; later unconfident drafts are dropped."""
+    """The first draft's verify slot is about free, so no threshold drops it: an unconfident one goes alone, with no
+    drafter step spent after it; later unconfident drafts are dropped."""
     from koala.engine import drafters
 
     ref = generate(target, PROMPT, 40).tokens
-    res = generate(target, PROMPT, 40, drafter=ModelDrafter(target.truncated(1)), gamma=3, threshold=1.0)
+    drafter = ModelDrafter(target.truncated(1))
+    steps = []
+    step = drafter.model.step
+    monkeypatch.setattr(drafter.model, "step", lambda *a, **k: steps.append(1) or step(*a, **k))
+    res = generate(target, PROMPT, 40, drafter=drafter, gamma=3, threshold=1.0)
     assert res.tokens == ref and {m for m, _ in res.rounds} == {1}  # nothing is that confident: one draft a round
-    assert generate(target, PROMPT, 40, drafter=ModelDrafter(target.truncated(1)), gamma=3, threshold=0.0).rounds[0][0] == 3
+    assert len(steps) == len(res.rounds)  # each round's catch-up only: the lone draft is not fed
+    sure = generate(target, PROMPT, 40, drafter=ModelDrafter(target.truncated(1)), gamma=3, threshold=0.0)
+    assert sure.rounds[0][0] == 3
     monkeypatch.setattr(drafters, "FIRST_DRAFT_FREE", False)  # the rule that drops a first draft like any other
     res = generate(target, PROMPT, 40, drafter=ModelDrafter(target.truncated(1)), gamma=3, threshold=1.0)
     assert res.tokens == ref and {m for m, _ in res.rounds} == {0}
+
+
+def test_a_threshold_keeps_medusas_first_head_and_stops_at_the_next_unsure_one(monkeypatch):
+    from types import SimpleNamespace
+
+    from koala.engine import drafters
+    from koala.engine.drafters import MedusaDrafter
+
+    C, heads = 8, nn.Module()
+    heads.heads = [None] * 3
+    heads.forward = lambda f: torch.zeros(3, C)  # flat logits: every head unsure
+    stub = SimpleNamespace(args=SimpleNamespace(vocab_size=V, dim=C), lm_head=nn.Linear(C, V, bias=False),
+                           dtype=torch.float32, device=torch.device("cpu"))
+    d = MedusaDrafter(heads, stub, "medusa")
+    d.reset(16)
+    seq = torch.zeros(16, dtype=torch.long)
+    assert d.propose(seq, 4, 3, SamplingParams(), threshold=0.5)[0].numel() == 1  # the first head's draft, alone
+    assert d.propose(seq, 4, 3, SamplingParams(), threshold=0.0)[0].numel() == 3
+    monkeypatch.setattr(drafters, "FIRST_DRAFT_FREE", False)
+    assert d.propose(seq, 4, 3, SamplingParams(), threshold=0.5)[0].numel() == 0
 
 
 # --- sampling preserves the target's distribution --------------------------------------------------------------
