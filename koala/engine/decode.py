@@ -190,11 +190,10 @@ def generate(
     `target` is the engine model (eager, or compiled with `Transformer.compile`); `prompt` token ids with the chat
     template applied; `params` (temperature, top-p) apply identically to target and drafter; generation stops after
     `max_new_tokens` or any of `eos_ids`; `max_context` is the target's context; `stream` gets each round's new
-    tokens. `threshold`: draft only while the drafter's probability of its token is at least this, from the second
-    draft on (the first is always drafted: `koala.engine.drafters.FIRST_DRAFT_FREE`); an adaptive draft length
-    decided by the drafter alone, so the output distribution is unchanged; chains only: a tree's size is its budget.
-    `profile` times drafter and verify forwards apart (a device sync on CUDA: keep it off for runs whose wall time
-    is reported).
+    tokens. `threshold`: from the second draft on (`drafters.FIRST_DRAFT_FREE`), draft only while the drafter's
+    probability of its token is at least this (decided by the drafter alone, so the output distribution is
+    unchanged; chains only: a tree's size is its budget). `profile` times drafter and verify forwards apart (a
+    device sync on CUDA: keep it off for runs whose wall time is reported).
 
     Raises:
         KoalaError: empty prompt, prompt or generation longer than the context, gamma < 1, vocabulary mismatch.
