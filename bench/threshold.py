@@ -34,7 +34,7 @@ def main() -> None:
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from koala import benchinfo
-    from koala.cli import _decoding_session
+    from koala.cli import decoding_session
     from koala.config import TargetConfig
     from koala.engine import drafters as D
     from koala.evaluate import load_bench
@@ -43,7 +43,7 @@ def main() -> None:
 
     configure_threads()
     own = TargetConfig.model_fields["dtype"].default
-    s = _decoding_session("smollm2-135m-instruct", "auto", own, "cpu", compile=True)  # as `koala eval` opens it
+    s = decoding_session("smollm2-135m-instruct", "auto", own, "cpu", compile=True)  # as `koala eval` opens it
     drafter = s.drafter(a.drafter)
     if not isinstance(drafter, (D.PromptLookupDrafter, D.LookupFirstDrafter)):
         drafter = D.LookupFirstDrafter(drafter)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from koala.training.heads_objectives import MEASURED_DRAFTS  # noqa: E402 - how deep every head is measured
 
+
 def agreement(session, cfg, heads_dir: Path, data: str) -> dict:
     """Held-out greedy agreement of the heads by draft position on `data`'s held-out rows (the target's features for
     those rows only), `MEASURED_DRAFTS` deep, in the profile's compute dtype as decoding runs."""
@@ -60,12 +61,10 @@ def agreement(session, cfg, heads_dir: Path, data: str) -> dict:
 
 def _digest(data: str) -> str:
     """The shards a data directory holds (its manifest's record of them): a grown set is another setting."""
-    import hashlib
-
     from koala.data import shards
+    from koala.io import digest
 
-    done = shards.read_manifest(Path(data)).done_json()
-    return hashlib.sha256(json.dumps(done, sort_keys=True).encode()).hexdigest()
+    return digest(shards.read_manifest(Path(data)).done_json())
 
 
 def run_one(session, unroll: int, seed: int, a) -> dict:
@@ -103,6 +102,7 @@ def main() -> None:
     a = ap.parse_args()
     from koala import benchinfo
     from koala.config import load_config
+    from koala.engine.calibrate import expected_tokens
     from koala.engine.session import Session
 
     for flag, d in (("--data", a.data), ("--own", a.own)):
@@ -135,12 +135,9 @@ def main() -> None:
             summary[unroll][where] = {p: round(statistics.mean(r[where][p] for r in runs), 4) for p in runs[0][where]}
             summary[unroll][where]["std"] = {p: round(statistics.stdev(r[where][p] for r in runs), 4) if len(runs) > 1
                                              else 0.0 for p in runs[0][where]}
-            # tokens a 3-draft chain yields per round, from the acceptance by position
-            m, acc, tokens = summary[unroll][where], 1.0, 1.0
-            for p in range(1, MEASURED_DRAFTS + 1):
-                acc *= m[f"pos{p}"]
-                tokens += acc
-            m["chain3_tokens"] = round(tokens, 3)
+            m = summary[unroll][where]  # tokens a 3-draft chain yields per round, from the acceptance by position
+            m["chain3_tokens"] = round(expected_tokens([m[f"pos{p}"] for p in range(1, MEASURED_DRAFTS + 1)],
+                                                       MEASURED_DRAFTS), 3)
     benchinfo.write({**benchinfo.header(), **setting, "unrolls": unrolls, "seeds": seeds, "summary": summary,
                      "runs": [done[(u, s)] for s in seeds for u in unrolls]}, a.json)
 

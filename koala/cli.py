@@ -223,7 +223,7 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
 
     if cfg.bench not in BENCHES and not cfg.bench.startswith("hf:"):
         load_prompts(cfg.bench, limit=cfg.limit)  # a missing or malformed file fails now, not after the target loads
-    s = _decoding_session(target, cfg.dtype, own, device, compile, cfg.weights)
+    s = decoding_session(target, cfg.dtype, own, device, compile, cfg.weights)
     typer.echo(f"[{s.describe()}]", err=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn()) as bar:
@@ -241,7 +241,7 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
                "acceptance_by_position.png, speedup_by_category.png)")
 
 
-def _decoding_session(target: str, setting: str, own: str, device: str, compile: bool, weights: str = "full"):
+def decoding_session(target: str, setting: str, own: str, device: str, compile: bool, weights: str = "full"):
     """The target loaded in the dtype `eval.dtype` names (auto: measured once per machine, as the pipeline does),
     its linear layers as `eval.weights` says."""
     from koala.engine.session import Session
