@@ -202,6 +202,7 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
              device: str = option(TargetConfig, "device"),
              hf: bool = option(EvalConfig, "hf_baselines", "--hf/--no-hf"),
              compile: bool = option(EvalConfig, "compile", "--compile/--no-compile"),
+             second_build: bool = option(EvalConfig, "second_build", "--second-build/--one-build"),
              out: str = typer.Option("report.json", help="report path; .md and PNG plots go beside it")):
     """Measure a drafter: tau, acceptance by position, speed-up vs autoregressive, and losslessness."""
     from pathlib import Path
@@ -213,7 +214,7 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
 
     cfg = validated(EvalConfig, "koala eval", bench=bench, limit=limit, gamma=gamma, temperature=temperature,
                     top_p=top_p, max_new_tokens=max_new_tokens, hf_baselines=hf, threshold=threshold,
-                    lookup=lookup, compile=compile, dtype=dtype, weights=weights)
+                    lookup=lookup, compile=compile, dtype=dtype, weights=weights, second_build=second_build)
     own = TargetConfig.model_fields["dtype"].default  # the target as stored: what `target` and `auto` start from
     check_run_options(target, own if dtype in ("target", "auto") else dtype, device, drafter)
     out_path = Path(out)

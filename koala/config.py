@@ -186,6 +186,10 @@ class EvalConfig(_Strict):
         "torch's CPU kernel, on bfloat16 activations: a CPU's option, fewer bytes per step; with float32 activations the "
         "kernel is slower than full weights); the int8 target is another model, so losslessness and the "
         "autoregressive baseline are the int8 target's own")
+    second_build: bool = Field(True, description="compiled ahead of time (a CPU): where the autotuned wide step's cost "
+                               "grows with its width (CPUs without AMX), build it a second time without autotuning "
+                               "and run each width on the faster build (minutes, once per machine); false: one "
+                               "build, wide draft shapes priced as it runs them (a first run's minutes saved)")
     threshold: float | None = Field(None, ge=0, le=1, description="from the second draft on, stop a chain at the first "
                                     "draft the drafter gives less probability than this (adaptive draft length; the "
                                     "first draft is always proposed, so with gamma 1 this changes nothing); None: "

@@ -208,6 +208,7 @@ def _prepare(session: Session, drafter_spec: str, cfg: EvalConfig):
     One cache size for the whole run, target and drafter: a compiled engine then compiles each graph once, never
     inside a timed run.
     """
+    session.builds(cfg.second_build)
     drafter = session.drafter(drafter_spec)
     if cfg.lookup and not isinstance(drafter, (PromptLookupDrafter, LookupFirstDrafter)):
         drafter = LookupFirstDrafter(drafter)

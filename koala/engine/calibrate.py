@@ -56,6 +56,7 @@ def _key(session, max_width: int) -> dict:
     return {"target": info.content_hash, "device": info.device, "dtype": info.dtype, "mode": session.mode,
             "weights": session.weights,  # int8 weights: another model, another cost curve
             "engine": type(session.engine.compiled).__name__,  # ahead of time or in-process compiled steps
+            "second_build": getattr(session.engine.compiled, "second_build", None),  # wide widths' build
             "engine_source": engine_source(),  # a step's cost changes with the engine's code
             "format": CURVE_FORMAT,
             "threads": configured(), "cpu": cpu_model() if info.device == "cpu" else

@@ -43,6 +43,9 @@ class Session:
     engine: Transformer
     # the target alone per prompt and generation settings, measured once and shared by every drafter evaluated
     autoregressive: dict = field(default_factory=dict, repr=False)
+    # a wide step built a second time without autotuning where autotuning fits wide widths poorly (minutes each on
+    # a small CPU, once per machine); False: one build each, for the target's steps and every drafter's
+    second_build: bool = True
 
     @classmethod
     def open(cls, spec: str, dtype: str = "float32", device: str = "cpu", compile: bool = False,
@@ -88,6 +91,16 @@ class Session:
 
     def compile(self) -> None:
         self.engine.compile()
+        self.builds(self.second_build)
+
+    def builds(self, second: bool) -> None:
+        """Whether compiled wide steps, the target's and those of drafters loaded from now on, get a second build
+        (koala.engine.compile.AotStep.second_build); a step already built keeps its builds."""
+        from koala.engine.compile import AotStep
+
+        self.second_build = second
+        if isinstance(self.engine.compiled, AotStep):
+            self.engine.compiled.second_build = second
 
     def reserve(self, max_len: int) -> None:
         """Size the caches for the longest generation to come, so a compiled run never re-sizes them midway."""
@@ -105,8 +118,12 @@ class Session:
         info = self.target.info
         d = load_drafter(spec, self.engine, dtype=info.dtype, device=info.device)
         if self.compiled:
+            from koala.engine.compile import AotStep
+
             for model in drafter_models(d):
                 model.compile()
+                if isinstance(model.compiled, AotStep):
+                    model.compiled.second_build = self.second_build
         return d
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, drafter: Drafter | None = None, gamma: int = 4,

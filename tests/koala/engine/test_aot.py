@@ -181,23 +181,12 @@ def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_w
             return [{w: costs[timed.index(step)](w) for w in widths} for step in steps]
         return time_widths
 
-    def wide_steps(model):
-        (step,) = [s for sig, s in model.compiled.steps.items() if sig[0]]
-        return step
-
-    def decode(model):  # a prefill, then steps of 2, 3 and 8 tokens: their logits
-        model.setup_caches(32)
-        with torch.no_grad():
-            model.step(torch.tensor([PROMPT]), torch.arange(6), 6, eager=True)
-            return [model.step(torch.tensor([PROMPT[:w] + [5] * (w - 6)]) if w > 6 else torch.tensor([PROMPT[:w]]),
-                               torch.arange(6, 6 + w), 6 + w)[0] for w in (2, 3, 8)]
-
-    want = decode(eager)
+    want = _decode_widths(eager)
     # the tuned step costs about the same at every width: it is kept, alone
     monkeypatch.setattr(AotStep, "_time_widths", fixed([lambda w: 10.0 + 0.1 * w]))
     flat = Transformer(hf).compile(mode="default")
-    decode(flat)
-    assert not isinstance(wide_steps(flat), C._ByWidth)  # the tuned wide step only
+    _decode_widths(flat)
+    assert not isinstance(_wide_step(flat), C._ByWidth)  # the tuned wide step only
     assert (flat.compiled.built, flat.compiled.loaded) == (0, 1)
     (choice,) = cache.glob("*.widths.json")
     choice.unlink()
@@ -205,8 +194,8 @@ def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_w
     timed.clear()
     monkeypatch.setattr(AotStep, "_time_widths", fixed([lambda w: 10.0 * w, lambda w: 25.0]))
     steep = Transformer(hf).compile(mode="default")
-    got = decode(steep)
-    step = wide_steps(steep)
+    got = _decode_widths(steep)
+    step = _wide_step(steep)
     assert isinstance(step, C._ByWidth) and (steep.compiled.built, steep.compiled.loaded) == (1, 1)
     assert step.build[2] == 0 and step.build[3] == step.build[8] == step.build[C.MAX_STEP_WIDTH] == 1
     for g, w in zip(got, want):
@@ -214,8 +203,51 @@ def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_w
     # a later engine on this machine reads the choice: nothing timed, nothing built
     monkeypatch.setattr(AotStep, "_time_widths", lambda *a: pytest.fail("timed again"))
     again = Transformer(hf).compile(mode="default")
-    decode(again)
-    assert isinstance(wide_steps(again), C._ByWidth) and (again.compiled.built, again.compiled.loaded) == (0, 2)
+    _decode_widths(again)
+    assert isinstance(_wide_step(again), C._ByWidth) and (again.compiled.built, again.compiled.loaded) == (0, 2)
+    # and so does one asked for a single build: both are on disk already
+    one = Transformer(hf).compile(mode="default")
+    one.compiled.second_build = False
+    _decode_widths(one)
+    assert isinstance(_wide_step(one), C._ByWidth) and (one.compiled.built, one.compiled.loaded) == (0, 2)
+
+
+def test_a_wide_step_asked_for_one_build_is_built_once_and_runs_every_width(built, cache, monkeypatch):
+    """`second_build` False (eval.second_build: false, the smoke profile's): the tuned wide step runs every width
+    alone, whatever its cost by width: nothing is timed or built again and no choice is stored, and each width
+    decodes what the eager forward does. `Session.builds` sets it on the target's steps."""
+    import koala.engine.compile as C
+    from koala.engine.session import Session
+
+    hf = built.hf
+    built.copy_to(cache)
+    monkeypatch.setattr(C, "UNTUNED", "default-second")
+    monkeypatch.setattr(AotStep, "_time_widths", lambda *a: pytest.fail("timed"))
+    want = _decode_widths(Transformer(hf))
+    one = Transformer(hf).compile(mode="default")
+    one.compiled.second_build = False
+    got = _decode_widths(one)
+    assert not isinstance(_wide_step(one), C._ByWidth) and (one.compiled.built, one.compiled.loaded) == (0, 1)
+    assert not list(cache.glob("*.widths.json"))
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-4)
+    session = Session(None, Transformer(hf).compile(mode="default"))
+    session.builds(False)
+    assert session.engine.compiled.second_build is False and session.second_build is False
+
+
+def _wide_step(model):
+    (step,) = [s for sig, s in model.compiled.steps.items() if sig[0]]
+    return step
+
+
+def _decode_widths(model):
+    """A prefill, then steps of 2, 3 and 8 tokens: their logits."""
+    model.setup_caches(32)
+    with torch.no_grad():
+        model.step(torch.tensor([PROMPT]), torch.arange(6), 6, eager=True)
+        return [model.step(torch.tensor([PROMPT[:w] + [5] * (w - 6)]) if w > 6 else torch.tensor([PROMPT[:w]]),
+                           torch.arange(6, 6 + w), 6 + w)[0] for w in (2, 3, 8)]
 
 
 def test_two_builds_are_timed_in_turns_and_a_decided_width_is_not_timed_again(monkeypatch):
