@@ -123,7 +123,8 @@ def check_drafter(target: Transformer, drafter: Drafter | None, gamma: int) -> N
 
 def prefill(target: Transformer, seq: torch.Tensor, T: int, params: SamplingParams, hidden: bool):
     """The whole prompt seq[:T] in one forward; returns the first new token and, for heads, the features."""
-    logits, h = target.step(seq[None, :T], torch.arange(T, device=seq.device), T, hidden=hidden, eager=True)
+    logits, h = target.step(seq[None, :T], torch.arange(T, device=seq.device), T, hidden=hidden, eager=True,
+                            last_logits=True)
     return sample(logits_to_probs(logits[0, -1], params), greedy=params.greedy), h
 
 

@@ -122,9 +122,11 @@ class Transformer(nn.Module):
 
     def step(self, idx: torch.Tensor | None, input_pos: torch.Tensor, end: int, *, embeds: torch.Tensor | None = None,
              rows: torch.Tensor | None = None, hidden: bool | tuple[int, ...] = False, logits: bool = True, eager: bool = False,
-             tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+             tree: tuple[torch.Tensor, torch.Tensor] | None = None,
+             last_logits: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The engine's one entry to a forward of tokens at cache slots `input_pos`, all below slot `end` (a host int);
-        returns (logits or None, features or None) as `forward` does.
+        returns (logits or None, features or None) as `forward` does; `last_logits`: the last position's logits only
+        (B, 1, V), a prefill's, from which the first new token is drawn.
 
         The one place that decides how a step attends. Eager on a CPU it attends to slots [0, end) only (fewer bytes
         read); eager on CUDA, and compiled anywhere, to the whole static cache (fixed shapes: one graph per width, no
@@ -150,10 +152,11 @@ class Transformer(nn.Module):
                 tree = (input_pos, torch.arange(S, device=input_pos.device) <= input_pos[:, None])
             elif tree is not None:
                 tree = (tree[0], tree[1][:, :S])
-            return self.compiled(idx, input_pos, embeds=embeds, hidden=hidden, logits=logits, tree=tree)
+            lg, h = self.compiled(idx, input_pos, embeds=embeds, hidden=hidden, logits=logits, tree=tree)
+            return (lg[:, -1:] if last_logits and lg is not None else lg), h
         kv_len = None if self.device.type == "cuda" and rows is None else end  # a prefill into rows: eager anywhere
         return self.forward(idx, input_pos, rows=rows, kv_len=kv_len, embeds=embeds, hidden=hidden, logits=logits,
-                            tree=tree)
+                            tree=tree, last_logits=last_logits)
 
     def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy every layer's cached keys and values from slots `src` to slots `dst` (an accepted tree path moved
@@ -206,7 +209,7 @@ class Transformer(nn.Module):
         hidden: bool | tuple[int, ...] = False,
         logits: bool = True,
         tree: tuple[torch.Tensor, torch.Tensor] | None = None,
-        caches: list | None = None,
+        caches: list | None = None, last_logits: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(logits (B, T, V) float32 or None, features (B, T, C) or None) for tokens `idx` (B, T) written at cache
         slots `input_pos`. Call it through `step`, which decides `kv_len`.
@@ -223,7 +226,7 @@ class Transformer(nn.Module):
         to the first kv_len slots: faster on a CPU, but a shape change, so None where steps are captured as graphs.
         `tree` (rotary positions (T,), visible slots (T, S) bool) replaces the causal mask (see `step`). `caches`
         (one `CacheView` per layer) stand in for the model's own: an ahead-of-time compiled step takes the caches as
-        inputs it writes in place (koala.engine.compile).
+        inputs it writes in place (koala.engine.compile). `last_logits`: logits (B, 1, V) of the last position only.
         """
         if self.max_seq_len == 0:  # an int, not the ModuleList's truth value: dynamo traces this without a break
             raise KoalaError("call setup_caches() before the first forward")
@@ -251,7 +254,7 @@ class Transformer(nn.Module):
         if isinstance(hidden, tuple):
             aux[len(self.layers)] = x  # index n_layers: the input of the final norm
         h = rms_norm(x, self.norm.weight, eps)  # (B, T, C) the features the LM head reads
-        out = self.lm_head(h).float() if logits else None
+        out = self.lm_head(h[:, -1:] if last_logits else h).float() if logits else None
         if isinstance(hidden, tuple):
             return out, torch.cat([aux[i] for i in hidden], dim=-1)
         return out, ((x if self.features_before_norm else h) if hidden or not logits else None)

@@ -118,6 +118,17 @@ def target():
 PROMPT = [3, 17, 29, 4, 11, 8]
 
 
+def test_a_prefill_runs_the_lm_head_on_its_last_position_only(target):
+    """`last_logits`: the last row of the whole forward's logits, (1, 1, V); the features stay every position's."""
+    ids, pos = torch.tensor([PROMPT]), torch.arange(len(PROMPT))
+    target.setup_caches(32)
+    full, h_full = target.step(ids, pos, len(PROMPT), hidden=True, eager=True)
+    target.setup_caches(32)
+    last, h_last = target.step(ids, pos, len(PROMPT), hidden=True, eager=True, last_logits=True)
+    assert full.shape == (1, len(PROMPT), V) and last.shape == (1, 1, V)
+    assert torch.allclose(last[0, 0], full[0, -1], atol=1e-6) and torch.equal(h_last, h_full)
+
+
 @pytest.mark.parametrize("gamma", range(1, 9))
 @pytest.mark.parametrize("mode", ["always", "never", "half"])
 def test_greedy_output_equals_target(target, gamma, mode):
