@@ -135,6 +135,13 @@ class TrainingConfig(_Strict):
                                       "not pretrain_steps): each training times its first steps and runs no more "
                                       "steps than fit, its schedule planned over those; a resumed training keeps its "
                                       "plan. None (null): the step counts exactly")
+    run_minutes: float | None = Field(None, gt=0, description="koala run: about how many wall-clock minutes the whole "
+                                      "run may take (data, training, evaluation): the training gets what the data "
+                                      "stages left of them, less eval_minutes, and at most max_minutes, so a slower "
+                                      "machine trains fewer steps rather than finish late. None (null): max_minutes "
+                                      "alone")
+    eval_minutes: float = Field(0.0, ge=0, description="with run_minutes: the minutes kept for the evaluation after "
+                                "the training (compiling included)")
     pretrain_steps: int = Field(0, ge=0, description="next-token pretraining steps before distillation (0 = skip)")
     pretrain_corpus: str = Field("sharegpt", description="pretraining text: sharegpt, hf:NAME or a .jsonl/.parquet file")
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +44,7 @@ def koala_pipeline(
         steps: distillation steps (default: the profile's).
         overrides: more `section.field=value` settings.
     """
+    started = time.monotonic()
     extra = [f"{k}={v}" for k, v in (("prompts.source", prompt_source), ("prompts.limit", n_prompts),
                                       ("training.loss", loss), ("training.steps", steps)) if v]
     cfg = resolve_config(profile, config_path, [*(overrides or []), *extra])
@@ -69,8 +71,10 @@ def koala_pipeline(
         init = (train_drafter.with_options(refresh_cache=_gone(out / "pretrain" / "drafter"))(
             cfg, "pretrain", str(out / "pretrain"), parent_run_id=pid).dir if cfg.training.pretrain_steps > 0 else None)
 
-        # Step 3: train on teacher-forced data, then fine-tune on the target's own answers (or one stage).
-        trained, stages = _train(cfg, data_dir, forced_dir, out, init, pid)
+        # Step 3: train on teacher-forced data, then fine-tune on the target's own answers (or one stage), in the
+        # minutes the run's budget leaves.
+        minutes = training_minutes(cfg.training, (time.monotonic() - started) / 60, log.info)
+        trained, stages = _train(cfg, data_dir, forced_dir, out, init, pid, minutes)
 
         # Step 4: measure it: tau, speed-up, losslessness (and on more benchmarks, and without prompt lookup).
         report = evaluate_drafter(cfg, trained.spec, str(run_dir / "eval" / "candidate"), pid)
@@ -92,32 +96,49 @@ def koala_pipeline(
     return summary
 
 
+def training_minutes(tc, elapsed: float, say=print) -> float | None:
+    """The training stages' minutes: training.max_minutes, or under training.run_minutes what the run has left after
+    `elapsed` minutes, less training.eval_minutes, if that is less (at least MIN_TRAINING_MINUTES)."""
+    if tc.run_minutes is None:
+        return tc.max_minutes
+    left = max(MIN_TRAINING_MINUTES, tc.run_minutes - elapsed - tc.eval_minutes)
+    if tc.max_minutes is not None and left >= tc.max_minutes:
+        return tc.max_minutes
+    say(f"training.run_minutes {tc.run_minutes:g}: {elapsed:.1f} min so far and {tc.eval_minutes:g} kept for the "
+        f"evaluation leave the training {left:.1f} min" + (f" of its {tc.max_minutes:g}" if tc.max_minutes else ""))
+    return left
+
+
+MIN_TRAINING_MINUTES = 0.5  # a run past its budget before training still trains (a few steps) and finishes
+
+
 def _train(cfg, data_dir: str, forced_dir: str | None, out: Path, init: str | None,
-           pid: str) -> tuple[TrainedDrafter, list[StageSummary]]:
+           pid: str, minutes: float | None = None) -> tuple[TrainedDrafter, list[StageSummary]]:
     """The drafter's training stages: on teacher-forced data (when there is some), then on the sampled data for
-    training.finetune_steps; returns the last stage's drafter and what each stage scored held out."""
+    training.finetune_steps, in `minutes` together (shared in proportion to their steps; None: their step counts);
+    returns the last stage's drafter and what each stage scored held out."""
     heads = cfg.drafter.kind in HEAD_KINDS
     plan = [(forced_dir, cfg)] if forced_dir else []
     if not forced_dir or cfg.training.finetune_steps:
         ft = cfg if not forced_dir else cfg.model_copy(
             update={"training": cfg.training.model_copy(update={"steps": cfg.training.finetune_steps})})
         plan.append((data_dir, ft))
-    if cfg.training.max_minutes and len(plan) > 1:  # the stage's minutes, shared in proportion to the steps
-        total = sum(c.training.steps for _, c in plan)
-        plan = [(d, c.model_copy(update={"training": c.training.model_copy(
-            update={"max_minutes": cfg.training.max_minutes * c.training.steps / total})})) for d, c in plan]
+    total = sum(c.training.steps for _, c in plan)
+    shares = [None if minutes is None else minutes * c.training.steps / total for _, c in plan]
     trained, stages, prev = None, [], None
-    for i, (data, c) in enumerate(plan):
+    for i, ((data, c), share) in enumerate(zip(plan, shares)):
         last = i == len(plan) - 1
         name = ("heads" if heads else "distill") + ("" if last else "-" + (
             "teacher_forced" if data == forced_dir else "generated"))
         if not heads and c.distributed.nodes > 1:  # one torchrun job over that many workers of the pool
-            trained = distill_on_nodes(data, str(out / name), profile=None, overrides=_as_overrides(c),
+            budgeted = c.model_copy(update={"training": c.training.model_copy(update={"max_minutes": share})})
+            trained = distill_on_nodes(data, str(out / name), profile=None, overrides=_as_overrides(budgeted),
                                        init_from=prev or init)
         else:
             trained = train_drafter.with_options(refresh_cache=_gone(out / name / ("heads" if heads else "drafter")))(
                 c, "heads" if heads else "distill", str(out / name), data_dir=data,
-                init_from=prev if heads else prev or init, heldout_dir=data_dir if heads else None, parent_run_id=pid)
+                init_from=prev if heads else prev or init, heldout_dir=data_dir if heads else None, parent_run_id=pid,
+                minutes=share)
         prev = trained.dir
         ran = (_recorded(trained.dir, "metrics") or {}).get("steps_run", c.training.steps)  # fewer under a budget
         stages.append(StageSummary(data=data, steps=ran, drafter=trained.spec,

@@ -42,17 +42,22 @@ class TrainingData(CachePolicy):
                              "out": str(Path(inputs["out_dir"]).resolve())}, raise_on_failure=True)
 
 
-TRAINING_CACHE = (INPUTS - "parent_run_id") + TASK_SOURCE + TrainingData()
+# `minutes` is a time budget, not what the training is: a finished training is reused whatever the budget says now
+TRAINING_CACHE = (INPUTS - "parent_run_id" - "minutes") + TASK_SOURCE + TrainingData()
 
 
 @task(name="train-drafter", task_run_name="train-{recipe}", tags=["gpu"], retries=2, retry_delay_seconds=[10, 60],
       retry_condition_fn=retry_unless_koala_error, cache_policy=TRAINING_CACHE, persist_result=True)
 def train_drafter(cfg: KoalaConfig, recipe: Recipe, out_dir: str, data_dir: str | None = None,
                   init_from: str | None = None, heldout_dir: str | None = None,
-                  parent_run_id: str | None = None) -> TrainedDrafter:
+                  parent_run_id: str | None = None, minutes: float | None = None) -> TrainedDrafter:
     """Train a drafter by `recipe`: pretrain (a small LM on text), distill (on the target's samples, from `init_from`
-    when given) or heads (KOALA / EAGLE draft heads on the target's features, held out on `heldout_dir`)."""
+    when given) or heads (KOALA / EAGLE draft heads on the target's features, held out on `heldout_dir`).
+    `minutes`: this training's time budget in place of training.max_minutes (the pipeline's share of the run's)."""
     from koala.training import recipes
+
+    if minutes is not None:
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_minutes": minutes})})
 
     s = session_for(cfg.target)
     history: list = []

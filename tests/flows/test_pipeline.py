@@ -188,10 +188,30 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
 
 
 @pytest.mark.slow
+def test_a_run_budget_gives_the_training_what_the_data_stages_left():
+    """training.run_minutes: the training gets the run's minutes less those spent and those kept for the evaluation,
+    never more than training.max_minutes, never less than MIN_TRAINING_MINUTES; without it, max_minutes."""
+    from koala.config import TrainingConfig
+    from koala_flows.pipeline import MIN_TRAINING_MINUTES, training_minutes
+
+    said = []
+    tc = TrainingConfig(max_minutes=55, run_minutes=90, eval_minutes=20)
+    assert training_minutes(tc, 10.0, said.append) == 55 and not said  # 60 left: the training's own cap holds
+    assert training_minutes(tc, 31.0, said.append) == 39 and "39.0 min of its 55" in said[-1]
+    assert training_minutes(tc, 80.0, said.append) == MIN_TRAINING_MINUTES
+    assert training_minutes(TrainingConfig(run_minutes=12, eval_minutes=4), 5.0, said.append) == 3
+    assert training_minutes(TrainingConfig(max_minutes=3), 500.0, said.append) == 3
+
+
 def test_two_stage_recipe_teacher_forced_then_sampled(tmp_path, tiny_target_dir):  # noqa: F811
     """The default profile's recipe, tiny: teacher-forced shards with features, an EAGLE head trained as it drafts,
-    fine-tuned on the sampled answers; a second evaluation without prompt lookup and one on another benchmark."""
-    from koala_flows.pipeline import koala_pipeline
+    fine-tuned on the sampled answers; a second evaluation without prompt lookup and one on another benchmark. The
+    run's budget is spent before the training: its stages share MIN_TRAINING_MINUTES in proportion to their steps,
+    each training's budget (its MLflow run's training.max_minutes)."""
+    from mlflow import MlflowClient
+
+    from koala.tracking import resolve_uri
+    from koala_flows.pipeline import MIN_TRAINING_MINUTES, koala_pipeline
     from koala.data import shards
     from tests.koala.data.test_teacher import write_chats
 
@@ -202,9 +222,14 @@ def test_two_stage_recipe_teacher_forced_then_sampled(tmp_path, tiny_target_dir)
         teacher_forced__limit=6, teacher_forced__out_dir=str(tmp_path / "run" / "teacher"),
         teacher_forced__shard_size=3, teacher_forced__features=True, teacher_forced__topk_logprobs=4,
         drafter__kind="eagle", training__finetune_steps=2, training__unroll=2, training__feature_noise=0.1,
-        eval__alone=True, eval__lookup=True, eval__also=[str(tmp_path / "bench.jsonl") + ":1"])
+        eval__alone=True, eval__lookup=True, eval__also=[str(tmp_path / "bench.jsonl") + ":1"],
+        training__run_minutes=1, training__eval_minutes=5)
     s = koala_pipeline(config_path=str(cfg_path))
     assert [st.steps for st in s.stages] == [3, 2]
+    client = MlflowClient(resolve_uri(None, str(tmp_path / "run")))
+    runs = client.search_runs([client.get_experiment_by_name("koala-test").experiment_id])
+    budgets = sorted(float(r.data.params["training.max_minutes"]) for r in runs if r.info.run_name.startswith("heads"))
+    assert budgets == pytest.approx([MIN_TRAINING_MINUTES * 2 / 5, MIN_TRAINING_MINUTES * 3 / 5])
     assert s.stages[0].data.endswith("teacher") and s.stages[1].data.endswith("data")
     # trained two drafts deep, measured three deep (koala.training.heads_objectives.MEASURED_DRAFTS)
     assert "heldout_greedy_agreement_pos2" in s.stages[0].heldout and len(s.stages[0].agreement_by_draft()) == 3
