@@ -196,7 +196,8 @@ class EvalConfig(_Strict):
     second_build: bool = Field(True, description="compiled ahead of time (a CPU): where the autotuned wide step's cost "
                                "grows with its width (CPUs without AMX), build it a second time without autotuning "
                                "and run each width on the faster build (minutes, once per machine); false: one "
-                               "build, wide draft shapes priced as it runs them (a first run's minutes saved)")
+                               "build runs every width, so wide draft shapes cost (and are priced at) what the "
+                               "autotuned build makes of them")
     threshold: float | None = Field(None, ge=0, le=1, description="from the second draft on, stop a chain at the first "
                                     "draft the drafter gives less probability than this (adaptive draft length; the "
                                     "first draft is always proposed, so with gamma 1 this changes nothing); None: "
@@ -264,6 +265,9 @@ class DistributedConfig(_Strict):
                                   "rendezvous); None: $KOALA_RDZV_HOST, else this host's name")
     rdzv_port: int = Field(0, ge=0, le=65535, description="rendezvous port on that host; 0: a free one")
     deployment: str = Field("train-node/train-node", description="the deployment each node runs as")
+
+
+BUDGET_FIELDS = ("max_minutes", "run_minutes", "eval_minutes")  # how long a training may take, not what it is
 
 
 class KoalaConfig(_Strict):
@@ -346,3 +350,10 @@ def load_config(profile: str | None = None, path: str | Path | None = None, over
         keys = [(o, o.split("=", 1)[0].strip()) for o in overrides]
         blamed = [o for o, k in keys if k == loc or loc.startswith(k + ".") or k.startswith(loc + ".")]
         raise KoalaError(_format_error(e, f"--set {blamed[-1]}" if blamed else origin)) from None
+
+
+def unbudgeted(cfg: KoalaConfig) -> KoalaConfig:
+    """`cfg` with the training's time budget at its defaults: what identifies a training (its cache key), not how
+    long it may run."""
+    defaults = {f: TrainingConfig.model_fields[f].default for f in BUDGET_FIELDS}
+    return cfg.model_copy(update={"training": cfg.training.model_copy(update=defaults)})

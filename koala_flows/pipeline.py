@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from koala_flows.build_dataset import build_distillation_dataset
-from koala.config import HEAD_KINDS, LossName, parse_bench
+from koala.config import HEAD_KINDS, LossName, TrainingConfig, parse_bench, unbudgeted
 from koala.report import Headline, RunSummary, StageSummary, TrainedDrafter
 from koala.tracking import Tracker, check_reachable, resolve_uri
 from koala_tasks.common import resolve_config
@@ -69,7 +69,8 @@ def koala_pipeline(
         # A training task whose output has since gone (deleted, or another clone at the same path) runs again
         # rather than returning the cached path.
         init = (train_drafter.with_options(refresh_cache=_gone(out / "pretrain" / "drafter"))(
-            cfg, "pretrain", str(out / "pretrain"), parent_run_id=pid).dir if cfg.training.pretrain_steps > 0 else None)
+            unbudgeted(cfg), "pretrain", str(out / "pretrain"), parent_run_id=pid).dir
+            if cfg.training.pretrain_steps > 0 else None)
 
         # Step 3: train on teacher-forced data, then fine-tune on the target's own answers (or one stage), in the
         # minutes the run's budget leaves.
@@ -96,7 +97,10 @@ def koala_pipeline(
     return summary
 
 
-def training_minutes(tc, elapsed: float, say=print) -> float | None:
+MIN_TRAINING_MINUTES = 0.5  # a run past its budget before training still trains (a few steps) and finishes
+
+
+def training_minutes(tc: TrainingConfig, elapsed: float, say=print) -> float | None:
     """The training stages' minutes: training.max_minutes, or under training.run_minutes what the run has left after
     `elapsed` minutes, less training.eval_minutes, if that is less (at least MIN_TRAINING_MINUTES)."""
     if tc.run_minutes is None:
@@ -107,9 +111,6 @@ def training_minutes(tc, elapsed: float, say=print) -> float | None:
     say(f"training.run_minutes {tc.run_minutes:g}: {elapsed:.1f} min so far and {tc.eval_minutes:g} kept for the "
         f"evaluation leave the training {left:.1f} min" + (f" of its {tc.max_minutes:g}" if tc.max_minutes else ""))
     return left
-
-
-MIN_TRAINING_MINUTES = 0.5  # a run past its budget before training still trains (a few steps) and finishes
 
 
 def _train(cfg, data_dir: str, forced_dir: str | None, out: Path, init: str | None,
@@ -136,7 +137,7 @@ def _train(cfg, data_dir: str, forced_dir: str | None, out: Path, init: str | No
                                        init_from=prev or init)
         else:
             trained = train_drafter.with_options(refresh_cache=_gone(out / name / ("heads" if heads else "drafter")))(
-                c, "heads" if heads else "distill", str(out / name), data_dir=data,
+                unbudgeted(c), "heads" if heads else "distill", str(out / name), data_dir=data,
                 init_from=prev if heads else prev or init, heldout_dir=data_dir if heads else None, parent_run_id=pid,
                 minutes=share)
         prev = trained.dir

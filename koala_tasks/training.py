@@ -43,6 +43,7 @@ class TrainingData(CachePolicy):
 
 
 # `minutes` is a time budget, not what the training is: a finished training is reused whatever the budget says now
+# (the pipeline passes its config with the training's budget fields cleared: koala.config.unbudgeted)
 TRAINING_CACHE = (INPUTS - "parent_run_id" - "minutes") + TASK_SOURCE + TrainingData()
 
 

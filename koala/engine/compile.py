@@ -205,9 +205,6 @@ class AotStep:
     """
 
     one_as_two = True  # False: one-token steps run a one-token package of their own (bench/step_cost.py compares)
-    # False: a wide step is built once (autotuned) and runs every width on that build; no second build without
-    # autotuning where it scales poorly (`_by_width`). A second build already on disk is still used.
-    second_build = True
 
     def __init__(self, model, mode: str | None = None):
         configure_inductor(model.device)
@@ -218,6 +215,20 @@ class AotStep:
         self.steps: dict[tuple, Callable] = {}
         self.built = self.loaded = 0  # packages compiled, and loaded from the cache, by this step
         self._weights: str | None = None
+        self._second_build = True
+
+    @property
+    def second_build(self) -> bool:
+        """Whether a wide step whose autotuned build scales poorly with its width is built a second time without
+        autotuning (`_by_width`); False: one build, which runs every width. Changing it drops the wide steps already
+        resolved, so the next call runs (and a cost curve measures) what the setting says."""
+        return self._second_build
+
+    @second_build.setter
+    def second_build(self, value: bool) -> None:
+        if value != self._second_build:
+            self.steps = {sig: step for sig, step in self.steps.items() if not sig[0]}
+        self._second_build = value
 
     def __call__(self, idx, input_pos, *, embeds=None, hidden=False, logits=True, tree=None):
         if hidden is False and logits:  # the features come free with the logits: one package serves plain decoding
@@ -308,13 +319,9 @@ class AotStep:
             self._weights = h.hexdigest()
         return self._weights
 
-    @staticmethod
-    def _package(key: dict) -> Path:
-        return aot_dir() / f"{digest(key)}.pt2"
-
     def _load_or_build(self, sig: tuple, args: list, caches: list, mode: str) -> Callable:
         key = self.key(sig, mode)
-        path = self._package(key)
+        path = aot_dir() / f"{digest(key)}.pt2"
         if path.exists():
             step = _load_package(path)
             if step is not None and self._agrees(step, args, caches, sig):
@@ -365,8 +372,7 @@ class AotStep:
         timed at its narrowest and widest widths; where the widest costs more than WIDE_SCALING of the narrowest,
         the step is built again without autotuning, both are timed at TIMED_WIDTHS and each width runs the build
         faster at the nearest timed width at or below it. The choice is stored beside the packages (once per
-        machine, under the same key). With `second_build` False the tuned step is returned as it is, unless both
-        builds and the choice between them are already on disk."""
+        machine, under the same key). With `second_build` False the tuned step is returned as it is."""
         key = {**self.key(sig), "by_width": list(TIMED_WIDTHS), "scaling": WIDE_SCALING, "untuned": UNTUNED,
                "timing": WIDTH_TIMING}
         path = aot_dir() / f"{digest(key)}.widths.json"
@@ -375,7 +381,7 @@ class AotStep:
         except (OSError, ValueError, KeyError, AttributeError):
             choice = None
         untuned = None
-        if not self.second_build and (choice is None or not self._on_disk(sig, UNTUNED)):
+        if not self.second_build:
             return tuned
         if choice is None:
             global _compile_s
@@ -396,9 +402,6 @@ class AotStep:
         if not any(choice.values()):
             return tuned
         return _ByWidth([tuned, untuned or self._load_or_build(sig, args, caches, UNTUNED)], choice)
-
-    def _on_disk(self, sig: tuple, mode: str) -> bool:
-        return self._package(self.key(sig, mode)).exists()
 
     def _time_widths(self, steps: list[Callable], args: list, caches: list, widths) -> list[dict[int, float]]:
         """Each build's ms at each width, on inputs shaped like `args` (the first token's, repeated) and on copies

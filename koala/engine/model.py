@@ -126,7 +126,8 @@ class Transformer(nn.Module):
              last_logits: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The engine's one entry to a forward of tokens at cache slots `input_pos`, all below slot `end` (a host int);
         returns (logits or None, features or None) as `forward` does; `last_logits`: the last position's logits only
-        (B, 1, V), a prefill's, from which the first new token is drawn.
+        (B, 1, V), a prefill's, from which the first new token is drawn (an eager forward runs the LM head on that
+        position alone; a compiled step computes every position's and keeps the last).
 
         The one place that decides how a step attends. Eager on a CPU it attends to slots [0, end) only (fewer bytes
         read); eager on CUDA, and compiled anywhere, to the whole static cache (fixed shapes: one graph per width, no

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from koala import __version__, precision
-from koala.config import HEAD_KINDS, KoalaConfig
+from koala.config import BUDGET_FIELDS, HEAD_KINDS, KoalaConfig
 from koala.data import shards
 from koala.errors import KoalaError
 from koala.models.draft_model import build_drafter, save_drafter
@@ -133,7 +133,7 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
 def _fingerprinted(tcfg) -> dict:
     """The training settings that make a training what it is: all but its time budget (a resumed training keeps the
     steps it planned, whatever the budget says now)."""
-    return tcfg.model_dump(exclude={"max_minutes"})
+    return tcfg.model_dump(exclude=set(BUDGET_FIELDS))
 
 
 def _compute(cfg: KoalaConfig, target: Target, what: str) -> precision.ComputeDtype:

@@ -187,7 +187,6 @@ def test_pipeline_registers_and_applies_the_rule(tmp_path, tiny_target_dir):  # 
     assert s3.drafter == s.drafter and (Path(s3.drafter) / "koala.json").exists()
 
 
-@pytest.mark.slow
 def test_a_run_budget_gives_the_training_what_the_data_stages_left():
     """training.run_minutes: the training gets the run's minutes less those spent and those kept for the evaluation,
     never more than training.max_minutes, never less than MIN_TRAINING_MINUTES; without it, max_minutes."""
@@ -203,6 +202,7 @@ def test_a_run_budget_gives_the_training_what_the_data_stages_left():
     assert training_minutes(TrainingConfig(max_minutes=3), 500.0, said.append) == 3
 
 
+@pytest.mark.slow
 def test_two_stage_recipe_teacher_forced_then_sampled(tmp_path, tiny_target_dir):  # noqa: F811
     """The default profile's recipe, tiny: teacher-forced shards with features, an EAGLE head trained as it drafts,
     fine-tuned on the sampled answers; a second evaluation without prompt lookup and one on another benchmark. The

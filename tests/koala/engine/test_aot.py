@@ -205,17 +205,22 @@ def test_a_wide_step_whose_cost_grows_with_width_runs_the_faster_build_at_each_w
     again = Transformer(hf).compile(mode="default")
     _decode_widths(again)
     assert isinstance(_wide_step(again), C._ByWidth) and (again.compiled.built, again.compiled.loaded) == (0, 2)
-    # and so does one asked for a single build: both are on disk already
+    # one asked for a single build runs the tuned build alone, though both are on disk
     one = Transformer(hf).compile(mode="default")
     one.compiled.second_build = False
     _decode_widths(one)
-    assert isinstance(_wide_step(one), C._ByWidth) and (one.compiled.built, one.compiled.loaded) == (0, 2)
+    assert not isinstance(_wide_step(one), C._ByWidth) and (one.compiled.built, one.compiled.loaded) == (0, 1)
+    # and asked for two again, it drops the wide step it resolved and runs both builds from the next call
+    one.compiled.second_build = True
+    assert not any(sig[0] for sig in one.compiled.steps)
+    _decode_widths(one)
+    assert isinstance(_wide_step(one), C._ByWidth) and (one.compiled.built, one.compiled.loaded) == (0, 3)
 
 
 def test_a_wide_step_asked_for_one_build_is_built_once_and_runs_every_width(built, cache, monkeypatch):
     """`second_build` False (eval.second_build: false, the smoke profile's): the tuned wide step runs every width
     alone, whatever its cost by width: nothing is timed or built again and no choice is stored, and each width
-    decodes what the eager forward does. `Session.builds` sets it on the target's steps."""
+    decodes what the eager forward does; a session's `builds(False)` does the same for its target's steps."""
     import koala.engine.compile as C
     from koala.engine.session import Session
 
@@ -233,7 +238,8 @@ def test_a_wide_step_asked_for_one_build_is_built_once_and_runs_every_width(buil
         assert torch.allclose(g, w, atol=1e-4)
     session = Session(None, Transformer(hf).compile(mode="default"))
     session.builds(False)
-    assert session.engine.compiled.second_build is False and session.second_build is False
+    _decode_widths(session.engine)
+    assert not isinstance(_wide_step(session.engine), C._ByWidth) and not list(cache.glob("*.widths.json"))
 
 
 def _wide_step(model):
