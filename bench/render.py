@@ -143,9 +143,15 @@ def load_table() -> str:
 
 
 def default_table() -> str:
-    r = _load("default_profile.json")
-    if not r:
+    """`koala run --profile default` from an empty run directory: one table per machine (default_profile.json,
+    default_profile-*.json)."""
+    names = sorted(f.name for f in RESULTS.glob("default_profile*.json"))
+    if not names:
         return "(no results)"
+    return "\n\n".join(_default(_load(name)) for name in names)
+
+
+def _default(r: dict) -> str:
     rows = ["| what | result |", "|---|---|",
             f"| wall time, empty run directory | {r['wall_s'] / 60:.1f} min |"]
     for name, st in sorted(r["stages"].items(), key=lambda kv: kv[0] == "heads"):  # the final stage last
