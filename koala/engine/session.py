@@ -95,7 +95,8 @@ class Session:
 
     def builds(self, second: bool) -> None:
         """Whether compiled wide steps, the target's and those of drafters loaded from now on, get a second build
-        (koala.engine.compile.AotStep.second_build); a step already built keeps its builds."""
+        (koala.engine.compile.AotStep.second_build); a target's wide step resolved under the other setting is
+        resolved again at its next call."""
         from koala.engine.compile import AotStep
 
         self.second_build = second
