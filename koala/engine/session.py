@@ -97,11 +97,14 @@ class Session:
         """Whether compiled wide steps, the target's and those of drafters loaded from now on, get a second build
         (koala.engine.compile.AotStep.second_build); a target's wide step resolved under the other setting is
         resolved again at its next call."""
+        self.second_build = second
+        self._set_builds(self.engine)
+
+    def _set_builds(self, model: Transformer) -> None:
         from koala.engine.compile import AotStep
 
-        self.second_build = second
-        if isinstance(self.engine.compiled, AotStep):
-            self.engine.compiled.second_build = second
+        if isinstance(model.compiled, AotStep):
+            model.compiled.second_build = self.second_build
 
     def reserve(self, max_len: int) -> None:
         """Size the caches for the longest generation to come, so a compiled run never re-sizes them midway."""
@@ -119,12 +122,9 @@ class Session:
         info = self.target.info
         d = load_drafter(spec, self.engine, dtype=info.dtype, device=info.device)
         if self.compiled:
-            from koala.engine.compile import AotStep
-
             for model in drafter_models(d):
                 model.compile()
-                if isinstance(model.compiled, AotStep):
-                    model.compiled.second_build = self.second_build
+                self._set_builds(model)
         return d
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, drafter: Drafter | None = None, gamma: int = 4,
