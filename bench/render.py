@@ -271,19 +271,30 @@ def head_init_table() -> str:
 
 
 def unroll_table() -> str:
-    r = _load("unroll.json")
+    return minutes_table("unroll.json", "python bench/unroll.py --json bench/results/unroll.json", "unroll")
+
+
+def eagle_loss_table() -> str:
+    return minutes_table("eagle_loss.json", "python bench/unroll.py --arm NAME=OVERRIDES ... --json "
+                         "bench/results/eagle_loss.json", "setting")
+
+
+def minutes_table(name: str, command: str, label: str) -> str:
+    """A `bench/unroll.py` comparison: heads trained for the same minutes under each setting (arm)."""
+    r = _load(name)
     if not r:
-        return _missing("unroll.json", "python bench/unroll.py --json bench/results/unroll.json")
+        return _missing(name, command)
     sets = [("heldout", "teacher-forced held-out rows")]
     if r.get("own_data"):
         sets.append(("own", "the target's own answers"))
-    rows = ["| unroll | steps in the budget (mean) | " + " | ".join(
-        f"{name}: agreement by draft 1 (± std) / 2 / 3, tokens per 3-draft round" for _, name in sets) + " |",
+    rows = [f"| {label} | steps in the budget (mean) | " + " | ".join(
+        f"{where}: agreement by draft 1 (± std) / 2 / 3, tokens per 3-draft round" for _, where in sets) + " |",
         "|---|---|" + "---|" * len(sets)]
-    for unroll, m in r["summary"].items():
+    for arm, m in r["summary"].items():
         cells = [f"{m[k]['pos1']:.3f} ± {m[k]['std']['pos1']:.3f} / {m[k]['pos2']:.3f} / {m[k]['pos3']:.3f}, "
                  f"{m[k]['chain3_tokens']:.2f}" for k, _ in sets]
-        rows.append(f"| {unroll} | {m['steps']:g} | " + " | ".join(cells) + " |")
+        what = f"{arm}: `{', '.join(m['overrides'])}`" if m.get("overrides") and not arm.isdigit() else arm
+        rows.append(f"| {what} | {m['steps']:g} | " + " | ".join(cells) + " |")
     run = r["runs"][0]
     own = f" and on the held-out rows of `{r['own_data']}`" if r.get("own_data") else ""
     return "\n".join(rows) + (f"\n\n`{r['command']}` on {_machine(r)}: the {r['profile']} profile's recipe, "
@@ -478,6 +489,7 @@ TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_t
           "default": default_table, "dtype": dtype_table,
           "fidelity": fidelity_table, "curve": curve_table, "load": load_table, "eagle3": eagle3_table,
           "eagle3-data": eagle3_data_table, "head-init": head_init_table, "unroll": unroll_table,
+          "eagle-loss": eagle_loss_table,
           "ablation-losses": losses_table, "ablation-heads": heads_table,
           "wide-builds": wide_builds_table, "lookup-depth": lookup_depth_table,
           "round-cost": round_cost_table, "one-token": one_token_table, "threshold": threshold_table}

@@ -1,18 +1,20 @@
-"""How many drafts an EAGLE head should be trained to unroll when its training has a time budget: the same minutes
-of koala's own recipe (`train_heads` under `training.max_minutes`) at each unroll, measured by draft position;
-prints JSON.
+"""Heads' training settings compared at equal minutes: the same minutes of koala's own recipe (`train_heads` under
+`training.max_minutes`) for each setting, measured by draft position; prints JSON.
 
     python bench/unroll.py [--profile smoke] [--data runs/smoke/teacher] [--minutes M] [--unrolls 1,2,3]
-        [--own runs/exp/data200] [--seeds 0,1] [--out runs/unroll] [--json bench/results/unroll.json]
+        [--arm NAME=SECTION.FIELD=VALUE[,SECTION.FIELD=VALUE...] ...] [--own runs/exp/data200] [--seeds 0,1]
+        [--out runs/unroll] [--json bench/results/unroll.json]
 
-Training draft p on the head's own prediction from draft p-1 (training-time test) costs a forward and a backward
-of the head per unrolled draft, so within a fixed budget unroll 1 runs several times the steps of unroll 3 (the
-steps each fits on this machine are recorded). Every head is measured three drafts deep, as the engine drafts,
-whatever it was trained to unroll: greedy agreement with the target by draft position on the data's held-out rows
-(teacher-forced answers) and, with --own, on the held-out rows of a set of the target's own answers (`koala
-sample`): the answers greedy decoding verifies drafts against. The budget defaults to the profile's first training
-stage's share of `training.max_minutes`. Finished runs are kept under OUT by settings (the data's digest among
-them): the same command goes on where it stopped.
+By default the settings are how many drafts an EAGLE head is trained to unroll (`--unrolls`). Training draft p on
+the head's own prediction from draft p-1 (training-time test) costs a forward and a backward of the head per
+unrolled draft, so within a fixed budget unroll 1 runs several times the steps of unroll 3 (the steps each fits on
+this machine are recorded). `--arm` compares any other settings instead, each a name and the profile overrides it
+applies (e.g. `--arm ce0.1=training.eagle_ce_weight=0.1 --arm ce1=training.eagle_ce_weight=1`). Every head is
+measured three drafts deep, as the engine drafts, whatever it was trained to unroll: greedy agreement with the
+target by draft position on the data's held-out rows (teacher-forced answers) and, with --own, on the held-out
+rows of a set of the target's own answers (`koala sample`): the answers greedy decoding verifies drafts against.
+The budget defaults to the profile's first training stage's share of `training.max_minutes`. Finished runs are kept
+under OUT by settings (the data's digest among them): the same command goes on where it stopped.
 """
 
 from __future__ import annotations
@@ -67,25 +69,47 @@ def _digest(data: str) -> str:
     return digest(shards.read_manifest(Path(data)).done_json())
 
 
-def run_one(session, unroll: int, seed: int, a) -> dict:
+def run_one(session, arm: str, overrides: list[str], seed: int, a) -> dict:
     from koala.config import load_config
     from koala.training.recipes import train_heads
 
     cfg = load_config(a.profile, overrides=[
-        "drafter.kind=eagle", f"training.seed={seed}", f"training.unroll={unroll}", "training.steps=100000",
-        f"training.max_minutes={a.minutes}", "training.eval_every=1000000", "training.checkpoint_every=1000000"])
-    out = Path(a.out) / f"{a.profile}-{a.data_digest[:12]}-{a.minutes}m" / f"unroll{unroll}" / f"seed{seed}"
+        "drafter.kind=eagle", f"training.seed={seed}", "training.steps=100000", f"training.max_minutes={a.minutes}",
+        "training.eval_every=1000000", "training.checkpoint_every=1000000", *overrides])
+    out = Path(a.out) / f"{a.profile}-{a.data_digest[:12]}-{a.minutes}m" / _folder(arm) / f"seed{seed}"
     t0 = time.perf_counter()
     path = train_heads(cfg, session.target, a.data, out, resume="auto", progress=False)
     train_s = time.perf_counter() - t0
     info = json.loads((path / "heads.json").read_text())
     steps = info["metrics"]["steps_run"]
-    r = {"unroll": unroll, "seed": seed, "steps": steps, "s_per_step": round(train_s / steps, 3),
-         "train_s": round(train_s, 1), "train_rows": info["train_rows"], "heldout_rows": info["heldout_rows"],
+    r = {"arm": arm, "overrides": overrides, "unroll": cfg.training.unroll, "seed": seed, "steps": steps,
+         "s_per_step": round(train_s / steps, 3), "train_s": round(train_s, 1), "train_rows": info["train_rows"],
+         "heldout_rows": info["heldout_rows"],
          "heldout": agreement(session, cfg, path, a.data)}  # in the compute dtype (the training's own is float32)
     if a.own:
         r["own"] = agreement(session, cfg, path, a.own)
     return r
+
+
+def _folder(arm: str) -> str:
+    """An arm's run folder: `unroll{N}` for the default arms (as earlier runs of this bench named them)."""
+    import re
+
+    return f"unroll{arm}" if arm.isdigit() else re.sub(r"[^A-Za-z0-9_.-]+", "_", arm)
+
+
+def parse_arms(a) -> dict[str, list[str]]:
+    """Arm name -> profile overrides: `--arm` as given, else one arm per `--unrolls` entry (named by it)."""
+    if not a.arm:
+        return {u: [f"training.unroll={int(u)}"] for u in a.unrolls.split(",")}
+    arms = {}
+    for text in a.arm:
+        name, sep, overrides = text.partition("=")
+        if not sep or not name or name in arms or any("=" not in o for o in overrides.split(",") if o):
+            sys.exit(f"--arm {text!r}: write NAME=SECTION.FIELD=VALUE[,SECTION.FIELD=VALUE...] (NAME once each), "
+                     "e.g. --arm ce1=training.eagle_ce_weight=1")
+        arms[name] = [o for o in overrides.split(",") if o]
+    return arms
 
 
 def main() -> None:
@@ -95,6 +119,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=None,
                     help="each training's wall-clock budget (default: the profile's first stage's share)")
     ap.add_argument("--unrolls", default="1,2,3")
+    ap.add_argument("--arm", action="append", default=[],
+                    help="NAME=SECTION.FIELD=VALUE[,...]: compare these settings instead of unrolls (repeatable)")
     ap.add_argument("--own", default=None, help="also measure on this set of the target's own answers (koala sample)")
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--out", default="runs/unroll")
@@ -117,30 +143,31 @@ def main() -> None:
     a.data_digest = _digest(a.data)
     setting = {"profile": a.profile, "data": a.data, "data_digest": a.data_digest, "minutes": a.minutes,
                "own_data": a.own, "own_digest": _digest(a.own) if a.own else None}
-    log = benchinfo.RunLog(a.out, setting, key=lambda r: (r["unroll"], r["seed"]))
+    arms = parse_arms(a)
+    if a.arm:
+        load_config(a.profile, overrides=[o for o in sum(arms.values(), [])])  # a bad override fails before training
+    log = benchinfo.RunLog(a.out, setting, key=lambda r: (r.get("arm", str(r.get("unroll"))), r["seed"]))
     done = log.done
     tc = load_config(a.profile).target
     session = Session.open(tc.spec, dtype=tc.dtype, device=tc.device)
-    unrolls, seeds = [int(u) for u in a.unrolls.split(",")], [int(s) for s in a.seeds.split(",")]
+    seeds = [int(s) for s in a.seeds.split(",")]
     for seed in seeds:
-        for unroll in unrolls:
-            if (unroll, seed) in done:
-                continue
-            log.add(run_one(session, unroll, seed, a))
+        for arm, overrides in arms.items():
+            if (arm, seed) not in done:
+                log.add(run_one(session, arm, overrides, seed, a))
     summary = {}
-    for unroll in unrolls:
-        runs = [done[(unroll, s)] for s in seeds]
-        summary[unroll] = {"steps": statistics.mean(r["steps"] for r in runs)}
+    for arm in arms:
+        runs = [done[(arm, s)] for s in seeds]
+        summary[arm] = {"steps": statistics.mean(r["steps"] for r in runs), "overrides": arms[arm]}
         for where in ("heldout", "own") if a.own else ("heldout",):
-            summary[unroll][where] = {p: round(statistics.mean(r[where][p] for r in runs), 4) for p in runs[0][where]}
-            summary[unroll][where]["std"] = {p: round(statistics.stdev(r[where][p] for r in runs), 4) if len(runs) > 1
-                                             else 0.0 for p in runs[0][where]}
-            m = summary[unroll][where]  # tokens a 3-draft chain yields per round, from the acceptance by position
+            summary[arm][where] = {p: round(statistics.mean(r[where][p] for r in runs), 4) for p in runs[0][where]}
+            summary[arm][where]["std"] = {p: round(statistics.stdev(r[where][p] for r in runs), 4) if len(runs) > 1
+                                          else 0.0 for p in runs[0][where]}
+            m = summary[arm][where]  # tokens a 3-draft chain yields per round, from the acceptance by position
             m["chain3_tokens"] = round(expected_tokens([m[f"pos{p}"] for p in range(1, MEASURED_DRAFTS + 1)],
                                                        MEASURED_DRAFTS), 3)
-    benchinfo.write({**benchinfo.header(), **setting, "unrolls": unrolls, "seeds": seeds, "summary": summary,
-                     "runs": [done[(u, s)] for s in seeds for u in unrolls]}, a.json)
-
+    benchinfo.write({**benchinfo.header(), **setting, "arms": list(arms), "seeds": seeds, "summary": summary,
+                     "runs": [done[(arm, s)] for s in seeds for arm in arms]}, a.json)
 
 if __name__ == "__main__":
     main()

@@ -168,6 +168,9 @@ class TrainingConfig(_Strict):
                                    "regression, shared by the unrolled drafts (Li et al. 2024: 0.1)")
     eagle3_decay: float = Field(0.8, gt=0, le=1, description="EAGLE-3: draft p's loss weighted decay^(p-1) (the "
                                 "reference training's 0.8)")
+    teacher_temperature: float = Field(1.0, ge=0, description="Medusa and EAGLE heads: the target's distribution "
+                                       "they are trained on, softmax(logits / T); below 1 it sharpens toward the "
+                                       "target's top token, which greedy decoding accepts; 0: that token alone")
     adversarial: bool = Field(False, description="add the KOALA adversarial loss from a discriminator")
     adv_lambda: float = Field(0.1, ge=0, description="weight of the adversarial term")
     adv_warmup_steps: int = Field(20, ge=0, description="steps before the adversarial term is switched on")

@@ -50,6 +50,7 @@ def parse_draft(value: str | int):
 
 
 def _key(session, max_width: int) -> dict:
+    from koala.precision import cpu_flags
     from koala.threads import configured, cpu_model
 
     info = session.target.info
@@ -60,7 +61,10 @@ def _key(session, max_width: int) -> dict:
             "engine_source": engine_source(),  # a step's cost changes with the engine's code
             "format": CURVE_FORMAT,
             "threads": configured(), "cpu": cpu_model() if info.device == "cpu" else
-            torch.cuda.get_device_name(), "torch": torch.__version__, "max_width": max_width}
+            torch.cuda.get_device_name(),
+            # one model name covers CPUs with and without a matrix unit (a VM may hide AMX): their curves differ
+            "cpu_flags": cpu_flags() if info.device == "cpu" else None,
+            "torch": torch.__version__, "max_width": max_width}
 
 
 def engine_source() -> str:

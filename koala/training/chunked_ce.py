@@ -20,7 +20,7 @@ CHUNK_ELEMENTS = 1 << 22  # logits per chunk (rows x K): 16 MB of float32, 512 r
 
 class _LinearSoftCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s, t, t_rows, weights, w_compute):
+    def forward(ctx, s, t, t_rows, weights, w_compute, temperature):
         loss = torch.zeros((), dtype=torch.float32, device=s.device)
         grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None
         rows = max(1, CHUNK_ELEMENTS // w_compute.shape[0])
@@ -29,7 +29,7 @@ class _LinearSoftCE(torch.autograd.Function):
             sc = s[a:b].to(w_compute.dtype)
             logq = torch.log_softmax((sc @ w_compute.T).float(), -1)  # (n, K)
             tc = t[t_rows[a:b]].to(w_compute.dtype)
-            p = torch.softmax((tc @ w_compute.T).float(), -1)  # (n, K) the target's distribution
+            p = teacher_probs((tc @ w_compute.T).float(), temperature)  # (n, K) the target's distribution
             w = weights[a:b, None]
             loss = loss - (w * p * logq).sum()
             if grad is not None:
@@ -41,22 +41,30 @@ class _LinearSoftCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None, None
+        return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None, None, None
+
+
+def teacher_probs(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(z / T); T = 0: one-hot on each row's top logit."""
+    if temperature == 0:
+        return torch.zeros_like(z).scatter_(-1, z.argmax(-1, keepdim=True), 1.0)
+    return torch.softmax(z if temperature == 1 else z / temperature, -1)
 
 
 def linear_soft_cross_entropy(s: torch.Tensor, t: torch.Tensor, t_rows: torch.Tensor, weights: torch.Tensor,
-                              w_head: torch.Tensor) -> torch.Tensor:
-    """sum_r weights[r] * CE(softmax(W t[t_rows[r]]), softmax(W s[r])) for a frozen head W (K, C).
+                              w_head: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """sum_r weights[r] * CE(softmax(W t[t_rows[r]] / T), softmax(W s[r])) for a frozen head W (K, C).
 
     Args:
         s: (N, C) the heads' features (the gradient flows to them).
         t: (M, C) the target's features; t_rows (N,) long: the row of t each row of s is taught by.
         weights: (N,) float32 per-row weights (a draft's weight over its row count gives its mean).
         w_head: (K, C) the frozen LM head, already restricted to the draft vocabulary.
+        temperature: the teacher's; below 1 it sharpens, 0 puts all its mass on the target's top token.
     """
     dev = s.device.type
     w_compute = w_head
     if torch.is_autocast_enabled(dev) and w_head.dtype != torch.get_autocast_dtype(dev):
         w_compute = w_head.to(torch.get_autocast_dtype(dev))
     with torch.autocast(dev, enabled=False):
-        return _LinearSoftCE.apply(s, t.detach(), t_rows, weights, w_compute)
+        return _LinearSoftCE.apply(s, t.detach(), t_rows, weights, w_compute, float(temperature))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from koala.config import TrainingConfig
 from koala.errors import KoalaError
 from koala.models.vocab import over_full_vocabulary
-from koala.training.chunked_ce import linear_soft_cross_entropy
+from koala.training.chunked_ce import linear_soft_cross_entropy, teacher_probs
 from koala.training.data import Batch
 from koala.training.features import FeatureSource
 from koala.training.losses import Teacher, expected_acceptance, greedy_agreement
@@ -43,6 +43,7 @@ class HeadsObjective(Supervised):
         self.features, self.heldout_features = features, heldout_features
         self.lm_head = target_model.lm_head
         self.unroll = unroll
+        self.teacher_temperature = 1.0  # softmax(logits / T) of the target's: heads_objective sets the config's
         self.vocab_ids = None if vocab_ids is None else vocab_ids.to(target_model.device)
         for src in (features, heldout_features):
             if src is not None and getattr(src, "aux", None) != getattr(heads, "aux_layers", None):
@@ -99,7 +100,8 @@ class HeadsObjective(Supervised):
                     first = torch.log_softmax(self._logits(t), -1)
                 teachers.append(first if rows is None else first[rows])
         logits = [torch.log_softmax(self._logits(s), -1) for s, _, _, _ in preds]
-        value = value + sum(w * -(t.exp() * q).sum(-1).mean() for q, t, (_, _, w, _) in zip(logits, teachers, preds))
+        taught = [teacher_probs(t, self.teacher_temperature) for t in teachers]  # the adversary reads the target's own
+        value = value + sum(w * -(t * q).sum(-1).mean() for q, t, (_, _, w, _) in zip(logits, taught, preds))
         return value, torch.cat(teachers), torch.cat(logits)
 
     def _cross_entropy(self, preds: list[Prediction]) -> torch.Tensor:
@@ -109,7 +111,7 @@ class HeadsObjective(Supervised):
         weights = torch.cat([torch.full((s.shape[0],), w / max(s.shape[0], 1), device=s.device)
                              for s, _, w, _ in preds])
         return linear_soft_cross_entropy(torch.cat([s for s, _, _, _ in preds]), teacher, rows, weights,
-                                         self._weight(True))
+                                         self._weight(True), self.teacher_temperature)
 
     def measured_drafts(self) -> int:
         """How many draft positions the held-out metrics measure."""
@@ -238,8 +240,11 @@ def heads_objective(kind: str, heads, target_model, features: FeatureSource,
     """The objective of `kind` (medusa, eagle, eagle3) heads, its loss weights from `cfg` (the papers' by default)."""
     cfg = cfg or TrainingConfig()
     if kind == "medusa":
-        return MedusaObjective(heads, target_model, features, heldout_features, vocab_ids, cfg.medusa_decay)
-    if kind in ("eagle", "eagle3"):
-        return EagleObjective(kind, heads, target_model, features, heldout_features, unroll, noise, vocab_ids,
-                              cfg.eagle_ce_weight, cfg.eagle3_decay)
-    raise KoalaError(f"unknown heads kind {kind!r}: medusa, eagle or eagle3")
+        objective = MedusaObjective(heads, target_model, features, heldout_features, vocab_ids, cfg.medusa_decay)
+    elif kind in ("eagle", "eagle3"):
+        objective = EagleObjective(kind, heads, target_model, features, heldout_features, unroll, noise, vocab_ids,
+                                   cfg.eagle_ce_weight, cfg.eagle3_decay)
+    else:
+        raise KoalaError(f"unknown heads kind {kind!r}: medusa, eagle or eagle3")
+    objective.teacher_temperature = cfg.teacher_temperature
+    return objective

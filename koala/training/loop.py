@@ -96,7 +96,7 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
     _check_batch(cfg, world_size)
     device = next(objective.model.parameters()).device
     torch.manual_seed(cfg.seed)
-    budget = _Budget(cfg.max_minutes, out, steps)  # the steps this training runs (the schedule decays over them)
+    budget = _Budget(cfg.max_minutes, out, steps, cfg.eval_every)  # the steps it runs (the schedule decays over them)
     params, opt, sched = _optimizer(objective, cfg, budget.total, world_size)
     start, order = _starting_point(out, resume, fingerprint, objective, opt, sched, len(data), cfg.seed)
     budget.begin(start, progress if rank == 0 else False)
@@ -179,12 +179,15 @@ class _Budget:
     """The steps a training runs: `steps`, or under training.max_minutes those that fit. The first PLAN_TIMED steps
     after two (compilation, warm caches) are timed, and the training then runs the steps that fit in the minutes left
     (at least one more), its schedule's decay planned over them (the learning rate holds at its peak until then).
+    After each held-out evaluation (every `every` steps) it plans again at the rate measured since the timing began,
+    evaluations and checkpoints included, so neither they nor a step rate that drifts run the training past its
+    minutes (the schedule's decay follows the new count).
     The plan is written beside the checkpoints (PLAN_FILE), so a training resumed from a later checkpoint runs the
     same steps under the same schedule."""
 
-    def __init__(self, minutes: float | None, out: Path, steps: int):
+    def __init__(self, minutes: float | None, out: Path, steps: int, every: int | None = None):
         self.seconds = minutes * 60 if minutes else None
-        self.path, self.asked = out / "checkpoints" / PLAN_FILE, steps
+        self.path, self.asked, self.every = out / "checkpoints" / PLAN_FILE, steps, every
         self.planned: int | None = None
         self.start, self.progress, self.t0, self.mark = 0, False, 0.0, None  # set by begin() and due()
 
@@ -218,32 +221,41 @@ class _Budget:
         return int(plan["planned"]) if plan.get("steps") == self.asked else None
 
     def due(self, done: int) -> bool:
-        """Whether the training plans after its `done`-th step (timing the steps before it)."""
-        if not self.seconds or self.planned is not None:
+        """Whether the training plans after its `done`-th step (timing the steps before it), or plans again: the step
+        after a held-out evaluation, in a process that timed its own steps (a resumed training runs its stored plan)."""
+        if not self.seconds:
             return False
+        if self.planned is not None:
+            first = self.start + 2 + PLAN_TIMED
+            return (self.mark is not None and bool(self.every) and done > first + 1 and (done - 1) % self.every == 0
+                    and done < self.planned)
         if done == self.start + 2:
             self.mark = time.perf_counter()
         return done == self.start + 2 + PLAN_TIMED and done < self.asked
 
     def plan(self, done: int) -> int:
-        """The steps that fit in the minutes left at the rate of the steps just timed (rank 0's, under DDP)."""
+        """The steps that fit in the minutes left at the rate measured since the timing began: the PLAN_TIMED steps
+        at first, every step with its share of evaluations and checkpoints after (rank 0's, under DDP)."""
         from koala.io import write_json_atomic
 
         now = time.perf_counter()
-        rate = (now - self.mark) / PLAN_TIMED
+        rate = (now - self.mark) / (done - self.start - 2)
         fit = done + int((self.seconds - (now - self.t0)) / rate)
         planned = max(done + 1, min(self.asked, fit))
+        again = self.planned is not None
         rank, world_size = world()
         if world_size > 1:
             box = [planned]
             dist.broadcast_object_list(box, src=0)
             planned = box[0]
-        self.planned = planned
-        if rank == 0:
+        changed, self.planned = planned != self.planned, planned
+        if rank == 0 and changed:
             write_json_atomic(self.path, {"steps": self.asked, "planned": planned, "s_per_step": rate,
                                           "max_minutes": self.seconds / 60})
-            line = (f"training.max_minutes {self.seconds / 60:g}: {rate:.2f} s/step, {planned} of {self.asked} "
-                    f"steps fit" + ("" if planned < self.asked else " (all of them)"))
+            line = (f"training.max_minutes {self.seconds / 60:g}: "
+                    + (f"at step {done}, {rate:.2f} s/step with evaluations and checkpoints" if again else
+                       f"{rate:.2f} s/step") + f", {planned} of {self.asked} steps fit"
+                    + ("" if planned < self.asked else " (all of them)"))
             if callable(self.progress):
                 self.progress(line)
             elif self.progress:

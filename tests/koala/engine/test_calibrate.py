@@ -170,8 +170,9 @@ def test_decoding_shares_the_cores_with_busy_processes(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_a_cost_curve_is_measured_again_when_the_engines_code_changes(monkeypatch):
-    """The curve's cache key names the engine's source: a curve measured under other code is not reused."""
+def test_a_cost_curve_is_measured_again_when_the_engines_code_or_the_cpus_matrix_unit_changes(monkeypatch):
+    """The curve's cache key names the engine's source and the CPU's flags: a curve measured under other code, or on
+    a CPU of the same name with another matrix unit, is not reused."""
     from types import SimpleNamespace
 
     import koala.engine.calibrate as cal
@@ -187,6 +188,13 @@ def test_a_cost_curve_is_measured_again_when_the_engines_code_changes(monkeypatc
     changed = cal._key(session, 8)
     monkeypatch.setattr(cal, "CURVE_FORMAT", cal.CURVE_FORMAT + 1)  # a curve timed another way is not reused either
     assert cal._key(session, 8) != changed
+    # one model name, another matrix unit (a VM that hides AMX reports the same "Intel(R) Xeon(R) Processor")
+    import koala.precision
+
+    monkeypatch.setattr(koala.precision, "cpu_flags", lambda: ["amx_bf16", "amx_tile", "avx512_bf16", "avx512f"])
+    amx = cal._key(session, 8)
+    monkeypatch.setattr(koala.precision, "cpu_flags", lambda: ["avx512f", "avx2"])
+    assert cal._key(session, 8) != amx
 
 
 def test_each_width_is_timed_in_a_run_of_its_own_calls():

@@ -1,17 +1,22 @@
 """The chunked soft cross-entropy through a frozen head equals the plain one, value and gradient."""
 
+import pytest
 import torch
 
 from koala.training import chunked_ce
 from koala.training.chunked_ce import linear_soft_cross_entropy
 
 
-def _plain(s, t, rows, weights, w):
-    p = torch.softmax(t[rows] @ w.T, -1)
+def _plain(s, t, rows, weights, w, temperature=1.0):
+    z = t[rows] @ w.T
+    p = torch.softmax(z / temperature, -1) if temperature else torch.nn.functional.one_hot(z.argmax(-1), w.shape[0])
     return -(weights[:, None] * p * torch.log_softmax(s @ w.T, -1)).sum()
 
 
-def test_equals_the_plain_loss_across_chunks(monkeypatch):
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 0.0])
+def test_equals_the_plain_loss_across_chunks(monkeypatch, temperature):
+    """At any teacher temperature: 0.5 sharpens the target's distribution, 0 is the hard cross-entropy on its top
+    token."""
     monkeypatch.setattr(chunked_ce, "CHUNK_ELEMENTS", 3 * 40)  # 3 rows a chunk: several chunks and a ragged end
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 16, generator=g)  # (K, C) a frozen head
@@ -20,8 +25,8 @@ def test_equals_the_plain_loss_across_chunks(monkeypatch):
     weights = torch.rand(12, generator=g)
     s1 = torch.randn(12, 16, generator=g, requires_grad=True)
     s2 = s1.detach().clone().requires_grad_(True)
-    a = linear_soft_cross_entropy(s1, t, rows, weights, w)
-    b = _plain(s2, t, rows, weights, w)
+    a = linear_soft_cross_entropy(s1, t, rows, weights, w, temperature)
+    b = _plain(s2, t, rows, weights, w, temperature)
     (a * 2.5).backward()
     (b * 2.5).backward()
     assert torch.allclose(a, b, atol=1e-5)

@@ -290,6 +290,33 @@ def test_a_budgeted_training_runs_the_steps_that_fit_under_a_schedule_planned_ov
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_budgeted_training_plans_again_as_its_steps_slow(tmp_path, monkeypatch):
+    """The first plan (1 s a step: 30 steps in 30 s) holds while the rate does; from step 12 each step takes 3 s (a
+    held-out evaluation, a checkpoint or a drifting step rate costs the same), and the plans after each evaluation
+    (every 3 steps) cut the steps to what the minutes left hold: the training ends at 33 s where the first plan
+    would have run to 66, and its learning rate still decays to the floor at its last step."""
+    from koala.training.loop import PLAN_FILE
+
+    speed = [1.0]
+    _clocked(monkeypatch, speed)
+    c = cfg(steps=100, max_minutes=0.5, warmup_steps=2)
+    lrs = {}
+
+    def log(step, m):
+        lrs[step] = m["lr"]
+        if step == 12:
+            speed[0] = 3.0
+
+    got = fit(tiny_llama(layers=1, vocab=V, seed=3), SequenceData(synthetic_rows(topk=4), 32, 0), c, tmp_path,
+              loss="fkl", progress=False, on_log=log)
+    steps = got["steps_run"]
+    assert steps == 19 and 12 + (steps - 12) * 3 == 33  # the last plan, at step 16, fit 3 more steps of 3 s
+    plan = json.loads((tmp_path / "checkpoints" / PLAN_FILE).read_text())
+    assert plan["planned"] == 19 and plan["s_per_step"] > 1.5
+    assert lrs[steps] == pytest.approx(0.1 * c.lr, rel=1e-3)
+    assert latest_checkpoint(tmp_path).name == "step-0000019"
+
+
 def test_a_budget_that_fits_every_step_runs_them_all(tmp_path, monkeypatch):
     _clocked(monkeypatch, [1.0])
     got = fit(tiny_llama(layers=1, vocab=V, seed=3), SequenceData(synthetic_rows(topk=4), 32, 0),
