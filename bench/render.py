@@ -275,8 +275,10 @@ def unroll_table() -> str:
 
 
 def eagle_loss_table() -> str:
-    return minutes_table("eagle_loss.json", "python bench/unroll.py --arm NAME=OVERRIDES ... --json "
-                         "bench/results/eagle_loss.json", "setting")
+    """Every eagle_loss*.json: the settings of an EAGLE head's loss, one table per file."""
+    names = sorted(f.name for f in RESULTS.glob("eagle_loss*.json")) or ["eagle_loss.json"]
+    return "\n\n".join(minutes_table(name, "python bench/unroll.py --arm NAME=OVERRIDES ... --json "
+                                     f"bench/results/{name}", "setting") for name in names)
 
 
 def minutes_table(name: str, command: str, label: str) -> str:
