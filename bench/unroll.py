@@ -70,25 +70,41 @@ def _digest(data: str) -> str:
 
 
 def run_one(session, arm: str, overrides: list[str], seed: int, a) -> dict:
-    from koala.config import load_config
     from koala.training.recipes import train_heads
 
-    cfg = load_config(a.profile, overrides=[
-        "drafter.kind=eagle", f"training.seed={seed}", "training.steps=100000", f"training.max_minutes={a.minutes}",
-        "training.eval_every=1000000", "training.checkpoint_every=1000000", *overrides])
+    cfg = arm_config(a, overrides, seed)
     out = Path(a.out) / f"{a.profile}-{a.data_digest[:12]}-{a.minutes}m" / _folder(arm) / f"seed{seed}"
     t0 = time.perf_counter()
     path = train_heads(cfg, session.target, a.data, out, resume="auto", progress=False)
     train_s = time.perf_counter() - t0
     info = json.loads((path / "heads.json").read_text())
     steps = info["metrics"]["steps_run"]
-    r = {"arm": arm, "overrides": overrides, "unroll": cfg.training.unroll, "seed": seed, "steps": steps,
+    r = {"arm": arm, "overrides": overrides, "trained": trained(cfg), "unroll": cfg.training.unroll, "seed": seed,
+         "steps": steps,
          "s_per_step": round(train_s / steps, 3), "train_s": round(train_s, 1), "train_rows": info["train_rows"],
          "heldout_rows": info["heldout_rows"],
          "heldout": agreement(session, cfg, path, a.data)}  # in the compute dtype (the training's own is float32)
     if a.own:
         r["own"] = agreement(session, cfg, path, a.own)
     return r
+
+
+def arm_config(a, overrides: list[str], seed: int):
+    """The profile with an arm's overrides, as `run_one` trains it."""
+    from koala.config import load_config
+
+    return load_config(a.profile, overrides=[
+        "drafter.kind=eagle", f"training.seed={seed}", "training.steps=100000", f"training.max_minutes={a.minutes}",
+        "training.eval_every=1000000", "training.checkpoint_every=1000000", *overrides])
+
+
+def trained(cfg) -> str:
+    """A digest of what an arm trains (its drafter and training settings, the seed and budget aside): a run made
+    under other settings, by an edited profile or another arm of the same name, is not reused."""
+    from koala.config import BUDGET_FIELDS
+    from koala.io import digest
+
+    return digest(cfg.drafter.model_dump(), cfg.training.model_dump(exclude={"seed", "out_dir", *BUDGET_FIELDS}))
 
 
 def _folder(arm: str) -> str:
@@ -105,9 +121,10 @@ def parse_arms(a) -> dict[str, list[str]]:
     arms = {}
     for text in a.arm:
         name, sep, overrides = text.partition("=")
-        if not sep or not name or name in arms or any("=" not in o for o in overrides.split(",") if o):
-            sys.exit(f"--arm {text!r}: write NAME=SECTION.FIELD=VALUE[,SECTION.FIELD=VALUE...] (NAME once each), "
-                     "e.g. --arm ce1=training.eagle_ce_weight=1")
+        if (not sep or not name or name.isdigit() or name in arms
+                or any("=" not in o for o in overrides.split(",") if o)):
+            sys.exit(f"--arm {text!r}: write NAME=SECTION.FIELD=VALUE[,SECTION.FIELD=VALUE...] (each NAME once, not a "
+                     "number: those name --unrolls), e.g. --arm ce1=training.eagle_ce_weight=1")
         arms[name] = [o for o in overrides.split(",") if o]
     return arms
 
@@ -144,20 +161,22 @@ def main() -> None:
     setting = {"profile": a.profile, "data": a.data, "data_digest": a.data_digest, "minutes": a.minutes,
                "own_data": a.own, "own_digest": _digest(a.own) if a.own else None}
     arms = parse_arms(a)
-    if a.arm:
-        load_config(a.profile, overrides=[o for o in sum(arms.values(), [])])  # a bad override fails before training
-    log = benchinfo.RunLog(a.out, setting, key=lambda r: (r.get("arm", str(r.get("unroll"))), r["seed"]))
+    log = benchinfo.RunLog(a.out, setting, key=lambda r: (r.get("arm", str(r.get("unroll"))), r.get("trained"),
+                                                          r["seed"]))
     done = log.done
     tc = load_config(a.profile).target
-    session = Session.open(tc.spec, dtype=tc.dtype, device=tc.device)
     seeds = [int(s) for s in a.seeds.split(",")]
+    key = {(arm, seed): (arm, trained(arm_config(a, overrides, seed)), seed) for arm, overrides in arms.items()
+           for seed in seeds}
+    session = None
     for seed in seeds:
         for arm, overrides in arms.items():
-            if (arm, seed) not in done:
+            if key[arm, seed] not in done:
+                session = session or Session.open(tc.spec, dtype=tc.dtype, device=tc.device)
                 log.add(run_one(session, arm, overrides, seed, a))
     summary = {}
     for arm in arms:
-        runs = [done[(arm, s)] for s in seeds]
+        runs = [done[key[arm, s]] for s in seeds]
         summary[arm] = {"steps": statistics.mean(r["steps"] for r in runs), "overrides": arms[arm]}
         for where in ("heldout", "own") if a.own else ("heldout",):
             summary[arm][where] = {p: round(statistics.mean(r[where][p] for r in runs), 4) for p in runs[0][where]}
@@ -167,7 +186,8 @@ def main() -> None:
             m["chain3_tokens"] = round(expected_tokens([m[f"pos{p}"] for p in range(1, MEASURED_DRAFTS + 1)],
                                                        MEASURED_DRAFTS), 3)
     benchinfo.write({**benchinfo.header(), **setting, "arms": list(arms), "seeds": seeds, "summary": summary,
-                     "runs": [done[(arm, s)] for s in seeds for arm in arms]}, a.json)
+                     "runs": [done[key[arm, s]] for s in seeds for arm in arms]}, a.json)
+
 
 if __name__ == "__main__":
     main()

@@ -100,7 +100,8 @@ class HeadsObjective(Supervised):
                     first = torch.log_softmax(self._logits(t), -1)
                 teachers.append(first if rows is None else first[rows])
         logits = [torch.log_softmax(self._logits(s), -1) for s, _, _, _ in preds]
-        taught = [teacher_probs(t, self.teacher_temperature) for t in teachers]  # the adversary reads the target's own
+        taught = [t.exp() if self.teacher_temperature == 1 else teacher_probs(t, self.teacher_temperature)
+                  for t in teachers]  # the cross-entropy's teacher; the adversary reads the target's own
         value = value + sum(w * -(t * q).sum(-1).mean() for q, t, (_, _, w, _) in zip(logits, taught, preds))
         return value, torch.cat(teachers), torch.cat(logits)
 

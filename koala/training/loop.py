@@ -96,7 +96,7 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
     _check_batch(cfg, world_size)
     device = next(objective.model.parameters()).device
     torch.manual_seed(cfg.seed)
-    budget = _Budget(cfg.max_minutes, out, steps, cfg.eval_every)  # the steps it runs (the schedule decays over them)
+    budget = _Budget(cfg.max_minutes, out, steps, cfg.checkpoint_every)  # the steps it runs (the decay's too)
     params, opt, sched = _optimizer(objective, cfg, budget.total, world_size)
     start, order = _starting_point(out, resume, fingerprint, objective, opt, sched, len(data), cfg.seed)
     budget.begin(start, progress if rank == 0 else False)
@@ -109,14 +109,14 @@ def train(objective: Objective, data: SequenceData, cfg: TrainingConfig, out_dir
                 break
             check()  # SIGINT/SIGTERM: stop between optimizer steps (the last checkpoint is kept)
             metrics = _step(objective, data, cfg, order.take, step, autocast, out, device, desc, opt, sched, params)
-            if budget.due(step + 1):
-                bar.total = budget.plan(step + 1)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == budget.steps:
                 metrics.update(heldout_metrics(objective, heldout, device))
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
             if ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == budget.steps) and rank == 0:
                 save_checkpoint(out, step + 1, objective.model, opt, sched, order.state(), objective.stateful())
                 fault("train.checkpoint")
+            if budget.due(step + 1):  # after the step's checkpoint: a resume from it runs the plan made here
+                bar.total = budget.plan(step + 1)
             if on_log and rank == 0:
                 on_log(step + 1, metrics)
             bar.update(1)
@@ -179,9 +179,11 @@ class _Budget:
     """The steps a training runs: `steps`, or under training.max_minutes those that fit. The first PLAN_TIMED steps
     after two (compilation, warm caches) are timed, and the training then runs the steps that fit in the minutes left
     (at least one more), its schedule's decay planned over them (the learning rate holds at its peak until then).
-    After each held-out evaluation (every `every` steps) it plans again at the rate measured since the timing began,
-    evaluations and checkpoints included, so neither they nor a step rate that drifts run the training past its
-    minutes (the schedule's decay follows the new count).
+    After each checkpoint from the second after the plan on (every `every` steps) it plans again, at the rate of the
+    steps since the checkpoint before, held-out evaluations and checkpoints included, and cuts the steps to those
+    that still fit: neither they nor a step rate that slows run the training past its minutes (the schedule's decay
+    follows the new count). The first checkpoint after the plan only starts that timing, so one-off costs (a first
+    evaluation's compilation) are not charged to every step left. A plan never grows: the decay never turns back up.
     The plan is written beside the checkpoints (PLAN_FILE), so a training resumed from a later checkpoint runs the
     same steps under the same schedule."""
 
@@ -189,7 +191,8 @@ class _Budget:
         self.seconds = minutes * 60 if minutes else None
         self.path, self.asked, self.every = out / "checkpoints" / PLAN_FILE, steps, every
         self.planned: int | None = None
-        self.start, self.progress, self.t0, self.mark = 0, False, 0.0, None  # set by begin() and due()
+        self.start, self.progress, self.t0 = 0, False, 0.0  # set by begin()
+        self.mark: tuple[int, float] | None = None  # (step, time) the current timing began at, set by due()
 
     @property
     def steps(self) -> int:
@@ -221,28 +224,33 @@ class _Budget:
         return int(plan["planned"]) if plan.get("steps") == self.asked else None
 
     def due(self, done: int) -> bool:
-        """Whether the training plans after its `done`-th step (timing the steps before it), or plans again: the step
-        after a held-out evaluation, in a process that timed its own steps (a resumed training runs its stored plan)."""
+        """Whether the training plans after its `done`-th step (timing the steps before it), or plans again: at a
+        checkpoint, in a process that timed its own steps (a resumed training runs its stored plan)."""
         if not self.seconds:
             return False
-        if self.planned is not None:
-            first = self.start + 2 + PLAN_TIMED
-            return (self.mark is not None and bool(self.every) and done > first + 1 and (done - 1) % self.every == 0
-                    and done < self.planned)
-        if done == self.start + 2:
-            self.mark = time.perf_counter()
-        return done == self.start + 2 + PLAN_TIMED and done < self.asked
+        if self.planned is None:
+            if done == self.start + 2:
+                self.mark = (done, time.perf_counter())
+            return done == self.start + 2 + PLAN_TIMED and done < self.asked
+        if self.mark is None or not self.every or done % self.every or done >= self.planned:
+            return False
+        if self.mark[0] <= self.start + 2 + PLAN_TIMED:  # the first checkpoint after the plan starts the timing
+            self.mark = (done, time.perf_counter())
+            return False
+        return True
 
     def plan(self, done: int) -> int:
-        """The steps that fit in the minutes left at the rate measured since the timing began: the PLAN_TIMED steps
-        at first, every step with its share of evaluations and checkpoints after (rank 0's, under DDP)."""
+        """The steps that fit in the minutes left at the rate of the steps timed since the mark: the PLAN_TIMED steps
+        at first, the steps since the last checkpoint (with their evaluations and checkpoint) after; a later plan
+        only cuts (rank 0's, under DDP)."""
         from koala.io import write_json_atomic
 
         now = time.perf_counter()
-        rate = (now - self.mark) / (done - self.start - 2)
+        rate = (now - self.mark[1]) / (done - self.mark[0])
+        self.mark = (done, now)
         fit = done + int((self.seconds - (now - self.t0)) / rate)
-        planned = max(done + 1, min(self.asked, fit))
         again = self.planned is not None
+        planned = max(done + 1, min(self.planned if again else self.asked, fit))
         rank, world_size = world()
         if world_size > 1:
             box = [planned]

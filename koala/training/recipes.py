@@ -133,7 +133,10 @@ def train_heads(cfg: KoalaConfig, target: Target, data_dir: str | Path, out_dir:
 def _fingerprinted(tcfg) -> dict:
     """The training settings that make a training what it is: all but its time budget (a resumed training keeps the
     steps it planned, whatever the budget says now)."""
-    return tcfg.model_dump(exclude=set(BUDGET_FIELDS))
+    d = tcfg.model_dump(exclude=set(BUDGET_FIELDS))
+    if d["teacher_temperature"] == 1.0:  # the target's own distribution: absent from the fingerprints written before
+        d.pop("teacher_temperature")
+    return d
 
 
 def _compute(cfg: KoalaConfig, target: Target, what: str) -> precision.ComputeDtype:

@@ -291,10 +291,11 @@ def test_a_budgeted_training_runs_the_steps_that_fit_under_a_schedule_planned_ov
 
 
 def test_a_budgeted_training_plans_again_as_its_steps_slow(tmp_path, monkeypatch):
-    """The first plan (1 s a step: 30 steps in 30 s) holds while the rate does; from step 12 each step takes 3 s (a
-    held-out evaluation, a checkpoint or a drifting step rate costs the same), and the plans after each evaluation
-    (every 3 steps) cut the steps to what the minutes left hold: the training ends at 33 s where the first plan
-    would have run to 66, and its learning rate still decays to the floor at its last step."""
+    """The first plan (1 s a step: 30 steps in 30 s) holds while the rate does; from step 13 each step takes 3 s (as
+    held-out evaluations, checkpoints or a drifting step rate would). The training plans again at each checkpoint
+    (every 3 steps) from the second after its plan on, at the rate since the one before: at step 15 the 9 s left
+    hold 3 more steps, and it ends at 18 steps and 30 s where the first plan would have run to 66 s, its learning
+    rate decayed to the floor at its last step. A resume from a checkpoint runs the plan made there."""
     from koala.training.loop import PLAN_FILE
 
     speed = [1.0]
@@ -307,14 +308,33 @@ def test_a_budgeted_training_plans_again_as_its_steps_slow(tmp_path, monkeypatch
         if step == 12:
             speed[0] = 3.0
 
-    got = fit(tiny_llama(layers=1, vocab=V, seed=3), SequenceData(synthetic_rows(topk=4), 32, 0), c, tmp_path,
-              loss="fkl", progress=False, on_log=log)
-    steps = got["steps_run"]
-    assert steps == 19 and 12 + (steps - 12) * 3 == 33  # the last plan, at step 16, fit 3 more steps of 3 s
-    plan = json.loads((tmp_path / "checkpoints" / PLAN_FILE).read_text())
-    assert plan["planned"] == 19 and plan["s_per_step"] > 1.5
-    assert lrs[steps] == pytest.approx(0.1 * c.lr, rel=1e-3)
-    assert latest_checkpoint(tmp_path).name == "step-0000019"
+    got = fit(tiny_llama(layers=1, vocab=V, seed=3), SequenceData(synthetic_rows(topk=4), 32, 0), c,
+              tmp_path / "straight", loss="fkl", progress=False, on_log=log)
+    assert got["steps_run"] == 18 and 12 + (18 - 12) * 3 == 30
+    plan = json.loads((tmp_path / "straight" / "checkpoints" / PLAN_FILE).read_text())
+    assert (plan["planned"], plan["s_per_step"]) == (18, 3.0)
+    assert lrs[18] == pytest.approx(0.1 * c.lr, rel=1e-3)
+    assert latest_checkpoint(tmp_path / "straight").name == "step-0000018"
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_15(step, m):
+        log(step, m)
+        if step == 15:  # after the plan made at step 15's checkpoint
+            raise Killed
+
+    speed[0] = 1.0
+    with pytest.raises(Killed):
+        fit(tiny_llama(layers=1, vocab=V, seed=3), SequenceData(synthetic_rows(topk=4), 32, 0), c,
+            tmp_path / "resumed", loss="fkl", progress=False, on_log=kill_at_15)
+    again = fit(tiny_llama(layers=1, vocab=V, seed=99), SequenceData(synthetic_rows(topk=4), 32, 0), c,
+                tmp_path / "resumed", loss="fkl", resume=True, progress=False)
+    assert again["steps_run"] == 18
+    a = load_file(latest_checkpoint(tmp_path / "straight") / "model.safetensors")
+    b = load_file(latest_checkpoint(tmp_path / "resumed") / "model.safetensors")
+    assert latest_checkpoint(tmp_path / "resumed").name == "step-0000018"
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_budget_that_fits_every_step_runs_them_all(tmp_path, monkeypatch):
