@@ -156,7 +156,8 @@ def _default(r: dict) -> str:
             f"| wall time, empty run directory | {r['wall_s'] / 60:.1f} min |"]
     for name, st in sorted(r["stages"].items(), key=lambda kv: kv[0] == "heads"):  # the final stage last
         agree = " / ".join(f"{x:.2f}" for x in st["heldout_greedy_agreement_by_draft"])
-        rows.append(f"| {name}: {st['steps']} steps on `{st['data']}` | held-out agreement by draft {agree} |")
+        of = f" of {st['steps_asked']}" if st.get("steps_asked", st["steps"]) != st["steps"] else ""
+        rows.append(f"| {name}: {st['steps']}{of} steps on `{st['data']}` | held-out agreement by draft {agree} |")
     for name, e in r["evaluations"].items():
         tps = e["tokens_per_s"]
         rows.append(f"| {e['bench']} {e['prompts']}, `{e['drafter']}` ({e['mode']}, {e['dtype']}, {_shape(e)}) | "
@@ -290,10 +291,12 @@ def minutes_table(name: str, command: str, label: str) -> str:
     if r.get("own_data"):
         sets.append(("own", "the target's own answers"))
     rows = [f"| {label} | steps in the budget (mean) | " + " | ".join(
-        f"{where}: agreement by draft 1 (± std) / 2 / 3, tokens per 3-draft round" for _, where in sets) + " |",
+        f"{where}: agreement by draft 1{' (± std)' if len(r['seeds']) > 1 else ''} / 2 / 3, tokens per 3-draft round"
+        for _, where in sets) + " |",
         "|---|---|" + "---|" * len(sets)]
     for arm, m in r["summary"].items():
-        cells = [f"{m[k]['pos1']:.3f} ± {m[k]['std']['pos1']:.3f} / {m[k]['pos2']:.3f} / {m[k]['pos3']:.3f}, "
+        spread = (lambda k: f" ± {m[k]['std']['pos1']:.3f}") if len(r["seeds"]) > 1 else (lambda k: "")
+        cells = [f"{m[k]['pos1']:.3f}{spread(k)} / {m[k]['pos2']:.3f} / {m[k]['pos3']:.3f}, "
                  f"{m[k]['chain3_tokens']:.2f}" for k, _ in sets]
         what = f"{arm}: `{', '.join(m['overrides'])}`" if m.get("overrides") and not arm.isdigit() else arm
         rows.append(f"| {what} | {m['steps']:g} | " + " | ".join(cells) + " |")

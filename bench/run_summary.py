@@ -95,7 +95,8 @@ def main():
         info = json.loads(h.read_text())
         m = info["metrics"]
         stages[h.parent.parent.name] = {
-            "steps": info["training"]["steps"], "data": info.get("data_dir"),
+            "steps": m.get("steps_run", info["training"]["steps"]), "steps_asked": info["training"]["steps"],
+            "data": info.get("data_dir"),
             "heldout_greedy_agreement_by_draft": [round(m[k], 4) for k in sorted(m)
                                                   if k.startswith("heldout_greedy_agreement_pos")]}
     header = benchinfo.header()
