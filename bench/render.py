@@ -57,6 +57,17 @@ def _machine(r: dict) -> str:
     return f"{where}, torch {r['torch']}, commit {commit}, {r['date'][:10]}"
 
 
+def _cpu(r: dict) -> str:
+    """The machine in a few words: its CPU and whether it has AMX."""
+    return f"GPU {r['gpu']}" if r.get("gpu") else \
+        f"{r['cpu']}, {'AMX' if 'amx_bf16' in r['cpu_flags'] else 'no AMX'}"
+
+
+def _ci(e: dict) -> str:
+    ci = e.get("speedup_ci95")
+    return f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+
+
 def _missing(name: str, command: str) -> str:
     return f"Not measured yet: no `bench/results/{name}` is committed. `{command}` writes it."
 
@@ -210,24 +221,31 @@ def heads_table() -> str:
 
 
 def headline_table() -> str:
-    """The figures the README leads with: what the default profile's drafter measured on MT-bench and HumanEval."""
+    """The figures the README leads with: what the default profile's drafter measured (every benchmark on the first
+    machine's run, MT-bench on each other machine's), `make demo` on each machine, koala beside llama.cpp."""
     rows = ["| what | τ | speed-up | lossless | measured with |", "|---|---|---|---|---|"]
     notes = []
     d = _load("default_profile.json")
     if d:
         for e in d["evaluations"].values():
-            ci = f" (95% CI {e['speedup_ci95'][0]:.2f}-{e['speedup_ci95'][1]:.2f})" if e.get("speedup_ci95") else ""
             rows.append(f"| {e['bench']} {e['prompts']}, drafter `{e['drafter']}` ({e['mode']}, {e['dtype']}, "
-                        f"{_shape(e)}) | {e['tau']:.2f} | {e['speedup']:.2f}x{ci} | {_lossless(e)} | "
+                        f"{_shape(e)}) on {_cpu(d)} | {e['tau']:.2f} | {e['speedup']:.2f}x{_ci(e)} | {_lossless(e)} | "
                         "`default_profile.json` |")
         notes.append(f"* `default_profile.json`: `{d['command']}` on {_machine(d)}")
-    m = _load("demo.json")
-    if m:
-        f = m["run"]
-        lo, hi = f["speedup_ci95"] or (float("nan"), float("nan"))
-        rows.append(f"| `make demo` (smoke profile, mtbench 8; {f['engine'].split(', compile ')[0]}) | {f['tau']:.2f} | "
-                    f"{f['speedup']:.2f}x (95% CI {lo:.2f}-{hi:.2f}) | {f['lossless']} | `demo.json` |")
-        notes.append(f"* `demo.json`: `{m['command']}` on {_machine(m)}")
+    for name in sorted(f.name for f in RESULTS.glob("default_profile-*.json")):  # the other machines' runs
+        d = _load(name)
+        e = d["evaluations"]["candidate"]
+        rows.append(f"| {e['bench']} {e['prompts']}, drafter `{e['drafter']}` ({e['mode']}, {e['dtype']}, "
+                    f"{_shape(e)}) on {_cpu(d)} | {e['tau']:.2f} | {e['speedup']:.2f}x{_ci(e)} | {_lossless(e)} | "
+                    f"`{name}` |")
+        notes.append(f"* `{name}`: `{d['command']}` on {_machine(d)}")
+    for name in sorted(f.name for f in RESULTS.glob("demo*.json")):
+        m = _load(name)
+        f, e = m["run"], m.get("evaluations", {}).get("candidate", {})
+        prompts = f" {e['prompts']}" if e.get("prompts") else ""
+        rows.append(f"| `make demo` (smoke profile, mtbench{prompts}; {f['engine'].split(', compile ')[0]}) on "
+                    f"{_cpu(m)} | {f['tau']:.2f} | {f['speedup']:.2f}x{_ci(f)} | {f['lossless']} | `{name}` |")
+        notes.append(f"* `{name}`: `{m['command']}` on {_machine(m)}")
     lc = _load("llamacpp.json")
     if lc:
         for dtype, name in (("bfloat16", "BF16"), ("float32", "F32")):
