@@ -203,6 +203,7 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
              hf: bool = option(EvalConfig, "hf_baselines", "--hf/--no-hf"),
              compile: bool = option(EvalConfig, "compile", "--compile/--no-compile"),
              second_build: bool = option(EvalConfig, "second_build", "--second-build/--one-build"),
+             autotune: bool = option(EvalConfig, "autotune", "--autotune/--no-autotune"),
              out: str = typer.Option("report.json", help="report path; .md and PNG plots go beside it")):
     """Measure a drafter: tau, acceptance by position, speed-up vs autoregressive, and losslessness."""
     from pathlib import Path
@@ -214,7 +215,8 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
 
     cfg = validated(EvalConfig, "koala eval", bench=bench, limit=limit, gamma=gamma, temperature=temperature,
                     top_p=top_p, max_new_tokens=max_new_tokens, hf_baselines=hf, threshold=threshold,
-                    lookup=lookup, compile=compile, dtype=dtype, weights=weights, second_build=second_build)
+                    lookup=lookup, compile=compile, dtype=dtype, weights=weights, second_build=second_build,
+                    autotune=autotune)
     own = TargetConfig.model_fields["dtype"].default  # the target as stored: what `target` and `auto` start from
     check_run_options(target, own if dtype in ("target", "auto") else dtype, device, drafter)
     out_path = Path(out)
@@ -224,7 +226,7 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
 
     if cfg.bench not in BENCHES and not cfg.bench.startswith("hf:"):
         load_prompts(cfg.bench, limit=cfg.limit)  # a missing or malformed file fails now, not after the target loads
-    s = decoding_session(target, cfg.dtype, own, device, compile, cfg.weights)
+    s = decoding_session(target, cfg.dtype, own, device, compile, cfg.weights, cfg.autotune)
     typer.echo(f"[{s.describe()}]", err=True)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn()) as bar:
@@ -242,19 +244,21 @@ def eval_cmd(drafter: str = typer.Option(..., help="truncate:N, ngram[:N], heads
                "acceptance_by_position.png, speedup_by_category.png)")
 
 
-def decoding_session(target: str, setting: str, own: str, device: str, compile: bool, weights: str = "full"):
+def decoding_session(target: str, setting: str, own: str, device: str, compile: bool, weights: str = "full",
+                     autotune: bool = True):
     """The target loaded in the dtype `eval.dtype` names (auto: measured once per machine, as the pipeline does),
-    its linear layers as `eval.weights` says."""
+    its linear layers as `eval.weights` says, its compiled steps autotuned or not as `eval.autotune` says."""
     from koala.engine.session import Session
     from koala.precision import decode_dtype
 
     if setting not in ("target", "auto"):
-        return Session.open(target, dtype=setting, device=device, compile=compile, weights=weights)
-    s = Session.open(target, dtype=own, device=device)  # full weights: the dtype is chosen by the layers' widths
+        return Session.open(target, dtype=setting, device=device, compile=compile, weights=weights, autotune=autotune)
+    s = Session.open(target, dtype=own, device=device, autotune=autotune)  # full weights: the dtype is chosen by the layers' widths
     chosen = decode_dtype(setting, s.target.model)
     typer.echo(f"[decoding in {chosen.name}: {chosen.reason}]", err=True)
     if chosen.name != own or weights != "full":  # int8 weights are quantised from the target loaded at that dtype
-        return Session.open(target, dtype=chosen.name, device=device, compile=compile, weights=weights)
+        return Session.open(target, dtype=chosen.name, device=device, compile=compile, weights=weights,
+                            autotune=autotune)
     if compile:
         s.compile()
     return s

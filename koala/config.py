@@ -140,8 +140,14 @@ class TrainingConfig(_Strict):
                                       "stages left of them, less eval_minutes, and at most max_minutes, so a slower "
                                       "machine trains fewer steps rather than finish late. None (null): max_minutes "
                                       "alone")
-    eval_minutes: float = Field(0.0, ge=0, description="with run_minutes: the minutes kept for the evaluation after "
-                                "the training (compiling included)")
+    eval_minutes: float | None = Field(None, ge=0, description="with run_minutes: the minutes kept for the "
+                                       "evaluation after the training. None (null): estimated when the training "
+                                       "starts, from the tokens the evaluation decodes at the rate the target's "
+                                       "compiled step, built before the training, measures on this machine, plus "
+                                       "eval_setup_minutes")
+    eval_setup_minutes: float = Field(1.0, ge=0, description="with run_minutes and eval_minutes null: the minutes "
+                                      "kept beside the estimated decoding for each benchmark's set-up (the "
+                                      "drafter's build, the draft-shape probes' own costs)")
     pretrain_steps: int = Field(0, ge=0, description="next-token pretraining steps before distillation (0 = skip)")
     pretrain_corpus: str = Field("sharegpt", description="pretraining text: sharegpt, hf:NAME or a .jsonl/.parquet file")
     lr: float = Field(1e-3, gt=0, description="peak AdamW learning rate")
@@ -196,6 +202,10 @@ class EvalConfig(_Strict):
         "torch's CPU kernel, on bfloat16 activations: a CPU's option, fewer bytes per step; with float32 activations the "
         "kernel is slower than full weights); the int8 target is another model, so losslessness and the "
         "autoregressive baseline are the int8 target's own")
+    autotune: bool = Field(True, description="compiled ahead of time (a CPU): autotuned GEMMs (the fastest steps where "
+                           "the CPU has a bf16 matrix unit); false: MKL's GEMMs at every width, built in about 60 "
+                           "percent of the time and as fast in float32 on a CPU without one (bench/results/"
+                           "wide_builds*.json); the autoregressive baseline runs the same build")
     second_build: bool = Field(True, description="compiled ahead of time (a CPU): where the autotuned wide step's cost "
                                "grows with its width (CPUs without AMX), build it a second time without autotuning "
                                "and run each width on the faster build (minutes, once per machine); false: one "
@@ -270,7 +280,7 @@ class DistributedConfig(_Strict):
     deployment: str = Field("train-node/train-node", description="the deployment each node runs as")
 
 
-BUDGET_FIELDS = ("max_minutes", "run_minutes", "eval_minutes")  # how long a training may take, not what it is
+BUDGET_FIELDS = ("max_minutes", "run_minutes", "eval_minutes", "eval_setup_minutes")  # how long, not what it is
 
 
 class KoalaConfig(_Strict):

@@ -217,14 +217,49 @@ def _prepare(session: Session, drafter_spec: str, cfg: EvalConfig):
     if not prompts:
         raise KoalaError(f"benchmark {cfg.bench!r} has no prompts")
     gmax = min(GAMMA_MAX, getattr(drafter, "max_gamma", None) or GAMMA_MAX)  # Medusa: at most one per head
-    probe = tree_probe_budget(getattr(drafter, "max_gamma", None))
-    fixed = _fixed(cfg)
-    room = max(gmax, probe.nodes, probe.drafter_slots, fixed if isinstance(fixed, int) else 0,
-               max(fixed.nodes, fixed.drafter_slots) if isinstance(fixed, TreeBudget) else 0)
-    longest = max(len(ids) for _, ids in prompts) + cfg.max_new_tokens + room + 1
+    longest = max(len(ids) for _, ids in prompts) + cfg.max_new_tokens + _room(cfg, getattr(drafter, "max_gamma", None))
     session.reserve(longest)
     drafter.reset(longest)
     return drafter, prompts, gmax
+
+
+def _room(cfg: EvalConfig, max_gamma: int | None) -> int:
+    """The cache slots past an answer's last token that drafts may take (the probed tree's, the configured shape's),
+    plus one."""
+    probe, fixed = tree_probe_budget(max_gamma), _fixed(cfg)
+    return 1 + max(min(GAMMA_MAX, max_gamma or GAMMA_MAX), probe.nodes, probe.drafter_slots,
+                   fixed if isinstance(fixed, int) else 0,
+                   max(fixed.nodes, fixed.drafter_slots) if isinstance(fixed, TreeBudget) else 0)
+
+
+WARM_PROMPTS = 2  # prompts `warm_target` times the target's plain decoding on
+WARM_TOKENS = 32  # new tokens each
+
+
+def warm_target(session: Session, cfgs: list[EvalConfig]) -> float:
+    """Get the target ready for evaluations on `cfgs`' benchmarks, before they run: its caches sized for the longest
+    of their prompts (as each evaluation sizes them, drafts' room included, so they all run the same compiled step),
+    its compiled steps built or loaded; returns its plain decoding's seconds per new token, measured after a warm
+    run (the prefill apart), on the first benchmark's first prompts."""
+    tok = session.target.tokenizer
+    benches = [[encode_chat(tok, list(r.messages)) for r in load_bench(c.bench, c.limit)] for c in cfgs]
+    session.reserve(max(len(ids) + c.max_new_tokens + _room(c, None) for c, b in zip(cfgs, benches) for ids in b))
+    session.builds(cfgs[0].second_build)
+    first = benches[0][:WARM_PROMPTS]
+    _run(session, cfgs[0], first[0], None, 1, max_new_tokens=WARM_TOKENS)  # builds (or loads) the step
+    runs = [_run(session, cfgs[0], ids, None, 1, max_new_tokens=WARM_TOKENS) for ids in first]
+    return sum(r.wall_s - r.prefill_s for r in runs) / max(sum(len(r.tokens) - 1 for r in runs), 1)
+
+
+def decode_tokens(cfg: EvalConfig, prompts: int, autoregressive: bool = True) -> int:
+    """About how many tokens an evaluation of `prompts` prompts decodes, at most: each prompt's answer with the
+    drafter and, where it is not shared with an earlier evaluation in the process, without; the warm-up runs and,
+    for a shape chosen by measurement, the probes (`_warm_up_and_choose_gamma`)."""
+    answers = prompts * cfg.max_new_tokens * (2 if autoregressive else 1)
+    warm = 3 * cfg.max_new_tokens
+    if cfg.gamma == "auto":
+        warm += 2 * cfg.max_new_tokens + 2 * PROBE_PROMPTS * min(PROBE_TOKENS, cfg.max_new_tokens)
+    return answers + warm
 
 
 def _fixed(cfg: EvalConfig) -> "int | TreeBudget | None":

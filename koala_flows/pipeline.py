@@ -11,11 +11,11 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from koala_flows.build_dataset import build_distillation_dataset
-from koala.config import HEAD_KINDS, LossName, TrainingConfig, parse_bench, unbudgeted
+from koala.config import HEAD_KINDS, EvalConfig, LossName, TrainingConfig, parse_bench, unbudgeted
 from koala.report import Headline, RunSummary, StageSummary, TrainedDrafter
 from koala.tracking import Tracker, check_reachable, resolve_uri
 from koala_tasks.common import resolve_config
-from koala_tasks.evaluation import evaluate_drafter, promote_drafter, register_drafter
+from koala_tasks.evaluation import evaluate_drafter, prepare_evaluation, promote_drafter, register_drafter
 from koala_flows.train_nodes import distill_on_nodes
 from koala_tasks.training import train_drafter
 
@@ -74,10 +74,15 @@ def koala_pipeline(
 
         # Step 3: train on teacher-forced data, then fine-tune on the target's own answers (or one stage), in the
         # minutes the run's budget leaves.
-        minutes = training_minutes(cfg.training, (time.monotonic() - started) / 60, log.info)
+        tc = cfg.training
+        kept = evaluation_reserve(cfg, log.info) if tc.run_minutes is not None and tc.eval_minutes is None else None
+        minutes = training_minutes(tc, (time.monotonic() - started) / 60, log.info, kept)
+        if kept is not None:
+            parent.log_metrics({"eval_minutes_estimated": kept})
         trained, stages = _train(cfg, data_dir, forced_dir, out, init, pid, minutes)
 
         # Step 4: measure it: tau, speed-up, losslessness (and on more benchmarks, and without prompt lookup).
+        evaluated = time.monotonic()
         report = evaluate_drafter(cfg, trained.spec, str(run_dir / "eval" / "candidate"), pid)
         extra = _more_evaluations(cfg, trained.spec, run_dir / "eval", pid)
 
@@ -87,7 +92,8 @@ def koala_pipeline(
         # Step 6: promote it to `champion` if it is lossless and beats the champion, re-measured here.
         decision = promote_drafter(cfg, registered, report, str(run_dir / "eval"), pid)
         parent.set_tags({"promoted": decision.promoted, "promotion_reason": decision.reason})
-        parent.log_metrics({"tau": report.tau, "speedup": report.speedup})
+        parent.log_metrics({"tau": report.tau, "speedup": report.speedup,
+                            "eval_minutes": (time.monotonic() - evaluated) / 60})  # the promotion's included
 
     summary = RunSummary.of(report, data=data_dir, drafter=trained.spec, stages=stages, more=extra,
                             model=registered["name"], version=registered["version"], promoted=decision.promoted,
@@ -100,17 +106,54 @@ def koala_pipeline(
 MIN_TRAINING_MINUTES = 0.5  # a run past its budget before training still trains (a few steps) and finishes
 
 
-def training_minutes(tc: TrainingConfig, elapsed: float, say=print) -> float | None:
+def training_minutes(tc: TrainingConfig, elapsed: float, say=print, estimated: float | None = None) -> float | None:
     """The training stages' minutes: training.max_minutes, or under training.run_minutes what the run has left after
-    `elapsed` minutes, less training.eval_minutes, if that is less (at least MIN_TRAINING_MINUTES)."""
+    `elapsed` minutes, less the evaluation's minutes (training.eval_minutes, or where that is None the `estimated`
+    ones), if that is less (at least MIN_TRAINING_MINUTES)."""
     if tc.run_minutes is None:
         return tc.max_minutes
-    left = max(MIN_TRAINING_MINUTES, tc.run_minutes - elapsed - tc.eval_minutes)
+    kept = tc.eval_minutes if tc.eval_minutes is not None else estimated or 0.0
+    left = max(MIN_TRAINING_MINUTES, tc.run_minutes - elapsed - kept)
     if tc.max_minutes is not None and left >= tc.max_minutes:
         return tc.max_minutes
-    say(f"training.run_minutes {tc.run_minutes:g}: {elapsed:.1f} min so far and {tc.eval_minutes:g} kept for the "
+    say(f"training.run_minutes {tc.run_minutes:g}: {elapsed:.1f} min so far and {kept:.1f} kept for the "
         f"evaluation leave the training {left:.1f} min" + (f" of its {tc.max_minutes:g}" if tc.max_minutes else ""))
     return left
+
+
+def evaluation_reserve(cfg, say=print) -> float:
+    """About how many minutes the evaluation after the training will take, measured before it: the target is built
+    (or loaded) as the evaluation will decode it (`prepare_evaluation`: a first build's minutes are then spent
+    before the training's budget is set) and its plain decoding timed; the estimate is the tokens every benchmark
+    decodes at most (`decode_tokens`: answers with and without the drafter, warm-up and probes, the champion's
+    re-measurement where there is a champion) at that rate, plus training.eval_setup_minutes per benchmark."""
+    from koala.evaluate import decode_tokens
+
+    more = _more_runs(cfg)
+    evals = [cfg.eval, *more.values()]
+    ready = prepare_evaluation(cfg, evals)
+    shared = [False] + [name == "alone" for name in more]  # without lookup: the first one's baseline, shared
+    tokens = sum(decode_tokens(e, n, autoregressive=not s) for e, n, s in zip(evals, ready["prompts"], shared))
+    if _has_champion(cfg):  # re-measured on the first benchmark beside the candidate, the baseline shared
+        tokens += decode_tokens(cfg.eval, ready["prompts"][0], autoregressive=False)
+    setup = len(evals) * cfg.training.eval_setup_minutes
+    minutes = tokens * ready["token_s"] / 60 + setup
+    say(f"evaluation: about {minutes:.1f} min: {tokens} tokens at the {1 / ready['token_s']:.1f} tokens/s the "
+        f"target's step measures now (built in {ready['compile_s']:.0f} s), and {setup:g} min of set-up for "
+        f"{len(evals)} benchmark{'s' * (len(evals) > 1)}")
+    return minutes
+
+
+def _has_champion(cfg) -> bool:
+    """Whether the registry has a champion the promotion will re-measure (False where it cannot be read: the
+    promotion then refuses without measuring)."""
+    from koala.tracking import Registry
+    from koala_tasks.evaluation import model_name
+
+    try:
+        return Registry(resolve_uri(cfg.tracking.uri, cfg.run_dir)).champion(model_name(cfg)) is not None
+    except Exception:  # noqa: BLE001 - any registry error: nothing to re-measure, as the promotion will find
+        return False
 
 
 def _train(cfg, data_dir: str, forced_dir: str | None, out: Path, init: str | None,
@@ -159,6 +202,17 @@ def _recorded(drafter_dir: str, key: str):
 
 def _more_evaluations(cfg, drafter: str, out: Path, pid: str) -> dict[str, Headline]:
     """eval.alone (the drafter without prompt lookup) and eval.also (more benchmarks): their tau and speed-up."""
+    results = {}
+    for name, ev in _more_runs(cfg).items():
+        r = evaluate_drafter(cfg.model_copy(update={"eval": ev}), drafter, str(out / f"candidate-{name}"), pid,
+                             run_name=f"evaluate-{name}")
+        results[name] = Headline(bench=ev.bench, prompts=r.prompts, lookup=ev.lookup, tau=r.tau, speedup=r.speedup,
+                                 lossless=r.lossless.summary)
+    return results
+
+
+def _more_runs(cfg) -> dict[str, EvalConfig]:
+    """The evaluations after the first, by name: eval.alone (the drafter without prompt lookup), eval.also."""
     runs = {}
     if cfg.eval.alone and cfg.eval.lookup:
         runs["alone"] = cfg.eval.model_copy(update={"lookup": False})
@@ -167,13 +221,7 @@ def _more_evaluations(cfg, drafter: str, out: Path, pid: str) -> dict[str, Headl
         name = Path(bench.removeprefix("hf:")).stem + (f"-{limit}" if limit else "")
         runs[name if name not in runs else f"{name}-{len(runs)}"] = cfg.eval.model_copy(
             update={"bench": bench, "limit": limit})
-    results = {}
-    for name, ev in runs.items():
-        r = evaluate_drafter(cfg.model_copy(update={"eval": ev}), drafter, str(out / f"candidate-{name}"), pid,
-                             run_name=f"evaluate-{name}")
-        results[name] = Headline(bench=ev.bench, prompts=r.prompts, lookup=ev.lookup, tau=r.tau, speedup=r.speedup,
-                                 lossless=r.lossless.summary)
-    return results
+    return runs
 
 
 def _gone(output: Path) -> bool:

@@ -13,25 +13,30 @@ _SESSIONS: dict[tuple, Session] = {}
 _LOCK = threading.Lock()
 
 
-def session_for(tc: TargetConfig, compile: bool = False, weights: str = "full") -> Session:
+def session_for(tc: TargetConfig, compile: bool = False, weights: str = "full", autotune: bool = True) -> Session:
     """The target and its engine (eager, or compiled), loaded on first use in this process and reused by every later
     task: the target's weights are loaded once, and a compiled engine compiles once per process. `weights` int8: a
-    target of its own, its linear layers int8 weight-only (eval.weights; koala.engine.quantize)."""
+    target of its own, its linear layers int8 weight-only (eval.weights; koala.engine.quantize); `autotune` False:
+    compiled steps built without autotuning on a CPU (eval.autotune)."""
+    from koala.engine.compile import compile_mode
+
     key = (tc.spec, tc.dtype, tc.device, tc.trust_remote_code, weights)
+    engine = (compile, autotune if compile else True)  # an eager engine does not autotune anything
     with _LOCK:
-        if (key, compile) not in _SESSIONS:
-            if (key, not compile) in _SESSIONS:
-                t = _SESSIONS[(key, not compile)].target
-            else:
+        if (key, engine) not in _SESSIONS:
+            loaded = next((s.target for (k, _), s in _SESSIONS.items() if k == key), None)
+            if loaded is None:
                 from koala.engine.quantize import quantize_weights
                 from koala.targets import load_target
                 from koala.threads import configure_threads
 
                 configure_threads()
-                t = load_target(tc.spec, dtype=tc.dtype, device=tc.device, trust_remote_code=tc.trust_remote_code)
-                quantize_weights(t.model, weights)
-            _SESSIONS[(key, compile)] = Session(t, Transformer(t.model).compile() if compile else Transformer(t.model))
-        return _SESSIONS[(key, compile)]
+                loaded = load_target(tc.spec, dtype=tc.dtype, device=tc.device, trust_remote_code=tc.trust_remote_code)
+                quantize_weights(loaded.model, weights)
+            mode = compile_mode(loaded.model.device, autotune) if compile else None
+            _SESSIONS[(key, engine)] = Session(loaded, Transformer(loaded.model).compile(mode) if compile
+                                               else Transformer(loaded.model), compile_mode=mode)
+        return _SESSIONS[(key, engine)]
 
 
 def decoding_target(cfg: KoalaConfig) -> TargetConfig:

@@ -6,8 +6,9 @@ import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from koala.config import KoalaConfig
+from koala.config import EvalConfig, KoalaConfig
 from koala.errors import KoalaError
 from koala.interrupt import fault
 from koala.evaluate import evaluate
@@ -53,7 +54,8 @@ def evaluate_drafter(cfg: KoalaConfig, drafter: str, out_dir: str, parent_run_id
                      run_name: str = "evaluate") -> EvalReport:
     """Measure a drafter on the benchmark; logs metrics, report and plots; returns the report."""
     log = get_run_logger()
-    s = session_for(decoding_target(cfg), compile=cfg.eval.compile, weights=cfg.eval.weights)
+    s = session_for(decoding_target(cfg), compile=cfg.eval.compile, weights=cfg.eval.weights,
+                    autotune=cfg.eval.autotune)
     log.info("evaluating %s: %s", drafter, s.describe())
     t0 = time.perf_counter()
 
@@ -75,6 +77,25 @@ def evaluate_drafter(cfg: KoalaConfig, drafter: str, out_dir: str, parent_run_id
         report.run_id = tr.run_id
     log.info(summary_line(report))
     return report
+
+
+@task(name="prepare-evaluation", cache_policy=NO_CACHE)
+def prepare_evaluation(cfg: KoalaConfig, evals: list[EvalConfig]) -> dict:
+    """The target as the evaluations `evals` will decode it, ready before the training (its compiled steps built or
+    loaded: the minutes a first build takes are spent before the training's budget is set, not after it), and its
+    plain decoding measured: {"token_s": seconds per new token, "prompts": each benchmark's prompt count,
+    "compile_s": the seconds spent compiling}."""
+    from koala.engine.compile import compile_seconds
+    from koala.evaluate import load_bench, warm_target
+
+    log = get_run_logger()
+    s = session_for(decoding_target(cfg), compile=cfg.eval.compile, weights=cfg.eval.weights,
+                    autotune=cfg.eval.autotune)
+    log.info("the evaluation's target, built before the training: %s", s.describe())
+    before = compile_seconds()
+    token_s = warm_target(s, evals)
+    return {"token_s": token_s, "prompts": [len(load_bench(e.bench, e.limit)) for e in evals],
+            "compile_s": compile_seconds() - before}
 
 
 @task(name="register-drafter", retries=2, retry_delay_seconds=[2, 10],

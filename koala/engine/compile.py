@@ -115,6 +115,13 @@ def default_mode(device: torch.device) -> str:
     return "reduce-overhead" if device.type == "cuda" else "max-autotune-no-cudagraphs"
 
 
+def compile_mode(device: torch.device, autotune: bool = True) -> str | None:
+    """The mode compiled steps are built in: None (`default_mode`), or on a CPU without `autotune` UNTUNED (MKL's
+    GEMMs at every width: a build in about 60% of the time, as fast as the autotuned one where autotuning finds
+    nothing better than MKL, e.g. float32 on a CPU without a bf16 matrix unit: bench/results/wide_builds*.json)."""
+    return None if autotune or device.type != "cpu" else UNTUNED
+
+
 class CompiledStep:
     """A model's forward compiled as two graphs: one token (plain decoding, draft steps) and 2..MAX_STEP_WIDTH tokens.
 

@@ -46,19 +46,23 @@ class Session:
     # a wide step built a second time without autotuning where autotuning fits wide widths poorly (minutes each on
     # a small CPU, once per machine); False: one build each, for the target's steps and every drafter's
     second_build: bool = True
+    # inductor's mode for every compiled step (None: koala.engine.compile.default_mode; UNTUNED: without autotuning)
+    compile_mode: str | None = None
 
     @classmethod
     def open(cls, spec: str, dtype: str = "float32", device: str = "cpu", compile: bool = False,
-             weights: str = "full") -> "Session":
-        """Load a target; with `compile`, its decode steps (and every drafter's) run compiled (koala.engine.compile);
-        `weights` int8: its linear layers quantised to int8 weight-only (koala.engine.quantize), a CPU's option."""
+             weights: str = "full", autotune: bool = True) -> "Session":
+        """Load a target; with `compile`, its decode steps (and every drafter's) run compiled (koala.engine.compile),
+        on a CPU with autotuned GEMMs unless `autotune` is False; `weights` int8: its linear layers quantised to int8
+        weight-only (koala.engine.quantize), a CPU's option."""
+        from koala.engine.compile import compile_mode
         from koala.engine.quantize import quantize_weights
         from koala.threads import configure_threads
 
         configure_threads()
         t = load_target(spec, dtype=dtype, device=device)
         quantize_weights(t.model, weights)
-        s = cls(t, Transformer(t.model))
+        s = cls(t, Transformer(t.model), compile_mode=compile_mode(t.model.device, autotune))
         if compile:
             s.compile()
         return s
@@ -90,7 +94,7 @@ class Session:
         return weights_of(self.target.model)
 
     def compile(self) -> None:
-        self.engine.compile()
+        self.engine.compile(self.compile_mode)
         self.builds(self.second_build)
 
     def builds(self, second: bool) -> None:
@@ -123,7 +127,7 @@ class Session:
         d = load_drafter(spec, self.engine, dtype=info.dtype, device=info.device)
         if self.compiled:
             for model in drafter_models(d):
-                model.compile()
+                model.compile(self.compile_mode)
                 self._set_builds(model)
         return d
 

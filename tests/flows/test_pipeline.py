@@ -200,14 +200,32 @@ def test_a_run_budget_gives_the_training_what_the_data_stages_left():
     assert training_minutes(tc, 80.0, said.append) == MIN_TRAINING_MINUTES
     assert training_minutes(TrainingConfig(run_minutes=12, eval_minutes=4), 5.0, said.append) == 3
     assert training_minutes(TrainingConfig(max_minutes=3), 500.0, said.append) == 3
+    # eval_minutes unset: the minutes estimated for the evaluation are kept instead; set, they are
+    assert training_minutes(TrainingConfig(run_minutes=12), 5.0, said.append, estimated=2.5) == 4.5
+    assert "2.5 kept for the evaluation" in said[-1]
+    assert training_minutes(TrainingConfig(run_minutes=12, eval_minutes=4), 5.0, said.append, estimated=2.5) == 3
+
+
+def test_an_evaluation_is_estimated_by_the_tokens_it_decodes():
+    """decode_tokens: each answer with and without the drafter (once where the baseline is shared), the warm-up
+    runs, and the probes of a shape chosen by measurement."""
+    from koala.config import EvalConfig
+    from koala.evaluate import PROBE_PROMPTS, PROBE_TOKENS, decode_tokens
+
+    fixed = EvalConfig(gamma=2, max_new_tokens=100)
+    assert decode_tokens(fixed, 10) == 10 * 100 * 2 + 3 * 100
+    assert decode_tokens(fixed, 10, autoregressive=False) == 10 * 100 + 3 * 100
+    auto = EvalConfig(gamma="auto", max_new_tokens=100)
+    assert decode_tokens(auto, 10) == 10 * 100 * 2 + 5 * 100 + 2 * PROBE_PROMPTS * min(PROBE_TOKENS, 100)
 
 
 @pytest.mark.slow
 def test_two_stage_recipe_teacher_forced_then_sampled(tmp_path, tiny_target_dir):  # noqa: F811
     """The default profile's recipe, tiny: teacher-forced shards with features, an EAGLE head trained as it drafts,
     fine-tuned on the sampled answers; a second evaluation without prompt lookup and one on another benchmark. The
-    run's budget is spent before the training: its stages share MIN_TRAINING_MINUTES in proportion to their steps,
-    each training's budget (its MLflow run's training.max_minutes)."""
+    run's budget is spent before the training (the evaluation's minutes estimated from the target's tokens/s,
+    measured as it will decode, and a set-up allowance per benchmark): its stages share MIN_TRAINING_MINUTES in
+    proportion to their steps, each training's budget (its MLflow run's training.max_minutes)."""
     from mlflow import MlflowClient
 
     from koala.tracking import resolve_uri
@@ -223,11 +241,14 @@ def test_two_stage_recipe_teacher_forced_then_sampled(tmp_path, tiny_target_dir)
         teacher_forced__shard_size=3, teacher_forced__features=True, teacher_forced__topk_logprobs=4,
         drafter__kind="eagle", training__finetune_steps=2, training__unroll=2, training__feature_noise=0.1,
         eval__alone=True, eval__lookup=True, eval__also=[str(tmp_path / "bench.jsonl") + ":1"],
-        training__run_minutes=1, training__eval_minutes=5)
+        training__run_minutes=1)
     s = koala_pipeline(config_path=str(cfg_path))
     assert [st.steps for st in s.stages] == [3, 2]
     client = MlflowClient(resolve_uri(None, str(tmp_path / "run")))
     runs = client.search_runs([client.get_experiment_by_name("koala-test").experiment_id])
+    parent = client.get_run(s.mlflow_run_id).data.metrics
+    assert parent["eval_minutes_estimated"] > 3 * 1.0  # three benchmarks' set-up, and their decoding
+    assert parent["eval_minutes"] > 0
     budgets = sorted(float(r.data.params["training.max_minutes"]) for r in runs if r.info.run_name.startswith("heads"))
     assert budgets == pytest.approx([MIN_TRAINING_MINUTES * 2 / 5, MIN_TRAINING_MINUTES * 3 / 5])
     assert s.stages[0].data.endswith("teacher") and s.stages[1].data.endswith("data")

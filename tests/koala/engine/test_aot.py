@@ -11,7 +11,7 @@ import torch
 
 from koala.engine.compile import AotStep, compile_seconds
 from koala.engine.decode import generate
-from koala.engine.model import Transformer
+from koala.engine.model import SLICED_MIN_SLOTS, Transformer
 from tests.conftest import tiny_llama
 
 V = 64
@@ -81,7 +81,7 @@ def test_one_token_steps_run_the_wide_package_up_to_the_caches_last_slot(built, 
     built.copy_to(cache)
     eager, comp = Transformer(built.hf), Transformer(built.hf).compile(mode="default")
     for m in (eager, comp):
-        m.setup_caches(512)  # a compiled cache's least size
+        m.setup_caches(SLICED_MIN_SLOTS)  # a compiled cache's least size
     last = comp.max_seq_len - 1
     torch.manual_seed(0)
     context = torch.randint(2, V, (1, last - 2))

@@ -5,7 +5,7 @@ import torch
 
 from koala.engine.decode import generate
 from koala.engine.drafters import LookupFirstDrafter, ModelDrafter
-from koala.engine.model import Transformer
+from koala.engine.model import SLICED_MIN_SLOTS, Transformer
 from koala.engine.sampling import SamplingParams
 from tests.conftest import tiny_llama
 
@@ -88,20 +88,20 @@ def test_compiled_step_is_one_graph_and_matches_eager():
             ids, pos = torch.randint(0, V, (1, w)), torch.arange(6, 6 + w)
             a, b = eager.step(ids, pos, 6 + w)[0], comp.step(ids, pos, 6 + w)[0]
             assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
-    assert comp.max_seq_len == 512  # compiled caches come in powers of two
+    assert comp.max_seq_len == SLICED_MIN_SLOTS  # compiled caches come in powers of two, one size at least
 
 
 def test_compiled_generation_equals_eager_and_survives_a_cache_resize(compiled_pair):
     eager, comp, d = compiled_pair
     # the second prompt needs a bigger cache: the compiled target builds its steps for it again, while an eager
     # drafter stands in for the compiled one there (a drafter's cache grows through the same `setup_caches`)
-    for prompt, new, dr in ((PROMPT, 30, d), (list(range(2, 40)) * 14, 20, ModelDrafter(eager.truncated(1)))):
+    for prompt, new, dr in ((PROMPT, 30, d), (list(range(2, 40)) * 28, 20, ModelDrafter(eager.truncated(1)))):
         ref = generate(eager, prompt, new).tokens
         assert generate(comp, prompt, new).tokens == ref
         for drafter in (dr, LookupFirstDrafter(dr)):
             res = generate(comp, prompt, new, drafter=drafter, gamma=3, threshold=0.2)
             assert res.tokens == ref
-    assert comp.max_seq_len == 1024
+    assert comp.max_seq_len == 2 * SLICED_MIN_SLOTS
 
 
 def test_compiled_sampling_is_reproducible_under_a_seed(compiled_pair):
@@ -194,3 +194,18 @@ def test_cuda_graph_outputs_survive_the_next_replay():
         comp.step(torch.tensor([[9]], device="cuda"), torch.tensor([10], device="cuda"), 11)
     for a, b in zip(outs, keep):
         assert torch.equal(a, b)
+
+
+def test_a_session_without_autotuning_builds_the_target_and_its_drafters_untuned(default_session):
+    """eval.autotune false: the target's steps and every drafter's are built in inductor's mode without autotuning
+    (on a CPU; a GPU keeps its CUDA graphs). Nothing is built here: a step is built at its first call."""
+    from koala.engine.compile import UNTUNED, compile_mode
+    from koala.engine.drafters import drafter_models
+    from koala.engine.session import Session
+
+    s = Session(default_session.target, Transformer(default_session.target.model), compile_mode=UNTUNED)
+    s.compile()
+    d = s.drafter("truncate:1")
+    assert s.engine.compiled.mode == UNTUNED and [m.compiled.mode for m in drafter_models(d)] == [UNTUNED]
+    assert compile_mode(torch.device("cpu"), autotune=False) == UNTUNED
+    assert compile_mode(torch.device("cpu")) is None and compile_mode(torch.device("cuda"), autotune=False) is None
