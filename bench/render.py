@@ -422,10 +422,15 @@ def _llamacpp(r: dict) -> str:
 
 
 def wide_builds_table() -> str:
-    """The target's wide step by width: autotuned, untuned, and as the engine runs it (bench/wide_builds.py)."""
-    r = _load("wide_builds.json")
-    if not r:
+    """The target's wide step by width: autotuned, untuned, and as the engine runs it (bench/wide_builds.py). One
+    table per machine and dtype (wide_builds.json, wide_builds-*.json)."""
+    names = sorted(f.name for f in RESULTS.glob("wide_builds*.json"))
+    if not names:
         return _missing("wide_builds.json", "python bench/wide_builds.py --json bench/results/wide_builds.json")
+    return "\n\n".join(_wide_builds(_load(name)) for name in names)
+
+
+def _wide_builds(r: dict) -> str:
     last = r["passes"][-1]
     widths = list(last["engine"])
     rows = ["| ms by width | " + " | ".join(widths) + " |", "|---" * (len(widths) + 1) + "|"]
@@ -436,8 +441,10 @@ def wide_builds_table() -> str:
     if isinstance(chosen, dict):
         untuned = [w for w, b in chosen.items() if b == "untuned"]
         chosen = f"the untuned build at widths {', '.join(untuned)}" if untuned else "the autotuned build throughout"
-    return ("\n".join(rows) + f"\n\nThe engine runs {chosen}. {r['dtype']}, the last of {len(r['passes'])} passes; "
-            f"`{r['command']}` on {_machine(r)}.")
+    built = r.get("build_s") or {}
+    built = (" Built in " + " and ".join(f"{s:.0f} s {name}" for name, s in built.items()) + ".") if built else ""
+    return ("\n".join(rows) + f"\n\nThe engine runs {chosen}.{built} {r['dtype']}, the last of {len(r['passes'])} "
+            f"passes; `{r['command']}` on {_machine(r)}.")
 
 
 def lookup_depth_table() -> str:

@@ -4,7 +4,8 @@ as the engine runs it (each width on the build `AotStep._by_width` chose), back 
     python bench/wide_builds.py [--dtype bfloat16] [--position 256] [--reps 9] [--passes 2] [--json OUT]
 
 Autotuning picks each GEMM's kernel at one width and the symbolic width runs it at every width; this shows where
-that costs (ms by width) on this CPU, and what the engine's choice buys. Prints JSON with the CPU model and flags.
+that costs (ms by width) on this CPU, and what the engine's choice buys, and how long each build took where this run
+built it (`build_s`; KOALA_AOT_DIR=an empty folder to time both). Prints JSON with the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def main() -> None:
     import torch
 
     from koala import benchinfo
-    from koala.engine.compile import UNTUNED, AotStep
+    from koala.engine.compile import UNTUNED, AotStep, builds as built_packages
     from koala.engine.session import Session
     from koala.threads import configure_threads
 
@@ -81,8 +82,10 @@ def main() -> None:
     step = e.compiled.steps[sig]
     chosen = {w: ("untuned" if step.build[w] else "autotuned") for w in WIDTHS if w > 1} if hasattr(step, "build") \
         else "autotuned at every width"
+    built = {("untuned" if b["mode"] == UNTUNED else "autotuned"): b["seconds"] for b in built_packages()
+             if b["step"].startswith(f"2-32-token step of a {len(e.layers)}-layer")}
     benchinfo.write({**benchinfo.header(), "dtype": a.dtype, "position": a.position, "engine_builds": chosen,
-                     "passes": passes}, a.json)
+                     "build_s": built, "passes": passes}, a.json)
 
 
 if __name__ == "__main__":

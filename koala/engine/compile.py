@@ -48,6 +48,7 @@ from koala.io import atomic_path, digest, tmp_prefix
 
 MAX_STEP_WIDTH = 32  # steps of at most this many tokens (a chain's or a draft tree's) run compiled; a prefill eager
 _compile_s = 0.0
+_builds: list[dict] = []
 _aot_steps = 0
 AOT_FORMAT = 2  # bumped when a package's inputs or outputs change meaning
 AOT_CACHE_GB = 8.0  # the packages kept on disk (least recently used first out); KOALA_AOT_CACHE_GB overrides
@@ -61,6 +62,11 @@ TIMED_WIDTHS = (2, 3, 4, 5, 6, 7, 8, 10, 12, 16, 20, 24, 32)  # where the two bu
 UNTUNED = "default"  # inductor's mode without autotuning: the linears run oneDNN's (MKL's) GEMMs at every width
 WIDTH_ROUNDS = 5  # rounds of `AotStep._time_widths`: each width's cost is its median over them
 WIDTH_TIMING = 3  # bumped when `_time_widths` measures differently: every machine then times its builds again
+
+
+def builds() -> list[dict]:
+    """The packages this process has built: the step (as its progress line names it), inductor's mode, seconds."""
+    return list(_builds)
 
 
 def compile_seconds() -> float:
@@ -480,6 +486,7 @@ class AotStep:
                 _compile_in_child(Path(exported.name), package, configs)
             path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
         _compile_s += time.perf_counter() - t
+        _builds.append({"step": what, "mode": mode, "seconds": round(time.perf_counter() - t, 1)})
         step = _load_package(path)
         if step is None:
             raise KoalaError(f"the compiled step {path} could not be loaded: run with --no-compile (eval.compile: false)")
