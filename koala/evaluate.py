@@ -225,9 +225,9 @@ def _prepare(session: Session, drafter_spec: str, cfg: EvalConfig):
 
 def _room(cfg: EvalConfig, max_gamma: int | None) -> int:
     """The cache slots past an answer's last token that drafts may take (the probed tree's, the configured shape's),
-    plus one."""
+    and the two `generate` adds past a tree's nodes (`koala.engine.decode._start`)."""
     probe, fixed = tree_probe_budget(max_gamma), _fixed(cfg)
-    return 1 + max(min(GAMMA_MAX, max_gamma or GAMMA_MAX), probe.nodes, probe.drafter_slots,
+    return 2 + max(min(GAMMA_MAX, max_gamma or GAMMA_MAX), probe.nodes, probe.drafter_slots,
                    fixed if isinstance(fixed, int) else 0,
                    max(fixed.nodes, fixed.drafter_slots) if isinstance(fixed, TreeBudget) else 0)
 
@@ -236,30 +236,45 @@ WARM_PROMPTS = 2  # prompts `warm_target` times the target's plain decoding on
 WARM_TOKENS = 32  # new tokens each
 
 
-def warm_target(session: Session, cfgs: list[EvalConfig]) -> float:
+def warm_target(session: Session, cfgs: list[EvalConfig]) -> dict:
     """Get the target ready for evaluations on `cfgs`' benchmarks, before they run: its caches sized for the longest
     of their prompts (as each evaluation sizes them, drafts' room included, so they all run the same compiled step),
-    its compiled steps built or loaded; returns its plain decoding's seconds per new token, measured after a warm
-    run (the prefill apart), on the first benchmark's first prompts."""
+    its compiled steps built or loaded. Returns its plain decoding's seconds per new token and a prefill's mean
+    seconds, measured after a warm run on the first benchmark's first prompts, and each benchmark's prompt count:
+    {"token_s", "prefill_s", "prompts"}."""
     tok = session.target.tokenizer
     benches = [[encode_chat(tok, list(r.messages)) for r in load_bench(c.bench, c.limit)] for c in cfgs]
+    for c, b in zip(cfgs, benches):
+        if not b:
+            raise KoalaError(f"benchmark {c.bench!r} has no prompts")
     session.reserve(max(len(ids) + c.max_new_tokens + _room(c, None) for c, b in zip(cfgs, benches) for ids in b))
     session.builds(cfgs[0].second_build)
     first = benches[0][:WARM_PROMPTS]
     _run(session, cfgs[0], first[0], None, 1, max_new_tokens=WARM_TOKENS)  # builds (or loads) the step
     runs = [_run(session, cfgs[0], ids, None, 1, max_new_tokens=WARM_TOKENS) for ids in first]
-    return sum(r.wall_s - r.prefill_s for r in runs) / max(sum(len(r.tokens) - 1 for r in runs), 1)
+    tokens, prefill = sum(len(r.tokens) - 1 for r in runs), sum(r.prefill_s for r in runs)
+    wall = sum(r.wall_s for r in runs)
+    return {"token_s": (wall - prefill) / tokens if tokens > 0 else wall / len(runs),  # an answer of one token: all
+            "prefill_s": prefill / len(runs), "prompts": [len(b) for b in benches]}
 
 
-def decode_tokens(cfg: EvalConfig, prompts: int, autoregressive: bool = True) -> int:
-    """About how many tokens an evaluation of `prompts` prompts decodes, at most: each prompt's answer with the
-    drafter and, where it is not shared with an earlier evaluation in the process, without; the warm-up runs and,
-    for a shape chosen by measurement, the probes (`_warm_up_and_choose_gamma`)."""
-    answers = prompts * cfg.max_new_tokens * (2 if autoregressive else 1)
-    warm = 3 * cfg.max_new_tokens
-    if cfg.gamma == "auto":
-        warm += 2 * cfg.max_new_tokens + 2 * PROBE_PROMPTS * min(PROBE_TOKENS, cfg.max_new_tokens)
-    return answers + warm
+def evaluation_work(cfg: EvalConfig, prompts: int, autoregressive: bool = True,
+                    compiled: bool = True) -> tuple[int, int]:
+    """(generations, tokens): about how many generations an evaluation of `prompts` prompts runs and how many tokens
+    they decode at most, as `evaluate` runs them: each prompt's answer with the drafter and, unless its baseline is
+    shared with an earlier evaluation in the process, without; the warm-up pairs and the plain run after them; the
+    chain probes; for a shape chosen by measurement, greedy: the probed tree's warm-up, its probes and the chosen
+    shape's warm-up, sampled: the chosen width's warm-up (`_warm_up_and_choose_gamma`)."""
+    mnt, probes = cfg.max_new_tokens, min(PROBE_PROMPTS, prompts)
+    probe_tokens = probes * min(PROBE_TOKENS, mnt)
+    answers = prompts * (2 if autoregressive else 1)
+    warm = 2 * max(cfg.warmup, 1 if compiled else 0) + 1
+    runs, tokens = answers + warm + probes, (answers + warm) * mnt + probe_tokens
+    if cfg.gamma == "auto" and cfg.temperature == 0:
+        runs, tokens = runs + 2 + probes, tokens + 2 * mnt + probe_tokens
+    elif cfg.gamma == "auto":
+        runs, tokens = runs + 1, tokens + mnt
+    return runs, tokens
 
 
 def _fixed(cfg: EvalConfig) -> "int | TreeBudget | None":

@@ -123,6 +123,17 @@ def configured() -> int:
     return _share.max_threads if _share is not None else torch.get_num_threads()
 
 
+def restore() -> int:
+    """Back to the configured thread count (`configured`) after a decoding loop that may have given cores away: what
+    runs next in the process (a training) is not a decoding loop and would never take them back."""
+    n = configured()
+    if _share is not None:
+        _share.threads = n
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
 def share_cores(device: torch.device | None = None) -> None:
     """Let the decoding loop give cores to other busy processes (see CoreShare); a no-op unless koala chose the count,
     and on a GPU."""

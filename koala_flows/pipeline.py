@@ -75,7 +75,8 @@ def koala_pipeline(
         # Step 3: train on teacher-forced data, then fine-tune on the target's own answers (or one stage), in the
         # minutes the run's budget leaves.
         tc = cfg.training
-        kept = evaluation_reserve(cfg, log.info) if tc.run_minutes is not None and tc.eval_minutes is None else None
+        kept, prebuilt_s = (evaluation_reserve(cfg, log.info) if tc.run_minutes is not None and tc.eval_minutes is None
+                            else (None, 0.0))
         minutes = training_minutes(tc, (time.monotonic() - started) / 60, log.info, kept)
         if kept is not None:
             parent.log_metrics({"eval_minutes_estimated": kept})
@@ -95,7 +96,7 @@ def koala_pipeline(
         parent.log_metrics({"tau": report.tau, "speedup": report.speedup,
                             "eval_minutes": (time.monotonic() - evaluated) / 60})  # the promotion's included
 
-    summary = RunSummary.of(report, data=data_dir, drafter=trained.spec, stages=stages, more=extra,
+    summary = RunSummary.of(report, prebuilt_s, data=data_dir, drafter=trained.spec, stages=stages, more=extra,
                             model=registered["name"], version=registered["version"], promoted=decision.promoted,
                             reason=decision.reason, mlflow_uri=uri, mlflow_run_id=pid,
                             experiment=cfg.tracking.experiment)
@@ -121,27 +122,35 @@ def training_minutes(tc: TrainingConfig, elapsed: float, say=print, estimated: f
     return left
 
 
-def evaluation_reserve(cfg, say=print) -> float:
+def evaluation_reserve(cfg, say=print) -> tuple[float, float]:
     """About how many minutes the evaluation after the training will take, measured before it: the target is built
     (or loaded) as the evaluation will decode it (`prepare_evaluation`: a first build's minutes are then spent
-    before the training's budget is set) and its plain decoding timed; the estimate is the tokens every benchmark
-    decodes at most (`decode_tokens`: answers with and without the drafter, warm-up and probes, the champion's
-    re-measurement where there is a champion) at that rate, plus training.eval_setup_minutes per benchmark."""
-    from koala.evaluate import decode_tokens
+    before the training's budget is set) and its plain decoding timed; the estimate is the generations and tokens
+    every benchmark runs at most (`koala.evaluate.evaluation_work`; the champion re-measured too where there is
+    one) at those rates, plus training.eval_setup_minutes per evaluation. Returns (minutes, the seconds spent
+    compiling here)."""
+    from koala.evaluate import evaluation_work
 
-    more = _more_runs(cfg)
-    evals = [cfg.eval, *more.values()]
+    evals = [cfg.eval, *_more_runs(cfg).values()]
     ready = prepare_evaluation(cfg, evals)
-    shared = [False] + [name == "alone" for name in more]  # without lookup: the first one's baseline, shared
-    tokens = sum(decode_tokens(e, n, autoregressive=not s) for e, n, s in zip(evals, ready["prompts"], shared))
+    work = [evaluation_work(e, n, autoregressive=not _same_prompts(e, cfg.eval) or i == 0, compiled=e.compile)
+            for i, (e, n) in enumerate(zip(evals, ready["prompts"]))]
     if _has_champion(cfg):  # re-measured on the first benchmark beside the candidate, the baseline shared
-        tokens += decode_tokens(cfg.eval, ready["prompts"][0], autoregressive=False)
-    setup = len(evals) * cfg.training.eval_setup_minutes
-    minutes = tokens * ready["token_s"] / 60 + setup
-    say(f"evaluation: about {minutes:.1f} min: {tokens} tokens at the {1 / ready['token_s']:.1f} tokens/s the "
-        f"target's step measures now (built in {ready['compile_s']:.0f} s), and {setup:g} min of set-up for "
-        f"{len(evals)} benchmark{'s' * (len(evals) > 1)}")
-    return minutes
+        work.append(evaluation_work(cfg.eval, ready["prompts"][0], autoregressive=False, compiled=cfg.eval.compile))
+    runs, tokens = sum(r for r, _ in work), sum(t for _, t in work)
+    setup = len(work) * cfg.training.eval_setup_minutes
+    minutes = (tokens * ready["token_s"] + runs * ready["prefill_s"]) / 60 + setup
+    say(f"evaluation: about {minutes:.1f} min: {tokens} tokens at the {1 / max(ready['token_s'], 1e-9):.1f} "
+        f"tokens/s the target's step measures now (built in {ready['compile_s']:.0f} s), {runs} prefills and "
+        f"{setup:g} min of set-up for {len(work)} evaluation{'s' * (len(work) > 1)}")
+    return minutes, ready["compile_s"]
+
+
+def _same_prompts(a: EvalConfig, b: EvalConfig) -> bool:
+    """Whether two evaluations time the same autoregressive runs (`koala.evaluate._autoregressive`'s key), so the
+    later one shares the earlier one's baseline."""
+    keys = ("bench", "limit", "max_new_tokens", "temperature", "top_p")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
 def _has_champion(cfg) -> bool:

@@ -20,7 +20,7 @@ from koala.tracking import WEIGHTS_TAG, Registry, Tracker, resolve_uri
 from koala_tasks.common import decoding_target, retry_unless_koala_error, session_for
 
 EVAL_KEYS = ("bench", "gamma", "threshold", "lookup", "temperature", "top_p", "max_new_tokens", "limit", "compile",
-             "dtype", "weights")
+             "dtype", "weights", "autotune")
 
 
 def model_name(cfg: KoalaConfig) -> str:
@@ -79,23 +79,25 @@ def evaluate_drafter(cfg: KoalaConfig, drafter: str, out_dir: str, parent_run_id
     return report
 
 
-@task(name="prepare-evaluation", cache_policy=NO_CACHE)
+@task(name="prepare-evaluation", tags=["gpu"], cache_policy=NO_CACHE)
 def prepare_evaluation(cfg: KoalaConfig, evals: list[EvalConfig]) -> dict:
     """The target as the evaluations `evals` will decode it, ready before the training (its compiled steps built or
     loaded: the minutes a first build takes are spent before the training's budget is set, not after it), and its
-    plain decoding measured: {"token_s": seconds per new token, "prompts": each benchmark's prompt count,
-    "compile_s": the seconds spent compiling}."""
+    plain decoding measured: `koala.evaluate.warm_target`'s {"token_s", "prefill_s", "prompts"}, and "compile_s",
+    the seconds spent compiling."""
     from koala.engine.compile import compile_seconds
-    from koala.evaluate import load_bench, warm_target
+    from koala.evaluate import warm_target
+    from koala.threads import restore as restore_threads
 
     log = get_run_logger()
     s = session_for(decoding_target(cfg), compile=cfg.eval.compile, weights=cfg.eval.weights,
                     autotune=cfg.eval.autotune)
     log.info("the evaluation's target, built before the training: %s", s.describe())
     before = compile_seconds()
-    token_s = warm_target(s, evals)
-    return {"token_s": token_s, "prompts": [len(load_bench(e.bench, e.limit)) for e in evals],
-            "compile_s": compile_seconds() - before}
+    try:
+        return {**warm_target(s, evals), "compile_s": compile_seconds() - before}
+    finally:
+        restore_threads()  # the training after it runs on every core, whatever the decoding loop gave away
 
 
 @task(name="register-drafter", retries=2, retry_delay_seconds=[2, 10],

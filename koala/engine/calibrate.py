@@ -58,6 +58,7 @@ def _key(session, max_width: int) -> dict:
             "weights": session.weights,  # int8 weights: another model, another cost curve
             "engine": type(session.engine.compiled).__name__,  # ahead of time or in-process compiled steps
             "second_build": getattr(session.engine.compiled, "second_build", None),  # wide widths' build
+            "compile_mode": getattr(session.engine.compiled, "mode", None),  # autotuned steps or not
             "engine_source": engine_source(),  # a step's cost changes with the engine's code
             "format": CURVE_FORMAT,
             "threads": configured(), "cpu": cpu_model() if info.device == "cpu" else

@@ -20,8 +20,8 @@ from koala.errors import KoalaError
 SUPPORTED = {"llama", "mistral", "qwen2", "smollm3"}
 # The fewest slots a compiled model's cache has where its steps attend to the slots below their end (ahead-of-time
 # steps on a CPU): a step's cost does not grow with the cache, and a package is built per cache size, so one size
-# covers the prompts and answers of every benchmark an evaluation runs (about 40 MB of float32 cache for the
-# default target).
+# covers the prompts and answers of every benchmark an evaluation runs (about 48 MB of float32 cache for the
+# default target). A batched sampler's steps attend to the whole cache: they keep the smaller floor.
 SLICED_MIN_SLOTS = 1024
 
 
@@ -100,13 +100,14 @@ class Transformer(nn.Module):
     def setup_caches(self, max_seq_len: int, batch: int = 1) -> None:
         """Allocate static caches for `max_seq_len` slots (size it max_len + gamma + 1 for speculation).
 
-        Caches only grow. A compiled model rounds the size up to a power of two (at least 512; 1024 where its steps
-        attend to the slots below their end, so a step costs the same in a larger cache), so that a run over prompts
-        of many lengths, and the several benchmarks of one evaluation, compile each step once, not once per length.
+        Caches only grow. A compiled model rounds the size up to a power of two (at least 512; SLICED_MIN_SLOTS for
+        one sequence whose steps attend to the slots below their end, so a step costs the same in a larger cache),
+        so that a run over prompts of many lengths, and the several benchmarks of one evaluation, compile each step
+        once, not once per length.
         """
         a = self.args
         if self.compiled is not None:
-            floor = SLICED_MIN_SLOTS if self.compiled.sliced else 512
+            floor = SLICED_MIN_SLOTS if self.compiled.sliced and batch == 1 else 512  # a batch attends to it all
             max_seq_len = max(floor, 1 << (max_seq_len - 1).bit_length())
         if self.max_seq_len >= max_seq_len and self.caches and self.caches[0].k.shape[0] == batch:
             return

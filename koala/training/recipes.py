@@ -198,8 +198,15 @@ def _heads_objective(tcfg, target: Target, kind: str, heads, data, data_dir, hel
             split.drop("features")
     objective = heads_objective(kind, heads, m, feats, held, tcfg.unroll, tcfg.feature_noise, vocab_ids, tcfg)
     if tcfg.compile:  # shapes vary with each batch's length: compiled for dynamic shapes, once
-        objective.module = torch.compile(heads, dynamic=True)
+        objective.module = compiled_for_training(heads)
     return objective
+
+
+def compiled_for_training(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` compiled for dynamic shapes, its weights read at every call: never frozen into constants, as inductor
+    does with a graph compiled under no_grad (the held-out evaluations) while freezing is on, which the decode
+    engine turns on for its own steps in the same process (koala.engine.compile.configure_inductor)."""
+    return torch.compile(module, dynamic=True, options={"freezing": False})
 
 
 def _info(cfg: KoalaConfig, target: Target, stage: str, metrics: dict, data=None, data_dir=None, **more) -> dict:

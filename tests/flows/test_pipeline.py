@@ -206,17 +206,19 @@ def test_a_run_budget_gives_the_training_what_the_data_stages_left():
     assert training_minutes(TrainingConfig(run_minutes=12, eval_minutes=4), 5.0, said.append, estimated=2.5) == 3
 
 
-def test_an_evaluation_is_estimated_by_the_tokens_it_decodes():
-    """decode_tokens: each answer with and without the drafter (once where the baseline is shared), the warm-up
-    runs, and the probes of a shape chosen by measurement."""
+def test_an_evaluation_is_estimated_by_the_generations_it_runs():
+    """evaluation_work: each answer with and without the drafter (once where the baseline is shared), the warm-up
+    pair and the plain run after it, the chain probes, and for a shape chosen by measurement the tree's."""
     from koala.config import EvalConfig
-    from koala.evaluate import PROBE_PROMPTS, PROBE_TOKENS, decode_tokens
+    from koala.evaluate import PROBE_PROMPTS, PROBE_TOKENS, evaluation_work
 
-    fixed = EvalConfig(gamma=2, max_new_tokens=100)
-    assert decode_tokens(fixed, 10) == 10 * 100 * 2 + 3 * 100
-    assert decode_tokens(fixed, 10, autoregressive=False) == 10 * 100 + 3 * 100
+    fixed, probes = EvalConfig(gamma=2, max_new_tokens=100), PROBE_PROMPTS * min(PROBE_TOKENS, 100)
+    assert evaluation_work(fixed, 10) == (20 + 3 + PROBE_PROMPTS, (20 + 3) * 100 + probes)
+    assert evaluation_work(fixed, 10, autoregressive=False) == (10 + 3 + PROBE_PROMPTS, (10 + 3) * 100 + probes)
+    eager = EvalConfig(gamma=2, max_new_tokens=100, warmup=0)  # nothing to compile: no warm-up pair
+    assert evaluation_work(eager, 2, compiled=False)[1] == (4 + 1) * 100 + 2 * min(PROBE_TOKENS, 100)
     auto = EvalConfig(gamma="auto", max_new_tokens=100)
-    assert decode_tokens(auto, 10) == 10 * 100 * 2 + 5 * 100 + 2 * PROBE_PROMPTS * min(PROBE_TOKENS, 100)
+    assert evaluation_work(auto, 10) == (20 + 3 + 2 + 2 * PROBE_PROMPTS, (20 + 3 + 2) * 100 + 2 * probes)
 
 
 @pytest.mark.slow

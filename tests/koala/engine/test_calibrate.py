@@ -156,6 +156,8 @@ def test_decoding_shares_the_cores_with_busy_processes(monkeypatch):
         assert share.tick() == 2 and torch.get_num_threads() == 2  # the neighbour stopped: cores taken back
         advance(4.0, 0.0)
         assert share.tick() == 1  # never below one
+        monkeypatch.setattr(threads, "_share", share)
+        assert threads.restore() == 2 and torch.get_num_threads() == 2 and share.threads == 2  # after decoding
 
         monkeypatch.setenv("KOALA_THREADS", "2")
         threads.configure_threads()

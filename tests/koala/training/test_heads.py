@@ -307,3 +307,21 @@ def test_heads_under_bf16_autocast_learn_and_resume_bitwise(tmp_path, target, ki
     b = load_file(latest_checkpoint(tmp_path / "resumed") / "model.safetensors")
     assert all(v.dtype == torch.float32 for v in b.values())
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_training_compiled_beside_the_decode_engine_reads_its_weights_at_every_call(monkeypatch):
+    """The decode engine turns inductor's freezing on for the process (koala.engine.compile.configure_inductor); a
+    training compiled after it (held-out evaluations run under no_grad) must still see each step's new weights,
+    not the first call's frozen as constants."""
+    import torch._inductor.config as ic
+
+    from koala.training.recipes import compiled_for_training
+
+    monkeypatch.setattr(ic, "freezing", True)
+    torch.manual_seed(0)
+    layer, x = torch.nn.Linear(8, 8), torch.randn(3, 8)
+    compiled = compiled_for_training(layer)
+    with torch.no_grad():
+        compiled(x)
+        layer.weight.add_(1.0)  # an optimizer step
+        assert torch.allclose(compiled(x), layer(x))
