@@ -202,10 +202,11 @@ class EvalConfig(_Strict):
         "torch's CPU kernel, on bfloat16 activations: a CPU's option, fewer bytes per step; with float32 activations the "
         "kernel is slower than full weights); the int8 target is another model, so losslessness and the "
         "autoregressive baseline are the int8 target's own")
-    autotune: bool = Field(True, description="compiled ahead of time (a CPU): autotuned GEMMs (the fastest steps where "
-                           "the CPU has a bf16 matrix unit); false: MKL's GEMMs at every width, built in about 60 "
-                           "percent of the time and as fast in float32 on a CPU without one (bench/results/"
-                           "wide_builds*.json); the autoregressive baseline runs the same build")
+    autotune: bool = Field(True, description="compiled ahead of time (a CPU): autotuned GEMMs (the fastest narrow steps "
+                           "where the CPU has a bf16 matrix unit); false: oneDNN's GEMMs at every width, a shorter "
+                           "build that decodes about as fast in float32 on a CPU without one (bench/results/"
+                           "wide_builds*.json: ms by width and build_s); the autoregressive baseline runs the same "
+                           "build")
     second_build: bool = Field(True, description="compiled ahead of time (a CPU): where the autotuned wide step's cost "
                                "grows with its width (CPUs without AMX), build it a second time without autotuning "
                                "and run each width on the faster build (minutes, once per machine); false: one "
