@@ -43,10 +43,11 @@ $(OVERLAYS)/.installed: Makefile | $(STAMP)
 	touch $@
 
 # One pytest worker per logical core (pytest-xdist), a test file per worker at a time; tests/conftest.py gives each
-# worker and the processes it starts their share of the cores' threads.
+# worker and the processes it starts their share of the cores' threads. The ten slowest tests are listed at the end:
+# the suite is kept within 10 minutes on a fresh clone of a 2-core machine, and they are where to make room.
 test: setup $(OVERLAYS)/.installed
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/python -m pytest -q -p no:warnings \
-		-n logical --dist loadfile
+		-n logical --dist loadfile --durations=10
 
 demo: setup
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/koala run --profile smoke
