@@ -217,7 +217,8 @@ def _prepare(session: Session, drafter_spec: str, cfg: EvalConfig):
     if not prompts:
         raise KoalaError(f"benchmark {cfg.bench!r} has no prompts")
     gmax = min(GAMMA_MAX, getattr(drafter, "max_gamma", None) or GAMMA_MAX)  # Medusa: at most one per head
-    longest = max(len(ids) for _, ids in prompts) + cfg.max_new_tokens + _room(cfg, getattr(drafter, "max_gamma", None))
+    room = _room(cfg, getattr(drafter, "max_gamma", None))
+    longest = max(len(ids) for _, ids in prompts) + cfg.max_new_tokens + room
     session.reserve(longest)
     drafter.reset(longest)
     return drafter, prompts, gmax
