@@ -220,7 +220,9 @@ def _prepare(session: Session, drafter_spec: str, cfg: EvalConfig):
     room = _room(cfg, getattr(drafter, "max_gamma", None))
     longest = max(len(ids) for _, ids in prompts) + cfg.max_new_tokens + room
     session.reserve(longest)
-    drafter.reset(longest)
+    # the drafter's caches as large as the target's, which may already be sized for a longer benchmark of the run
+    # (`warm_target`): its compiled steps are then built once for every benchmark too
+    drafter.reset(max(longest, session.engine.max_seq_len))
     return drafter, prompts, gmax
 
 
