@@ -204,7 +204,7 @@ class EvalConfig(_Strict):
         "autoregressive baseline are the int8 target's own")
     autotune: bool = Field(True, description="compiled ahead of time (a CPU): autotuned GEMMs (the fastest narrow steps "
                            "where the CPU has a bf16 matrix unit); false: oneDNN's GEMMs at every width, a shorter "
-                           "build that decodes about as fast in float32 on a CPU without one (bench/results/"
+                           "build that decodes nearly as fast in float32 on a CPU without one (bench/results/"
                            "wide_builds*.json: ms by width and build_s); the autoregressive baseline runs the same "
                            "build")
     second_build: bool = Field(True, description="compiled ahead of time (a CPU): where the autotuned wide step's cost "

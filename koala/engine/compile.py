@@ -123,7 +123,7 @@ def default_mode(device: torch.device) -> str:
 
 def compile_mode(device: torch.device, autotune: bool = True) -> str | None:
     """The mode compiled steps are built in: None (`default_mode`), or on a CPU without `autotune` UNTUNED (oneDNN's
-    GEMMs at every width: a shorter build, about as fast as the autotuned one where autotuning finds nothing better,
+    GEMMs at every width: a shorter build, nearly as fast as the autotuned one where autotuning finds little better,
     e.g. float32 on a CPU without a bf16 matrix unit: bench/results/wide_builds*.json)."""
     return None if autotune or device.type != "cpu" else UNTUNED
 
