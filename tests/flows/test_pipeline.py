@@ -221,6 +221,19 @@ def test_an_evaluation_is_estimated_by_the_generations_it_runs():
     assert evaluation_work(auto, 10) == (20 + 3 + 2 + 2 * PROBE_PROMPTS, (20 + 3 + 2) * 100 + 2 * probes)
 
 
+def test_a_baseline_is_shared_by_evaluations_of_the_same_prompts_and_settings():
+    """The run's estimate counts an evaluation's autoregressive runs once per prompt set and settings, as
+    koala.evaluate._autoregressive caches them: without lookup shares the first's; another benchmark, limit or
+    length does not."""
+    from koala.config import EvalConfig
+    from koala_flows.pipeline import _same_prompts
+
+    first = EvalConfig(bench="mtbench", limit=8, lookup=True)
+    assert _same_prompts(first.model_copy(update={"lookup": False, "gamma": 3}), first)
+    for other in ({"bench": "humaneval"}, {"limit": 4}, {"max_new_tokens": 64}, {"temperature": 1.0}):
+        assert not _same_prompts(first.model_copy(update=other), first)
+
+
 @pytest.mark.slow
 def test_two_stage_recipe_teacher_forced_then_sampled(tmp_path, tiny_target_dir):  # noqa: F811
     """The default profile's recipe, tiny: teacher-forced shards with features, an EAGLE head trained as it drafts,
