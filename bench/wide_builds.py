@@ -83,7 +83,7 @@ def main() -> None:
     chosen = {w: ("untuned" if step.build[w] else "autotuned") for w in WIDTHS if w > 1} if hasattr(step, "build") \
         else "autotuned at every width"
     built = {("untuned" if b["mode"] == UNTUNED else "autotuned"): b["seconds"] for b in built_packages()
-             if b["step"].startswith(f"2-32-token step of a {len(e.layers)}-layer")}
+             if b["wide"] and b["layers"] == len(e.layers)}
     benchinfo.write({**benchinfo.header(), "dtype": a.dtype, "position": a.position, "engine_builds": chosen,
                      "build_s": built, "passes": passes}, a.json)
 

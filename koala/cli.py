@@ -253,7 +253,8 @@ def decoding_session(target: str, setting: str, own: str, device: str, compile: 
 
     if setting not in ("target", "auto"):
         return Session.open(target, dtype=setting, device=device, compile=compile, weights=weights, autotune=autotune)
-    s = Session.open(target, dtype=own, device=device, autotune=autotune)  # full weights: the dtype is chosen by the layers' widths
+    # full weights: the dtype is chosen by the layers' widths
+    s = Session.open(target, dtype=own, device=device, autotune=autotune)
     chosen = decode_dtype(setting, s.target.model)
     typer.echo(f"[decoding in {chosen.name}: {chosen.reason}]", err=True)
     if chosen.name != own or weights != "full":  # int8 weights are quantised from the target loaded at that dtype

@@ -146,7 +146,7 @@ class TrainingConfig(_Strict):
                                        "compiled step, built before the training, measures on this machine, plus "
                                        "eval_setup_minutes")
     eval_setup_minutes: float = Field(1.0, ge=0, description="with run_minutes and eval_minutes null: the minutes "
-                                      "kept beside the estimated decoding for each benchmark's set-up (the "
+                                      "kept beside the estimated decoding for each evaluation's set-up (the "
                                       "drafter's build, the draft-shape probes' own costs)")
     pretrain_steps: int = Field(0, ge=0, description="next-token pretraining steps before distillation (0 = skip)")
     pretrain_corpus: str = Field("sharegpt", description="pretraining text: sharegpt, hf:NAME or a .jsonl/.parquet file")

@@ -212,10 +212,7 @@ def _prepare(session: Session, drafter_spec: str, cfg: EvalConfig):
     drafter = session.drafter(drafter_spec)
     if cfg.lookup and not isinstance(drafter, (PromptLookupDrafter, LookupFirstDrafter)):
         drafter = LookupFirstDrafter(drafter)
-    tok = session.target.tokenizer
-    prompts = [(r, encode_chat(tok, list(r.messages))) for r in load_bench(cfg.bench, cfg.limit)]
-    if not prompts:
-        raise KoalaError(f"benchmark {cfg.bench!r} has no prompts")
+    prompts = _templated(session, cfg)
     gmax = min(GAMMA_MAX, getattr(drafter, "max_gamma", None) or GAMMA_MAX)  # Medusa: at most one per head
     room = _room(cfg, getattr(drafter, "max_gamma", None))
     longest = max(len(ids) for _, ids in prompts) + cfg.max_new_tokens + room
@@ -224,6 +221,15 @@ def _prepare(session: Session, drafter_spec: str, cfg: EvalConfig):
     # (`warm_target`): its compiled steps are then built once for every benchmark too
     drafter.reset(max(longest, session.engine.max_seq_len))
     return drafter, prompts, gmax
+
+
+def _templated(session: Session, cfg: EvalConfig) -> list[tuple[P.PromptRecord, list[int]]]:
+    """The benchmark's prompts, each with its token ids in the target's chat template; an empty one is an error."""
+    tok = session.target.tokenizer
+    prompts = [(r, encode_chat(tok, list(r.messages))) for r in load_bench(cfg.bench, cfg.limit)]
+    if not prompts:
+        raise KoalaError(f"benchmark {cfg.bench!r} has no prompts: give a benchmark, or a file, with at least one")
+    return prompts
 
 
 def _room(cfg: EvalConfig, max_gamma: int | None) -> int:
@@ -245,11 +251,7 @@ def warm_target(session: Session, cfgs: list[EvalConfig]) -> dict:
     its compiled steps built or loaded. Returns its plain decoding's seconds per new token and a prefill's mean
     seconds, measured after a warm run on the first benchmark's first prompts, and each benchmark's prompt count:
     {"token_s", "prefill_s", "prompts"}."""
-    tok = session.target.tokenizer
-    benches = [[encode_chat(tok, list(r.messages)) for r in load_bench(c.bench, c.limit)] for c in cfgs]
-    for c, b in zip(cfgs, benches):
-        if not b:
-            raise KoalaError(f"benchmark {c.bench!r} has no prompts")
+    benches = [[ids for _, ids in _templated(session, c)] for c in cfgs]
     session.reserve(max(len(ids) + c.max_new_tokens + _room(c, None) for c, b in zip(cfgs, benches) for ids in b))
     session.builds(cfgs[0].second_build)
     first = benches[0][:WARM_PROMPTS]
@@ -384,6 +386,15 @@ def _measure_prompt(session, drafter, cfg: EvalConfig, gamma: int, i: int, rec, 
                                 gamma=gamma)
             row.hf_assisted = n / w
     return row, sp
+
+
+BASELINE_KEYS = ("bench", "limit", "max_new_tokens", "temperature", "top_p")  # what `_autoregressive`'s runs depend on
+
+
+def shares_baseline(a: EvalConfig, b: EvalConfig) -> bool:
+    """Whether evaluations `a` and `b`, in one process, time the same autoregressive runs (`_autoregressive`: the
+    same prompts, in the same order, with the same settings), so the later one decodes only with its drafter."""
+    return all(getattr(a, k) == getattr(b, k) for k in BASELINE_KEYS)
 
 
 def _autoregressive(session, cfg: EvalConfig, ids: list[int], i: int):

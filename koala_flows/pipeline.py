@@ -129,11 +129,11 @@ def evaluation_reserve(cfg, say=print) -> tuple[float, float]:
     every benchmark runs at most (`koala.evaluate.evaluation_work`; the champion re-measured too where there is
     one) at those rates, plus training.eval_setup_minutes per evaluation. Returns (minutes, the seconds spent
     compiling here)."""
-    from koala.evaluate import evaluation_work
+    from koala.evaluate import evaluation_work, shares_baseline
 
     evals = [cfg.eval, *_more_runs(cfg).values()]
     ready = prepare_evaluation(cfg, evals)
-    work = [evaluation_work(e, n, autoregressive=not _same_prompts(e, cfg.eval) or i == 0, compiled=e.compile)
+    work = [evaluation_work(e, n, autoregressive=i == 0 or not shares_baseline(e, cfg.eval), compiled=e.compile)
             for i, (e, n) in enumerate(zip(evals, ready["prompts"]))]
     if _has_champion(cfg):  # re-measured on the first benchmark beside the candidate, the baseline shared
         work.append(evaluation_work(cfg.eval, ready["prompts"][0], autoregressive=False, compiled=cfg.eval.compile))
@@ -144,13 +144,6 @@ def evaluation_reserve(cfg, say=print) -> tuple[float, float]:
         f"tokens/s the target's step measures now (built in {ready['compile_s']:.0f} s), {runs} prefills and "
         f"{setup:g} min of set-up for {len(work)} evaluation{'s' * (len(work) > 1)}")
     return minutes, ready["compile_s"]
-
-
-def _same_prompts(a: EvalConfig, b: EvalConfig) -> bool:
-    """Whether two evaluations time the same autoregressive runs (`koala.evaluate._autoregressive`'s key), so the
-    later one shares the earlier one's baseline."""
-    keys = ("bench", "limit", "max_new_tokens", "temperature", "top_p")
-    return all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
 def _has_champion(cfg) -> bool:

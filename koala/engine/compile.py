@@ -65,7 +65,8 @@ WIDTH_TIMING = 3  # bumped when `_time_widths` measures differently: every machi
 
 
 def builds() -> list[dict]:
-    """The packages this process has built: the step (as its progress line names it), inductor's mode, seconds."""
+    """The packages this process has built: the model's layers, whether the step is the wide one, inductor's mode,
+    seconds."""
     return list(_builds)
 
 
@@ -486,7 +487,8 @@ class AotStep:
                 _compile_in_child(Path(exported.name), package, configs)
             path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
         _compile_s += time.perf_counter() - t
-        _builds.append({"step": what, "mode": mode, "seconds": round(time.perf_counter() - t, 1)})
+        _builds.append({"layers": len(self.model.layers), "wide": wide, "mode": mode,
+                        "seconds": round(time.perf_counter() - t, 1)})
         step = _load_package(path)
         if step is None:
             raise KoalaError(f"the compiled step {path} could not be loaded: run with --no-compile (eval.compile: false)")

@@ -226,12 +226,12 @@ def test_a_baseline_is_shared_by_evaluations_of_the_same_prompts_and_settings():
     koala.evaluate._autoregressive caches them: without lookup shares the first's; another benchmark, limit or
     length does not."""
     from koala.config import EvalConfig
-    from koala_flows.pipeline import _same_prompts
+    from koala.evaluate import shares_baseline
 
     first = EvalConfig(bench="mtbench", limit=8, lookup=True)
-    assert _same_prompts(first.model_copy(update={"lookup": False, "gamma": 3}), first)
+    assert shares_baseline(first.model_copy(update={"lookup": False, "gamma": 3}), first)
     for other in ({"bench": "humaneval"}, {"limit": 4}, {"max_new_tokens": 64}, {"temperature": 1.0}):
-        assert not _same_prompts(first.model_copy(update=other), first)
+        assert not shares_baseline(first.model_copy(update=other), first)
 
 
 @pytest.mark.slow
