@@ -321,6 +321,9 @@ def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: 
     t0 = time.perf_counter()
     fixed = _fixed(cfg)
     tree = fixed if isinstance(fixed, TreeBudget) else None
+    lookup_first = isinstance(drafter, LookupFirstDrafter)
+    if lookup_first:  # a match fills the shape's verify slots until `auto` measures its own length
+        drafter.lookup_len = None
     gamma = tree.depth if tree else fixed or gmax
     stage("warm-up" + (" and compilation (once per process)" if session.compiled else ""))
     for _ in range(max(cfg.warmup, 1 if session.compiled else 0)):  # compiled: at least one, to compile
@@ -345,8 +348,11 @@ def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: 
         round_ms, chain_round_ms = round_overhead_ms(tprobes), round_overhead_ms(probes)  # a tree's path moves
         choice = choose_tree(curve["ms"], {1: drafter_step_s * 1e3, **{k: level_ms for k in range(2, probe.topk + 1)}},
                              [r for p in tprobes for r in p.ranks], [k for _, k in trounds], probe.depth,
-                             probe.topk, round_ms=round_ms, plain_ms=plain_ms, chain_round_ms=chain_round_ms)
+                             probe.topk, round_ms=round_ms, plain_ms=plain_ms, chain_round_ms=chain_round_ms,
+                             lookup_apart=lookup_first)
         choice["curve_cached"] = curve.get("cached")
+        if lookup_first:
+            drafter.lookup_len = choice.get("lookup_len")
         tree = None if choice["topk"] == 1 else TreeBudget(choice["depth"], choice["topk"],
                                                             choice["depth"] * choice["topk"])
         gamma = choice["depth"]

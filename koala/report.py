@@ -137,7 +137,10 @@ class EvalReport(_Record):
 
     @property
     def draft_shape(self) -> str:
-        return f"tree {self.tree}" if self.tree else f"gamma {self.gamma}"
+        """The drafter's shape, and a prompt-lookup match's own length where `auto` chose one."""
+        shape = f"tree {self.tree}" if self.tree else f"gamma {self.gamma}"
+        n = self.gamma_choice.get("lookup_len")
+        return f"{shape}, lookup {n}" if n else shape
 
     @property
     def auto(self) -> bool:

@@ -302,6 +302,17 @@ def path_length(ranks: list[list[int]], accepted: list[int], depth: int, topk: i
     return total / max(len(ranks), 1)
 
 
+def _with_lookup(table: dict, best: str, lookup: dict | None, drafter_rounds: int) -> dict:
+    """The expected speed-up of the chosen shape, its lookup rounds (if apart) counted at their chosen length."""
+    rate = table[best]["rate"]
+    if lookup is None or lookup["chosen"] is None:
+        return {"expected_speedup": rate / table["0x0"]["rate"], **({"lookup": lookup} if lookup else {})}
+    shape, lk = table[best], lookup["lengths"][lookup["chosen"]]
+    nd, nl = drafter_rounds, lookup["rounds"]
+    rate = 1e3 * (nd * shape["tokens"] + nl * lk["tokens"]) / (nd * shape["ms"] + nl * lk["ms"])
+    return {"expected_speedup": rate / table["0x0"]["rate"], "lookup": lookup, "lookup_len": lookup["chosen"]}
+
+
 def round_overhead_ms(results) -> float:
     """What a speculative round costs beyond its drafting and its verify forward, in ms, from runs profiled with
     `generate(profile=True)`: the loop, acceptance, the drafter catching up on the accepted tokens, moving a tree's
@@ -311,9 +322,35 @@ def round_overhead_ms(results) -> float:
     return max(0.0, 1e3 * extra / max(rounds, 1))
 
 
+def choose_lookup_len(curve_ms: dict[int, float], accepted: list[int], round_ms: float, cap: int) -> dict:
+    """How many tokens a prompt-lookup match drafts (`LookupFirstDrafter.lookup_len`): the length L (1..cap, its
+    verify within the measured curve) with the most expected tokens per second over the probes' lookup rounds,
+    each of which drafted at least `cap` tokens where the match had them (greedy: a round of L drafts would have
+    accepted min(k, L) of them). A round costs its verify forward at width L + 1 and `round_ms`; a match needs no
+    drafter step. Returns {"chosen", "rounds", "lengths": {L: {"tokens", "ms", "rate"}}}; chosen None without a
+    lookup round."""
+    table = {}
+    for n in range(1, min(cap, max(curve_ms) - 1) + 1):
+        e = 1 + sum(min(k, n) for k in accepted) / max(len(accepted), 1)
+        ms = curve_ms[n + 1] + round_ms
+        table[n] = {"tokens": e, "ms": ms, "rate": 1e3 * e / ms}
+    best = max(table, key=lambda n: table[n]["rate"]) if accepted and table else None
+    return {"chosen": best, "rounds": len(accepted), "lengths": table}
+
+
+def _split_lookup(ranks: list[list[int]], accepted: list[int]) -> tuple[list, list, list[int]]:
+    """The probe rounds apart: (the drafter's ranks, their accepted lengths, the lookup rounds' accepted lengths)."""
+    from koala.engine.tree import LOOKUP_RANK
+
+    mine = [(rs, k) for rs, k in zip(ranks, accepted) if not (rs and rs[0] == LOOKUP_RANK)]
+    return [rs for rs, _ in mine], [k for _, k in mine], [k for rs, k in zip(ranks, accepted)
+                                                          if rs and rs[0] == LOOKUP_RANK]
+
+
 def choose_tree(curve_ms: dict[int, float], draft_ms_per_depth: dict[int, float], ranks: list[list[int]],
                 accepted: list[int], probe_depth: int, probe_topk: int, round_ms: float = 0.0,
-                plain_ms: float | None = None, chain_round_ms: float | None = None) -> dict:
+                plain_ms: float | None = None, chain_round_ms: float | None = None,
+                lookup_apart: bool = False) -> dict:
     """The draft shape (depth, top-k; every node kept) with the most expected tokens per second.
 
     `draft_ms_per_depth[k]`: the drafter's measured ms per tree level of top-k k (k 1: a chain's draft step).
@@ -323,9 +360,17 @@ def choose_tree(curve_ms: dict[int, float], draft_ms_per_depth: dict[int, float]
     (default: the curve's one-token forward). Once a forward costs a few milliseconds these are not small.
     Shapes whose verify is wider than the measured curve are not considered. Returns the choice with the table it
     was made from: expected tokens per round and per second for each shape, 0 x 0 being plain decoding.
+
+    `lookup_apart` (a `LookupFirstDrafter`, whose matches draft a length of their own): the shape is chosen on the
+    drafter's rounds alone, the lookup length on the lookup rounds (`choose_lookup_len`, under "lookup" and
+    "lookup_len"), and the expected speed-up is that of both together, in the proportion the probes had them.
     """
     from koala.engine.tree import TreeBudget
 
+    lookup = None
+    if lookup_apart:
+        ranks, accepted, looked = _split_lookup(ranks, accepted)
+        lookup = choose_lookup_len(curve_ms, looked, round_ms, probe_depth * probe_topk)
     widest = max(curve_ms)
     plain = plain_ms or curve_ms[1]
     table = {"0x0": {"tokens": 1.0, "ms": plain, "rate": 1e3 / plain}}
@@ -340,8 +385,7 @@ def choose_tree(curve_ms: dict[int, float], draft_ms_per_depth: dict[int, float]
     best = max((s for s in table if s != "0x0"), key=lambda s: table[s]["rate"])
     d, k = (int(x) for x in best.split("x"))
     return {"auto": True, "chosen": str(TreeBudget(d, k, d * k)) if k > 1 else d, "shape": best, "depth": d,
-            "topk": k,
-            "expected_speedup": table[best]["rate"] / table["0x0"]["rate"], "shapes": table,
+            "topk": k, **_with_lookup(table, best, lookup, len(accepted)), "shapes": table,
             "cost_by_width_ms": curve_ms, "draft_ms_per_depth": draft_ms_per_depth, "round_ms": round_ms,
             "chain_round_ms": round_ms if chain_round_ms is None else chain_round_ms,
             "plain_ms": plain}

@@ -255,6 +255,7 @@ def _start(target: Transformer, drafter: Drafter | None, prompt: list[int], max_
         tree = TreeBudget(tree.depth, tree.topk, tree.drafter_slots)
     gamma = tree.depth if tree is not None else gamma  # the longest accepted path
     room = gamma if tree is None else max(tree.nodes, tree.drafter_slots) + 1
+    room = max(room, _lookup_len(drafter) + (tree is not None))  # a lookup match's own length, where it has one
     check_drafter(target, drafter, gamma)
     max_len = _check_lengths(len(prompt), max_new_tokens, max_context or 1 << 30, room if drafter else 0)
     target.setup_caches(max_len)
@@ -267,8 +268,15 @@ def _start(target: Transformer, drafter: Drafter | None, prompt: list[int], max_
 
 def _longest_round(drafter: Drafter | None, gamma: int, tree: TreeBudget | None) -> int:
     """The most drafts one round can accept: a chain's gamma, a tree's node count (a prompt-lookup match fills every
-    verify slot of the shape), none without a drafter."""
-    return 0 if drafter is None else gamma if tree is None else max(gamma, tree.nodes)
+    verify slot of the shape) or a lookup match's own length where it is set, none without a drafter."""
+    if drafter is None:
+        return 0
+    return max(gamma if tree is None else max(gamma, tree.nodes), _lookup_len(drafter))
+
+
+def _lookup_len(drafter: Drafter | None) -> int:
+    """How many tokens a prompt-lookup match drafts whatever the shape (`LookupFirstDrafter.lookup_len`), else 0."""
+    return getattr(drafter, "lookup_len", None) or 0
 
 
 def _until_eos(new: list[int], eos_ids) -> list[int]:

@@ -309,7 +309,7 @@ def tree_round(target, drafter, seq: torch.Tensor, n: int, budget: TreeBudget, p
     """Grow a tree after seq[:n], verify it, keep the accepted path: seq, the target's cache and the drafter updated.
 
     Returns (nodes verified, accepted k, draft seconds, verify seconds, rank of each accepted node among its
-    siblings).
+    siblings; a round that accepted none: its first draft's, which tells a prompt-lookup round apart).
     """
     t0 = clock()
     tree = drafter.propose_tree(seq, n, budget, params)
@@ -322,5 +322,7 @@ def tree_round(target, drafter, seq: torch.Tensor, n: int, budget: TreeBudget, p
     if k:
         target.move_slots(n - 1 + path[1:], torch.arange(n, n + k, device=seq.device))
     drafter.commit(n + k + 1, h, n - 1)
-    ranks = tree.rank[path[1:]].tolist() if tree.rank is not None else []
+    ranks = []
+    if tree.rank is not None:  # none accepted: the first draft's rank, which tells a lookup round apart
+        ranks = tree.rank[path[1:] if k else slice(1, 2)].tolist()
     return tree.size - 1, k, t1 - t0, t2 - t1, ranks

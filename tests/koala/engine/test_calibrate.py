@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from koala.errors import KoalaError
-from koala.engine.calibrate import (choose_gamma, choose_tree, cost_curve, expected_tokens, parse_draft, parse_gamma,
-                                    path_length)
-from koala.engine.tree import TreeBudget
+from koala.engine.calibrate import (choose_gamma, choose_lookup_len, choose_tree, cost_curve, expected_tokens,
+                                    parse_draft, parse_gamma, path_length)
+from koala.engine.tree import LOOKUP_RANK, TreeBudget
 from koala.engine.model import Transformer
 from koala.threads import configure_threads, default_threads
 from tests.conftest import tiny_llama
@@ -82,6 +82,37 @@ def test_a_rounds_own_cost_counts_against_short_drafts():
     for shape, row in costly["shapes"].items():
         if shape != "0x0":
             assert row["ms"] == pytest.approx(free["shapes"][shape]["ms"] + 20.0)
+
+
+def test_a_lookup_match_drafts_the_length_that_pays_on_the_measured_curve():
+    """Each verified token costs 1 ms over a 10 ms step: the longer a match is drafted the more of its accepted
+    tokens count, up to the widest measured verify (or the probe's slots); where wide verifies are dear, short."""
+    curve = {1: 10.0, **{w: 10.0 + (w - 2) for w in range(2, 10)}}
+    accepted = [0, 2, 8, 8]  # lookup rounds of the probes, each drafted as far as its match (and the probe) went
+    long = choose_lookup_len(curve, accepted, 0.0, cap=20)
+    assert long["chosen"] == 8 and long["rounds"] == 4  # widest measured verify: 9 tokens
+    assert long["lengths"][8]["tokens"] == pytest.approx(1 + (0 + 2 + 8 + 8) / 4)
+    assert long["lengths"][4]["ms"] == pytest.approx(13.0)
+    assert choose_lookup_len(curve, accepted, 0.0, cap=6)["chosen"] == 6
+    dear = {1: 10.0, 2: 10.0, 3: 11.0, **{w: 100.0 for w in range(4, 10)}}
+    assert choose_lookup_len(dear, accepted, 0.0, cap=20)["chosen"] == 2
+    assert choose_lookup_len(curve, [], 0.0, cap=20)["chosen"] is None  # no match in the probes: nothing to choose
+
+
+def test_lookup_rounds_apart_leave_the_shape_to_the_drafters_rounds():
+    """With lookup apart, lookup rounds (ranks LOOKUP_RANK; one that accepted nothing still carries its first draft's)
+    neither lift nor sink the drafter's shapes; they choose their own length, and the expected speed-up counts both."""
+    steep = {w: 10.0 * w for w in range(1, 22)}
+    draft = {1: 1.0, 2: 1.2, 3: 1.2, 4: 1.2}
+    looked = [[LOOKUP_RANK] * 12, [LOOKUP_RANK], [LOOKUP_RANK] * 12]
+    ranks, accepted = RANKS + looked, ACCEPTED + [12, 0, 12]
+    apart = choose_tree(steep, draft, ranks, accepted, 5, 4, lookup_apart=True)
+    alone = choose_tree(steep, draft, RANKS, ACCEPTED, 5, 4)
+    assert apart["shapes"] == alone["shapes"] and apart["shape"] == alone["shape"]
+    assert apart["lookup"]["rounds"] == 3 and apart["lookup_len"] == apart["lookup"]["chosen"] >= 1
+    assert apart["expected_speedup"] != alone["expected_speedup"]
+    mixed = choose_tree(steep, draft, ranks, accepted, 5, 4)  # lookup rounds counted in every shape's table
+    assert "lookup_len" not in mixed and mixed["shapes"] != alone["shapes"]
 
 
 def test_cost_curve_is_measured_once_per_key(tmp_path, monkeypatch):

@@ -191,6 +191,23 @@ def test_prompt_lookup_drafts_only_on_a_match_and_the_drafter_fills_in(target):
     assert hybrid.name == "lookup+model" and 0 < inner.calls < len(res.rounds)  # lookup took some rounds
 
 
+def test_lookup_first_takes_matches_of_two_tokens_or_more_and_drafts_them_at_their_own_length(target):
+    """A match of the last token alone goes to the drafter; `lookup_len` drafts a match that far whatever the shape
+    (a chain of one, a tree), and the output stays the target's."""
+    from koala.engine.tree import TreeBudget
+
+    lookup = PromptLookupDrafter(vocab_size=V, min_ngram=2)
+    assert lookup.match([5, 6, 7, 6], 3) == (0, [])  # only the last token recurs
+    assert lookup.match([5, 6, 7, 5, 6], 3) == (2, [7, 5, 6])
+    ref = generate(target, PROMPT, 60).tokens
+    inner = CountingDrafter(target.truncated(1))
+    hybrid = LookupFirstDrafter(inner, lookup_len=6)
+    for kw in ({"gamma": 1}, {"gamma": 2, "tree": TreeBudget(2, 2, 4)}):
+        res = generate(target, PROMPT, 60, drafter=hybrid, **kw)
+        assert res.tokens == ref
+        assert len(res.accept_counts) == 7 and max(m for m, _ in res.rounds) == 6  # some match drafted 6
+
+
 def test_a_threshold_stops_a_chain_from_its_second_draft_never_before(target, monkeypatch):
     """The first draft's verify slot is about free, so no threshold drops it: an unconfident one goes alone, with no
     drafter step spent after it; later unconfident drafts are dropped."""
@@ -255,7 +272,7 @@ def test_speculative_sampling_matches_target_distribution(drafter_kind, threshol
     if drafter_kind == "close":
         drafter = ModelDrafter(tgt.truncated(1))
     elif drafter_kind == "lookup":  # one-hot lookup drafts in some rounds, the model's q in the others
-        drafter = LookupFirstDrafter(ModelDrafter(tgt.truncated(1)), max_ngram=2)
+        drafter = LookupFirstDrafter(ModelDrafter(tgt.truncated(1)), max_ngram=2, min_ngram=1, lookup_len=4)
     else:
         drafter = ModelDrafter(Transformer(tiny_llama(layers=1, vocab=vocab, hidden=16, seed=99, init_std=1.0)))
     assert sampled_pvalue(tgt, drafter, vocab, steps, runs, gamma=3, threshold=threshold) > 1e-3
