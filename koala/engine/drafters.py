@@ -320,7 +320,7 @@ class LookupFirstDrafter:
     in five (`bench/results/lookup_depth.json`: 19-21% on ShareGPT and MT-bench answers), less often than a trained
     drafter that pays at all, so such a position goes to the drafter. `lookup_len`: how many tokens a match drafts,
     whatever the drafter's shape (a match goes on agreeing far past a drafter's depth: 80% of 3-gram matches agree
-    on their first token, more than half on their fourth); None fills the shape's verify slots. `gamma: auto` sets
+    on their first token, about half through their fourth); None fills the shape's verify slots. `gamma: auto` sets
     it from the evaluation's probes and the measured cost by width (`koala.engine.calibrate.choose_lookup_len`).
     """
 
