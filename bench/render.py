@@ -515,6 +515,22 @@ def threshold_table() -> str:
             f"left out), every variant in turn on each prompt; `{r['command']}` on {_machine(r)}.")
 
 
+def lookup_len_table() -> str:
+    """Prompt lookup in front of a drafter: matches of any size or of two tokens or more, each filling the drafter's
+    shape or drafting a length of its own (bench/lookup_len.py)."""
+    r = _load("lookup_len.json")
+    if not r:
+        return _missing("lookup_len.json", "python bench/lookup_len.py --drafter heads:runs/default/drafter/heads/heads "
+                                           "--json bench/results/lookup_len.json")
+    rows = ["| decoding | ms per token | tokens per target forward | speed-up |", "|---|---|---|---|"]
+    for name, e in r["variants"].items():
+        rows.append(f"| {name} | {e['ms_per_token']:.2f} | {e['tokens_per_forward']:.3f} | {e['speedup']:.3f}x |")
+    return ("\n".join(rows) + f"\n\n`lookup+{r['drafter']}`, the drafter's shape {r['shape']}, {r['prompts']} prompts "
+            f"({r['bench']}) x {r['reps']}, {r['max_new_tokens']} new tokens, greedy, {r['dtype']}, {r['mode']} engine; "
+            f"decoding only (the prefill left out), every variant in turn on each prompt; `{r['command']}` on "
+            f"{_machine(r)}.")
+
+
 TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_table, "trees": trees_table,
           "default": default_table, "dtype": dtype_table,
           "fidelity": fidelity_table, "curve": curve_table, "load": load_table, "eagle3": eagle3_table,
@@ -522,7 +538,8 @@ TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_t
           "eagle-loss": eagle_loss_table,
           "ablation-losses": losses_table, "ablation-heads": heads_table,
           "wide-builds": wide_builds_table, "lookup-depth": lookup_depth_table,
-          "round-cost": round_cost_table, "one-token": one_token_table, "threshold": threshold_table}
+          "round-cost": round_cost_table, "one-token": one_token_table, "threshold": threshold_table,
+          "lookup-len": lookup_len_table}
 
 
 def _figure():
