@@ -299,19 +299,24 @@ PROBE_PROMPTS = 6  # prompts the draft shape is measured on: one repetitive prom
 PROBE_TOKENS = 64  # new tokens per probe (at most the evaluation's)
 
 
-def _probes(session, cfg: EvalConfig, prompts, drafter, gamma: int, tree: TreeBudget | None = None) -> list:
+def _probes(session, cfg: EvalConfig, prompts, drafter, gamma: int,
+            tree: TreeBudget | None = None) -> tuple[list, list[int]]:
     """Profiled runs on the first PROBE_PROMPTS prompts, PROBE_TOKENS new tokens each. A run during which a step was
-    built (a wide step's first use, its builds timed) is run again: its times would price the compilation."""
-    out = []
+    built (a wide step's first use, its builds timed) is run again: its times would price the compilation. Returns
+    the runs and the [rounds, tokens] prompt lookup drafted in them (a `LookupFirstDrafter`'s; else zeros), so that
+    the drafter's own step is priced over its own drafts."""
+    out, looked = [], [0, 0]
+    matched = getattr(drafter, "matched", None)
     for _, ids in prompts[:PROBE_PROMPTS]:
         for _ in range(2):
-            before = compile_seconds()
+            before, m0 = compile_seconds(), list(matched or (0, 0))
             r = _run(session, cfg, ids, drafter, gamma, profile=True, tree=tree,
                      max_new_tokens=min(PROBE_TOKENS, cfg.max_new_tokens))
             if compile_seconds() == before:
                 break
         out.append(r)
-    return out
+        looked = [a + b - c for a, b, c in zip(looked, matched or (0, 0), m0)]
+    return out, looked
 
 
 def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: int, stage) -> dict:
@@ -333,17 +338,17 @@ def _warm_up_and_choose_gamma(session, drafter, prompts, cfg: EvalConfig, gmax: 
     # per decoded token, the loop included and the prefill not, as the rounds it is compared with are costed
     plain_ms = 1e3 * (plain.wall_s - plain.prefill_s) / max(len(plain.tokens) - 1, 1)
     chain_gamma = gamma if tree is None else gmax
-    probes = _probes(session, cfg, prompts, drafter, chain_gamma)
+    probes, looked = _probes(session, cfg, prompts, drafter, chain_gamma)
     rounds = [r for p in probes for r in p.rounds]
-    drafter_step_s = sum(p.draft_s for p in probes) / max(sum(m for m, _ in rounds), 1)
+    drafter_step_s = sum(p.draft_s for p in probes) / max(sum(m for m, _ in rounds) - looked[1], 1)
     choice, curve = None, None
     if cfg.gamma == "auto" and cfg.temperature == 0:
         probe = tree_probe_budget(getattr(drafter, "max_gamma", None))
         stage(f"draft shape auto: probes of a {probe} tree, the target's cost by width up to {probe.nodes + 1}")
         _run(session, cfg, prompts[0][1], drafter, probe.depth, tree=probe)  # warm (compiles the drafter's tree step)
-        tprobes = _probes(session, cfg, prompts, drafter, probe.depth, tree=probe)
+        tprobes, tlooked = _probes(session, cfg, prompts, drafter, probe.depth, tree=probe)
         trounds = [r for p in tprobes for r in p.rounds]
-        level_ms = 1e3 * sum(p.draft_s for p in tprobes) / max(len(trounds), 1) / probe.depth
+        level_ms = 1e3 * sum(p.draft_s for p in tprobes) / max(len(trounds) - tlooked[0], 1) / probe.depth
         curve = cost_curve(session, max_width=probe.nodes + 1)
         round_ms, chain_round_ms = round_overhead_ms(tprobes), round_overhead_ms(probes)  # a tree's path moves
         choice = choose_tree(curve["ms"], {1: drafter_step_s * 1e3, **{k: level_ms for k in range(2, probe.topk + 1)}},

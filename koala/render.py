@@ -74,8 +74,15 @@ def _choice_lines(r: EvalReport) -> list[str]:
         lines += ["", "| draft shape (depth x top-k) | expected tokens per round | ms per round "
                       "| expected tokens/s |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['tokens']:.2f} | {v['ms']:.1f} | {v['rate']:.1f} |" for k, v in ch["shapes"].items()]
+        expected = ch.get("expected_tokens_per_round", ch["shapes"][ch["shape"]]["tokens"])
         lines += ["", f"measured tokens per round {ch.get('measured_tokens_per_round', 0):.2f} against "
-                      f"{ch['shapes'][ch['shape']]['tokens']:.2f} expected"]
+                      f"{expected:.2f} expected"]
+    lk = ch.get("lookup")
+    if lk:
+        lines += ["", f"prompt-lookup matches draft {lk['chosen']} tokens: " + (
+            "no match in the probes, the probe's depth" if lk.get("fallback") else
+            f"from the probes' {lk['rounds']} lookup rounds (tokens/s of those rounds by length: " + ", ".join(
+                f"{n} {v['rate']:.1f}" for n, v in lk["lengths"].items()) + ")")]
     return lines
 
 

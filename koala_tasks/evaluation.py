@@ -119,7 +119,7 @@ def register_drafter(cfg: KoalaConfig, drafter_dir: str, report: EvalReport, par
         fault("registry.register")
         with Tracker.start(uri, cfg.tracking.experiment, "register", parent_run_id=parent_run_id) as tr:
             logged = tr.log_drafter(drafter_dir, registered_name=name, version_tags={WEIGHTS_TAG: digest})
-    tags = {"tau": f"{report.tau:.4f}", "speedup": f"{report.speedup:.4f}", "gamma_chosen": str(report.gamma),
+    tags = {"tau": f"{report.tau:.4f}", "speedup": f"{report.speedup:.4f}", "gamma_chosen": report.draft_shape,
             "mode": report.mode, "lossless": report.lossless.text, "device": report.device, "dtype": report.dtype,
             "drafter_dir": drafter_dir,
             **{f"eval.{k}": str(v) for k, v in cfg.eval.model_dump().items() if k in EVAL_KEYS}}

@@ -283,7 +283,7 @@ def path_length(ranks: list[list[int]], accepted: list[int], depth: int, topk: i
     """Mean drafts a tree of `depth` x `topk` would have accepted on probe rounds of a wider, deeper tree.
 
     `ranks[r]`: each accepted node's index among the nodes its depth kept in the probe (best first, 0 the drafter's
-    chain); `accepted[r]`: the path's length. A node within the first `topk` of its depth at every depth of its path
+    chain; a round that accepted none: its first draft's); `accepted[r]`: the path's length. A node within the first `topk` of its depth at every depth of its path
     is also in the `topk` tree (its candidates are a subset of the probe's), so this is a lower bound of that tree's
     accepted length, up to `depth` nodes; the chain (top-k 1) is exact. A prompt-lookup round (ranks
     `LOOKUP_RANK`) fills every verify slot of the shape with its match, so it holds up to `depth * topk` nodes.
@@ -302,15 +302,22 @@ def path_length(ranks: list[list[int]], accepted: list[int], depth: int, topk: i
     return total / max(len(ranks), 1)
 
 
-def _with_lookup(table: dict, best: str, lookup: dict | None, drafter_rounds: int) -> dict:
-    """The expected speed-up of the chosen shape, its lookup rounds (if apart) counted at their chosen length."""
-    rate = table[best]["rate"]
-    if lookup is None or lookup["chosen"] is None:
-        return {"expected_speedup": rate / table["0x0"]["rate"], **({"lookup": lookup} if lookup else {})}
-    shape, lk = table[best], lookup["lengths"][lookup["chosen"]]
-    nd, nl = drafter_rounds, lookup["rounds"]
-    rate = 1e3 * (nd * shape["tokens"] + nl * lk["tokens"]) / (nd * shape["ms"] + nl * lk["ms"])
-    return {"expected_speedup": rate / table["0x0"]["rate"], "lookup": lookup, "lookup_len": lookup["chosen"]}
+def _with_lookup(table: dict, best: str, looked: list[int] | None, drafter_rounds: int, curve_ms: dict[int, float],
+                 probe: tuple[int, int], round_ms: float) -> dict:
+    """The chosen shape's expected speed-up and tokens per round; with lookup apart (`looked`: the lookup rounds'
+    accepted lengths), its length chosen beside the shape's rounds and counted in both, in the proportion the probes
+    had them (without a lookup round: the probe's depth; `probe` is its (depth, top-k))."""
+    shape = table[best]
+    if looked is None:
+        return {"expected_speedup": shape["rate"] / table["0x0"]["rate"], "expected_tokens_per_round": shape["tokens"]}
+    nd = drafter_rounds
+    lookup = choose_lookup_len(curve_ms, looked, round_ms, probe[0] * probe[1],
+                               base=(nd * shape["tokens"], nd * shape["ms"]), fallback=min(probe[0], max(curve_ms) - 1))
+    nl = lookup["rounds"]
+    lk = lookup["lengths"].get(lookup["chosen"], {"tokens": 0.0, "ms": 0.0})
+    rate = 1e3 * (nd * shape["tokens"] + nl * lk["tokens"]) / max(nd * shape["ms"] + nl * lk["ms"], 1e-9)
+    return {"expected_speedup": rate / table["0x0"]["rate"], "lookup": lookup, "lookup_len": lookup["chosen"],
+            "expected_tokens_per_round": (nd * shape["tokens"] + nl * lk["tokens"]) / max(nd + nl, 1)}
 
 
 def round_overhead_ms(results) -> float:
@@ -322,20 +329,26 @@ def round_overhead_ms(results) -> float:
     return max(0.0, 1e3 * extra / max(rounds, 1))
 
 
-def choose_lookup_len(curve_ms: dict[int, float], accepted: list[int], round_ms: float, cap: int) -> dict:
-    """How many tokens a prompt-lookup match drafts (`LookupFirstDrafter.lookup_len`): the length L (1..cap, its
-    verify within the measured curve) with the most expected tokens per second over the probes' lookup rounds,
-    each of which drafted at least `cap` tokens where the match had them (greedy: a round of L drafts would have
-    accepted min(k, L) of them). A round costs its verify forward at width L + 1 and `round_ms`; a match needs no
-    drafter step. Returns {"chosen", "rounds", "lengths": {L: {"tokens", "ms", "rate"}}}; chosen None without a
-    lookup round."""
+def choose_lookup_len(curve_ms: dict[int, float], accepted: list[int], round_ms: float, cap: int,
+                      base: tuple[float, float] = (0.0, 0.0), fallback: int | None = None) -> dict:
+    """How many tokens a prompt-lookup match drafts (`LookupFirstDrafter.lookup_len`), from the probes' lookup
+    rounds, each of which drafted up to `cap` tokens where its match had them (greedy: a round of L drafts would
+    have accepted min(k, L) of them). A lookup round of L costs its verify forward at width L + 1 and `round_ms`; a
+    match needs no drafter step. The length L (1..cap, its verify within the measured curve) with the most expected
+    tokens per second over all the probes' rounds is chosen: the lookup rounds at L beside `base`, the expected
+    (tokens, ms) of the drafter's rounds in all (none: the lookup rounds alone). Without a lookup round in the
+    probes there is nothing to measure: `fallback`, and "fallback" true. Returns {"chosen", "rounds", "lengths":
+    {L: {"tokens", "ms", "rate"}}}, each length's tokens per round, ms per round and tokens/s."""
     table = {}
     for n in range(1, min(cap, max(curve_ms) - 1) + 1):
         e = 1 + sum(min(k, n) for k in accepted) / max(len(accepted), 1)
         ms = curve_ms[n + 1] + round_ms
         table[n] = {"tokens": e, "ms": ms, "rate": 1e3 * e / ms}
-    best = max(table, key=lambda n: table[n]["rate"]) if accepted and table else None
-    return {"chosen": best, "rounds": len(accepted), "lengths": table}
+    if not accepted or not table:
+        return {"chosen": fallback, "rounds": 0, "lengths": table, "fallback": True}
+    nl, (bt, bm) = len(accepted), base
+    best = max(table, key=lambda n: (bt + nl * table[n]["tokens"]) / (bm + nl * table[n]["ms"]))
+    return {"chosen": best, "rounds": nl, "lengths": table}
 
 
 def _split_lookup(ranks: list[list[int]], accepted: list[int]) -> tuple[list, list, list[int]]:
@@ -367,10 +380,9 @@ def choose_tree(curve_ms: dict[int, float], draft_ms_per_depth: dict[int, float]
     """
     from koala.engine.tree import TreeBudget
 
-    lookup = None
+    looked = None
     if lookup_apart:
         ranks, accepted, looked = _split_lookup(ranks, accepted)
-        lookup = choose_lookup_len(curve_ms, looked, round_ms, probe_depth * probe_topk)
     widest = max(curve_ms)
     plain = plain_ms or curve_ms[1]
     table = {"0x0": {"tokens": 1.0, "ms": plain, "rate": 1e3 / plain}}
@@ -385,7 +397,9 @@ def choose_tree(curve_ms: dict[int, float], draft_ms_per_depth: dict[int, float]
     best = max((s for s in table if s != "0x0"), key=lambda s: table[s]["rate"])
     d, k = (int(x) for x in best.split("x"))
     return {"auto": True, "chosen": str(TreeBudget(d, k, d * k)) if k > 1 else d, "shape": best, "depth": d,
-            "topk": k, **_with_lookup(table, best, lookup, len(accepted)), "shapes": table,
+            "topk": k, **_with_lookup(table, best, looked, len(accepted), curve_ms, (probe_depth, probe_topk),
+                                      chain_round_ms if k == 1 and chain_round_ms is not None else round_ms),
+            "shapes": table,
             "cost_by_width_ms": curve_ms, "draft_ms_per_depth": draft_ms_per_depth, "round_ms": round_ms,
             "chain_round_ms": round_ms if chain_round_ms is None else chain_round_ms,
             "plain_ms": plain}

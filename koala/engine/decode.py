@@ -42,6 +42,7 @@ class GenerationResult:
     verify_s: float = 0.0  # time in the target's verify forwards (measured when profile=True)
     tree: str | None = None  # the draft tree's shape (DEPTHxTOPKxNODES) when rounds verified trees
     ranks: list[list[int]] = field(default_factory=list)  # per tree round: each accepted node's rank among siblings
+    # (a round that accepted none: its first draft's, which tells a prompt-lookup round apart)
     prefill_s: float = 0.0  # of wall_s, the prompt's forward up to the first new token (decoding is the rest)
 
     @property

@@ -271,6 +271,9 @@ class PromptLookupDrafter:
     vocab_size = None
 
     def __init__(self, max_ngram: int = 3, vocab_size: int | None = None, min_ngram: int = 1):
+        if not 1 <= min_ngram <= max_ngram:
+            raise KoalaError(f"prompt lookup's n-gram sizes {min_ngram}..{max_ngram} are empty: give 1 <= min_ngram "
+                             f"<= max_ngram")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
         self.name = f"ngram:{max_ngram}"
         self.target_vocab = vocab_size
@@ -310,8 +313,8 @@ class PromptLookupDrafter:
 class LookupFirstDrafter:
     """Prompt lookup where the context repeats itself, the trained drafter everywhere else (`lookup+SPEC`).
 
-    A lookup draft costs nothing to make, so it goes first; the drafter proposes only when the last n-gram (of at
-    least `min_ngram` tokens) has an earlier match. Which of the two drafts depends on the context alone, so each
+    A lookup draft costs nothing to make, so it goes first; the drafter proposes only where the last n-gram (of at
+    least `min_ngram` tokens) has no earlier match. Which of the two drafts depends on the context alone, so each
     round's draft is still a draw from the q it reports and the output stays the target's. The drafter sees every
     commit, so its cache and features stay current and it catches up on the tokens it skipped the next time it is
     asked.
@@ -325,9 +328,12 @@ class LookupFirstDrafter:
     """
 
     def __init__(self, drafter: Drafter, max_ngram: int = 3, min_ngram: int = 2, lookup_len: int | None = None):
+        if lookup_len is not None and lookup_len < 1:
+            raise KoalaError(f"lookup_len {lookup_len}: give at least 1, or None to fill the drafter's shape")
         self.drafter = drafter
         self.lookup = PromptLookupDrafter(max_ngram, vocab_size=drafter.vocab_size, min_ngram=min_ngram)
         self.lookup_len = lookup_len
+        self.matched = [0, 0]  # rounds and tokens lookup drafted, so far: the drafter's own cost is timed apart
         self.name = f"lookup+{drafter.name}"
         self.vocab_size = drafter.vocab_size
         self.needs_hidden = drafter.needs_hidden
@@ -340,6 +346,7 @@ class LookupFirstDrafter:
         if self.vocab_size is not None:  # one-hot lookup drafts over the target's vocabulary
             tokens, q = self.lookup.propose(seq, n, self.lookup_len or gamma, params)
             if tokens.numel():
+                self._count(tokens.numel())
                 return tokens, q
         return self.drafter.propose(seq, n, gamma, params, threshold)
 
@@ -348,8 +355,13 @@ class LookupFirstDrafter:
         if self.vocab_size is not None:
             tree = self.lookup.propose_tree(seq, n, budget, params, self.lookup_len)
             if tree.size > 1:
+                self._count(tree.size - 1)
                 return tree
         return self.drafter.propose_tree(seq, n, budget, params)
+
+    def _count(self, tokens: int) -> None:
+        self.matched[0] += 1
+        self.matched[1] += tokens
 
     def commit(self, n_valid, hidden=None, start=0):
         self.drafter.commit(n_valid, hidden, start)

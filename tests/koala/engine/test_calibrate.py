@@ -113,6 +113,9 @@ def test_lookup_rounds_apart_leave_the_shape_to_the_drafters_rounds():
     assert apart["expected_speedup"] != alone["expected_speedup"]
     mixed = choose_tree(steep, draft, ranks, accepted, 5, 4)  # lookup rounds counted in every shape's table
     assert "lookup_len" not in mixed and mixed["shapes"] != alone["shapes"]
+    unseen = choose_tree(steep, draft, RANKS, ACCEPTED, 5, 4, lookup_apart=True)  # no match in the probes
+    assert unseen["lookup_len"] == 5 and unseen["lookup"]["fallback"]  # the probe's depth
+    assert unseen["expected_speedup"] == pytest.approx(alone["expected_speedup"])
 
 
 def test_cost_curve_is_measured_once_per_key(tmp_path, monkeypatch):

@@ -199,6 +199,10 @@ def test_lookup_first_takes_matches_of_two_tokens_or_more_and_drafts_them_at_the
     lookup = PromptLookupDrafter(vocab_size=V, min_ngram=2)
     assert lookup.match([5, 6, 7, 6], 3) == (0, [])  # only the last token recurs
     assert lookup.match([5, 6, 7, 5, 6], 3) == (2, [7, 5, 6])
+    with pytest.raises(KoalaError, match="n-gram sizes 4..3 are empty"):
+        PromptLookupDrafter(3, min_ngram=4)
+    with pytest.raises(KoalaError, match="lookup_len 0: give at least 1"):
+        LookupFirstDrafter(ModelDrafter(target.truncated(1)), lookup_len=0)
     ref = generate(target, PROMPT, 60).tokens
     inner = CountingDrafter(target.truncated(1))
     hybrid = LookupFirstDrafter(inner, lookup_len=6)
@@ -206,6 +210,7 @@ def test_lookup_first_takes_matches_of_two_tokens_or_more_and_drafts_them_at_the
         res = generate(target, PROMPT, 60, drafter=hybrid, **kw)
         assert res.tokens == ref
         assert len(res.accept_counts) == 7 and max(m for m, _ in res.rounds) == 6  # some match drafted 6
+    assert hybrid.matched[0] > 0 and hybrid.matched[1] >= 6  # rounds and tokens lookup drafted
 
 
 def test_a_threshold_stops_a_chain_from_its_second_draft_never_before(target, monkeypatch):
