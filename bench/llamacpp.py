@@ -13,8 +13,8 @@ chat-templated by the target's tokenizer), greedy:
   as koala's does) and decode-only (after the first new token);
 * koala's compiled engine, autoregressive and speculative (the drafter given, prompt lookup in front, draft shape
   `auto`), at float32, bfloat16, and int8 weights on bfloat16 activations (`eval.weights: int8`: 8 bits per weight
-  and a scale per output channel, set beside Q8_0), through `koala.evaluate` (the same measurement as `koala eval`),
-  end to end and decode-only;
+  and a scale per output channel, set beside Q8_0), or those `--precisions` names, through `koala.evaluate` (the
+  same measurement as `koala eval`), end to end and decode-only;
 * with `--gguf-drafter`, llama.cpp decoding F32 and BF16 with a koala independent drafter as its draft model
   (`koala.export.llamacpp_draft.GGUFDraftModel`, k tokens per round), and whether its tokens are its plain decoding's.
 
@@ -216,8 +216,14 @@ def main() -> None:
                     help="an independent koala drafter (its directory, exported here with `--format gguf`) or a GGUF "
                     "file: llama.cpp also decodes with it as its draft model (koala.export.llamacpp_draft)")
     ap.add_argument("--draft-tokens", default="2,4", help="tokens the GGUF drafter drafts per round, each measured")
+    ap.add_argument("--precisions", default=",".join(KOALA),
+                    help="koala's precisions measured, of " + ", ".join(KOALA) + " (a CPU without a bf16 matrix unit "
+                    "decodes bf16 slowly: koala decodes float32 there)")
     ap.add_argument("--json", default=None, help="write the result here")
     a = ap.parse_args()
+    precisions = a.precisions.split(",")
+    if unknown := [p for p in precisions if p not in KOALA]:
+        raise SystemExit(f"--precisions {','.join(unknown)}: give some of {', '.join(KOALA)}")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from koala import assets, benchinfo
@@ -242,7 +248,7 @@ def main() -> None:
     for name, s in llama_spec.items():
         s["over_plain"] = round(s["tokens_per_s"] / llama[name.split()[0]]["tokens_per_s"], 3)
     koala = {name: run_koala(dtype, weights, a.drafter, a.prompts, a.max_new_tokens, a.reps)
-             for name, (dtype, weights, _) in KOALA.items()}
+             for name, (dtype, weights, _) in KOALA.items() if name in precisions}
     pairs = {name: lc_name for name, (_, _, lc_name) in KOALA.items()}
     out = {**benchinfo.header(), "command": "python bench/llamacpp.py " + " ".join(sys.argv[1:]),
            "llama_cpp_python": lc["version"], "llama_cpp_build": flags, "llama_cpp_build_s": round(build_s, 1),
