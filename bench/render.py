@@ -45,8 +45,9 @@ def _lossless(e: dict) -> str:
 
 
 def _shape(e: dict) -> str:
-    """The draft shape an evaluation ran: its tree, or its chain's length."""
-    return f"tree {e['tree']}" if e.get("tree") else f"gamma {e['gamma']}"
+    """The draft shape an evaluation ran: its tree, or its chain's length; and a lookup match's own length."""
+    shape = f"tree {e['tree']}" if e.get("tree") else f"gamma {e['gamma']}"
+    return shape + (f", lookup {e['lookup_len']}" if e.get("lookup_len") else "")
 
 
 def _machine(r: dict) -> str:

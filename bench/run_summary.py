@@ -21,7 +21,8 @@ from koala.report import EvalReport
 def evaluation(report: Path) -> dict:
     r = EvalReport.load(report)
     return {"bench": r.bench, "prompts": r.prompts, "drafter": r.drafter, "mode": r.mode, "dtype": r.dtype,
-            "max_new_tokens": r.max_new_tokens, "gamma": r.gamma, "tau": round(r.tau, 3), "speedup": round(r.speedup, 3),
+            "max_new_tokens": r.max_new_tokens, "gamma": r.gamma, "lookup_len": r.gamma_choice.get("lookup_len"),
+            "tau": round(r.tau, 3), "speedup": round(r.speedup, 3),
             "tokens_per_s": {k: None if v is None else round(v, 2) for k, v in r.tokens_per_s.model_dump().items()},
             "acceptance_by_position": [round(a, 3) for a in r.acceptance_by_position], "tree": r.tree,
             "speedup_ci95": [round(x, 3) for x in r.speedup_ci95] if r.speedup_ci95 else None,
