@@ -1,8 +1,8 @@
 """What prompt lookup in front of a drafter gains from drafting its matches at a length of their own, and from leaving
 one-token matches to the drafter: the target alone and `lookup+SPEC` variants, in one process, prompts interleaved.
 
-    python bench/lookup_len.py --drafter heads:runs/default/drafter/heads/heads [--gamma 1] [--lengths 2,4,8]
-                               [--bench mtbench:16,humaneval:8,sharegpt-heldout:8] [--reps 2] [--json OUT]
+    python bench/lookup_len.py --drafter heads:runs/default/drafter/heads/heads [--gamma 1] [--lengths 4,16]
+                               [--bench mtbench:16,humaneval:8,sharegpt-heldout:8] [--reps 1] [--json OUT]
 
 The drafter runs the shape `--gamma` gives (a chain's length or a DEPTHxTOPKxNODES tree) in every variant; the
 variants differ only in prompt lookup (`koala.engine.drafters.LookupFirstDrafter`): matches of any size or of two
@@ -27,10 +27,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--drafter", required=True, help="a drafter spec (heads:PATH, ...); prompt lookup goes first")
     ap.add_argument("--gamma", default="1", help="the drafter's shape: a chain's length or DEPTHxTOPKxNODES")
-    ap.add_argument("--lengths", default="2,4,8", help="lookup_len values measured (matches of two tokens or more)")
+    ap.add_argument("--lengths", default="4,16", help="lookup_len values measured (matches of two tokens or more)")
     ap.add_argument("--bench", default="mtbench:16,humaneval:8,sharegpt-heldout:8", help="BENCH:N,... prompts")
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the result here too")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
