@@ -16,7 +16,6 @@ flags.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -33,27 +32,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--json", default=None, help="write the result here too")
     a = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from interleave import interleaved, session_and_prompts
+
     from koala import benchinfo
-    from koala.cli import decoding_session
-    from koala.config import TargetConfig
     from koala.engine import drafters as D
     from koala.engine.calibrate import parse_draft
     from koala.engine.tree import TreeBudget
-    from koala.evaluate import load_bench
-    from koala.targets import encode_chat
-    from koala.threads import configure_threads
 
-    configure_threads()
-    own = TargetConfig.model_fields["dtype"].default
-    s = decoding_session("smollm2-135m-instruct", "auto", own, "cpu", compile=True)  # as `koala eval` opens it
+    s, prompts = session_and_prompts(a.bench)
     inner = s.drafter(a.drafter)
     shape = parse_draft(a.gamma)
     tree = shape if isinstance(shape, TreeBudget) else None
     gamma = tree.depth if tree else shape
-    tok = s.target.tokenizer
-    prompts = [encode_chat(tok, list(r.messages)) for spec in a.bench.split(",")
-               for r in load_bench(spec.split(":")[0], int(spec.split(":")[1]))]
     lengths = [int(x) for x in a.lengths.split(",")]
     room = max([gamma, *lengths] + ([tree.nodes, tree.drafter_slots] if tree else [])) + 2
     longest = max(len(p) for p in prompts) + a.max_new_tokens + room
@@ -69,20 +59,7 @@ def main() -> None:
     def run(d, ids):
         return s.run(ids, a.max_new_tokens, drafter=d, gamma=gamma, tree=tree if d is not None else None)
 
-    tot = {name: {"decode_s": 0.0, "tokens": 0, "forwards": 0} for name in variants}
-    for d in variants.values():  # warm: every step shape loaded (or compiled) before anything is timed
-        run(d, prompts[0])
-    for r in range(a.reps):
-        for i, ids in enumerate(prompts):
-            for name in list(variants)[::1 if (i + r) % 2 == 0 else -1]:
-                res = run(variants[name], ids)
-                t = tot[name]
-                t["decode_s"] += res.wall_s - res.prefill_s
-                t["tokens"] += len(res.tokens) - 1  # the first token comes with the prefill
-                t["forwards"] += res.target_forwards - 1
-    ms = {name: 1e3 * t["decode_s"] / t["tokens"] for name, t in tot.items()}
-    rows = {name: {"ms_per_token": round(ms[name], 3), "tokens_per_forward": round(t["tokens"] / t["forwards"], 3),
-                   "speedup": round(ms["target alone"] / ms[name], 3)} for name, t in tot.items()}
+    rows = interleaved(variants, prompts, run, a.reps)
     benchinfo.write({**benchinfo.header(), "drafter": inner.name, "shape": a.gamma, "dtype": s.target.info.dtype,
                      "mode": s.mode, "bench": a.bench, "max_new_tokens": a.max_new_tokens, "reps": a.reps,
                      "prompts": len(prompts), "variants": rows}, a.json)

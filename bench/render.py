@@ -501,6 +501,14 @@ def one_token_table() -> str:
     return "\n".join(rows) + f"\n\nThe default target, the two ways in turns in one process. {notes}."
 
 
+def _variants(r: dict) -> str:
+    """A table of decoding variants timed in one process (bench/interleave.py)."""
+    rows = ["| decoding | ms per token | tokens per target forward | speed-up |", "|---|---|---|---|"]
+    for name, e in r["variants"].items():
+        rows.append(f"| {name} | {e['ms_per_token']:.2f} | {e['tokens_per_forward']:.3f} | {e['speedup']:.3f}x |")
+    return "\n".join(rows)
+
+
 def threshold_table() -> str:
     """Chains at each confidence threshold, the first draft always proposed or thresholded like the others
     (bench/threshold.py)."""
@@ -508,10 +516,7 @@ def threshold_table() -> str:
     if not r:
         return _missing("threshold.json", "python bench/threshold.py --drafter heads:runs/smoke/drafter/heads/heads "
                                           "--json bench/results/threshold.json")
-    rows = ["| decoding | ms per token | tokens per target forward | speed-up |", "|---|---|---|---|"]
-    for name, e in r["variants"].items():
-        rows.append(f"| {name} | {e['ms_per_token']:.2f} | {e['tokens_per_forward']:.3f} | {e['speedup']:.3f}x |")
-    return ("\n".join(rows) + f"\n\n`{r['drafter']}`, {r['prompts']} prompts ({r['bench']}) x {r['reps']}, "
+    return (_variants(r) + f"\n\n`{r['drafter']}`, {r['prompts']} prompts ({r['bench']}) x {r['reps']}, "
             f"{r['max_new_tokens']} new tokens, greedy, {r['dtype']}, {r['mode']} engine; decoding only (the prefill "
             f"left out), every variant in turn on each prompt; `{r['command']}` on {_machine(r)}.")
 
@@ -523,10 +528,7 @@ def lookup_len_table() -> str:
     if not r:
         return _missing("lookup_len.json", "python bench/lookup_len.py --drafter heads:runs/default/drafter/heads/heads "
                                            "--json bench/results/lookup_len.json")
-    rows = ["| decoding | ms per token | tokens per target forward | speed-up |", "|---|---|---|---|"]
-    for name, e in r["variants"].items():
-        rows.append(f"| {name} | {e['ms_per_token']:.2f} | {e['tokens_per_forward']:.3f} | {e['speedup']:.3f}x |")
-    return ("\n".join(rows) + f"\n\n`lookup+{r['drafter']}`, the drafter's shape {r['shape']}, {r['prompts']} prompts "
+    return (_variants(r) + f"\n\n`lookup+{r['drafter']}`, the drafter's shape `{r['shape']}`, {r['prompts']} prompts "
             f"({r['bench']}) x {r['reps']}, {r['max_new_tokens']} new tokens, greedy, {r['dtype']}, {r['mode']} engine; "
             f"decoding only (the prefill left out), every variant in turn on each prompt; `{r['command']}` on "
             f"{_machine(r)}.")

@@ -15,7 +15,6 @@ auto` picks, compiled steps. Prints JSON with the CPU model and flags.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -32,24 +31,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--json", default=None, help="write the result here too")
     a = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from koala import benchinfo
-    from koala.cli import decoding_session
-    from koala.config import TargetConfig
-    from koala.engine import drafters as D
-    from koala.evaluate import load_bench
-    from koala.targets import encode_chat
-    from koala.threads import configure_threads
+    from interleave import interleaved, session_and_prompts
 
-    configure_threads()
-    own = TargetConfig.model_fields["dtype"].default
-    s = decoding_session("smollm2-135m-instruct", "auto", own, "cpu", compile=True)  # as `koala eval` opens it
+    from koala import benchinfo
+    from koala.engine import drafters as D
+
+    s, prompts = session_and_prompts(a.bench)
     drafter = s.drafter(a.drafter)
     if not isinstance(drafter, (D.PromptLookupDrafter, D.LookupFirstDrafter)):
         drafter = D.LookupFirstDrafter(drafter)
-    tok = s.target.tokenizer
-    prompts = [encode_chat(tok, list(r.messages)) for spec in a.bench.split(",")
-               for r in load_bench(spec.split(":")[0], int(spec.split(":")[1]))]
     longest = max(len(p) for p in prompts) + a.max_new_tokens + max(int(g) for g in a.gammas.split(",")) + 1
     s.reserve(longest)
     drafter.reset(longest)
@@ -68,25 +58,11 @@ def main() -> None:
         D.FIRST_DRAFT_FREE = free
         return s.run(ids, a.max_new_tokens, drafter=drafter, gamma=g, threshold=t)
 
-    tot = {name: {"decode_s": 0.0, "tokens": 0, "forwards": 0} for name in variants}
     rule = D.FIRST_DRAFT_FREE
     try:
-        for v in variants.values():  # warm: every step shape loaded (or compiled) before anything is timed
-            run(v, prompts[0])
-        for r in range(a.reps):
-            for i, ids in enumerate(prompts):
-                for name in list(variants)[::1 if (i + r) % 2 == 0 else -1]:
-                    res = run(variants[name], ids)
-                    t = tot[name]
-                    t["decode_s"] += res.wall_s - res.prefill_s
-                    t["tokens"] += len(res.tokens) - 1  # the first token comes with the prefill
-                    t["forwards"] += res.target_forwards - 1
+        rows = interleaved(variants, prompts, run, a.reps)
     finally:
         D.FIRST_DRAFT_FREE = rule
-    ms = {name: 1e3 * t["decode_s"] / t["tokens"] for name, t in tot.items()}  # per token: in bf16 a near-tie may
-    rows = {name: {"ms_per_token": round(ms[name], 3),               # end a variant's answer earlier
-                   "tokens_per_forward": round(t["tokens"] / t["forwards"], 3),
-                   "speedup": round(ms["target alone"] / ms[name], 3)} for name, t in tot.items()}
     benchinfo.write({**benchinfo.header(), "drafter": drafter.name, "lookup": True, "dtype": s.target.info.dtype,
                      "mode": s.mode, "bench": a.bench, "max_new_tokens": a.max_new_tokens, "reps": a.reps,
                      "prompts": len(prompts), "variants": rows}, a.json)
