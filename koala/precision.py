@@ -70,9 +70,13 @@ _announced: set[str] = set()
 
 def announce(compute: ComputeDtype, what: str) -> None:
     """Print `compute.describe(what)` to stderr, once per process and message (a stage runs many shards or steps)."""
+    announce_line(compute.describe(what))
+
+
+def announce_line(line: str) -> None:
+    """Print a choice's line to stderr, once per process."""
     import sys
 
-    line = compute.describe(what)
     if line not in _announced:
         _announced.add(line)
         print(line, file=sys.stderr, flush=True)

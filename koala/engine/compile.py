@@ -224,6 +224,8 @@ class AotStep:
         configure_inductor(model.device)
         self.model = model
         self.mode = mode or default_mode(model.device)
+        if any(hasattr(m, "packed") for _, m in _weight_only_layers(model)):
+            self.mode = UNTUNED  # the GEMMs are koala's kernel (koala.engine.gemm): nothing left to autotune
         self.graphs = False
         self.sliced = True  # steps attend to the slots below their end: the slot count is symbolic, like the width
         self.steps: dict[tuple, Callable] = {}
@@ -297,7 +299,12 @@ class AotStep:
         # the code a package traced: the model's module and the step wrapper (not this file's docstrings or caching)
         src = (Path(sys.modules[type(self.model).__module__].__file__).read_text() + inspect.getsource(KVCache)
                + inspect.getsource(CacheView) + inspect.getsource(_StepModule))
-        src += "".join(sorted({inspect.getsource(type(m)) for _, m in _weight_only_layers(self.model)}))  # traced too
+        layers = _weight_only_layers(self.model)
+        src += "".join(sorted({inspect.getsource(type(m)) for _, m in layers}))  # traced too
+        if any(hasattr(m, "packed") for _, m in layers):  # and the kernel they call
+            from koala.engine.gemm import SOURCE
+
+            src += SOURCE.read_text()
         wide, embeds, hidden, logits, tree, pos_dim, batch, slots = sig
         mode = mode or self.mode
         return {
@@ -484,7 +491,8 @@ class AotStep:
                 del buf
                 del ep
                 configs = self.inductor_configs(mode)
-                _compile_in_child(Path(exported.name), package, configs)
+                ops = any(hasattr(m, "packed") for _, m in _weight_only_layers(self.model))
+                _compile_in_child(Path(exported.name), package, configs, ops)
             path.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
         _compile_s += time.perf_counter() - t
         _builds.append({"layers": len(self.model.layers), "wide": wide, "mode": mode,
@@ -496,19 +504,21 @@ class AotStep:
 
 
 def _weight_only_layers(model) -> list[tuple[str, torch.nn.Module]]:
-    """The model's weight-only quantised layers (koala.engine.quantize.Int8Linear: int8 weights kept as buffers)."""
-    return [(name, m) for name, m in model.named_modules() if hasattr(m, "qweight")]
+    """The model's layers whose weights a step reads from buffers: int8 weight-only (koala.engine.quantize.Int8Linear)
+    and koala's packed layout (koala.engine.gemm.PackedLinear)."""
+    return [(name, m) for name, m in model.named_modules() if hasattr(m, "qweight") or hasattr(m, "packed")]
 
 
-def _compile_in_child(exported: Path, package: Path, configs: dict) -> None:
-    """AOTInductor over a saved ExportedProgram, in a fresh Python process with this one's threads."""
+def _compile_in_child(exported: Path, package: Path, configs: dict, ops: bool = False) -> None:
+    """AOTInductor over a saved ExportedProgram, in a fresh Python process with this one's threads; `ops`: the step
+    calls koala's GEMM kernel (koala.engine.gemm), which the child loads first."""
     import subprocess
 
     from koala.threads import configured
 
     env = {**os.environ, "OMP_NUM_THREADS": str(configured())}
-    r = subprocess.run([sys.executable, "-m", "koala.engine.compile", str(exported), str(package), json.dumps(configs)],
-                       env=env, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "koala.engine.compile", str(exported), str(package), json.dumps(configs),
+                        "ops" if ops else ""], env=env, capture_output=True, text=True)
     if r.returncode != 0 or not package.stat().st_size:
         lines = [ln for ln in (r.stderr or "").strip().splitlines() if ln.strip()]
         last = (lines[-1] if lines else f"exit status {r.returncode}")[:200]
@@ -516,9 +526,13 @@ def _compile_in_child(exported: Path, package: Path, configs: dict) -> None:
                          "(eval.compile: false)")
 
 
-def _child_main(exported: str, package: str, configs: str) -> None:
+def _child_main(exported: str, package: str, configs: str, ops: str = "") -> None:
     """The child: load the exported step and compile it into a package (koala's inductor settings)."""
     configure_inductor(torch.device("cpu"))
+    if ops:
+        from koala.engine.gemm import load
+
+        load()
     with torch.no_grad(), warnings.catch_warnings():  # as exported: no autograd, the caches written in place
         warnings.simplefilter("ignore")
         ep = torch.export.load(exported)
@@ -610,4 +624,4 @@ class _Announced:
 
 
 if __name__ == "__main__":  # the child process of `_compile_in_child`
-    _child_main(*sys.argv[1:4])
+    _child_main(*sys.argv[1:5])

@@ -51,10 +51,12 @@ class Session:
 
     @classmethod
     def open(cls, spec: str, dtype: str = "float32", device: str = "cpu", compile: bool = False,
-             weights: str = "full", autotune: bool = True) -> "Session":
+             weights: str = "full", autotune: bool = True, gemm: str = "auto") -> "Session":
         """Load a target; with `compile`, its decode steps (and every drafter's) run compiled (koala.engine.compile),
         on a CPU with autotuned GEMMs unless `autotune` is False; `weights` int8: its linear layers quantised to int8
-        weight-only (koala.engine.quantize), a CPU's option."""
+        weight-only (koala.engine.quantize), a CPU's option. A compiled full-weight target on a CPU runs koala's
+        decode GEMM where `gemm` (auto: where it measures faster; koala; torch) says so (koala.engine.gemm)."""
+        from koala.engine import gemm as decode_gemm
         from koala.engine.compile import compile_mode
         from koala.engine.quantize import quantize_weights
         from koala.threads import configure_threads
@@ -62,6 +64,8 @@ class Session:
         configure_threads()
         t = load_target(spec, dtype=dtype, device=device)
         quantize_weights(t.model, weights)
+        if compile and weights == "full" and t.model.device.type == "cpu":
+            decode_gemm.use_for(t.model, gemm)
         s = cls(t, Transformer(t.model), compile_mode=compile_mode(t.model.device, autotune))
         if compile:
             s.compile()
@@ -79,11 +83,12 @@ class Session:
         """Mode, threads and device in one line: what every command prints before it measures anything."""
         import torch
 
+        from koala.engine.gemm import packed
         from koala.threads import cpu_model
 
         info = self.target.info
         where = f"CPU {cpu_model()}" if info.device == "cpu" else torch.cuda.get_device_name()
-        weights = ", int8 weights" if self.weights == "int8" else ""
+        weights = ", int8 weights" if self.weights == "int8" else ", koala GEMM" if packed(self.engine) else ""
         return f"{self.mode} engine, {info.dtype}{weights}, {where}, {torch.get_num_threads()} threads"
 
     @property

@@ -1,0 +1,145 @@
+// koala's decode GEMM for a CPU with AVX-512: y (M, N) = x (M, K) @ W (N, K)^T for the few rows of a decode or
+// verify step (M <= 32), with W packed once into column panels: (N / NR panels, K, NR), zero-padded.
+//
+// A step of a small model on a CPU reads every weight once, so its cost is the memory traffic of the weights as
+// long as the arithmetic keeps up with it. The kernel streams each panel once per 8 rows: for each k it loads NR
+// weights (three 512-bit registers), broadcasts x[m, k] for up to 8 rows and accumulates 8 x 48 outputs in 24
+// registers, prefetching PFD k-steps ahead so the next weights arrive while these are multiplied. Rows beyond 8 run
+// the panel again from L2. Each output is the same sum in the same order whatever M is, so a row's result does not
+// depend on how many rows share the call (a verify step's first row equals a one-token step's).
+//
+// Weights are float32 or bfloat16 (bf16 is widened to fp32 by a shift: no bf16 instructions needed); x and y have
+// the weights' dtype; accumulation is fp32, and a bf16 output is rounded to nearest even.
+// Ops: koala::pack(Tensor w) -> Tensor, koala::small_linear(Tensor x, Tensor packed, int n) -> Tensor.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+namespace {
+
+constexpr int NR = 48;   // output columns per panel: three 512-bit registers of fp32
+constexpr int MR = 8;    // rows per pass: 8 x 3 accumulators, 3 weight registers, 1 broadcast of 32 registers
+constexpr int PFD = 16;  // k-steps prefetched ahead
+
+using bf16 = c10::BFloat16;
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline float widen(float v) { return v; }
+inline float widen(bf16 v) { return static_cast<float>(v); }
+
+inline void prefetch_step(const float* w) {
+  _mm_prefetch(reinterpret_cast<const char*>(w), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(w + 16), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(w + 32), _MM_HINT_T0);
+}
+inline void prefetch_step(const bf16* w) {
+  _mm_prefetch(reinterpret_cast<const char*>(w), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(w + 32), _MM_HINT_T0);
+}
+
+inline void store_row(float* y, const float* acc, int64_t nn) {
+  for (int64_t n = 0; n < nn; ++n) y[n] = acc[n];
+}
+inline void store_row(bf16* y, const float* acc, int64_t nn) {
+  for (int64_t n = 0; n < nn; ++n) y[n] = bf16(acc[n]);  // round to nearest even, as torch rounds
+}
+
+// rows x[0..R) of one panel: y[r, 0..nn) = sum_k x[r, k] * panel[k, 0..nn)
+template <int R, typename T>
+inline void panel(const T* x, int64_t ldx, const T* w, int64_t K, T* y, int64_t ldy, int64_t nn) {
+  __m512 acc[R][3];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 3; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const T* wk = w + k * NR;
+    prefetch_step(wk + PFD * NR);
+    __m512 w0 = load16(wk), w1 = load16(wk + 16), w2 = load16(wk + 32);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      __m512 b = _mm512_set1_ps(widen(x[r * ldx + k]));
+      acc[r][0] = _mm512_fmadd_ps(b, w0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(b, w1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(b, w2, acc[r][2]);
+    }
+  }
+  alignas(64) float out[NR];
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < 3; ++j) _mm512_store_ps(out + 16 * j, acc[r][j]);
+    store_row(y + r * ldy, out, nn);
+  }
+}
+
+template <typename T>
+void run(const T* x, const T* w, T* y, int64_t M, int64_t K, int64_t N) {
+  const int64_t panels = (N + NR - 1) / NR;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * NR, nn = std::min<int64_t>(NR, N - n0);
+      const T* wp = w + p * K * NR;
+      for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        const T* xb = x + m0 * K;
+        T* yb = y + m0 * N + n0;
+        switch (std::min<int64_t>(MR, M - m0)) {
+          case 1: panel<1>(xb, K, wp, K, yb, N, nn); break;
+          case 2: panel<2>(xb, K, wp, K, yb, N, nn); break;
+          case 3: panel<3>(xb, K, wp, K, yb, N, nn); break;
+          case 4: panel<4>(xb, K, wp, K, yb, N, nn); break;
+          case 5: panel<5>(xb, K, wp, K, yb, N, nn); break;
+          case 6: panel<6>(xb, K, wp, K, yb, N, nn); break;
+          case 7: panel<7>(xb, K, wp, K, yb, N, nn); break;
+          default: panel<8>(xb, K, wp, K, yb, N, nn);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor pack(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "koala::pack: a 2-d weight (N, K), got ", w.dim(), " dimensions");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
+              "koala::pack: float32 or bfloat16 weights, got ", w.scalar_type());
+  const int64_t N = w.size(0), K = w.size(1), panels = (N + NR - 1) / NR;
+  auto padded = at::zeros({panels * NR, K}, w.options());
+  padded.narrow(0, 0, N).copy_(w);
+  // (panels, NR, K) -> (panels, K, NR)
+  return padded.view({panels, NR, K}).transpose(1, 2).contiguous();
+}
+
+at::Tensor small_linear(const at::Tensor& x_, const at::Tensor& packed, int64_t n) {
+  TORCH_CHECK(x_.dim() == 2 && packed.dim() == 3 && packed.size(2) == NR && x_.size(1) == packed.size(1),
+              "koala::small_linear: x (M, K) and a weight packed by koala::pack with K columns");
+  TORCH_CHECK(x_.scalar_type() == packed.scalar_type(), "koala::small_linear: x is ", x_.scalar_type(),
+              ", the weight ", packed.scalar_type());
+  TORCH_CHECK(n > 0 && n <= packed.size(0) * NR, "koala::small_linear: n out of the packed weight's range");
+  auto x = x_.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  auto y = at::empty({M, n}, x.options());
+  if (M == 0) return y;
+  auto p = packed.contiguous();
+  if (x.scalar_type() == at::kFloat) {
+    run<float>(x.data_ptr<float>(), p.data_ptr<float>(), y.data_ptr<float>(), M, K, n);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "koala::small_linear: float32 or bfloat16, got ", x.scalar_type());
+    run<bf16>(x.data_ptr<bf16>(), p.data_ptr<bf16>(), y.data_ptr<bf16>(), M, K, n);
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(koala, m) {
+  m.def("pack(Tensor w) -> Tensor");
+  m.def("small_linear(Tensor x, Tensor packed, int n) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(koala, CPU, m) {
+  m.impl("pack", &pack);
+  m.impl("small_linear", &small_linear);
+}
