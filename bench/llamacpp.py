@@ -38,8 +38,10 @@ sys.path.insert(0, str(ROOT))
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 FTYPES = {"F32": 0, "BF16": 32, "Q8_0": 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32, _MOSTLY_BF16, _MOSTLY_Q8_0
 # koala's precision (its key in the JSON) -> (eval dtype, eval weights, the llama.cpp precision it is set beside)
-KOALA = {"float32": ("float32", "full", "F32"), "bfloat16": ("bfloat16", "full", "BF16"),
-         "int8": ("bfloat16", "int8", "Q8_0")}
+# koala's precisions: (dtype, eval.weights, the llama.cpp weights it is compared with). bf16-weights is llama.cpp's
+# BF16 exactly: bf16 weights, float32 arithmetic; bfloat16 computes in bf16 too.
+KOALA = {"float32": ("float32", "full", "F32"), "bf16-weights": ("float32", "bf16", "BF16"),
+         "bfloat16": ("bfloat16", "full", "BF16"), "int8": ("bfloat16", "int8", "Q8_0")}
 
 # Runs inside llama.cpp's venv: reads a job on stdin, prints one JSON line.
 WORKER = r'''

@@ -391,22 +391,25 @@ def llamacpp_table() -> str:
 def _llamacpp(r: dict) -> str:
     rows = ["| weights | llama.cpp tokens/s (decode only) | koala autoregressive (decode only) | koala speculative "
             "(decode only), τ | koala AR / llama.cpp | koala speculative / llama.cpp |", "|---|---|---|---|---|---|"]
-    pairs = {"F32": "float32", "BF16": "bfloat16", "Q8_0": "int8"}  # koala's int8: int8 weights, bf16 activations
+    # koala's precisions beside the llama.cpp weights they match (bench/llamacpp.py KOALA)
+    pairs = {"F32": ["float32"], "BF16": ["bf16-weights", "bfloat16"], "Q8_0": ["int8"]}
+    labels = {"bf16-weights": "koala: bf16 weights, float32 compute", "bfloat16": "koala: bfloat16 compute",
+              "int8": "koala: int8 weights"}
 
     def both(d, key):
         dec = d.get(key.replace("_tokens_per_s", "_decode_tokens_per_s"))
         return f"{d[key]:.1f}" + (f" ({dec:.1f})" if dec is not None else "")
 
     for name, lc in r["llama_cpp"].items():
-        k = r["koala"].get(pairs.get(name, ""), None)
-        ratio = r["ratios"].get(pairs.get(name, ""), {})
-        cells = "— | — | — | — |"
-        if k:
-            cells = (f"{both(k, 'autoregressive_tokens_per_s')} | {both(k, 'speculative_tokens_per_s')}, "
-                     f"{k['tau']:.2f} | {ratio['koala_ar_over_llamacpp_ar']:.2f}x | "
-                     f"{ratio['koala_speculative_over_llamacpp_ar']:.2f}x |")
-        label = f"{name} (koala: int8 weights)" if pairs.get(name) == "int8" and k else name
-        rows.append(f"| {label} | {lc['tokens_per_s']:.1f} ({lc['decode_tokens_per_s']:.1f}) | {cells}")
+        for variant in [v for v in pairs.get(name, []) if v in r["koala"]] or [None]:
+            cells = "— | — | — | — |"
+            if variant:
+                k, ratio = r["koala"][variant], r["ratios"][variant]
+                cells = (f"{both(k, 'autoregressive_tokens_per_s')} | {both(k, 'speculative_tokens_per_s')}, "
+                         f"{k['tau']:.2f} | {ratio['koala_ar_over_llamacpp_ar']:.2f}x | "
+                         f"{ratio['koala_speculative_over_llamacpp_ar']:.2f}x |")
+            label = f"{name} ({labels[variant]})" if variant in labels else name
+            rows.append(f"| {label} | {lc['tokens_per_s']:.1f} ({lc['decode_tokens_per_s']:.1f}) | {cells}")
     text = "\n".join(rows) + (f"\n\nllama-cpp-python {r['llama_cpp_python']}; koala's drafter `lookup+"
                               f"{r['drafter']}`, draft shape auto; the first {r['prompts']} MT-bench prompts, "
                               f"{r['max_new_tokens']} new tokens, greedy, {r['reps']} repetitions, every one "

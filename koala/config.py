@@ -197,11 +197,12 @@ class EvalConfig(_Strict):
         "target", description="the precision the target and drafter decode in, the autoregressive baseline included: "
         "target (the target's own dtype), auto (bfloat16 where this machine's matrix units measure it faster, as "
         "compute_dtype decides), or a dtype; losslessness is checked against the target run at this precision")
-    weights: Literal["full", "int8"] = Field(
-        "full", description="the target's linear layers as loaded (full) or int8 weight-only (per output channel, "
-        "torch's CPU kernel, on bfloat16 activations: a CPU's option, fewer bytes per step; with float32 activations the "
-        "kernel is slower than full weights); the int8 target is another model, so losslessness and the "
-        "autoregressive baseline are the int8 target's own")
+    weights: Literal["full", "bf16", "int8"] = Field(
+        "full", description="the target's linear layers as loaded (full), rounded to bf16 and computed in the dtype "
+        "(bf16: half the bytes per step where koala's decode GEMM runs, on any CPU with AVX-512; llama.cpp's BF16), "
+        "or int8 weight-only (per output channel, torch's CPU kernel, on bfloat16 activations: a CPU's option; with "
+        "float32 activations the kernel is slower than full weights); a bf16 or int8 target is another model, so "
+        "losslessness and the autoregressive baseline are its own")
     autotune: bool = Field(True, description="compiled ahead of time (a CPU): autotuned GEMMs (the fastest narrow steps "
                            "where the CPU has a bf16 matrix unit); false: oneDNN's GEMMs at every width, a shorter "
                            "build that decodes nearly as fast in float32 on a CPU without one (bench/results/"

@@ -25,7 +25,7 @@ def markdown(r: EvalReport) -> str:
         f"# koala eval: {r.drafter} on {r.target}",
         "",
         f"{r.bench}, {r.prompts} prompts, {r.draft_shape}{' (auto)' if r.auto else ''}, temperature {r.temperature}, "
-        f"{r.dtype}{', int8 weights' if r.weights == 'int8' else ''} on {r.device}, {r.mode} engine "
+        f"{r.dtype}{f', {r.weights} weights' if r.weights != 'full' else ''} on {r.device}, {r.mode} engine "
         f"(compile {r.compile_s:.0f} s, not part of any timing)",
         "",
         "| metric | value |", "|---|---|",
@@ -107,4 +107,4 @@ def summary_line(r: EvalReport) -> str:
         loss += f" (+{len(ll.near_ties)} differing only at a near-tie of {r.mode} {r.dtype} rounding)"
     return (f"{r.drafter}: tau {r.tau:.2f}, speed-up {r.speedup:.2f}x{_ci(r)} "
             f"({r.tokens_per_s.speculative:.1f} vs {r.tokens_per_s.autoregressive:.1f} tokens/s, "
-            f"{r.mode}{', int8 weights' if r.weights == 'int8' else ''}, {r.draft_shape}), {loss}")
+            f"{r.mode}{f', {r.weights} weights' if r.weights != 'full' else ''}, {r.draft_shape}), {loss}")

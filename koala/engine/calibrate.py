@@ -56,6 +56,7 @@ def _key(session, max_width: int) -> dict:
     info = session.target.info
     return {"target": info.content_hash, "device": info.device, "dtype": info.dtype, "mode": session.mode,
             "weights": session.weights,  # int8 weights: another model, another cost curve
+            "gemm": _gemm(session),  # koala's decode GEMM or torch's: another curve
             "engine": type(session.engine.compiled).__name__,  # ahead of time or in-process compiled steps
             "second_build": getattr(session.engine.compiled, "second_build", None),  # wide widths' build
             "compile_mode": getattr(session.engine.compiled, "mode", None),  # autotuned steps or not
@@ -68,6 +69,14 @@ def _key(session, max_width: int) -> dict:
             "torch": torch.__version__, "max_width": max_width}
 
 
+def _gemm(session) -> str:
+    """Which GEMM the target's steps run: koala's kernel (with its source's digest) or torch's."""
+    from koala.engine.gemm import SOURCE, packed
+    from koala.io import digest
+
+    return f"koala {digest(SOURCE.read_text())}" if packed(session.engine) else "torch"
+
+
 def engine_source() -> str:
     """A digest of the code a decode step runs (the model, its cache, how steps are compiled): a cost curve measured
     under other code is measured again, not reused."""
@@ -77,7 +86,8 @@ def engine_source() -> str:
     from koala.io import digest
 
     return digest([Path(importlib.import_module(m).__file__).read_text() for m in
-                   ("koala.engine.model", "koala.engine.kv_cache", "koala.engine.compile", "koala.engine.quantize")])
+                   ("koala.engine.model", "koala.engine.kv_cache", "koala.engine.compile", "koala.engine.quantize",
+                    "koala.engine.gemm")])
 
 
 def _measure(engine, max_width: int, position: int, reps: int) -> dict[int, float]:

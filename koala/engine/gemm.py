@@ -151,9 +151,11 @@ class PackedLinear(nn.Module):
     in the kernel's layout, a buffer traced into compiled steps as a constant.
     """
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, store: torch.dtype | None = None):
         super().__init__()
-        self.register_buffer("packed", torch.ops.koala.pack(linear.weight.detach()))
+        w = linear.weight.detach()
+        self.register_buffer("packed", torch.ops.koala.pack(w if store is None else w.to(store)))
+        self.act_dtype = w.dtype  # the activations': a weight stored as bf16 (`store`) still computes in float32
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self._source = [linear.weight]  # a list: not registered again as this module's parameter
@@ -164,14 +166,15 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows > MAX_ROWS or x.dtype != self.packed.dtype:  # a prefill, or autocast: torch's dense GEMM
+        if rows > MAX_ROWS or x.dtype != self.act_dtype:  # a prefill, or autocast: torch's dense GEMM
             return F.linear(x, self.weight, self.bias)
         y = torch.ops.koala.small_linear(x.reshape(rows, self.in_features), self.packed, self.out_features)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, koala's packed layout"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, koala's packed layout, "
+                f"{str(self.packed.dtype).removeprefix('torch.')}")
 
 
 def _linears(hf_model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -187,13 +190,21 @@ def _linears(hf_model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return out
 
 
+def store_dtype(hf_model: nn.Module) -> torch.dtype | None:
+    """The dtype packed weights are stored in: bfloat16 for a model whose weights are bf16 values (`weights: bf16`,
+    koala.engine.quantize), else the weights' own (None)."""
+    from koala.engine.quantize import weights_of
+
+    return torch.bfloat16 if weights_of(hf_model) == "bf16" else None
+
+
 def pack_linears(hf_model: nn.Module) -> int:
     """Replace the decoder's and the head's nn.Linear layers with `PackedLinear` (the kernel must be loaded).
     Returns how many were replaced."""
-    found = _linears(hf_model)
+    found, store = _linears(hf_model), store_dtype(hf_model)
     with torch.no_grad():
         for parent, child, module in found:
-            setattr(parent, child, PackedLinear(module))
+            setattr(parent, child, PackedLinear(module, store))
     return len(found)
 
 
@@ -215,9 +226,10 @@ def _time(fn, reps: int = 2) -> float:
 def measure(hf_model: nn.Module, widths=MEASURE_WIDTHS, rounds: int = MEASURE_ROUNDS) -> dict:
     """ms of every linear layer of the model once, by torch's GEMM and by koala's kernel, at each width: the two
     timed in turns (the order swapped every round), each width's figure the median over the rounds."""
-    layers = [m for _, _, m in _linears(hf_model)]
+    layers, store = [m for _, _, m in _linears(hf_model)], store_dtype(hf_model)
     with torch.no_grad():
-        packs = [torch.ops.koala.pack(m.weight.detach()) for m in layers]
+        packs = [torch.ops.koala.pack(m.weight.detach() if store is None else m.weight.detach().to(store))
+                 for m in layers]
         dtype = layers[0].weight.dtype
         ms: dict[str, dict[int, list[float]]] = {"torch": {w: [] for w in widths}, "koala": {w: [] for w in widths}}
         for r in range(rounds):
@@ -240,7 +252,8 @@ def _measured(hf_model: nn.Module) -> dict:
 
     layers = [m for _, _, m in _linears(hf_model)]
     key = {"what": "decode_gemm", "cpu": cpu_model(), "flags": cpu_flags(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "dtype": str(layers[0].weight.dtype), "widths": list(MEASURE_WIDTHS),
+           "threads": torch.get_num_threads(), "dtype": str(layers[0].weight.dtype),
+           "store": str(store_dtype(hf_model) or layers[0].weight.dtype), "widths": list(MEASURE_WIDTHS),
            "shapes": sorted({(m.out_features, m.in_features) for m in layers}), "layers": len(layers),
            "source": hashlib.sha256(SOURCE.read_bytes()).hexdigest()}
     path = cache_dir() / "calibration" / f"gemm-{digest(key)}.json"

@@ -1,4 +1,9 @@
-"""Weight-only int8 for a target on a CPU: fewer bytes per decode step, where a step reads every weight once.
+"""Weight-only bf16 and int8 for a target: fewer bytes per decode step, where a step reads every weight once.
+
+`quantize_weights(model, "bf16")` rounds the weights of every linear layer of the decoder and the output head to
+bfloat16 and keeps them in the model's dtype: the model computes in float32 on bf16 weights, as llama.cpp does with
+a BF16 GGUF. Any GEMM runs it; koala's decode GEMM (koala.engine.gemm) stores such weights as bf16, so a step reads
+half the bytes of float32 weights and computes in float32, on any CPU with AVX-512 (no bf16 matrix unit needed).
 
 `quantize_weights(model, "int8")` replaces every linear layer of the decoder and the output head with an
 `Int8Linear`: its weight stored as int8 per output channel (symmetric; the scale is the row's largest magnitude
@@ -8,9 +13,9 @@ embedding table (a row lookup) keep that dtype. Every step of up to 32 tokens, e
 the same kernel; a longer prefill runs the dense GEMM on the dequantised weight (the same weights, rounded as a dense
 GEMM rounds).
 
-The int8 target is another model than the one it was made from: its greedy output can differ from the full-precision
-target's. koala's guarantee holds against the target as it is run: speculative decoding of the int8 target produces
-exactly the int8 target's own output (its autoregressive baseline is measured at int8 too).
+The bf16 and int8 targets are other models than the one they were made from: their greedy output can differ from
+the full-precision target's. koala's guarantee holds against the target as it is run: speculative decoding of the int8 target produces
+exactly the int8 target's own output (its autoregressive baseline is measured at int8 too), and likewise at bf16.
 `bench/weight_only_step.py` measures what the kernel saves on a machine, by step width.
 """
 
@@ -23,7 +28,7 @@ import torch.nn.functional as F
 from koala.engine.compile import MAX_STEP_WIDTH
 from koala.errors import KoalaError
 
-WEIGHTS = ("full", "int8")
+WEIGHTS = ("full", "bf16", "int8")
 
 
 class Int8Linear(nn.Module):
@@ -64,12 +69,15 @@ class Int8Linear(nn.Module):
 
 
 def quantize_weights(hf_model: nn.Module, weights: str) -> int:
-    """Quantise a loaded causal LM in place: `full` leaves it as it is; `int8` replaces every nn.Linear of its decoder
-    layers and its output head (CPU only). Returns how many layers were replaced."""
+    """Quantise a loaded causal LM in place: `full` leaves it as it is; `bf16` rounds the weights of every nn.Linear
+    of its decoder layers and its output head to bfloat16 (kept in the model's dtype, computed in it: a tied head
+    rounds the embedding table with it); `int8` replaces those layers (CPU only). Returns how many layers changed."""
     if weights not in WEIGHTS:
         raise KoalaError(f"weights {weights!r}: use one of {', '.join(WEIGHTS)}")
     if weights == "full":
         return 0
+    if weights == "bf16":
+        return _round_to_bf16(hf_model)
     device = hf_model.lm_head.weight.device if isinstance(hf_model.lm_head, nn.Linear) else None
     if device is not None and device.type != "cpu":
         raise KoalaError(f"int8 weights run on a CPU (torch's weight-only kernel), not on {device.type}: "
@@ -88,8 +96,22 @@ def quantize_weights(hf_model: nn.Module, weights: str) -> int:
     return n
 
 
+def _round_to_bf16(hf_model: nn.Module) -> int:
+    n = 0
+    with torch.no_grad():
+        for m in [*hf_model.model.layers.modules(), hf_model.lm_head]:
+            w = m.weight if isinstance(m, nn.Linear) else None
+            if w is not None:
+                w.copy_(w.to(torch.bfloat16).to(w.dtype))
+                n += 1
+    hf_model.koala_weights = "bf16"  # what `weights_of` reports: the values alone cannot say
+    return n
+
+
 def weights_of(model: nn.Module) -> str:
-    """`int8` for a model `quantize_weights` quantised (a Hugging Face model, or koala's engine over one); else
-    `full`."""
+    """`int8` or `bf16` for a model `quantize_weights` quantised (a Hugging Face model, or koala's engine over one);
+    else `full`."""
     hf = model.hf_model[0] if hasattr(model, "hf_model") else model
-    return "int8" if any(isinstance(m, Int8Linear) for m in hf.model.layers.modules()) else "full"
+    if any(isinstance(m, Int8Linear) for m in hf.model.layers.modules()):
+        return "int8"
+    return getattr(hf, "koala_weights", "full")

@@ -48,15 +48,15 @@ class Session:
     second_build: bool = True
     # inductor's mode for every compiled step (None: koala.engine.compile.default_mode; UNTUNED: without autotuning)
     compile_mode: str | None = None
+    # koala's decode GEMM for a compiled target on a CPU: auto (where it measures faster), koala or torch
+    gemm: str = "auto"
 
     @classmethod
     def open(cls, spec: str, dtype: str = "float32", device: str = "cpu", compile: bool = False,
              weights: str = "full", autotune: bool = True, gemm: str = "auto") -> "Session":
         """Load a target; with `compile`, its decode steps (and every drafter's) run compiled (koala.engine.compile),
         on a CPU with autotuned GEMMs unless `autotune` is False; `weights` int8: its linear layers quantised to int8
-        weight-only (koala.engine.quantize), a CPU's option. A compiled full-weight target on a CPU runs koala's
-        decode GEMM where `gemm` (auto: where it measures faster; koala; torch) says so (koala.engine.gemm)."""
-        from koala.engine import gemm as decode_gemm
+        weight-only, bf16: rounded to bf16 (koala.engine.quantize); `gemm`: see `compile`."""
         from koala.engine.compile import compile_mode
         from koala.engine.quantize import quantize_weights
         from koala.threads import configure_threads
@@ -64,9 +64,7 @@ class Session:
         configure_threads()
         t = load_target(spec, dtype=dtype, device=device)
         quantize_weights(t.model, weights)
-        if compile and weights == "full" and t.model.device.type == "cpu":
-            decode_gemm.use_for(t.model, gemm)
-        s = cls(t, Transformer(t.model), compile_mode=compile_mode(t.model.device, autotune))
+        s = cls(t, Transformer(t.model), compile_mode=compile_mode(t.model.device, autotune), gemm=gemm)
         if compile:
             s.compile()
         return s
@@ -88,7 +86,8 @@ class Session:
 
         info = self.target.info
         where = f"CPU {cpu_model()}" if info.device == "cpu" else torch.cuda.get_device_name()
-        weights = ", int8 weights" if self.weights == "int8" else ", koala GEMM" if packed(self.engine) else ""
+        weights = f", {self.weights} weights" if self.weights != "full" else ""
+        weights += ", koala GEMM" if packed(self.engine) else ""
         return f"{self.mode} engine, {info.dtype}{weights}, {where}, {torch.get_num_threads()} threads"
 
     @property
@@ -99,6 +98,13 @@ class Session:
         return weights_of(self.target.model)
 
     def compile(self) -> None:
+        """Compile the target's decode steps; on a CPU with full or bf16 weights, its linear layers first run koala's
+        decode GEMM where `gemm` says so (auto: where it measures faster; koala; torch: koala.engine.gemm)."""
+        from koala.engine import gemm
+
+        if self.weights != "int8" and self.target.info.device == "cpu":
+            gemm.use_for(self.target.model, self.gemm)
+            self.engine.lm_head = self.target.model.lm_head  # the engine holds the head itself
         self.engine.compile(self.compile_mode)
         self.builds(self.second_build)
 

@@ -8,8 +8,9 @@
 // the panel again from L2. Each output is the same sum in the same order whatever M is, so a row's result does not
 // depend on how many rows share the call (a verify step's first row equals a one-token step's).
 //
-// Weights are float32 or bfloat16 (bf16 is widened to fp32 by a shift: no bf16 instructions needed); x and y have
-// the weights' dtype; accumulation is fp32, and a bf16 output is rounded to nearest even.
+// Weights are float32 or bfloat16 (bf16 is widened to fp32 by a shift: no bf16 instructions needed); x and y are
+// float32 or bfloat16 (bf16 x with bf16 weights only); accumulation is fp32, and a bf16 output is rounded to nearest
+// even. float32 x with bfloat16 weights is the `bf16` weights mode: half the bytes per step, fp32 arithmetic.
 // Ops: koala::pack(Tensor w) -> Tensor, koala::small_linear(Tensor x, Tensor packed, int n) -> Tensor.
 
 #include <ATen/ATen.h>
@@ -52,13 +53,13 @@ inline void store_row(bf16* y, const float* acc, int64_t nn) {
 }
 
 // rows x[0..R) of one panel: y[r, 0..nn) = sum_k x[r, k] * panel[k, 0..nn)
-template <int R, typename T>
-inline void panel(const T* x, int64_t ldx, const T* w, int64_t K, T* y, int64_t ldy, int64_t nn) {
+template <int R, typename T, typename W>
+inline void panel(const T* x, int64_t ldx, const W* w, int64_t K, T* y, int64_t ldy, int64_t nn) {
   __m512 acc[R][3];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 3; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const T* wk = w + k * NR;
+    const W* wk = w + k * NR;
     prefetch_step(wk + PFD * NR);
     __m512 w0 = load16(wk), w1 = load16(wk + 16), w2 = load16(wk + 32);
 #pragma GCC unroll 8
@@ -76,13 +77,13 @@ inline void panel(const T* x, int64_t ldx, const T* w, int64_t K, T* y, int64_t 
   }
 }
 
-template <typename T>
-void run(const T* x, const T* w, T* y, int64_t M, int64_t K, int64_t N) {
+template <typename T, typename W>
+void run(const T* x, const W* w, T* y, int64_t M, int64_t K, int64_t N) {
   const int64_t panels = (N + NR - 1) / NR;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * NR, nn = std::min<int64_t>(NR, N - n0);
-      const T* wp = w + p * K * NR;
+      const W* wp = w + p * K * NR;
       for (int64_t m0 = 0; m0 < M; m0 += MR) {
         const T* xb = x + m0 * K;
         T* yb = y + m0 * N + n0;
@@ -115,19 +116,22 @@ at::Tensor pack(const at::Tensor& w) {
 at::Tensor small_linear(const at::Tensor& x_, const at::Tensor& packed, int64_t n) {
   TORCH_CHECK(x_.dim() == 2 && packed.dim() == 3 && packed.size(2) == NR && x_.size(1) == packed.size(1),
               "koala::small_linear: x (M, K) and a weight packed by koala::pack with K columns");
-  TORCH_CHECK(x_.scalar_type() == packed.scalar_type(), "koala::small_linear: x is ", x_.scalar_type(),
-              ", the weight ", packed.scalar_type());
+  const bool fp32_x = x_.scalar_type() == at::kFloat, bf16_w = packed.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((fp32_x || x_.scalar_type() == at::kBFloat16) && (bf16_w || packed.scalar_type() == at::kFloat) &&
+              (fp32_x || bf16_w), "koala::small_linear: x float32 with float32 or bfloat16 weights, or x and weights "
+              "bfloat16; x is ", x_.scalar_type(), ", the weight ", packed.scalar_type());
   TORCH_CHECK(n > 0 && n <= packed.size(0) * NR, "koala::small_linear: n out of the packed weight's range");
   auto x = x_.contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   auto y = at::empty({M, n}, x.options());
   if (M == 0) return y;
   auto p = packed.contiguous();
-  if (x.scalar_type() == at::kFloat) {
-    run<float>(x.data_ptr<float>(), p.data_ptr<float>(), y.data_ptr<float>(), M, K, n);
+  if (fp32_x && !bf16_w) {
+    run<float, float>(x.data_ptr<float>(), p.data_ptr<float>(), y.data_ptr<float>(), M, K, n);
+  } else if (fp32_x) {
+    run<float, bf16>(x.data_ptr<float>(), p.data_ptr<bf16>(), y.data_ptr<float>(), M, K, n);
   } else {
-    TORCH_CHECK(x.scalar_type() == at::kBFloat16, "koala::small_linear: float32 or bfloat16, got ", x.scalar_type());
-    run<bf16>(x.data_ptr<bf16>(), p.data_ptr<bf16>(), y.data_ptr<bf16>(), M, K, n);
+    run<bf16, bf16>(x.data_ptr<bf16>(), p.data_ptr<bf16>(), y.data_ptr<bf16>(), M, K, n);
   }
   return y;
 }

@@ -24,13 +24,14 @@ def ops():
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_kernel_is_torch_linear_and_a_row_does_not_depend_on_the_rows_beside_it(ops, dtype):
+@pytest.mark.parametrize("dtype, stored", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.float32, torch.bfloat16)])
+def test_the_kernel_is_torch_linear_and_a_row_does_not_depend_on_the_rows_beside_it(ops, dtype, stored):
     g = torch.Generator().manual_seed(0)
     for n, k in ((100, 37), (48, 64), (1000, 576), (5, 3)):  # partial panels, odd K, a panel narrower than NR
-        w = torch.randn(n, k, generator=g).to(dtype)
+        w = torch.randn(n, k, generator=g).to(stored)
         p = torch.ops.koala.pack(w)
-        assert p.shape == (-(-n // 48), k, 48) and p.dtype == dtype
+        assert p.shape == (-(-n // 48), k, 48) and p.dtype == stored
         x = torch.randn(32, k, generator=g).to(dtype)
         want = x.float() @ w.float().T  # the exact products, summed in fp32
         for m in (1, 2, 7, 8, 9, 13, 32):
@@ -42,6 +43,8 @@ def test_the_kernel_is_torch_linear_and_a_row_does_not_depend_on_the_rows_beside
                 assert torch.equal(torch.ops.koala.small_linear(x[r:r + 1], p, n)[0], got[r])
     with pytest.raises(RuntimeError, match="packed by koala::pack"):
         torch.ops.koala.small_linear(torch.randn(2, 5), torch.ops.koala.pack(torch.randn(8, 6)), 8)
+    with pytest.raises(RuntimeError, match="x is BFloat16, the weight Float"):
+        torch.ops.koala.small_linear(torch.randn(2, 6).bfloat16(), torch.ops.koala.pack(torch.randn(8, 6)), 8)
 
 
 @needs_kernel
@@ -119,3 +122,23 @@ def test_auto_measures_once_per_machine_and_packs_where_the_kernel_is_faster(ops
     cached.write_text("{damaged")
     gemm.choose(hf)
     assert calls == [1, 1]  # a damaged entry is measured again
+
+
+@needs_kernel
+def test_bf16_weights_are_stored_as_bf16_and_decode_their_own_output(ops):
+    from koala.engine.quantize import quantize_weights, weights_of
+
+    hf = tiny_llama(layers=2, vocab=64, seed=2)
+    w = hf.model.layers[0].mlp.up_proj.weight.detach().clone()
+    assert quantize_weights(hf, "bf16") == 2 * 7 + 1 and weights_of(hf) == "bf16"
+    r = hf.model.layers[0].mlp.up_proj.weight
+    assert r.dtype == torch.float32 and torch.equal(r, w.bfloat16().float()) and not torch.equal(r, w)
+    eager = generate(Transformer(hf), PROMPT, 24).tokens  # torch's GEMM on the rounded weights
+    gemm.pack_linears(hf)
+    up = hf.model.layers[0].mlp.up_proj
+    assert up.packed.dtype == torch.bfloat16 and up.act_dtype == torch.float32 and weights_of(hf) == "bf16"
+    target = Transformer(hf)
+    ref = generate(target, PROMPT, 24).tokens
+    assert ref == eager  # the same model: float32 arithmetic on the same bf16 values
+    assert generate(target, PROMPT, 24, drafter=ModelDrafter(target.truncated(1)), tree=TreeBudget(2, 2, 4)).tokens \
+        == ref

@@ -68,7 +68,7 @@ def test_the_compiled_int8_step_decodes_as_eager_and_is_keyed_by_its_int8_weight
 def test_unknown_weights_are_refused_with_the_choices():
     from koala.config import EvalConfig
 
-    with pytest.raises(KoalaError, match="use one of full, int8"):
+    with pytest.raises(KoalaError, match="use one of full, bf16, int8"):
         quantize_weights(tiny_llama(), "int4")
     with pytest.raises(ValueError, match="weights"):
         EvalConfig(weights="int4")
