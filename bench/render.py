@@ -247,15 +247,18 @@ def headline_table() -> str:
         rows.append(f"| `make demo` (smoke profile, mtbench{prompts}; {f['engine'].split(', compile ')[0]}) on "
                     f"{_cpu(m)} | {f['tau']:.2f} | {f['speedup']:.2f}x{_ci(f)} | {f['lossless']} | `{name}` |")
         notes.append(f"* `{name}`: `{m['command']}` on {_machine(m)}")
-    lc = _load("llamacpp.json")
-    if lc:
-        for dtype, name in (("bfloat16", "BF16"), ("float32", "F32")):
-            k = lc["koala"][dtype]
-            ar = k["autoregressive_tokens_per_s"]
-            rows.append(f"| koala's engine vs llama.cpp at {name}, autoregressive: {ar:.0f} "
-                        f"vs {lc['llama_cpp'][name]['tokens_per_s']:.0f} tokens/s | | "
-                        f"{lc['ratios'][dtype]['koala_ar_over_llamacpp_ar']:.2f}x | | `llamacpp.json` |")
-        notes.append(f"* `llamacpp.json`: `{lc['command']}` on {_machine(lc)}")
+    for name in sorted(f.name for f in RESULTS.glob("llamacpp*.json")):
+        lc = _load(name)
+        for variant, k in lc["koala"].items():
+            weights = LLAMACPP_PAIRS[variant]
+            how = f" ({LLAMACPP_LABELS[variant]})" if variant in LLAMACPP_LABELS else ""
+            r = lc["ratios"][variant]
+            rows.append(f"| koala's engine{how} vs llama.cpp {weights} on {_cpu(lc)}: autoregressive "
+                        f"{k['autoregressive_tokens_per_s']:.0f}, speculative {k['speculative_tokens_per_s']:.0f} "
+                        f"vs {lc['llama_cpp'][weights]['tokens_per_s']:.0f} tokens/s | {k['tau']:.2f} | "
+                        f"{r['koala_ar_over_llamacpp_ar']:.2f}x AR, {r['koala_speculative_over_llamacpp_ar']:.2f}x "
+                        f"speculative | {k['lossless']}{_near(k)} | `{name}` |")
+        notes.append(f"* `{name}`: `{lc['command']}` on {_machine(lc)}")
     if len(rows) == 2:
         return "(no results)"
     return "\n".join(rows) + "\n\n" + "\n".join(notes)
@@ -378,6 +381,16 @@ def _demo(r: dict) -> str:
     return "\n".join(rows) + f"\n\nDraft shape and engine: {r['run']['engine']}. `{r['command']}` on {_machine(r)}."
 
 
+def _near(k: dict) -> str:
+    return f" (+{k['near_ties']} near-ties)" if k.get("near_ties") else ""
+
+
+# koala's precisions beside the llama.cpp weights they match (bench/llamacpp.py KOALA), and how each is labelled
+LLAMACPP_PAIRS = {"float32": "F32", "bf16-weights": "BF16", "bfloat16": "BF16", "int8": "Q8_0"}
+LLAMACPP_LABELS = {"bf16-weights": "bf16 weights, float32 compute", "bfloat16": "bfloat16 compute",
+                   "int8": "int8 weights"}
+
+
 def llamacpp_table() -> str:
     """koala's engine beside llama.cpp on the same prompts, threads and weights (bench/llamacpp.py); llama.cpp with
     a koala drafter as its draft model where the run had one. One table per machine (llamacpp.json,
@@ -391,10 +404,8 @@ def llamacpp_table() -> str:
 def _llamacpp(r: dict) -> str:
     rows = ["| weights | llama.cpp tokens/s (decode only) | koala autoregressive (decode only) | koala speculative "
             "(decode only), τ | koala AR / llama.cpp | koala speculative / llama.cpp |", "|---|---|---|---|---|---|"]
-    # koala's precisions beside the llama.cpp weights they match (bench/llamacpp.py KOALA)
-    pairs = {"F32": ["float32"], "BF16": ["bf16-weights", "bfloat16"], "Q8_0": ["int8"]}
-    labels = {"bf16-weights": "koala: bf16 weights, float32 compute", "bfloat16": "koala: bfloat16 compute",
-              "int8": "koala: int8 weights"}
+    pairs = {w: [v for v, lw in LLAMACPP_PAIRS.items() if lw == w] for w in set(LLAMACPP_PAIRS.values())}
+    labels = {v: f"koala: {label}" for v, label in LLAMACPP_LABELS.items()}
 
     def both(d, key):
         dec = d.get(key.replace("_tokens_per_s", "_decode_tokens_per_s"))
