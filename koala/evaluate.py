@@ -438,7 +438,7 @@ def _summarise(session, drafter, cfg: EvalConfig, rows: list[PromptRow], rounds:
     return EvalReport(
         target=info.name, target_hash=info.content_hash, drafter=drafter.name,
         device=info.device if info.device != "cpu" else f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)",
-        dtype=info.dtype, weights=session.weights, mode=session.mode, gamma=cal["gamma"],
+        dtype=info.dtype, weights=session.weights, gemm=_gemm_name(session), mode=session.mode, gamma=cal["gamma"],
         tree=None if cal["tree"] is None else str(cal["tree"]),
         temperature=cfg.temperature, top_p=cfg.top_p, bench=cfg.bench,
         prompts=len(rows), max_new_tokens=cfg.max_new_tokens, tau=tau, speedup=spec_tps / ar_tps,
@@ -452,6 +452,12 @@ def _summarise(session, drafter, cfg: EvalConfig, rows: list[PromptRow], rounds:
         acceptance_by_position=acceptance_by_position(rounds, cal["gamma"]), threshold=cfg.threshold,
         mean_draft_length=sum(m for m, _ in rounds) / max(len(rounds), 1), per_category=per_cat, per_prompt=rows,
         setup_s=cal["setup_s"])  # warm-up, compilation and calibration: never part of a speed-up
+
+
+def _gemm_name(session) -> str:
+    from koala.engine.gemm import packed
+
+    return "koala" if packed(session.engine) else "torch"
 
 
 def _speedup_models(session, drafter, tau: float, rounds: list, c_time: float) -> dict:

@@ -104,7 +104,9 @@ class EvalReport(_Record):
     target_hash: str = ""
     device: str = ""
     dtype: str = ""
-    weights: str = Field("full", description="the target's linear layers: full, or int8 weight-only")
+    weights: str = Field("full", description="the target's linear layers: full, bf16 (rounded) or int8 weight-only")
+    gemm: str = Field("torch", description="the GEMM the compiled steps of the target run: koala (koala's decode GEMM "
+                      "on a CPU with AVX-512) or torch")
     mode: str = Field("eager", description="eager or compile")
     bench: str = ""
     prompts: int = 0

@@ -36,7 +36,7 @@ CASES: list[tuple[str, list[str], str]] = [
     ("eval --device cuda (no GPU)", ["eval", "--drafter", "ngram", "--device", "cuda"], r"--device cuda"),
     ("eval --device tpu", ["eval", "--drafter", "ngram", "--device", "tpu"], r"--device 'tpu'"),
     ("eval --dtype float8", ["eval", "--drafter", "ngram", "--dtype", "float8"], r"--dtype 'float8': Input should be 'target', 'auto'"),
-    ("eval --weights int4", ["eval", "--drafter", "ngram", "--weights", "int4"], r"--weights 'int4': Input should be 'full' or 'int8'"),
+    ("eval --weights int4", ["eval", "--drafter", "ngram", "--weights", "int4"], r"--weights 'int4': Input should be 'full', 'bf16' or 'int8'"),
     ("eval --out unwritable", ["eval", "--drafter", "ngram", "--out", "{d}/a_file/report.json"],
      r"--out .*a_file.*cannot write"),
     ("eval --bench missing file", ["eval", "--drafter", "ngram", "--bench", "{d}/none.jsonl"], r"none.jsonl does not "

@@ -252,10 +252,12 @@ def memory_bound_speedup(tau: float, mean_draft_length: float, c: float) -> floa
 def step_parameters(model, head_rows: int | None = None) -> int:
     """The parameters one decode step of an engine model reads: its layers, final norm and LM head (`head_rows` rows
     of it for a draft vocabulary); an embedding lookup reads one row, counted as nothing."""
+    from koala.engine.gemm import PackedLinear
     from koala.engine.quantize import Int8Linear
 
     layers = sum(p.numel() for layer in model.layers for p in layer.parameters())
     layers += sum(m.qweight.numel() for layer in model.layers for m in layer.modules() if isinstance(m, Int8Linear))
+    layers += sum(m.weight.numel() for layer in model.layers for m in layer.modules() if isinstance(m, PackedLinear))
     rows = model.args.vocab_size if head_rows is None else head_rows
     return layers + model.norm.weight.numel() + rows * model.args.dim
 

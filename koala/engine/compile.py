@@ -43,6 +43,7 @@ from typing import Callable
 import torch
 
 from koala.engine.kv_cache import SLOT_ROUND
+from koala.engine.spinner import spinner
 from koala.errors import KoalaError
 from koala.io import atomic_path, digest, tmp_prefix
 
@@ -301,10 +302,10 @@ class AotStep:
                + inspect.getsource(CacheView) + inspect.getsource(_StepModule))
         layers = _weight_only_layers(self.model)
         src += "".join(sorted({inspect.getsource(type(m)) for _, m in layers}))  # traced too
-        if any(hasattr(m, "packed") for _, m in layers):  # and the kernel they call
-            from koala.engine.gemm import SOURCE
+        if any(hasattr(m, "packed") for _, m in layers):  # and the kernel they call, and when they call it
+            from koala.engine import gemm
 
-            src += SOURCE.read_text()
+            src += gemm.SOURCE.read_text() + Path(gemm.__file__).read_text()
         wide, embeds, hidden, logits, tree, pos_dim, batch, slots = sig
         mode = mode or self.mode
         return {
@@ -469,7 +470,7 @@ class AotStep:
         what = (f"{'one-token' if not wide else f'2-{MAX_STEP_WIDTH}-token'} step of a {len(self.model.layers)}-layer "
                 f"model ({key['dtype'].removeprefix('torch.')}{', without autotuning' if mode == UNTUNED else ''})")
         t = time.perf_counter()
-        with _progress(f"compiling the {what}, once for this machine"):
+        with spinner(f"compiling the {what}, once for this machine"):
             module = _StepModule(self.model, *sig[1:5])
             dyn = None
             if wide or sig[4]:
@@ -588,39 +589,6 @@ def _load_package(path: Path) -> Callable | None:
         return torch._inductor.aoti_load_package(str(path))
     except Exception:  # a truncated or foreign file: the caller rebuilds it
         return None
-
-
-def _progress(what: str):
-    """A spinner with the elapsed time on stderr while a step compiles (minutes on a small CPU)."""
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    return _Announced(Progress(SpinnerColumn(), TextColumn("[koala] {task.description}"), TimeElapsedColumn(),
-                               console=Console(stderr=True), transient=False), what)
-
-
-class _Announced:
-    def __init__(self, progress, what: str):
-        self.progress, self.what = progress, what
-
-    def __enter__(self):
-        self.t = time.perf_counter()
-        self.live = self.progress.console.is_terminal  # a log file gets a line when it starts and one when it ends
-        if self.live:
-            self.progress.start()
-            self.task = self.progress.add_task(self.what, total=None)
-        else:
-            print(f"[koala] {self.what} ...", file=sys.stderr, flush=True)
-        return self
-
-    def __exit__(self, *exc):
-        outcome = "done" if exc[0] is None else "failed"
-        if self.live:
-            self.progress.update(self.task, description=f"{self.what}: {outcome}")
-            self.progress.stop()
-        else:
-            print(f"[koala] {self.what}: {outcome} in {time.perf_counter() - self.t:.0f} s", file=sys.stderr, flush=True)
-        return False
 
 
 if __name__ == "__main__":  # the child process of `_compile_in_child`

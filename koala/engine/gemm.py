@@ -12,7 +12,7 @@ torch's GEMM on the model's own weights at a few widths, once per machine (CPU m
 dtype, weight shapes; cached under $KOALA_CACHE/calibration), and packs the model's linear layers
 (`PackedLinear`) where it measured faster; `koala` packs them without measuring; `torch` never does.
 $KOALA_GEMM overrides the setting. The kernel is built once per machine from its source into $KOALA_CACHE/kernels
-(seconds, with the C++ compiler inductor uses); a CPU without AVX-512, or a build that fails, keeps torch's GEMMs.
+(seconds, with $CXX, by default g++); a CPU without AVX-512, or a build that fails, keeps torch's GEMMs.
 
 The packed weight is the same weight in another layout: the target decodes the same model, and speculative
 decoding's output stays the target's own as it is run (its autoregressive baseline runs the same kernel).
@@ -21,10 +21,12 @@ decoding's output stays the target's own as it is run (its autoregressive baseli
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +44,9 @@ MAX_ROWS = 32  # koala.engine.compile.MAX_STEP_WIDTH: a longer input (a prefill)
 MEASURE_WIDTHS = (1, 4, 8, 16)  # where `auto` times both GEMMs
 MEASURE_ROUNDS = 3
 DTYPES = (torch.float32, torch.bfloat16)
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mfma", "-DNDEBUG"]
 _loaded: bool | None = None  # None: not tried in this process; False: tried and unavailable
+_load_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -76,21 +80,33 @@ def unsupported() -> str | None:
     return None
 
 
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def _compiler_version() -> str:
+    try:
+        return subprocess.run([_compiler(), "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    except OSError:
+        return "missing"
+
+
 def _build_key() -> dict:
     from koala.threads import cpu_model
 
     return {"source": hashlib.sha256(SOURCE.read_bytes()).hexdigest(), "torch": torch.__version__,
-            "abi": int(torch._C._GLIBCXX_USE_CXX11_ABI), "cpu": cpu_model(), "python": sys.version_info[:2]}
+            "abi": int(torch._C._GLIBCXX_USE_CXX11_ABI), "cpu": cpu_model(), "python": sys.version_info[:2],
+            "compiler": _compiler_version(), "flags": FLAGS}
 
 
 def library() -> Path:
-    """The kernel's shared library for this machine, built once (seconds) into $KOALA_CACHE/kernels.
+    """The kernel's shared library for this machine, built once (seconds, $CXX or g++) into $KOALA_CACHE/kernels.
 
     Raises:
         KoalaError: the compiler is missing or fails (the message names the first error line).
     """
     from koala.assets import cache_dir
-    from koala.engine.compile import _progress
+    from koala.engine.spinner import spinner
     from koala.io import atomic_path, digest, file_lock
 
     path = cache_dir() / "kernels" / f"small_gemm-{digest(_build_key())}.so"
@@ -101,9 +117,8 @@ def library() -> Path:
             return path
         from torch.utils import cpp_extension
 
-        with _progress("building koala's decode GEMM kernel, once for this machine"), atomic_path(path) as tmp:
-            cmd = [os.environ.get("CXX", "g++"), "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f",
-                   "-mfma", "-DNDEBUG", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        with spinner("building koala's decode GEMM kernel, once for this machine"), atomic_path(path) as tmp:
+            cmd = [_compiler(), *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                    *(f"-I{p}" for p in cpp_extension.include_paths()), str(SOURCE), "-o", str(tmp),
                    *(f"-L{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu"]
             try:
@@ -120,19 +135,24 @@ def load() -> bool:
     """Load the kernel's ops (`torch.ops.koala.pack`, `torch.ops.koala.small_linear`) into this process, building
     them first where needed; False where this machine cannot run them or the build failed (said once on stderr)."""
     global _loaded
-    if _loaded is None:
-        why = unsupported()
-        if why is None:
-            try:
-                torch.ops.load_library(str(library()))
-                torch.library.register_fake("koala::small_linear")(_fake_small_linear)
-                torch.library.register_fake("koala::pack")(_fake_pack)
-            except (KoalaError, OSError, RuntimeError) as e:
-                why = str(e)
-        if why is not None:
-            print(f"[koala] decode GEMMs: torch's ({why})", file=sys.stderr, flush=True)
-        _loaded = why is None
+    with _load_lock:
+        if _loaded is None:
+            _loaded = _load()
     return _loaded
+
+
+def _load() -> bool:
+    why = unsupported()
+    if why is None:
+        try:
+            torch.ops.load_library(str(library()))
+            torch.library.register_fake("koala::small_linear")(_fake_small_linear)
+            torch.library.register_fake("koala::pack")(_fake_pack)
+        except (KoalaError, OSError, RuntimeError) as e:
+            why = str(e)
+    if why is not None:
+        print(f"[koala] decode GEMMs: torch's ({why})", file=sys.stderr, flush=True)
+    return why is None
 
 
 def _fake_small_linear(x, packed, n):
@@ -166,7 +186,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows > MAX_ROWS or x.dtype != self.act_dtype:  # a prefill, or autocast: torch's dense GEMM
+        # a prefill, autocast, or a training step through the layer (the kernel has no backward): torch's dense GEMM
+        if rows > MAX_ROWS or x.dtype != self.act_dtype or torch.is_grad_enabled():
             return F.linear(x, self.weight, self.bias)
         y = torch.ops.koala.small_linear(x.reshape(rows, self.in_features), self.packed, self.out_features)
         y = y.view(*x.shape[:-1], self.out_features)
@@ -193,9 +214,8 @@ def _linears(hf_model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
 def store_dtype(hf_model: nn.Module) -> torch.dtype | None:
     """The dtype packed weights are stored in: bfloat16 for a model whose weights are bf16 values (`weights: bf16`,
     koala.engine.quantize), else the weights' own (None)."""
-    from koala.engine.quantize import weights_of
-
-    return torch.bfloat16 if weights_of(hf_model) == "bf16" else None
+    hf = hf_model.hf_model[0] if hasattr(hf_model, "hf_model") else hf_model
+    return torch.bfloat16 if getattr(hf, "koala_weights", None) == "bf16" else None  # quantize_weights' mark
 
 
 def pack_linears(hf_model: nn.Module) -> int:
@@ -208,9 +228,9 @@ def pack_linears(hf_model: nn.Module) -> int:
     return len(found)
 
 
-def packed(model: nn.Module) -> bool:
+def packed(model) -> bool:
     """Whether a model (a Hugging Face one, or koala's engine over one) runs its linear layers packed."""
-    return any(isinstance(m, PackedLinear) for m in model.modules())
+    return isinstance(model, nn.Module) and any(isinstance(m, PackedLinear) for m in model.modules())
 
 
 def _time(fn, reps: int = 2) -> float:
@@ -255,7 +275,7 @@ def _measured(hf_model: nn.Module) -> dict:
            "threads": torch.get_num_threads(), "dtype": str(layers[0].weight.dtype),
            "store": str(store_dtype(hf_model) or layers[0].weight.dtype), "widths": list(MEASURE_WIDTHS),
            "shapes": sorted({(m.out_features, m.in_features) for m in layers}), "layers": len(layers),
-           "source": hashlib.sha256(SOURCE.read_bytes()).hexdigest()}
+           "source": hashlib.sha256(SOURCE.read_bytes() + inspect.getsource(measure).encode()).hexdigest()}
     path = cache_dir() / "calibration" / f"gemm-{digest(key)}.json"
 
     def parse(d: dict) -> dict:
@@ -278,6 +298,8 @@ def choose(hf_model: nn.Module, setting: str = "auto") -> GemmChoice:
     setting, by = (forced, f"forced by {ENV}") if forced else (setting, "set by gemm")
     if setting == "torch":
         return GemmChoice("torch", by)
+    if packed(hf_model):
+        return GemmChoice("koala", "packed already")
     p = next(hf_model.parameters())
     if p.device.type != "cpu" or p.dtype not in DTYPES or not _linears(hf_model):
         if setting == "koala":

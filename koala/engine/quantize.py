@@ -14,8 +14,9 @@ the same kernel; a longer prefill runs the dense GEMM on the dequantised weight 
 GEMM rounds).
 
 The bf16 and int8 targets are other models than the one they were made from: their greedy output can differ from
-the full-precision target's. koala's guarantee holds against the target as it is run: speculative decoding of the int8 target produces
-exactly the int8 target's own output (its autoregressive baseline is measured at int8 too), and likewise at bf16.
+the full-precision target's. koala's guarantee holds against the target as it is run: speculative decoding of the
+int8 target produces exactly the int8 target's own output (its autoregressive baseline is measured at int8 too),
+and likewise at bf16.
 `bench/weight_only_step.py` measures what the kernel saves on a machine, by step width.
 """
 

@@ -92,7 +92,7 @@ class Session:
 
     @property
     def weights(self) -> str:
-        """full, or int8 where the target's linear layers run int8 weight-only (koala.engine.quantize)."""
+        """full; bf16 or int8 where the target's linear layers were rounded or quantised (koala.engine.quantize)."""
         from koala.engine.quantize import weights_of
 
         return weights_of(self.target.model)
@@ -137,7 +137,12 @@ class Session:
         info = self.target.info
         d = load_drafter(spec, self.engine, dtype=info.dtype, device=info.device)
         if self.compiled:
+            from koala.engine import gemm
+
             for model in drafter_models(d):
+                if gemm.packed(self.engine):  # a drafter's own layers run the GEMM its target's steps run
+                    gemm.pack_linears(model.hf_model[0])
+                    model.lm_head = model.hf_model[0].lm_head  # the engine holds the head itself
                 model.compile(self.compile_mode)
                 self._set_builds(model)
         return d

@@ -53,14 +53,16 @@ inline void store_row(bf16* y, const float* acc, int64_t nn) {
 }
 
 // rows x[0..R) of one panel: y[r, 0..nn) = sum_k x[r, k] * panel[k, 0..nn)
+// `last`: the packed weight's last k-step, where prefetching stops (the next panel's first steps are prefetched
+// while this one ends: the same thread streams it next)
 template <int R, typename T, typename W>
-inline void panel(const T* x, int64_t ldx, const W* w, int64_t K, T* y, int64_t ldy, int64_t nn) {
+inline void panel(const T* x, int64_t ldx, const W* w, int64_t K, T* y, int64_t ldy, int64_t nn, const W* last) {
   __m512 acc[R][3];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 3; ++j) acc[r][j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
     const W* wk = w + k * NR;
-    prefetch_step(wk + PFD * NR);
+    prefetch_step(std::min(wk + PFD * NR, last));
     __m512 w0 = load16(wk), w1 = load16(wk + 16), w2 = load16(wk + 32);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -80,6 +82,7 @@ inline void panel(const T* x, int64_t ldx, const W* w, int64_t K, T* y, int64_t 
 template <typename T, typename W>
 void run(const T* x, const W* w, T* y, int64_t M, int64_t K, int64_t N) {
   const int64_t panels = (N + NR - 1) / NR;
+  const W* last = w + (panels * K - 1) * NR;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * NR, nn = std::min<int64_t>(NR, N - n0);
@@ -88,14 +91,14 @@ void run(const T* x, const W* w, T* y, int64_t M, int64_t K, int64_t N) {
         const T* xb = x + m0 * K;
         T* yb = y + m0 * N + n0;
         switch (std::min<int64_t>(MR, M - m0)) {
-          case 1: panel<1>(xb, K, wp, K, yb, N, nn); break;
-          case 2: panel<2>(xb, K, wp, K, yb, N, nn); break;
-          case 3: panel<3>(xb, K, wp, K, yb, N, nn); break;
-          case 4: panel<4>(xb, K, wp, K, yb, N, nn); break;
-          case 5: panel<5>(xb, K, wp, K, yb, N, nn); break;
-          case 6: panel<6>(xb, K, wp, K, yb, N, nn); break;
-          case 7: panel<7>(xb, K, wp, K, yb, N, nn); break;
-          default: panel<8>(xb, K, wp, K, yb, N, nn);
+          case 1: panel<1>(xb, K, wp, K, yb, N, nn, last); break;
+          case 2: panel<2>(xb, K, wp, K, yb, N, nn, last); break;
+          case 3: panel<3>(xb, K, wp, K, yb, N, nn, last); break;
+          case 4: panel<4>(xb, K, wp, K, yb, N, nn, last); break;
+          case 5: panel<5>(xb, K, wp, K, yb, N, nn, last); break;
+          case 6: panel<6>(xb, K, wp, K, yb, N, nn, last); break;
+          case 7: panel<7>(xb, K, wp, K, yb, N, nn, last); break;
+          default: panel<8>(xb, K, wp, K, yb, N, nn, last);
         }
       }
     }

@@ -142,3 +142,22 @@ def test_bf16_weights_are_stored_as_bf16_and_decode_their_own_output(ops):
     assert ref == eager  # the same model: float32 arithmetic on the same bf16 values
     assert generate(target, PROMPT, 24, drafter=ModelDrafter(target.truncated(1)), tree=TreeBudget(2, 2, 4)).tokens \
         == ref
+
+
+@needs_kernel
+def test_an_eagle_head_packed_beside_its_packed_target_drafts_losslessly(ops):
+    from koala.engine.drafters import EagleDrafter, drafter_models
+    from koala.models.heads import EagleHead
+
+    hf = tiny_llama(layers=2, vocab=64, seed=3)
+    gemm.pack_linears(hf)
+    target = Transformer(hf)
+    torch.manual_seed(0)
+    head = EagleHead(hf.config, 1).eval()
+    drafter = EagleDrafter(head, target, "eagle")
+    (model,) = drafter_models(drafter)
+    assert gemm.pack_linears(model.hf_model[0]) == 7  # the head's layer; the head it shares is packed already
+    assert gemm.packed(head.decoder) and model.lm_head is hf.lm_head
+    ref = generate(target, PROMPT, 24).tokens
+    assert generate(target, PROMPT, 24, drafter=drafter, gamma=3).tokens == ref
+    assert generate(target, PROMPT, 24, drafter=drafter, tree=TreeBudget(2, 2, 4)).tokens == ref
