@@ -305,7 +305,7 @@ class AotStep:
         if any(hasattr(m, "packed") for _, m in layers):  # and the kernel they call, and when they call it
             from koala.engine import gemm
 
-            src += gemm.SOURCE.read_text() + Path(gemm.__file__).read_text()
+            src += gemm.SOURCE.read_text() + f"rows<={gemm.MAX_ROWS}"
         wide, embeds, hidden, logits, tree, pos_dim, batch, slots = sig
         mode = mode or self.mode
         return {
