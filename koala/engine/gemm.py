@@ -60,22 +60,13 @@ class GemmChoice:
         return f"[decode GEMMs: {'koala AVX-512 kernel' if self.name == 'koala' else 'torch'}, {self.reason}]"
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def unsupported() -> str | None:
     """Why this machine cannot run the kernel, or None where it can."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"a {platform.machine()} CPU, not x86-64"
-    if "avx512f" not in _cpu_flags():
+    from koala.precision import cpu_flags
+
+    if "avx512f" not in cpu_flags():
         return "no AVX-512 on this CPU"
     return None
 
@@ -159,9 +150,12 @@ def _fake_small_linear(x, packed, n):
     return x.new_empty((x.shape[0], n))
 
 
+PANEL = 48  # small_gemm.cpp's NR: output columns per packed panel
+
+
 def _fake_pack(w):
-    panels = -(-w.shape[0] // 48)
-    return w.new_empty((panels, w.shape[1], 48))
+    panels = -(-w.shape[0] // PANEL)
+    return w.new_empty((panels, w.shape[1], PANEL))
 
 
 class PackedLinear(nn.Module):
