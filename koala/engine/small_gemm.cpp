@@ -4,8 +4,9 @@
 // A step of a small model on a CPU reads every weight once, so its cost is the memory traffic of the weights as
 // long as the arithmetic keeps up with it. The kernel streams each panel once per 8 rows: for each k it loads NR
 // weights (three 512-bit registers), broadcasts x[m, k] for up to 8 rows and accumulates 8 x 48 outputs in 24
-// registers, prefetching PFD k-steps ahead so the next weights arrive while these are multiplied. Rows beyond 8 run
-// the panel again from L2. Each output is the same sum in the same order whatever M is, so a row's result does not
+// registers, prefetching PFD k-steps ahead so the next weights arrive while these are multiplied. Beyond 8 rows, K
+// runs in chunks that stay in L1 while each 8-row block runs them, the blocks taking turns to prefetch the next
+// chunk, so memory keeps streaming while the arithmetic runs. Each output is the same sum in the same order whatever M is, so a row's result does not
 // depend on how many rows share the call (a verify step's first row equals a one-token step's).
 //
 // Weights are float32 or bfloat16 (bf16 is widened to fp32 by a shift: no bf16 instructions needed); x and y are
@@ -23,7 +24,9 @@ namespace {
 
 constexpr int NR = 48;   // output columns per panel: three 512-bit registers of fp32
 constexpr int MR = 8;    // rows per pass: 8 x 3 accumulators, 3 weight registers, 1 broadcast of 32 registers
-constexpr int PFD = 16;  // k-steps prefetched ahead
+constexpr int PFD = 16;  // k-steps prefetched ahead (up to MR rows)
+constexpr int KC = 64;   // k-steps per chunk beyond MR rows: 12 KB of fp32 weights, in L1 while every row block runs
+constexpr int GROUP = 4; // row blocks sharing a panel's chunks (32 rows)
 
 using bf16 = c10::BFloat16;
 
@@ -52,17 +55,26 @@ inline void store_row(bf16* y, const float* acc, int64_t nn) {
   for (int64_t n = 0; n < nn; ++n) y[n] = bf16(acc[n]);  // round to nearest even, as torch rounds
 }
 
-// rows x[0..R) of one panel: y[r, 0..nn) = sum_k x[r, k] * panel[k, 0..nn)
-// `last`: the packed weight's last k-step, where prefetching stops (the next panel's first steps are prefetched
-// while this one ends: the same thread streams it next)
-template <int R, typename T, typename W>
-inline void panel(const T* x, int64_t ldx, const W* w, int64_t K, T* y, int64_t ldy, int64_t nn, const W* last) {
+// rows x[0..R) of one panel over the k-steps [k0, k1). The running sums start at zero (`init`) or are read from
+// `sums` (R x NR floats); they are stored to y (its rows `ldy` apart) when `y` is given, else back to `sums`, so a
+// row's sum runs over k in the same order however the k-steps are split. Prefetching: the weight step `pf` + i NR
+// at every `every`-th local step i from `phase` on (clamped to `last`, the packed weight's last k-step); at every
+// step when ALL (the one-pass case: no counting in its loop).
+template <int R, bool ALL, typename T, typename W>
+inline void panel(const T* x, int64_t ldx, const W* w, int64_t k0, int64_t k1, float* sums, bool init, T* y,
+                  int64_t ldy, int64_t nn, const W* pf, int64_t every, int64_t phase, const W* last) {
   __m512 acc[R][3];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 3; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
+    for (int j = 0; j < 3; ++j) acc[r][j] = init ? _mm512_setzero_ps() : _mm512_load_ps(sums + r * NR + 16 * j);
+  int64_t wait = phase;
+  for (int64_t k = k0; k < k1; ++k) {
     const W* wk = w + k * NR;
-    prefetch_step(std::min(wk + PFD * NR, last));
+    if (ALL) {
+      prefetch_step(std::min(pf + (k - k0) * NR, last));
+    } else if (wait-- == 0) {
+      prefetch_step(std::min(pf + (k - k0) * NR, last));
+      wait = every - 1;
+    }
     __m512 w0 = load16(wk), w1 = load16(wk + 16), w2 = load16(wk + 32);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -72,10 +84,53 @@ inline void panel(const T* x, int64_t ldx, const W* w, int64_t K, T* y, int64_t 
       acc[r][2] = _mm512_fmadd_ps(b, w2, acc[r][2]);
     }
   }
+  if (y == nullptr) {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 3; ++j) _mm512_store_ps(sums + r * NR + 16 * j, acc[r][j]);
+    return;
+  }
   alignas(64) float out[NR];
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < 3; ++j) _mm512_store_ps(out + 16 * j, acc[r][j]);
     store_row(y + r * ldy, out, nn);
+  }
+}
+
+// `panel` for rows = 1..MR rows
+template <bool ALL, typename T, typename W>
+inline void rows_of_panel(int64_t rows, const T* x, int64_t ldx, const W* w, int64_t k0, int64_t k1, float* sums,
+                          bool init, T* y, int64_t ldy, int64_t nn, const W* pf, int64_t every, int64_t phase,
+                          const W* last) {
+  switch (rows) {
+    case 1: panel<1, ALL>(x, ldx, w, k0, k1, sums, init, y, ldy, nn, pf, every, phase, last); break;
+    case 2: panel<2, ALL>(x, ldx, w, k0, k1, sums, init, y, ldy, nn, pf, every, phase, last); break;
+    case 3: panel<3, ALL>(x, ldx, w, k0, k1, sums, init, y, ldy, nn, pf, every, phase, last); break;
+    case 4: panel<4, ALL>(x, ldx, w, k0, k1, sums, init, y, ldy, nn, pf, every, phase, last); break;
+    case 5: panel<5, ALL>(x, ldx, w, k0, k1, sums, init, y, ldy, nn, pf, every, phase, last); break;
+    case 6: panel<6, ALL>(x, ldx, w, k0, k1, sums, init, y, ldy, nn, pf, every, phase, last); break;
+    case 7: panel<7, ALL>(x, ldx, w, k0, k1, sums, init, y, ldy, nn, pf, every, phase, last); break;
+    default: panel<8, ALL>(x, ldx, w, k0, k1, sums, init, y, ldy, nn, pf, every, phase, last);
+  }
+}
+
+// One panel for up to MR x GROUP rows. Up to MR rows: one pass over K, prefetching PFD k-steps ahead. More rows: K in
+// chunks of KC k-steps (KC x NR weights stay in L1 while every MR-row block runs them), the blocks taking turns to
+// prefetch the next chunk, so the weights keep streaming from memory while the arithmetic of the later blocks runs.
+template <typename T, typename W>
+void one_panel(const T* x, const W* wp, T* y, int64_t M, int64_t K, int64_t N, int64_t nn, float* sums,
+               const W* last) {
+  const int64_t blocks = (M + MR - 1) / MR;
+  if (blocks == 1) {
+    rows_of_panel<true, T, W>(M, x, K, wp, 0, K, sums, true, y, N, nn, wp + PFD * NR, 1, 0, last);
+    return;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t k1 = std::min<int64_t>(K, k0 + KC);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t m0 = b * MR;
+      rows_of_panel<false, T, W>(std::min<int64_t>(MR, M - m0), x + m0 * K, K, wp, k0, k1, sums + b * MR * NR, k0 == 0,
+                          k1 == K ? y + m0 * N : nullptr, N, nn, wp + (k0 + KC) * NR, blocks, b, last);
+    }
   }
 }
 
@@ -84,23 +139,12 @@ void run(const T* x, const W* w, T* y, int64_t M, int64_t K, int64_t N) {
   const int64_t panels = (N + NR - 1) / NR;
   const W* last = w + (panels * K - 1) * NR;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    alignas(64) float sums[GROUP * MR * NR];  // the running sums of a group's row blocks between k-chunks
     for (int64_t p = p0; p < p1; ++p) {
       const int64_t n0 = p * NR, nn = std::min<int64_t>(NR, N - n0);
-      const W* wp = w + p * K * NR;
-      for (int64_t m0 = 0; m0 < M; m0 += MR) {
-        const T* xb = x + m0 * K;
-        T* yb = y + m0 * N + n0;
-        switch (std::min<int64_t>(MR, M - m0)) {
-          case 1: panel<1>(xb, K, wp, K, yb, N, nn, last); break;
-          case 2: panel<2>(xb, K, wp, K, yb, N, nn, last); break;
-          case 3: panel<3>(xb, K, wp, K, yb, N, nn, last); break;
-          case 4: panel<4>(xb, K, wp, K, yb, N, nn, last); break;
-          case 5: panel<5>(xb, K, wp, K, yb, N, nn, last); break;
-          case 6: panel<6>(xb, K, wp, K, yb, N, nn, last); break;
-          case 7: panel<7>(xb, K, wp, K, yb, N, nn, last); break;
-          default: panel<8>(xb, K, wp, K, yb, N, nn, last);
-        }
-      }
+      for (int64_t m0 = 0; m0 < M; m0 += GROUP * MR)
+        one_panel<T, W>(x + m0 * K, w + p * K * NR, y + m0 * N + n0, std::min<int64_t>(GROUP * MR, M - m0), K, N,
+                        nn, sums, last);
     }
   });
 }

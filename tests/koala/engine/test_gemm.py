@@ -28,13 +28,14 @@ def ops():
                                            (torch.float32, torch.bfloat16)])
 def test_the_kernel_is_torch_linear_and_a_row_does_not_depend_on_the_rows_beside_it(ops, dtype, stored):
     g = torch.Generator().manual_seed(0)
-    for n, k in ((100, 37), (48, 64), (1000, 576), (5, 3)):  # partial panels, odd K, a panel narrower than NR
+    for n, k in ((100, 37), (48, 64), (1000, 576), (5, 3), (97, 150)):  # partial panels, odd K, a narrow panel, K
+        # over several chunks with a partial last one
         w = torch.randn(n, k, generator=g).to(stored)
         p = torch.ops.koala.pack(w)
         assert p.shape == (-(-n // 48), k, 48) and p.dtype == stored
-        x = torch.randn(32, k, generator=g).to(dtype)
+        x = torch.randn(41, k, generator=g).to(dtype)
         want = x.float() @ w.float().T  # the exact products, summed in fp32
-        for m in (1, 2, 7, 8, 9, 13, 32):
+        for m in (1, 2, 7, 8, 9, 13, 17, 32, 41):  # beyond 32 rows: a second group
             got = torch.ops.koala.small_linear(x[:m], p, n)
             assert got.shape == (m, n) and got.dtype == dtype
             tol = 1e-4 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
