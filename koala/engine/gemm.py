@@ -212,10 +212,10 @@ def store_dtype(hf_model: nn.Module) -> torch.dtype | None:
     return torch.bfloat16 if getattr(hf, "koala_weights", None) == "bf16" else None  # quantize_weights' mark
 
 
-def pack_linears(hf_model: nn.Module) -> int:
-    """Replace the decoder's and the head's nn.Linear layers with `PackedLinear` (the kernel must be loaded).
-    Returns how many were replaced."""
-    found, store = _linears(hf_model), store_dtype(hf_model)
+def pack_linears(hf_model: nn.Module, store: torch.dtype | None = None) -> int:
+    """Replace the decoder's and the head's nn.Linear layers with `PackedLinear` (the kernel must be loaded), their
+    packed weights stored as `store` (default: `store_dtype`). Returns how many were replaced."""
+    found, store = _linears(hf_model), store or store_dtype(hf_model)
     with torch.no_grad():
         for parent, child, module in found:
             setattr(parent, child, PackedLinear(module, store))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+import torch
+
 from koala.engine.decode import GenerationResult, generate
 from koala.engine.drafters import Drafter, drafter_models
 from koala.engine.drafter_spec import load_drafter
@@ -140,8 +142,10 @@ class Session:
             from koala.engine import gemm
 
             for model in drafter_models(d):
-                if gemm.packed(self.engine):  # a drafter's own layers run the GEMM its target's steps run
-                    gemm.pack_linears(model.hf_model[0])
+                if gemm.packed(self.engine):  # a drafter's own layers run the GEMM its target's steps run, their
+                    # weights stored as bf16: half the bytes a draft step reads; a drafter only proposes tokens, so
+                    # the output is the target's all the same
+                    gemm.pack_linears(model.hf_model[0], torch.bfloat16)
                     model.lm_head = model.hf_model[0].lm_head  # the engine holds the head itself
                 model.compile(self.compile_mode)
                 self._set_builds(model)
