@@ -515,6 +515,27 @@ def one_token_table() -> str:
     return "\n".join(rows) + f"\n\nThe default target, the two ways in turns in one process. {notes}."
 
 
+def step_cost_table() -> str:
+    """The compiled step's cost by width (bench/step_cost.py), beside the baseline commit's run on the same machine."""
+    runs = [r for f in sorted(RESULTS.glob("step_cost-*.json")) if (r := _load(f.name))]
+    if not runs:
+        return _missing("step_cost-<machine>.json", "python bench/step_cost.py --dtype float32 --json "
+                                                    "bench/results/step_cost-<machine>.json")
+    widths = sorted({int(w) for r in runs for w in r["ms_by_width"]})
+    rows = ["| machine | commit | engine | " + " | ".join(f"width {w}" for w in widths) + " |",
+            "|---" * (3 + len(widths)) + "|"]
+    for r in runs:
+        for run in ([r["baseline"]] if r.get("baseline") else []) + [r]:
+            ms = {int(w): v for w, v in run["ms_by_width"].items()}
+            cpu = f"{r['cpu']} ({', '.join(r['cpu_flags']) or 'no matrix-unit flags'}), {r['threads']} threads"
+            rows.append(f"| {cpu} | {run['commit'][:7]} | {run['engine']} | "
+                        + " | ".join(f"{ms[w]:.1f}" if w in ms else "-" for w in widths) + " |")
+    notes = "; ".join(f"`{r['command']}`, {r['context']} tokens of context in {r['slots']} slots, {r['reps']} steps "
+                      f"per width" + (f", after `{r['baseline']['command']}` at {r['baseline']['commit'][:7]}"
+                                      if r.get("baseline") else "") for r in runs)
+    return "\n".join(rows) + f"\n\nms per step of the default target. {notes}."
+
+
 def _variants(r: dict) -> str:
     """A table of decoding variants timed in one process (bench/interleave.py)."""
     rows = ["| decoding | ms per token | tokens per target forward | speed-up |", "|---|---|---|---|"]
@@ -555,7 +576,7 @@ TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_t
           "eagle-loss": eagle_loss_table,
           "ablation-losses": losses_table, "ablation-heads": heads_table,
           "wide-builds": wide_builds_table, "lookup-depth": lookup_depth_table,
-          "round-cost": round_cost_table, "one-token": one_token_table, "threshold": threshold_table,
+          "round-cost": round_cost_table, "one-token": one_token_table, "step-cost": step_cost_table, "threshold": threshold_table,
           "lookup-len": lookup_len_table}
 
 

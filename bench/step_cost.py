@@ -1,6 +1,7 @@
 """What one compiled step of the target costs by width, at a given context in a given cache: the engine's floor.
 
     python bench/step_cost.py [--dtype bfloat16] [--slots 1024] [--context 300] [--widths 1,2,4,8,16] [--json OUT]
+        [--baseline OTHER.json]
     python bench/step_cost.py --one-token-package [--rounds 6]
 
 The second form compares the two ways to run a one-token step: the wide package at width 2 (the engine's) and a
@@ -10,6 +11,8 @@ The default target's compiled steps (ahead of time on a CPU), after an eager pre
 into caches sized for `--slots`; each width's step is timed over `--reps` calls after a warm-up, rewriting the same
 slots. Run it at two commits in turn (a worktree and `PYTHONPATH`, each with its own `KOALA_AOT_DIR`) to compare
 engines: this machine's timings drift by up to 15% between processes, so compare runs taken back to back.
+`--baseline` carries such a run of another commit (its JSON, written just before on this machine) into this one's
+as `baseline`, so the two are rendered side by side (bench/render.py, `step-cost`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ def main() -> None:
     ap.add_argument("--widths", default="1,2,4,8,16")
     ap.add_argument("--reps", type=int, default=60)
     ap.add_argument("--json", default=None, help="write the result here")
+    ap.add_argument("--baseline", default=None, help="another commit's JSON of this bench, run just before on this "
+                    "machine: kept in this one's as `baseline`")
     ap.add_argument("--one-token-package", action="store_true",
                     help="time a one-token step through the wide package and through a one-token package, in turns")
     ap.add_argument("--rounds", type=int, default=6, help="turns of each (--one-token-package)")
@@ -74,7 +79,13 @@ def main() -> None:
         benchinfo.write({**head, "rounds": a.rounds, "one_token_ms": runs, "median_ms": med}, a.json)
         return
     ms = time_widths(e, a.context, [int(w) for w in a.widths.split(",")], a.reps)
-    benchinfo.write({**head, "ms_by_width": ms}, a.json)
+    out = {**head, "ms_by_width": ms}
+    if a.baseline:
+        import json
+
+        b = json.loads(Path(a.baseline).read_text())
+        out["baseline"] = {k: b[k] for k in ("command", "commit", "date", "engine", "ms_by_width")}
+    benchinfo.write(out, a.json)
 
 
 if __name__ == "__main__":
