@@ -519,8 +519,8 @@ def step_cost_table() -> str:
     """The compiled step's cost by width (bench/step_cost.py), beside the baseline commit's run on the same machine."""
     runs = [r for f in sorted(RESULTS.glob("step_cost-*.json")) if (r := _load(f.name))]
     if not runs:
-        return _missing("step_cost-<machine>.json", "python bench/step_cost.py --dtype float32 --json "
-                                                    "bench/results/step_cost-<machine>.json")
+        return _missing("step_cost-<machine>.json", "python bench/step_cost.py --dtype float32 --widths "
+                        "1,2,4,8,12,16,20,24,32 --baseline OTHER.json --json bench/results/step_cost-<machine>.json")
     widths = sorted({int(w) for r in runs for w in r["ms_by_width"]})
     rows = ["| machine | commit | engine | " + " | ".join(f"width {w}" for w in widths) + " |",
             "|---" * (3 + len(widths)) + "|"]
@@ -576,7 +576,8 @@ TABLES = {"headline": headline_table, "demo": demo_table, "llamacpp": llamacpp_t
           "eagle-loss": eagle_loss_table,
           "ablation-losses": losses_table, "ablation-heads": heads_table,
           "wide-builds": wide_builds_table, "lookup-depth": lookup_depth_table,
-          "round-cost": round_cost_table, "one-token": one_token_table, "step-cost": step_cost_table, "threshold": threshold_table,
+          "round-cost": round_cost_table, "one-token": one_token_table, "step-cost": step_cost_table,
+          "threshold": threshold_table,
           "lookup-len": lookup_len_table}
 
 

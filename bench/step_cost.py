@@ -84,6 +84,10 @@ def main() -> None:
         import json
 
         b = json.loads(Path(a.baseline).read_text())
+        differ = [k for k in ("cpu", "cpu_flags", "threads", "torch", "slots", "context", "reps") if b.get(k) != out[k]]
+        if differ:
+            raise SystemExit(f"--baseline {a.baseline}: measured otherwise ({', '.join(differ)}): run both with the "
+                             "same settings on this machine")
         out["baseline"] = {k: b[k] for k in ("command", "commit", "date", "engine", "ms_by_width")}
     benchinfo.write(out, a.json)
 

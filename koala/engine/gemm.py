@@ -165,14 +165,16 @@ class PackedLinear(nn.Module):
     in the kernel's layout, a buffer traced into compiled steps as a constant.
     """
 
-    def __init__(self, linear: nn.Linear, store: torch.dtype | None = None):
+    def __init__(self, linear: nn.Linear, store: torch.dtype | None = None, rounded: bool = False):
         super().__init__()
         w = linear.weight.detach()
         self.register_buffer("packed", torch.ops.koala.pack(w if store is None else w.to(store)))
         self.act_dtype = w.dtype  # the activations': a weight stored as bf16 (`store`) still computes in float32
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._source = [linear.weight]  # a list: not registered again as this module's parameter
+        # a list: not registered again as this module's parameter. `rounded`: the dense GEMM reads the weight rounded
+        # to `store` as the kernel does (a copy; the layer's own weight may be shared with another model)
+        self._source = [w.to(store).to(w.dtype) if rounded and store is not None else linear.weight]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -213,12 +215,15 @@ def store_dtype(hf_model: nn.Module) -> torch.dtype | None:
 
 
 def pack_linears(hf_model: nn.Module, store: torch.dtype | None = None) -> int:
-    """Replace the decoder's and the head's nn.Linear layers with `PackedLinear` (the kernel must be loaded), their
-    packed weights stored as `store` (default: `store_dtype`). Returns how many were replaced."""
-    found, store = _linears(hf_model), store or store_dtype(hf_model)
+    """Replace the decoder's and the head's nn.Linear layers with `PackedLinear` (the kernel must be loaded).
+    `store`: their weights rounded to this dtype, the kernel's copy stored in it and the dense GEMM reading the same
+    rounded values (a drafter's: `Session.drafter`); default: `store_dtype`, weights already of its values. Layers
+    packed already (shared with a packed target) are left as they are. Returns how many were replaced."""
+    found = _linears(hf_model)
+    rounded, store = store is not None, store if store is not None else store_dtype(hf_model)
     with torch.no_grad():
         for parent, child, module in found:
-            setattr(parent, child, PackedLinear(module, store))
+            setattr(parent, child, PackedLinear(module, store, rounded))
     return len(found)
 
 

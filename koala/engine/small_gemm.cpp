@@ -6,8 +6,9 @@
 // weights (three 512-bit registers), broadcasts x[m, k] for up to 8 rows and accumulates 8 x 48 outputs in 24
 // registers, prefetching PFD k-steps ahead so the next weights arrive while these are multiplied. Beyond 8 rows, K
 // runs in chunks that stay in L1 while each 8-row block runs them, the blocks taking turns to prefetch the next
-// chunk, so memory keeps streaming while the arithmetic runs. Each output is the same sum in the same order whatever M is, so a row's result does not
-// depend on how many rows share the call (a verify step's first row equals a one-token step's).
+// chunk, so memory keeps streaming while the arithmetic runs. Each output is the same sum in the same order whatever
+// M is, so a row's result does not depend on how many rows share the call (a verify step's first row equals a
+// one-token step's).
 //
 // Weights are float32 or bfloat16 (bf16 is widened to fp32 by a shift: no bf16 instructions needed); x and y are
 // float32 or bfloat16 (bf16 x with bf16 weights only); accumulation is fp32, and a bf16 output is rounded to nearest
@@ -57,12 +58,13 @@ inline void store_row(bf16* y, const float* acc, int64_t nn) {
 
 // rows x[0..R) of one panel over the k-steps [k0, k1). The running sums start at zero (`init`) or are read from
 // `sums` (R x NR floats); they are stored to y (its rows `ldy` apart) when `y` is given, else back to `sums`, so a
-// row's sum runs over k in the same order however the k-steps are split. Prefetching: the weight step `pf` + i NR
-// at every `every`-th local step i from `phase` on (clamped to `last`, the packed weight's last k-step); at every
-// step when ALL (the one-pass case: no counting in its loop).
+// row's sum runs over k in the same order however the k-steps are split. Prefetching: the weight step `pf` + i
+// (counted from this panel's first step; the panels lie one after another) at every `every`-th local step i from
+// `phase` on, at every step when ALL (the one-pass case: no counting in its loop); never past `last`, the packed
+// weight's last step counted from this panel's first.
 template <int R, bool ALL, typename T, typename W>
 inline void panel(const T* x, int64_t ldx, const W* w, int64_t k0, int64_t k1, float* sums, bool init, T* y,
-                  int64_t ldy, int64_t nn, const W* pf, int64_t every, int64_t phase, const W* last) {
+                  int64_t ldy, int64_t nn, int64_t pf, int64_t every, int64_t phase, int64_t last) {
   __m512 acc[R][3];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < 3; ++j) acc[r][j] = init ? _mm512_setzero_ps() : _mm512_load_ps(sums + r * NR + 16 * j);
@@ -70,9 +72,9 @@ inline void panel(const T* x, int64_t ldx, const W* w, int64_t k0, int64_t k1, f
   for (int64_t k = k0; k < k1; ++k) {
     const W* wk = w + k * NR;
     if (ALL) {
-      prefetch_step(std::min(pf + (k - k0) * NR, last));
+      prefetch_step(w + std::min(pf + k - k0, last) * NR);
     } else if (wait-- == 0) {
-      prefetch_step(std::min(pf + (k - k0) * NR, last));
+      prefetch_step(w + std::min(pf + k - k0, last) * NR);
       wait = every - 1;
     }
     __m512 w0 = load16(wk), w1 = load16(wk + 16), w2 = load16(wk + 32);
@@ -99,8 +101,8 @@ inline void panel(const T* x, int64_t ldx, const W* w, int64_t k0, int64_t k1, f
 // `panel` for rows = 1..MR rows
 template <bool ALL, typename T, typename W>
 inline void rows_of_panel(int64_t rows, const T* x, int64_t ldx, const W* w, int64_t k0, int64_t k1, float* sums,
-                          bool init, T* y, int64_t ldy, int64_t nn, const W* pf, int64_t every, int64_t phase,
-                          const W* last) {
+                          bool init, T* y, int64_t ldy, int64_t nn, int64_t pf, int64_t every, int64_t phase,
+                          int64_t last) {
   switch (rows) {
     case 1: panel<1, ALL>(x, ldx, w, k0, k1, sums, init, y, ldy, nn, pf, every, phase, last); break;
     case 2: panel<2, ALL>(x, ldx, w, k0, k1, sums, init, y, ldy, nn, pf, every, phase, last); break;
@@ -118,18 +120,18 @@ inline void rows_of_panel(int64_t rows, const T* x, int64_t ldx, const W* w, int
 // prefetch the next chunk, so the weights keep streaming from memory while the arithmetic of the later blocks runs.
 template <typename T, typename W>
 void one_panel(const T* x, const W* wp, T* y, int64_t M, int64_t K, int64_t N, int64_t nn, float* sums,
-               const W* last) {
+               int64_t last) {
   const int64_t blocks = (M + MR - 1) / MR;
   if (blocks == 1) {
-    rows_of_panel<true, T, W>(M, x, K, wp, 0, K, sums, true, y, N, nn, wp + PFD * NR, 1, 0, last);
+    rows_of_panel<true, T, W>(M, x, K, wp, 0, K, sums, true, y, N, nn, PFD, 1, 0, last);
     return;
   }
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t k1 = std::min<int64_t>(K, k0 + KC);
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t m0 = b * MR;
-      rows_of_panel<false, T, W>(std::min<int64_t>(MR, M - m0), x + m0 * K, K, wp, k0, k1, sums + b * MR * NR, k0 == 0,
-                          k1 == K ? y + m0 * N : nullptr, N, nn, wp + (k0 + KC) * NR, blocks, b, last);
+      rows_of_panel<false, T, W>(std::min<int64_t>(MR, M - m0), x + m0 * K, K, wp, k0, k1, sums + b * MR * NR,
+                                 k0 == 0, k1 == K ? y + m0 * N : nullptr, N, nn, k1, blocks, b, last);
     }
   }
 }
@@ -137,11 +139,10 @@ void one_panel(const T* x, const W* wp, T* y, int64_t M, int64_t K, int64_t N, i
 template <typename T, typename W>
 void run(const T* x, const W* w, T* y, int64_t M, int64_t K, int64_t N) {
   const int64_t panels = (N + NR - 1) / NR;
-  const W* last = w + (panels * K - 1) * NR;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     alignas(64) float sums[GROUP * MR * NR];  // the running sums of a group's row blocks between k-chunks
     for (int64_t p = p0; p < p1; ++p) {
-      const int64_t n0 = p * NR, nn = std::min<int64_t>(NR, N - n0);
+      const int64_t n0 = p * NR, nn = std::min<int64_t>(NR, N - n0), last = (panels - p) * K - 1;
       for (int64_t m0 = 0; m0 < M; m0 += GROUP * MR)
         one_panel<T, W>(x + m0 * K, w + p * K * NR, y + m0 * N + n0, std::min<int64_t>(GROUP * MR, M - m0), K, N,
                         nn, sums, last);
@@ -172,6 +173,7 @@ at::Tensor small_linear(const at::Tensor& x_, const at::Tensor& packed, int64_t 
   const int64_t M = x.size(0), K = x.size(1);
   auto y = at::empty({M, n}, x.options());
   if (M == 0) return y;
+  if (K == 0) return y.zero_();
   auto p = packed.contiguous();
   if (fp32_x && !bf16_w) {
     run<float, float>(x.data_ptr<float>(), p.data_ptr<float>(), y.data_ptr<float>(), M, K, n);

@@ -35,7 +35,7 @@ def test_the_kernel_is_torch_linear_and_a_row_does_not_depend_on_the_rows_beside
         assert p.shape == (-(-n // 48), k, 48) and p.dtype == stored
         x = torch.randn(41, k, generator=g).to(dtype)
         want = x.float() @ w.float().T  # the exact products, summed in fp32
-        for m in (1, 2, 7, 8, 9, 13, 17, 32, 41):  # beyond 32 rows: a second group
+        for m in (1, 2, 7, 8, 9, 13, 17, 32, 35, 41):  # beyond 32 rows: a second group, of up to 8 or more
             got = torch.ops.koala.small_linear(x[:m], p, n)
             assert got.shape == (m, n) and got.dtype == dtype
             tol = 1e-4 if dtype == torch.float32 else 1e-2  # bf16: the output's rounding
@@ -157,8 +157,14 @@ def test_an_eagle_head_packed_beside_its_packed_target_drafts_losslessly(ops):
     head = EagleHead(hf.config, 1).eval()
     drafter = EagleDrafter(head, target, "eagle")
     (model,) = drafter_models(drafter)
-    assert gemm.pack_linears(model.hf_model[0]) == 7  # the head's layer; the head it shares is packed already
-    assert gemm.packed(head.decoder) and model.lm_head is hf.lm_head
+    own = {n: m.weight.detach().clone() for n, m in head.decoder.named_modules() if isinstance(m, torch.nn.Linear)}
+    # as Session.drafter packs it: its own layers rounded to bf16, stored as bf16
+    assert gemm.pack_linears(model.hf_model[0], torch.bfloat16) == 7  # the head's layer; the shared head is packed
+    assert gemm.packed(head.decoder) and model.lm_head is hf.lm_head and hf.lm_head.packed.dtype == torch.float32
+    for name, w in own.items():
+        layer = head.decoder.get_submodule(name)
+        assert layer.packed.dtype == torch.bfloat16  # the kernel's copy, and the dense GEMM's: the same values
+        assert torch.equal(layer.weight, w.bfloat16().float()) and not torch.equal(layer.weight, w)
     ref = generate(target, PROMPT, 24).tokens
     assert generate(target, PROMPT, 24, drafter=drafter, gamma=3).tokens == ref
     assert generate(target, PROMPT, 24, drafter=drafter, tree=TreeBudget(2, 2, 4)).tokens == ref
