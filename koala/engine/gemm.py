@@ -3,7 +3,8 @@
 A decode or verify step of a small target on a CPU reads every weight once; what it costs beyond that is how well
 its GEMMs of a few rows keep the memory busy. torch's kernels (MKL's, oneDNN's, inductor's autotuned micro-kernels)
 cost 1.3 to 3 times more at 8 rows than at 1 on a CPU without a bf16 matrix unit, which keeps draft trees small there.
-`small_gemm.cpp` streams each weight panel once for up to 8 rows at a time, prefetching ahead, so its cost grows
+`small_gemm.cpp` streams each weight panel once for up to 8 rows, prefetching ahead, and for up to 32 rows runs
+L1-sized chunks of the panel through every 8-row block in turn while the next chunk streams in, so its cost grows
 slowly with the rows (bench/step_cost.py prints the curve), and its result for a row does not depend on how many
 rows share the call.
 
