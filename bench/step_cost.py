@@ -46,6 +46,19 @@ def time_widths(engine, context: int, widths: list[int], reps: int, label: str =
     return ms
 
 
+def read_baseline(path: str) -> dict:
+    """Another commit's run of this bench (its --json file), or a one-line exit naming the file."""
+    import json
+
+    try:
+        b = json.loads(Path(path).read_text())
+        b["ms_by_width"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--baseline {path}: not a JSON of this bench's widths ({e!r}): pass the --json file of "
+                         "`python bench/step_cost.py --widths ...` run at the other commit")
+    return b
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dtype", default="bfloat16")
@@ -60,6 +73,7 @@ def main() -> None:
                     help="time a one-token step through the wide package and through a one-token package, in turns")
     ap.add_argument("--rounds", type=int, default=6, help="turns of each (--one-token-package)")
     a = ap.parse_args()
+    b = read_baseline(a.baseline) if a.baseline else None  # before minutes of building and timing
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from koala import benchinfo
     from koala.engine.session import Session
@@ -81,9 +95,6 @@ def main() -> None:
     ms = time_widths(e, a.context, [int(w) for w in a.widths.split(",")], a.reps)
     out = {**head, "ms_by_width": ms}
     if a.baseline:
-        import json
-
-        b = json.loads(Path(a.baseline).read_text())
         differ = [k for k in ("cpu", "cpu_flags", "threads", "torch", "slots", "context", "reps") if b.get(k) != out[k]]
         if differ:
             raise SystemExit(f"--baseline {a.baseline}: measured otherwise ({', '.join(differ)}): run both with the "
